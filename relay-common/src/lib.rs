@@ -1,0 +1,234 @@
+//! Types shared by the XDP program (`relay-ebpf`) and the userspace control plane.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and no `bool`, so that the kernel and
+//! userspace agree on every byte (and `aya::Pod` has no implicit padding to leak). Addresses and
+//! ports are kept in network byte order exactly as they appear on the wire, so the XDP program
+//! can compare and copy them without swapping.
+#![no_std]
+
+/// Name of the XDP program that forwards flows.
+pub const XDP_RELAY_PROGRAM: &str = "relay_xdp";
+/// Name of a trivial XDP program that passes everything. On veth, a frame redirected out of an
+/// interface is delivered only when its peer runs native XDP (or has GRO on).
+pub const XDP_PASS_PROGRAM: &str = "relay_xdp_pass";
+
+/// Flow table: [`FlowKey`] -> [`FlowValue`].
+pub const FLOWS_MAP: &str = "RELAY_FLOWS";
+/// Default capacity of the flow table; relayd can override it at load time.
+pub const FLOWS_DEFAULT_CAPACITY: u32 = 131_072;
+/// Per-CPU array of [`StatCounter`], indexed by [`Verdict`].
+pub const STATS_MAP: &str = "RELAY_STATS";
+/// Devmap of the interfaces XDP may redirect to (key and value: ifindex).
+pub const EGRESS_MAP: &str = "RELAY_EGRESS";
+pub const EGRESS_CAPACITY: u32 = 64;
+/// VLAN devices: ifindex of the VLAN device -> [`VlanDevice`] (its parent and VLAN id).
+pub const VLANS_MAP: &str = "RELAY_VLANS";
+pub const VLANS_CAPACITY: u32 = 256;
+
+/// Address family of a flow key (same numbers as `AF_INET` / `AF_INET6`).
+pub const FAMILY_IPV4: u8 = 2;
+pub const FAMILY_IPV6: u8 = 10;
+
+/// One direction of one leg, as seen on the wire: a UDP packet from `src` to `dst`.
+///
+/// IPv4 addresses occupy the first 4 bytes of the 16-byte arrays; the remaining 12 are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network byte order.
+    pub src_addr: [u8; 16],
+    /// Destination address (one of the relay's own), network byte order.
+    pub dst_addr: [u8; 16],
+    /// Source port, network byte order.
+    pub src_port: u16,
+    /// Destination port, network byte order.
+    pub dst_port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What to do with a packet that matched a [`FlowKey`]: re-send it from `new_src` to `new_dst`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowAction {
+    /// New source address (the relay's address on the egress side), network byte order.
+    pub new_src_addr: [u8; 16],
+    /// New destination address, network byte order.
+    pub new_dst_addr: [u8; 16],
+    /// New source port, network byte order.
+    pub new_src_port: u16,
+    /// New destination port, network byte order.
+    pub new_dst_port: u16,
+    /// Identifier userspace gave the flow, host byte order.
+    pub flow_id: u32,
+    /// Bumped by userspace each time the flow is replaced in place, host byte order.
+    pub generation: u32,
+    pub _pad: [u8; 4],
+}
+
+/// Per-flow counters, updated atomically by the XDP program. Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    pub packets: u64,
+    /// IP-layer bytes (IP header included, Ethernet excluded) as received.
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, or of installation.
+    pub last_seen_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    pub action: FlowAction,
+    pub counters: FlowCounters,
+}
+
+/// A VLAN device the fib lookup may return as egress: XDP sends on `parent_ifindex` with the
+/// tag rewritten to `vlan_id`. Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VlanDevice {
+    pub parent_ifindex: u32,
+    pub vlan_id: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Packets and bytes counted for one [`Verdict`]. Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the XDP program did what it did with a packet: the index into [`STATS_MAP`].
+///
+/// Defined once here and mirrored nowhere else; userspace prints [`Verdict::name`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forwarded out of the interface it came in on.
+    Tx = 0,
+    /// Forwarded out of another interface through the egress devmap.
+    Redirect,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...), or a second VLAN tag.
+    PassNotIp,
+    /// IP but not UDP, or an IPv6 extension header.
+    PassNotUdp,
+    /// A header is shorter than its fixed part or than the length it claims.
+    PassMalformed,
+    /// IPv4 fragment or IPv6 fragment header: the kernel reassembles.
+    PassFragment,
+    /// IPv4 header with options.
+    PassIpOptions,
+    /// TTL or hop limit <= 1: the kernel sends the ICMP time exceeded.
+    PassTtlExpired,
+    /// STUN (first payload byte 0..=3) or DTLS (20..=63), RFC 7983: for the control plane.
+    PassStunDtls,
+    /// UDP with no payload byte to classify.
+    PassEmptyPayload,
+    /// No flow for this 4-tuple (including a known relay port from an unregistered source).
+    PassNoFlow,
+    /// The fib lookup found a route but no neighbour entry: userspace sends this one.
+    PassNoNeighbour,
+    /// The fib lookup failed otherwise (no route, forwarding disabled, blackhole, ...).
+    PassFibFailed,
+    /// The packet is bigger than the egress MTU.
+    PassTooBig,
+    /// The egress interface is not in the egress devmap.
+    PassNoEgress,
+    /// Tagged in, untagged out or the reverse: pushing/popping a tag is left to the kernel.
+    PassVlanMismatch,
+}
+
+impl Verdict {
+    pub const COUNT: u32 = 16;
+
+    pub const ALL: [Verdict; Self::COUNT as usize] = [
+        Verdict::Tx,
+        Verdict::Redirect,
+        Verdict::PassNotIp,
+        Verdict::PassNotUdp,
+        Verdict::PassMalformed,
+        Verdict::PassFragment,
+        Verdict::PassIpOptions,
+        Verdict::PassTtlExpired,
+        Verdict::PassStunDtls,
+        Verdict::PassEmptyPayload,
+        Verdict::PassNoFlow,
+        Verdict::PassNoNeighbour,
+        Verdict::PassFibFailed,
+        Verdict::PassTooBig,
+        Verdict::PassNoEgress,
+        Verdict::PassVlanMismatch,
+    ];
+
+    /// Stable snake_case name, used in `relayctl stats` and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Tx => "tx",
+            Verdict::Redirect => "redirect",
+            Verdict::PassNotIp => "pass_not_ip",
+            Verdict::PassNotUdp => "pass_not_udp",
+            Verdict::PassMalformed => "pass_malformed",
+            Verdict::PassFragment => "pass_fragment",
+            Verdict::PassIpOptions => "pass_ip_options",
+            Verdict::PassTtlExpired => "pass_ttl_expired",
+            Verdict::PassStunDtls => "pass_stun_dtls",
+            Verdict::PassEmptyPayload => "pass_empty_payload",
+            Verdict::PassNoFlow => "pass_no_flow",
+            Verdict::PassNoNeighbour => "pass_no_neighbour",
+            Verdict::PassFibFailed => "pass_fib_failed",
+            Verdict::PassTooBig => "pass_too_big",
+            Verdict::PassNoEgress => "pass_no_egress",
+            Verdict::PassVlanMismatch => "pass_vlan_mismatch",
+        }
+    }
+
+    /// True when the packet was forwarded by XDP.
+    pub const fn is_forwarded(self) -> bool {
+        matches!(self, Verdict::Tx | Verdict::Redirect)
+    }
+}
+
+/// The IPv4 address held in the first 4 bytes of a 16-byte address field.
+#[inline(always)]
+pub const fn ipv4_octets(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[0], addr[1], addr[2], addr[3]]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with explicit
+    // padding fields, so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::VlanDevice {}
+    unsafe impl aya::Pod for super::StatCounter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<FlowAction>(), 16 + 16 + 2 + 2 + 4 + 4 + 4);
+        assert_eq!(size_of::<FlowCounters>(), 24);
+        assert_eq!(size_of::<FlowValue>(), 48 + 24);
+        assert_eq!(size_of::<VlanDevice>(), 8);
+        assert_eq!(size_of::<StatCounter>(), 16);
+    }
+
+    #[test]
+    fn verdict_table_is_complete_and_ordered() {
+        for (index, verdict) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*verdict as usize, index);
+        }
+    }
+}

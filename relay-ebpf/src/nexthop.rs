@@ -1,0 +1,119 @@
+//! Next hop of a rewritten packet: `bpf_fib_lookup` for the egress interface and MACs, the
+//! VLAN device table for tagged egress, and the egress devmap for the redirect.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    helpers::bpf_fib_lookup,
+    programs::XdpContext,
+};
+use relay_common::{FAMILY_IPV4, FlowAction, Verdict, ipv4_octets};
+
+use crate::{EGRESS, VLANS};
+
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+const IPPROTO_UDP: u8 = 17;
+/// The lookup runs as if the packet arrived on `lo`. bpf_fib_lookup refuses to work when
+/// forwarding is off on `params.ifindex`, and relayd turns forwarding on for `lo` only, so the
+/// kernel itself still forwards nothing (XDP-FACTS.md).
+const LOOPBACK_IFINDEX: u32 = 1;
+
+pub struct NextHop {
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// Physical interface to send on (the parent, for a VLAN device).
+    pub ifindex: u32,
+    /// VLAN id to tag with, when the egress is a VLAN device.
+    pub vlan_id: Option<u16>,
+}
+
+/// Resolves the next hop for `action`'s new addresses. Does not touch the packet, so that a
+/// failure can still pass the original packet to the kernel.
+#[inline(always)]
+pub fn resolve(
+    ctx: &XdpContext,
+    family: u8,
+    action: &FlowAction,
+    ip_len: u16,
+) -> Result<NextHop, Verdict> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = family;
+    params.l4_protocol = IPPROTO_UDP;
+    params.sport = action.new_src_port;
+    params.dport = action.new_dst_port;
+    // With tot_len set the kernel compares it to the egress MTU and answers FRAG_NEEDED.
+    params.__bindgen_anon_1.tot_len = ip_len;
+    params.ifindex = LOOPBACK_IFINDEX;
+    if family == FAMILY_IPV4 {
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ipv4_octets(&action.new_src_addr));
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ipv4_octets(&action.new_dst_addr));
+    } else {
+        params.__bindgen_anon_3.ipv6_src = words(&action.new_src_addr);
+        params.__bindgen_anon_4.ipv6_dst = words(&action.new_dst_addr);
+    }
+    // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Verdict::PassNoNeighbour),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Verdict::PassTooBig),
+        _ => return Err(Verdict::PassFibFailed),
+    }
+    let (ifindex, vlan_id) = match VLANS.get_ptr(params.ifindex) {
+        // SAFETY: a pointer into a map value, valid for the duration of the program.
+        Some(vlan) => unsafe { ((*vlan).parent_ifindex, Some((*vlan).vlan_id)) },
+        None => (params.ifindex, None),
+    };
+    Ok(NextHop {
+        smac: params.smac,
+        dmac: params.dmac,
+        ifindex,
+        vlan_id,
+    })
+}
+
+/// The XDP action that sends the rewritten frame out of `ifindex`. Only called after
+/// [`can_send`] said yes, so a failing devmap lookup here is a bug (and aborts).
+#[inline(always)]
+pub fn send(ctx: &XdpContext, ifindex: u32) -> Result<(u32, Verdict), ()> {
+    if ifindex as usize == ctx.ingress_ifindex() {
+        return Ok((xdp_action::XDP_TX, Verdict::Tx));
+    }
+    match EGRESS.redirect(ifindex, 0) {
+        Ok(action) => Ok((action, Verdict::Redirect)),
+        Err(_) => Err(()),
+    }
+}
+
+/// Whether `ifindex` is the ingress interface or one relayd put into the egress devmap.
+#[inline(always)]
+pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
+    ifindex as usize == ctx.ingress_ifindex() || EGRESS.get_ifindex(ifindex).is_some()
+}
+
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        out[i] = u32::from_ne_bytes([
+            addr[4 * i],
+            addr[4 * i + 1],
+            addr[4 * i + 2],
+            addr[4 * i + 3],
+        ]);
+        i += 1;
+    }
+    out
+}

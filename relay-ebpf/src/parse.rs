@@ -1,0 +1,213 @@
+//! Header parsing, one function per header, each bounds-checked (katran `pckt_parsing.h`).
+//!
+//! Every function returns either the parsed header or the [`Verdict`] to pass the packet with.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use relay_common::{FAMILY_IPV4, FAMILY_IPV6, Verdict};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_FRAGMENT_HEADER: u8 = 44;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub ether_type: [u8; 2],
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    /// PCP (3 bits), DEI (1), VLAN id (12); network byte order.
+    pub tci: [u8; 2],
+    pub inner_ether_type: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: u16,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub len: [u8; 2],
+    pub check: u16,
+}
+
+/// The one bounds-checked accessor: a pointer to a `T` at `offset`, if the packet holds it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+pub enum Ip {
+    V4(*mut Ipv4Hdr),
+    V6(*mut Ipv6Hdr),
+}
+
+/// The headers of a UDP packet the program may forward.
+pub struct UdpPacket {
+    pub eth: *mut EthHdr,
+    /// The 802.1Q tag, when the frame carries one.
+    pub vlan: Option<*mut VlanHdr>,
+    pub ip: Ip,
+    pub udp: *mut UdpHdr,
+    /// IP total length in bytes (header included), host byte order.
+    pub ip_len: u16,
+}
+
+impl UdpPacket {
+    pub fn family(&self) -> u8 {
+        match self.ip {
+            Ip::V4(_) => FAMILY_IPV4,
+            Ip::V6(_) => FAMILY_IPV6,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<UdpPacket, Verdict> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::PassMalformed)?;
+    let mut offset = size_of::<EthHdr>();
+    // SAFETY: ptr_at checked that the header is inside the packet.
+    let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    let mut vlan = None;
+    if ether_type == ETH_P_8021Q {
+        let tag: *mut VlanHdr = ptr_at(ctx, offset).ok_or(Verdict::PassMalformed)?;
+        ether_type = u16::from_be_bytes(unsafe { (*tag).inner_ether_type });
+        offset += size_of::<VlanHdr>();
+        vlan = Some(tag);
+    }
+    let (ip, ip_len, udp_offset) = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, offset)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, offset)?,
+        // A second tag (QinQ) lands here too.
+        _ => return Err(Verdict::PassNotIp),
+    };
+    let udp = parse_udp(ctx, offset, udp_offset, ip_len)?;
+    Ok(UdpPacket {
+        eth,
+        vlan,
+        ip,
+        udp,
+        ip_len,
+    })
+}
+
+/// Returns the header, the IP total length and the offset of the UDP header.
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(Ip, u16, usize), Verdict> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, offset).ok_or(Verdict::PassMalformed)?;
+    // SAFETY: ptr_at checked that the fixed header is inside the packet.
+    let hdr = unsafe { &*ip };
+    if hdr.version_ihl >> 4 != 4 {
+        return Err(Verdict::PassMalformed);
+    }
+    match hdr.version_ihl & 0x0f {
+        5 => {}
+        0..=4 => return Err(Verdict::PassMalformed),
+        _ => return Err(Verdict::PassIpOptions),
+    }
+    let tot_len = u16::from_be_bytes(hdr.tot_len);
+    // Shorter than its header or longer than the frame: the kernel drops and counts it.
+    if usize::from(tot_len) < size_of::<Ipv4Hdr>()
+        || offset + usize::from(tot_len) > ctx.data_end() - ctx.data()
+    {
+        return Err(Verdict::PassMalformed);
+    }
+    // More-fragments flag or a fragment offset: only the kernel can reassemble.
+    if u16::from_be_bytes(hdr.frag_off) & 0x3fff != 0 {
+        return Err(Verdict::PassFragment);
+    }
+    if hdr.protocol != IPPROTO_UDP {
+        return Err(Verdict::PassNotUdp);
+    }
+    if hdr.ttl <= 1 {
+        return Err(Verdict::PassTtlExpired);
+    }
+    Ok((Ip::V4(ip), tot_len, offset + size_of::<Ipv4Hdr>()))
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Ip, u16, usize), Verdict> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, offset).ok_or(Verdict::PassMalformed)?;
+    // SAFETY: ptr_at checked that the fixed header is inside the packet.
+    let hdr = unsafe { &*ip };
+    if hdr.version_class_flow[0] >> 4 != 6 {
+        return Err(Verdict::PassMalformed);
+    }
+    let payload_len = u16::from_be_bytes(hdr.payload_len);
+    let tot_len = payload_len as usize + size_of::<Ipv6Hdr>();
+    // Jumbograms (payload length 0) and lengths beyond the frame are the kernel's business.
+    if payload_len == 0 || offset + tot_len > ctx.data_end() - ctx.data() {
+        return Err(Verdict::PassMalformed);
+    }
+    match hdr.next_header {
+        IPPROTO_UDP => {}
+        IPV6_FRAGMENT_HEADER => return Err(Verdict::PassFragment),
+        _ => return Err(Verdict::PassNotUdp),
+    }
+    if hdr.hop_limit <= 1 {
+        return Err(Verdict::PassTtlExpired);
+    }
+    Ok((Ip::V6(ip), tot_len as u16, offset + size_of::<Ipv6Hdr>()))
+}
+
+/// Checks the UDP header and classifies the payload by its first byte (RFC 7983).
+#[inline(always)]
+fn parse_udp(
+    ctx: &XdpContext,
+    ip_offset: usize,
+    udp_offset: usize,
+    ip_len: u16,
+) -> Result<*mut UdpHdr, Verdict> {
+    let udp: *mut UdpHdr = ptr_at(ctx, udp_offset).ok_or(Verdict::PassMalformed)?;
+    // SAFETY: ptr_at checked that the header is inside the packet.
+    let udp_len = usize::from(u16::from_be_bytes(unsafe { (*udp).len }));
+    let ip_payload = usize::from(ip_len) - (udp_offset - ip_offset);
+    if udp_len < size_of::<UdpHdr>() || udp_len > ip_payload {
+        return Err(Verdict::PassMalformed);
+    }
+    if udp_len == size_of::<UdpHdr>() {
+        return Err(Verdict::PassEmptyPayload);
+    }
+    let first: *const u8 =
+        ptr_at(ctx, udp_offset + size_of::<UdpHdr>()).ok_or(Verdict::PassMalformed)?;
+    // SAFETY: ptr_at checked that the byte is inside the packet.
+    match unsafe { *first } {
+        // STUN (ICE checks, consent, TURN control) and DTLS handshakes are for userspace.
+        0..=3 | 20..=63 => Err(Verdict::PassStunDtls),
+        _ => Ok(udp),
+    }
+}

@@ -1,0 +1,71 @@
+//! relayctl: manage a running relayd through its control API. One file per subcommand.
+
+mod flow;
+mod output;
+mod stats;
+mod status;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use relay::control::client::{ClientError, ControlClient};
+
+#[derive(Parser, Debug)]
+#[command(name = "relayctl", version, about = "Manage the media relay (relayd)")]
+struct Cli {
+    /// relayd's control socket
+    #[arg(long, global = true, env = "RELAY_CONTROL_SOCKET", default_value = relay::paths::CONTROL_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON (one document) instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Datapath, interfaces, XDP mode, flow count and capacity
+    Status,
+    /// Packet counters by XDP verdict and of the userspace path
+    Stats,
+    /// Add, remove and inspect flows
+    #[command(subcommand)]
+    Flow(flow::FlowCommand),
+}
+
+/// Exit codes: 0 done, 1 relayd refused or failed, 2 bad usage (clap), 3 relayd unreachable.
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut client = match ControlClient::connect(&cli.socket) {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("relayctl: {err}");
+            return ExitCode::from(3);
+        }
+    };
+    let result = match &cli.command {
+        Command::Status => status::run(&mut client, cli.json),
+        Command::Stats => stats::run(&mut client, cli.json),
+        Command::Flow(command) => flow::run(&mut client, command, cli.json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("relayctl: {}", describe(&err));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn describe(err: &ClientError) -> String {
+    match err {
+        ClientError::Refused(body) => match &body.field {
+            Some(field) if !body.message.starts_with(field.as_str()) => {
+                format!("{}: {}", field, body.message)
+            }
+            _ => body.message.clone(),
+        },
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,50 @@
+//! `relayctl status`: health at a glance.
+
+use relay::control::{
+    client::{ClientError, ControlClient},
+    protocol::{StatusResult, method},
+};
+use serde_json::Value;
+
+use crate::output;
+
+pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
+    let status: StatusResult = client.call_as(method::STATUS, Value::Null)?;
+    if json {
+        output::json(&status);
+        return Ok(());
+    }
+    let datapath = &status.datapath;
+    println!("relayd      {} (control API v{})", status.relay_version, status.protocol_version);
+    println!("uptime      {}", output::duration(status.uptime_secs as f64));
+    println!(
+        "datapath    {}",
+        serde_json::to_value(datapath.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    );
+    if let Some(reason) = &datapath.fallback_reason {
+        println!("            XDP not in use: {reason}");
+    }
+    if let Some(dir) = &datapath.pin_dir {
+        println!("pinned in   {dir}");
+    }
+    let percent = status.flows as f64 * 100.0 / f64::from(datapath.capacity.max(1));
+    println!(
+        "flows       {} of {} ({percent:.1}%), idle timeout {}",
+        status.flows,
+        datapath.capacity,
+        output::duration(status.idle_timeout_secs as f64)
+    );
+    if !datapath.interfaces.is_empty() {
+        println!();
+        let mut table = output::Table::new(&["INTERFACE", "IFINDEX", "XDP MODE"]);
+        for interface in &datapath.interfaces {
+            table.row(vec![
+                interface.name.clone(),
+                interface.ifindex.to_string(),
+                interface.xdp_mode.clone(),
+            ]);
+        }
+        table.print();
+    }
+    Ok(())
+}

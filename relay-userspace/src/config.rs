@@ -1,0 +1,324 @@
+//! relayd's configuration: TOML, a `Default` for every section, unknown keys refused, and a
+//! `validate()` that reports every problem at once with its key path.
+
+use std::{fmt, path::PathBuf};
+
+use serde::Deserialize;
+
+use crate::paths;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub datapath: DatapathConfig,
+    pub flows: FlowsConfig,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathMode {
+    Auto,
+    Xdp,
+    Userspace,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeChoice {
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatapathConfig {
+    pub mode: DatapathMode,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeChoice,
+    pub pin_dir: PathBuf,
+    pub capacity: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            mode: DatapathMode::Auto,
+            interfaces: Vec::new(),
+            xdp_mode: XdpModeChoice::Auto,
+            pin_dir: PathBuf::from(paths::PIN_DIR),
+            capacity: relay_common::FLOWS_DEFAULT_CAPACITY,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlowsConfig {
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        FlowsConfig {
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from(paths::CONTROL_SOCKET),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// One problem in a configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.key, self.value, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin} is invalid:\n{}", problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        origin: String,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_IFNAME_LEN: usize = 15;
+/// The flow table is a preallocated BPF hash map: keep it within what a relay box can lock.
+const MAX_CAPACITY: u32 = 16 * 1024 * 1024;
+
+impl Config {
+    /// Parses TOML text; `origin` names it in errors (a path, or "embedded default").
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|err| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: err.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Reads `path`, or the embedded default when `path` is the default location and absent.
+    pub fn load(path: Option<&std::path::Path>) -> Result<(Config, String), ConfigError> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+            None => match std::fs::read_to_string(paths::CONFIG_FILE) {
+                Ok(text) => (text, paths::CONFIG_FILE.to_owned()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => (
+                    paths::DEFAULT_CONFIG.to_owned(),
+                    "embedded default configuration".to_owned(),
+                ),
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: paths::CONFIG_FILE.into(),
+                        source,
+                    });
+                }
+            },
+        };
+        let config = Config::parse(&text, &origin)?;
+        config.validate(&origin)?;
+        Ok((config, origin))
+    }
+
+    /// Every problem at once, each with its key path.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        let mut problem = |key, value: String, reason: &str| {
+            problems.push(ConfigProblem {
+                key,
+                value,
+                reason: reason.to_owned(),
+            })
+        };
+        let mut seen = Vec::new();
+        for name in &self.datapath.interfaces {
+            if name.is_empty() || name.len() > MAX_IFNAME_LEN {
+                problem(
+                    "datapath.interfaces",
+                    format!("{name:?}"),
+                    "an interface name has 1 to 15 characters",
+                );
+            } else if name.contains(['/', ' ', ':']) || name == "." || name == ".." {
+                problem(
+                    "datapath.interfaces",
+                    format!("{name:?}"),
+                    "not a valid interface name",
+                );
+            } else if seen.contains(&name) {
+                problem("datapath.interfaces", format!("{name:?}"), "listed twice");
+            }
+            seen.push(name);
+        }
+        if self.datapath.mode == DatapathMode::Xdp && self.datapath.interfaces.is_empty() {
+            problem(
+                "datapath.interfaces",
+                "[]".to_owned(),
+                "mode \"xdp\" needs at least one interface to attach to",
+            );
+        }
+        if !self.datapath.pin_dir.is_absolute() {
+            problem(
+                "datapath.pin_dir",
+                self.datapath.pin_dir.display().to_string(),
+                "must be an absolute path",
+            );
+        }
+        if self.datapath.capacity == 0 || self.datapath.capacity > MAX_CAPACITY {
+            problem(
+                "datapath.capacity",
+                self.datapath.capacity.to_string(),
+                &format!("must be between 1 and {MAX_CAPACITY}"),
+            );
+        }
+        if self.flows.idle_timeout_secs == 0 || self.flows.idle_timeout_secs > 86_400 {
+            problem(
+                "flows.idle_timeout_secs",
+                self.flows.idle_timeout_secs.to_string(),
+                "must be between 1 and 86400 seconds",
+            );
+        }
+        if !self.control.socket.is_absolute() {
+            problem(
+                "control.socket",
+                self.control.socket.display().to_string(),
+                "must be an absolute path",
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problem(
+                "log.level",
+                format!("{:?}", self.log.level),
+                "not a level (error, warn, info, debug, trace) or tracing filter",
+            );
+        }
+        problems
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_to_the_defaults() {
+        let config = Config::parse(paths::DEFAULT_CONFIG, "embedded").unwrap();
+        assert_eq!(config, Config::default());
+        assert!(config.problems().is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::parse("[datapath]\nmodes = \"xdp\"\n", "test").unwrap_err();
+        assert!(err.to_string().contains("unknown field `modes`"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let config = Config::parse(
+            r#"
+            [datapath]
+            mode = "xdp"
+            pin_dir = "relative"
+            capacity = 0
+            [flows]
+            idle_timeout_secs = 0
+            [control]
+            socket = "x.sock"
+            [log]
+            level = "loud=="
+            "#,
+            "test",
+        )
+        .unwrap();
+        let messages: Vec<String> = config.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                "datapath.interfaces: []: mode \"xdp\" needs at least one interface to attach to",
+                "datapath.pin_dir: relative: must be an absolute path",
+                "datapath.capacity: 0: must be between 1 and 16777216",
+                "flows.idle_timeout_secs: 0: must be between 1 and 86400 seconds",
+                "control.socket: x.sock: must be an absolute path",
+                "log.level: \"loud==\": not a level (error, warn, info, debug, trace) or tracing filter",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_interface_names_are_named() {
+        let config = Config::parse(
+            "[datapath]\ninterfaces = [\"eth0\", \"eth0\", \"a-very-long-interface-name\"]\n",
+            "test",
+        )
+        .unwrap();
+        let messages: Vec<String> = config.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                "datapath.interfaces: \"eth0\": listed twice",
+                "datapath.interfaces: \"a-very-long-interface-name\": an interface name has 1 to 15 characters",
+            ]
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! Serves the control API on a Unix socket: one task per connection, one request per line.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
+
+use super::protocol::{
+    ErrorBody, ErrorCode, FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult,
+    MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response, StatsResult, StatusResult, method,
+};
+use crate::{
+    datapath::{
+        FlowSpec,
+        table::{FlowError, FlowTable},
+    },
+    time::monotonic_ns,
+};
+
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds the socket, replacing a stale socket file but refusing to steal a live one.
+    pub fn bind(path: &Path) -> anyhow::Result<ControlServer> {
+        use anyhow::Context;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "control.socket: {}: another relayd is listening there",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("control.socket: {}: cannot listen", path.display()))?;
+        // Owner and group only: the API changes what the relay forwards.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub async fn serve(self, table: Arc<FlowTable>, mut shutdown: watch::Receiver<bool>) {
+        let started = Instant::now();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tokio::spawn(connection(stream, table.clone(), started, shutdown.clone()));
+                    }
+                    Err(err) => tracing::warn!(%err, "control API: accept failed"),
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    table: Arc<FlowTable>,
+    started: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = tokio::select! {
+            read = read_line(&mut lines, &mut line) => read,
+            _ = shutdown.changed() => return,
+        };
+        let response = match read {
+            Ok(0) => return,
+            Ok(_) => handle_line(&line, &table, started),
+            Err(err) if err.kind() == io::ErrorKind::InvalidData => {
+                // Oversized: answer, then close, since the rest of the line is unread.
+                let response = error_response(0, ErrorCode::BadRequest, None, err.to_string());
+                let _ = send(&mut write, &response).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        if send(&mut write, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one line of at most MAX_REQUEST_BYTES.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+) -> io::Result<usize> {
+    let mut limited = reader.take(MAX_REQUEST_BYTES as u64 + 1);
+    let read = limited.read_until(b'\n', line).await?;
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+        ));
+    }
+    Ok(read)
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(response).expect("responses serialize");
+    bytes.push(b'\n');
+    write.write_all(&bytes).await
+}
+
+/// Answers one request line. Public so the protocol can be tested without a socket.
+pub fn handle_line(line: &[u8], table: &FlowTable, started: Instant) -> Response {
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(value) => value,
+        Err(err) => {
+            return error_response(0, ErrorCode::BadRequest, None, format!("not JSON: {err}"));
+        }
+    };
+    let id = value.get("id").and_then(Value::as_u64).unwrap_or(0);
+    let request: Request = match serde_json::from_value(value) {
+        Ok(request) => request,
+        Err(err) => {
+            return error_response(id, ErrorCode::BadRequest, None, format!("not a request: {err}"));
+        }
+    };
+    if request.version != PROTOCOL_VERSION {
+        return error_response(
+            id,
+            ErrorCode::UnsupportedVersion,
+            Some("version"),
+            format!(
+                "version {} is not supported; this relayd speaks version {PROTOCOL_VERSION}",
+                request.version
+            ),
+        );
+    }
+    match dispatch(&request, table, started) {
+        Ok(result) => Response {
+            version: PROTOCOL_VERSION,
+            id,
+            result: Some(result),
+            error: None,
+        },
+        Err(error) => Response {
+            version: PROTOCOL_VERSION,
+            id,
+            result: None,
+            error: Some(error),
+        },
+    }
+}
+
+fn dispatch(request: &Request, table: &FlowTable, started: Instant) -> Result<Value, ErrorBody> {
+    let now = monotonic_ns();
+    let result = match request.method.as_str() {
+        method::STATUS => to_value(StatusResult {
+            relay_version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            uptime_secs: started.elapsed().as_secs(),
+            datapath: table.status(),
+            flows: table.len(),
+            idle_timeout_secs: table.idle_timeout_secs(),
+        }),
+        method::STATS => to_value(StatsResult {
+            flows: table.len(),
+            flows_expired: table.expired_total(),
+            datapath: table.stats(),
+        }),
+        method::FLOW_ADD => {
+            let params: FlowAddParams = params(request)?;
+            let spec = FlowSpec {
+                src: endpoint("src", &params.src)?,
+                dst: endpoint("dst", &params.dst)?,
+                new_src: endpoint("new_src", &params.new_src)?,
+                new_dst: endpoint("new_dst", &params.new_dst)?,
+            };
+            let specs = if params.reverse {
+                vec![spec, spec.reverse()]
+            } else {
+                vec![spec]
+            };
+            let ids = table.add(&specs, now).map_err(flow_error)?;
+            for (id, spec) in ids.iter().zip(&specs) {
+                tracing::info!(id, src = %spec.src, dst = %spec.dst, new_src = %spec.new_src, new_dst = %spec.new_dst, "flow added");
+            }
+            to_value(FlowAddResult { ids })
+        }
+        method::FLOW_DEL => {
+            let params: FlowIdParams = params(request)?;
+            let info = table.remove(params.id, now).map_err(flow_error)?;
+            tracing::info!(id = info.id, packets = info.counters.packets(), "flow removed");
+            to_value(info)
+        }
+        method::FLOW_LIST => to_value(FlowListResult {
+            flows: table.list(now),
+        }),
+        method::FLOW_SHOW => {
+            let params: FlowIdParams = params(request)?;
+            to_value(table.get(params.id, now).map_err(flow_error)?)
+        }
+        other => {
+            return Err(body(
+                ErrorCode::BadRequest,
+                Some("method"),
+                format!("unknown method {other:?}"),
+            ));
+        }
+    };
+    Ok(result)
+}
+
+fn params<T: DeserializeOwned>(request: &Request) -> Result<T, ErrorBody> {
+    serde_json::from_value(request.params.clone()).map_err(|err| {
+        body(
+            ErrorCode::BadRequest,
+            Some("params"),
+            format!("{}: params: {err}", request.method),
+        )
+    })
+}
+
+fn endpoint(field: &'static str, text: &str) -> Result<SocketAddr, ErrorBody> {
+    parse_endpoint(text)
+        .map_err(|reason| body(ErrorCode::InvalidArgument, Some(field), format!("{field}: {text}: {reason}")))
+}
+
+/// Parses `ip:port` (`[v6]:port` for IPv6) with a reason an operator can act on.
+pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)".to_owned());
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!("{host:?} is not an IPv4 or IPv6 address"));
+    }
+    match port.parse::<u64>() {
+        Ok(port) if port > 65_535 => Err(format!("port {port} out of range (1-65535)")),
+        Ok(_) => Err("IPv6 addresses need brackets: [ADDRESS]:PORT".to_owned()),
+        Err(_) => Err(format!("port {port:?} is not a number")),
+    }
+}
+
+fn flow_error(err: FlowError) -> ErrorBody {
+    let code = match err {
+        FlowError::Invalid(_) => ErrorCode::InvalidArgument,
+        FlowError::Duplicate { .. } => ErrorCode::AlreadyExists,
+        FlowError::Full { .. } => ErrorCode::TableFull,
+        FlowError::UnknownFlow(_) => ErrorCode::NotFound,
+        FlowError::Datapath(crate::datapath::DatapathError::Bind { .. }) => {
+            ErrorCode::InvalidArgument
+        }
+        FlowError::Datapath(_) => ErrorCode::Internal,
+    };
+    body(code, err.field(), err.to_string())
+}
+
+fn body(code: ErrorCode, field: Option<&str>, message: String) -> ErrorBody {
+    ErrorBody {
+        code,
+        field: field.map(str::to_owned),
+        message,
+    }
+}
+
+fn error_response(id: u64, code: ErrorCode, field: Option<&str>, message: String) -> Response {
+    Response {
+        version: PROTOCOL_VERSION,
+        id,
+        result: None,
+        error: Some(body(code, field, message)),
+    }
+}
+
+fn to_value<T: serde::Serialize>(value: T) -> Value {
+    serde_json::to_value(value).expect("results serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_get_a_reason() {
+        assert_eq!(parse_endpoint("10.0.0.1:5004").unwrap().port(), 5004);
+        assert_eq!(parse_endpoint("[fd00::1]:5004").unwrap().port(), 5004);
+        assert_eq!(
+            parse_endpoint("10.0.0.5:70000").unwrap_err(),
+            "port 70000 out of range (1-65535)"
+        );
+        assert_eq!(
+            parse_endpoint("10.0.0.300:1").unwrap_err(),
+            "\"10.0.0.300\" is not an IPv4 or IPv6 address"
+        );
+        assert_eq!(parse_endpoint("10.0.0.1:rtp").unwrap_err(), "port \"rtp\" is not a number");
+        assert_eq!(
+            parse_endpoint("10.0.0.1").unwrap_err(),
+            "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"
+        );
+        assert_eq!(
+            parse_endpoint("fd00::1:5004").unwrap_err(),
+            "IPv6 addresses need brackets: [ADDRESS]:PORT"
+        );
+    }
+}

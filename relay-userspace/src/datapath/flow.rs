@@ -1,0 +1,196 @@
+//! A flow as the control plane sees it (socket addresses) and its kernel encoding.
+
+use std::net::{IpAddr, SocketAddr};
+
+use relay_common::{FAMILY_IPV4, FAMILY_IPV6, FlowAction, FlowKey};
+use serde::{Deserialize, Serialize};
+
+/// "A UDP packet arriving from `src` to `dst` (the relay's own address) is re-sent from
+/// `new_src` (the relay's address on the other side) to `new_dst`" (DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FlowSpec {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub new_src: SocketAddr,
+    pub new_dst: SocketAddr,
+}
+
+/// Why a flow spec was refused, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {value}: {reason}")]
+pub struct FlowSpecError {
+    pub field: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl FlowSpec {
+    /// The flow carrying the answers: from `new_dst` back to `src`, through the same relay
+    /// addresses.
+    pub fn reverse(&self) -> FlowSpec {
+        FlowSpec {
+            src: self.new_dst,
+            dst: self.new_src,
+            new_src: self.dst,
+            new_dst: self.src,
+        }
+    }
+
+    pub fn fields(&self) -> [(&'static str, SocketAddr); 4] {
+        [
+            ("src", self.src),
+            ("dst", self.dst),
+            ("new_src", self.new_src),
+            ("new_dst", self.new_dst),
+        ]
+    }
+
+    /// Checks what makes sense for a unicast UDP relay. The relay's own addresses (`dst`,
+    /// `new_src`) are checked by the datapath, which must be able to bind them.
+    pub fn validate(&self) -> Result<(), FlowSpecError> {
+        let refuse = |field, addr: SocketAddr, reason: &str| {
+            Err(FlowSpecError {
+                field,
+                value: addr.to_string(),
+                reason: reason.to_owned(),
+            })
+        };
+        for (field, addr) in self.fields() {
+            if addr.port() == 0 {
+                return refuse(field, addr, "port 0 is not a UDP port one can send to");
+            }
+            let ip = addr.ip();
+            if ip.is_unspecified() {
+                return refuse(field, addr, "the unspecified address is not a flow endpoint");
+            }
+            if ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+                return refuse(field, addr, "only unicast addresses can be relayed");
+            }
+            if ip.is_ipv4() != self.src.is_ipv4() {
+                return refuse(
+                    field,
+                    addr,
+                    "all four addresses of a flow must be of one family (IPv4/IPv6 translation is not supported)",
+                );
+            }
+        }
+        if self.src == self.new_dst {
+            return refuse("new_dst", self.new_dst, "would send packets back to their source");
+        }
+        Ok(())
+    }
+
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            src_addr: addr_bytes(self.src.ip()),
+            dst_addr: addr_bytes(self.dst.ip()),
+            src_port: self.src.port().to_be(),
+            dst_port: self.dst.port().to_be(),
+            family: family(self.src.ip()),
+            _pad: [0; 3],
+        }
+    }
+
+    pub fn action(&self, flow_id: u32, generation: u32) -> FlowAction {
+        FlowAction {
+            new_src_addr: addr_bytes(self.new_src.ip()),
+            new_dst_addr: addr_bytes(self.new_dst.ip()),
+            new_src_port: self.new_src.port().to_be(),
+            new_dst_port: self.new_dst.port().to_be(),
+            flow_id,
+            generation,
+            _pad: [0; 4],
+        }
+    }
+
+    /// Rebuilds a spec from what the kernel map holds (adopting pinned flows).
+    pub fn from_kernel(key: &FlowKey, action: &FlowAction) -> FlowSpec {
+        let addr = |bytes: &[u8; 16], port: u16| {
+            let ip = if key.family == FAMILY_IPV4 {
+                IpAddr::from(relay_common::ipv4_octets(bytes))
+            } else {
+                IpAddr::from(*bytes)
+            };
+            SocketAddr::new(ip, u16::from_be(port))
+        };
+        FlowSpec {
+            src: addr(&key.src_addr, key.src_port),
+            dst: addr(&key.dst_addr, key.dst_port),
+            new_src: addr(&action.new_src_addr, action.new_src_port),
+            new_dst: addr(&action.new_dst_addr, action.new_dst_port),
+        }
+    }
+}
+
+fn family(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => FAMILY_IPV4,
+        IpAddr::V6(_) => FAMILY_IPV6,
+    }
+}
+
+fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(src: &str, dst: &str, new_src: &str, new_dst: &str) -> FlowSpec {
+        FlowSpec {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            new_src: new_src.parse().unwrap(),
+            new_dst: new_dst.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn kernel_encoding_round_trips() {
+        for flow in [
+            spec("198.51.100.7:4000", "203.0.113.1:20000", "10.0.0.1:30000", "10.0.0.5:5004"),
+            spec("[2001:db8::7]:4000", "[2001:db8::1]:20000", "[fd00::1]:30000", "[fd00::5]:5004"),
+        ] {
+            let key = flow.key();
+            let action = flow.action(7, 1);
+            assert_eq!(FlowSpec::from_kernel(&key, &action), flow);
+            assert_eq!(flow.reverse().reverse(), flow);
+        }
+    }
+
+    #[test]
+    fn keys_are_in_network_byte_order() {
+        let key = spec("1.2.3.4:258", "5.6.7.8:1", "9.9.9.9:2", "8.8.8.8:3").key();
+        assert_eq!(key.src_addr[..4], [1, 2, 3, 4]);
+        assert_eq!(key.src_port.to_ne_bytes(), [1, 2]);
+        assert_eq!(key.family, FAMILY_IPV4);
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let err = spec("1.2.3.4:0", "5.6.7.8:1", "9.9.9.9:2", "8.8.8.8:3")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "src");
+        let err = spec("1.2.3.4:1", "5.6.7.8:1", "[::1]:2", "8.8.8.8:3")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "new_src");
+        let err = spec("1.2.3.4:1", "5.6.7.8:1", "9.9.9.9:2", "224.0.0.1:3")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "new_dst: 224.0.0.1:3: only unicast addresses can be relayed");
+        let err = spec("1.2.3.4:1", "5.6.7.8:1", "9.9.9.9:2", "1.2.3.4:1")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "new_dst");
+    }
+}

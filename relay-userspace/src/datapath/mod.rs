@@ -1,0 +1,206 @@
+//! The flow-table API: one trait, two datapaths (`xdp`: the kernel maps; `userspace`: tokio
+//! sockets), chosen by `datapath.mode`.
+
+pub mod flow;
+pub mod table;
+pub mod userspace;
+pub mod xdp;
+
+use std::{io, net::SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+pub use self::flow::{FlowSpec, FlowSpecError};
+use crate::config::{DatapathConfig, DatapathMode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    Xdp,
+    Userspace,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    /// "native" or "generic".
+    pub xdp_mode: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub kind: DatapathKind,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub capacity: u32,
+    /// Why "auto" fell back to userspace, when it did.
+    pub fallback_reason: Option<String>,
+    pub pin_dir: Option<String>,
+}
+
+/// Counters of one flow: packets forwarded by the XDP program and by the userspace path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowCounters {
+    pub xdp_packets: u64,
+    pub xdp_bytes: u64,
+    pub userspace_packets: u64,
+    pub userspace_bytes: u64,
+    /// CLOCK_MONOTONIC ns of the last packet on either path (0: none yet).
+    pub last_seen_ns: u64,
+}
+
+impl FlowCounters {
+    pub fn packets(&self) -> u64 {
+        self.xdp_packets + self.userspace_packets
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.xdp_bytes + self.userspace_bytes
+    }
+
+    pub fn merge(self, other: FlowCounters) -> FlowCounters {
+        FlowCounters {
+            xdp_packets: self.xdp_packets + other.xdp_packets,
+            xdp_bytes: self.xdp_bytes + other.xdp_bytes,
+            userspace_packets: self.userspace_packets + other.userspace_packets,
+            userspace_bytes: self.userspace_bytes + other.userspace_bytes,
+            last_seen_ns: self.last_seen_ns.max(other.last_seen_ns),
+        }
+    }
+}
+
+/// Packets and bytes the XDP program counted for one verdict, summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictCount {
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters of the userspace socket path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStats {
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    /// Packets to a relay address from a source no flow names (strict source).
+    pub unknown_source_packets: u64,
+    pub send_errors: u64,
+    pub bound_sockets: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStats {
+    /// Empty for the userspace datapath.
+    pub verdicts: Vec<VerdictCount>,
+    pub userspace: SocketStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{field}: {addr}: cannot bind a UDP socket: {source} (is it an address of this host, and free?)")]
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("kernel flow map: {0}")]
+    Map(String),
+}
+
+impl DatapathError {
+    /// The flow field the error concerns, if any.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            DatapathError::Bind { field, .. } => Some(field),
+            DatapathError::Map(_) => None,
+        }
+    }
+}
+
+/// What both datapaths implement. Capacity, duplicate keys and ids are the table's business
+/// ([`table::FlowTable`]); a datapath installs, removes and counts.
+pub trait Datapath: Send + Sync {
+    fn status(&self) -> DatapathStatus;
+    /// Installs `spec` or replaces the flow with the same key in place (its kernel counters are
+    /// kept).
+    fn install(&self, id: u32, generation: u32, spec: &FlowSpec) -> Result<(), DatapathError>;
+    fn remove(&self, spec: &FlowSpec);
+    fn counters(&self, spec: &FlowSpec) -> FlowCounters;
+    fn stats(&self) -> DatapathStats;
+    /// Flows found in the datapath at start-up (pinned kernel maps): `(id, generation, spec)`.
+    fn installed(&self) -> Vec<(u32, u32, FlowSpec)>;
+}
+
+/// The userspace datapath.
+pub struct UserspaceDatapath {
+    forwarder: userspace::SocketForwarder,
+    capacity: u32,
+    fallback_reason: Option<String>,
+}
+
+impl Datapath for UserspaceDatapath {
+    fn status(&self) -> DatapathStatus {
+        DatapathStatus {
+            kind: DatapathKind::Userspace,
+            interfaces: Vec::new(),
+            capacity: self.capacity,
+            fallback_reason: self.fallback_reason.clone(),
+            pin_dir: None,
+        }
+    }
+
+    fn install(&self, _id: u32, _generation: u32, spec: &FlowSpec) -> Result<(), DatapathError> {
+        self.forwarder.install(spec)
+    }
+
+    fn remove(&self, spec: &FlowSpec) {
+        self.forwarder.remove(spec)
+    }
+
+    fn counters(&self, spec: &FlowSpec) -> FlowCounters {
+        self.forwarder.counters(spec)
+    }
+
+    fn stats(&self) -> DatapathStats {
+        DatapathStats {
+            verdicts: Vec::new(),
+            userspace: self.forwarder.stats(),
+        }
+    }
+
+    fn installed(&self) -> Vec<(u32, u32, FlowSpec)> {
+        Vec::new()
+    }
+}
+
+/// Opens the datapath the configuration asks for. With `auto`, a failure to set up XDP is
+/// logged with its reason and the userspace datapath is used instead.
+pub fn open(config: &DatapathConfig, runtime: Handle) -> anyhow::Result<Box<dyn Datapath>> {
+    let userspace = |fallback_reason| UserspaceDatapath {
+        forwarder: userspace::SocketForwarder::new(runtime.clone()),
+        capacity: config.capacity,
+        fallback_reason,
+    };
+    match config.mode {
+        DatapathMode::Userspace => Ok(Box::new(userspace(None))),
+        DatapathMode::Xdp => Ok(Box::new(xdp::XdpDatapath::open(config, runtime.clone())?)),
+        DatapathMode::Auto => {
+            if config.interfaces.is_empty() {
+                let reason = "no interfaces configured (datapath.interfaces is empty)".to_owned();
+                tracing::warn!(
+                    "datapath: using userspace: XDP not attempted: {reason}; list the WAN and LAN interfaces to forward media in the kernel"
+                );
+                return Ok(Box::new(userspace(Some(reason))));
+            }
+            match xdp::XdpDatapath::open(config, runtime.clone()) {
+                Ok(datapath) => Ok(Box::new(datapath)),
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    tracing::warn!("datapath: using userspace: XDP could not be set up: {reason}");
+                    Ok(Box::new(userspace(Some(reason))))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The userspace datapath: one tokio task per bound relay address receives, looks the sender
+//! up, and re-sends from the flow's `new_src` socket. Same contract as the XDP program (strict
+//! source, same rewrite), for hosts where XDP cannot attach. The XDP datapath also uses it as
+//! its slow path for the packets the program passes up (e.g. the first packet of a flow, whose
+//! `sendto` makes the kernel resolve the next hop's neighbour entry).
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::{net::UdpSocket, runtime::Handle, task::JoinHandle};
+
+use super::{DatapathError, FlowCounters, FlowSpec, SocketStats};
+use crate::time::monotonic_ns;
+
+/// Largest UDP payload we can receive.
+const MAX_DATAGRAM: usize = 65_535;
+
+pub struct SocketForwarder {
+    runtime: Handle,
+    shared: Arc<Shared>,
+    sockets: Mutex<HashMap<SocketAddr, BoundSocket>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// (src, dst) -> where to send.
+    routes: RwLock<HashMap<(SocketAddr, SocketAddr), Arc<Route>>>,
+    forwarded_packets: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    unknown_source_packets: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+struct Route {
+    new_dst: SocketAddr,
+    out: Arc<UdpSocket>,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    last_seen_ns: AtomicU64,
+}
+
+struct BoundSocket {
+    socket: Arc<UdpSocket>,
+    /// Number of route ends (receive or send side) using this socket.
+    users: usize,
+    receiver: JoinHandle<()>,
+}
+
+impl SocketForwarder {
+    pub fn new(runtime: Handle) -> SocketForwarder {
+        SocketForwarder {
+            runtime,
+            shared: Arc::default(),
+            sockets: Mutex::default(),
+        }
+    }
+
+    /// Installs or replaces the route for `spec`, binding its relay addresses if needed.
+    pub fn install(&self, spec: &FlowSpec) -> Result<(), DatapathError> {
+        let mut sockets = self.sockets.lock().expect("socket table poisoned");
+        self.acquire(&mut sockets, "dst", spec.dst)?;
+        let out = match self.acquire(&mut sockets, "new_src", spec.new_src) {
+            Ok(out) => out,
+            Err(err) => {
+                release(&mut sockets, spec.dst);
+                return Err(err);
+            }
+        };
+        let route = Arc::new(Route {
+            new_dst: spec.new_dst,
+            out,
+            packets: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            last_seen_ns: AtomicU64::new(0),
+        });
+        let previous = self
+            .shared
+            .routes
+            .write()
+            .expect("route table poisoned")
+            .insert((spec.src, spec.dst), route);
+        if let Some(previous) = previous {
+            // A replacement: the old route's sockets are released, the new ones kept.
+            let old_src = previous.out.local_addr().ok();
+            release(&mut sockets, spec.dst);
+            if let Some(old_src) = old_src {
+                release(&mut sockets, old_src);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove(&self, spec: &FlowSpec) {
+        let mut sockets = self.sockets.lock().expect("socket table poisoned");
+        let removed = self
+            .shared
+            .routes
+            .write()
+            .expect("route table poisoned")
+            .remove(&(spec.src, spec.dst));
+        if removed.is_some() {
+            release(&mut sockets, spec.dst);
+            release(&mut sockets, spec.new_src);
+        }
+    }
+
+    pub fn counters(&self, spec: &FlowSpec) -> FlowCounters {
+        let routes = self.shared.routes.read().expect("route table poisoned");
+        match routes.get(&(spec.src, spec.dst)) {
+            Some(route) => FlowCounters {
+                userspace_packets: route.packets.load(Ordering::Relaxed),
+                userspace_bytes: route.bytes.load(Ordering::Relaxed),
+                last_seen_ns: route.last_seen_ns.load(Ordering::Relaxed),
+                ..FlowCounters::default()
+            },
+            None => FlowCounters::default(),
+        }
+    }
+
+    pub fn stats(&self) -> SocketStats {
+        let shared = &self.shared;
+        SocketStats {
+            forwarded_packets: shared.forwarded_packets.load(Ordering::Relaxed),
+            forwarded_bytes: shared.forwarded_bytes.load(Ordering::Relaxed),
+            unknown_source_packets: shared.unknown_source_packets.load(Ordering::Relaxed),
+            send_errors: shared.send_errors.load(Ordering::Relaxed),
+            bound_sockets: self.sockets.lock().expect("socket table poisoned").len() as u64,
+        }
+    }
+
+    fn acquire(
+        &self,
+        sockets: &mut HashMap<SocketAddr, BoundSocket>,
+        field: &'static str,
+        addr: SocketAddr,
+    ) -> Result<Arc<UdpSocket>, DatapathError> {
+        if let Some(bound) = sockets.get_mut(&addr) {
+            bound.users += 1;
+            return Ok(bound.socket.clone());
+        }
+        let socket = bind(addr).map_err(|source| DatapathError::Bind {
+            field,
+            addr,
+            source,
+        })?;
+        let socket = Arc::new(socket);
+        let receiver = self
+            .runtime
+            .spawn(receive(self.shared.clone(), socket.clone(), addr));
+        sockets.insert(
+            addr,
+            BoundSocket {
+                socket: socket.clone(),
+                users: 1,
+                receiver,
+            },
+        );
+        Ok(socket)
+    }
+}
+
+impl Drop for SocketForwarder {
+    fn drop(&mut self) {
+        for bound in self.sockets.get_mut().expect("socket table poisoned").values() {
+            bound.receiver.abort();
+        }
+    }
+}
+
+fn release(sockets: &mut HashMap<SocketAddr, BoundSocket>, addr: SocketAddr) {
+    if let Some(bound) = sockets.get_mut(&addr) {
+        bound.users -= 1;
+        if bound.users == 0 {
+            bound.receiver.abort();
+            sockets.remove(&addr);
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+async fn receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, local: SocketAddr) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (len, from) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            // ICMP port unreachable from an earlier send surfaces here as ECONNREFUSED; it
+            // concerns that send, not this socket, so keep receiving.
+            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(err) => {
+                tracing::error!(%local, %err, "userspace datapath: receive failed; socket closed");
+                return;
+            }
+        };
+        let route = shared
+            .routes
+            .read()
+            .expect("route table poisoned")
+            .get(&(from, local))
+            .cloned();
+        let Some(route) = route else {
+            // Strict source: only the registered sender is relayed.
+            shared.unknown_source_packets.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        match route.out.send_to(&buf[..len], route.new_dst).await {
+            Ok(_) => {
+                // Bytes at the IP layer, as the XDP counters count them.
+                let ip_len = (len + ip_udp_overhead(from)) as u64;
+                route.packets.fetch_add(1, Ordering::Relaxed);
+                route.bytes.fetch_add(ip_len, Ordering::Relaxed);
+                route.last_seen_ns.store(monotonic_ns(), Ordering::Relaxed);
+                shared.forwarded_packets.fetch_add(1, Ordering::Relaxed);
+                shared.forwarded_bytes.fetch_add(ip_len, Ordering::Relaxed);
+            }
+            Err(err) => {
+                if shared.send_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(%local, to = %route.new_dst, %err, "userspace datapath: send failed (logged once; counted in stats)");
+                }
+            }
+        }
+    }
+}
+
+fn ip_udp_overhead(addr: SocketAddr) -> usize {
+    match addr {
+        SocketAddr::V4(_) => 20 + 8,
+        SocketAddr::V6(_) => 40 + 8,
+    }
+}

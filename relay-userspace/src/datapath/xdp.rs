@@ -1,0 +1,431 @@
+//! The XDP datapath: loads the embedded program, pins its maps, attaches it to the configured
+//! interfaces (native first, generic as fallback) and installs flows into the kernel map.
+//! Packets the program passes up for a flow (no neighbour entry yet, ...) are relayed by the
+//! userspace socket path, so the first packet of a flow is never lost.
+
+use std::{
+    ffi::CString,
+    io,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use anyhow::{Context, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use relay_common::{
+    EGRESS_MAP, FLOWS_MAP, FlowCounters as KernelCounters, FlowKey, FlowValue, STATS_MAP,
+    StatCounter, VLANS_MAP, Verdict, VlanDevice, XDP_PASS_PROGRAM, XDP_RELAY_PROGRAM,
+};
+use tokio::runtime::Handle;
+
+use super::{
+    Datapath, DatapathError, DatapathKind, DatapathStats, DatapathStatus, FlowCounters,
+    FlowSpec, InterfaceStatus, VerdictCount, userspace::SocketForwarder,
+};
+use crate::{
+    config::{DatapathConfig, XdpModeChoice},
+    paths,
+    time::monotonic_ns,
+};
+
+/// The XDP program, built by build.rs from relay-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
+
+/// BPF_FS_MAGIC from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The loaded program and its maps. Loading does not attach; tests drive it through
+/// BPF_PROG_TEST_RUN with the same flow operations relayd uses.
+pub struct KernelProgram {
+    ebpf: Ebpf,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    stats: PerCpuArray<MapData, StatCounter>,
+    egress: DevMapHash<MapData>,
+    vlans: HashMap<MapData, u32, VlanDevice>,
+    capacity: u32,
+    pin_dir: PathBuf,
+}
+
+impl KernelProgram {
+    /// Loads the program with its maps pinned in `pin_dir` (reusing maps already pinned there,
+    /// so flows survive a restart) and checks every map (katran `initialSanityChecking`).
+    pub fn load(pin_dir: &Path, capacity: u32) -> anyhow::Result<KernelProgram> {
+        ensure_bpffs()?;
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(FLOWS_MAP, capacity)
+            .load(EBPF_OBJECT)
+            .context("loading the XDP program (needs CAP_BPF and CAP_NET_ADMIN)")?;
+        for name in [XDP_RELAY_PROGRAM, XDP_PASS_PROGRAM] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("verifying program {name}"))?;
+        }
+        let mismatch = |name: &str| {
+            format!(
+                "map {name} (pinned in {}) does not match this relayd's layout; stop relayd and remove that directory to reset the flow table",
+                pin_dir.display()
+            )
+        };
+        let flows_map = take_map(&mut ebpf, FLOWS_MAP)?;
+        let pinned_capacity = map_data(&flows_map)?.info()?.max_entries();
+        let flows = HashMap::try_from(flows_map).with_context(|| mismatch(FLOWS_MAP))?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, STATS_MAP)?)
+            .with_context(|| mismatch(STATS_MAP))?;
+        let egress = DevMapHash::try_from(take_map(&mut ebpf, EGRESS_MAP)?)
+            .with_context(|| mismatch(EGRESS_MAP))?;
+        let vlans = HashMap::try_from(take_map(&mut ebpf, VLANS_MAP)?)
+            .with_context(|| mismatch(VLANS_MAP))?;
+        if pinned_capacity != capacity {
+            tracing::warn!(
+                pinned_capacity,
+                configured = capacity,
+                "the flow map pinned in {} keeps its capacity; remove it while relayd is stopped to apply datapath.capacity",
+                pin_dir.display()
+            );
+        }
+        Ok(KernelProgram {
+            ebpf,
+            flows,
+            stats,
+            egress,
+            vlans,
+            capacity: pinned_capacity,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn program_mut(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// Lets the program redirect to `ifindex`.
+    pub fn allow_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        self.egress
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding ifindex {ifindex} to the egress devmap"))
+    }
+
+    /// Tells the program that `ifindex` is a VLAN device on `parent_ifindex`.
+    pub fn add_vlan_device(
+        &mut self,
+        ifindex: u32,
+        parent_ifindex: u32,
+        vlan_id: u16,
+    ) -> anyhow::Result<()> {
+        let device = VlanDevice {
+            parent_ifindex,
+            vlan_id,
+            _pad: [0; 2],
+        };
+        Ok(self.vlans.insert(ifindex, device, 0)?)
+    }
+
+    /// Installs or replaces a flow; an existing entry keeps its counters.
+    pub fn install(&mut self, id: u32, generation: u32, spec: &FlowSpec) -> Result<(), DatapathError> {
+        let key = spec.key();
+        let counters = match self.flows.get(&key, 0) {
+            Ok(existing) => existing.counters,
+            Err(_) => KernelCounters {
+                last_seen_ns: monotonic_ns(),
+                ..KernelCounters::default()
+            },
+        };
+        let value = FlowValue {
+            action: spec.action(id, generation),
+            counters,
+        };
+        self.flows
+            .insert(key, value, 0)
+            .map_err(|err| DatapathError::Map(format!("inserting flow {id}: {err}")))
+    }
+
+    pub fn remove(&mut self, spec: &FlowSpec) {
+        match self.flows.remove(&spec.key()) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(err) => tracing::error!(?spec, %err, "removing a flow from the kernel map failed"),
+        }
+    }
+
+    pub fn counters(&self, spec: &FlowSpec) -> FlowCounters {
+        match self.flows.get(&spec.key(), 0) {
+            Ok(value) => FlowCounters {
+                xdp_packets: value.counters.packets,
+                xdp_bytes: value.counters.bytes,
+                last_seen_ns: value.counters.last_seen_ns,
+                ..FlowCounters::default()
+            },
+            Err(_) => FlowCounters::default(),
+        }
+    }
+
+    /// Counters by verdict, summed over CPUs, in [`Verdict::ALL`] order.
+    pub fn verdicts(&self) -> Vec<VerdictCount> {
+        Verdict::ALL
+            .iter()
+            .map(|verdict| {
+                let (packets, bytes) = match self.stats.get(&(*verdict as u32), 0) {
+                    Ok(per_cpu) => per_cpu
+                        .iter()
+                        .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes)),
+                    Err(_) => (0, 0),
+                };
+                VerdictCount {
+                    verdict: verdict.name().to_owned(),
+                    packets,
+                    bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// Flows present in the (pinned) map: `(id, generation, spec)`.
+    pub fn installed(&self) -> Vec<(u32, u32, FlowSpec)> {
+        self.flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, value)| {
+                (
+                    value.action.flow_id,
+                    value.action.generation,
+                    FlowSpec::from_kernel(&key, &value.action),
+                )
+            })
+            .collect()
+    }
+}
+
+pub struct XdpDatapath {
+    kernel: Mutex<KernelProgram>,
+    interfaces: Vec<InterfaceStatus>,
+    slow_path: SocketForwarder,
+}
+
+impl XdpDatapath {
+    pub fn open(config: &DatapathConfig, runtime: Handle) -> anyhow::Result<XdpDatapath> {
+        if config.interfaces.is_empty() {
+            bail!("no interfaces configured (datapath.interfaces is empty)");
+        }
+        let interfaces: Vec<(String, u32)> = config
+            .interfaces
+            .iter()
+            .map(|name| Ok((name.clone(), ifindex(name)?)))
+            .collect::<anyhow::Result<_>>()?;
+        enable_loopback_forwarding()?;
+        let mut kernel = KernelProgram::load(&config.pin_dir, config.capacity)?;
+        for (name, ifindex) in &interfaces {
+            kernel.allow_egress(*ifindex)?;
+            for vlan in vlan_devices_on(name)? {
+                kernel.add_vlan_device(vlan.ifindex, *ifindex, vlan.vlan_id)?;
+                tracing::info!(vlan = %vlan.name, vlan_id = vlan.vlan_id, parent = %name, "XDP: VLAN egress via parent");
+            }
+        }
+        let mut attached = Vec::new();
+        let program = kernel.program_mut(XDP_RELAY_PROGRAM)?;
+        for (name, ifindex) in interfaces {
+            let mode = attach(program, &name, config.xdp_mode)?;
+            tracing::info!(interface = %name, ifindex, mode, "XDP: attached");
+            attached.push(InterfaceStatus {
+                name,
+                ifindex,
+                xdp_mode: mode.to_owned(),
+            });
+        }
+        Ok(XdpDatapath {
+            kernel: Mutex::new(kernel),
+            interfaces: attached,
+            slow_path: SocketForwarder::new(runtime),
+        })
+    }
+
+    fn kernel(&self) -> std::sync::MutexGuard<'_, KernelProgram> {
+        self.kernel.lock().expect("kernel program poisoned")
+    }
+}
+
+impl Datapath for XdpDatapath {
+    fn status(&self) -> DatapathStatus {
+        let kernel = self.kernel();
+        DatapathStatus {
+            kind: DatapathKind::Xdp,
+            interfaces: self.interfaces.clone(),
+            capacity: kernel.capacity,
+            fallback_reason: None,
+            pin_dir: Some(kernel.pin_dir.display().to_string()),
+        }
+    }
+
+    fn install(&self, id: u32, generation: u32, spec: &FlowSpec) -> Result<(), DatapathError> {
+        // Sockets first: a flow whose relay address cannot be bound is refused before the
+        // kernel sees it.
+        self.slow_path.install(spec)?;
+        if let Err(err) = self.kernel().install(id, generation, spec) {
+            self.slow_path.remove(spec);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn remove(&self, spec: &FlowSpec) {
+        self.kernel().remove(spec);
+        self.slow_path.remove(spec);
+    }
+
+    fn counters(&self, spec: &FlowSpec) -> FlowCounters {
+        self.kernel()
+            .counters(spec)
+            .merge(self.slow_path.counters(spec))
+    }
+
+    fn stats(&self) -> DatapathStats {
+        DatapathStats {
+            verdicts: self.kernel().verdicts(),
+            userspace: self.slow_path.stats(),
+        }
+    }
+
+    fn installed(&self) -> Vec<(u32, u32, FlowSpec)> {
+        self.kernel().installed()
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))
+}
+
+fn map_data(map: &Map) -> anyhow::Result<&MapData> {
+    match map {
+        Map::HashMap(data) => Ok(data),
+        other => bail!("map has unexpected type {other:?}"),
+    }
+}
+
+/// Attaches in the requested mode; `auto` tries native (driver) mode, then generic.
+fn attach(program: &mut Xdp, interface: &str, choice: XdpModeChoice) -> anyhow::Result<&'static str> {
+    let try_mode = |program: &mut Xdp, mode| program.attach(interface, mode).map(|_| ());
+    match choice {
+        XdpModeChoice::Native => try_mode(program, XdpMode::Driver)
+            .with_context(|| format!("attaching XDP to {interface} in native mode"))
+            .map(|()| "native"),
+        XdpModeChoice::Generic => try_mode(program, XdpMode::Skb)
+            .with_context(|| format!("attaching XDP to {interface} in generic mode"))
+            .map(|()| "generic"),
+        XdpModeChoice::Auto => match try_mode(program, XdpMode::Driver) {
+            Ok(()) => Ok("native"),
+            Err(native_err) => {
+                tracing::warn!(interface, err = %native_err, "XDP: native mode refused; trying generic mode");
+                try_mode(program, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP to {interface} (native: {native_err}; generic)"))
+                    .map(|()| "generic")
+            }
+        },
+    }
+}
+
+pub fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c_name = CString::new(name).with_context(|| format!("interface name {name:?}"))?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        bail!(
+            "datapath.interfaces: {name:?}: no such interface: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(index)
+}
+
+/// bpf_fib_lookup refuses to resolve anything when forwarding is off on the device it starts
+/// from; the program starts from `lo`, so forwarding is turned on for `lo` only and the kernel
+/// itself still forwards nothing (XDP-FACTS.md).
+fn enable_loopback_forwarding() -> anyhow::Result<()> {
+    for (path, required) in [
+        ("/proc/sys/net/ipv4/conf/lo/forwarding", true),
+        ("/proc/sys/net/ipv6/conf/lo/forwarding", false),
+    ] {
+        match std::fs::read_to_string(path) {
+            Ok(value) if value.trim() == "1" => {}
+            Ok(_) => {
+                std::fs::write(path, "1").with_context(|| format!("setting {path} to 1"))?;
+                tracing::info!("XDP: set {path} = 1 so bpf_fib_lookup can resolve next hops");
+            }
+            Err(err) if !required && err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err).with_context(|| format!("reading {path}")),
+        }
+    }
+    Ok(())
+}
+
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let root = CString::new(paths::BPFFS_ROOT).expect("static path");
+    // SAFETY: statfs fills a struct we own from a NUL-terminated path.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(root.as_ptr(), &mut fs) } == 0 && fs.f_type == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let bpf = CString::new("bpf").expect("static");
+    // SAFETY: mount with NUL-terminated strings we own and no data.
+    let rc = unsafe {
+        libc::mount(bpf.as_ptr(), root.as_ptr(), bpf.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        bail!(
+            "{} is not a BPF filesystem and mounting one failed: {}",
+            paths::BPFFS_ROOT,
+            io::Error::last_os_error()
+        );
+    }
+    tracing::info!("mounted the BPF filesystem on {}", paths::BPFFS_ROOT);
+    Ok(())
+}
+
+struct VlanDeviceInfo {
+    name: String,
+    ifindex: u32,
+    vlan_id: u16,
+}
+
+/// VLAN devices whose parent is `parent`, from /proc/net/vlan/config (absent when the 8021q
+/// module is not loaded, i.e. there are none).
+fn vlan_devices_on(parent: &str) -> anyhow::Result<Vec<VlanDeviceInfo>> {
+    let text = match std::fs::read_to_string("/proc/net/vlan/config") {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err).context("reading /proc/net/vlan/config"),
+    };
+    let mut devices = Vec::new();
+    // Lines after the two header lines: "eth0.100       | 100  | eth0".
+    for line in text.lines().skip(2) {
+        let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+        if let [name, vlan_id, device] = fields[..]
+            && device == parent
+            && let Ok(vlan_id) = vlan_id.parse()
+        {
+            devices.push(VlanDeviceInfo {
+                name: name.to_owned(),
+                ifindex: ifindex(name)?,
+                vlan_id,
+            });
+        }
+    }
+    Ok(devices)
+}

@@ -1,0 +1,8 @@
+//! The relay's control plane as a library; `relayd` and `relayctl` are thin binaries over it.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod paths;
+pub mod time;
