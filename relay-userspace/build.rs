@@ -4,7 +4,10 @@
 
 fn main() -> anyhow::Result<()> {
     let ebpf_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../relay-ebpf");
-    println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../relay-common"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../relay-common")
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "relay-ebpf",

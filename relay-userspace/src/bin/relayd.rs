@@ -19,7 +19,12 @@ struct Args {
     #[arg(long, env = "RELAY_DATAPATH", value_name = "MODE")]
     datapath: Option<DatapathMode>,
     /// Override datapath.interfaces (repeat, or comma-separate in the environment)
-    #[arg(long = "interface", env = "RELAY_INTERFACES", value_delimiter = ',', value_name = "IFACE")]
+    #[arg(
+        long = "interface",
+        env = "RELAY_INTERFACES",
+        value_delimiter = ',',
+        value_name = "IFACE"
+    )]
     interfaces: Vec<String>,
     /// Override datapath.xdp_mode
     #[arg(long, env = "RELAY_XDP_MODE", value_name = "MODE")]
@@ -87,7 +92,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.level))
         .init();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %origin, "relayd starting");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("relayd: starting the async runtime: {err}");
@@ -106,8 +114,10 @@ fn main() -> ExitCode {
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; relayd will stop only when killed");
         return std::future::pending().await;
     };

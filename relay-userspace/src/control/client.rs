@@ -60,10 +60,12 @@ impl ControlClient {
         self.writer.write_all(&line)?;
         let mut answer = String::new();
         if self.reader.read_line(&mut answer)? == 0 {
-            return Err(ClientError::Protocol("connection closed without an answer".into()));
+            return Err(ClientError::Protocol(
+                "connection closed without an answer".into(),
+            ));
         }
-        let response: Response = serde_json::from_str(&answer)
-            .map_err(|err| ClientError::Protocol(err.to_string()))?;
+        let response: Response =
+            serde_json::from_str(&answer).map_err(|err| ClientError::Protocol(err.to_string()))?;
         if response.id != id {
             return Err(ClientError::Protocol(format!(
                 "answer to request {} while waiting for {id}",
@@ -78,7 +80,11 @@ impl ControlClient {
     }
 
     /// [`Self::call`] with the result decoded into `T`.
-    pub fn call_as<T: DeserializeOwned>(&mut self, method: &str, params: Value) -> Result<T, ClientError> {
+    pub fn call_as<T: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: Value,
+    ) -> Result<T, ClientError> {
         let result = self.call(method, params)?;
         serde_json::from_value(result).map_err(|err| ClientError::Protocol(err.to_string()))
     }

@@ -39,8 +39,7 @@ impl ControlServer {
     pub fn bind(path: &Path) -> anyhow::Result<ControlServer> {
         use anyhow::Context;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -145,7 +144,12 @@ pub fn handle_line(line: &[u8], table: &FlowTable, started: Instant) -> Response
     let request: Request = match serde_json::from_value(value) {
         Ok(request) => request,
         Err(err) => {
-            return error_response(id, ErrorCode::BadRequest, None, format!("not a request: {err}"));
+            return error_response(
+                id,
+                ErrorCode::BadRequest,
+                None,
+                format!("not a request: {err}"),
+            );
         }
     };
     if request.version != PROTOCOL_VERSION {
@@ -213,7 +217,11 @@ fn dispatch(request: &Request, table: &FlowTable, started: Instant) -> Result<Va
         method::FLOW_DEL => {
             let params: FlowIdParams = params(request)?;
             let info = table.remove(params.id, now).map_err(flow_error)?;
-            tracing::info!(id = info.id, packets = info.counters.packets(), "flow removed");
+            tracing::info!(
+                id = info.id,
+                packets = info.counters.packets(),
+                "flow removed"
+            );
             to_value(info)
         }
         method::FLOW_LIST => to_value(FlowListResult {
@@ -245,8 +253,13 @@ fn params<T: DeserializeOwned>(request: &Request) -> Result<T, ErrorBody> {
 }
 
 fn endpoint(field: &'static str, text: &str) -> Result<SocketAddr, ErrorBody> {
-    parse_endpoint(text)
-        .map_err(|reason| body(ErrorCode::InvalidArgument, Some(field), format!("{field}: {text}: {reason}")))
+    parse_endpoint(text).map_err(|reason| {
+        body(
+            ErrorCode::InvalidArgument,
+            Some(field),
+            format!("{field}: {text}: {reason}"),
+        )
+    })
 }
 
 /// Parses `ip:port` (`[v6]:port` for IPv6) with a reason an operator can act on.
@@ -319,7 +332,10 @@ mod tests {
             parse_endpoint("10.0.0.300:1").unwrap_err(),
             "\"10.0.0.300\" is not an IPv4 or IPv6 address"
         );
-        assert_eq!(parse_endpoint("10.0.0.1:rtp").unwrap_err(), "port \"rtp\" is not a number");
+        assert_eq!(
+            parse_endpoint("10.0.0.1:rtp").unwrap_err(),
+            "port \"rtp\" is not a number"
+        );
         assert_eq!(
             parse_endpoint("10.0.0.1").unwrap_err(),
             "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"

@@ -61,7 +61,11 @@ impl FlowSpec {
             }
             let ip = addr.ip();
             if ip.is_unspecified() {
-                return refuse(field, addr, "the unspecified address is not a flow endpoint");
+                return refuse(
+                    field,
+                    addr,
+                    "the unspecified address is not a flow endpoint",
+                );
             }
             if ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
                 return refuse(field, addr, "only unicast addresses can be relayed");
@@ -75,7 +79,11 @@ impl FlowSpec {
             }
         }
         if self.src == self.new_dst {
-            return refuse("new_dst", self.new_dst, "would send packets back to their source");
+            return refuse(
+                "new_dst",
+                self.new_dst,
+                "would send packets back to their source",
+            );
         }
         Ok(())
     }
@@ -156,8 +164,18 @@ mod tests {
     #[test]
     fn kernel_encoding_round_trips() {
         for flow in [
-            spec("198.51.100.7:4000", "203.0.113.1:20000", "10.0.0.1:30000", "10.0.0.5:5004"),
-            spec("[2001:db8::7]:4000", "[2001:db8::1]:20000", "[fd00::1]:30000", "[fd00::5]:5004"),
+            spec(
+                "198.51.100.7:4000",
+                "203.0.113.1:20000",
+                "10.0.0.1:30000",
+                "10.0.0.5:5004",
+            ),
+            spec(
+                "[2001:db8::7]:4000",
+                "[2001:db8::1]:20000",
+                "[fd00::1]:30000",
+                "[fd00::5]:5004",
+            ),
         ] {
             let key = flow.key();
             let action = flow.action(7, 1);
@@ -187,7 +205,10 @@ mod tests {
         let err = spec("1.2.3.4:1", "5.6.7.8:1", "9.9.9.9:2", "224.0.0.1:3")
             .validate()
             .unwrap_err();
-        assert_eq!(err.to_string(), "new_dst: 224.0.0.1:3: only unicast addresses can be relayed");
+        assert_eq!(
+            err.to_string(),
+            "new_dst: 224.0.0.1:3: only unicast addresses can be relayed"
+        );
         let err = spec("1.2.3.4:1", "5.6.7.8:1", "9.9.9.9:2", "1.2.3.4:1")
             .validate()
             .unwrap_err();

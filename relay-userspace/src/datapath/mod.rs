@@ -98,7 +98,9 @@ pub struct DatapathStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("{field}: {addr}: cannot bind a UDP socket: {source} (is it an address of this host, and free?)")]
+    #[error(
+        "{field}: {addr}: cannot bind a UDP socket: {source} (is it an address of this host, and free?)"
+    )]
     Bind {
         field: &'static str,
         addr: SocketAddr,

@@ -9,7 +9,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Datapath, DatapathError, DatapathStats, DatapathStatus, FlowCounters, FlowSpec, FlowSpecError};
+use super::{
+    Datapath, DatapathError, DatapathStats, DatapathStatus, FlowCounters, FlowSpec, FlowSpecError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
@@ -106,7 +108,11 @@ impl FlowTable {
         let mut state = self.state();
         for (id, generation, spec) in self.datapath.installed() {
             if state.flows.contains_key(&id) || id == 0 {
-                tracing::warn!(id, ?spec, "pinned flow has a duplicate or zero id; removing it");
+                tracing::warn!(
+                    id,
+                    ?spec,
+                    "pinned flow has a duplicate or zero id; removing it"
+                );
                 self.datapath.remove(&spec);
                 continue;
             }
@@ -159,7 +165,10 @@ impl FlowTable {
                     dst: spec.dst,
                 });
             }
-            if specs[..index].iter().any(|other| (other.src, other.dst) == key) {
+            if specs[..index]
+                .iter()
+                .any(|other| (other.src, other.dst) == key)
+            {
                 return Err(FlowError::Duplicate {
                     id: 0,
                     src: spec.src,
@@ -193,7 +202,11 @@ impl FlowTable {
 
     pub fn remove(&self, id: u32, now_ns: u64) -> Result<FlowInfo, FlowError> {
         let mut state = self.state();
-        let info = self.info(id, state.flows.get(&id).ok_or(FlowError::UnknownFlow(id))?, now_ns);
+        let info = self.info(
+            id,
+            state.flows.get(&id).ok_or(FlowError::UnknownFlow(id))?,
+            now_ns,
+        );
         self.forget(&mut state, id);
         Ok(info)
     }

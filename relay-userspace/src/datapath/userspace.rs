@@ -168,7 +168,12 @@ impl SocketForwarder {
 
 impl Drop for SocketForwarder {
     fn drop(&mut self) {
-        for bound in self.sockets.get_mut().expect("socket table poisoned").values() {
+        for bound in self
+            .sockets
+            .get_mut()
+            .expect("socket table poisoned")
+            .values()
+        {
             bound.receiver.abort();
         }
     }
@@ -211,7 +216,9 @@ async fn receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, local: SocketAddr)
             .cloned();
         let Some(route) = route else {
             // Strict source: only the registered sender is relayed.
-            shared.unknown_source_packets.fetch_add(1, Ordering::Relaxed);
+            shared
+                .unknown_source_packets
+                .fetch_add(1, Ordering::Relaxed);
             continue;
         };
         match route.out.send_to(&buf[..len], route.new_dst).await {

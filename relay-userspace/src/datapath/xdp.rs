@@ -23,8 +23,8 @@ use relay_common::{
 use tokio::runtime::Handle;
 
 use super::{
-    Datapath, DatapathError, DatapathKind, DatapathStats, DatapathStatus, FlowCounters,
-    FlowSpec, InterfaceStatus, VerdictCount, userspace::SocketForwarder,
+    Datapath, DatapathError, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
+    InterfaceStatus, VerdictCount, userspace::SocketForwarder,
 };
 use crate::{
     config::{DatapathConfig, XdpModeChoice},
@@ -140,7 +140,12 @@ impl KernelProgram {
     }
 
     /// Installs or replaces a flow; an existing entry keeps its counters.
-    pub fn install(&mut self, id: u32, generation: u32, spec: &FlowSpec) -> Result<(), DatapathError> {
+    pub fn install(
+        &mut self,
+        id: u32,
+        generation: u32,
+        spec: &FlowSpec,
+    ) -> Result<(), DatapathError> {
         let key = spec.key();
         let counters = match self.flows.get(&key, 0) {
             Ok(existing) => existing.counters,
@@ -320,7 +325,11 @@ fn map_data(map: &Map) -> anyhow::Result<&MapData> {
 }
 
 /// Attaches in the requested mode; `auto` tries native (driver) mode, then generic.
-fn attach(program: &mut Xdp, interface: &str, choice: XdpModeChoice) -> anyhow::Result<&'static str> {
+fn attach(
+    program: &mut Xdp,
+    interface: &str,
+    choice: XdpModeChoice,
+) -> anyhow::Result<&'static str> {
     let try_mode = |program: &mut Xdp, mode| program.attach(interface, mode).map(|_| ());
     match choice {
         XdpModeChoice::Native => try_mode(program, XdpMode::Driver)
@@ -334,7 +343,9 @@ fn attach(program: &mut Xdp, interface: &str, choice: XdpModeChoice) -> anyhow::
             Err(native_err) => {
                 tracing::warn!(interface, err = %native_err, "XDP: native mode refused; trying generic mode");
                 try_mode(program, XdpMode::Skb)
-                    .with_context(|| format!("attaching XDP to {interface} (native: {native_err}; generic)"))
+                    .with_context(|| {
+                        format!("attaching XDP to {interface} (native: {native_err}; generic)")
+                    })
                     .map(|()| "generic")
             }
         },
@@ -385,7 +396,13 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     let bpf = CString::new("bpf").expect("static");
     // SAFETY: mount with NUL-terminated strings we own and no data.
     let rc = unsafe {
-        libc::mount(bpf.as_ptr(), root.as_ptr(), bpf.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            bpf.as_ptr(),
+            root.as_ptr(),
+            bpf.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         bail!(

@@ -46,7 +46,11 @@ fn endpoint(text: &str) -> Result<String, String> {
     parse_endpoint(text).map(|_| text.to_owned())
 }
 
-pub fn run(client: &mut ControlClient, command: &FlowCommand, json: bool) -> Result<(), ClientError> {
+pub fn run(
+    client: &mut ControlClient,
+    command: &FlowCommand,
+    json: bool,
+) -> Result<(), ClientError> {
     match command {
         FlowCommand::Add {
             src,
@@ -62,8 +66,10 @@ pub fn run(client: &mut ControlClient, command: &FlowCommand, json: bool) -> Res
                 new_dst: new_dst.clone(),
                 reverse: *reverse,
             };
-            let added: FlowAddResult =
-                client.call_as(method::FLOW_ADD, serde_json::to_value(params).expect("serializes"))?;
+            let added: FlowAddResult = client.call_as(
+                method::FLOW_ADD,
+                serde_json::to_value(params).expect("serializes"),
+            )?;
             if json {
                 output::json(&added);
             } else {
@@ -101,7 +107,10 @@ pub fn run(client: &mut ControlClient, command: &FlowCommand, json: bool) -> Res
                     let xdp_share = if packets == 0 {
                         "-".to_owned()
                     } else {
-                        format!("{:.1}", flow.counters.xdp_packets as f64 * 100.0 / packets as f64)
+                        format!(
+                            "{:.1}",
+                            flow.counters.xdp_packets as f64 * 100.0 / packets as f64
+                        )
                     };
                     table.row(vec![
                         flow.id.to_string(),
@@ -128,7 +137,11 @@ pub fn run(client: &mut ControlClient, command: &FlowCommand, json: bool) -> Res
                 println!("flow        {} (generation {})", flow.id, flow.generation);
                 println!("match       {} -> {}", flow.spec.src, flow.spec.dst);
                 println!("send        {} -> {}", flow.spec.new_src, flow.spec.new_dst);
-                println!("xdp         {} packets, {}", c.xdp_packets, output::bytes(c.xdp_bytes));
+                println!(
+                    "xdp         {} packets, {}",
+                    c.xdp_packets,
+                    output::bytes(c.xdp_bytes)
+                );
                 println!(
                     "userspace   {} packets, {}",
                     c.userspace_packets,

@@ -3,7 +3,10 @@
 use serde::Serialize;
 
 pub fn json<T: Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("results serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("results serialize")
+    );
 }
 
 /// A table with a header row; numeric-looking columns are right-aligned.

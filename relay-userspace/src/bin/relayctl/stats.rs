@@ -14,7 +14,10 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
         output::json(&stats);
         return Ok(());
     }
-    println!("flows {} installed, {} expired (idle)", stats.flows, stats.flows_expired);
+    println!(
+        "flows {} installed, {} expired (idle)",
+        stats.flows, stats.flows_expired
+    );
     if !stats.datapath.verdicts.is_empty() {
         println!();
         let mut table = output::Table::new(&["XDP VERDICT", "PACKETS", "BYTES"]);
@@ -30,9 +33,18 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
     let user = &stats.datapath.userspace;
     println!();
     let mut table = output::Table::new(&["USERSPACE PATH", "VALUE"]);
-    table.row(vec!["forwarded packets".into(), output::count(user.forwarded_packets)]);
-    table.row(vec!["forwarded bytes".into(), output::bytes(user.forwarded_bytes)]);
-    table.row(vec!["unknown source (dropped)".into(), output::count(user.unknown_source_packets)]);
+    table.row(vec![
+        "forwarded packets".into(),
+        output::count(user.forwarded_packets),
+    ]);
+    table.row(vec![
+        "forwarded bytes".into(),
+        output::bytes(user.forwarded_bytes),
+    ]);
+    table.row(vec![
+        "unknown source (dropped)".into(),
+        output::count(user.unknown_source_packets),
+    ]);
     table.row(vec!["send errors".into(), output::count(user.send_errors)]);
     table.row(vec!["bound sockets".into(), user.bound_sockets.to_string()]);
     table.print();

@@ -15,11 +15,20 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
         return Ok(());
     }
     let datapath = &status.datapath;
-    println!("relayd      {} (control API v{})", status.relay_version, status.protocol_version);
-    println!("uptime      {}", output::duration(status.uptime_secs as f64));
+    println!(
+        "relayd      {} (control API v{})",
+        status.relay_version, status.protocol_version
+    );
+    println!(
+        "uptime      {}",
+        output::duration(status.uptime_secs as f64)
+    );
     println!(
         "datapath    {}",
-        serde_json::to_value(datapath.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        serde_json::to_value(datapath.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
     );
     if let Some(reason) = &datapath.fallback_reason {
         println!("            XDP not in use: {reason}");
