@@ -1,1 +1,31 @@
+//! Test harness: network namespaces and veth pairs that clean up after themselves, packets
+//! built from scratch (checksums computed here, independently of the XDP program), and
+//! relayd / relayctl processes.
+//!
+//! Everything here needs root (network namespaces, BPF). Every namespace, pin directory and
+//! process is owned by a guard that removes it on drop, also when a test fails.
 
+pub mod netns;
+pub mod packet;
+pub mod relayd;
+
+/// Fails the test with a clear message when not run as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests create network namespaces and load XDP programs: run them as root (cargo xtask test)"
+    );
+}
+
+/// A name unique to this test process and call site, short enough for interface names.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

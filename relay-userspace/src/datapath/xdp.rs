@@ -117,15 +117,27 @@ impl KernelProgram {
             .try_into()?)
     }
 
-    /// Lets the program redirect to `ifindex`.
-    pub fn allow_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
-        self.egress
-            .insert(ifindex, ifindex, None, 0)
-            .with_context(|| format!("adding ifindex {ifindex} to the egress devmap"))
+    /// Lets the program forward between `interfaces` (name, ifindex): puts them in the egress
+    /// devmap, registers the VLAN devices on them, and turns on forwarding on `lo` for the
+    /// fib lookups. Works in the calling thread's network namespace.
+    pub fn prepare_forwarding(&mut self, interfaces: &[(String, u32)]) -> anyhow::Result<()> {
+        enable_loopback_forwarding()?;
+        for (name, ifindex) in interfaces {
+            self.egress
+                .insert(*ifindex, *ifindex, None, 0)
+                .with_context(|| format!("adding {name} to the egress devmap"))?;
+            for vlan in vlan_devices_on(name)? {
+                self.register_vlan_device(vlan.ifindex, *ifindex, vlan.vlan_id)
+                    .with_context(|| format!("registering VLAN device {}", vlan.name))?;
+                tracing::info!(vlan = %vlan.name, vlan_id = vlan.vlan_id, parent = %name, "XDP: VLAN egress via parent");
+            }
+        }
+        Ok(())
     }
 
-    /// Tells the program that `ifindex` is a VLAN device on `parent_ifindex`.
-    pub fn add_vlan_device(
+    /// Tells the program that a fib lookup answering `ifindex` means "send on
+    /// `parent_ifindex` tagged with `vlan_id`".
+    pub fn register_vlan_device(
         &mut self,
         ifindex: u32,
         parent_ifindex: u32,
@@ -234,15 +246,8 @@ impl XdpDatapath {
             .iter()
             .map(|name| Ok((name.clone(), ifindex(name)?)))
             .collect::<anyhow::Result<_>>()?;
-        enable_loopback_forwarding()?;
         let mut kernel = KernelProgram::load(&config.pin_dir, config.capacity)?;
-        for (name, ifindex) in &interfaces {
-            kernel.allow_egress(*ifindex)?;
-            for vlan in vlan_devices_on(name)? {
-                kernel.add_vlan_device(vlan.ifindex, *ifindex, vlan.vlan_id)?;
-                tracing::info!(vlan = %vlan.name, vlan_id = vlan.vlan_id, parent = %name, "XDP: VLAN egress via parent");
-            }
-        }
+        kernel.prepare_forwarding(&interfaces)?;
         let mut attached = Vec::new();
         let program = kernel.program_mut(XDP_RELAY_PROGRAM)?;
         for (name, ifindex) in interfaces {

@@ -1,0 +1,149 @@
+//! relayd processes (stopped on drop) and relayctl invocations.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::netns::NetNs;
+
+/// Path of a binary of this workspace, next to the test executable's `deps/` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p relay-userspace; cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running relayd, sent SIGTERM (then killed) on drop.
+pub struct Relayd {
+    child: Child,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Relayd {
+    /// Starts relayd (inside `ns` when given) with its control socket in a fresh temporary
+    /// path, and waits until the socket answers.
+    pub fn start(ns: Option<&NetNs>, args: &[&str]) -> Relayd {
+        let name = crate::unique("relayd-");
+        let socket = std::env::temp_dir().join(format!("{name}.sock"));
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let mut command = match ns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", &ns.name])
+                    .arg(binary("relayd"));
+                command
+            }
+            None => Command::new(binary("relayd")),
+        };
+        command
+            .args(args)
+            .arg("--control-socket")
+            .arg(&socket)
+            .env("RELAY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log file"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .expect("log file"),
+            );
+        let child = command.spawn().expect("spawn relayd");
+        let mut relayd = Relayd { child, socket, log };
+        relayd.wait_ready();
+        relayd
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "relayd exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("relayd not ready after 20 s:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs relayctl against this relayd.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(binary("relayctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run relayctl")
+    }
+
+    /// Runs relayctl, panics unless it succeeds, returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let output = self.ctl(args);
+        assert!(
+            output.status.success(),
+            "relayctl {args:?} failed: {}\nrelayd log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    }
+
+    /// `relayctl --json ...` parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        serde_json::from_str(&self.ctl_ok(&full)).expect("relayctl --json prints JSON")
+    }
+
+    /// Sends SIGTERM and waits for relayd to exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        // SAFETY: kill on the pid of a child we own and have not reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Relayd {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        if !thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}

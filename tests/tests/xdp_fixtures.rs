@@ -1,0 +1,567 @@
+//! The XDP program under BPF_PROG_TEST_RUN, Katran style: a table of fixtures, each an input
+//! frame, flows installed through the real flow-table API (`KernelProgram::install`), the
+//! expected action and verdict counter, and the expected output bytes, built from scratch
+//! with checksums computed by the test.
+//!
+//! Runs in a network namespace of its own: the fib lookups see only the routes and permanent
+//! neighbour entries set up here.
+
+use std::net::SocketAddr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use relay::datapath::{FlowSpec, xdp::KernelProgram};
+use relay_common::{Verdict, XDP_RELAY_PROGRAM};
+use relay_tests::{
+    netns::{NetNs, PinDir},
+    packet::{Frame, arp_request, internet_checksum, rtp_payload, stun_binding_request},
+    require_root,
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const LAN_NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
+const VLAN_NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x05, 0x02];
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+fn flow(src: &str, dst: &str, new_src: &str, new_dst: &str) -> FlowSpec {
+    FlowSpec {
+        src: addr(src),
+        dst: addr(dst),
+        new_src: addr(new_src),
+        new_dst: addr(new_dst),
+    }
+}
+
+/// The relay's interfaces in the fixture namespace.
+struct Lab {
+    ns: NetNs,
+    lan_mac: [u8; 6],
+    vlan_mac: [u8; 6],
+}
+
+fn lab() -> Lab {
+    let ns = NetNs::new("rfx");
+    for (dev, v4, v6, neighbour) in [
+        ("wan", "10.1.0.1/24", "fd01::1/64", None),
+        (
+            "lan",
+            "10.2.0.1/24",
+            "fd02::1/64",
+            Some(("10.2.0.2", "fd02::2", "02:00:00:00:02:02")),
+        ),
+        (
+            "off",
+            "10.3.0.1/24",
+            "fd03::1/64",
+            Some(("10.3.0.2", "fd03::2", "02:00:00:00:03:02")),
+        ),
+        (
+            "small",
+            "10.4.0.1/24",
+            "fd04::1/64",
+            Some(("10.4.0.2", "fd04::2", "02:00:00:00:04:02")),
+        ),
+        (
+            "vl",
+            "10.5.0.1/24",
+            "fd05::1/64",
+            Some(("10.5.0.2", "fd05::2", "02:00:00:00:05:02")),
+        ),
+    ] {
+        ns.exec(&[
+            "ip",
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{dev}p"),
+        ]);
+        ns.exec(&["ip", "link", "set", dev, "up"]);
+        ns.exec(&["ip", "link", "set", &format!("{dev}p"), "up"]);
+        ns.exec(&["ip", "addr", "add", v4, "dev", dev]);
+        ns.exec(&["ip", "addr", "add", v6, "dev", dev, "nodad"]);
+        if let Some((n4, n6, mac)) = neighbour {
+            for ip in [n4, n6] {
+                ns.exec(&[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    ip,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+    }
+    ns.exec(&["ip", "link", "set", "small", "mtu", "1280"]);
+    let lan_mac = ns.mac("lan");
+    let vlan_mac = ns.mac("vl");
+    Lab {
+        ns,
+        lan_mac,
+        vlan_mac,
+    }
+}
+
+struct Fixture {
+    description: &'static str,
+    input: Vec<u8>,
+    /// Ingress interface for ctx_in; None means the test-run default (lo).
+    ingress: Option<&'static str>,
+    action: u32,
+    verdict: Verdict,
+    /// None: the packet must come out unchanged.
+    output: Option<Vec<u8>>,
+}
+
+fn pass(description: &'static str, input: Vec<u8>, verdict: Verdict) -> Fixture {
+    Fixture {
+        description,
+        input,
+        ingress: None,
+        action: XDP_PASS,
+        verdict,
+        output: None,
+    }
+}
+
+/// The frame `input` becomes after the relay rewrote it for `flow` and sent it from `smac`
+/// to `dmac`.
+fn rewritten(input: &Frame, flow: &FlowSpec, smac: [u8; 6], dmac: [u8; 6]) -> Frame {
+    Frame {
+        src_mac: smac,
+        dst_mac: dmac,
+        src: flow.new_src,
+        dst: flow.new_dst,
+        ttl: input.ttl - 1,
+        ..input.clone()
+    }
+}
+
+#[test]
+fn xdp_program_fixtures() {
+    require_root();
+    let lab = lab();
+    let pins = PinDir::new();
+
+    let v4 = flow(
+        "198.51.100.7:4000",
+        "10.1.0.1:20000",
+        "10.2.0.1:30000",
+        "10.2.0.2:5004",
+    );
+    let v6 = flow(
+        "[2001:db8::7]:4000",
+        "[fd01::1]:20000",
+        "[fd02::1]:30000",
+        "[fd02::2]:5004",
+    );
+    let hairpin = flow(
+        "10.2.0.2:5004",
+        "10.2.0.1:30002",
+        "10.2.0.1:30003",
+        "10.2.0.2:5006",
+    );
+    let no_neighbour = flow(
+        "198.51.100.8:4000",
+        "10.1.0.1:20001",
+        "10.2.0.1:30001",
+        "10.2.0.99:5004",
+    );
+    let no_egress = flow(
+        "198.51.100.8:4000",
+        "10.1.0.1:20002",
+        "10.3.0.1:30000",
+        "10.3.0.2:5004",
+    );
+    let small_mtu = flow(
+        "198.51.100.8:4000",
+        "10.1.0.1:20003",
+        "10.4.0.1:30000",
+        "10.4.0.2:5004",
+    );
+    let no_route = flow(
+        "198.51.100.8:4000",
+        "10.1.0.1:20004",
+        "10.2.0.1:30004",
+        "192.0.2.1:5004",
+    );
+    let vlan = flow(
+        "198.51.100.9:4000",
+        "10.1.0.1:20005",
+        "10.5.0.1:30005",
+        "10.5.0.2:5004",
+    );
+    let flows = [
+        v4,
+        v6,
+        hairpin,
+        no_neighbour,
+        no_egress,
+        small_mtu,
+        no_route,
+        vlan,
+    ];
+
+    let rtp = rtp_payload(1);
+    let v4_in = Frame::udp(v4.src, v4.dst, &rtp);
+    let v6_in = Frame::udp(v6.src, v6.dst, &rtp);
+    let lan_mac = lab.lan_mac;
+
+    let mut fixtures = vec![
+        Fixture {
+            description: "IPv4 hit: rewritten, TTL-1, checksums updated, redirected to lan",
+            input: v4_in.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+            output: Some(rewritten(&v4_in, &v4, lan_mac, LAN_NEIGHBOUR_MAC).bytes()),
+        },
+        {
+            let input = Frame {
+                zero_udp_checksum: true,
+                ..v4_in.clone()
+            };
+            Fixture {
+                description: "IPv4 hit with UDP checksum 0: stays 0",
+                output: Some(rewritten(&input, &v4, lan_mac, LAN_NEIGHBOUR_MAC).bytes()),
+                input: input.bytes(),
+                ingress: None,
+                action: XDP_REDIRECT,
+                verdict: Verdict::Redirect,
+            }
+        },
+        Fixture {
+            description: "IPv6 hit: rewritten, hop limit-1, UDP checksum updated",
+            input: v6_in.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+            output: Some(rewritten(&v6_in, &v6, lan_mac, LAN_NEIGHBOUR_MAC).bytes()),
+        },
+        {
+            let input = Frame::udp(hairpin.src, hairpin.dst, &rtp);
+            Fixture {
+                description: "hit whose egress is its ingress: XDP_TX",
+                output: Some(rewritten(&input, &hairpin, lan_mac, LAN_NEIGHBOUR_MAC).bytes()),
+                input: input.bytes(),
+                ingress: Some("lan"),
+                action: XDP_TX,
+                verdict: Verdict::Tx,
+            }
+        },
+        {
+            // Priority 5 in the TCI must survive the VLAN id rewrite.
+            let input = Frame {
+                vlan_tci: Some((5 << 13) | 42),
+                ..Frame::udp(vlan.src, vlan.dst, &rtp)
+            };
+            let mut output = rewritten(&input, &vlan, lab.vlan_mac, VLAN_NEIGHBOUR_MAC);
+            output.vlan_tci = Some((5 << 13) | 100);
+            Fixture {
+                description: "VLAN-tagged hit to a VLAN egress: tag id rewritten, priority kept",
+                input: input.bytes(),
+                ingress: None,
+                action: XDP_REDIRECT,
+                verdict: Verdict::Redirect,
+                output: Some(output.bytes()),
+            }
+        },
+        pass(
+            "VLAN-tagged hit to an untagged egress: left to the kernel",
+            Frame {
+                vlan_tci: Some(42),
+                ..v4_in.clone()
+            }
+            .bytes(),
+            Verdict::PassVlanMismatch,
+        ),
+        pass(
+            "miss: no flow for this destination port",
+            Frame::udp(v4.src, addr("10.1.0.1:20099"), &rtp).bytes(),
+            Verdict::PassNoFlow,
+        ),
+        pass(
+            "strict source: right destination, wrong source port",
+            Frame::udp(addr("198.51.100.7:4001"), v4.dst, &rtp).bytes(),
+            Verdict::PassNoFlow,
+        ),
+        pass(
+            "strict source: right destination, wrong source address",
+            Frame::udp(addr("198.51.100.66:4000"), v4.dst, &rtp).bytes(),
+            Verdict::PassNoFlow,
+        ),
+        pass(
+            "STUN on a flow's 4-tuple goes to userspace (RFC 7983)",
+            Frame::udp(v4.src, v4.dst, &stun_binding_request()).bytes(),
+            Verdict::PassStunDtls,
+        ),
+        pass(
+            "DTLS handshake record on a flow's 4-tuple goes to userspace",
+            Frame::udp(
+                v4.src,
+                v4.dst,
+                &[22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            )
+            .bytes(),
+            Verdict::PassStunDtls,
+        ),
+        pass(
+            "UDP without payload",
+            Frame::udp(v4.src, v4.dst, &[]).bytes(),
+            Verdict::PassEmptyPayload,
+        ),
+        pass(
+            "IPv4 TTL 1",
+            Frame {
+                ttl: 1,
+                ..v4_in.clone()
+            }
+            .bytes(),
+            Verdict::PassTtlExpired,
+        ),
+        pass(
+            "IPv6 hop limit 1",
+            Frame {
+                ttl: 1,
+                ..v6_in.clone()
+            }
+            .bytes(),
+            Verdict::PassTtlExpired,
+        ),
+        pass(
+            "IPv4 with options",
+            Frame {
+                ipv4_options: vec![0x94, 0x04, 0, 0], // router alert
+                ..v4_in.clone()
+            }
+            .bytes(),
+            Verdict::PassIpOptions,
+        ),
+        pass(
+            "IPv4 first fragment (more fragments set)",
+            Frame {
+                ipv4_frag: 0x2000,
+                ..v4_in.clone()
+            }
+            .bytes(),
+            Verdict::PassFragment,
+        ),
+        pass(
+            "IPv4 later fragment (offset set)",
+            Frame {
+                ipv4_frag: 0x00b9,
+                ..v4_in.clone()
+            }
+            .bytes(),
+            Verdict::PassFragment,
+        ),
+        pass(
+            "IPv6 fragment header",
+            Frame {
+                ipv6_fragment_header: true,
+                ..v6_in.clone()
+            }
+            .bytes(),
+            Verdict::PassFragment,
+        ),
+        pass("ARP", arp_request(), Verdict::PassNotIp),
+        pass(
+            "IPv4 TCP",
+            {
+                let mut bytes = v4_in.bytes();
+                bytes[14 + 9] = 6;
+                fix_ipv4_header_checksum(&mut bytes, 14);
+                bytes
+            },
+            Verdict::PassNotUdp,
+        ),
+        pass(
+            "fib: no neighbour entry yet (userspace sends it)",
+            Frame::udp(no_neighbour.src, no_neighbour.dst, &rtp).bytes(),
+            Verdict::PassNoNeighbour,
+        ),
+        pass(
+            "fib: no route to the new destination",
+            Frame::udp(no_route.src, no_route.dst, &rtp).bytes(),
+            Verdict::PassFibFailed,
+        ),
+        pass(
+            "egress interface not one relayd manages",
+            Frame::udp(no_egress.src, no_egress.dst, &rtp).bytes(),
+            Verdict::PassNoEgress,
+        ),
+        pass(
+            "bigger than the egress MTU",
+            Frame::udp(small_mtu.src, small_mtu.dst, &vec![0x80; 1400]).bytes(),
+            Verdict::PassTooBig,
+        ),
+    ];
+
+    // Truncated headers at every layer, cut from a valid hit. (BPF_PROG_TEST_RUN refuses
+    // frames shorter than an Ethernet header, so the shortest is a bare Ethernet header.)
+    let full4 = v4_in.bytes();
+    let full6 = v6_in.bytes();
+    let tagged = Frame {
+        vlan_tci: Some(42),
+        ..v4_in.clone()
+    }
+    .bytes();
+    for (description, bytes) in [
+        ("Ethernet header only", full4[..14].to_vec()),
+        ("truncated VLAN tag", tagged[..16].to_vec()),
+        ("truncated IPv4 header", full4[..14 + 12].to_vec()),
+        ("truncated IPv6 header", full6[..14 + 30].to_vec()),
+        ("truncated UDP header (IPv4)", full4[..14 + 20 + 4].to_vec()),
+        ("truncated UDP header (IPv6)", full6[..14 + 40 + 4].to_vec()),
+        (
+            "IPv4 total length beyond the frame",
+            full4[..full4.len() - 10].to_vec(),
+        ),
+        (
+            "IPv6 payload length beyond the frame",
+            full6[..full6.len() - 10].to_vec(),
+        ),
+        ("IPv4 header length below 20", {
+            let mut bytes = full4.clone();
+            bytes[14] = 0x44;
+            bytes
+        }),
+        ("UDP length beyond the IP payload", {
+            let mut bytes = full4.clone();
+            bytes[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&500u16.to_be_bytes());
+            bytes
+        }),
+        ("UDP length below 8", {
+            let mut bytes = full6.clone();
+            bytes[14 + 40 + 4..14 + 40 + 6].copy_from_slice(&7u16.to_be_bytes());
+            bytes
+        }),
+    ] {
+        fixtures.push(Fixture {
+            description,
+            input: bytes,
+            ingress: None,
+            action: XDP_PASS,
+            verdict: Verdict::PassMalformed,
+            output: None,
+        });
+    }
+
+    let ns_name = lab.ns.name.clone();
+    let pin_dir = pins.path.clone();
+    let failures = lab.ns.enter(move || {
+        let mut kernel = KernelProgram::load(&pin_dir, 1024).expect("load the XDP program");
+        let index = |name: &str| relay::datapath::xdp::ifindex(name).unwrap();
+        let managed: Vec<(String, u32)> = ["wan", "lan", "small", "vl"]
+            .iter()
+            .map(|name| (name.to_string(), index(name)))
+            .collect();
+        kernel
+            .prepare_forwarding(&managed)
+            .expect("prepare forwarding");
+        // This kernel has no 802.1Q support, so "vl" stands in for a VLAN device on itself.
+        kernel
+            .register_vlan_device(index("vl"), index("vl"), 100)
+            .expect("register VLAN device");
+        for (id, spec) in flows.iter().enumerate() {
+            kernel
+                .install(id as u32 + 1, 1, spec)
+                .expect("install flow");
+        }
+        let mut failures = Vec::new();
+        for fixture in &fixtures {
+            let before = kernel.verdicts();
+            let flow_before: Vec<_> = flows.iter().map(|f| kernel.counters(f)).collect();
+            let mut out = vec![0u8; fixture.input.len() + 256];
+            let mut ctx = [0u8; 24];
+            if let Some(ingress) = fixture.ingress {
+                ctx[4..8].copy_from_slice(&(fixture.input.len() as u32).to_ne_bytes());
+                ctx[12..16].copy_from_slice(&index(ingress).to_ne_bytes());
+            }
+            let result = kernel
+                .program_mut(XDP_RELAY_PROGRAM)
+                .unwrap()
+                .test_run(TestRunOptions {
+                    data_in: Some(&fixture.input),
+                    data_out: Some(&mut out),
+                    ctx_in: fixture.ingress.map(|_| &ctx[..]),
+                    ..TestRunOptions::default()
+                })
+                .unwrap_or_else(|err| panic!("{}: test run: {err}", fixture.description));
+            out.truncate(result.data_size_out as usize);
+            let after = kernel.verdicts();
+            let mut problems = Vec::new();
+            if result.return_value != fixture.action {
+                problems.push(format!(
+                    "action {} (expected {})",
+                    result.return_value, fixture.action
+                ));
+            }
+            let expected = fixture.output.as_ref().unwrap_or(&fixture.input);
+            if &out != expected {
+                problems.push(format!(
+                    "output differs:\n  got      {}\n  expected {}",
+                    hex(&out),
+                    hex(expected)
+                ));
+            }
+            for (b, a) in before.iter().zip(&after) {
+                let want = u64::from(b.verdict == fixture.verdict.name());
+                if a.packets - b.packets != want {
+                    problems.push(format!(
+                        "counter {} moved by {}",
+                        a.verdict,
+                        a.packets - b.packets
+                    ));
+                }
+            }
+            let forwarded = u64::from(fixture.verdict.is_forwarded());
+            let flow_moved: u64 = flows
+                .iter()
+                .zip(&flow_before)
+                .map(|(f, b)| kernel.counters(f).xdp_packets - b.xdp_packets)
+                .sum();
+            if flow_moved != forwarded {
+                problems.push(format!("per-flow packet counters moved by {flow_moved}"));
+            }
+            if !problems.is_empty() {
+                failures.push(format!(
+                    "{}:\n  {}",
+                    fixture.description,
+                    problems.join("\n  ")
+                ));
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} fixture(s) failed in namespace {ns_name}:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Recomputes the IPv4 header checksum after a test edited the header.
+fn fix_ipv4_header_checksum(frame: &mut [u8], ip_offset: usize) {
+    frame[ip_offset + 10..ip_offset + 12].copy_from_slice(&[0, 0]);
+    let check = internet_checksum(&frame[ip_offset..ip_offset + 20]);
+    frame[ip_offset + 10..ip_offset + 12].copy_from_slice(&check.to_be_bytes());
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
