@@ -189,10 +189,47 @@ fn release(sockets: &mut HashMap<SocketAddr, BoundSocket>, addr: SocketAddr) {
     }
 }
 
+/// Socket buffer size: a relay port absorbs bursts from many senders while its task is
+/// scheduled out; the kernel default (~208 KiB) overflows at a few hundred packets.
+const SOCKET_BUFFER_BYTES: libc::c_int = 4 * 1024 * 1024;
+
 fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = std::net::UdpSocket::bind(addr)?;
     socket.set_nonblocking(true)?;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // The FORCE variants ignore net.core.[rw]mem_max but need CAP_NET_ADMIN; without it
+        // the plain option gets what the sysctl allows.
+        if set_socket_option(&socket, force, SOCKET_BUFFER_BYTES).is_err() {
+            let _ = set_socket_option(&socket, plain, SOCKET_BUFFER_BYTES);
+        }
+    }
     UdpSocket::from_std(socket)
+}
+
+fn set_socket_option(
+    socket: &std::net::UdpSocket,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads a c_int we own, on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 async fn receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, local: SocketAddr) {
