@@ -9,13 +9,16 @@ use std::{
 
 use crate::netns::NetNs;
 
-/// Path of a binary of this workspace, next to the test executable's `deps/` directory.
+/// Path of a binary of this workspace, in the profile directory the running executable was
+/// built into (tests run from its `deps/` subdirectory, benchmarks from the directory itself).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory");
+    let dir = exe.parent().expect("executable directory");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("profile directory")
+    } else {
+        dir
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -84,6 +87,10 @@ impl Relayd {
             thread::sleep(Duration::from_millis(50));
         }
         panic!("relayd not ready after 20 s:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {

@@ -1,1 +1,88 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | build | run | test | bench`.
+
+mod bench;
+mod setup;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run, test and benchmark the relay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make sure the eBPF toolchain is there: nightly rust-src and a bpf-linker built against
+    /// nightly's LLVM (idempotent)
+    Setup,
+    /// Build everything (the XDP object is rebuilt only when relay-ebpf or relay-common changed)
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and start relayd with the embedded default configuration (extra args go to relayd)
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test, including the XDP and network-namespace tests (needs root)
+    Test,
+    /// Measure: `fastpath` (XDP program cost, end-to-end packets per second XDP vs userspace)
+    Bench {
+        #[arg(value_enum, default_value = "fastpath")]
+        suite: bench::Suite,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build { release } => {
+            setup::run()?;
+            util::cargo(&["build"], release)
+        }
+        Command::Run { args } => {
+            setup::run()?;
+            util::cargo(&["build", "-p", "relay-userspace", "--bin", "relayd"], true)?;
+            let relayd = util::workspace_root().join("target/release/relayd");
+            util::step(&format!("starting {} {}", relayd.display(), args.join(" ")));
+            util::exec(&relayd, &args)
+        }
+        Command::Test => {
+            setup::run()?;
+            setup::test_tools()?;
+            // The default members: everything but relay-ebpf, which build.rs builds for BPF.
+            util::cargo(&["build"], false)?;
+            util::cargo(
+                &[
+                    "test",
+                    "-p",
+                    "relay-common",
+                    "-p",
+                    "relay-userspace",
+                    "-p",
+                    "xtask",
+                ],
+                false,
+            )?;
+            // The namespace tests saturate both cores with packets: one at a time keeps their
+            // loss checks about the relay, not about scheduling.
+            util::cargo(
+                &["test", "-p", "relay-tests", "--", "--test-threads=1"],
+                false,
+            )
+        }
+        Command::Bench { suite } => {
+            setup::run()?;
+            setup::test_tools()?;
+            bench::run(suite)
+        }
+    }
+}

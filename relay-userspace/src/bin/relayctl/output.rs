@@ -78,8 +78,7 @@ pub fn count(n: u64) -> String {
 
 /// Bytes with binary units: 1536 -> "1.50KiB".
 pub fn bytes(n: u64) -> String {
-    let text = scaled(n as f64, 1024.0, &["B", "KiB", "MiB", "GiB", "TiB"]);
-    text
+    scaled(n as f64, 1024.0, &["B", "KiB", "MiB", "GiB", "TiB"])
 }
 
 fn scaled(mut value: f64, step: f64, units: &[&str]) -> String {

@@ -1,0 +1,31 @@
+//! `cargo xtask bench <suite>`: builds in release mode and runs the suite's benchmark binary
+//! (in the tests crate, which has the namespace harness). Benchmarks measure and print; they
+//! assert nothing.
+
+use crate::util;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Suite {
+    /// XDP program ns/packet (empty and 1M-flow table) and end-to-end pps, XDP vs userspace
+    Fastpath,
+}
+
+pub fn run(suite: Suite) -> anyhow::Result<()> {
+    let binary = match suite {
+        Suite::Fastpath => "bench-fastpath",
+    };
+    util::cargo(
+        &[
+            "build",
+            "-p",
+            "relay-userspace",
+            "-p",
+            "relay-tests",
+            "--bins",
+        ],
+        true,
+    )?;
+    let path = util::workspace_root().join("target/release").join(binary);
+    util::step(&format!("running {}", path.display()));
+    util::run(path.to_str().expect("utf-8 path"), &[])
+}
