@@ -3,18 +3,26 @@
 //! Words are read in memory order as native-endian u16, and so is the checksum field: the
 //! ones'-complement sum is byte-order independent as long as both sides use the same order.
 
-/// Accumulates `~old + new` for every 16-bit word of two equally long byte strings.
+/// Adds `~old + new` for one 16-bit word to an accumulated difference.
 #[inline(always)]
-pub fn diff<const N: usize>(acc: u32, old: &[u8; N], new: &[u8; N]) -> u32 {
-    let mut acc = acc;
-    let mut i = 0;
-    while i + 1 < N {
-        let old_word = u16::from_ne_bytes([old[i], old[i + 1]]);
-        let new_word = u16::from_ne_bytes([new[i], new[i + 1]]);
-        acc += u32::from(!old_word) + u32::from(new_word);
-        i += 2;
-    }
-    acc
+pub fn diff16(acc: u32, old: u16, new: u16) -> u32 {
+    acc + u32::from(!old) + u32::from(new)
+}
+
+/// Adds `~old + new` for the two 16-bit halves of a 32-bit word.
+#[inline(always)]
+pub fn diff32(acc: u32, old: u32, new: u32) -> u32 {
+    let old = !old;
+    acc + (old & 0xffff) + (old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// Adds the difference of two IPv6 addresses (or any four words).
+#[inline(always)]
+pub fn diff128(acc: u32, old: &[u32; 4], new: &[u32; 4]) -> u32 {
+    let acc = diff32(acc, old[0], new[0]);
+    let acc = diff32(acc, old[1], new[1]);
+    let acc = diff32(acc, old[2], new[2]);
+    diff32(acc, old[3], new[3])
 }
 
 /// Applies an accumulated difference to a checksum field (as read from memory).

@@ -100,30 +100,21 @@ fn forward(ctx: &XdpContext) -> Result<Result<(u32, Verdict), ()>, Verdict> {
 
 #[inline(always)]
 fn flow_key(packet: &parse::UdpPacket) -> FlowKey {
-    let mut key = FlowKey {
-        src_addr: [0; 16],
-        dst_addr: [0; 16],
-        src_port: 0,
-        dst_port: 0,
-        family: packet.family(),
-        _pad: [0; 3],
-    };
+    // Every field is written: no memset of the key first.
     // SAFETY: the headers were bounds-checked by parse.
     unsafe {
-        match packet.ip {
-            parse::Ip::V4(ip) => {
-                key.src_addr[..4].copy_from_slice(&(*ip).src);
-                key.dst_addr[..4].copy_from_slice(&(*ip).dst);
-            }
-            parse::Ip::V6(ip) => {
-                key.src_addr = (*ip).src;
-                key.dst_addr = (*ip).dst;
-            }
+        let (src_addr, dst_addr) = match packet.ip {
+            parse::Ip::V4(ip) => ([(*ip).src, 0, 0, 0], [(*ip).dst, 0, 0, 0]),
+            parse::Ip::V6(ip) => ((*ip).src, (*ip).dst),
+        };
+        FlowKey {
+            src_addr,
+            dst_addr,
+            src_port: (*packet.udp).src_port,
+            dst_port: (*packet.udp).dst_port,
+            family: packet.family(),
         }
-        key.src_port = (*packet.udp).src_port;
-        key.dst_port = (*packet.udp).dst_port;
     }
-    key
 }
 
 /// Passes everything. Attached to the far end of a veth so that frames redirected into it by

@@ -13,50 +13,55 @@ const ETH_P_8021Q: u16 = 0x8100;
 const IPPROTO_UDP: u8 = 17;
 const IPV6_FRAGMENT_HEADER: u8 = 44;
 
+// Header layouts as the kernel declares them: multi-byte fields are typed words holding the
+// wire bytes (network byte order) so that LLVM loads and stores them whole. The IP header
+// sits 2 bytes off a 4-byte boundary behind Ethernet; the verifier allows such packet
+// accesses on architectures with efficient unaligned access (x86-64, arm64), as Katran's and
+// Cilium's C structs rely on.
+
 #[repr(C)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
-    /// Network byte order.
-    pub ether_type: [u8; 2],
+    pub ether_type: u16,
 }
 
 #[repr(C)]
 pub struct VlanHdr {
-    /// PCP (3 bits), DEI (1), VLAN id (12); network byte order.
-    pub tci: [u8; 2],
-    pub inner_ether_type: [u8; 2],
+    /// PCP (3 bits), DEI (1), VLAN id (12).
+    pub tci: u16,
+    pub inner_ether_type: u16,
 }
 
 #[repr(C)]
 pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
-    pub tot_len: [u8; 2],
-    pub id: [u8; 2],
-    pub frag_off: [u8; 2],
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
     pub ttl: u8,
     pub protocol: u8,
     pub check: u16,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: u32,
+    pub dst: u32,
 }
 
 #[repr(C)]
 pub struct Ipv6Hdr {
-    pub version_class_flow: [u8; 4],
-    pub payload_len: [u8; 2],
+    pub version_class_flow: u32,
+    pub payload_len: u16,
     pub next_header: u8,
     pub hop_limit: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
 }
 
 #[repr(C)]
 pub struct UdpHdr {
     pub src_port: u16,
     pub dst_port: u16,
-    pub len: [u8; 2],
+    pub len: u16,
     pub check: u16,
 }
 
@@ -88,7 +93,7 @@ pub struct UdpPacket {
 }
 
 impl UdpPacket {
-    pub fn family(&self) -> u8 {
+    pub fn family(&self) -> u32 {
         match self.ip {
             Ip::V4(_) => FAMILY_IPV4,
             Ip::V6(_) => FAMILY_IPV6,
@@ -101,11 +106,11 @@ pub fn parse(ctx: &XdpContext) -> Result<UdpPacket, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::PassMalformed)?;
     let mut offset = size_of::<EthHdr>();
     // SAFETY: ptr_at checked that the header is inside the packet.
-    let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut vlan = None;
     if ether_type == ETH_P_8021Q {
         let tag: *mut VlanHdr = ptr_at(ctx, offset).ok_or(Verdict::PassMalformed)?;
-        ether_type = u16::from_be_bytes(unsafe { (*tag).inner_ether_type });
+        ether_type = u16::from_be(unsafe { (*tag).inner_ether_type });
         offset += size_of::<VlanHdr>();
         vlan = Some(tag);
     }
@@ -139,7 +144,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(Ip, u16, usize), Verdi
         0..=4 => return Err(Verdict::PassMalformed),
         _ => return Err(Verdict::PassIpOptions),
     }
-    let tot_len = u16::from_be_bytes(hdr.tot_len);
+    let tot_len = u16::from_be(hdr.tot_len);
     // Shorter than its header or longer than the frame: the kernel drops and counts it.
     if usize::from(tot_len) < size_of::<Ipv4Hdr>()
         || offset + usize::from(tot_len) > ctx.data_end() - ctx.data()
@@ -147,7 +152,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(Ip, u16, usize), Verdi
         return Err(Verdict::PassMalformed);
     }
     // More-fragments flag or a fragment offset: only the kernel can reassemble.
-    if u16::from_be_bytes(hdr.frag_off) & 0x3fff != 0 {
+    if u16::from_be(hdr.frag_off) & 0x3fff != 0 {
         return Err(Verdict::PassFragment);
     }
     if hdr.protocol != IPPROTO_UDP {
@@ -164,10 +169,10 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Ip, u16, usize), Verdi
     let ip: *mut Ipv6Hdr = ptr_at(ctx, offset).ok_or(Verdict::PassMalformed)?;
     // SAFETY: ptr_at checked that the fixed header is inside the packet.
     let hdr = unsafe { &*ip };
-    if hdr.version_class_flow[0] >> 4 != 6 {
+    if u32::from_be(hdr.version_class_flow) >> 28 != 6 {
         return Err(Verdict::PassMalformed);
     }
-    let payload_len = u16::from_be_bytes(hdr.payload_len);
+    let payload_len = u16::from_be(hdr.payload_len);
     let tot_len = payload_len as usize + size_of::<Ipv6Hdr>();
     // Jumbograms (payload length 0) and lengths beyond the frame are the kernel's business.
     if payload_len == 0 || offset + tot_len > ctx.data_end() - ctx.data() {
@@ -194,7 +199,7 @@ fn parse_udp(
 ) -> Result<*mut UdpHdr, Verdict> {
     let udp: *mut UdpHdr = ptr_at(ctx, udp_offset).ok_or(Verdict::PassMalformed)?;
     // SAFETY: ptr_at checked that the header is inside the packet.
-    let udp_len = usize::from(u16::from_be_bytes(unsafe { (*udp).len }));
+    let udp_len = usize::from(u16::from_be(unsafe { (*udp).len }));
     let ip_payload = usize::from(ip_len) - (udp_offset - ip_offset);
     if udp_len < size_of::<UdpHdr>() || udp_len > ip_payload {
         return Err(Verdict::PassMalformed);

@@ -2,7 +2,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use relay_common::{FAMILY_IPV4, FAMILY_IPV6, FlowAction, FlowKey};
+use relay_common::{
+    FAMILY_IPV4, FAMILY_IPV6, FlowAction, FlowKey, address_octets, address_words,
+};
 use serde::{Deserialize, Serialize};
 
 /// "A UDP packet arriving from `src` to `dst` (the relay's own address) is re-sent from
@@ -90,19 +92,18 @@ impl FlowSpec {
 
     pub fn key(&self) -> FlowKey {
         FlowKey {
-            src_addr: addr_bytes(self.src.ip()),
-            dst_addr: addr_bytes(self.dst.ip()),
+            src_addr: addr_words(self.src.ip()),
+            dst_addr: addr_words(self.dst.ip()),
             src_port: self.src.port().to_be(),
             dst_port: self.dst.port().to_be(),
             family: family(self.src.ip()),
-            _pad: [0; 3],
         }
     }
 
     pub fn action(&self, flow_id: u32, generation: u32) -> FlowAction {
         FlowAction {
-            new_src_addr: addr_bytes(self.new_src.ip()),
-            new_dst_addr: addr_bytes(self.new_dst.ip()),
+            new_src_addr: addr_words(self.new_src.ip()),
+            new_dst_addr: addr_words(self.new_dst.ip()),
             new_src_port: self.new_src.port().to_be(),
             new_dst_port: self.new_dst.port().to_be(),
             flow_id,
@@ -113,11 +114,12 @@ impl FlowSpec {
 
     /// Rebuilds a spec from what the kernel map holds (adopting pinned flows).
     pub fn from_kernel(key: &FlowKey, action: &FlowAction) -> FlowSpec {
-        let addr = |bytes: &[u8; 16], port: u16| {
+        let addr = |words: &[u32; 4], port: u16| {
+            let octets = address_octets(words);
             let ip = if key.family == FAMILY_IPV4 {
-                IpAddr::from(relay_common::ipv4_octets(bytes))
+                IpAddr::from([octets[0], octets[1], octets[2], octets[3]])
             } else {
-                IpAddr::from(*bytes)
+                IpAddr::from(octets)
             };
             SocketAddr::new(ip, u16::from_be(port))
         };
@@ -130,22 +132,23 @@ impl FlowSpec {
     }
 }
 
-fn family(ip: IpAddr) -> u8 {
+fn family(ip: IpAddr) -> u32 {
     match ip {
         IpAddr::V4(_) => FAMILY_IPV4,
         IpAddr::V6(_) => FAMILY_IPV6,
     }
 }
 
-fn addr_bytes(ip: IpAddr) -> [u8; 16] {
-    match ip {
+fn addr_words(ip: IpAddr) -> [u32; 4] {
+    let octets = match ip {
         IpAddr::V4(v4) => {
-            let mut bytes = [0; 16];
-            bytes[..4].copy_from_slice(&v4.octets());
-            bytes
+            let mut octets = [0; 16];
+            octets[..4].copy_from_slice(&v4.octets());
+            octets
         }
         IpAddr::V6(v6) => v6.octets(),
-    }
+    };
+    address_words(&octets)
 }
 
 #[cfg(test)]
@@ -187,7 +190,7 @@ mod tests {
     #[test]
     fn keys_are_in_network_byte_order() {
         let key = spec("1.2.3.4:258", "5.6.7.8:1", "9.9.9.9:2", "8.8.8.8:3").key();
-        assert_eq!(key.src_addr[..4], [1, 2, 3, 4]);
+        assert_eq!(address_octets(&key.src_addr)[..5], [1, 2, 3, 4, 0]);
         assert_eq!(key.src_port.to_ne_bytes(), [1, 2]);
         assert_eq!(key.family, FAMILY_IPV4);
     }
