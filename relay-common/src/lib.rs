@@ -80,11 +80,35 @@ pub struct FlowCounters {
     pub last_seen_ns: u64,
 }
 
+/// The next hop the XDP program resolved for a flow with `bpf_fib_lookup`, cached so that
+/// most packets skip the lookup (the largest single cost of the hot path). Written by the
+/// program, re-resolved after [`NEXT_HOP_CACHE_NS`] so route and neighbour changes are
+/// picked up; userspace installs it zeroed. Host byte order.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopCache {
+    /// `bpf_ktime_get_ns()` when resolved; 0: not resolved.
+    pub resolved_ns: u64,
+    /// Interface to send on (the parent, for a VLAN device).
+    pub ifindex: u32,
+    /// MTU of the egress route.
+    pub mtu: u16,
+    /// VLAN id to tag with; 0: untagged.
+    pub vlan_id: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
+}
+
+/// How long a resolved next hop is used before the program looks it up again.
+pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;
+
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     pub action: FlowAction,
     pub counters: FlowCounters,
+    pub next_hop: NextHopCache,
 }
 
 /// A VLAN device the fib lookup may return as egress: XDP sends on `parent_ifindex` with the
@@ -234,7 +258,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<FlowAction>(), 16 + 16 + 2 + 2 + 4 + 4 + 4);
         assert_eq!(size_of::<FlowCounters>(), 24);
-        assert_eq!(size_of::<FlowValue>(), 48 + 24);
+        assert_eq!(size_of::<NextHopCache>(), 8 + 4 + 2 + 2 + 6 + 6 + 4);
+        assert_eq!(size_of::<FlowValue>(), 48 + 24 + 32);
         assert_eq!(size_of::<VlanDevice>(), 8);
         assert_eq!(size_of::<StatCounter>(), 16);
     }

@@ -74,13 +74,19 @@ fn forward(ctx: &XdpContext) -> Result<Result<(u32, Verdict), ()>, Verdict> {
     // SAFETY: a pointer into the flow table's value, valid while this program runs. Userspace
     // replaces values whole; a torn read at worst sends one packet with the old action.
     let action = unsafe { &(*value).action };
-    let next_hop = nexthop::resolve(ctx, packet.family(), action, packet.ip_len)?;
+    // SAFETY: no preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let next_hop = nexthop::of_flow(
+        ctx,
+        packet.family(),
+        action,
+        packet.ip_len,
+        unsafe { &raw mut (*value).next_hop },
+        now,
+    )?;
     match (packet.vlan.is_some(), next_hop.vlan_id.is_some()) {
         (true, true) | (false, false) => {}
         _ => return Err(Verdict::PassVlanMismatch),
-    }
-    if !nexthop::can_send(ctx, next_hop.ifindex) {
-        return Err(Verdict::PassNoEgress);
     }
     // SAFETY: the packet's pointers were checked by parse and the packet has not been resized.
     unsafe { rewrite::rewrite(&packet, action, &next_hop) };
@@ -93,7 +99,7 @@ fn forward(ctx: &XdpContext) -> Result<Result<(u32, Verdict), ()>, Verdict> {
             &raw mut (*counters).bytes,
             u64::from(packet.ip_len),
         );
-        (*counters).last_seen_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+        (*counters).last_seen_ns = now;
     }
     Ok(nexthop::send(ctx, next_hop.ifindex))
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use relay_common::{FAMILY_IPV4, FlowAction, Verdict};
+use relay_common::{FAMILY_IPV4, FlowAction, NEXT_HOP_CACHE_NS, NextHopCache, Verdict};
 
 use crate::{EGRESS, VLANS};
 
@@ -48,12 +48,56 @@ pub struct NextHop {
     pub ifindex: u32,
     /// VLAN id to tag with, when the egress is a VLAN device.
     pub vlan_id: Option<u16>,
+    /// MTU of the egress route.
+    pub mtu: u16,
 }
 
-/// Resolves the next hop for `action`'s new addresses. Does not touch the packet, so that a
+/// The next hop of a flow: from the flow's cache while it is fresh, else resolved and cached.
+/// Only next hops the program can send to are cached.
+#[inline(always)]
+pub fn of_flow(
+    ctx: &XdpContext,
+    family: u32,
+    action: &FlowAction,
+    ip_len: u16,
+    cache: *mut NextHopCache,
+    now: u64,
+) -> Result<NextHop, Verdict> {
+    // SAFETY: `cache` points into the flow's map value, valid while the program runs. CPUs
+    // forwarding the same flow may rewrite it at once; they write the same values.
+    unsafe {
+        let cached = &*cache;
+        if cached.resolved_ns != 0 && now.wrapping_sub(cached.resolved_ns) < NEXT_HOP_CACHE_NS {
+            if ip_len > cached.mtu {
+                return Err(Verdict::PassTooBig);
+            }
+            return Ok(NextHop {
+                smac: cached.smac,
+                dmac: cached.dmac,
+                ifindex: cached.ifindex,
+                vlan_id: if cached.vlan_id == 0 { None } else { Some(cached.vlan_id) },
+                mtu: cached.mtu,
+            });
+        }
+        let next_hop = resolve(ctx, family, action, ip_len)?;
+        if !can_send(ctx, next_hop.ifindex) {
+            return Err(Verdict::PassNoEgress);
+        }
+        let cache = &mut *cache;
+        cache.ifindex = next_hop.ifindex;
+        cache.mtu = next_hop.mtu;
+        cache.vlan_id = next_hop.vlan_id.unwrap_or(0);
+        cache.smac = next_hop.smac;
+        cache.dmac = next_hop.dmac;
+        cache.resolved_ns = now;
+        Ok(next_hop)
+    }
+}
+
+/// Looks the next hop up for `action`'s new addresses. Does not touch the packet, so that a
 /// failure can still pass the original packet to the kernel.
 #[inline(always)]
-pub fn resolve(
+fn resolve(
     ctx: &XdpContext,
     family: u32,
     action: &FlowAction,
@@ -100,6 +144,8 @@ pub fn resolve(
         dmac: params.dmac,
         ifindex,
         vlan_id,
+        // SAFETY: on success the kernel writes the route's MTU into this union member.
+        mtu: unsafe { params.__bindgen_anon_1.mtu_result },
     })
 }
 
@@ -118,6 +164,6 @@ pub fn send(ctx: &XdpContext, ifindex: u32) -> Result<(u32, Verdict), ()> {
 
 /// Whether `ifindex` is the ingress interface or one relayd put into the egress devmap.
 #[inline(always)]
-pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
+fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
     ifindex as usize == ctx.ingress_ifindex() || EGRESS.get_ifindex(ifindex).is_some()
 }

@@ -232,46 +232,62 @@ fn set_socket_option(
     }
 }
 
+/// Packets handled per wake-up before yielding to other tasks.
+const BATCH: usize = 256;
+
+/// Waits until the socket is readable, then drains it without going back to the reactor:
+/// one `recvfrom` and one `sendto` per packet while packets keep coming.
 async fn receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, local: SocketAddr) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        let (len, from) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            // ICMP port unreachable from an earlier send surfaces here as ECONNREFUSED; it
-            // concerns that send, not this socket, so keep receiving.
-            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => continue,
-            Err(err) => {
-                tracing::error!(%local, %err, "userspace datapath: receive failed; socket closed");
-                return;
-            }
-        };
-        let route = shared
-            .routes
-            .read()
-            .expect("route table poisoned")
-            .get(&(from, local))
-            .cloned();
-        let Some(route) = route else {
-            // Strict source: only the registered sender is relayed.
-            shared
-                .unknown_source_packets
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        match route.out.send_to(&buf[..len], route.new_dst).await {
-            Ok(_) => {
-                // Bytes at the IP layer, as the XDP counters count them.
-                let ip_len = (len + ip_udp_overhead(from)) as u64;
-                route.packets.fetch_add(1, Ordering::Relaxed);
-                route.bytes.fetch_add(ip_len, Ordering::Relaxed);
-                route.last_seen_ns.store(monotonic_ns(), Ordering::Relaxed);
-                shared.forwarded_packets.fetch_add(1, Ordering::Relaxed);
-                shared.forwarded_bytes.fetch_add(ip_len, Ordering::Relaxed);
-            }
-            Err(err) => {
-                if shared.send_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(%local, to = %route.new_dst, %err, "userspace datapath: send failed (logged once; counted in stats)");
+        if let Err(err) = socket.readable().await {
+            tracing::error!(%local, %err, "userspace datapath: socket failed; closed");
+            return;
+        }
+        for _ in 0..BATCH {
+            match socket.try_recv_from(&mut buf) {
+                Ok((len, from)) => relay_one(&shared, local, from, &buf[..len]),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP port unreachable from an earlier send surfaces here as ECONNREFUSED; it
+                // concerns that send, not this socket, so keep receiving.
+                Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(err) => {
+                    tracing::error!(%local, %err, "userspace datapath: receive failed; socket closed");
+                    return;
                 }
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, packet: &[u8]) {
+    let route = shared
+        .routes
+        .read()
+        .expect("route table poisoned")
+        .get(&(from, local))
+        .cloned();
+    let Some(route) = route else {
+        // Strict source: only the registered sender is relayed.
+        shared.unknown_source_packets.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // A UDP send does not wait: with an 4 MiB send buffer, WouldBlock means the egress is
+    // saturated and the packet is dropped, as the kernel would drop it.
+    match route.out.try_send_to(packet, route.new_dst) {
+        Ok(_) => {
+            // Bytes at the IP layer, as the XDP counters count them.
+            let ip_len = (packet.len() + ip_udp_overhead(from)) as u64;
+            route.packets.fetch_add(1, Ordering::Relaxed);
+            route.bytes.fetch_add(ip_len, Ordering::Relaxed);
+            route.last_seen_ns.store(monotonic_ns(), Ordering::Relaxed);
+            shared.forwarded_packets.fetch_add(1, Ordering::Relaxed);
+            shared.forwarded_bytes.fetch_add(ip_len, Ordering::Relaxed);
+        }
+        Err(err) => {
+            if shared.send_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(%local, to = %route.new_dst, %err, "userspace datapath: send failed (logged once; counted in stats)");
             }
         }
     }

@@ -17,7 +17,8 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use relay_common::{
-    EGRESS_MAP, FLOWS_MAP, FlowCounters as KernelCounters, FlowKey, FlowValue, STATS_MAP,
+    EGRESS_MAP, FLOWS_MAP, FlowCounters as KernelCounters, FlowKey, FlowValue, NextHopCache,
+    STATS_MAP,
     StatCounter, VLANS_MAP, Verdict, VlanDevice, XDP_PASS_PROGRAM, XDP_RELAY_PROGRAM,
 };
 use tokio::runtime::Handle;
@@ -166,9 +167,11 @@ impl KernelProgram {
                 ..KernelCounters::default()
             },
         };
+        // A replaced flow may go elsewhere: its next hop is resolved afresh.
         let value = FlowValue {
             action: spec.action(id, generation),
             counters,
+            next_hop: NextHopCache::default(),
         };
         self.flows
             .insert(key, value, 0)
