@@ -75,7 +75,11 @@ pub fn of_flow(
                 smac: cached.smac,
                 dmac: cached.dmac,
                 ifindex: cached.ifindex,
-                vlan_id: if cached.vlan_id == 0 { None } else { Some(cached.vlan_id) },
+                vlan_id: if cached.vlan_id == 0 {
+                    None
+                } else {
+                    Some(cached.vlan_id)
+                },
                 mtu: cached.mtu,
             });
         }
@@ -120,14 +124,7 @@ fn resolve(
         params.__bindgen_anon_4.ipv6_dst = action.new_dst_addr;
     }
     // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            params,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, params, size_of::<FibParams>() as i32, 0) };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Verdict::PassNoNeighbour),

@@ -42,7 +42,10 @@ pub unsafe fn rewrite(packet: &UdpPacket, action: &FlowAction, next_hop: &NextHo
                 let old_ttl_word = u16::from_ne_bytes([ip.ttl, ip.protocol]);
                 ip.ttl -= 1;
                 let new_ttl_word = u16::from_ne_bytes([ip.ttl, ip.protocol]);
-                ip.check = csum::apply(ip.check, csum::diff16(addr_diff, old_ttl_word, new_ttl_word));
+                ip.check = csum::apply(
+                    ip.check,
+                    csum::diff16(addr_diff, old_ttl_word, new_ttl_word),
+                );
                 // Zero means "no checksum" over IPv4 and stays zero (RFC 768).
                 if udp.check != 0 {
                     udp.check = csum::udp_nonzero(csum::apply(udp.check, addr_diff + ports_diff));

@@ -45,24 +45,12 @@ impl NetNs {
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
-    /// A UDP socket bound to `addr` inside the namespace, with a receive buffer large enough
-    /// for a bounded burst.
+    /// A UDP socket bound to `addr` inside the namespace, with buffers as large as relayd's,
+    /// so that a bounded burst fits.
     pub fn udp_socket(&self, addr: SocketAddr) -> UdpSocket {
         self.enter(move || {
             let socket = UdpSocket::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"));
-            let size: libc::c_int = 8 * 1024 * 1024;
-            for option in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-                // SAFETY: setsockopt with a c_int we own on a socket we own.
-                unsafe {
-                    libc::setsockopt(
-                        socket.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        option,
-                        (&size as *const libc::c_int).cast(),
-                        size_of::<libc::c_int>() as libc::socklen_t,
-                    )
-                };
-            }
+            relay::datapath::userspace::enlarge_socket_buffers(&socket);
             socket
         })
     }

@@ -2,9 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use relay_common::{
-    FAMILY_IPV4, FAMILY_IPV6, FlowAction, FlowKey, address_octets, address_words,
-};
+use relay_common::{FAMILY_IPV4, FAMILY_IPV6, FlowAction, FlowKey, address_octets, address_words};
 use serde::{Deserialize, Serialize};
 
 /// "A UDP packet arriving from `src` to `dst` (the relay's own address) is re-sent from

@@ -196,17 +196,21 @@ const SOCKET_BUFFER_BYTES: libc::c_int = 4 * 1024 * 1024;
 fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = std::net::UdpSocket::bind(addr)?;
     socket.set_nonblocking(true)?;
+    enlarge_socket_buffers(&socket);
+    UdpSocket::from_std(socket)
+}
+
+/// Sets the receive and send buffers to [`SOCKET_BUFFER_BYTES`], beyond
+/// net.core.[rw]mem_max when the process has CAP_NET_ADMIN, else as far as the sysctl allows.
+pub fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
     ] {
-        // The FORCE variants ignore net.core.[rw]mem_max but need CAP_NET_ADMIN; without it
-        // the plain option gets what the sysctl allows.
-        if set_socket_option(&socket, force, SOCKET_BUFFER_BYTES).is_err() {
-            let _ = set_socket_option(&socket, plain, SOCKET_BUFFER_BYTES);
+        if set_socket_option(socket, force, SOCKET_BUFFER_BYTES).is_err() {
+            let _ = set_socket_option(socket, plain, SOCKET_BUFFER_BYTES);
         }
     }
-    UdpSocket::from_std(socket)
 }
 
 fn set_socket_option(
@@ -270,7 +274,9 @@ fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, packet: &[u8]
         .cloned();
     let Some(route) = route else {
         // Strict source: only the registered sender is relayed.
-        shared.unknown_source_packets.fetch_add(1, Ordering::Relaxed);
+        shared
+            .unknown_source_packets
+            .fetch_add(1, Ordering::Relaxed);
         return;
     };
     // A UDP send does not wait: with an 4 MiB send buffer, WouldBlock means the egress is

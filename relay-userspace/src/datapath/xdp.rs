@@ -18,8 +18,7 @@ use aya::{
 };
 use relay_common::{
     EGRESS_MAP, FLOWS_MAP, FlowCounters as KernelCounters, FlowKey, FlowValue, NextHopCache,
-    STATS_MAP,
-    StatCounter, VLANS_MAP, Verdict, VlanDevice, XDP_PASS_PROGRAM, XDP_RELAY_PROGRAM,
+    STATS_MAP, StatCounter, VLANS_MAP, Verdict, VlanDevice, XDP_PASS_PROGRAM, XDP_RELAY_PROGRAM,
 };
 use tokio::runtime::Handle;
 
