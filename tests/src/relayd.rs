@@ -43,10 +43,14 @@ impl Relayd {
         let socket = std::env::temp_dir().join(format!("{name}.sock"));
         let log = std::env::temp_dir().join(format!("{name}.log"));
         let mut command = match ns {
+            // nsenter changes only the network namespace. (`ip netns exec` also gives the
+            // process a private mount of /sys, and with it a private bpffs whose pins vanish
+            // when relayd exits.)
             Some(ns) => {
-                let mut command = Command::new("ip");
+                let mut command = Command::new("nsenter");
                 command
-                    .args(["netns", "exec", &ns.name])
+                    .arg(format!("--net=/run/netns/{}", ns.name))
+                    .arg("--")
                     .arg(binary("relayd"));
                 command
             }
