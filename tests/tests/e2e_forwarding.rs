@@ -239,8 +239,6 @@ fn run_mode(mode: &str, args: &[&str]) {
     // Strict source: a stranger sending to the relay port is never forwarded.
     let stranger_addr: SocketAddr = "10.10.1.2:4999".parse().unwrap();
     let stranger = lab.client.udp_socket(stranger_addr);
-    let peer_probe = lab.peer.udp_socket("10.10.2.2:5005".parse().unwrap());
-    let _ = peer_probe;
     for _ in 0..10 {
         stranger
             .send_to(

@@ -132,8 +132,8 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response)
     write.write_all(&bytes).await
 }
 
-/// Answers one request line. Public so the protocol can be tested without a socket.
-pub fn handle_line(line: &[u8], table: &FlowTable, started: Instant) -> Response {
+/// Answers one request line.
+fn handle_line(line: &[u8], table: &FlowTable, started: Instant) -> Response {
     let value: Value = match serde_json::from_slice(line) {
         Ok(value) => value,
         Err(err) => {

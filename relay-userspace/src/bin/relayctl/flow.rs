@@ -101,7 +101,8 @@ pub fn run(
                 let mut table = output::Table::new(&[
                     "ID", "SRC", "DST", "NEW SRC", "NEW DST", "PACKETS", "BYTES", "RATE", "XDP%",
                     "IDLE",
-                ]);
+                ])
+                .right_aligned(&["ID", "PACKETS", "BYTES", "RATE", "XDP%", "IDLE"]);
                 for flow in &list.flows {
                     let packets = flow.counters.packets();
                     let xdp_share = if packets == 0 {

@@ -9,9 +9,11 @@ pub fn json<T: Serialize>(value: &T) {
     );
 }
 
-/// A table with a header row; numeric-looking columns are right-aligned.
+/// A table with a header row; columns named in [`Table::right_aligned`] (numbers) are
+/// right-aligned, the others left-aligned.
 pub struct Table {
     header: Vec<&'static str>,
+    right: Vec<bool>,
     rows: Vec<Vec<String>>,
 }
 
@@ -19,8 +21,16 @@ impl Table {
     pub fn new(header: &[&'static str]) -> Table {
         Table {
             header: header.to_vec(),
+            right: vec![false; header.len()],
             rows: Vec::new(),
         }
+    }
+
+    pub fn right_aligned(mut self, columns: &[&str]) -> Table {
+        for (i, name) in self.header.iter().enumerate() {
+            self.right[i] = columns.contains(name);
+        }
+        self
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -28,45 +38,32 @@ impl Table {
     }
 
     pub fn print(&self) {
-        let columns = self.header.len();
         let mut widths: Vec<usize> = self.header.iter().map(|h| h.len()).collect();
         for row in &self.rows {
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                widths[i] = widths[i].max(cell.chars().count());
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
             }
         }
-        let right: Vec<bool> = (0..columns)
-            .map(|i| {
-                !self.rows.is_empty()
-                    && self.rows.iter().all(|row| {
-                        row.get(i)
-                            .and_then(|c| c.chars().next())
-                            .is_some_and(|c| c.is_ascii_digit() || c == '-')
-                    })
-            })
-            .collect();
-        let line = |cells: Vec<&str>| {
+        let line = |cells: &[&str]| {
             let mut out = String::new();
             for (i, cell) in cells.iter().enumerate() {
                 if i > 0 {
                     out.push_str("  ");
                 }
-                let pad = widths[i].saturating_sub(cell.chars().count());
-                if right[i] {
-                    out.push_str(&" ".repeat(pad));
+                let pad = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
+                if self.right[i] {
+                    out.push_str(&pad);
                     out.push_str(cell);
                 } else {
                     out.push_str(cell);
-                    if i + 1 < cells.len() {
-                        out.push_str(&" ".repeat(pad));
-                    }
+                    out.push_str(&pad);
                 }
             }
-            println!("{out}");
+            println!("{}", out.trim_end());
         };
-        line(self.header.clone());
+        line(&self.header);
         for row in &self.rows {
-            line(row.iter().map(String::as_str).collect());
+            line(&row.iter().map(String::as_str).collect::<Vec<_>>());
         }
     }
 }

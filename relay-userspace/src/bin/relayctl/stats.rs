@@ -20,7 +20,8 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
     );
     if !stats.datapath.verdicts.is_empty() {
         println!();
-        let mut table = output::Table::new(&["XDP VERDICT", "PACKETS", "BYTES"]);
+        let mut table = output::Table::new(&["XDP VERDICT", "PACKETS", "BYTES"])
+            .right_aligned(&["PACKETS", "BYTES"]);
         for verdict in &stats.datapath.verdicts {
             table.row(vec![
                 verdict.verdict.clone(),
@@ -32,7 +33,7 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
     }
     let user = &stats.datapath.userspace;
     println!();
-    let mut table = output::Table::new(&["USERSPACE PATH", "VALUE"]);
+    let mut table = output::Table::new(&["USERSPACE PATH", "VALUE"]).right_aligned(&["VALUE"]);
     table.row(vec![
         "forwarded packets".into(),
         output::count(user.forwarded_packets),

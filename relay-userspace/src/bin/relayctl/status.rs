@@ -45,7 +45,8 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
     );
     if !datapath.interfaces.is_empty() {
         println!();
-        let mut table = output::Table::new(&["INTERFACE", "IFINDEX", "XDP MODE"]);
+        let mut table =
+            output::Table::new(&["INTERFACE", "IFINDEX", "XDP MODE"]).right_aligned(&["IFINDEX"]);
         for interface in &datapath.interfaces {
             table.row(vec![
                 interface.name.clone(),
