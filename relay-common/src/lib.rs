@@ -29,8 +29,21 @@ pub const VLANS_MAP: &str = "RELAY_VLANS";
 pub const VLANS_CAPACITY: u32 = 256;
 
 /// Address family of a flow key (same numbers as `AF_INET` / `AF_INET6`).
-pub const FAMILY_IPV4: u32 = 2;
-pub const FAMILY_IPV6: u32 = 10;
+pub const FAMILY_IPV4: u16 = 2;
+pub const FAMILY_IPV6: u16 = 10;
+
+/// TURN channel numbers (RFC 8656 section 12): 0x4000 through 0x4FFF.
+pub const CHANNEL_MIN: u16 = 0x4000;
+pub const CHANNEL_MAX: u16 = 0x4fff;
+
+/// [`FlowAction::channel_op`]: what to do with the TURN ChannelData header (RFC 8656 12.4).
+/// Forward the UDP payload as it is.
+pub const CHANNEL_OP_NONE: u16 = 0;
+/// The packet is ChannelData on [`FlowKey::channel`]: remove the 4-byte header (client ->
+/// relay -> peer).
+pub const CHANNEL_OP_STRIP: u16 = 1;
+/// Prepend a ChannelData header with [`FlowAction::channel_number`] (peer -> relay -> client).
+pub const CHANNEL_OP_ADD: u16 = 2;
 
 /// One direction of one leg, as seen on the wire: a UDP packet from `src` to `dst`.
 ///
@@ -46,8 +59,11 @@ pub struct FlowKey {
     pub src_port: u16,
     /// Destination port, network byte order.
     pub dst_port: u16,
-    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`]; a full word so the key has no padding to zero.
-    pub family: u32,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u16,
+    /// The TURN channel number of a ChannelData packet (host byte order), 0 for any other
+    /// payload: one client 4-tuple carries one flow per bound channel.
+    pub channel: u16,
 }
 
 /// What to do with a packet that matched a [`FlowKey`]: re-send it from `new_src` to `new_dst`.
@@ -66,7 +82,10 @@ pub struct FlowAction {
     pub flow_id: u32,
     /// Bumped by userspace each time the flow is replaced in place, host byte order.
     pub generation: u32,
-    pub _pad: [u8; 4],
+    /// One of the `CHANNEL_OP_*` constants.
+    pub channel_op: u16,
+    /// The channel number [`CHANNEL_OP_ADD`] writes, host byte order.
+    pub channel_number: u16,
 }
 
 /// Per-flow counters, updated atomically by the XDP program. Host byte order.
@@ -167,10 +186,15 @@ pub enum Verdict {
     PassNoEgress,
     /// Tagged in, untagged out or the reverse: pushing/popping a tag is left to the kernel.
     PassVlanMismatch,
+    /// ChannelData with padding after its data (allowed over UDP, RFC 8656 12.5), or whose
+    /// Length does not fit the packet: userspace handles it.
+    PassChannelLength,
+    /// No headroom to prepend a ChannelData header.
+    PassNoHeadroom,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
 
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Tx,
@@ -189,6 +213,8 @@ impl Verdict {
         Verdict::PassTooBig,
         Verdict::PassNoEgress,
         Verdict::PassVlanMismatch,
+        Verdict::PassChannelLength,
+        Verdict::PassNoHeadroom,
     ];
 
     /// Stable snake_case name, used in `relayctl stats` and metrics labels.
@@ -210,6 +236,8 @@ impl Verdict {
             Verdict::PassTooBig => "pass_too_big",
             Verdict::PassNoEgress => "pass_no_egress",
             Verdict::PassVlanMismatch => "pass_vlan_mismatch",
+            Verdict::PassChannelLength => "pass_channel_length",
+            Verdict::PassNoHeadroom => "pass_no_headroom",
         }
     }
 
@@ -255,8 +283,8 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<FlowAction>(), 16 + 16 + 2 + 2 + 4 + 4 + 4);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 2 + 2);
+        assert_eq!(size_of::<FlowAction>(), 16 + 16 + 2 + 2 + 4 + 4 + 2 + 2);
         assert_eq!(size_of::<FlowCounters>(), 24);
         assert_eq!(size_of::<NextHopCache>(), 8 + 4 + 2 + 2 + 6 + 6 + 4);
         assert_eq!(size_of::<FlowValue>(), 48 + 24 + 32);

@@ -11,6 +11,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod channel_data;
 mod csum;
 mod nexthop;
 mod parse;
@@ -25,9 +26,10 @@ use aya_ebpf::{
     maps::{DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
+use channel_data::Edit;
 use relay_common::{
-    EGRESS_CAPACITY, FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue, StatCounter, VLANS_CAPACITY,
-    Verdict, VlanDevice,
+    CHANNEL_OP_ADD, CHANNEL_OP_STRIP, EGRESS_CAPACITY, FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue,
+    StatCounter, VLANS_CAPACITY, Verdict, VlanDevice,
 };
 
 /// The flow table. Pinned by name so flows survive a restart of relayd.
@@ -57,39 +59,85 @@ pub fn relay_xdp(ctx: XdpContext) -> u32 {
 fn try_relay(ctx: &XdpContext) -> Result<u32, ()> {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let (action, verdict) = match forward(ctx) {
-        Ok(sent) => sent?,
-        Err(verdict) => (xdp_action::XDP_PASS, verdict),
+        Ok(sent) => sent,
+        Err(Fail::Pass(verdict)) => (xdp_action::XDP_PASS, verdict),
+        Err(Fail::Abort) => return Err(()),
     };
     stats::count(verdict, frame_len);
     Ok(action)
 }
 
-/// Forwards the packet if it belongs to a flow, or says why not. The outer `Result` is the
-/// verdict for packets left to the kernel; the inner one fails only on a broken invariant.
+/// Why a packet was not forwarded.
+enum Fail {
+    /// Left to the kernel, counted under this verdict; the packet is as it arrived.
+    Pass(Verdict),
+    /// A broken invariant (a bounds check that cannot fail did): XDP_ABORTED.
+    Abort,
+}
+
+impl From<Verdict> for Fail {
+    fn from(verdict: Verdict) -> Fail {
+        Fail::Pass(verdict)
+    }
+}
+
+impl From<()> for Fail {
+    fn from((): ()) -> Fail {
+        Fail::Abort
+    }
+}
+
+/// Forwards the packet if it belongs to a flow: the action to return and its verdict.
 #[inline(always)]
-fn forward(ctx: &XdpContext) -> Result<Result<(u32, Verdict), ()>, Verdict> {
+fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
     let packet = parse::parse(ctx)?;
     let key = flow_key(&packet);
     let value = FLOWS.get_ptr_mut(&key).ok_or(Verdict::PassNoFlow)?;
     // SAFETY: a pointer into the flow table's value, valid while this program runs. Userspace
     // replaces values whole; a torn read at worst sends one packet with the old action.
     let action = unsafe { &(*value).action };
+    let (edit, out_ip_len) = match action.channel_op {
+        CHANNEL_OP_STRIP => (
+            Edit::Stripped(channel_data::check_strip(&packet)?),
+            packet.ip_len - channel_data::HEADER_LEN,
+        ),
+        CHANNEL_OP_ADD => (
+            Edit::Added(channel_data::check_add(&packet, action.channel_number)?),
+            packet.ip_len + channel_data::HEADER_LEN,
+        ),
+        _ => (Edit::None, packet.ip_len),
+    };
     // SAFETY: no preconditions.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let next_hop = nexthop::of_flow(
         ctx,
         packet.family(),
         action,
-        packet.ip_len,
+        out_ip_len,
+        // SAFETY: as for `action`.
         unsafe { &raw mut (*value).next_hop },
         now,
     )?;
     match (packet.vlan.is_some(), next_hop.vlan_id.is_some()) {
         (true, true) | (false, false) => {}
-        _ => return Err(Verdict::PassVlanMismatch),
+        _ => return Err(Verdict::PassVlanMismatch.into()),
     }
-    // SAFETY: the packet's pointers were checked by parse and the packet has not been resized.
-    unsafe { rewrite::rewrite(&packet, action, &next_hop) };
+    // Resizing is the last step that may still pass the packet up unchanged.
+    let packet = match edit {
+        Edit::None => packet,
+        Edit::Stripped(_) => {
+            channel_data::strip(ctx, &packet)?;
+            packet.reload(ctx).ok_or(())?
+        }
+        Edit::Added(channel) => {
+            if !channel_data::add(ctx, &packet, channel)? {
+                return Err(Verdict::PassNoHeadroom.into());
+            }
+            packet.reload(ctx).ok_or(())?
+        }
+    };
+    // SAFETY: the packet's pointers were checked by parse (or reload, after the resize).
+    unsafe { rewrite::rewrite(&packet, action, &next_hop, edit) };
     // SAFETY: as above; the counters are updated atomically because several CPUs may forward
     // packets of the same flow at once.
     unsafe {
@@ -101,7 +149,7 @@ fn forward(ctx: &XdpContext) -> Result<Result<(u32, Verdict), ()>, Verdict> {
         );
         (*counters).last_seen_ns = now;
     }
-    Ok(nexthop::send(ctx, next_hop.ifindex))
+    Ok(nexthop::send(ctx, next_hop.ifindex)?)
 }
 
 #[inline(always)]
@@ -119,6 +167,10 @@ fn flow_key(packet: &parse::UdpPacket) -> FlowKey {
             src_port: (*packet.udp).src_port,
             dst_port: (*packet.udp).dst_port,
             family: packet.family(),
+            channel: match packet.channel {
+                Some(channel) => channel.number,
+                None => 0,
+            },
         }
     }
 }

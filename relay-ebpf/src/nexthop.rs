@@ -57,7 +57,7 @@ pub struct NextHop {
 #[inline(always)]
 pub fn of_flow(
     ctx: &XdpContext,
-    family: u32,
+    family: u16,
     action: &FlowAction,
     ip_len: u16,
     cache: *mut NextHopCache,
@@ -103,7 +103,7 @@ pub fn of_flow(
 #[inline(always)]
 fn resolve(
     ctx: &XdpContext,
-    family: u32,
+    family: u16,
     action: &FlowAction,
     ip_len: u16,
 ) -> Result<NextHop, Verdict> {

@@ -76,9 +76,18 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+#[derive(Clone, Copy)]
 pub enum Ip {
     V4(*mut Ipv4Hdr),
     V6(*mut Ipv6Hdr),
+}
+
+/// A TURN ChannelData header (RFC 8656 12.4), host byte order.
+#[derive(Clone, Copy)]
+pub struct ChannelHeader {
+    pub number: u16,
+    /// Length of the application data that follows, padding excluded.
+    pub length: u16,
 }
 
 /// The headers of a UDP packet the program may forward.
@@ -90,14 +99,44 @@ pub struct UdpPacket {
     pub udp: *mut UdpHdr,
     /// IP total length in bytes (header included), host byte order.
     pub ip_len: u16,
+    /// UDP length (header included), host byte order.
+    pub udp_len: u16,
+    pub ip_offset: usize,
+    pub udp_offset: usize,
+    /// Present when the payload is ChannelData (first byte 64..=79, RFC 7983).
+    pub channel: Option<ChannelHeader>,
 }
 
 impl UdpPacket {
-    pub fn family(&self) -> u32 {
+    pub fn family(&self) -> u16 {
         match self.ip {
             Ip::V4(_) => FAMILY_IPV4,
             Ip::V6(_) => FAMILY_IPV6,
         }
+    }
+
+    /// Offset of the UDP payload: everything before it is headers.
+    pub fn payload_offset(&self) -> usize {
+        self.udp_offset + size_of::<UdpHdr>()
+    }
+
+    /// The same headers at the same offsets, looked up again after `bpf_xdp_adjust_head`,
+    /// which invalidates every packet pointer (the verifier insists, and rightly).
+    #[inline(always)]
+    pub fn reload(&self, ctx: &XdpContext) -> Option<UdpPacket> {
+        Some(UdpPacket {
+            eth: ptr_at(ctx, 0)?,
+            vlan: match self.vlan {
+                Some(_) => Some(ptr_at(ctx, size_of::<EthHdr>())?),
+                None => None,
+            },
+            ip: match self.ip {
+                Ip::V4(_) => Ip::V4(ptr_at(ctx, self.ip_offset)?),
+                Ip::V6(_) => Ip::V6(ptr_at(ctx, self.ip_offset)?),
+            },
+            udp: ptr_at(ctx, self.udp_offset)?,
+            ..*self
+        })
     }
 }
 
@@ -120,13 +159,17 @@ pub fn parse(ctx: &XdpContext) -> Result<UdpPacket, Verdict> {
         // A second tag (QinQ) lands here too.
         _ => return Err(Verdict::PassNotIp),
     };
-    let udp = parse_udp(ctx, offset, udp_offset, ip_len)?;
+    let (udp, udp_len, channel) = parse_udp(ctx, offset, udp_offset, ip_len)?;
     Ok(UdpPacket {
         eth,
         vlan,
         ip,
         udp,
         ip_len,
+        udp_len,
+        ip_offset: offset,
+        udp_offset,
+        channel,
     })
 }
 
@@ -196,23 +239,34 @@ fn parse_udp(
     ip_offset: usize,
     udp_offset: usize,
     ip_len: u16,
-) -> Result<*mut UdpHdr, Verdict> {
+) -> Result<(*mut UdpHdr, u16, Option<ChannelHeader>), Verdict> {
     let udp: *mut UdpHdr = ptr_at(ctx, udp_offset).ok_or(Verdict::PassMalformed)?;
     // SAFETY: ptr_at checked that the header is inside the packet.
-    let udp_len = usize::from(u16::from_be(unsafe { (*udp).len }));
+    let udp_len = u16::from_be(unsafe { (*udp).len });
     let ip_payload = usize::from(ip_len) - (udp_offset - ip_offset);
-    if udp_len < size_of::<UdpHdr>() || udp_len > ip_payload {
+    if usize::from(udp_len) < size_of::<UdpHdr>() || usize::from(udp_len) > ip_payload {
         return Err(Verdict::PassMalformed);
     }
-    if udp_len == size_of::<UdpHdr>() {
+    if usize::from(udp_len) == size_of::<UdpHdr>() {
         return Err(Verdict::PassEmptyPayload);
     }
-    let first: *const u8 =
-        ptr_at(ctx, udp_offset + size_of::<UdpHdr>()).ok_or(Verdict::PassMalformed)?;
+    let payload = udp_offset + size_of::<UdpHdr>();
+    let first: *const u8 = ptr_at(ctx, payload).ok_or(Verdict::PassMalformed)?;
     // SAFETY: ptr_at checked that the byte is inside the packet.
     match unsafe { *first } {
         // STUN (ICE checks, consent, TURN control) and DTLS handshakes are for userspace.
         0..=3 | 20..=63 => Err(Verdict::PassStunDtls),
-        _ => Ok(udp),
+        // TURN ChannelData: channel number and length, 2 bytes each.
+        64..=79 => {
+            let header: *const [u16; 2] = ptr_at(ctx, payload).ok_or(Verdict::PassMalformed)?;
+            // SAFETY: ptr_at checked that the 4 bytes are inside the packet.
+            let [number, length] = unsafe { *header };
+            let channel = ChannelHeader {
+                number: u16::from_be(number),
+                length: u16::from_be(length),
+            };
+            Ok((udp, udp_len, Some(channel)))
+        }
+        _ => Ok((udp, udp_len, None)),
     }
 }

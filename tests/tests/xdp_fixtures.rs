@@ -34,6 +34,7 @@ fn flow(src: &str, dst: &str, new_src: &str, new_dst: &str) -> FlowSpec {
         dst: addr(dst),
         new_src: addr(new_src),
         new_dst: addr(new_dst),
+        channel: None,
     }
 }
 

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::datapath::{DatapathStats, DatapathStatus, table::FlowInfo};
+use crate::datapath::{ChannelOp, DatapathStats, DatapathStatus, table::FlowInfo};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line the server reads; longer ones are refused.
@@ -71,7 +71,11 @@ pub struct FlowAddParams {
     pub dst: String,
     pub new_src: String,
     pub new_dst: String,
-    /// Also add the reverse flow (new_dst -> new_src re-sent from dst to src).
+    /// TURN ChannelData: `{"strip": N}` or `{"add": N}` (channel number N).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelOp>,
+    /// Also add the reverse flow (new_dst -> new_src re-sent from dst to src, with the
+    /// opposite channel operation).
     #[serde(default)]
     pub reverse: bool,
 }

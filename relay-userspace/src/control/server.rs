@@ -202,6 +202,7 @@ fn dispatch(request: &Request, table: &FlowTable, started: Instant) -> Result<Va
                 dst: endpoint("dst", &params.dst)?,
                 new_src: endpoint("new_src", &params.new_src)?,
                 new_dst: endpoint("new_dst", &params.new_dst)?,
+                channel: params.channel,
             };
             let specs = if params.reverse {
                 vec![spec, spec.reverse()]
@@ -284,7 +285,9 @@ pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
 fn flow_error(err: FlowError) -> ErrorBody {
     let code = match err {
         FlowError::Invalid(_) => ErrorCode::InvalidArgument,
-        FlowError::Duplicate { .. } => ErrorCode::AlreadyExists,
+        FlowError::Duplicate { .. } | FlowError::DuplicateInRequest { .. } => {
+            ErrorCode::AlreadyExists
+        }
         FlowError::Full { .. } => ErrorCode::TableFull,
         FlowError::UnknownFlow(_) => ErrorCode::NotFound,
         FlowError::Datapath(crate::datapath::DatapathError::Bind { .. }) => {

@@ -2,18 +2,45 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use relay_common::{FAMILY_IPV4, FAMILY_IPV6, FlowAction, FlowKey, address_octets, address_words};
+use relay_common::{
+    CHANNEL_MAX, CHANNEL_MIN, CHANNEL_OP_ADD, CHANNEL_OP_NONE, CHANNEL_OP_STRIP, FAMILY_IPV4,
+    FAMILY_IPV6, FlowAction, FlowKey, address_octets, address_words,
+};
 use serde::{Deserialize, Serialize};
 
 /// "A UDP packet arriving from `src` to `dst` (the relay's own address) is re-sent from
-/// `new_src` (the relay's address on the other side) to `new_dst`" (DESIGN.md).
+/// `new_src` (the relay's address on the other side) to `new_dst`" (DESIGN.md), with an
+/// optional TURN ChannelData operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FlowSpec {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub new_src: SocketAddr,
     pub new_dst: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelOp>,
 }
+
+/// What a flow does with TURN ChannelData framing (RFC 8656 section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOp {
+    /// Packets are ChannelData on this channel; the header is removed (client -> peer).
+    Strip(u16),
+    /// A ChannelData header with this channel number is prepended (peer -> client).
+    Add(u16),
+}
+
+impl ChannelOp {
+    pub fn number(self) -> u16 {
+        match self {
+            ChannelOp::Strip(number) | ChannelOp::Add(number) => number,
+        }
+    }
+}
+
+/// What identifies a flow: source, destination, and the channel of ChannelData packets.
+pub type FlowId = (SocketAddr, SocketAddr, u16);
 
 /// Why a flow spec was refused, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,7 +60,20 @@ impl FlowSpec {
             dst: self.new_src,
             new_src: self.dst,
             new_dst: self.src,
+            channel: self.channel.map(|op| match op {
+                ChannelOp::Strip(number) => ChannelOp::Add(number),
+                ChannelOp::Add(number) => ChannelOp::Strip(number),
+            }),
         }
+    }
+
+    /// The key the datapaths look packets up by.
+    pub fn id(&self) -> FlowId {
+        let channel = match self.channel {
+            Some(ChannelOp::Strip(number)) => number,
+            _ => 0,
+        };
+        (self.src, self.dst, channel)
     }
 
     pub fn fields(&self) -> [(&'static str, SocketAddr); 4] {
@@ -85,6 +125,15 @@ impl FlowSpec {
                 "would send packets back to their source",
             );
         }
+        if let Some(op) = self.channel
+            && !(CHANNEL_MIN..=CHANNEL_MAX).contains(&op.number())
+        {
+            return Err(FlowSpecError {
+                field: "channel",
+                value: format!("{:#06x}", op.number()),
+                reason: "TURN channel numbers are 0x4000 through 0x4fff (RFC 8656 12)".to_owned(),
+            });
+        }
         Ok(())
     }
 
@@ -95,6 +144,7 @@ impl FlowSpec {
             src_port: self.src.port().to_be(),
             dst_port: self.dst.port().to_be(),
             family: family(self.src.ip()),
+            channel: self.id().2,
         }
     }
 
@@ -106,7 +156,12 @@ impl FlowSpec {
             new_dst_port: self.new_dst.port().to_be(),
             flow_id,
             generation,
-            _pad: [0; 4],
+            channel_op: match self.channel {
+                None => CHANNEL_OP_NONE,
+                Some(ChannelOp::Strip(_)) => CHANNEL_OP_STRIP,
+                Some(ChannelOp::Add(_)) => CHANNEL_OP_ADD,
+            },
+            channel_number: self.channel.map_or(0, ChannelOp::number),
         }
     }
 
@@ -126,11 +181,16 @@ impl FlowSpec {
             dst: addr(&key.dst_addr, key.dst_port),
             new_src: addr(&action.new_src_addr, action.new_src_port),
             new_dst: addr(&action.new_dst_addr, action.new_dst_port),
+            channel: match action.channel_op {
+                CHANNEL_OP_STRIP => Some(ChannelOp::Strip(key.channel)),
+                CHANNEL_OP_ADD => Some(ChannelOp::Add(action.channel_number)),
+                _ => None,
+            },
         }
     }
 }
 
-fn family(ip: IpAddr) -> u32 {
+fn family(ip: IpAddr) -> u16 {
     match ip {
         IpAddr::V4(_) => FAMILY_IPV4,
         IpAddr::V6(_) => FAMILY_IPV6,
@@ -159,6 +219,7 @@ mod tests {
             dst: dst.parse().unwrap(),
             new_src: new_src.parse().unwrap(),
             new_dst: new_dst.parse().unwrap(),
+            channel: None,
         }
     }
 
@@ -178,10 +239,17 @@ mod tests {
                 "[fd00::5]:5004",
             ),
         ] {
-            let key = flow.key();
-            let action = flow.action(7, 1);
-            assert_eq!(FlowSpec::from_kernel(&key, &action), flow);
-            assert_eq!(flow.reverse().reverse(), flow);
+            for channel in [
+                None,
+                Some(ChannelOp::Strip(0x4001)),
+                Some(ChannelOp::Add(0x4fff)),
+            ] {
+                let flow = FlowSpec { channel, ..flow };
+                let key = flow.key();
+                let action = flow.action(7, 1);
+                assert_eq!(FlowSpec::from_kernel(&key, &action), flow);
+                assert_eq!(flow.reverse().reverse(), flow);
+            }
         }
     }
 
@@ -214,5 +282,15 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(err.field, "new_dst");
+        let err = FlowSpec {
+            channel: Some(ChannelOp::Add(0x3fff)),
+            ..spec("1.2.3.4:1", "5.6.7.8:1", "9.9.9.9:2", "8.8.8.8:3")
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "channel: 0x3fff: TURN channel numbers are 0x4000 through 0x4fff (RFC 8656 12)"
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::{io, net::SocketAddr};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
-pub use self::flow::{FlowSpec, FlowSpecError};
+pub use self::flow::{ChannelOp, FlowSpec, FlowSpecError};
 use crate::config::{DatapathConfig, DatapathMode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +85,8 @@ pub struct SocketStats {
     pub forwarded_bytes: u64,
     /// Packets to a relay address from a source no flow names (strict source).
     pub unknown_source_packets: u64,
+    /// ChannelData whose Length runs past the packet, dropped.
+    pub malformed_packets: u64,
     pub send_errors: u64,
     pub bound_sockets: u64,
 }

@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
     sync::Mutex,
 };
 
@@ -11,18 +10,17 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Datapath, DatapathError, DatapathStats, DatapathStatus, FlowCounters, FlowSpec, FlowSpecError,
+    flow::FlowId,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     #[error(transparent)]
     Invalid(#[from] FlowSpecError),
-    #[error("src {src} -> dst {dst}: a flow with this key already exists (id {id})")]
-    Duplicate {
-        id: u32,
-        src: SocketAddr,
-        dst: SocketAddr,
-    },
+    #[error("{}: a flow with this key already exists (id {id})", describe(key))]
+    Duplicate { id: u32, key: FlowId },
+    #[error("{}: given twice in one request", describe(key))]
+    DuplicateInRequest { key: FlowId },
     #[error("flow table full: it holds {capacity} flows (datapath.capacity)")]
     Full { capacity: u32 },
     #[error("id: {0}: no such flow")]
@@ -36,7 +34,7 @@ impl FlowError {
     pub fn field(&self) -> Option<&'static str> {
         match self {
             FlowError::Invalid(err) => Some(err.field),
-            FlowError::Duplicate { .. } => Some("src"),
+            FlowError::Duplicate { .. } | FlowError::DuplicateInRequest { .. } => Some("src"),
             FlowError::Full { .. } => None,
             FlowError::UnknownFlow(_) => Some("id"),
             FlowError::Datapath(err) => err.field(),
@@ -75,7 +73,7 @@ struct RateSample {
 #[derive(Default)]
 struct State {
     flows: BTreeMap<u32, FlowRecord>,
-    by_key: HashMap<(SocketAddr, SocketAddr), u32>,
+    by_key: HashMap<FlowId, u32>,
     next_id: u32,
     expired_total: u64,
 }
@@ -122,7 +120,7 @@ impl FlowTable {
                 continue;
             }
             tracing::info!(id, src = %spec.src, dst = %spec.dst, new_src = %spec.new_src, new_dst = %spec.new_dst, "adopted flow from the pinned map");
-            state.by_key.insert((spec.src, spec.dst), id);
+            state.by_key.insert(spec.id(), id);
             state.flows.insert(id, record(spec, generation, now_ns));
             state.next_id = state.next_id.max(id + 1);
         }
@@ -157,23 +155,12 @@ impl FlowTable {
         let mut state = self.state();
         for (index, spec) in specs.iter().enumerate() {
             spec.validate()?;
-            let key = (spec.src, spec.dst);
+            let key = spec.id();
             if let Some(&id) = state.by_key.get(&key) {
-                return Err(FlowError::Duplicate {
-                    id,
-                    src: spec.src,
-                    dst: spec.dst,
-                });
+                return Err(FlowError::Duplicate { id, key });
             }
-            if specs[..index]
-                .iter()
-                .any(|other| (other.src, other.dst) == key)
-            {
-                return Err(FlowError::Duplicate {
-                    id: 0,
-                    src: spec.src,
-                    dst: spec.dst,
-                });
+            if specs[..index].iter().any(|other| other.id() == key) {
+                return Err(FlowError::DuplicateInRequest { key });
             }
         }
         if state.flows.len() + specs.len() > self.capacity as usize {
@@ -194,7 +181,7 @@ impl FlowTable {
             state.next_id += 1;
         }
         for (id, spec) in &added {
-            state.by_key.insert((spec.src, spec.dst), *id);
+            state.by_key.insert(spec.id(), *id);
             state.flows.insert(*id, record(*spec, 1, now_ns));
         }
         Ok(added.into_iter().map(|(id, _)| id).collect())
@@ -253,7 +240,7 @@ impl FlowTable {
 
     fn forget(&self, state: &mut State, id: u32) {
         if let Some(record) = state.flows.remove(&id) {
-            state.by_key.remove(&(record.spec.src, record.spec.dst));
+            state.by_key.remove(&record.spec.id());
             self.datapath.remove(&record.spec);
         }
     }
@@ -273,6 +260,14 @@ impl FlowTable {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("flow table poisoned")
+    }
+}
+
+/// "src A -> dst B", and the channel when the key has one.
+fn describe((src, dst, channel): &FlowId) -> String {
+    match channel {
+        0 => format!("src {src} -> dst {dst}"),
+        channel => format!("src {src} -> dst {dst} channel {channel:#06x}"),
     }
 }
 

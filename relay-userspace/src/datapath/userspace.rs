@@ -16,9 +16,14 @@ use std::{
 
 use tokio::{net::UdpSocket, runtime::Handle, task::JoinHandle};
 
-use super::{DatapathError, FlowCounters, FlowSpec, SocketStats};
+use super::{
+    DatapathError, FlowCounters, FlowSpec, SocketStats,
+    flow::{ChannelOp, FlowId},
+};
 use crate::time::monotonic_ns;
 
+/// Size of a TURN ChannelData header (RFC 8656 12.4).
+const CHANNEL_HEADER: usize = 4;
 /// Largest UDP payload we can receive.
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -31,15 +36,18 @@ pub struct SocketForwarder {
 #[derive(Default)]
 struct Shared {
     /// (src, dst) -> where to send.
-    routes: RwLock<HashMap<(SocketAddr, SocketAddr), Arc<Route>>>,
+    routes: RwLock<HashMap<FlowId, Arc<Route>>>,
     forwarded_packets: AtomicU64,
     forwarded_bytes: AtomicU64,
     unknown_source_packets: AtomicU64,
+    /// ChannelData whose Length runs past the packet.
+    malformed_packets: AtomicU64,
     send_errors: AtomicU64,
 }
 
 struct Route {
     new_dst: SocketAddr,
+    channel: Option<ChannelOp>,
     out: Arc<UdpSocket>,
     packets: AtomicU64,
     bytes: AtomicU64,
@@ -75,6 +83,7 @@ impl SocketForwarder {
         };
         let route = Arc::new(Route {
             new_dst: spec.new_dst,
+            channel: spec.channel,
             out,
             packets: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -85,7 +94,7 @@ impl SocketForwarder {
             .routes
             .write()
             .expect("route table poisoned")
-            .insert((spec.src, spec.dst), route);
+            .insert(spec.id(), route);
         if let Some(previous) = previous {
             // A replacement: the old route's sockets are released, the new ones kept.
             let old_src = previous.out.local_addr().ok();
@@ -104,7 +113,7 @@ impl SocketForwarder {
             .routes
             .write()
             .expect("route table poisoned")
-            .remove(&(spec.src, spec.dst));
+            .remove(&spec.id());
         if removed.is_some() {
             release(&mut sockets, spec.dst);
             release(&mut sockets, spec.new_src);
@@ -113,7 +122,7 @@ impl SocketForwarder {
 
     pub fn counters(&self, spec: &FlowSpec) -> FlowCounters {
         let routes = self.shared.routes.read().expect("route table poisoned");
-        match routes.get(&(spec.src, spec.dst)) {
+        match routes.get(&spec.id()) {
             Some(route) => FlowCounters {
                 userspace_packets: route.packets.load(Ordering::Relaxed),
                 userspace_bytes: route.bytes.load(Ordering::Relaxed),
@@ -130,6 +139,7 @@ impl SocketForwarder {
             forwarded_packets: shared.forwarded_packets.load(Ordering::Relaxed),
             forwarded_bytes: shared.forwarded_bytes.load(Ordering::Relaxed),
             unknown_source_packets: shared.unknown_source_packets.load(Ordering::Relaxed),
+            malformed_packets: shared.malformed_packets.load(Ordering::Relaxed),
             send_errors: shared.send_errors.load(Ordering::Relaxed),
             bound_sockets: self.sockets.lock().expect("socket table poisoned").len() as u64,
         }
@@ -242,15 +252,19 @@ const BATCH: usize = 256;
 /// Waits until the socket is readable, then drains it without going back to the reactor:
 /// one `recvfrom` and one `sendto` per packet while packets keep coming.
 async fn receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, local: SocketAddr) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Packets are received behind room for a ChannelData header, so adding one copies
+    // nothing.
+    let mut buf = vec![0u8; CHANNEL_HEADER + MAX_DATAGRAM];
     loop {
         if let Err(err) = socket.readable().await {
             tracing::error!(%local, %err, "userspace datapath: socket failed; closed");
             return;
         }
         for _ in 0..BATCH {
-            match socket.try_recv_from(&mut buf) {
-                Ok((len, from)) => relay_one(&shared, local, from, &buf[..len]),
+            match socket.try_recv_from(&mut buf[CHANNEL_HEADER..]) {
+                Ok((len, from)) => {
+                    relay_one(&shared, local, from, &mut buf[..CHANNEL_HEADER + len])
+                }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP port unreachable from an earlier send surfaces here as ECONNREFUSED; it
                 // concerns that send, not this socket, so keep receiving.
@@ -265,12 +279,19 @@ async fn receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, local: SocketAddr)
     }
 }
 
-fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, packet: &[u8]) {
+/// Relays one packet, which starts at `buf[CHANNEL_HEADER..]`.
+fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, buf: &mut [u8]) {
+    let packet = &buf[CHANNEL_HEADER..];
+    // ChannelData (first byte 64..=79, RFC 7983) is looked up with its channel number.
+    let channel = match packet {
+        [first @ 0x40..=0x4f, second, _, _, ..] => u16::from_be_bytes([*first, *second]),
+        _ => 0,
+    };
     let route = shared
         .routes
         .read()
         .expect("route table poisoned")
-        .get(&(from, local))
+        .get(&(from, local, channel))
         .cloned();
     let Some(route) = route else {
         // Strict source: only the registered sender is relayed.
@@ -279,12 +300,32 @@ fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, packet: &[u8]
             .fetch_add(1, Ordering::Relaxed);
         return;
     };
+    // Bytes at the IP layer as received, as the XDP counters count them.
+    let ip_len = (packet.len() + ip_udp_overhead(from)) as u64;
+    let out: &[u8] = match route.channel {
+        None => &buf[CHANNEL_HEADER..],
+        // The Length field says where the data ends; padding after it is dropped.
+        Some(ChannelOp::Strip(_)) => {
+            let length = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+            match packet.get(CHANNEL_HEADER..CHANNEL_HEADER + length) {
+                Some(data) => data,
+                None => {
+                    shared.malformed_packets.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        Some(ChannelOp::Add(number)) => {
+            let length = packet.len() as u16;
+            buf[..2].copy_from_slice(&number.to_be_bytes());
+            buf[2..4].copy_from_slice(&length.to_be_bytes());
+            buf
+        }
+    };
     // A UDP send does not wait: with an 4 MiB send buffer, WouldBlock means the egress is
     // saturated and the packet is dropped, as the kernel would drop it.
-    match route.out.try_send_to(packet, route.new_dst) {
+    match route.out.try_send_to(out, route.new_dst) {
         Ok(_) => {
-            // Bytes at the IP layer, as the XDP counters count them.
-            let ip_len = (packet.len() + ip_udp_overhead(from)) as u64;
             route.packets.fetch_add(1, Ordering::Relaxed);
             route.bytes.fetch_add(ip_len, Ordering::Relaxed);
             route.last_seen_ns.store(monotonic_ns(), Ordering::Relaxed);

@@ -84,6 +84,7 @@ fn program_cost() {
             dst: a("10.2.0.2:5004"),
             new_src: a("198.51.100.7:4000"),
             new_dst: a("10.2.0.2:5004"),
+            channel: None,
         };
         kernel.install(1, 1, &bench).unwrap();
         let hit = Frame {
@@ -109,6 +110,7 @@ fn program_cost() {
                 dst: SocketAddr::from(([10, 1, 0, 1], 20000 + (i % 40000) as u16)),
                 new_src: SocketAddr::from(([10, 2, 0, 1], 30000)),
                 new_dst: SocketAddr::from(([10, 2, 0, 2], 5004)),
+                channel: None,
             };
             kernel.install(i + 2, 1, &spec).unwrap();
             if i % 100_000 == 99_999 {

@@ -7,7 +7,7 @@ use relay::{
         protocol::{FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult, method},
         server::parse_endpoint,
     },
-    datapath::table::FlowInfo,
+    datapath::{ChannelOp, table::FlowInfo},
 };
 use serde_json::{Value, json};
 
@@ -29,7 +29,14 @@ pub enum FlowCommand {
         /// Where to send them
         #[arg(long, value_parser = endpoint)]
         new_dst: String,
-        /// Also add the reverse direction (NEW_DST -> NEW_SRC re-sent from DST to SRC)
+        /// Packets are TURN ChannelData on this channel: remove the 4-byte header
+        #[arg(long, value_name = "CHANNEL", value_parser = channel_number, conflicts_with = "add_channel")]
+        strip_channel: Option<u16>,
+        /// Prepend a TURN ChannelData header with this channel number
+        #[arg(long, value_name = "CHANNEL", value_parser = channel_number)]
+        add_channel: Option<u16>,
+        /// Also add the reverse direction (NEW_DST -> NEW_SRC re-sent from DST to SRC, with the
+        /// opposite channel operation)
         #[arg(long)]
         reverse: bool,
     },
@@ -39,6 +46,15 @@ pub enum FlowCommand {
     List,
     /// Show one flow in detail
     Show { id: u32 },
+}
+
+/// A channel number, decimal or 0x-prefixed hex (relayd checks the range).
+fn channel_number(text: &str) -> Result<u16, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("{text:?} is not a channel number (e.g. 0x4000)"))
 }
 
 /// Checks the syntax locally so that a typo is reported before relayd is asked.
@@ -57,6 +73,8 @@ pub fn run(
             dst,
             new_src,
             new_dst,
+            strip_channel,
+            add_channel,
             reverse,
         } => {
             let params = FlowAddParams {
@@ -64,6 +82,9 @@ pub fn run(
                 dst: dst.clone(),
                 new_src: new_src.clone(),
                 new_dst: new_dst.clone(),
+                channel: strip_channel
+                    .map(ChannelOp::Strip)
+                    .or(add_channel.map(ChannelOp::Add)),
                 reverse: *reverse,
             };
             let added: FlowAddResult = client.call_as(
@@ -99,8 +120,8 @@ pub fn run(
                 println!("no flows");
             } else {
                 let mut table = output::Table::new(&[
-                    "ID", "SRC", "DST", "NEW SRC", "NEW DST", "PACKETS", "BYTES", "RATE", "XDP%",
-                    "IDLE",
+                    "ID", "SRC", "DST", "NEW SRC", "NEW DST", "CHANNEL", "PACKETS", "BYTES",
+                    "RATE", "XDP%", "IDLE",
                 ])
                 .right_aligned(&["ID", "PACKETS", "BYTES", "RATE", "XDP%", "IDLE"]);
                 for flow in &list.flows {
@@ -119,6 +140,7 @@ pub fn run(
                         flow.spec.dst.to_string(),
                         flow.spec.new_src.to_string(),
                         flow.spec.new_dst.to_string(),
+                        channel(&flow.spec.channel),
                         output::count(packets),
                         output::bytes(flow.counters.bytes()),
                         format!("{}/s", output::count(flow.rate_pps.round() as u64)),
@@ -138,6 +160,7 @@ pub fn run(
                 println!("flow        {} (generation {})", flow.id, flow.generation);
                 println!("match       {} -> {}", flow.spec.src, flow.spec.dst);
                 println!("send        {} -> {}", flow.spec.new_src, flow.spec.new_dst);
+                println!("channel     {}", channel(&flow.spec.channel));
                 println!(
                     "xdp         {} packets, {}",
                     c.xdp_packets,
@@ -158,4 +181,13 @@ pub fn run(
 
 fn id_params(id: u32) -> Value {
     json!(FlowIdParams { id })
+}
+
+/// "strip 0x4001", "add 0x4001" or "-".
+fn channel(op: &Option<ChannelOp>) -> String {
+    match op {
+        Some(ChannelOp::Strip(number)) => format!("strip {number:#06x}"),
+        Some(ChannelOp::Add(number)) => format!("add {number:#06x}"),
+        None => "-".to_owned(),
+    }
 }

@@ -46,6 +46,10 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
         "unknown source (dropped)".into(),
         output::count(user.unknown_source_packets),
     ]);
+    table.row(vec![
+        "malformed ChannelData (dropped)".into(),
+        output::count(user.malformed_packets),
+    ]);
     table.row(vec!["send errors".into(), output::count(user.send_errors)]);
     table.row(vec!["bound sockets".into(), user.bound_sockets.to_string()]);
     table.print();
