@@ -164,6 +164,14 @@ pub fn stun_binding_request() -> Vec<u8> {
     message
 }
 
+/// A TURN ChannelData message (RFC 8656 12.4) carrying `data`, without padding.
+pub fn channel_data(number: u16, data: &[u8]) -> Vec<u8> {
+    let mut message = number.to_be_bytes().to_vec();
+    message.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    message.extend_from_slice(data);
+    message
+}
+
 /// An RTP packet (version 2, PT 0 / PCMU) with a 160-byte payload: 172 bytes, a 20 ms G.711
 /// frame.
 pub fn rtp_payload(sequence: u16) -> Vec<u8> {

@@ -15,11 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use relay_tests::{
-    netns::{NetNs, PinDir, veth},
-    relayd::Relayd,
-    require_root,
-};
+use relay_tests::{lab::ThreeHosts, netns::PinDir, relayd::Relayd, require_root};
 use serde_json::Value;
 
 /// Packets sent each way, per address family.
@@ -27,37 +23,6 @@ const PACKETS: u32 = 10_000;
 /// Packets the slow path may carry in the XDP modes: the first packet of each flow goes
 /// through a socket so that the kernel resolves the next hop's neighbour entry.
 const SLOW_PATH_ALLOWANCE: u64 = 5;
-
-struct Lab {
-    client: NetNs,
-    relay: NetNs,
-    peer: NetNs,
-}
-
-fn lab() -> Lab {
-    let lab = Lab {
-        client: NetNs::new("rcl"),
-        relay: NetNs::new("rrl"),
-        peer: NetNs::new("rpe"),
-    };
-    veth(&lab.client, "c0", &lab.relay, "rc");
-    veth(&lab.relay, "rp", &lab.peer, "p0");
-    for (ns, dev, v4, v6) in [
-        (&lab.client, "c0", "10.10.1.2/24", "fd10:1::2/64"),
-        (&lab.relay, "rc", "10.10.1.1/24", "fd10:1::1/64"),
-        (&lab.relay, "rp", "10.10.2.1/24", "fd10:2::1/64"),
-        (&lab.peer, "p0", "10.10.2.2/24", "fd10:2::2/64"),
-    ] {
-        ns.exec(&["ip", "addr", "add", v4, "dev", dev]);
-        ns.exec(&["ip", "addr", "add", v6, "dev", dev, "nodad"]);
-    }
-    // Frames redirected by native XDP out of a veth are delivered only when the far end has
-    // GRO on; senders on veth emit partial checksums native XDP cannot carry (XDP-FACTS.md).
-    for (ns, dev) in [(&lab.client, "c0"), (&lab.peer, "p0")] {
-        ns.exec(&["ethtool", "-K", dev, "tx", "off", "gro", "on"]);
-    }
-    lab
-}
 
 struct Leg {
     client: SocketAddr,
@@ -163,13 +128,10 @@ fn stream(
 }
 
 fn run_mode(mode: &str, args: &[&str]) {
-    let lab = lab();
+    let lab = ThreeHosts::new();
     let pins = PinDir::new();
-    let mut relayd_args = args.to_vec();
-    relayd_args.extend_from_slice(&["--interface", "rc", "--interface", "rp", "--pin-dir"]);
     let pin_dir = pins.path.to_string_lossy().into_owned();
-    relayd_args.push(&pin_dir);
-    let relayd = Relayd::start(Some(&lab.relay), &relayd_args);
+    let relayd = Relayd::start(Some(&lab.relay), &lab.relayd_args(args, &pin_dir));
 
     let status = relayd.ctl_json(&["status"]);
     let expected_kind = if mode == "userspace" {

@@ -3,66 +3,44 @@
 
 use std::net::SocketAddr;
 
-use relay_tests::{
-    netns::{NetNs, PinDir, veth},
-    relayd::Relayd,
-    require_root,
-};
+use relay_tests::{lab::ThreeHosts, netns::PinDir, relayd::Relayd, require_root};
 
 #[test]
 fn a_restarted_relayd_adopts_pinned_flows() {
     require_root();
-    let client = NetNs::new("radc");
-    let relay = NetNs::new("radr");
-    let peer = NetNs::new("radp");
-    veth(&client, "c0", &relay, "rc");
-    veth(&relay, "rp", &peer, "p0");
-    client.exec(&["ip", "addr", "add", "10.40.1.2/24", "dev", "c0"]);
-    relay.exec(&["ip", "addr", "add", "10.40.1.1/24", "dev", "rc"]);
-    relay.exec(&["ip", "addr", "add", "10.40.2.1/24", "dev", "rp"]);
-    peer.exec(&["ip", "addr", "add", "10.40.2.2/24", "dev", "p0"]);
+    let lab = ThreeHosts::new();
     let pins = PinDir::new();
     let pin_dir = pins.path.to_string_lossy().into_owned();
-    let args = [
-        "--datapath",
-        "xdp",
-        "--xdp-mode",
-        "generic",
-        "--interface",
-        "rc",
-        "--interface",
-        "rp",
-        "--pin-dir",
-        &pin_dir,
-    ];
+    let args = lab.relayd_args(&["--datapath", "xdp", "--xdp-mode", "generic"], &pin_dir);
+    let (client, relay, peer) = (&lab.client, &lab.relay, &lab.peer);
 
-    let sender = client.udp_socket("10.40.1.2:4000".parse().unwrap());
-    let receiver = peer.udp_socket("10.40.2.2:5004".parse().unwrap());
+    let sender = client.udp_socket("10.10.1.2:4000".parse().unwrap());
+    let receiver = peer.udp_socket("10.10.2.2:5004".parse().unwrap());
     receiver
         .set_read_timeout(Some(std::time::Duration::from_secs(2)))
         .unwrap();
-    let relay_addr: SocketAddr = "10.40.1.1:20000".parse().unwrap();
+    let relay_addr: SocketAddr = "10.10.1.1:20000".parse().unwrap();
     let send_and_receive = |count: usize| {
         let mut buf = [0u8; 512];
         for _ in 0..count {
             sender.send_to(&[0x80; 172], relay_addr).unwrap();
             let (len, from) = receiver.recv_from(&mut buf).expect("relayed packet");
-            assert_eq!((len, from), (172, "10.40.2.1:30000".parse().unwrap()));
+            assert_eq!((len, from), (172, "10.10.2.1:30000".parse().unwrap()));
         }
     };
 
-    let mut first = Relayd::start(Some(&relay), &args);
+    let mut first = Relayd::start(Some(relay), &args);
     first.ctl_ok(&[
         "flow",
         "add",
         "--src",
-        "10.40.1.2:4000",
+        "10.10.1.2:4000",
         "--dst",
-        "10.40.1.1:20000",
+        "10.10.1.1:20000",
         "--new-src",
-        "10.40.2.1:30000",
+        "10.10.2.1:30000",
         "--new-dst",
-        "10.40.2.2:5004",
+        "10.10.2.2:5004",
         "--reverse",
     ]);
     send_and_receive(10);
@@ -77,7 +55,7 @@ fn a_restarted_relayd_adopts_pinned_flows() {
         "the flow map should stay pinned after relayd stops"
     );
 
-    let second = Relayd::start(Some(&relay), &args);
+    let second = Relayd::start(Some(relay), &args);
     assert!(
         second.log().contains("adopted flow from the pinned map"),
         "{}",
@@ -112,13 +90,13 @@ fn a_restarted_relayd_adopts_pinned_flows() {
         "flow",
         "add",
         "--src",
-        "10.40.1.2:4001",
+        "10.10.1.2:4001",
         "--dst",
-        "10.40.1.1:20001",
+        "10.10.1.1:20001",
         "--new-src",
-        "10.40.2.1:30001",
+        "10.10.2.1:30001",
         "--new-dst",
-        "10.40.2.2:5005",
+        "10.10.2.2:5005",
     ]);
     assert_eq!(added["ids"], serde_json::json!([3]));
 }

@@ -9,11 +9,13 @@
 use std::net::SocketAddr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use relay::datapath::{FlowSpec, xdp::KernelProgram};
+use relay::datapath::{ChannelOp, FlowSpec, xdp::KernelProgram};
 use relay_common::{Verdict, XDP_RELAY_PROGRAM};
 use relay_tests::{
     netns::{NetNs, PinDir},
-    packet::{Frame, arp_request, internet_checksum, rtp_payload, stun_binding_request},
+    packet::{
+        Frame, arp_request, channel_data, internet_checksum, rtp_payload, stun_binding_request,
+    },
     require_root,
 };
 
@@ -23,6 +25,7 @@ const XDP_REDIRECT: u32 = 4;
 
 const LAN_NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
 const VLAN_NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x05, 0x02];
+const WAN_ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
@@ -41,6 +44,7 @@ fn flow(src: &str, dst: &str, new_src: &str, new_dst: &str) -> FlowSpec {
 /// The relay's interfaces in the fixture namespace.
 struct Lab {
     ns: NetNs,
+    wan_mac: [u8; 6],
     lan_mac: [u8; 6],
     vlan_mac: [u8; 6],
 }
@@ -48,7 +52,12 @@ struct Lab {
 fn lab() -> Lab {
     let ns = NetNs::new("rfx");
     for (dev, v4, v6, neighbour) in [
-        ("wan", "10.1.0.1/24", "fd01::1/64", None),
+        (
+            "wan",
+            "10.1.0.1/24",
+            "fd01::1/64",
+            Some(("10.1.0.2", "fd01::2", "02:00:00:00:01:02")),
+        ),
         (
             "lan",
             "10.2.0.1/24",
@@ -107,10 +116,15 @@ fn lab() -> Lab {
         }
     }
     ns.exec(&["ip", "link", "set", "small", "mtu", "1280"]);
+    // TURN clients on the Internet side, behind the WAN router.
+    ns.exec(&["ip", "route", "add", "198.51.100.0/24", "via", "10.1.0.2"]);
+    ns.exec(&["ip", "route", "add", "2001:db8::/64", "via", "fd01::2"]);
+    let wan_mac = ns.mac("wan");
     let lan_mac = ns.mac("lan");
     let vlan_mac = ns.mac("vl");
     Lab {
         ns,
+        wan_mac,
         lan_mac,
         vlan_mac,
     }
@@ -205,6 +219,37 @@ fn xdp_program_fixtures() {
         "10.5.0.1:30005",
         "10.5.0.2:5004",
     );
+    // TURN: ChannelData from the client on channel 0x4001 is stripped and sent to the peer;
+    // the peer's answers get the header back on their way to the client.
+    let turn4 = FlowSpec {
+        channel: Some(ChannelOp::Strip(0x4001)),
+        ..flow(
+            "198.51.100.20:50000",
+            "10.1.0.1:3478",
+            "10.2.0.1:40000",
+            "10.2.0.2:6000",
+        )
+    };
+    let turn6 = FlowSpec {
+        channel: Some(ChannelOp::Strip(0x4fff)),
+        ..flow(
+            "[2001:db8::20]:50000",
+            "[fd01::1]:3478",
+            "[fd02::1]:40000",
+            "[fd02::2]:6000",
+        )
+    };
+    let turn4_back = turn4.reverse();
+    let turn6_back = turn6.reverse();
+    let add_small_mtu = FlowSpec {
+        channel: Some(ChannelOp::Add(0x4002)),
+        ..flow(
+            "10.2.0.2:6001",
+            "10.2.0.1:40001",
+            "10.1.0.1:3478",
+            "10.4.0.2:5004",
+        )
+    };
     let flows = [
         v4,
         v6,
@@ -214,6 +259,11 @@ fn xdp_program_fixtures() {
         small_mtu,
         no_route,
         vlan,
+        turn4,
+        turn6,
+        turn4_back,
+        turn6_back,
+        add_small_mtu,
     ];
 
     let rtp = rtp_payload(1);
@@ -410,6 +460,111 @@ fn xdp_program_fixtures() {
             Verdict::PassTooBig,
         ),
     ];
+
+    let wan_mac = lab.wan_mac;
+    for (turn, back, family) in [(turn4, turn4_back, "IPv4"), (turn6, turn6_back, "IPv6")] {
+        let number = turn.channel.unwrap().number();
+        let wrapped = Frame::udp(turn.src, turn.dst, &channel_data(number, &rtp));
+        let plain = Frame::udp(back.src, back.dst, &rtp);
+        fixtures.push(Fixture {
+            description: if family == "IPv4" {
+                "ChannelData strip (IPv4): header gone, lengths and checksums updated"
+            } else {
+                "ChannelData strip (IPv6): header gone, lengths and checksum updated"
+            },
+            input: wrapped.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+            output: Some(
+                Frame {
+                    payload: rtp.clone(),
+                    ..rewritten(&wrapped, &turn, lan_mac, LAN_NEIGHBOUR_MAC)
+                }
+                .bytes(),
+            ),
+        });
+        fixtures.push(Fixture {
+            description: if family == "IPv4" {
+                "ChannelData add (IPv4): header prepended, lengths and checksums updated"
+            } else {
+                "ChannelData add (IPv6): header prepended, lengths and checksum updated"
+            },
+            input: plain.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+            output: Some(
+                Frame {
+                    payload: channel_data(number, &rtp),
+                    ..rewritten(&plain, &back, wan_mac, WAN_ROUTER_MAC)
+                }
+                .bytes(),
+            ),
+        });
+    }
+    {
+        let input = Frame {
+            zero_udp_checksum: true,
+            ..Frame::udp(turn4.src, turn4.dst, &channel_data(0x4001, &rtp))
+        };
+        fixtures.push(Fixture {
+            description: "ChannelData strip with UDP checksum 0: stays 0",
+            output: Some(
+                Frame {
+                    payload: rtp.clone(),
+                    ..rewritten(&input, &turn4, lan_mac, LAN_NEIGHBOUR_MAC)
+                }
+                .bytes(),
+            ),
+            input: input.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+        });
+    }
+    let padded = {
+        let mut message = channel_data(0x4001, &rtp[..171]);
+        message.push(0);
+        message
+    };
+    let overlong = {
+        let mut message = channel_data(0x4001, &rtp);
+        message[2..4].copy_from_slice(&200u16.to_be_bytes());
+        message
+    };
+    fixtures.extend([
+        pass(
+            "ChannelData on a channel with no flow",
+            Frame::udp(turn4.src, turn4.dst, &channel_data(0x4002, &rtp)).bytes(),
+            Verdict::PassNoFlow,
+        ),
+        pass(
+            "ChannelData to a plain flow's 4-tuple is not that flow",
+            Frame::udp(v4.src, v4.dst, &channel_data(0x4001, &rtp)).bytes(),
+            Verdict::PassNoFlow,
+        ),
+        pass(
+            "ChannelData padded to 4 bytes (allowed over UDP): userspace trims it",
+            Frame::udp(turn4.src, turn4.dst, &padded).bytes(),
+            Verdict::PassChannelLength,
+        ),
+        pass(
+            "ChannelData whose Length runs past the packet",
+            Frame::udp(turn4.src, turn4.dst, &overlong).bytes(),
+            Verdict::PassChannelLength,
+        ),
+        pass(
+            "ChannelData add that would exceed the egress MTU",
+            Frame::udp(
+                add_small_mtu.src,
+                add_small_mtu.dst,
+                &vec![0x80; 1280 - 28 - 2],
+            )
+            .bytes(),
+            Verdict::PassTooBig,
+        ),
+    ]);
 
     // Truncated headers at every layer, cut from a valid hit. (BPF_PROG_TEST_RUN refuses
     // frames shorter than an Ethernet header, so the shortest is a bare Ethernet header.)

@@ -18,7 +18,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use relay::datapath::{FlowSpec, xdp::KernelProgram};
 use relay_common::XDP_RELAY_PROGRAM;
 use relay_tests::{
-    netns::{NetNs, PinDir, veth},
+    lab::ThreeHosts,
+    netns::{NetNs, PinDir},
     packet::{Frame, rtp_payload},
     relayd::Relayd,
     require_root,
@@ -167,38 +168,19 @@ fn measure(kernel: &mut KernelProgram, frame: &[u8], expected: u32) -> (u64, u64
     )
 }
 
-struct Lab {
-    client: NetNs,
-    relay: NetNs,
-    peer: NetNs,
-}
-
-fn lab() -> Lab {
-    let lab = Lab {
-        client: NetNs::new("rbc"),
-        relay: NetNs::new("rbr"),
-        peer: NetNs::new("rbe"),
-    };
-    veth(&lab.client, "c0", &lab.relay, "rc");
-    veth(&lab.relay, "rp", &lab.peer, "p0");
-    lab.client
-        .exec(&["ip", "addr", "add", "10.10.1.2/24", "dev", "c0"]);
-    lab.relay
-        .exec(&["ip", "addr", "add", "10.10.1.1/24", "dev", "rc"]);
-    lab.relay
-        .exec(&["ip", "addr", "add", "10.10.2.1/24", "dev", "rp"]);
-    lab.peer
-        .exec(&["ip", "addr", "add", "10.10.2.2/24", "dev", "p0"]);
-    lab.peer.exec(&["ethtool", "-K", "p0", "gro", "on"]);
-    let p0 = lab.peer.exec(&["cat", "/sys/class/net/p0/address"]);
-    let p0 = String::from_utf8_lossy(&p0.stdout).trim().to_owned();
+/// The shared lab, with a permanent neighbour entry for the peer so that no run starts with
+/// neighbour resolution.
+fn lab() -> ThreeHosts {
+    let lab = ThreeHosts::new();
+    let p0 = lab.peer.mac("p0");
+    let p0: Vec<String> = p0.iter().map(|b| format!("{b:02x}")).collect();
     lab.relay.exec(&[
         "ip",
         "neigh",
         "replace",
         "10.10.2.2",
         "lladdr",
-        &p0,
+        &p0.join(":"),
         "dev",
         "rp",
         "nud",
@@ -419,16 +401,7 @@ fn end_to_end_steps(name: &'static str, relay: Relay) -> Vec<Step> {
             (None, "daddr=10.10.2.2, ttl=64), udp(sp=4000, dp=5004)")
         }
         Relay::Relayd(args) => {
-            let mut relayd_args = args.to_vec();
-            relayd_args.extend_from_slice(&[
-                "--interface",
-                "rc",
-                "--interface",
-                "rp",
-                "--pin-dir",
-                &pin_dir,
-            ]);
-            let relayd = Relayd::start(Some(&lab.relay), &relayd_args);
+            let relayd = Relayd::start(Some(&lab.relay), &lab.relayd_args(args, &pin_dir));
             relayd.ctl_ok(&[
                 "flow",
                 "add",
@@ -492,7 +465,7 @@ fn end_to_end_steps(name: &'static str, relay: Relay) -> Vec<Step> {
 }
 
 fn step(
-    lab: &Lab,
+    lab: &ThreeHosts,
     relayd: Option<&Relayd>,
     config: &std::path::Path,
     load: Load,
