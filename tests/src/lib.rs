@@ -9,6 +9,7 @@ pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod relayd;
+pub mod traffic;
 
 /// Fails the test with a clear message when not run as root.
 pub fn require_root() {

@@ -4,18 +4,15 @@
 //! The same test runs with XDP in native mode, XDP in generic mode, and the userspace
 //! datapath.
 
-use std::{
-    collections::HashSet,
-    net::{SocketAddr, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, thread, time::Duration};
 
-use relay_tests::{lab::ThreeHosts, netns::PinDir, relayd::Relayd, require_root};
+use relay_tests::{
+    lab::ThreeHosts,
+    netns::PinDir,
+    relayd::Relayd,
+    require_root,
+    traffic::{PLAIN, stream},
+};
 use serde_json::Value;
 
 /// Packets sent each way, per address family.
@@ -47,84 +44,6 @@ fn legs() -> [Leg; 2] {
             peer: a("[fd10:2::2]:5004"),
         },
     ]
-}
-
-/// Sends PACKETS numbered datagrams from `from` to `to`, and checks that `receiver` gets each
-/// exactly once, from `expected_source`, intact. Returns a description of what went wrong.
-fn stream(
-    from: &UdpSocket,
-    to: SocketAddr,
-    receiver: UdpSocket,
-    expected_source: SocketAddr,
-) -> Result<(), String> {
-    let done = Arc::new(AtomicBool::new(false));
-    let sender_done = done.clone();
-    let collector = thread::spawn(move || {
-        receiver
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let mut seen = HashSet::new();
-        let mut duplicates = 0;
-        let mut wrong = Vec::new();
-        let mut buf = [0u8; 2048];
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while seen.len() < PACKETS as usize && Instant::now() < deadline {
-            match receiver.recv_from(&mut buf) {
-                Ok((len, source)) => {
-                    if source != expected_source || len != 172 {
-                        wrong.push(format!("{len} bytes from {source}"));
-                        continue;
-                    }
-                    let sequence = u32::from_be_bytes(buf[4..8].try_into().unwrap());
-                    if buf[0] != 0x80 || buf[8..len].iter().any(|b| *b != 0xd5) {
-                        wrong.push(format!("packet {sequence} corrupted"));
-                    }
-                    if !seen.insert(sequence) {
-                        duplicates += 1;
-                    }
-                }
-                // Half a second of silence after the sender finished: what is missing is lost.
-                Err(_) if seen.len() as u32 >= PACKETS || sender_done.load(Ordering::Relaxed) => {
-                    break;
-                }
-                Err(_) => {}
-            }
-        }
-        // Anything still in flight would be a duplicate.
-        receiver
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        while let Ok((len, _)) = receiver.recv_from(&mut buf) {
-            if len >= 8 && seen.contains(&u32::from_be_bytes(buf[4..8].try_into().unwrap())) {
-                duplicates += 1;
-            }
-        }
-        (seen.len() as u32, duplicates, wrong)
-    });
-    // RTP-like: first byte 0x80 (RFC 7983: not STUN/DTLS), sequence number at 4..8.
-    let mut payload = [0xd5u8; 172];
-    payload[..4].copy_from_slice(&[0x80, 0, 0, 0]);
-    for sequence in 0..PACKETS {
-        payload[4..8].copy_from_slice(&sequence.to_be_bytes());
-        from.send_to(&payload, to)
-            .map_err(|err| format!("send: {err}"))?;
-        if sequence == 0 {
-            // The first packet takes the slow path and resolves the neighbour; RTP paces
-            // at 20 ms anyway.
-            thread::sleep(Duration::from_millis(100));
-        } else if sequence % 100 == 0 {
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-    done.store(true, Ordering::Relaxed);
-    let (received, duplicates, wrong) = collector.join().unwrap();
-    if received != PACKETS || duplicates != 0 || !wrong.is_empty() {
-        return Err(format!(
-            "{to}: received {received}/{PACKETS}, {duplicates} duplicates, unexpected: {:?}",
-            wrong.iter().take(5).collect::<Vec<_>>()
-        ));
-    }
-    Ok(())
 }
 
 fn run_mode(mode: &str, args: &[&str]) {
@@ -162,8 +81,17 @@ fn run_mode(mode: &str, args: &[&str]) {
             leg.relay_client_side,
             peer.try_clone().unwrap(),
             leg.relay_peer_side,
+            PACKETS,
+            &PLAIN,
         );
-        let backward = stream(&peer, leg.relay_peer_side, client, leg.relay_client_side);
+        let backward = stream(
+            &peer,
+            leg.relay_peer_side,
+            client,
+            leg.relay_client_side,
+            PACKETS,
+            &PLAIN,
+        );
         if let Err(problem) = forward.and(backward) {
             panic!(
                 "{mode}: {problem}\nflows: {}\nstats: {}\nrelayd log:\n{}",
