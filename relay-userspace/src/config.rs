@@ -32,6 +32,17 @@ pub enum XdpModeChoice {
     Generic,
 }
 
+impl XdpModeChoice {
+    /// Whether an attachment in `mode` ("native"/"generic") is what this choice asks for.
+    pub fn accepts(self, mode: &str) -> bool {
+        match self {
+            XdpModeChoice::Auto => true,
+            XdpModeChoice::Native => mode == "native",
+            XdpModeChoice::Generic => mode == "generic",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatapathConfig {

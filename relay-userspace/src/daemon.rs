@@ -46,6 +46,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = stop.send(true);
     let _ = serving.await;
     let _ = expiring.await;
+    if status.kind == datapath::DatapathKind::Xdp {
+        tracing::info!(
+            flows = table.len(),
+            "XDP stays attached through its pinned links: installed flows keep forwarding until relayd starts again (and adopts them) or `relayd --detach-xdp` removes them"
+        );
+    }
     Ok(())
 }
 

@@ -15,6 +15,10 @@ struct Args {
     /// Validate the configuration (with overrides applied), print the result and exit
     #[arg(long)]
     check: bool,
+    /// Remove the XDP program and the flow table from the kernel (everything pinned in
+    /// datapath.pin_dir) and exit; run it while relayd is stopped
+    #[arg(long, conflicts_with = "check")]
+    detach_xdp: bool,
     /// Override datapath.mode
     #[arg(long, env = "RELAY_DATAPATH", value_name = "MODE")]
     datapath: Option<DatapathMode>,
@@ -87,6 +91,28 @@ fn main() -> ExitCode {
     if args.check {
         println!("relayd: {origin}: configuration is valid");
         return ExitCode::SUCCESS;
+    }
+    if args.detach_xdp {
+        return match relay::datapath::xdp::detach_all(&config.datapath.pin_dir) {
+            Ok(removed) if removed.is_empty() => {
+                println!(
+                    "relayd: nothing pinned in {}",
+                    config.datapath.pin_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(removed) => {
+                for path in removed {
+                    println!("relayd: unpinned {path}");
+                }
+                println!("relayd: XDP detached, flow table freed");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("relayd: --detach-xdp: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.level))

@@ -14,7 +14,11 @@ use anyhow::{Context, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use relay_common::{
     EGRESS_MAP, FLOWS_MAP, FlowCounters as KernelCounters, FlowKey, FlowValue, NextHopCache,
@@ -250,15 +254,27 @@ impl XdpDatapath {
             .collect::<anyhow::Result<_>>()?;
         let mut kernel = KernelProgram::load(&config.pin_dir, config.capacity)?;
         kernel.prepare_forwarding(&interfaces)?;
+        detach_stale_links(&config.pin_dir, &interfaces)?;
         let mut attached = Vec::new();
         let program = kernel.program_mut(XDP_RELAY_PROGRAM)?;
         for (name, ifindex) in interfaces {
-            let mode = attach(program, &name, config.xdp_mode)?;
-            tracing::info!(interface = %name, ifindex, mode, "XDP: attached");
+            let link_pin = config.pin_dir.join(format!("{LINK_PIN_PREFIX}{name}"));
+            let mode = if link_pin.exists() {
+                let mode = take_over_link(program, &name, &link_pin)?;
+                tracing::info!(interface = %name, ifindex, mode, "XDP: took over the pinned link (program replaced atomically, no packet missed)");
+                if !config.xdp_mode.accepts(&mode) {
+                    tracing::warn!(interface = %name, mode, wanted = ?config.xdp_mode, "XDP: the pinned link keeps its mode; run relayd --detach-xdp while relayd is stopped to change it");
+                }
+                mode
+            } else {
+                let mode = attach(program, &name, config.xdp_mode, &link_pin)?;
+                tracing::info!(interface = %name, ifindex, mode, "XDP: attached");
+                mode.to_owned()
+            };
             attached.push(InterfaceStatus {
                 name,
                 ifindex,
-                xdp_mode: mode.to_owned(),
+                xdp_mode: mode,
             });
         }
         Ok(XdpDatapath {
@@ -332,12 +348,22 @@ fn map_data(map: &Map) -> anyhow::Result<&MapData> {
 }
 
 /// Attaches in the requested mode; `auto` tries native (driver) mode, then generic.
+/// Attaches in the requested mode (`auto`: native, then generic) and pins the link at
+/// `link_pin`, so that the program stays attached when relayd stops.
 fn attach(
     program: &mut Xdp,
     interface: &str,
     choice: XdpModeChoice,
+    link_pin: &Path,
 ) -> anyhow::Result<&'static str> {
-    let try_mode = |program: &mut Xdp, mode| program.attach(interface, mode).map(|_| ());
+    let try_mode = |program: &mut Xdp, mode| -> Result<(), anyhow::Error> {
+        let id = program.attach(interface, mode)?;
+        let link = FdLink::try_from(program.take_link(id)?)
+            .context("the kernel attached XDP without a bpf_link, which cannot be pinned")?;
+        link.pin(link_pin)
+            .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
+        Ok(())
+    };
     match choice {
         XdpModeChoice::Native => try_mode(program, XdpMode::Driver)
             .with_context(|| format!("attaching XDP to {interface} in native mode"))
@@ -357,6 +383,80 @@ fn attach(
             }
         },
     }
+}
+
+/// Name prefix of the pinned XDP links in the pin directory, followed by the interface name.
+const LINK_PIN_PREFIX: &str = "link_";
+
+/// Replaces the program of the link a previous relayd pinned at `link_pin` with `program`,
+/// atomically: packets keep flowing through the old program until the new one takes over.
+/// Returns the link's mode.
+fn take_over_link(program: &mut Xdp, interface: &str, link_pin: &Path) -> anyhow::Result<String> {
+    let pinned = PinnedLink::from_pin(link_pin)
+        .with_context(|| format!("opening the pinned XDP link {}", link_pin.display()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned))
+        .with_context(|| format!("{} is not an XDP link", link_pin.display()))?;
+    program
+        .attach_to_link(link)
+        .with_context(|| format!("replacing the program on {interface}'s pinned XDP link"))?;
+    Ok(attached_mode(interface).unwrap_or_else(|| "unknown".to_owned()))
+}
+
+/// "native" or "generic", as the kernel reports the interface's XDP attachment (iproute2).
+fn attached_mode(interface: &str) -> Option<String> {
+    let output = std::process::Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", interface])
+        .output()
+        .ok()?;
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    // XDP_ATTACHED_DRV = 1, XDP_ATTACHED_SKB = 2, XDP_ATTACHED_HW = 3 (linux/if_link.h).
+    match links.get(0)?.get("xdp")?.get("mode")?.as_u64()? {
+        1 => Some("native".to_owned()),
+        2 => Some("generic".to_owned()),
+        3 => Some("offload".to_owned()),
+        _ => None,
+    }
+}
+
+/// Unpins (and so detaches) links pinned for interfaces that are no longer configured.
+fn detach_stale_links(pin_dir: &Path, interfaces: &[(String, u32)]) -> anyhow::Result<()> {
+    for entry in
+        std::fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(interface) = name.strip_prefix(LINK_PIN_PREFIX)
+            && !interfaces
+                .iter()
+                .any(|(configured, _)| configured == interface)
+        {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("unpinning {}", entry.path().display()))?;
+            tracing::info!(
+                interface,
+                "XDP: detached from an interface no longer in datapath.interfaces"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `relayd --detach-xdp`: unpins every link and map in `pin_dir`, which detaches the
+/// program and frees the flow table. Returns what was removed.
+pub fn detach_all(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", pin_dir.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        removed.push(path.display().to_string());
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    Ok(removed)
 }
 
 pub fn ifindex(name: &str) -> anyhow::Result<u32> {
