@@ -13,6 +13,7 @@ pub struct Config {
     pub datapath: DatapathConfig,
     pub flows: FlowsConfig,
     pub control: ControlConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -90,6 +91,20 @@ impl Default for ControlConfig {
         ControlConfig {
             socket: PathBuf::from(paths::CONTROL_SOCKET),
         }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// ADDRESS:PORT to serve Prometheus metrics on (`/metrics`); empty: no metrics.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, when metrics are on and the address is valid.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
     }
 }
 
@@ -244,6 +259,13 @@ impl Config {
                 "must be an absolute path",
             );
         }
+        if !self.metrics.listen.is_empty() && self.metrics.address().is_none() {
+            problem(
+                "metrics.listen",
+                format!("{:?}", self.metrics.listen),
+                "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT), or empty for no metrics",
+            );
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problem(
                 "log.level",
@@ -296,6 +318,8 @@ mod tests {
             idle_timeout_secs = 0
             [control]
             socket = "x.sock"
+            [metrics]
+            listen = "localhost:9477"
             [log]
             level = "loud=="
             "#,
@@ -311,6 +335,7 @@ mod tests {
                 "datapath.capacity: 0: must be between 1 and 16777216",
                 "flows.idle_timeout_secs: 0: must be between 1 and 86400 seconds",
                 "control.socket: x.sock: must be an absolute path",
+                "metrics.listen: \"localhost:9477\": expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT), or empty for no metrics",
                 "log.level: \"loud==\": not a level (error, warn, info, debug, trace) or tracing filter",
             ]
         );

@@ -3,6 +3,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use anyhow::Context;
 use tokio::{runtime::Handle, sync::watch};
 
 use crate::{
@@ -39,6 +40,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(socket = %config.control.socket.display(), "control API listening");
 
     let (stop, stopped) = watch::channel(false);
+    let metrics = match config.metrics.address() {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("metrics.listen: {address}: cannot listen"))?;
+            tracing::info!(%address, "metrics: serving Prometheus metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                table.clone(),
+                stopped.clone(),
+            )))
+        }
+        None => None,
+    };
     let serving = tokio::spawn(server.serve(table.clone(), stopped.clone()));
     let expiring = tokio::spawn(expire_idle_flows(table.clone(), stopped));
     shutdown.await;
@@ -46,6 +61,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = stop.send(true);
     let _ = serving.await;
     let _ = expiring.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     if status.kind == datapath::DatapathKind::Xdp {
         tracing::info!(
             flows = table.len(),

@@ -4,5 +4,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod metrics;
 pub mod paths;
 pub mod time;

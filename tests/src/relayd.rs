@@ -158,3 +158,26 @@ impl Drop for Relayd {
         }
     }
 }
+
+/// `GET path` from `addr` inside `ns`: the response body, or a panic saying what failed.
+pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = addr.to_owned();
+    let path = path.to_owned();
+    ns.enter(move || {
+        let mut stream = std::net::TcpStream::connect(&addr)
+            .unwrap_or_else(|err| panic!("connect {addr}: {err}"));
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+        body.to_owned()
+    })
+}
+
+/// The value of the sample `series` (name and labels, as printed) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}

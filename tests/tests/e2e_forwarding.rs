@@ -9,12 +9,14 @@ use std::{net::SocketAddr, thread, time::Duration};
 use relay_tests::{
     lab::ThreeHosts,
     netns::PinDir,
-    relayd::Relayd,
+    relayd::{Relayd, http_get, metric},
     require_root,
     traffic::{PLAIN, stream},
 };
 use serde_json::Value;
 
+/// Where relayd serves metrics, inside the relay namespace.
+const METRICS: &str = "127.0.0.1:9477";
 /// Packets sent each way, per address family.
 const PACKETS: u32 = 10_000;
 /// Packets the slow path may carry in the XDP modes: the first packet of each flow goes
@@ -50,7 +52,9 @@ fn run_mode(mode: &str, args: &[&str]) {
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
     let pin_dir = pins.path.to_string_lossy().into_owned();
-    let relayd = Relayd::start(Some(&lab.relay), &lab.relayd_args(args, &pin_dir));
+    let mut relayd_args = lab.relayd_args(args, &pin_dir);
+    relayd_args.extend_from_slice(&["--metrics-listen", METRICS]);
+    let relayd = Relayd::start(Some(&lab.relay), &relayd_args);
 
     let status = relayd.ctl_json(&["status"]);
     let expected_kind = if mode == "userspace" {
@@ -118,6 +122,29 @@ fn run_mode(mode: &str, args: &[&str]) {
             );
         }
     }
+    // Metrics, scraped now, count exactly what was sent: 4 flows of PACKETS each.
+    let metrics = http_get(&lab.relay, METRICS, "/metrics");
+    let forwarded = metric(&metrics, "relay_forwarded_packets_total{path=\"xdp\"}").unwrap()
+        + metric(
+            &metrics,
+            "relay_forwarded_packets_total{path=\"userspace\"}",
+        )
+        .unwrap();
+    assert_eq!(forwarded, 4 * u64::from(PACKETS), "{mode}:\n{metrics}");
+    assert_eq!(metric(&metrics, "relay_flows"), Some(4), "{metrics}");
+    let datapath = if mode == "userspace" {
+        "userspace"
+    } else {
+        "xdp"
+    };
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("relay_datapath_info{{datapath=\"{datapath}\"}}")
+        ),
+        Some(1),
+        "{metrics}"
+    );
     let stats = relayd.ctl_json(&["stats"]);
     if mode != "userspace" {
         let redirected = verdict(&stats, "redirect");

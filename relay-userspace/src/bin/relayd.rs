@@ -39,6 +39,9 @@ struct Args {
     /// Override control.socket
     #[arg(long, env = "RELAY_CONTROL_SOCKET", value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Override metrics.listen (ADDRESS:PORT, empty: off)
+    #[arg(long, env = "RELAY_METRICS_LISTEN", value_name = "ADDRESS:PORT")]
+    metrics_listen: Option<String>,
     /// Override flows.idle_timeout_secs
     #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     idle_timeout_secs: Option<u64>,
@@ -63,6 +66,9 @@ impl Args {
         }
         if let Some(socket) = &self.control_socket {
             config.control.socket = socket.clone();
+        }
+        if let Some(listen) = &self.metrics_listen {
+            config.metrics.listen = listen.clone();
         }
         if let Some(secs) = self.idle_timeout_secs {
             config.flows.idle_timeout_secs = secs;

@@ -1,0 +1,158 @@
+//! Prometheus metrics over HTTP (`metrics.listen`): the flow table and the datapath counters,
+//! read when scraped. Label values come from fixed sets (verdicts, datapaths), never from
+//! users or addresses, so the number of series is bounded.
+
+use std::{fmt::Write as _, sync::Arc};
+
+use relay_common::Verdict;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use crate::datapath::{DatapathKind, table::FlowTable};
+
+/// Longest request head read before answering; the path is all that matters.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+pub async fn serve(
+    listener: TcpListener,
+    table: Arc<FlowTable>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, table.clone()));
+                }
+                Err(err) => tracing::warn!(%err, "metrics: accept failed"),
+            },
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, table: Arc<FlowTable>) {
+    let mut head = vec![0u8; MAX_REQUEST_BYTES];
+    let mut read = 0;
+    // Read until the end of the request head, a full buffer, or the peer stops sending.
+    while read < head.len() && !head[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut head[read..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+    }
+    let request = String::from_utf8_lossy(&head[..read]);
+    let (status, content_type, body) =
+        match request.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+            ["GET", "/metrics"] => ("200 OK", "text/plain; version=0.0.4", render(&table)),
+            ["GET", _] => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
+            _ => (
+                "405 Method Not Allowed",
+                "text/plain",
+                "GET /metrics\n".to_owned(),
+            ),
+        };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+}
+
+/// The metrics in the Prometheus text exposition format.
+pub fn render(table: &FlowTable) -> String {
+    let status = table.status();
+    let stats = table.stats();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let datapath = match status.kind {
+        DatapathKind::Xdp => "xdp",
+        DatapathKind::Userspace => "userspace",
+    };
+    metric(
+        "relay_datapath_info",
+        "gauge",
+        "The datapath forwarding flows (1 for the one in use).",
+        &[(format!("{{datapath=\"{datapath}\"}}"), 1)],
+    );
+    metric(
+        "relay_flows",
+        "gauge",
+        "Flows installed.",
+        &[(String::new(), table.len() as u64)],
+    );
+    metric(
+        "relay_flows_capacity",
+        "gauge",
+        "Flows the table can hold.",
+        &[(String::new(), u64::from(status.capacity))],
+    );
+    metric(
+        "relay_flows_expired_total",
+        "counter",
+        "Flows removed because they were idle longer than flows.idle_timeout_secs.",
+        &[(String::new(), table.expired_total())],
+    );
+    let user = &stats.userspace;
+    let (forwarded, forwarded_bytes) = stats
+        .verdicts
+        .iter()
+        .filter(|v| v.verdict == Verdict::Tx.name() || v.verdict == Verdict::Redirect.name())
+        .fold((0, 0), |(packets, bytes), v| {
+            (packets + v.packets, bytes + v.bytes)
+        });
+    metric(
+        "relay_forwarded_packets_total",
+        "counter",
+        "Packets forwarded, by the path that forwarded them.",
+        &[
+            ("{path=\"xdp\"}".to_owned(), forwarded),
+            ("{path=\"userspace\"}".to_owned(), user.forwarded_packets),
+        ],
+    );
+    metric(
+        "relay_forwarded_bytes_total",
+        "counter",
+        "Bytes forwarded (XDP: frames as received; userspace: IP packets), by path.",
+        &[
+            ("{path=\"xdp\"}".to_owned(), forwarded_bytes),
+            ("{path=\"userspace\"}".to_owned(), user.forwarded_bytes),
+        ],
+    );
+    let verdicts: Vec<(String, u64)> = stats
+        .verdicts
+        .iter()
+        .map(|v| (format!("{{verdict=\"{}\"}}", v.verdict), v.packets))
+        .collect();
+    metric(
+        "relay_xdp_packets_total",
+        "counter",
+        "Packets the XDP program saw, by what it did with them (tx/redirect: forwarded; pass_*: left to the kernel, by reason).",
+        &verdicts,
+    );
+    metric(
+        "relay_userspace_dropped_packets_total",
+        "counter",
+        "Packets the userspace path dropped, by reason.",
+        &[
+            (
+                "{reason=\"unknown_source\"}".to_owned(),
+                user.unknown_source_packets,
+            ),
+            (
+                "{reason=\"malformed_channel_data\"}".to_owned(),
+                user.malformed_packets,
+            ),
+            ("{reason=\"send_error\"}".to_owned(), user.send_errors),
+        ],
+    );
+    out
+}
