@@ -7,3 +7,4 @@ pub mod datapath;
 pub mod metrics;
 pub mod paths;
 pub mod time;
+pub mod turn;
