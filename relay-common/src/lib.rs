@@ -32,9 +32,11 @@ pub const VLANS_CAPACITY: u32 = 256;
 pub const FAMILY_IPV4: u16 = 2;
 pub const FAMILY_IPV6: u16 = 10;
 
-/// TURN channel numbers (RFC 8656 section 12): 0x4000 through 0x4FFF.
+/// TURN channel numbers: 0x4000 through 0x7FFE as RFC 5766 defined them. RFC 8656 narrowed
+/// the range to 0x4FFF, but deployed clients (coturn's among them) still use the old one,
+/// whose first byte (64..=127) is still unambiguous next to STUN, DTLS and RTP (RFC 7983).
 pub const CHANNEL_MIN: u16 = 0x4000;
-pub const CHANNEL_MAX: u16 = 0x4fff;
+pub const CHANNEL_MAX: u16 = 0x7ffe;
 
 /// [`FlowAction::channel_op`]: what to do with the TURN ChannelData header (RFC 8656 12.4).
 /// Forward the UDP payload as it is.

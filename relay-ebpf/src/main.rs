@@ -92,7 +92,15 @@ impl From<()> for Fail {
 fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
     let packet = parse::parse(ctx)?;
     let key = flow_key(&packet);
-    let value = FLOWS.get_ptr_mut(&key).ok_or(Verdict::PassNoFlow)?;
+    let value = match FLOWS.get_ptr_mut(&key) {
+        Some(value) => value,
+        // A payload that merely looks like ChannelData (a peer's data sent to a relay
+        // address starts with any byte) is looked up as plain data too.
+        None if key.channel != 0 => FLOWS
+            .get_ptr_mut(&FlowKey { channel: 0, ..key })
+            .ok_or(Verdict::PassNoFlow)?,
+        None => return Err(Verdict::PassNoFlow.into()),
+    };
     // SAFETY: a pointer into the flow table's value, valid while this program runs. Userspace
     // replaces values whole; a torn read at worst sends one packet with the old action.
     let action = unsafe { &(*value).action };

@@ -256,8 +256,9 @@ fn parse_udp(
     match unsafe { *first } {
         // STUN (ICE checks, consent, TURN control) and DTLS handshakes are for userspace.
         0..=3 | 20..=63 => Err(Verdict::PassStunDtls),
-        // TURN ChannelData: channel number and length, 2 bytes each.
-        64..=79 => {
+        // TURN ChannelData: channel number and length, 2 bytes each. RFC 7983 gives channels
+        // 64..=79; RFC 5766 clients use numbers up to 0x7ffe (relay-common CHANNEL_MAX).
+        64..=127 => {
             let header: *const [u16; 2] = ptr_at(ctx, payload).ok_or(Verdict::PassMalformed)?;
             // SAFETY: ptr_at checked that the 4 bytes are inside the packet.
             let [number, length] = unsafe { *header };

@@ -14,6 +14,7 @@ pub struct Config {
     pub flows: FlowsConfig,
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
+    pub turn: TurnSettings,
     pub log: LogConfig,
 }
 
@@ -90,6 +91,165 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             socket: PathBuf::from(paths::CONTROL_SOCKET),
+        }
+    }
+}
+
+/// The TURN server (RFC 8656).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnSettings {
+    pub enabled: bool,
+    /// ADDRESS:PORT to listen on over UDP, one per address (e.g. "203.0.113.1:3478").
+    pub listen: Vec<String>,
+    pub realm: String,
+    /// Addresses allocations are made on, at most one per family; empty: the listening
+    /// addresses.
+    pub relay_addresses: Vec<String>,
+    /// "FIRST-LAST" relay ports.
+    pub port_range: String,
+    /// Static long-term credentials.
+    pub users: Vec<TurnUser>,
+    /// TURN REST API shared secrets (coturn's static-auth-secret); several for rotation.
+    pub secrets: Vec<String>,
+    pub default_lifetime_secs: u64,
+    pub max_lifetime_secs: u64,
+    pub max_allocations: usize,
+    pub max_allocations_per_user: usize,
+    /// Peer IP addresses allowed although they are in a range refused by default
+    /// (loopback, private, link-local, multicast, unspecified).
+    pub allowed_peers: Vec<String>,
+    /// Forward bound channels' ChannelData in the kernel (XDP datapath only).
+    pub offload: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl Default for TurnSettings {
+    fn default() -> Self {
+        TurnSettings {
+            enabled: false,
+            listen: Vec::new(),
+            realm: "relay".to_owned(),
+            relay_addresses: Vec::new(),
+            port_range: "49152-65535".to_owned(),
+            users: Vec::new(),
+            secrets: Vec::new(),
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            max_allocations: 10_000,
+            max_allocations_per_user: 100,
+            allowed_peers: Vec::new(),
+            offload: true,
+        }
+    }
+}
+
+impl TurnSettings {
+    pub fn listen_addresses(&self) -> Vec<std::net::SocketAddr> {
+        self.listen.iter().filter_map(|a| a.parse().ok()).collect()
+    }
+
+    /// The relay ports, when `port_range` is valid.
+    pub fn ports(&self) -> Option<std::ops::RangeInclusive<u16>> {
+        let (first, last) = self.port_range.split_once('-')?;
+        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+        (first > 0 && first <= last).then_some(first..=last)
+    }
+
+    /// The relay addresses: configured, or the listening addresses' IPs.
+    pub fn relay_ips(&self) -> Vec<std::net::IpAddr> {
+        if self.relay_addresses.is_empty() {
+            self.listen_addresses().iter().map(|a| a.ip()).collect()
+        } else {
+            self.relay_addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        }
+    }
+
+    fn problems(&self, problem: &mut impl FnMut(&'static str, String, &str)) {
+        for address in &self.listen {
+            match address.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_unspecified() => problem(
+                    "turn.listen",
+                    format!("{address:?}"),
+                    "a specific address, not a wildcard: it is part of the clients' 5-tuple",
+                ),
+                Ok(_) => {}
+                Err(_) => problem(
+                    "turn.listen",
+                    format!("{address:?}"),
+                    "expected ADDRESS:PORT",
+                ),
+            }
+        }
+        for address in &self.relay_addresses {
+            if address.parse::<std::net::IpAddr>().is_err() {
+                problem(
+                    "turn.relay_addresses",
+                    format!("{address:?}"),
+                    "not an IP address",
+                );
+            }
+        }
+        let ips = self.relay_ips();
+        if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
+            || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
+        {
+            problem(
+                "turn.relay_addresses",
+                format!("{ips:?}"),
+                "at most one address per family (set turn.relay_addresses)",
+            );
+        }
+        if self.ports().is_none() {
+            problem(
+                "turn.port_range",
+                format!("{:?}", self.port_range),
+                "expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
+            );
+        }
+        if self.realm.is_empty() {
+            problem("turn.realm", "\"\"".to_owned(), "must not be empty");
+        }
+        if self.default_lifetime_secs == 0 || self.default_lifetime_secs > self.max_lifetime_secs {
+            problem(
+                "turn.default_lifetime_secs",
+                self.default_lifetime_secs.to_string(),
+                "must be between 1 and turn.max_lifetime_secs",
+            );
+        }
+        for peer in &self.allowed_peers {
+            if peer.parse::<std::net::IpAddr>().is_err() {
+                problem(
+                    "turn.allowed_peers",
+                    format!("{peer:?}"),
+                    "not an IP address",
+                );
+            }
+        }
+        if self.enabled {
+            if self.listen.is_empty() {
+                problem(
+                    "turn.listen",
+                    "[]".to_owned(),
+                    "the TURN server is enabled but listens nowhere",
+                );
+            }
+            if self.users.is_empty() && self.secrets.is_empty() {
+                problem(
+                    "turn.users",
+                    "[]".to_owned(),
+                    "no users and no secrets: nobody could authenticate",
+                );
+            }
         }
     }
 }
@@ -266,6 +426,7 @@ impl Config {
                 "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT), or empty for no metrics",
             );
         }
+        self.turn.problems(&mut problem);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problem(
                 "log.level",
@@ -337,6 +498,39 @@ mod tests {
                 "control.socket: x.sock: must be an absolute path",
                 "metrics.listen: \"localhost:9477\": expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT), or empty for no metrics",
                 "log.level: \"loud==\": not a level (error, warn, info, debug, trace) or tracing filter",
+            ]
+        );
+    }
+
+    #[test]
+    fn turn_problems_are_named() {
+        let config = Config::parse(
+            r#"
+            [turn]
+            enabled = true
+            listen = ["0.0.0.0:3478", "203.0.113.1"]
+            relay_addresses = ["203.0.113.1", "203.0.113.2", "nope"]
+            port_range = "70000-80000"
+            realm = ""
+            default_lifetime_secs = 7200
+            allowed_peers = ["10.0.0.0/8"]
+            "#,
+            "test",
+        )
+        .unwrap();
+        let messages: Vec<String> = config.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                "turn.listen: \"0.0.0.0:3478\": a specific address, not a wildcard: it is part of the clients' 5-tuple",
+                "turn.listen: \"203.0.113.1\": expected ADDRESS:PORT",
+                "turn.relay_addresses: \"nope\": not an IP address",
+                "turn.relay_addresses: [203.0.113.1, 203.0.113.2]: at most one address per family (set turn.relay_addresses)",
+                "turn.port_range: \"70000-80000\": expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
+                "turn.realm: \"\": must not be empty",
+                "turn.default_lifetime_secs: 7200: must be between 1 and turn.max_lifetime_secs",
+                "turn.allowed_peers: \"10.0.0.0/8\": not an IP address",
+                "turn.users: []: no users and no secrets: nobody could authenticate",
             ]
         );
     }

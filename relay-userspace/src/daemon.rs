@@ -54,7 +54,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
         None => None,
     };
-    let serving = tokio::spawn(server.serve(table.clone(), stopped.clone()));
+    let turn = if config.turn.enabled {
+        Some(
+            crate::turn::driver::TurnService::start(&config.turn, table.clone(), stopped.clone())
+                .await?,
+        )
+    } else {
+        None
+    };
+    let serving = tokio::spawn(server.serve(table.clone(), turn.clone(), stopped.clone()));
     let expiring = tokio::spawn(expire_idle_flows(table.clone(), stopped));
     shutdown.await;
     tracing::info!("shutting down");

@@ -8,6 +8,7 @@
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod process;
 pub mod relayd;
 pub mod traffic;
 

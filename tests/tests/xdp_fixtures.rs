@@ -523,6 +523,40 @@ fn xdp_program_fixtures() {
             verdict: Verdict::Redirect,
         });
     }
+    {
+        // A peer's data is never ChannelData, whatever its first byte says.
+        let lookalike: Vec<u8> = [0x41, 0x42]
+            .into_iter()
+            .chain(rtp[2..].iter().copied())
+            .collect();
+        let input = Frame::udp(turn4_back.src, turn4_back.dst, &lookalike);
+        fixtures.push(Fixture {
+            description: "peer data that looks like ChannelData is data: header added",
+            output: Some(
+                Frame {
+                    payload: channel_data(0x4001, &lookalike),
+                    ..rewritten(&input, &turn4_back, wan_mac, WAN_ROUTER_MAC)
+                }
+                .bytes(),
+            ),
+            input: input.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+        });
+    }
+    {
+        // On a plain flow, a payload that looks like ChannelData is just data.
+        let input = Frame::udp(v4.src, v4.dst, &channel_data(0x4001, &rtp));
+        fixtures.push(Fixture {
+            description: "ChannelData-looking payload on a plain flow: forwarded as it is",
+            output: Some(rewritten(&input, &v4, lan_mac, LAN_NEIGHBOUR_MAC).bytes()),
+            input: input.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+        });
+    }
     let padded = {
         let mut message = channel_data(0x4001, &rtp[..171]);
         message.push(0);
@@ -537,11 +571,6 @@ fn xdp_program_fixtures() {
         pass(
             "ChannelData on a channel with no flow",
             Frame::udp(turn4.src, turn4.dst, &channel_data(0x4002, &rtp)).bytes(),
-            Verdict::PassNoFlow,
-        ),
-        pass(
-            "ChannelData to a plain flow's 4-tuple is not that flow",
-            Frame::udp(v4.src, v4.dst, &channel_data(0x4001, &rtp)).bytes(),
             Verdict::PassNoFlow,
         ),
         pass(

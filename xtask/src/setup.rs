@@ -14,6 +14,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("bpftool", "bpftool"),
     ("netsniff-ng", "trafgen"),
+    // An independent TURN client, echo peer and server for the TURN interop tests.
+    ("coturn", "turnutils_uclient"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

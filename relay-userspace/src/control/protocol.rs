@@ -62,6 +62,8 @@ pub mod method {
     pub const FLOW_DEL: &str = "flow.del";
     pub const FLOW_LIST: &str = "flow.list";
     pub const FLOW_SHOW: &str = "flow.show";
+    pub const TURN_ALLOCATIONS: &str = "turn.allocations";
+    pub const TURN_REVOKE: &str = "turn.revoke";
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +86,26 @@ pub struct FlowAddParams {
 #[serde(deny_unknown_fields)]
 pub struct FlowIdParams {
     pub id: u32,
+}
+
+/// Revoke the allocations of a user, or the one on a relay address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnRevokeParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TurnAllocationsResult {
+    pub allocations: Vec<crate::turn::driver::AllocationReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TurnRevokeResult {
+    pub revoked: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -19,7 +19,8 @@ use tokio::{
 
 use super::protocol::{
     ErrorBody, ErrorCode, FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult,
-    MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response, StatsResult, StatusResult, method,
+    MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response, StatsResult, StatusResult,
+    TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult, method,
 };
 use crate::{
     datapath::{
@@ -27,6 +28,7 @@ use crate::{
         table::{FlowError, FlowTable},
     },
     time::monotonic_ns,
+    turn::{driver::TurnService, server::RevokeTarget},
 };
 
 pub struct ControlServer {
@@ -61,13 +63,18 @@ impl ControlServer {
         })
     }
 
-    pub async fn serve(self, table: Arc<FlowTable>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self,
+        table: Arc<FlowTable>,
+        turn: Option<Arc<TurnService>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let started = Instant::now();
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(connection(stream, table.clone(), started, shutdown.clone()));
+                        tokio::spawn(connection(stream, table.clone(), turn.clone(), started, shutdown.clone()));
                     }
                     Err(err) => tracing::warn!(%err, "control API: accept failed"),
                 },
@@ -81,6 +88,7 @@ impl ControlServer {
 async fn connection(
     stream: UnixStream,
     table: Arc<FlowTable>,
+    turn: Option<Arc<TurnService>>,
     started: Instant,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -95,7 +103,7 @@ async fn connection(
         };
         let response = match read {
             Ok(0) => return,
-            Ok(_) => handle_line(&line, &table, started),
+            Ok(_) => handle_line(&line, &table, turn.as_ref(), started),
             Err(err) if err.kind() == io::ErrorKind::InvalidData => {
                 // Oversized: answer, then close, since the rest of the line is unread.
                 let response = error_response(0, ErrorCode::BadRequest, None, err.to_string());
@@ -133,7 +141,12 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response)
 }
 
 /// Answers one request line.
-fn handle_line(line: &[u8], table: &FlowTable, started: Instant) -> Response {
+fn handle_line(
+    line: &[u8],
+    table: &FlowTable,
+    turn: Option<&Arc<TurnService>>,
+    started: Instant,
+) -> Response {
     let value: Value = match serde_json::from_slice(line) {
         Ok(value) => value,
         Err(err) => {
@@ -163,7 +176,7 @@ fn handle_line(line: &[u8], table: &FlowTable, started: Instant) -> Response {
             ),
         );
     }
-    match dispatch(&request, table, started) {
+    match dispatch(&request, table, turn, started) {
         Ok(result) => Response {
             version: PROTOCOL_VERSION,
             id,
@@ -179,7 +192,12 @@ fn handle_line(line: &[u8], table: &FlowTable, started: Instant) -> Response {
     }
 }
 
-fn dispatch(request: &Request, table: &FlowTable, started: Instant) -> Result<Value, ErrorBody> {
+fn dispatch(
+    request: &Request,
+    table: &FlowTable,
+    turn: Option<&Arc<TurnService>>,
+    started: Instant,
+) -> Result<Value, ErrorBody> {
     let now = monotonic_ns();
     let result = match request.method.as_str() {
         method::STATUS => to_value(StatusResult {
@@ -232,6 +250,26 @@ fn dispatch(request: &Request, table: &FlowTable, started: Instant) -> Result<Va
             let params: FlowIdParams = params(request)?;
             to_value(table.get(params.id, now).map_err(flow_error)?)
         }
+        method::TURN_ALLOCATIONS => to_value(TurnAllocationsResult {
+            allocations: turn_service(turn)?.report(),
+        }),
+        method::TURN_REVOKE => {
+            let params: TurnRevokeParams = params(request)?;
+            let target = match (params.username, params.relay) {
+                (Some(username), None) => RevokeTarget::User(username),
+                (None, Some(relay)) => RevokeTarget::Relay(endpoint("relay", &relay)?),
+                _ => {
+                    return Err(body(
+                        ErrorCode::BadRequest,
+                        Some("params"),
+                        "turn.revoke: give either username or relay".to_owned(),
+                    ));
+                }
+            };
+            let revoked = turn_service(turn)?.revoke(&target);
+            tracing::info!(?target, revoked, "turn: allocations revoked");
+            to_value(TurnRevokeResult { revoked })
+        }
         other => {
             return Err(body(
                 ErrorCode::BadRequest,
@@ -241,6 +279,16 @@ fn dispatch(request: &Request, table: &FlowTable, started: Instant) -> Result<Va
         }
     };
     Ok(result)
+}
+
+fn turn_service(turn: Option<&Arc<TurnService>>) -> Result<&Arc<TurnService>, ErrorBody> {
+    turn.ok_or_else(|| {
+        body(
+            ErrorCode::NotFound,
+            None,
+            "the TURN server is not enabled (turn.enabled)".to_owned(),
+        )
+    })
 }
 
 fn params<T: DeserializeOwned>(request: &Request) -> Result<T, ErrorBody> {

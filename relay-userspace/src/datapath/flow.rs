@@ -131,7 +131,7 @@ impl FlowSpec {
             return Err(FlowSpecError {
                 field: "channel",
                 value: format!("{:#06x}", op.number()),
-                reason: "TURN channel numbers are 0x4000 through 0x4fff (RFC 8656 12)".to_owned(),
+                reason: "TURN channel numbers are 0x4000 through 0x7ffe (RFC 5766 11)".to_owned(),
             });
         }
         Ok(())
@@ -290,7 +290,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "channel: 0x3fff: TURN channel numbers are 0x4000 through 0x4fff (RFC 8656 12)"
+            "channel: 0x3fff: TURN channel numbers are 0x4000 through 0x7ffe (RFC 5766 11)"
         );
     }
 }

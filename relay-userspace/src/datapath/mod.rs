@@ -98,6 +98,15 @@ pub struct DatapathStats {
     pub userspace: SocketStats,
 }
 
+/// Who handles the packets of a flow that the kernel passes up (no neighbour entry yet,
+/// padding, ...): relayd's own sockets on the flow's relay addresses, or another component
+/// that owns those addresses (the TURN server's listening and relay sockets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowPath {
+    Sockets,
+    External,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
@@ -110,6 +119,8 @@ pub enum DatapathError {
     },
     #[error("kernel flow map: {0}")]
     Map(String),
+    #[error("the userspace datapath cannot offload flows whose sockets another component owns")]
+    Unsupported,
 }
 
 impl DatapathError {
@@ -117,7 +128,7 @@ impl DatapathError {
     pub fn field(&self) -> Option<&'static str> {
         match self {
             DatapathError::Bind { field, .. } => Some(field),
-            DatapathError::Map(_) => None,
+            DatapathError::Map(_) | DatapathError::Unsupported => None,
         }
     }
 }
@@ -128,7 +139,13 @@ pub trait Datapath: Send + Sync {
     fn status(&self) -> DatapathStatus;
     /// Installs `spec` or replaces the flow with the same key in place (its kernel counters are
     /// kept).
-    fn install(&self, id: u32, generation: u32, spec: &FlowSpec) -> Result<(), DatapathError>;
+    fn install(
+        &self,
+        id: u32,
+        generation: u32,
+        spec: &FlowSpec,
+        slow_path: SlowPath,
+    ) -> Result<(), DatapathError>;
     fn remove(&self, spec: &FlowSpec);
     fn counters(&self, spec: &FlowSpec) -> FlowCounters;
     fn stats(&self) -> DatapathStats;
@@ -154,8 +171,18 @@ impl Datapath for UserspaceDatapath {
         }
     }
 
-    fn install(&self, _id: u32, _generation: u32, spec: &FlowSpec) -> Result<(), DatapathError> {
-        self.forwarder.install(spec)
+    fn install(
+        &self,
+        _id: u32,
+        _generation: u32,
+        spec: &FlowSpec,
+        slow_path: SlowPath,
+    ) -> Result<(), DatapathError> {
+        match slow_path {
+            SlowPath::Sockets => self.forwarder.install(spec),
+            // The owner of the sockets relays these packets itself.
+            SlowPath::External => Err(DatapathError::Unsupported),
+        }
     }
 
     fn remove(&self, spec: &FlowSpec) {

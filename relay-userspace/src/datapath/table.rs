@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Datapath, DatapathError, DatapathStats, DatapathStatus, FlowCounters, FlowSpec, FlowSpecError,
-    flow::FlowId,
+    SlowPath, flow::FlowId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,13 @@ impl FlowTable {
                 self.datapath.remove(&spec);
                 continue;
             }
-            if let Err(err) = self.datapath.install(id, generation, &spec) {
+            // ChannelData flows are the TURN server's: its sockets serve their relay addresses.
+            let slow_path = if spec.channel.is_some() {
+                SlowPath::External
+            } else {
+                SlowPath::Sockets
+            };
+            if let Err(err) = self.datapath.install(id, generation, &spec, slow_path) {
                 tracing::warn!(id, %err, "pinned flow cannot be adopted; removing it");
                 self.datapath.remove(&spec);
                 continue;
@@ -150,8 +156,24 @@ impl FlowTable {
         self.idle_timeout_ns / 1_000_000_000
     }
 
-    /// Adds the flows in `specs` all or nothing, returning their ids in order.
+    /// Adds the flows in `specs` all or nothing, returning their ids in order. relayd's
+    /// sockets on the flows' relay addresses take the packets the kernel passes up.
     pub fn add(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
+        self.add_served(specs, now_ns, SlowPath::Sockets)
+    }
+
+    /// Offloads flows whose relay addresses another component's sockets serve (the TURN
+    /// server): only the kernel datapath is touched.
+    pub fn offload(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
+        self.add_served(specs, now_ns, SlowPath::External)
+    }
+
+    fn add_served(
+        &self,
+        specs: &[FlowSpec],
+        now_ns: u64,
+        slow_path: SlowPath,
+    ) -> Result<Vec<u32>, FlowError> {
         let mut state = self.state();
         for (index, spec) in specs.iter().enumerate() {
             spec.validate()?;
@@ -171,7 +193,7 @@ impl FlowTable {
         let mut added: Vec<(u32, FlowSpec)> = Vec::new();
         for spec in specs {
             let id = state.next_id;
-            if let Err(err) = self.datapath.install(id, 1, spec) {
+            if let Err(err) = self.datapath.install(id, 1, spec, slow_path) {
                 for (_, spec) in &added {
                     self.datapath.remove(spec);
                 }

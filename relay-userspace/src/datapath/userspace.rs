@@ -284,15 +284,18 @@ fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, buf: &mut [u8
     let packet = &buf[CHANNEL_HEADER..];
     // ChannelData (first byte 64..=79, RFC 7983) is looked up with its channel number.
     let channel = match packet {
-        [first @ 0x40..=0x4f, second, _, _, ..] => u16::from_be_bytes([*first, *second]),
+        [first @ 0x40..=0x7f, second, _, _, ..] => u16::from_be_bytes([*first, *second]),
         _ => 0,
     };
-    let route = shared
-        .routes
-        .read()
-        .expect("route table poisoned")
-        .get(&(from, local, channel))
-        .cloned();
+    // A payload that merely looks like ChannelData (a peer's data to a relay address) is
+    // looked up as plain data too, as the XDP program does.
+    let route = {
+        let routes = shared.routes.read().expect("route table poisoned");
+        routes
+            .get(&(from, local, channel))
+            .or_else(|| routes.get(&(from, local, 0)))
+            .cloned()
+    };
     let Some(route) = route else {
         // Strict source: only the registered sender is relayed.
         shared

@@ -28,7 +28,7 @@ use tokio::runtime::Handle;
 
 use super::{
     Datapath, DatapathError, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
-    InterfaceStatus, VerdictCount, userspace::SocketForwarder,
+    InterfaceStatus, SlowPath, VerdictCount, userspace::SocketForwarder,
 };
 use crate::{
     config::{DatapathConfig, XdpModeChoice},
@@ -301,10 +301,18 @@ impl Datapath for XdpDatapath {
         }
     }
 
-    fn install(&self, id: u32, generation: u32, spec: &FlowSpec) -> Result<(), DatapathError> {
+    fn install(
+        &self,
+        id: u32,
+        generation: u32,
+        spec: &FlowSpec,
+        slow_path: SlowPath,
+    ) -> Result<(), DatapathError> {
         // Sockets first: a flow whose relay address cannot be bound is refused before the
         // kernel sees it.
-        self.slow_path.install(spec)?;
+        if slow_path == SlowPath::Sockets {
+            self.slow_path.install(spec)?;
+        }
         if let Err(err) = self.kernel().install(id, generation, spec) {
             self.slow_path.remove(spec);
             return Err(err);

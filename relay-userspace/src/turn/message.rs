@@ -9,8 +9,8 @@ use stun_codec::{
         Username, XorMappedAddress,
     },
     rfc5766::attributes::{
-        ChannelNumber, Data, DontFragment, EvenPort, Lifetime, RequestedTransport,
-        ReservationToken, XorPeerAddress, XorRelayAddress,
+        Data, DontFragment, EvenPort, Lifetime, RequestedTransport, ReservationToken,
+        XorPeerAddress, XorRelayAddress,
     },
     rfc8656::attributes::{AdditionalAddressFamily, RequestedAddressFamily},
 };
@@ -47,6 +47,86 @@ define_attribute_enums!(
 
 pub type TurnMessage = Message<Attribute>;
 
+/// CHANNEL-NUMBER (RFC 8656 14.1), decoded without a range check: RFC 8656 narrowed channel
+/// numbers to 0x4000..=0x4fff, but RFC 5766 clients (coturn's among them) still use up to
+/// 0x7ffe, and the server decides what to accept rather than failing to decode the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChannelNumber(pub u16);
+
+impl ChannelNumber {
+    pub const CODEPOINT: u16 = 0x000c;
+}
+
+impl stun_codec::Attribute for ChannelNumber {
+    type Decoder = ChannelNumberDecoder;
+    type Encoder = ChannelNumberEncoder;
+
+    fn get_type(&self) -> stun_codec::AttributeType {
+        stun_codec::AttributeType::new(Self::CODEPOINT)
+    }
+}
+
+/// The value is the number, then two reserved bytes.
+#[derive(Debug, Default)]
+pub struct ChannelNumberDecoder(bytecodec::fixnum::U32beDecoder);
+
+impl bytecodec::Decode for ChannelNumberDecoder {
+    type Item = ChannelNumber;
+
+    fn decode(&mut self, buf: &[u8], eos: bytecodec::Eos) -> bytecodec::Result<usize> {
+        self.0.decode(buf, eos)
+    }
+
+    fn finish_decoding(&mut self) -> bytecodec::Result<ChannelNumber> {
+        Ok(ChannelNumber((self.0.finish_decoding()? >> 16) as u16))
+    }
+
+    fn requiring_bytes(&self) -> bytecodec::ByteCount {
+        self.0.requiring_bytes()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.0.is_idle()
+    }
+}
+
+impl bytecodec::TryTaggedDecode for ChannelNumberDecoder {
+    type Tag = stun_codec::AttributeType;
+
+    fn try_start_decoding(&mut self, tag: Self::Tag) -> bytecodec::Result<bool> {
+        Ok(tag.as_u16() == ChannelNumber::CODEPOINT)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ChannelNumberEncoder(bytecodec::fixnum::U32beEncoder);
+
+impl bytecodec::Encode for ChannelNumberEncoder {
+    type Item = ChannelNumber;
+
+    fn encode(&mut self, buf: &mut [u8], eos: bytecodec::Eos) -> bytecodec::Result<usize> {
+        self.0.encode(buf, eos)
+    }
+
+    fn start_encoding(&mut self, item: ChannelNumber) -> bytecodec::Result<()> {
+        self.0.start_encoding(u32::from(item.0) << 16)
+    }
+
+    fn requiring_bytes(&self) -> bytecodec::ByteCount {
+        self.0.requiring_bytes()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.0.is_idle()
+    }
+}
+
+impl bytecodec::SizedEncode for ChannelNumberEncoder {
+    fn exact_requiring_bytes(&self) -> u64 {
+        self.0.exact_requiring_bytes()
+    }
+}
+
 /// What arrived on a TURN listening socket.
 pub enum Incoming {
     Stun(TurnMessage),
@@ -74,7 +154,8 @@ pub fn decode(bytes: &[u8]) -> Option<Incoming> {
             Ok(message) => Some(Incoming::Stun(message)),
             Err(broken) => Some(Incoming::Broken(broken)),
         },
-        0x40..=0x4f => {
+        // ChannelData: 64..=79 by RFC 7983, up to 127 for RFC 5766 channel numbers.
+        0x40..=0x7f => {
             let channel = u16::from_be_bytes([bytes[0], *bytes.get(1)?]);
             let length = usize::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]));
             // Over UDP the message may be padded; the data is what Length says (RFC 8656 12.5).

@@ -10,6 +10,7 @@
 //!   ChannelBind, Send and Data indications, ChannelData, expiry, peer policy, quotas.
 
 pub mod credentials;
+pub mod driver;
 pub mod message;
 pub mod nonce;
 pub mod server;

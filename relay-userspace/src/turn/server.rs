@@ -19,9 +19,7 @@ use stun_codec::{
         methods::BINDING,
     },
     rfc5766::{
-        attributes::{
-            ChannelNumber, Data, Lifetime, RequestedTransport, XorPeerAddress, XorRelayAddress,
-        },
+        attributes::{Data, Lifetime, RequestedTransport, XorPeerAddress, XorRelayAddress},
         methods::{ALLOCATE, CHANNEL_BIND, CREATE_PERMISSION, DATA, REFRESH, SEND},
     },
     rfc8656::attributes::{AddressFamily, RequestedAddressFamily},
@@ -29,7 +27,7 @@ use stun_codec::{
 
 use super::{
     credentials::Credentials,
-    message::{self, Attribute, Incoming, TurnMessage},
+    message::{self, Attribute, ChannelNumber, Incoming, TurnMessage},
     nonce::{NonceIssuer, NonceStatus},
 };
 use crate::datapath::{ChannelOp, FlowSpec};
@@ -101,6 +99,13 @@ impl Allocation {
     }
 }
 
+/// What `relayctl turn revoke` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeTarget {
+    User(String),
+    Relay(SocketAddr),
+}
+
 /// One allocation, for `relayctl turn allocations`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocationInfo {
@@ -170,6 +175,7 @@ impl TurnServer {
                 self.channel_data_from_client(now, five_tuple, channel, data)
             }
             Some(Incoming::Broken(broken)) if broken.class() == MessageClass::Request => {
+                tracing::debug!(%client, error = ?broken.error(), "turn: undecodable request: 400");
                 let mut response = TurnMessage::new(
                     MessageClass::ErrorResponse,
                     broken.method(),
@@ -226,6 +232,26 @@ impl TurnServer {
             Err(_) => return Vec::new(),
         }
         vec![self.send(server, client, indication)]
+    }
+
+    /// Deletes the allocations of `username`, or the one on relay address `relay`
+    /// (`relayctl turn revoke`). Returns the actions and how many were deleted.
+    pub fn revoke(&mut self, target: &RevokeTarget) -> (Vec<Action>, usize) {
+        let doomed: Vec<FiveTuple> = self
+            .allocations
+            .iter()
+            .filter(|(_, allocation)| match target {
+                RevokeTarget::User(username) => allocation.username == *username,
+                RevokeTarget::Relay(relay) => allocation.relay == *relay,
+            })
+            .map(|(five_tuple, _)| *five_tuple)
+            .collect();
+        let count = doomed.len();
+        let actions = doomed
+            .into_iter()
+            .flat_map(|five_tuple| self.delete(five_tuple))
+            .collect();
+        (actions, count)
     }
 
     /// Removes what expired by `now`: allocations, channels, permissions.
@@ -307,7 +333,10 @@ impl TurnServer {
         };
         let response = match result {
             Ok(response) => response,
-            Err(refusal) => error_response(message, refusal),
+            Err(refusal) => {
+                tracing::debug!(%client, %username, method = ?method, code = refusal.0, reason = refusal.1, "turn: request refused");
+                error_response(message, refusal)
+            }
         };
         actions.push(self.send_signed(server, client, response, message, &password));
         actions
@@ -492,7 +521,7 @@ impl TurnServer {
         actions: &mut Vec<Action>,
     ) -> Result<TurnMessage, Refusal> {
         let (Some(number), Some(peer)) = (
-            message.get_attribute::<ChannelNumber>().map(|n| n.value()),
+            message.get_attribute::<ChannelNumber>().map(|n| n.0),
             message
                 .get_attribute::<XorPeerAddress>()
                 .map(|p| p.address()),
@@ -1198,7 +1227,7 @@ mod tests {
             &mut server,
             T0,
             CHANNEL_BIND,
-            vec![ChannelNumber::new(0x4001).unwrap().into(), peer(PEER)],
+            vec![ChannelNumber(0x4001).into(), peer(PEER)],
         );
         assert_eq!(response.class(), MessageClass::SuccessResponse);
         let to_peer = FlowSpec {
@@ -1214,7 +1243,7 @@ mod tests {
             &mut server,
             T0 + 100,
             CHANNEL_BIND,
-            vec![ChannelNumber::new(0x4001).unwrap().into(), peer(PEER)],
+            vec![ChannelNumber(0x4001).into(), peer(PEER)],
         );
         assert!(actions.is_empty());
         let actions = server.from_client(
@@ -1246,29 +1275,20 @@ mod tests {
                 &mut server,
                 T0 + 100,
                 CHANNEL_BIND,
-                vec![
-                    ChannelNumber::new(number).unwrap().into(),
-                    peer(peer_address),
-                ],
+                vec![ChannelNumber(number).into(), peer(peer_address)],
             );
             assert_eq!(code(&response), 400, "{number:#x} -> {peer_address}");
         }
-        // A number outside 0x4000..=0x4fff (the codec will not build one: patch the bytes).
-        let mut bytes = alice.request(
-            CHANNEL_BIND,
-            vec![ChannelNumber::new(0x4fff).unwrap().into(), peer(PEER)],
-        );
-        let at = bytes
-            .windows(4)
-            .position(|w| w == [0x00, 0x0c, 0x00, 0x04])
-            .unwrap()
-            + 4;
-        bytes[at..at + 2].copy_from_slice(&0x3fffu16.to_be_bytes());
-        let actions = server.from_client(T0 + 100, addr(LISTENER), addr(ALICE), &bytes);
-        let [Action::Send { bytes, .. }] = &actions[..] else {
-            panic!("{actions:?}")
-        };
-        assert_eq!(code(&decode(bytes)), 400);
+        // Numbers outside 0x4000..=0x7ffe (RFC 5766, which coturn's client still uses).
+        for number in [0x3fff, 0x7fff] {
+            let (response, _) = alice.call(
+                &mut server,
+                T0 + 100,
+                CHANNEL_BIND,
+                vec![ChannelNumber(number).into(), peer("192.0.2.47:6000")],
+            );
+            assert_eq!(code(&response), 400, "{number:#x}");
+        }
         // The binding, refreshed at T0 + 100, expires at T0 + 700, before the allocation.
         let _ = alice.call(
             &mut server,
@@ -1341,7 +1361,7 @@ mod tests {
             &mut server,
             T0 + 500,
             CHANNEL_BIND,
-            vec![ChannelNumber::new(0x4001).unwrap().into(), peer(PEER)],
+            vec![ChannelNumber(0x4001).into(), peer(PEER)],
         );
         assert!(
             server

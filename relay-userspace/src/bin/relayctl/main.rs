@@ -4,6 +4,7 @@ mod flow;
 mod output;
 mod stats;
 mod status;
+mod turn;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -32,10 +33,17 @@ enum Command {
     /// Add, remove and inspect flows
     #[command(subcommand)]
     Flow(flow::FlowCommand),
+    /// TURN allocations
+    #[command(subcommand)]
+    Turn(turn::TurnCommand),
 }
 
 /// Exit codes: 0 done, 1 relayd refused or failed, 2 bad usage (clap), 3 relayd unreachable.
 fn main() -> ExitCode {
+    // Like other Unix tools: a closed pipe (`relayctl flow list | head`) ends the program
+    // quietly instead of a panic on the next print.
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let mut client = match ControlClient::connect(&cli.socket) {
         Ok(client) => client,
@@ -48,6 +56,7 @@ fn main() -> ExitCode {
         Command::Status => status::run(&mut client, cli.json),
         Command::Stats => stats::run(&mut client, cli.json),
         Command::Flow(command) => flow::run(&mut client, command, cli.json),
+        Command::Turn(command) => turn::run(&mut client, command, cli.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

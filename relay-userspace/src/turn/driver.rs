@@ -1,0 +1,305 @@
+//! Runs the sans-IO TURN core on real sockets: one tokio task per listening socket and per
+//! relay socket feeds datagrams to the core; its actions are carried out here (sends, relay
+//! sockets opened and closed, channel flows offloaded to the flow table and removed).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::{net::UdpSocket, sync::watch, task::JoinHandle};
+
+use super::{
+    credentials::Credentials,
+    server::{Action, RevokeTarget, TurnConfig, TurnServer},
+};
+use crate::{
+    config::TurnSettings,
+    datapath::{DatapathKind, table::FlowTable},
+    time::monotonic_ns,
+};
+
+const MAX_DATAGRAM: usize = 65_535;
+
+pub struct TurnService {
+    server: Mutex<TurnServer>,
+    sockets: Mutex<HashMap<SocketAddr, Bound>>,
+    table: Arc<FlowTable>,
+    offload: bool,
+    /// Flow ids of offloaded channels, by the client -> peer flow's key.
+    offloaded: Mutex<HashMap<crate::datapath::flow::FlowId, Vec<u32>>>,
+}
+
+/// One allocation as `relayctl turn allocations` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AllocationReport {
+    pub username: String,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub relay: SocketAddr,
+    pub expires_in_secs: u64,
+    pub permissions: Vec<IpAddr>,
+    pub channels: Vec<(u16, SocketAddr)>,
+    /// Flows of its channels installed in the kernel datapath.
+    pub offloaded_flows: usize,
+    /// Packets and bytes of those flows (kernel and slow path).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+struct Bound {
+    socket: Arc<UdpSocket>,
+    receiver: JoinHandle<()>,
+}
+
+enum Side {
+    Client,
+    Peer,
+}
+
+impl TurnService {
+    /// Binds the listening sockets and starts serving; stops when `stopped` changes.
+    pub async fn start(
+        settings: &TurnSettings,
+        table: Arc<FlowTable>,
+        mut stopped: watch::Receiver<bool>,
+    ) -> anyhow::Result<Arc<TurnService>> {
+        let relay_ips = settings.relay_ips();
+        let config = TurnConfig {
+            realm: settings.realm.clone(),
+            software: concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned(),
+            relay_ipv4: relay_ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }),
+            relay_ipv6: relay_ips.iter().find_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            }),
+            ports: settings.ports().context("turn.port_range")?,
+            default_lifetime: settings.default_lifetime_secs,
+            max_lifetime: settings.max_lifetime_secs,
+            nonce_lifetime: settings.default_lifetime_secs,
+            max_allocations: settings.max_allocations,
+            max_allocations_per_user: settings.max_allocations_per_user,
+            allowed_peers: settings
+                .allowed_peers
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect(),
+        };
+        let credentials = Credentials::new(
+            settings
+                .users
+                .iter()
+                .map(|u| (u.name.clone(), u.password.clone())),
+            settings.secrets.clone(),
+        );
+        let offload = settings.offload && table.status().kind == DatapathKind::Xdp;
+        if settings.offload && !offload {
+            tracing::warn!(
+                "turn: offload is on but the datapath is userspace: relaying ChannelData in userspace"
+            );
+        }
+        let service = Arc::new(TurnService {
+            server: Mutex::new(TurnServer::new(config, credentials)),
+            sockets: Mutex::new(HashMap::new()),
+            table,
+            offload,
+            offloaded: Mutex::new(HashMap::new()),
+        });
+        for address in settings.listen_addresses() {
+            service
+                .bind(address, Side::Client)
+                .with_context(|| format!("turn.listen: {address}: cannot listen"))?;
+            tracing::info!(%address, offload, "turn: listening");
+        }
+        let ticking = service.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        let actions = ticking.server().expire(unix_now());
+                        ticking.carry_out(actions);
+                    }
+                    _ = stopped.changed() => {
+                        ticking.shut_down();
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(service)
+    }
+
+    /// The allocations with their offload state and the kernel counters of their channels.
+    pub fn report(&self) -> Vec<AllocationReport> {
+        let now = unix_now();
+        let allocations = self.server().allocations();
+        let offloaded = self.offloaded.lock().expect("turn offloads poisoned");
+        allocations
+            .into_iter()
+            .map(|allocation| {
+                let ids: Vec<u32> = allocation
+                    .channels
+                    .iter()
+                    .filter_map(|(number, peer)| {
+                        let key = (allocation.client, allocation.server, *number);
+                        offloaded.get(&key).map(|ids| (ids, peer))
+                    })
+                    .flat_map(|(ids, _)| ids.iter().copied())
+                    .collect();
+                let (packets, bytes) = ids
+                    .iter()
+                    .filter_map(|id| self.table.get(*id, monotonic_ns()).ok())
+                    .fold((0, 0), |(p, b), flow| {
+                        (p + flow.counters.packets(), b + flow.counters.bytes())
+                    });
+                AllocationReport {
+                    username: allocation.username,
+                    client: allocation.client,
+                    server: allocation.server,
+                    relay: allocation.relay,
+                    expires_in_secs: allocation.expires.saturating_sub(now),
+                    permissions: allocation.permissions,
+                    channels: allocation.channels,
+                    offloaded_flows: ids.len(),
+                    packets,
+                    bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// Deletes allocations (`relayctl turn revoke`); returns how many.
+    pub fn revoke(self: &Arc<Self>, target: &RevokeTarget) -> usize {
+        let (actions, count) = self.server().revoke(target);
+        self.carry_out(actions);
+        count
+    }
+
+    fn server(&self) -> std::sync::MutexGuard<'_, TurnServer> {
+        self.server.lock().expect("turn server poisoned")
+    }
+
+    fn bind(self: &Arc<Self>, address: SocketAddr, side: Side) -> std::io::Result<()> {
+        let socket = std::net::UdpSocket::bind(address)?;
+        socket.set_nonblocking(true)?;
+        crate::datapath::userspace::enlarge_socket_buffers(&socket);
+        let socket = Arc::new(UdpSocket::from_std(socket)?);
+        let receiver = tokio::spawn(self.clone().receive(socket.clone(), address, side));
+        self.sockets
+            .lock()
+            .expect("turn sockets poisoned")
+            .insert(address, Bound { socket, receiver });
+        Ok(())
+    }
+
+    async fn receive(self: Arc<Self>, socket: Arc<UdpSocket>, local: SocketAddr, side: Side) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let (len, from) = match socket.recv_from(&mut buf).await {
+                Ok(received) => received,
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                Err(err) => {
+                    tracing::error!(%local, %err, "turn: receive failed; socket closed");
+                    return;
+                }
+            };
+            let now = unix_now();
+            let actions = match side {
+                Side::Client => self.server().from_client(now, local, from, &buf[..len]),
+                Side::Peer => self.server().from_peer(now, local, from, &buf[..len]),
+            };
+            self.carry_out(actions);
+        }
+    }
+
+    fn carry_out(self: &Arc<Self>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send { from, to, bytes } => {
+                    let socket = self
+                        .sockets
+                        .lock()
+                        .expect("turn sockets poisoned")
+                        .get(&from)
+                        .map(|bound| bound.socket.clone());
+                    if let Some(socket) = socket
+                        && let Err(err) = socket.try_send_to(&bytes, to)
+                    {
+                        tracing::debug!(%from, %to, %err, "turn: send failed");
+                    }
+                }
+                Action::OpenRelay(relay) => {
+                    if let Err(err) = self.bind(relay, Side::Peer) {
+                        tracing::warn!(%relay, %err, "turn: cannot open a relay socket; the allocation will carry nothing");
+                    }
+                }
+                Action::CloseRelay(relay) => {
+                    if let Some(bound) = self
+                        .sockets
+                        .lock()
+                        .expect("turn sockets poisoned")
+                        .remove(&relay)
+                    {
+                        bound.receiver.abort();
+                    }
+                }
+                Action::Offload(flows) => {
+                    if !self.offload {
+                        continue;
+                    }
+                    match self.table.offload(&flows, monotonic_ns()) {
+                        Ok(ids) => {
+                            tracing::info!(client = %flows[0].src, peer = %flows[0].new_dst, ?ids, "turn: channel offloaded to the kernel");
+                            self.offloaded
+                                .lock()
+                                .expect("turn offloads poisoned")
+                                .insert(flows[0].id(), ids);
+                        }
+                        Err(err) => tracing::warn!(%err, "turn: channel stays in userspace"),
+                    }
+                }
+                Action::Unload(flows) => {
+                    let ids = self
+                        .offloaded
+                        .lock()
+                        .expect("turn offloads poisoned")
+                        .remove(&flows[0].id());
+                    for id in ids.into_iter().flatten() {
+                        let _ = self.table.remove(id, monotonic_ns());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every socket task and removes offloaded flows (their sockets are going away).
+    fn shut_down(&self) {
+        for (_, bound) in self.sockets.lock().expect("turn sockets poisoned").drain() {
+            bound.receiver.abort();
+        }
+        for (_, ids) in self
+            .offloaded
+            .lock()
+            .expect("turn offloads poisoned")
+            .drain()
+        {
+            for id in ids {
+                let _ = self.table.remove(id, monotonic_ns());
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}

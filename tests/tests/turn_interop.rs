@@ -1,0 +1,263 @@
+//! Our TURN server with independent clients: coturn's `turnutils_uclient` allocates, binds
+//! channels and exchanges RTP-sized packets with an echo peer (`turnutils_peer`) through
+//! the relay, with static and TURN REST API credentials. With the XDP datapath the bound
+//! channels are offloaded and the kernel counters show the media took the fast path; with
+//! the userspace datapath the TURN server relays them itself. The same REST credentials
+//! are accepted by coturn started with use-auth-secret, side by side.
+
+use std::{process::Command, thread, time::Duration};
+
+use relay_tests::{
+    lab::ThreeHosts,
+    netns::{NetNs, PinDir},
+    process::Background,
+    relayd::Relayd,
+    require_root,
+};
+use serde_json::Value;
+
+const MESSAGES: u32 = 300;
+/// Messages of the run whose fast-path share is checked: long enough that the first
+/// moments (uclient sends Send indications until its ChannelBind is answered) are a small
+/// part of it.
+const LONG_RUN: u32 = 1000;
+
+/// relayd configuration with TURN on the client side of the relay, allocating on its LAN
+/// side, where the (private) peer is allowed.
+fn config(datapath: &str, pin_dir: &str) -> String {
+    format!(
+        r#"
+[datapath]
+mode = "{datapath}"
+interfaces = ["rc", "rp"]
+xdp_mode = "generic"
+pin_dir = "{pin_dir}"
+[turn]
+enabled = true
+listen = ["10.10.1.1:3478"]
+relay_addresses = ["10.10.2.1"]
+users = [{{ name = "alice", password = "wonderland" }}]
+secrets = ["north", "south"]
+allowed_peers = ["10.10.2.2"]
+"#
+    )
+}
+
+/// Runs turnutils_uclient against `server_port` and returns (sent, received, lost) from its
+/// summary.
+fn uclient(
+    client: &NetNs,
+    server_port: u16,
+    messages: u32,
+    credentials: &[&str],
+) -> (u32, u32, String) {
+    let port = server_port.to_string();
+    let messages = messages.to_string();
+    let mut args = vec![
+        "turnutils_uclient",
+        "-e",
+        "10.10.2.2",
+        "-r",
+        "3480",
+        "-n",
+        &messages,
+        "-l",
+        "172",
+        "-c",
+        "-z",
+        "5",
+        "-p",
+        &port,
+    ];
+    args.extend_from_slice(credentials);
+    args.push("10.10.1.1");
+    let output = Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", &client.name])
+        .args(&args)
+        .output()
+        .expect("run turnutils_uclient");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let number_after = |label: &str| -> u32 {
+        text.rsplit(label)
+            .next()
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|digits| digits.parse().ok())
+            .unwrap_or(0)
+    };
+    let sent = number_after("tot_send_msgs=");
+    let received = number_after("tot_recv_msgs=");
+    let lost = text
+        .lines()
+        .find(|line| line.contains("Total lost packets"))
+        .unwrap_or("")
+        .to_owned();
+    (
+        sent,
+        received,
+        format!("{lost}\n--- uclient output ---\n{text}"),
+    )
+}
+
+fn redirects(relayd: &Relayd) -> u64 {
+    let stats = relayd.ctl_json(&["stats"]);
+    stats["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["verdict"] == "redirect" || v["verdict"] == "tx")
+        .map(|v| v["packets"].as_u64().unwrap())
+        .sum()
+}
+
+fn run(datapath: &str) {
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let config_path =
+        std::env::temp_dir().join(format!("{}.toml", relay_tests::unique("relay-turn-")));
+    std::fs::write(&config_path, config(datapath, &pins.path.to_string_lossy())).unwrap();
+    let relayd = Relayd::start(
+        Some(&lab.relay),
+        &["--config", config_path.to_str().unwrap()],
+    );
+    let _peer = Background::spawn(
+        &lab.peer,
+        &["turnutils_peer", "-L", "10.10.2.2", "-p", "3480"],
+    );
+    thread::sleep(Duration::from_millis(300));
+
+    let before = if datapath == "xdp" {
+        redirects(&relayd)
+    } else {
+        0
+    };
+    let (sent, received, report) = uclient(
+        &lab.client,
+        3478,
+        LONG_RUN,
+        &["-u", "alice", "-w", "wonderland"],
+    );
+    assert_eq!(
+        (sent, received),
+        (LONG_RUN, LONG_RUN),
+        "{datapath}, static credentials: {report}\n{}",
+        relayd.log()
+    );
+    if datapath == "xdp" {
+        let forwarded = redirects(&relayd) - before;
+        // Each message goes client -> peer and back: two packets through the relay. Before
+        // the ChannelBind answer uclient uses Send indications, which userspace relays.
+        assert!(
+            forwarded >= 2 * u64::from(LONG_RUN) * 8 / 10,
+            "the channels' media should have taken the fast path: {forwarded} forwarded by XDP\n{}",
+            relayd.log()
+        );
+        assert!(
+            relayd
+                .log()
+                .contains("turn: channel offloaded to the kernel"),
+            "{}",
+            relayd.log()
+        );
+    }
+    // REST API credentials minted by the client itself from the shared secret; "south" is
+    // the second secret in rotation.
+    for secret in ["north", "south"] {
+        let (sent, received, report) =
+            uclient(&lab.client, 3478, MESSAGES, &["-u", "alice", "-W", secret]);
+        assert_eq!(
+            (sent, received),
+            (MESSAGES, MESSAGES),
+            "{datapath}, REST secret {secret}: {report}"
+        );
+    }
+    // A wrong secret is refused: nothing gets through.
+    let (_, received, _) = uclient(&lab.client, 3478, MESSAGES, &["-u", "alice", "-W", "west"]);
+    assert_eq!(
+        received, 0,
+        "{datapath}: a wrong REST secret must not allocate"
+    );
+
+    // Allocations end with the client (it refreshes with lifetime 0): no flow stays behind.
+    thread::sleep(Duration::from_millis(300));
+    let flows: Value = relayd.ctl_json(&["flow", "list"]);
+    assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
+    let _ = std::fs::remove_file(&config_path);
+}
+
+#[test]
+fn coturn_client_through_our_turn_server_with_xdp_offload() {
+    require_root();
+    run("xdp");
+}
+
+#[test]
+fn coturn_client_through_our_turn_server_in_userspace() {
+    require_root();
+    run("userspace");
+}
+
+#[test]
+fn rest_credentials_accepted_by_coturn_and_by_us_alike() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let config_path =
+        std::env::temp_dir().join(format!("{}.toml", relay_tests::unique("relay-turn-")));
+    std::fs::write(
+        &config_path,
+        config("userspace", &pins.path.to_string_lossy()),
+    )
+    .unwrap();
+    let _relayd = Relayd::start(
+        Some(&lab.relay),
+        &["--config", config_path.to_str().unwrap()],
+    );
+    let _coturn = Background::spawn(
+        &lab.relay,
+        &[
+            "turnserver",
+            "-n",
+            "--listening-ip",
+            "10.10.1.1",
+            "--listening-port",
+            "3479",
+            "--relay-ip",
+            "10.10.2.1",
+            "--min-port",
+            "50000",
+            "--max-port",
+            "50100",
+            "--use-auth-secret",
+            "--static-auth-secret=north",
+            "--realm",
+            "relay",
+            "--allow-loopback-peers",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--allowed-peer-ip",
+            "10.10.2.2",
+        ],
+    );
+    let _peer = Background::spawn(
+        &lab.peer,
+        &["turnutils_peer", "-L", "10.10.2.2", "-p", "3480"],
+    );
+    thread::sleep(Duration::from_millis(800));
+    for port in [3478, 3479] {
+        let (sent, received, report) =
+            uclient(&lab.client, port, MESSAGES, &["-u", "alice", "-W", "north"]);
+        assert_eq!(
+            (sent, received),
+            (MESSAGES, MESSAGES),
+            "server on port {port}: {report}"
+        );
+        let (_, received, _) = uclient(&lab.client, port, MESSAGES, &["-u", "alice", "-W", "west"]);
+        assert_eq!(received, 0, "server on port {port} accepted a wrong secret");
+    }
+    let _ = std::fs::remove_file(&config_path);
+}
