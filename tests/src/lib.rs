@@ -6,6 +6,7 @@
 //! process is owned by a guard that removes it on drop, also when a test fails.
 
 pub mod lab;
+pub mod measure;
 pub mod netns;
 pub mod packet;
 pub mod process;

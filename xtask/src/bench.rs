@@ -8,11 +8,14 @@ use crate::util;
 pub enum Suite {
     /// XDP program ns/packet (empty and 1M-flow table) and end-to-end pps, XDP vs userspace
     Fastpath,
+    /// TURN ChannelData relaying: ours with XDP offload, ours in userspace, and coturn
+    Turn,
 }
 
 pub fn run(suite: Suite) -> anyhow::Result<()> {
     let binary = match suite {
         Suite::Fastpath => "bench-fastpath",
+        Suite::Turn => "bench-turn",
     };
     util::cargo(
         &[

@@ -33,7 +33,8 @@ enum Command {
     },
     /// Run every test, including the XDP and network-namespace tests (needs root)
     Test,
-    /// Measure: `fastpath` (XDP program cost, end-to-end packets per second XDP vs userspace)
+    /// Measure: `fastpath` (XDP program cost, end-to-end packets per second XDP vs userspace),
+    /// `turn` (TURN relaying: offload, userspace, coturn)
     Bench {
         #[arg(value_enum, default_value = "fastpath")]
         suite: bench::Suite,

@@ -19,6 +19,7 @@ use relay::datapath::{ChannelOp, FlowSpec, xdp::KernelProgram};
 use relay_common::XDP_RELAY_PROGRAM;
 use relay_tests::{
     lab::ThreeHosts,
+    measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, udp_arrived, xdp_run_stats},
     netns::{NetNs, PinDir},
     packet::{Frame, channel_data, rtp_payload},
     relayd::Relayd,
@@ -524,7 +525,7 @@ fn step(
     let sent_before = tx_packets(&lab.client, "c0");
     let delivered_before = udp_arrived(&lab.peer);
     let cpu_before = host_busy_ns();
-    let relayd_before = relayd.map_or(0, process_cpu_ns);
+    let relayd_before = relayd.map_or(0, |relayd| process_cpu_ns(relayd.pid()));
     let started = Instant::now();
     let output = Command::new("timeout")
         .args([
@@ -548,7 +549,7 @@ fn step(
     let sent = tx_packets(&lab.client, "c0") - sent_before;
     let delivered = udp_arrived(&lab.peer) - delivered_before;
     let cpu = host_busy_ns() - cpu_before;
-    let relayd_cpu = relayd.map_or(0, process_cpu_ns) - relayd_before;
+    let relayd_cpu = relayd.map_or(0, |relayd| process_cpu_ns(relayd.pid())) - relayd_before;
     let stats_after = xdp.then(xdp_run_stats).flatten();
     let generator_error = (!output.status.success()).then(|| {
         let text = String::from_utf8_lossy(&output.stderr);
@@ -582,79 +583,4 @@ fn tx_packets(ns: &NetNs, dev: &str) -> u64 {
         .trim()
         .parse()
         .unwrap_or(0)
-}
-
-/// UDP datagrams that reached the peer's UDP layer (delivered to the socket, or dropped
-/// there because the sink could not keep up: either way the relay delivered them).
-fn udp_arrived(ns: &NetNs) -> u64 {
-    let snmp = ns.exec(&["cat", "/proc/net/snmp"]);
-    let text = String::from_utf8_lossy(&snmp.stdout);
-    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
-    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    let values: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    let field = |name: &str| -> u64 {
-        header
-            .iter()
-            .position(|h| *h == name)
-            .and_then(|i| values[i].parse().ok())
-            .unwrap_or(0)
-    };
-    field("InDatagrams") + field("RcvbufErrors")
-}
-
-/// Busy CPU time of the whole host in ns (all CPUs, everything but idle and iowait).
-fn host_busy_ns() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap())
-        .collect();
-    let busy: u64 = cpu.iter().sum::<u64>() - cpu[3] - cpu[4];
-    busy * 1_000_000_000 / clock_ticks()
-}
-
-fn process_cpu_ns(relayd: &Relayd) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", relayd.pid())).unwrap_or_default();
-    // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = after
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    (fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0)) * 1_000_000_000 / clock_ticks()
-}
-
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as u64 }
-}
-
-fn sysctl_bpf_stats(on: bool) {
-    let _ = std::fs::write(
-        "/proc/sys/kernel/bpf_stats_enabled",
-        if on { "1" } else { "0" },
-    );
-}
-
-/// (run_time_ns, run_cnt) of the relay program, summed over loaded instances.
-fn xdp_run_stats() -> Option<(u64, u64)> {
-    let output = Command::new("bpftool")
-        .args(["prog", "show", "name", XDP_RELAY_PROGRAM, "--json"])
-        .output()
-        .ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    let progs = match value {
-        serde_json::Value::Array(progs) => progs,
-        single => vec![single],
-    };
-    Some(progs.iter().fold((0, 0), |(t, c), p| {
-        (
-            t + p["run_time_ns"].as_u64().unwrap_or(0),
-            c + p["run_cnt"].as_u64().unwrap_or(0),
-        )
-    }))
 }
