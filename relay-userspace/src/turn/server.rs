@@ -1160,7 +1160,11 @@ mod tests {
                 RequestedTransport::new(UDP).into(),
             ],
         );
-        assert_eq!(response.class(), MessageClass::SuccessResponse, "{response:?}");
+        assert_eq!(
+            response.class(),
+            MessageClass::SuccessResponse,
+            "{response:?}"
+        );
     }
 
     #[test]
