@@ -19,7 +19,10 @@ use stun_codec::{
         methods::BINDING,
     },
     rfc5766::{
-        attributes::{Data, Lifetime, RequestedTransport, XorPeerAddress, XorRelayAddress},
+        attributes::{
+            Data, EvenPort, Lifetime, RequestedTransport, ReservationToken, XorPeerAddress,
+            XorRelayAddress,
+        },
         methods::{ALLOCATE, CHANNEL_BIND, CREATE_PERMISSION, DATA, REFRESH, SEND},
     },
     rfc8656::attributes::{AddressFamily, RequestedAddressFamily},
@@ -35,6 +38,9 @@ use crate::datapath::{ChannelOp, FlowSpec};
 /// RFC 8656 9: permissions last 300 s, channel bindings 600 s.
 pub const PERMISSION_LIFETIME: u64 = 300;
 pub const CHANNEL_LIFETIME: u64 = 600;
+/// How long a port reserved by EVEN-PORT(R) waits for its RESERVATION-TOKEN (RFC 8656 7.2
+/// suggests about 30 s).
+pub const RESERVATION_LIFETIME: u64 = 30;
 const UDP: u8 = 17;
 
 #[derive(Debug, Clone)]
@@ -124,6 +130,8 @@ pub struct TurnServer {
     nonces: NonceIssuer,
     allocations: HashMap<FiveTuple, Allocation>,
     by_relay: HashMap<SocketAddr, FiveTuple>,
+    /// RESERVATION-TOKEN -> (reserved relay address, expiry).
+    reservations: HashMap<u64, (SocketAddr, u64)>,
 }
 
 /// An error response in the making: code and reason.
@@ -138,6 +146,7 @@ impl TurnServer {
             nonces,
             allocations: HashMap::new(),
             by_relay: HashMap::new(),
+            reservations: HashMap::new(),
         }
     }
 
@@ -266,6 +275,7 @@ impl TurnServer {
         for five_tuple in expired {
             actions.extend(self.delete(five_tuple));
         }
+        self.reservations.retain(|_, (_, expires)| *expires > now);
         for (&five_tuple, allocation) in &mut self.allocations {
             allocation.permissions.retain(|_, expires| *expires > now);
             let relay = allocation.relay;
@@ -407,6 +417,16 @@ impl TurnServer {
         if transport.protocol() != UDP {
             return Err(Refusal(442, "Unsupported Transport Protocol"));
         }
+        let even_port = message.get_attribute::<EvenPort>();
+        let token = message
+            .get_attribute::<ReservationToken>()
+            .map(|t| t.token());
+        // RFC 8656 7.2: a reservation token says which port; it goes with neither.
+        if token.is_some()
+            && (even_port.is_some() || message.get_attribute::<RequestedAddressFamily>().is_some())
+        {
+            return Err(Refusal(400, "Bad Request"));
+        }
         let relay_ip = match message
             .get_attribute::<RequestedAddressFamily>()
             .map(|f| f.address_family())
@@ -426,17 +446,38 @@ impl TurnServer {
         if self.allocations.len() >= self.config.max_allocations {
             return Err(Refusal(508, "Insufficient Capacity"));
         }
-        let port = self
-            .config
-            .ports
-            .clone()
-            .find(|port| {
-                !self
-                    .by_relay
-                    .contains_key(&SocketAddr::new(relay_ip, *port))
-            })
-            .ok_or(Refusal(508, "Insufficient Capacity"))?;
-        let relay = SocketAddr::new(relay_ip, port);
+        let relay = match token {
+            Some(token) => {
+                self.reservations
+                    .remove(&token)
+                    .filter(|(_, expires)| *expires > now)
+                    .ok_or(Refusal(508, "Insufficient Capacity"))?
+                    .0
+            }
+            None => {
+                let free = |port: u16| self.is_free(SocketAddr::new(relay_ip, port));
+                let ports = self.config.ports.clone();
+                let port = if even_port.is_some() {
+                    // An even port, and when a reservation is asked for, a free odd one above.
+                    let reserve = even_port.is_some_and(|e| e.is_requested());
+                    ports.clone().find(|&port| {
+                        port % 2 == 0
+                            && free(port)
+                            && (!reserve || (port < *ports.end() && free(port + 1)))
+                    })
+                } else {
+                    ports.clone().find(|&port| free(port))
+                };
+                SocketAddr::new(relay_ip, port.ok_or(Refusal(508, "Insufficient Capacity"))?)
+            }
+        };
+        let reservation = even_port.is_some_and(|e| e.is_requested()).then(|| {
+            let token = random_token();
+            let next = SocketAddr::new(relay.ip(), relay.port() + 1);
+            self.reservations
+                .insert(token, (next, now + RESERVATION_LIFETIME));
+            token
+        });
         let lifetime = self.lifetime(message);
         self.allocations.insert(
             five_tuple,
@@ -454,6 +495,9 @@ impl TurnServer {
         response.add_attribute(XorRelayAddress::new(relay));
         response.add_attribute(Lifetime::from_u32(lifetime as u32));
         response.add_attribute(XorMappedAddress::new(five_tuple.0));
+        if let Some(token) = reservation {
+            response.add_attribute(ReservationToken::new(token));
+        }
         Ok(response)
     }
 
@@ -612,6 +656,15 @@ impl TurnServer {
         }]
     }
 
+    /// Whether a relay address is neither allocated nor reserved.
+    fn is_free(&self, relay: SocketAddr) -> bool {
+        !self.by_relay.contains_key(&relay)
+            && !self
+                .reservations
+                .values()
+                .any(|(reserved, _)| *reserved == relay)
+    }
+
     /// The allocation of `five_tuple`, if `username` made it.
     fn owned(&mut self, five_tuple: FiveTuple, username: &str) -> Result<&mut Allocation, Refusal> {
         let allocation = self
@@ -764,10 +817,18 @@ fn transaction_id() -> TransactionId {
     TransactionId::new(id)
 }
 
+/// Reservation tokens are unguessable, so only the client given one can use the port.
+fn random_token() -> u64 {
+    let mut token = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut token)
+        .expect("system random works");
+    u64::from_ne_bytes(token)
+}
+
 #[cfg(test)]
 mod tests {
     use bytecodec::DecodeExt;
-    use stun_codec::{Message, MessageDecoder, Method, rfc5766::attributes::EvenPort};
+    use stun_codec::{Message, MessageDecoder, Method};
 
     use super::*;
     use crate::turn::credentials::rest_api_password;
@@ -1165,6 +1226,97 @@ mod tests {
             MessageClass::SuccessResponse,
             "{response:?}"
         );
+    }
+
+    #[test]
+    fn even_port_reserves_the_next_port_for_its_token() {
+        let mut server = server();
+        let transport = || -> Attribute { RequestedTransport::new(UDP).into() };
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        let (response, _) = alice.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![transport(), EvenPort::new(true).into()],
+        );
+        let relay = response
+            .get_attribute::<XorRelayAddress>()
+            .unwrap()
+            .address();
+        assert_eq!(relay.port(), 49152);
+        let token = response
+            .get_attribute::<ReservationToken>()
+            .expect("a token")
+            .token();
+        let mut bob = Client::new("198.51.100.9:50000", "bob", "builder");
+        let (response, _) = bob.call(&mut server, T0, ALLOCATE, vec![transport()]);
+        assert_eq!(code(&response), 508, "the reserved port is nobody else's");
+        let (response, _) = bob.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![transport(), ReservationToken::new(token ^ 1).into()],
+        );
+        assert_eq!(code(&response), 508, "a token that was never given");
+        let (response, _) = bob.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![
+                transport(),
+                ReservationToken::new(token).into(),
+                EvenPort::new(false).into(),
+            ],
+        );
+        assert_eq!(code(&response), 400, "a token goes without EVEN-PORT");
+        let (response, _) = bob.call(
+            &mut server,
+            T0 + 10,
+            ALLOCATE,
+            vec![transport(), ReservationToken::new(token).into()],
+        );
+        assert_eq!(
+            response
+                .get_attribute::<XorRelayAddress>()
+                .unwrap()
+                .address()
+                .port(),
+            49153
+        );
+        assert!(response.get_attribute::<ReservationToken>().is_none());
+    }
+
+    #[test]
+    fn reservations_expire() {
+        let mut server = server();
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        let (response, _) = alice.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![
+                RequestedTransport::new(UDP).into(),
+                EvenPort::new(true).into(),
+            ],
+        );
+        let token = response
+            .get_attribute::<ReservationToken>()
+            .unwrap()
+            .token();
+        server.expire(T0 + RESERVATION_LIFETIME);
+        let mut bob = Client::new("198.51.100.9:50000", "bob", "builder");
+        let (response, _) = bob.call(
+            &mut server,
+            T0 + 31,
+            ALLOCATE,
+            vec![
+                RequestedTransport::new(UDP).into(),
+                ReservationToken::new(token).into(),
+            ],
+        );
+        assert_eq!(code(&response), 508, "an expired token");
+        let relay = bob.allocate(&mut server, T0 + 31);
+        assert_eq!(relay.port(), 49153, "the port is free again");
     }
 
     #[test]
