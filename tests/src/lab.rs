@@ -57,6 +57,28 @@ impl ThreeHosts {
     }
 }
 
+/// relayd configuration for the lab with the TURN server on: it listens on the client side
+/// (10.10.1.1:3478) and allocates on the LAN side (10.10.2.1), where the (private) peer
+/// 10.10.2.2 is allowed; user alice/wonderland. `extra` lines go into `[turn]`.
+pub fn turn_config(datapath: &str, pin_dir: &str, extra: &str) -> String {
+    format!(
+        r#"
+[datapath]
+mode = "{datapath}"
+interfaces = ["rc", "rp"]
+xdp_mode = "generic"
+pin_dir = "{pin_dir}"
+[turn]
+enabled = true
+listen = ["10.10.1.1:3478"]
+relay_addresses = ["10.10.2.1"]
+users = [{{ name = "alice", password = "wonderland" }}]
+allowed_peers = ["10.10.2.2"]
+{extra}
+"#
+    )
+}
+
 impl Default for ThreeHosts {
     fn default() -> Self {
         ThreeHosts::new()

@@ -130,6 +130,16 @@ impl Relayd {
         serde_json::from_str(&self.ctl_ok(&full)).expect("relayctl --json prints JSON")
     }
 
+    /// Flows, stats and log, for a failing test's message.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "flows: {}\nstats: {}\nrelayd log:\n{}",
+            self.ctl_ok(&["flow", "list"]),
+            self.ctl_ok(&["stats"]),
+            self.log()
+        )
+    }
+
     /// Sends SIGTERM and waits for relayd to exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
         // SAFETY: kill on the pid of a child we own and have not reaped.

@@ -96,12 +96,7 @@ fn run_mode(mode: &str, datapath: &[&str]) {
             &PEER_TO_CLIENT,
         );
         if let Err(problem) = forward.and(backward) {
-            panic!(
-                "{mode}: {problem}\nflows: {}\nstats: {}\nrelayd log:\n{}",
-                relayd.ctl_ok(&["flow", "list"]),
-                relayd.ctl_ok(&["stats"]),
-                relayd.log()
-            );
+            panic!("{mode}: {problem}\n{}", relayd.diagnostics());
         }
         // Padded ChannelData: the data is what Length says, the padding is dropped.
         peer_socket

@@ -97,12 +97,7 @@ fn run_mode(mode: &str, args: &[&str]) {
             &PLAIN,
         );
         if let Err(problem) = forward.and(backward) {
-            panic!(
-                "{mode}: {problem}\nflows: {}\nstats: {}\nrelayd log:\n{}",
-                relayd.ctl_ok(&["flow", "list"]),
-                relayd.ctl_ok(&["stats"]),
-                relayd.log()
-            );
+            panic!("{mode}: {problem}\n{}", relayd.diagnostics());
         }
     }
 

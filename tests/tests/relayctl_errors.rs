@@ -8,6 +8,7 @@ use std::{
 };
 
 use relay_tests::{
+    config_file::ConfigFile,
     netns::NetNs,
     relayd::{Relayd, binary},
     require_root,
@@ -60,7 +61,7 @@ fn flows(relayd: &Relayd) -> Vec<Value> {
 
 /// A relayd with the userspace datapath and room for 3 flows, in a namespace that owns the
 /// relay addresses 10.20.0.1 and 10.20.1.1.
-fn relayd_with_capacity_3() -> (NetNs, Relayd, tempfile_path::TempFile) {
+fn relayd_with_capacity_3() -> (NetNs, Relayd, ConfigFile) {
     let ns = NetNs::new("rerr");
     ns.exec(&[
         "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
@@ -68,7 +69,7 @@ fn relayd_with_capacity_3() -> (NetNs, Relayd, tempfile_path::TempFile) {
     ns.exec(&["ip", "link", "set", "d0", "up"]);
     ns.exec(&["ip", "addr", "add", "10.20.0.1/24", "dev", "d0"]);
     ns.exec(&["ip", "addr", "add", "10.20.1.1/24", "dev", "d0"]);
-    let config = tempfile_path::TempFile::new("[datapath]\nmode = \"userspace\"\ncapacity = 3\n");
+    let config = ConfigFile::new("[datapath]\nmode = \"userspace\"\ncapacity = 3\n");
     let relayd = Relayd::start(Some(&ns), &["--config", config.path()]);
     (ns, relayd, config)
 }
@@ -301,7 +302,7 @@ fn relayctl_without_relayd_says_so() {
 
 #[test]
 fn relayd_check_names_every_bad_key() {
-    let config = tempfile_path::TempFile::new(
+    let config = ConfigFile::new(
         "[datapath]\nmode = \"xdp\"\ncapacity = 0\n[flows]\nidle_timeout_secs = 0\n",
     );
     let output = Command::new(binary("relayd"))
@@ -326,28 +327,4 @@ fn relayd_check_names_every_bad_key() {
         .output()
         .unwrap();
     assert!(shipped.status.success(), "{}", stderr(&shipped));
-}
-
-/// A temporary file removed on drop.
-mod tempfile_path {
-    pub struct TempFile(std::path::PathBuf);
-
-    impl TempFile {
-        pub fn new(contents: &str) -> TempFile {
-            let path =
-                std::env::temp_dir().join(format!("{}.toml", relay_tests::unique("relay-config-")));
-            std::fs::write(&path, contents).unwrap();
-            TempFile(path)
-        }
-
-        pub fn path(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
 }

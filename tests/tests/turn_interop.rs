@@ -8,7 +8,8 @@
 use std::{process::Command, thread, time::Duration};
 
 use relay_tests::{
-    lab::ThreeHosts,
+    config_file::ConfigFile,
+    lab::{ThreeHosts, turn_config},
     netns::{NetNs, PinDir},
     process::Background,
     relayd::Relayd,
@@ -17,31 +18,12 @@ use relay_tests::{
 use serde_json::Value;
 
 const MESSAGES: u32 = 300;
+/// Two REST API secrets, as during a rotation.
+const SECRETS: &str = r#"secrets = ["north", "south"]"#;
 /// Messages of the run whose fast-path share is checked: long enough that the first
 /// moments (uclient sends Send indications until its ChannelBind is answered) are a small
 /// part of it.
 const LONG_RUN: u32 = 1000;
-
-/// relayd configuration with TURN on the client side of the relay, allocating on its LAN
-/// side, where the (private) peer is allowed.
-fn config(datapath: &str, pin_dir: &str) -> String {
-    format!(
-        r#"
-[datapath]
-mode = "{datapath}"
-interfaces = ["rc", "rp"]
-xdp_mode = "generic"
-pin_dir = "{pin_dir}"
-[turn]
-enabled = true
-listen = ["10.10.1.1:3478"]
-relay_addresses = ["10.10.2.1"]
-users = [{{ name = "alice", password = "wonderland" }}]
-secrets = ["north", "south"]
-allowed_peers = ["10.10.2.2"]
-"#
-    )
-}
 
 /// Runs turnutils_uclient against `server_port` and returns (sent, received, lost) from its
 /// summary.
@@ -116,13 +98,12 @@ fn redirects(relayd: &Relayd) -> u64 {
 fn run(datapath: &str) {
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
-    let config_path =
-        std::env::temp_dir().join(format!("{}.toml", relay_tests::unique("relay-turn-")));
-    std::fs::write(&config_path, config(datapath, &pins.path.to_string_lossy())).unwrap();
-    let relayd = Relayd::start(
-        Some(&lab.relay),
-        &["--config", config_path.to_str().unwrap()],
-    );
+    let config = ConfigFile::new(&turn_config(
+        datapath,
+        &pins.path.to_string_lossy(),
+        SECRETS,
+    ));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let _peer = Background::spawn(
         &lab.peer,
         &["turnutils_peer", "-L", "10.10.2.2", "-p", "3480"],
@@ -185,7 +166,6 @@ fn run(datapath: &str) {
     thread::sleep(Duration::from_millis(300));
     let flows: Value = relayd.ctl_json(&["flow", "list"]);
     assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
-    let _ = std::fs::remove_file(&config_path);
 }
 
 #[test]
@@ -205,17 +185,12 @@ fn rest_credentials_accepted_by_coturn_and_by_us_alike() {
     require_root();
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
-    let config_path =
-        std::env::temp_dir().join(format!("{}.toml", relay_tests::unique("relay-turn-")));
-    std::fs::write(
-        &config_path,
-        config("userspace", &pins.path.to_string_lossy()),
-    )
-    .unwrap();
-    let _relayd = Relayd::start(
-        Some(&lab.relay),
-        &["--config", config_path.to_str().unwrap()],
-    );
+    let config = ConfigFile::new(&turn_config(
+        "userspace",
+        &pins.path.to_string_lossy(),
+        SECRETS,
+    ));
+    let _relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let _coturn = Background::spawn(
         &lab.relay,
         &[
@@ -259,5 +234,4 @@ fn rest_credentials_accepted_by_coturn_and_by_us_alike() {
         let (_, received, _) = uclient(&lab.client, port, MESSAGES, &["-u", "alice", "-W", "west"]);
         assert_eq!(received, 0, "server on port {port} accepted a wrong secret");
     }
-    let _ = std::fs::remove_file(&config_path);
 }

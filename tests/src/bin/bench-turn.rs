@@ -13,7 +13,8 @@ use std::{
 };
 
 use relay_tests::{
-    lab::ThreeHosts,
+    config_file::ConfigFile,
+    lab::{ThreeHosts, turn_config},
     measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, udp_arrived, xdp_run_stats},
     netns::PinDir,
     process::Background,
@@ -146,31 +147,14 @@ fn main() {
 fn run(relay: Relay, sessions: u32, interval_ms: u32) -> Run {
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
-    let config =
-        std::env::temp_dir().join(format!("{}.toml", relay_tests::unique("relay-bench-turn-")));
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[datapath]
-mode = "xdp"
-interfaces = ["rc", "rp"]
-xdp_mode = "generic"
-pin_dir = "{}"
-[turn]
-enabled = true
-listen = ["10.10.1.1:3478"]
-relay_addresses = ["10.10.2.1"]
-users = [{{ name = "alice", password = "wonderland" }}]
-allowed_peers = ["10.10.2.2"]
-max_allocations_per_user = 1000
-offload = {}
-"#,
-            pins.path.display(),
+    let config = ConfigFile::new(&turn_config(
+        "xdp",
+        &pins.path.to_string_lossy(),
+        &format!(
+            "max_allocations_per_user = 1000\noffload = {}",
             relay == Relay::Offload
         ),
-    )
-    .unwrap();
+    ));
     // Keep whichever relay runs alive for the whole run.
     let (relayd, coturn) = match relay {
         Relay::Coturn => (
@@ -210,7 +194,7 @@ offload = {}
         _ => (
             Some(Relayd::start(
                 Some(&lab.relay),
-                &["--config", config.to_str().unwrap()],
+                &["--config", config.path()],
             )),
             None,
         ),
@@ -291,7 +275,6 @@ offload = {}
                 .trim()
                 .to_owned()
         });
-    let _ = std::fs::remove_file(&config);
     Run {
         relay,
         sessions,
