@@ -8,6 +8,21 @@
 
 use crate::netns::{NetNs, veth};
 
+/// `relayctl` arguments adding the lab's IPv4 flow: client 10.10.1.2:4000 -> relay
+/// 10.10.1.1:20000, re-sent from 10.10.2.1:30000 to the peer 10.10.2.2:5004.
+pub const CLIENT_TO_PEER_FLOW: [&str; 10] = [
+    "flow",
+    "add",
+    "--src",
+    "10.10.1.2:4000",
+    "--dst",
+    "10.10.1.1:20000",
+    "--new-src",
+    "10.10.2.1:30000",
+    "--new-dst",
+    "10.10.2.2:5004",
+];
+
 pub struct ThreeHosts {
     pub client: NetNs,
     pub relay: NetNs,

@@ -3,7 +3,12 @@
 
 use std::net::SocketAddr;
 
-use relay_tests::{lab::ThreeHosts, netns::PinDir, relayd::Relayd, require_root};
+use relay_tests::{
+    lab::{CLIENT_TO_PEER_FLOW, ThreeHosts},
+    netns::PinDir,
+    relayd::Relayd,
+    require_root,
+};
 
 #[test]
 fn a_restarted_relayd_adopts_pinned_flows() {
@@ -30,19 +35,7 @@ fn a_restarted_relayd_adopts_pinned_flows() {
     };
 
     let mut first = Relayd::start(Some(relay), &args);
-    first.ctl_ok(&[
-        "flow",
-        "add",
-        "--src",
-        "10.10.1.2:4000",
-        "--dst",
-        "10.10.1.1:20000",
-        "--new-src",
-        "10.10.2.1:30000",
-        "--new-dst",
-        "10.10.2.2:5004",
-        "--reverse",
-    ]);
+    first.ctl_ok(&[&CLIENT_TO_PEER_FLOW[..], &["--reverse"]].concat());
     send_and_receive(10);
     let before = first.ctl_json(&["flow", "show", "1"]);
     assert!(

@@ -16,7 +16,7 @@ use std::{
 };
 
 use relay_tests::{
-    lab::ThreeHosts,
+    lab::{CLIENT_TO_PEER_FLOW, ThreeHosts},
     netns::PinDir,
     relayd::{Relayd, binary},
     require_root,
@@ -31,18 +31,7 @@ fn restart_keeps_forwarding(datapath: &[&str]) {
     let pin_dir = pins.path.to_string_lossy().into_owned();
     let args = lab.relayd_args(datapath, &pin_dir);
     let mut first = Relayd::start(Some(&lab.relay), &args);
-    first.ctl_ok(&[
-        "flow",
-        "add",
-        "--src",
-        "10.10.1.2:4000",
-        "--dst",
-        "10.10.1.1:20000",
-        "--new-src",
-        "10.10.2.1:30000",
-        "--new-dst",
-        "10.10.2.2:5004",
-    ]);
+    first.ctl_ok(&CLIENT_TO_PEER_FLOW);
     let sender = lab.client.udp_socket("10.10.1.2:4000".parse().unwrap());
     let receiver = lab.peer.udp_socket("10.10.2.2:5004".parse().unwrap());
     receiver

@@ -18,7 +18,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use relay::datapath::{ChannelOp, FlowSpec, xdp::KernelProgram};
 use relay_common::XDP_RELAY_PROGRAM;
 use relay_tests::{
-    lab::ThreeHosts,
+    lab::{CLIENT_TO_PEER_FLOW, ThreeHosts},
     measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, udp_arrived, xdp_run_stats},
     netns::{NetNs, PinDir},
     packet::{Frame, channel_data, rtp_payload},
@@ -442,18 +442,7 @@ fn end_to_end_steps(name: &'static str, relay: Relay) -> Vec<Step> {
         }
         Relay::Relayd(args) => {
             let relayd = Relayd::start(Some(&lab.relay), &lab.relayd_args(args, &pin_dir));
-            relayd.ctl_ok(&[
-                "flow",
-                "add",
-                "--src",
-                "10.10.1.2:4000",
-                "--dst",
-                "10.10.1.1:20000",
-                "--new-src",
-                "10.10.2.1:30000",
-                "--new-dst",
-                "10.10.2.2:5004",
-            ]);
+            relayd.ctl_ok(&CLIENT_TO_PEER_FLOW);
             (
                 Some(relayd),
                 "daddr=10.10.1.1, ttl=64), udp(sp=4000, dp=20000)",
