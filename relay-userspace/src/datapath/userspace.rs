@@ -210,6 +210,14 @@ fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
+/// Sends one datagram now. tokio's `try_send_to` answers WouldBlock until its reactor has
+/// seen the socket writable once, which loses the first datagram sent on a fresh socket (a
+/// relay socket opened for a new allocation, say); a UDP send never waits, so this asks the
+/// kernel directly. WouldBlock from here means the send buffer is really full.
+pub fn send_now(socket: &UdpSocket, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send_to(data, &to.into())
+}
+
 /// Sets the receive and send buffers to [`SOCKET_BUFFER_BYTES`], beyond
 /// net.core.[rw]mem_max when the process has CAP_NET_ADMIN, else as far as the sysctl allows.
 pub fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
@@ -327,7 +335,7 @@ fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, buf: &mut [u8
     };
     // A UDP send does not wait: with an 4 MiB send buffer, WouldBlock means the egress is
     // saturated and the packet is dropped, as the kernel would drop it.
-    match route.out.try_send_to(out, route.new_dst) {
+    match send_now(&route.out, out, route.new_dst) {
         Ok(_) => {
             route.packets.fetch_add(1, Ordering::Relaxed);
             route.bytes.fetch_add(ip_len, Ordering::Relaxed);

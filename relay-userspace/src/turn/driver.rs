@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     config::TurnSettings,
-    datapath::{DatapathKind, table::FlowTable},
+    datapath::{DatapathKind, table::FlowTable, userspace::send_now},
     time::monotonic_ns,
 };
 
@@ -231,7 +231,7 @@ impl TurnService {
                         .get(&from)
                         .map(|bound| bound.socket.clone());
                     if let Some(socket) = socket
-                        && let Err(err) = socket.try_send_to(&bytes, to)
+                        && let Err(err) = send_now(&socket, &bytes, to)
                     {
                         tracing::debug!(%from, %to, %err, "turn: send failed");
                     }
