@@ -116,9 +116,13 @@ pub struct TurnSettings {
     pub max_lifetime_secs: u64,
     pub max_allocations: usize,
     pub max_allocations_per_user: usize,
-    /// Peer IP addresses allowed although they are in a range refused by default
-    /// (loopback, private, link-local, multicast, unspecified).
+    /// Peer ranges (CIDR, or single addresses) allowed although refused by default
+    /// (loopback, private, link-local, multicast, unspecified, CGN) or by `denied_peers`.
     pub allowed_peers: Vec<String>,
+    /// Peer ranges refused on top of the default ones.
+    pub denied_peers: Vec<String>,
+    /// Allocate requests per client IP address and second; 0: no limit.
+    pub max_allocate_rate_per_source: u32,
     /// Forward bound channels' ChannelData in the kernel (XDP datapath only).
     pub offload: bool,
 }
@@ -145,12 +149,23 @@ impl Default for TurnSettings {
             max_allocations: 10_000,
             max_allocations_per_user: 100,
             allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
+            max_allocate_rate_per_source: 20,
             offload: true,
         }
     }
 }
 
 impl TurnSettings {
+    /// The peer policy, from ranges `validate` accepted.
+    pub fn peer_policy(&self) -> crate::turn::policy::PeerPolicy {
+        let ranges = |list: &[String]| list.iter().filter_map(|r| r.parse().ok()).collect();
+        crate::turn::policy::PeerPolicy {
+            allowed: ranges(&self.allowed_peers),
+            denied: ranges(&self.denied_peers),
+        }
+    }
+
     pub fn listen_addresses(&self) -> Vec<std::net::SocketAddr> {
         self.listen.iter().filter_map(|a| a.parse().ok()).collect()
     }
@@ -226,13 +241,14 @@ impl TurnSettings {
                 "must be between 1 and turn.max_lifetime_secs",
             );
         }
-        for peer in &self.allowed_peers {
-            if peer.parse::<std::net::IpAddr>().is_err() {
-                problem(
-                    "turn.allowed_peers",
-                    format!("{peer:?}"),
-                    "not an IP address",
-                );
+        for (key, ranges) in [
+            ("turn.allowed_peers", &self.allowed_peers),
+            ("turn.denied_peers", &self.denied_peers),
+        ] {
+            for range in ranges {
+                if let Err(reason) = range.parse::<crate::turn::policy::IpNet>() {
+                    problem(key, format!("{range:?}"), &reason);
+                }
             }
         }
         if self.enabled {
@@ -513,7 +529,8 @@ mod tests {
             port_range = "70000-80000"
             realm = ""
             default_lifetime_secs = 7200
-            allowed_peers = ["10.0.0.0/8"]
+            allowed_peers = ["10.0.0.0/8", "10.1.0.0/8", "fd00::/200"]
+            denied_peers = ["192.0.2.0/24", "somewhere"]
             "#,
             "test",
         )
@@ -529,7 +546,9 @@ mod tests {
                 "turn.port_range: \"70000-80000\": expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
                 "turn.realm: \"\": must not be empty",
                 "turn.default_lifetime_secs: 7200: must be between 1 and turn.max_lifetime_secs",
-                "turn.allowed_peers: \"10.0.0.0/8\": not an IP address",
+                "turn.allowed_peers: \"10.1.0.0/8\": host bits set: the network of /8 is 10.0.0.0",
+                "turn.allowed_peers: \"fd00::/200\": prefix length \"200\" is not 0..=128",
+                "turn.denied_peers: \"somewhere\": \"somewhere\" is not an IP address",
                 "turn.users: []: no users and no secrets: nobody could authenticate",
             ]
         );

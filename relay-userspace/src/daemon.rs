@@ -40,6 +40,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(socket = %config.control.socket.display(), "control API listening");
 
     let (stop, stopped) = watch::channel(false);
+    let turn = if config.turn.enabled {
+        Some(
+            crate::turn::driver::TurnService::start(&config.turn, table.clone(), stopped.clone())
+                .await?,
+        )
+    } else {
+        None
+    };
     let metrics = match config.metrics.address() {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
@@ -49,18 +57,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
                 table.clone(),
+                turn.clone(),
                 stopped.clone(),
             )))
         }
         None => None,
-    };
-    let turn = if config.turn.enabled {
-        Some(
-            crate::turn::driver::TurnService::start(&config.turn, table.clone(), stopped.clone())
-                .await?,
-        )
-    } else {
-        None
     };
     let serving = tokio::spawn(server.serve(table.clone(), turn.clone(), stopped.clone()));
     let expiring = tokio::spawn(expire_idle_flows(table.clone(), stopped));

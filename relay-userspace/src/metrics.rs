@@ -11,7 +11,10 @@ use tokio::{
     sync::watch,
 };
 
-use crate::datapath::{DatapathKind, table::FlowTable};
+use crate::{
+    datapath::{DatapathKind, table::FlowTable},
+    turn::driver::TurnService,
+};
 
 /// Longest request head read before answering; the path is all that matters.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -19,13 +22,14 @@ const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub async fn serve(
     listener: TcpListener,
     table: Arc<FlowTable>,
+    turn: Option<Arc<TurnService>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, table.clone()));
+                    tokio::spawn(answer(stream, table.clone(), turn.clone()));
                 }
                 Err(err) => tracing::warn!(%err, "metrics: accept failed"),
             },
@@ -34,7 +38,7 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: TcpStream, table: Arc<FlowTable>) {
+async fn answer(mut stream: TcpStream, table: Arc<FlowTable>, turn: Option<Arc<TurnService>>) {
     let mut head = vec![0u8; MAX_REQUEST_BYTES];
     let mut read = 0;
     // Read until the end of the request head, a full buffer, or the peer stops sending.
@@ -47,7 +51,11 @@ async fn answer(mut stream: TcpStream, table: Arc<FlowTable>) {
     let request = String::from_utf8_lossy(&head[..read]);
     let (status, content_type, body) =
         match request.split_whitespace().take(2).collect::<Vec<_>>()[..] {
-            ["GET", "/metrics"] => ("200 OK", "text/plain; version=0.0.4", render(&table)),
+            ["GET", "/metrics"] => (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                render(&table, turn.as_deref()),
+            ),
             ["GET", _] => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
             _ => (
                 "405 Method Not Allowed",
@@ -63,7 +71,7 @@ async fn answer(mut stream: TcpStream, table: Arc<FlowTable>) {
 }
 
 /// The metrics in the Prometheus text exposition format.
-pub fn render(table: &FlowTable) -> String {
+pub fn render(table: &FlowTable, turn: Option<&TurnService>) -> String {
     let status = table.status();
     let stats = table.stats();
     let mut out = String::new();
@@ -154,5 +162,34 @@ pub fn render(table: &FlowTable) -> String {
             ("{reason=\"send_error\"}".to_owned(), user.send_errors),
         ],
     );
+    if let Some(turn) = turn {
+        let summary = turn.summary();
+        metric(
+            "relay_turn_allocations",
+            "gauge",
+            "TURN allocations.",
+            &[(String::new(), summary.allocations)],
+        );
+        metric(
+            "relay_turn_channels",
+            "gauge",
+            "TURN channels bound.",
+            &[(String::new(), summary.channels)],
+        );
+        // Codes and reasons are the server's own fixed phrases: a bounded set.
+        let refusals: Vec<(String, u64)> = summary
+            .refusals
+            .iter()
+            .map(|(code, reason, count)| {
+                (format!("{{code=\"{code}\",reason=\"{reason}\"}}"), *count)
+            })
+            .collect();
+        metric(
+            "relay_turn_refusals_total",
+            "counter",
+            "TURN requests refused, by error code and reason (401: failed authentication; the challenge of a client's first request is not counted).",
+            &refusals,
+        );
+    }
     out
 }

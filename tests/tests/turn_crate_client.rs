@@ -3,7 +3,8 @@
 //! packets both ways between it and a peer, each checked byte for byte. With XDP the bound
 //! channel is offloaded: the kernel's per-flow counters carried the packets. Closing the
 //! client (Refresh with lifetime 0) removes the allocation and its flows. Static and TURN
-//! REST API credentials.
+//! REST API credentials. Peers in a default-refused or an operator-denied range get 403,
+//! counted in the metrics.
 
 use std::{
     net::SocketAddr,
@@ -16,7 +17,7 @@ use relay_tests::{
     config_file::ConfigFile,
     lab::{ThreeHosts, turn_config},
     netns::PinDir,
-    relayd::Relayd,
+    relayd::{Relayd, http_get, metric},
     require_root,
     traffic::{numbered, sequence_of},
 };
@@ -29,6 +30,10 @@ use webrtc_util::Conn;
 const PACKETS: u32 = 2000;
 const SERVER: &str = "10.10.1.1:3478";
 const PEER: &str = "10.10.2.2:5004";
+const METRICS: &str = "10.10.1.1:9477";
+/// Refused by default (private), and by the operator's `denied_peers`.
+const PRIVATE_PEER: &str = "10.10.2.3:5004";
+const DENIED_PEER: &str = "203.0.113.9:5004";
 
 /// What one client session saw.
 struct Session {
@@ -134,15 +139,53 @@ async fn session(lab: &ThreeHosts, relayd: &Relayd, username: &str, password: &s
     }
 }
 
+/// Allocates and tries to reach peers the policy refuses: each send fails (the client's
+/// CreatePermission gets 403) and nothing is relayed.
+async fn refused_peers(relayd: &Relayd, lab: &ThreeHosts) {
+    let socket = lab.client.udp_socket("10.10.1.2:0".parse().unwrap());
+    socket.set_nonblocking(true).unwrap();
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: SERVER.into(),
+        turn_serv_addr: SERVER.into(),
+        username: "alice".into(),
+        password: "wonderland".into(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(UdpSocket::from_std(socket).unwrap()),
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    client.listen().await.unwrap();
+    let relay = client.allocate().await.unwrap();
+    for peer in [PRIVATE_PEER, DENIED_PEER] {
+        let refused = relay.send_to(b"let me in", peer.parse().unwrap()).await;
+        assert!(refused.is_err(), "{peer} must be refused\n{}", relayd.log());
+    }
+    let allocations = relayd.ctl_json(&["turn", "allocations"]);
+    assert_eq!(
+        allocations["allocations"][0]["permissions"],
+        serde_json::json!([]),
+        "{allocations}"
+    );
+    relay.close().await.unwrap();
+    client.close().await.unwrap();
+}
+
 fn run(datapath: &str) {
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
     let config = ConfigFile::new(&turn_config(
         datapath,
         &pins.path.to_string_lossy(),
-        r#"secrets = ["north", "south"]"#,
+        r#"secrets = ["north", "south"]
+denied_peers = ["203.0.113.0/24"]"#,
     ));
-    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let relayd = Relayd::start(
+        Some(&lab.relay),
+        &["--config", config.path(), "--metrics-listen", METRICS],
+    );
     let expiry = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -196,6 +239,27 @@ fn run(datapath: &str) {
         let flows = relayd.ctl_json(&["flow", "list"]);
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
     }
+
+    runtime.block_on(refused_peers(&relayd, &lab));
+    let metrics = http_get(&lab.relay, METRICS, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"relay_turn_refusals_total{code="403",reason="Forbidden"}"#
+        ),
+        Some(2),
+        "{metrics}"
+    );
+    // Every client's first request is answered 401 with a nonce: not a failure.
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"relay_turn_refusals_total{code="401",reason="Unauthorized"}"#
+        ),
+        None,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "relay_turn_allocations"), Some(0));
 }
 
 #[test]

@@ -225,14 +225,16 @@ pub fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
     ] {
-        if set_socket_option(socket, force, SOCKET_BUFFER_BYTES).is_err() {
-            let _ = set_socket_option(socket, plain, SOCKET_BUFFER_BYTES);
+        if set_socket_option(socket, libc::SOL_SOCKET, force, SOCKET_BUFFER_BYTES).is_err() {
+            let _ = set_socket_option(socket, libc::SOL_SOCKET, plain, SOCKET_BUFFER_BYTES);
         }
     }
 }
 
-fn set_socket_option(
+/// setsockopt with an int value.
+pub fn set_socket_option(
     socket: &std::net::UdpSocket,
+    level: libc::c_int,
     option: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
@@ -241,7 +243,7 @@ fn set_socket_option(
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             option,
             (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,

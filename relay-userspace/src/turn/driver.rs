@@ -19,7 +19,11 @@ use super::{
 };
 use crate::{
     config::TurnSettings,
-    datapath::{DatapathKind, table::FlowTable, userspace::send_now},
+    datapath::{
+        DatapathKind,
+        table::FlowTable,
+        userspace::{send_now, set_socket_option},
+    },
     time::monotonic_ns,
 };
 
@@ -40,7 +44,8 @@ pub struct AllocationReport {
     pub username: String,
     pub client: SocketAddr,
     pub server: SocketAddr,
-    pub relay: SocketAddr,
+    /// One relayed address, or IPv4 and IPv6 for a dual allocation.
+    pub relays: Vec<SocketAddr>,
     pub expires_in_secs: u64,
     pub permissions: Vec<IpAddr>,
     pub channels: Vec<(u16, SocketAddr)>,
@@ -49,6 +54,13 @@ pub struct AllocationReport {
     /// Packets and bytes of those flows (kernel and slow path).
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// What the metrics show of the TURN server.
+pub struct TurnSummary {
+    pub allocations: u64,
+    pub channels: u64,
+    pub refusals: Vec<(u16, &'static str, u64)>,
 }
 
 struct Bound {
@@ -86,11 +98,8 @@ impl TurnService {
             nonce_lifetime: settings.default_lifetime_secs,
             max_allocations: settings.max_allocations,
             max_allocations_per_user: settings.max_allocations_per_user,
-            allowed_peers: settings
-                .allowed_peers
-                .iter()
-                .filter_map(|p| p.parse().ok())
-                .collect(),
+            peers: settings.peer_policy(),
+            max_allocate_rate_per_source: settings.max_allocate_rate_per_source,
         };
         let credentials = Credentials::new(
             settings
@@ -114,7 +123,7 @@ impl TurnService {
         });
         for address in settings.listen_addresses() {
             service
-                .bind(address, Side::Client)
+                .bind(address, Side::Client, false)
                 .with_context(|| format!("turn.listen: {address}: cannot listen"))?;
             tracing::info!(%address, offload, "turn: listening");
         }
@@ -164,7 +173,7 @@ impl TurnService {
                     username: allocation.username,
                     client: allocation.client,
                     server: allocation.server,
-                    relay: allocation.relay,
+                    relays: allocation.relays,
                     expires_in_secs: allocation.expires.saturating_sub(now),
                     permissions: allocation.permissions,
                     channels: allocation.channels,
@@ -174,6 +183,17 @@ impl TurnService {
                 }
             })
             .collect()
+    }
+
+    /// Counts for the metrics: allocations, channels, and refusals by (code, reason).
+    pub fn summary(&self) -> TurnSummary {
+        let server = self.server();
+        let allocations = server.allocations();
+        TurnSummary {
+            allocations: allocations.len() as u64,
+            channels: allocations.iter().map(|a| a.channels.len() as u64).sum(),
+            refusals: server.refusals(),
+        }
     }
 
     /// Deletes allocations (`relayctl turn revoke`); returns how many.
@@ -187,9 +207,17 @@ impl TurnService {
         self.server.lock().expect("turn server poisoned")
     }
 
-    fn bind(self: &Arc<Self>, address: SocketAddr, side: Side) -> std::io::Result<()> {
+    fn bind(
+        self: &Arc<Self>,
+        address: SocketAddr,
+        side: Side,
+        dont_fragment: bool,
+    ) -> std::io::Result<()> {
         let socket = std::net::UdpSocket::bind(address)?;
         socket.set_nonblocking(true)?;
+        if dont_fragment {
+            set_dont_fragment(&socket, address.is_ipv6())?;
+        }
         crate::datapath::userspace::enlarge_socket_buffers(&socket);
         let socket = Arc::new(UdpSocket::from_std(socket)?);
         let receiver = tokio::spawn(self.clone().receive(socket.clone(), address, side));
@@ -236,8 +264,11 @@ impl TurnService {
                         tracing::debug!(%from, %to, %err, "turn: send failed");
                     }
                 }
-                Action::OpenRelay(relay) => {
-                    if let Err(err) = self.bind(relay, Side::Peer) {
+                Action::OpenRelay {
+                    relay,
+                    dont_fragment,
+                } => {
+                    if let Err(err) = self.bind(relay, Side::Peer, dont_fragment) {
                         tracing::warn!(%relay, %err, "turn: cannot open a relay socket; the allocation will carry nothing");
                     }
                 }
@@ -302,4 +333,20 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// DONT-FRAGMENT (RFC 8656 7.2): datagrams relayed from this socket carry the DF bit (IPv4)
+/// or are never fragmented by this host (IPv6); too big for the path means an ICMP error
+/// instead of fragments.
+fn set_dont_fragment(socket: &std::net::UdpSocket, ipv6: bool) -> std::io::Result<()> {
+    if ipv6 {
+        set_socket_option(socket, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)
+    } else {
+        set_socket_option(
+            socket,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    }
 }

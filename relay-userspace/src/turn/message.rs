@@ -1,7 +1,12 @@
 //! STUN/TURN messages as the server reads and writes them (stun_codec), and ChannelData
 //! framing (RFC 8656 12.4), which is ours.
 
-use bytecodec::{DecodeExt, EncodeExt};
+use std::marker::PhantomData;
+
+use bytecodec::{
+    DecodeExt, EncodeExt,
+    bytes::{BytesEncoder, RemainingBytesDecoder},
+};
 use stun_codec::{
     Message, MessageClass, MessageDecoder, MessageEncoder, define_attribute_enums,
     rfc5389::attributes::{
@@ -41,7 +46,10 @@ define_attribute_enums!(
         DontFragment,
         ReservationToken,
         RequestedAddressFamily,
-        AdditionalAddressFamily
+        AdditionalAddressFamily,
+        // RFC 8489 / 8656, not in stun_codec 0.4
+        MessageIntegritySha256,
+        AddressErrorCode
     ]
 );
 
@@ -124,6 +132,231 @@ impl bytecodec::Encode for ChannelNumberEncoder {
 impl bytecodec::SizedEncode for ChannelNumberEncoder {
     fn exact_requiring_bytes(&self) -> u64 {
         self.0.exact_requiring_bytes()
+    }
+}
+
+/// An attribute stun_codec 0.4 does not have, whose value we read and write as bytes.
+pub trait OpaqueAttribute: Sized {
+    const CODEPOINT: u16;
+    /// The attribute from its value; an error makes the message undecodable (400).
+    fn from_value(value: Vec<u8>) -> bytecodec::Result<Self>;
+    fn value(&self) -> Vec<u8>;
+}
+
+#[derive(Debug)]
+pub struct OpaqueDecoder<T>(RemainingBytesDecoder, PhantomData<T>);
+
+impl<T> Default for OpaqueDecoder<T> {
+    fn default() -> Self {
+        OpaqueDecoder(RemainingBytesDecoder::new(), PhantomData)
+    }
+}
+
+impl<T: OpaqueAttribute> bytecodec::Decode for OpaqueDecoder<T> {
+    type Item = T;
+
+    fn decode(&mut self, buf: &[u8], eos: bytecodec::Eos) -> bytecodec::Result<usize> {
+        self.0.decode(buf, eos)
+    }
+
+    fn finish_decoding(&mut self) -> bytecodec::Result<T> {
+        T::from_value(self.0.finish_decoding()?)
+    }
+
+    fn requiring_bytes(&self) -> bytecodec::ByteCount {
+        self.0.requiring_bytes()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.0.is_idle()
+    }
+}
+
+impl<T: OpaqueAttribute> bytecodec::TryTaggedDecode for OpaqueDecoder<T> {
+    type Tag = stun_codec::AttributeType;
+
+    fn try_start_decoding(&mut self, tag: Self::Tag) -> bytecodec::Result<bool> {
+        Ok(tag.as_u16() == T::CODEPOINT)
+    }
+}
+
+#[derive(Debug)]
+pub struct OpaqueEncoder<T>(BytesEncoder<Vec<u8>>, PhantomData<T>);
+
+impl<T> Default for OpaqueEncoder<T> {
+    fn default() -> Self {
+        OpaqueEncoder(BytesEncoder::new(), PhantomData)
+    }
+}
+
+impl<T: OpaqueAttribute> bytecodec::Encode for OpaqueEncoder<T> {
+    type Item = T;
+
+    fn encode(&mut self, buf: &mut [u8], eos: bytecodec::Eos) -> bytecodec::Result<usize> {
+        self.0.encode(buf, eos)
+    }
+
+    fn start_encoding(&mut self, item: T) -> bytecodec::Result<()> {
+        self.0.start_encoding(item.value())
+    }
+
+    fn requiring_bytes(&self) -> bytecodec::ByteCount {
+        self.0.requiring_bytes()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.0.is_idle()
+    }
+}
+
+impl<T: OpaqueAttribute> bytecodec::SizedEncode for OpaqueEncoder<T> {
+    fn exact_requiring_bytes(&self) -> u64 {
+        self.0.exact_requiring_bytes()
+    }
+}
+
+/// MESSAGE-INTEGRITY-SHA256 (RFC 8489 14.6): HMAC-SHA256 over the message up to this
+/// attribute, with the key of long-term credentials, MD5(username:realm:password), when no
+/// PASSWORD-ALGORITHM says otherwise. The value may be truncated to 16..=32 bytes in steps of
+/// 4; we send all 32.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MessageIntegritySha256 {
+    hmac: Vec<u8>,
+    /// The message before this attribute, with its Length covering this attribute, as the
+    /// HMAC is computed over (set after decoding).
+    preceding: Vec<u8>,
+}
+
+impl OpaqueAttribute for MessageIntegritySha256 {
+    const CODEPOINT: u16 = 0x001c;
+
+    fn from_value(hmac: Vec<u8>) -> bytecodec::Result<Self> {
+        if !(16..=32).contains(&hmac.len()) || !hmac.len().is_multiple_of(4) {
+            return Err(bytecodec::ErrorKind::InvalidInput.into());
+        }
+        Ok(MessageIntegritySha256 {
+            hmac,
+            preceding: Vec::new(),
+        })
+    }
+
+    fn value(&self) -> Vec<u8> {
+        self.hmac.clone()
+    }
+}
+
+impl stun_codec::Attribute for MessageIntegritySha256 {
+    type Decoder = OpaqueDecoder<Self>;
+    type Encoder = OpaqueEncoder<Self>;
+
+    fn get_type(&self) -> stun_codec::AttributeType {
+        stun_codec::AttributeType::new(Self::CODEPOINT)
+    }
+
+    fn after_decode<A: stun_codec::Attribute>(
+        &mut self,
+        message: &Message<A>,
+    ) -> bytecodec::Result<()> {
+        self.preceding = preceding_bytes(message.clone(), self.hmac.len())?;
+        Ok(())
+    }
+}
+
+impl MessageIntegritySha256 {
+    /// Signs `message` (everything added so far) with long-term credentials.
+    pub fn new_long_term<A: stun_codec::Attribute>(
+        message: &Message<A>,
+        username: &str,
+        realm: &str,
+        password: &str,
+    ) -> bytecodec::Result<Self> {
+        let preceding = preceding_bytes(message.clone(), 32)?;
+        let hmac = hmac_sha256(&long_term_key(username, realm, password), &preceding);
+        Ok(MessageIntegritySha256 { hmac, preceding })
+    }
+
+    /// Whether the (possibly truncated) HMAC is right for these credentials; compared in
+    /// constant time.
+    pub fn check_long_term(&self, username: &str, realm: &str, password: &str) -> bool {
+        let expected = hmac_sha256(&long_term_key(username, realm, password), &self.preceding);
+        let difference = expected[..self.hmac.len()]
+            .iter()
+            .zip(&self.hmac)
+            .fold(0, |acc, (a, b)| acc | (a ^ b));
+        difference == 0
+    }
+}
+
+/// RFC 8489 9.2.2: the long-term credential key without PASSWORD-ALGORITHM.
+fn long_term_key(username: &str, realm: &str, password: &str) -> [u8; 16] {
+    md5::compute(format!("{username}:{realm}:{password}")).0
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    ring::hmac::sign(&key, data).as_ref().to_vec()
+}
+
+/// The encoded message with its Length as if an attribute of `value_len` bytes followed.
+fn preceding_bytes<A: stun_codec::Attribute>(
+    message: Message<A>,
+    value_len: usize,
+) -> bytecodec::Result<Vec<u8>> {
+    let mut bytes = MessageEncoder::new().encode_into_bytes(message)?;
+    let length = (bytes.len() - 20 + 4 + value_len) as u16;
+    bytes[2..4].copy_from_slice(&length.to_be_bytes());
+    Ok(bytes)
+}
+
+/// ADDRESS-ERROR-CODE (RFC 8656 18.13): in a successful dual-stack Allocate response, why
+/// the relayed address of one family could not be allocated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AddressErrorCode {
+    pub family: stun_codec::rfc8656::attributes::AddressFamily,
+    pub code: u16,
+    pub reason: String,
+}
+
+impl OpaqueAttribute for AddressErrorCode {
+    const CODEPOINT: u16 = 0x8001;
+
+    fn from_value(value: Vec<u8>) -> bytecodec::Result<Self> {
+        use stun_codec::rfc8656::attributes::AddressFamily;
+        let (Some(&family), Some(&class), Some(&number)) =
+            (value.first(), value.get(2), value.get(3))
+        else {
+            return Err(bytecodec::ErrorKind::InvalidInput.into());
+        };
+        let family = match family {
+            1 => AddressFamily::V4,
+            2 => AddressFamily::V6,
+            _ => return Err(bytecodec::ErrorKind::InvalidInput.into()),
+        };
+        Ok(AddressErrorCode {
+            family,
+            code: u16::from(class & 0x7) * 100 + u16::from(number),
+            reason: String::from_utf8_lossy(&value[4..]).into_owned(),
+        })
+    }
+
+    fn value(&self) -> Vec<u8> {
+        use stun_codec::rfc8656::attributes::AddressFamily;
+        let family = match self.family {
+            AddressFamily::V4 => 1,
+            AddressFamily::V6 => 2,
+        };
+        let mut value = vec![family, 0, (self.code / 100) as u8, (self.code % 100) as u8];
+        value.extend_from_slice(self.reason.as_bytes());
+        value
+    }
+}
+
+impl stun_codec::Attribute for AddressErrorCode {
+    type Decoder = OpaqueDecoder<Self>;
+    type Encoder = OpaqueEncoder<Self>;
+
+    fn get_type(&self) -> stun_codec::AttributeType {
+        stun_codec::AttributeType::new(Self::CODEPOINT)
     }
 }
 

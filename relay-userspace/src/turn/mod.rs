@@ -13,4 +13,5 @@ pub mod credentials;
 pub mod driver;
 pub mod message;
 pub mod nonce;
+pub mod policy;
 pub mod server;

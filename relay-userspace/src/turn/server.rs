@@ -4,7 +4,7 @@
 //! seconds everywhere: TURN REST API usernames carry Unix expiry times.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
 };
@@ -20,18 +20,22 @@ use stun_codec::{
     },
     rfc5766::{
         attributes::{
-            Data, EvenPort, Lifetime, RequestedTransport, ReservationToken, XorPeerAddress,
-            XorRelayAddress,
+            Data, DontFragment, EvenPort, Lifetime, RequestedTransport, ReservationToken,
+            XorPeerAddress, XorRelayAddress,
         },
         methods::{ALLOCATE, CHANNEL_BIND, CREATE_PERMISSION, DATA, REFRESH, SEND},
     },
-    rfc8656::attributes::{AddressFamily, RequestedAddressFamily},
+    rfc8656::attributes::{AdditionalAddressFamily, AddressFamily, RequestedAddressFamily},
 };
 
 use super::{
     credentials::Credentials,
-    message::{self, Attribute, ChannelNumber, Incoming, TurnMessage},
+    message::{
+        self, AddressErrorCode, Attribute, ChannelNumber, Incoming, MessageIntegritySha256,
+        TurnMessage,
+    },
     nonce::{NonceIssuer, NonceStatus},
+    policy::{AllocationRate, PeerPolicy},
 };
 use crate::datapath::{ChannelOp, FlowSpec};
 
@@ -42,6 +46,8 @@ pub const CHANNEL_LIFETIME: u64 = 600;
 /// suggests about 30 s).
 pub const RESERVATION_LIFETIME: u64 = 30;
 const UDP: u8 = 17;
+/// A refusal reason is logged at most once per this many seconds, with the count since.
+pub const REFUSAL_LOG_INTERVAL: u64 = 60;
 
 #[derive(Debug, Clone)]
 pub struct TurnConfig {
@@ -56,8 +62,10 @@ pub struct TurnConfig {
     pub nonce_lifetime: u64,
     pub max_allocations: usize,
     pub max_allocations_per_user: usize,
-    /// Peer addresses allowed although they are in a range refused by default.
-    pub allowed_peers: Vec<IpAddr>,
+    /// Which peers allocations may reach.
+    pub peers: PeerPolicy,
+    /// Allocate requests per source IP address and second (0: no limit).
+    pub max_allocate_rate_per_source: u32,
 }
 
 /// What the driver must do.
@@ -69,7 +77,11 @@ pub enum Action {
         to: SocketAddr,
         bytes: Vec<u8>,
     },
-    OpenRelay(SocketAddr),
+    /// Open a relay socket; with DONT-FRAGMENT (RFC 8656 7.2) its datagrams carry the DF bit.
+    OpenRelay {
+        relay: SocketAddr,
+        dont_fragment: bool,
+    },
     CloseRelay(SocketAddr),
     /// A channel was bound: client -> peer (strip) and peer -> client (add) may be forwarded
     /// by the datapath from now on.
@@ -84,8 +96,12 @@ type FiveTuple = (SocketAddr, SocketAddr);
 
 struct Allocation {
     username: String,
-    relay: SocketAddr,
+    /// One relayed address, or two (IPv4 then IPv6) for ADDITIONAL-ADDRESS-FAMILY.
+    relays: Vec<SocketAddr>,
     expires: u64,
+    /// The Allocate request's transaction and our answer, for its retransmissions.
+    transaction: TransactionId,
+    answer: TurnMessage,
     /// Peer IP -> expiry.
     permissions: HashMap<IpAddr, u64>,
     channels: HashMap<u16, Channel>,
@@ -93,6 +109,8 @@ struct Allocation {
 
 struct Channel {
     peer: SocketAddr,
+    /// The relayed address of the peer's family.
+    relay: SocketAddr,
     expires: u64,
 }
 
@@ -102,6 +120,14 @@ impl Allocation {
         self.permissions
             .get(&peer)
             .is_some_and(|&expires| expires > now)
+    }
+
+    /// The relayed address of `peer`'s family, if the allocation has one.
+    fn relay_for(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        self.relays
+            .iter()
+            .copied()
+            .find(|relay| relay.is_ipv4() == peer.is_ipv4())
     }
 }
 
@@ -118,7 +144,7 @@ pub struct AllocationInfo {
     pub username: String,
     pub client: SocketAddr,
     pub server: SocketAddr,
-    pub relay: SocketAddr,
+    pub relays: Vec<SocketAddr>,
     pub expires: u64,
     pub permissions: Vec<IpAddr>,
     pub channels: Vec<(u16, SocketAddr)>,
@@ -132,10 +158,29 @@ pub struct TurnServer {
     by_relay: HashMap<SocketAddr, FiveTuple>,
     /// RESERVATION-TOKEN -> (reserved relay address, expiry).
     reservations: HashMap<u64, (SocketAddr, u64)>,
+    allocate_rate: AllocationRate,
+    /// (code, reason) -> how many, for metrics and rate-limited logs.
+    refusals: BTreeMap<(u16, &'static str), RefusalCount>,
 }
 
 /// An error response in the making: code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Refusal(u16, &'static str);
+
+#[derive(Debug, Default)]
+struct RefusalCount {
+    total: u64,
+    /// Since the last log line about this reason.
+    unlogged: u64,
+    logged_at: Option<u64>,
+}
+
+/// Who a request authenticated as, and how it was signed (the response is signed alike).
+struct Authenticated {
+    username: String,
+    password: String,
+    sha256: bool,
+}
 
 impl TurnServer {
     pub fn new(config: TurnConfig, credentials: Credentials) -> TurnServer {
@@ -147,6 +192,41 @@ impl TurnServer {
             allocations: HashMap::new(),
             by_relay: HashMap::new(),
             reservations: HashMap::new(),
+            allocate_rate: AllocationRate::default(),
+            refusals: BTreeMap::new(),
+        }
+    }
+
+    /// Requests refused since the start, by code and reason (a bounded set), for metrics.
+    pub fn refusals(&self) -> Vec<(u16, &'static str, u64)> {
+        self.refusals
+            .iter()
+            .map(|(&(code, reason), count)| (code, reason, count.total))
+            .collect()
+    }
+
+    /// Counts a refusal, and logs it unless this reason was logged less than
+    /// [`REFUSAL_LOG_INTERVAL`] seconds ago: a client in a retry loop or a scan cannot flood
+    /// the log, and the line says how many were not logged.
+    fn refused(&mut self, now: u64, client: SocketAddr, username: &str, refusal: Refusal) {
+        let Refusal(code, reason) = refusal;
+        let count = self.refusals.entry((code, reason)).or_default();
+        count.total += 1;
+        count.unlogged += 1;
+        if count
+            .logged_at
+            .is_some_and(|at| now < at + REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        let similar = count.unlogged;
+        count.unlogged = 0;
+        count.logged_at = Some(now);
+        // Stale nonces and retransmitted requests are part of normal operation.
+        if matches!(code, 437 | 438) {
+            tracing::info!(code, reason, %client, username, similar, "turn: request refused (one line per reason a minute; similar = refusals since the last)");
+        } else {
+            tracing::warn!(code, reason, %client, username, similar, "turn: request refused (one line per reason a minute; similar = refusals since the last)");
         }
     }
 
@@ -157,7 +237,7 @@ impl TurnServer {
                 username: allocation.username.clone(),
                 client,
                 server,
-                relay: allocation.relay,
+                relays: allocation.relays.clone(),
                 expires: allocation.expires,
                 permissions: allocation.permissions.keys().copied().collect(),
                 channels: allocation
@@ -185,6 +265,7 @@ impl TurnServer {
             }
             Some(Incoming::Broken(broken)) if broken.class() == MessageClass::Request => {
                 tracing::debug!(%client, error = ?broken.error(), "turn: undecodable request: 400");
+                self.refused(now, client, "", Refusal(400, "Bad Request"));
                 let mut response = TurnMessage::new(
                     MessageClass::ErrorResponse,
                     broken.method(),
@@ -219,15 +300,14 @@ impl TurnServer {
         let Some(allocation) = self.allocations.get(&(client, server)) else {
             return Vec::new();
         };
-        // RFC 8656 11.3: only peers with a permission get through.
-        if !allocation.permits(peer.ip(), now) {
+        // RFC 8656 11.3: only peers with a permission get through, each on the relayed
+        // address of its own family.
+        if !allocation.permits(peer.ip(), now) || relay.is_ipv4() != peer.is_ipv4() {
             return Vec::new();
         }
-        if let Some((number, _)) = allocation
-            .channels
-            .iter()
-            .find(|(_, channel)| channel.peer == peer && channel.expires > now)
-        {
+        if let Some((number, _)) = allocation.channels.iter().find(|(_, channel)| {
+            channel.peer == peer && channel.relay == relay && channel.expires > now
+        }) {
             return vec![Action::Send {
                 from: server,
                 to: client,
@@ -251,7 +331,7 @@ impl TurnServer {
             .iter()
             .filter(|(_, allocation)| match target {
                 RevokeTarget::User(username) => allocation.username == *username,
-                RevokeTarget::Relay(relay) => allocation.relay == *relay,
+                RevokeTarget::Relay(relay) => allocation.relays.contains(relay),
             })
             .map(|(five_tuple, _)| *five_tuple)
             .collect();
@@ -276,15 +356,15 @@ impl TurnServer {
             actions.extend(self.delete(five_tuple));
         }
         self.reservations.retain(|_, (_, expires)| *expires > now);
+        self.allocate_rate.expire(now);
         for (&five_tuple, allocation) in &mut self.allocations {
             allocation.permissions.retain(|_, expires| *expires > now);
-            let relay = allocation.relay;
             allocation.channels.retain(|&number, channel| {
                 let keep = channel.expires > now;
                 if !keep {
                     actions.push(Action::Unload(channel_flows(
                         five_tuple,
-                        relay,
+                        channel.relay,
                         number,
                         channel.peer,
                     )));
@@ -310,6 +390,7 @@ impl TurnServer {
             .filter(|attribute_type| attribute_type.is_comprehension_required())
             .collect();
         if !unknown.is_empty() {
+            self.refused(now, client, "", Refusal(420, "Unknown Attribute"));
             let mut response = error_response(message, Refusal(420, "Unknown Attribute"));
             response.add_attribute(UnknownAttributes::new(unknown));
             return vec![self.send(server, client, response)];
@@ -324,16 +405,38 @@ impl TurnServer {
             return vec![self.send(server, client, response)];
         }
         if ![ALLOCATE, REFRESH, CREATE_PERMISSION, CHANNEL_BIND].contains(&method) {
+            self.refused(now, client, "", Refusal(400, "Bad Request"));
             return vec![self.send(
                 server,
                 client,
                 error_response(message, Refusal(400, "Bad Request")),
             )];
         }
-        let (username, password) = match self.authenticate(now, client, message) {
-            Ok(credentials) => credentials,
-            Err(response) => return vec![self.send(server, client, response)],
+        let signed = match self.authenticate(now, client, message) {
+            Ok(signed) => signed,
+            Err((refusal, challenge)) => {
+                let signed = message.get_attribute::<MessageIntegrity>().is_some()
+                    || message.get_attribute::<MessageIntegritySha256>().is_some();
+                // The first 401 of every client is the challenge, not a failure.
+                if signed || refusal.0 != 401 {
+                    let username = message
+                        .get_attribute::<Username>()
+                        .map_or("", |u| u.name())
+                        .to_owned();
+                    self.refused(now, client, &username, refusal);
+                }
+                let mut response = error_response(message, refusal);
+                if challenge {
+                    response
+                        .add_attribute(Realm::new(self.config.realm.clone()).expect("valid realm"));
+                    response.add_attribute(
+                        Nonce::new(self.nonces.issue(client, now)).expect("valid nonce"),
+                    );
+                }
+                return vec![self.send(server, client, response)];
+            }
         };
+        let username = signed.username.clone();
         let mut actions = Vec::new();
         let result = match method {
             ALLOCATE => self.allocate(now, five_tuple, &username, message, &mut actions),
@@ -345,37 +448,35 @@ impl TurnServer {
             Ok(response) => response,
             Err(refusal) => {
                 tracing::debug!(%client, %username, method = ?method, code = refusal.0, reason = refusal.1, "turn: request refused");
+                self.refused(now, client, &username, refusal);
                 error_response(message, refusal)
             }
         };
-        actions.push(self.send_signed(server, client, response, message, &password));
+        actions.push(self.send_signed(server, client, response, message, &signed));
         actions
     }
 
-    /// Long-term credentials (RFC 8489 9.2): the username and the password that signed the
-    /// request, or the error response to send.
+    /// Long-term credentials (RFC 8489 9.2): who signed the request, with
+    /// MESSAGE-INTEGRITY-SHA256 when present (MESSAGE-INTEGRITY is then ignored, 9.2.4), else
+    /// MESSAGE-INTEGRITY; or the refusal, and whether it carries a fresh REALM and NONCE.
     fn authenticate(
         &self,
         now: u64,
         client: SocketAddr,
         message: &TurnMessage,
-    ) -> Result<(String, String), TurnMessage> {
-        let challenge = |code, reason: &'static str| {
-            let mut response = error_response(message, Refusal(code, reason));
-            response.add_attribute(Realm::new(self.config.realm.clone()).expect("valid realm"));
-            response
-                .add_attribute(Nonce::new(self.nonces.issue(client, now)).expect("valid nonce"));
-            response
-        };
-        let Some(integrity) = message.get_attribute::<MessageIntegrity>() else {
+    ) -> Result<Authenticated, (Refusal, bool)> {
+        let challenge = |code, reason: &'static str| (Refusal(code, reason), true);
+        let sha256 = message.get_attribute::<MessageIntegritySha256>();
+        let sha1 = message.get_attribute::<MessageIntegrity>();
+        if sha256.is_none() && sha1.is_none() {
             return Err(challenge(401, "Unauthorized"));
-        };
+        }
         let (Some(username), Some(realm), Some(nonce)) = (
             message.get_attribute::<Username>(),
             message.get_attribute::<Realm>(),
             message.get_attribute::<Nonce>(),
         ) else {
-            return Err(error_response(message, Refusal(400, "Bad Request")));
+            return Err((Refusal(400, "Bad Request"), false));
         };
         match self.nonces.check(nonce.value(), client, now) {
             NonceStatus::Valid => {}
@@ -391,12 +492,20 @@ impl TurnServer {
             .map_err(|_| challenge(401, "Unauthorized"))?;
         passwords
             .into_iter()
-            .find(|password| {
-                integrity
+            .find(|password| match (sha256, sha1) {
+                (Some(sha256), _) => {
+                    sha256.check_long_term(username.name(), realm.text(), password)
+                }
+                (None, Some(sha1)) => sha1
                     .check_long_term_credential(username, realm, password)
-                    .is_ok()
+                    .is_ok(),
+                (None, None) => false,
             })
-            .map(|password| (username.name().to_owned(), password))
+            .map(|password| Authenticated {
+                username: username.name().to_owned(),
+                password,
+                sha256: sha256.is_some(),
+            })
             .ok_or_else(|| challenge(401, "Unauthorized"))
     }
 
@@ -408,7 +517,11 @@ impl TurnServer {
         message: &TurnMessage,
         actions: &mut Vec<Action>,
     ) -> Result<TurnMessage, Refusal> {
-        if self.allocations.contains_key(&five_tuple) {
+        if let Some(existing) = self.allocations.get(&five_tuple) {
+            // RFC 8656 7.2: a retransmitted Allocate gets the original answer again.
+            if existing.transaction == message.transaction_id() && existing.username == username {
+                return Ok(existing.answer.clone());
+            }
             return Err(Refusal(437, "Allocation Mismatch"));
         }
         let transport = message
@@ -421,20 +534,33 @@ impl TurnServer {
         let token = message
             .get_attribute::<ReservationToken>()
             .map(|t| t.token());
-        // RFC 8656 7.2: a reservation token says which port; it goes with neither.
-        if token.is_some()
-            && (even_port.is_some() || message.get_attribute::<RequestedAddressFamily>().is_some())
+        let requested = message
+            .get_attribute::<RequestedAddressFamily>()
+            .map(|f| f.address_family());
+        let additional = message
+            .get_attribute::<AdditionalAddressFamily>()
+            .map(|f| f.address_family());
+        // RFC 8656 7.2: a reservation token says which port, so it goes with none of the
+        // others; REQUESTED- and ADDITIONAL-ADDRESS-FAMILY exclude each other; the
+        // additional family can only be IPv6.
+        if (token.is_some() && (even_port.is_some() || requested.is_some() || additional.is_some()))
+            || (requested.is_some() && additional.is_some())
+            || additional == Some(AddressFamily::V4)
         {
             return Err(Refusal(400, "Bad Request"));
         }
-        let relay_ip = match message
-            .get_attribute::<RequestedAddressFamily>()
-            .map(|f| f.address_family())
-        {
+        let primary_ip = match requested {
             None | Some(AddressFamily::V4) => self.config.relay_ipv4.map(IpAddr::V4),
             Some(AddressFamily::V6) => self.config.relay_ipv6.map(IpAddr::V6),
         }
         .ok_or(Refusal(440, "Address Family not Supported"))?;
+        if !self.allocate_rate.admit(
+            five_tuple.0.ip(),
+            now,
+            self.config.max_allocate_rate_per_source,
+        ) {
+            return Err(Refusal(486, "Allocation Rate Limit Reached"));
+        }
         let users_allocations = self
             .allocations
             .values()
@@ -446,6 +572,7 @@ impl TurnServer {
         if self.allocations.len() >= self.config.max_allocations {
             return Err(Refusal(508, "Insufficient Capacity"));
         }
+        let reserve = even_port.is_some_and(|e| e.is_requested());
         let relay = match token {
             Some(token) => {
                 self.reservations
@@ -454,24 +581,21 @@ impl TurnServer {
                     .ok_or(Refusal(508, "Insufficient Capacity"))?
                     .0
             }
-            None => {
-                let free = |port: u16| self.is_free(SocketAddr::new(relay_ip, port));
-                let ports = self.config.ports.clone();
-                let port = if even_port.is_some() {
-                    // An even port, and when a reservation is asked for, a free odd one above.
-                    let reserve = even_port.is_some_and(|e| e.is_requested());
-                    ports.clone().find(|&port| {
-                        port % 2 == 0
-                            && free(port)
-                            && (!reserve || (port < *ports.end() && free(port + 1)))
-                    })
-                } else {
-                    ports.clone().find(|&port| free(port))
-                };
-                SocketAddr::new(relay_ip, port.ok_or(Refusal(508, "Insufficient Capacity"))?)
-            }
+            None => self
+                .free_port(primary_ip, even_port.is_some(), reserve)
+                .ok_or(Refusal(508, "Insufficient Capacity"))?,
         };
-        let reservation = even_port.is_some_and(|e| e.is_requested()).then(|| {
+        // The IPv6 side of a dual allocation; when it cannot be had, the IPv4 one still is,
+        // and the answer says why in ADDRESS-ERROR-CODE (RFC 8656 7.2).
+        let second = additional.map(|_| match self.config.relay_ipv6 {
+            None => Err(Refusal(440, "Address Family not Supported")),
+            Some(v6) => self
+                .free_port(IpAddr::V6(v6), even_port.is_some(), false)
+                .ok_or(Refusal(508, "Insufficient Capacity")),
+        });
+        let mut relays = vec![relay];
+        relays.extend(second.and_then(Result::ok));
+        let reservation = reserve.then(|| {
             let token = random_token();
             let next = SocketAddr::new(relay.ip(), relay.port() + 1);
             self.reservations
@@ -479,26 +603,56 @@ impl TurnServer {
             token
         });
         let lifetime = self.lifetime(message);
-        self.allocations.insert(
-            five_tuple,
-            Allocation {
-                username: username.to_owned(),
-                relay,
-                expires: now + lifetime,
-                permissions: HashMap::new(),
-                channels: HashMap::new(),
-            },
-        );
-        self.by_relay.insert(relay, five_tuple);
-        actions.push(Action::OpenRelay(relay));
         let mut response = success_response(message);
-        response.add_attribute(XorRelayAddress::new(relay));
+        for relay in &relays {
+            response.add_attribute(XorRelayAddress::new(*relay));
+        }
         response.add_attribute(Lifetime::from_u32(lifetime as u32));
         response.add_attribute(XorMappedAddress::new(five_tuple.0));
         if let Some(token) = reservation {
             response.add_attribute(ReservationToken::new(token));
         }
+        if let Some(Err(Refusal(code, reason))) = second {
+            response.add_attribute(AddressErrorCode {
+                family: AddressFamily::V6,
+                code,
+                reason: reason.to_owned(),
+            });
+        }
+        let dont_fragment = message.get_attribute::<DontFragment>().is_some();
+        for relay in &relays {
+            self.by_relay.insert(*relay, five_tuple);
+            actions.push(Action::OpenRelay {
+                relay: *relay,
+                dont_fragment,
+            });
+        }
+        self.allocations.insert(
+            five_tuple,
+            Allocation {
+                username: username.to_owned(),
+                relays,
+                expires: now + lifetime,
+                transaction: message.transaction_id(),
+                answer: response.clone(),
+                permissions: HashMap::new(),
+                channels: HashMap::new(),
+            },
+        );
         Ok(response)
+    }
+
+    /// A free relay address on `ip` in the port range: an even port when asked, and then
+    /// with the odd port above it free too when a reservation is asked for.
+    fn free_port(&self, ip: IpAddr, even: bool, reserve: bool) -> Option<SocketAddr> {
+        let ports = self.config.ports.clone();
+        let free = |port: u16| self.is_free(SocketAddr::new(ip, port));
+        let port = ports.clone().find(|&port| {
+            (!even || port % 2 == 0)
+                && free(port)
+                && (!reserve || (port < *ports.end() && free(port + 1)))
+        })?;
+        Some(SocketAddr::new(ip, port))
     }
 
     fn refresh(
@@ -543,10 +697,10 @@ impl TurnServer {
         if peers.is_empty() {
             return Err(Refusal(400, "Bad Request"));
         }
-        let allowed = self.config.allowed_peers.clone();
+        let policy = self.config.peers.clone();
         let allocation = self.owned(five_tuple, username)?;
         for peer in &peers {
-            check_peer(allocation.relay, *peer, &allowed)?;
+            check_peer(allocation, *peer, &policy)?;
         }
         for peer in peers {
             allocation
@@ -575,9 +729,9 @@ impl TurnServer {
         if !(relay_common::CHANNEL_MIN..=relay_common::CHANNEL_MAX).contains(&number) {
             return Err(Refusal(400, "Bad Request"));
         }
-        let allowed = self.config.allowed_peers.clone();
+        let policy = self.config.peers.clone();
         let allocation = self.owned(five_tuple, username)?;
-        check_peer(allocation.relay, peer, &allowed)?;
+        let relay = check_peer(allocation, peer, &policy)?;
         // RFC 8656 11.2: a channel is bound to one peer, and a peer to one channel.
         let clash = allocation
             .channels
@@ -586,13 +740,13 @@ impl TurnServer {
         if clash {
             return Err(Refusal(400, "Bad Request"));
         }
-        let relay = allocation.relay;
         let new = allocation
             .channels
             .insert(
                 number,
                 Channel {
                     peer,
+                    relay,
                     expires: now + CHANNEL_LIFETIME,
                 },
             )
@@ -623,11 +777,14 @@ impl TurnServer {
         ) else {
             return Vec::new();
         };
+        let Some(relay) = allocation.relay_for(peer) else {
+            return Vec::new();
+        };
         if !allocation.permits(peer.ip(), now) {
             return Vec::new();
         }
         vec![Action::Send {
-            from: allocation.relay,
+            from: relay,
             to: peer,
             bytes: data.data().to_vec(),
         }]
@@ -650,7 +807,7 @@ impl TurnServer {
             return Vec::new();
         }
         vec![Action::Send {
-            from: allocation.relay,
+            from: channel.relay,
             to: channel.peer,
             bytes: data,
         }]
@@ -681,20 +838,22 @@ impl TurnServer {
         let Some(allocation) = self.allocations.remove(&five_tuple) else {
             return Vec::new();
         };
-        self.by_relay.remove(&allocation.relay);
+        for relay in &allocation.relays {
+            self.by_relay.remove(relay);
+        }
         let mut actions: Vec<Action> = allocation
             .channels
             .iter()
             .map(|(number, channel)| {
                 Action::Unload(channel_flows(
                     five_tuple,
-                    allocation.relay,
+                    channel.relay,
                     *number,
                     channel.peer,
                 ))
             })
             .collect();
-        actions.push(Action::CloseRelay(allocation.relay));
+        actions.extend(allocation.relays.iter().copied().map(Action::CloseRelay));
         actions
     }
 
@@ -726,17 +885,32 @@ impl TurnServer {
         to: SocketAddr,
         mut response: TurnMessage,
         request: &TurnMessage,
-        password: &str,
+        signed: &Authenticated,
     ) -> Action {
         response
             .add_attribute(Software::new(self.config.software.clone()).expect("valid software"));
         if let (Some(username), Some(realm)) = (
             request.get_attribute::<Username>(),
             request.get_attribute::<Realm>(),
-        ) && let Ok(integrity) =
-            MessageIntegrity::new_long_term_credential(&response, username, realm, password)
-        {
-            response.add_attribute(integrity);
+        ) {
+            // RFC 8489 9.2.4: the response is signed as the request was.
+            if signed.sha256 {
+                if let Ok(integrity) = MessageIntegritySha256::new_long_term(
+                    &response,
+                    username.name(),
+                    realm.text(),
+                    &signed.password,
+                ) {
+                    response.add_attribute(integrity);
+                }
+            } else if let Ok(integrity) = MessageIntegrity::new_long_term_credential(
+                &response,
+                username,
+                realm,
+                &signed.password,
+            ) {
+                response.add_attribute(integrity);
+            }
         }
         if let Ok(fingerprint) = Fingerprint::new(&response) {
             response.add_attribute(fingerprint);
@@ -767,29 +941,20 @@ fn channel_flows(
     [to_peer, to_peer.reverse()]
 }
 
-/// RFC 8656 9/10 and RFC 6156: the peer must be of the relay address's family (443), and in
-/// no range a relay on the Internet edge should reach unless the operator allowed it (403).
-fn check_peer(relay: SocketAddr, peer: SocketAddr, allowed: &[IpAddr]) -> Result<(), Refusal> {
-    if relay.is_ipv4() != peer.is_ipv4() {
-        return Err(Refusal(443, "Peer Address Family Mismatch"));
-    }
-    let ip = peer.ip();
-    if allowed.contains(&ip) {
-        return Ok(());
-    }
-    let special = ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || match ip {
-            IpAddr::V4(v4) => {
-                v4.is_private() || v4.is_link_local() || v4.is_broadcast() || v4.octets()[0] == 0
-            }
-            IpAddr::V6(v6) => v6.is_unique_local() || v6.is_unicast_link_local(),
-        };
-    if special {
+/// RFC 8656 9/10 and RFC 6156: the peer must be of a relayed address's family (443), and
+/// the peer policy must let it through (403). The relayed address of its family, if so.
+fn check_peer(
+    allocation: &Allocation,
+    peer: SocketAddr,
+    policy: &PeerPolicy,
+) -> Result<SocketAddr, Refusal> {
+    let relay = allocation
+        .relay_for(peer)
+        .ok_or(Refusal(443, "Peer Address Family Mismatch"))?;
+    if !policy.permits(peer.ip()) {
         return Err(Refusal(403, "Forbidden"));
     }
-    Ok(())
+    Ok(relay)
 }
 
 fn error_response(request: &TurnMessage, Refusal(code, reason): Refusal) -> TurnMessage {
@@ -852,7 +1017,11 @@ mod tests {
             nonce_lifetime: 600,
             max_allocations: 100,
             max_allocations_per_user: 1,
-            allowed_peers: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))],
+            peers: PeerPolicy {
+                allowed: vec!["10.0.0.5".parse().unwrap()],
+                denied: vec!["198.18.0.0/15".parse().unwrap()],
+            },
+            max_allocate_rate_per_source: 3,
         };
         TurnServer::new(
             config,
@@ -876,6 +1045,10 @@ mod tests {
         username: String,
         password: String,
         nonce: Option<String>,
+        /// Sign with MESSAGE-INTEGRITY-SHA256 instead of MESSAGE-INTEGRITY.
+        sha256: bool,
+        /// Every request gets a transaction id of its own, as RFC 8489 asks.
+        transactions: std::cell::Cell<u8>,
     }
 
     impl Client {
@@ -885,12 +1058,19 @@ mod tests {
                 username: username.to_owned(),
                 password: password.to_owned(),
                 nonce: None,
+                sha256: false,
+                transactions: std::cell::Cell::new(0),
             }
         }
 
         fn request(&self, method: Method, attributes: Vec<Attribute>) -> Vec<u8> {
-            let mut message =
-                Message::new(MessageClass::Request, method, TransactionId::new([7; 12]));
+            let transaction = self.transactions.get().wrapping_add(1);
+            self.transactions.set(transaction);
+            let mut message = Message::new(
+                MessageClass::Request,
+                method,
+                TransactionId::new([transaction; 12]),
+            );
             for attribute in attributes {
                 message.add_attribute(attribute);
             }
@@ -900,6 +1080,17 @@ mod tests {
                 message.add_attribute(username.clone());
                 message.add_attribute(realm.clone());
                 message.add_attribute(Nonce::new(nonce.clone()).unwrap());
+                if self.sha256 {
+                    let integrity = MessageIntegritySha256::new_long_term(
+                        &message,
+                        &self.username,
+                        REALM,
+                        &self.password,
+                    )
+                    .unwrap();
+                    message.add_attribute(integrity);
+                    return message::encode(message);
+                }
                 let integrity = MessageIntegrity::new_long_term_credential(
                     &message,
                     &username,
@@ -979,7 +1170,13 @@ mod tests {
                 .get_attribute::<XorRelayAddress>()
                 .unwrap()
                 .address();
-            assert_eq!(actions, [Action::OpenRelay(relay)]);
+            assert_eq!(
+                actions,
+                [Action::OpenRelay {
+                    relay,
+                    dont_fragment: false
+                }]
+            );
             relay
         }
     }
@@ -1041,7 +1238,13 @@ mod tests {
             .unwrap()
             .address();
         assert_eq!(relay, addr("203.0.113.1:49152"));
-        assert_eq!(actions, [Action::OpenRelay(relay)]);
+        assert_eq!(
+            actions,
+            [Action::OpenRelay {
+                relay,
+                dont_fragment: false
+            }]
+        );
         assert_eq!(
             response
                 .get_attribute::<Lifetime>()
@@ -1470,10 +1673,14 @@ mod tests {
             "224.0.0.1:1",
             "0.0.0.0:1",
             "192.168.1.1:1",
+            "198.19.0.1:1",
         ] {
             let (response, _) = alice.call(&mut server, T0, CREATE_PERMISSION, vec![peer(denied)]);
             assert_eq!(code(&response), 403, "{denied}");
         }
+        // Counted by reason for the metrics; the 401 challenge of the first request is not
+        // a refusal.
+        assert_eq!(server.refusals(), [(403, "Forbidden", 7)]);
         let (response, _) = alice.call(
             &mut server,
             T0,
@@ -1597,5 +1804,291 @@ mod tests {
             }
         }
         assert_eq!(server.allocations(), before);
+    }
+
+    fn reason(response: &TurnMessage) -> String {
+        response
+            .get_attribute::<ErrorCode>()
+            .map_or(String::new(), |e| e.reason_phrase().to_owned())
+    }
+
+    fn relays(response: &TurnMessage) -> Vec<SocketAddr> {
+        response
+            .attributes()
+            .filter_map(|attribute| match attribute {
+                Attribute::XorRelayAddress(relay) => Some(relay.address()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_retransmitted_allocate_gets_the_same_answer_and_allocates_once() {
+        let mut server = server();
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        let (challenge, _) = alice.send(&mut server, T0, BINDING, vec![]);
+        assert_eq!(challenge.class(), MessageClass::SuccessResponse);
+        let (challenge, _) = alice.send(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![RequestedTransport::new(UDP).into()],
+        );
+        alice.nonce_from(&challenge);
+        let request = alice.request(ALLOCATE, vec![RequestedTransport::new(UDP).into()]);
+        let first = server.from_client(T0, addr(LISTENER), addr(ALICE), &request);
+        // The answer was lost; the client sends the same request again.
+        let again = server.from_client(T0 + 1, addr(LISTENER), addr(ALICE), &request);
+        let answer = |actions: &[Action]| {
+            actions
+                .iter()
+                .find_map(|action| match action {
+                    Action::Send { bytes, .. } => Some(decode(bytes)),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert_eq!(answer(&first).class(), MessageClass::SuccessResponse);
+        assert_eq!(answer(&again).class(), MessageClass::SuccessResponse);
+        assert_eq!(relays(&answer(&first)), relays(&answer(&again)));
+        assert_eq!(first.len(), 2, "answer and OpenRelay: {first:?}");
+        assert_eq!(again.len(), 1, "the answer only: {again:?}");
+        assert_eq!(server.allocations().len(), 1);
+        // A new Allocate (new transaction) on the same 5-tuple is still a mismatch.
+        let (response, _) = alice.call(
+            &mut server,
+            T0 + 1,
+            ALLOCATE,
+            vec![RequestedTransport::new(UDP).into()],
+        );
+        assert_eq!(code(&response), 437);
+    }
+
+    #[test]
+    fn additional_address_family_allocates_both_families() {
+        let mut server = server();
+        server.config.relay_ipv6 = Some("2001:db8::1".parse().unwrap());
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        let (response, actions) = alice.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![
+                RequestedTransport::new(UDP).into(),
+                AdditionalAddressFamily::new(AddressFamily::V6).into(),
+            ],
+        );
+        assert_eq!(
+            response.class(),
+            MessageClass::SuccessResponse,
+            "{response:?}"
+        );
+        let [v4, v6] = relays(&response)[..] else {
+            panic!("two relayed addresses: {response:?}")
+        };
+        assert_eq!(
+            (v4, v6),
+            (addr("203.0.113.1:49152"), addr("[2001:db8::1]:49152"))
+        );
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        assert_eq!(server.allocations()[0].relays, [v4, v6]);
+        // Each peer is reached from the relayed address of its family.
+        let v6_peer = "[2001:db8:5::9]:7000";
+        let (response, actions) = alice.call(
+            &mut server,
+            T0,
+            CHANNEL_BIND,
+            vec![ChannelNumber(0x4002).into(), peer(v6_peer)],
+        );
+        assert_eq!(response.class(), MessageClass::SuccessResponse);
+        let Action::Offload([to_peer, _]) = actions[0] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!((to_peer.new_src, to_peer.new_dst), (v6, addr(v6_peer)));
+        let actions = server.from_peer(T0, v4, addr(v6_peer), b"wrong family");
+        assert!(actions.is_empty(), "{actions:?}");
+        let (response, _) = alice.call(&mut server, T0, CREATE_PERMISSION, vec![peer(PEER)]);
+        assert_eq!(response.class(), MessageClass::SuccessResponse);
+        let actions = server.from_client(T0, addr(LISTENER), addr(ALICE), &{
+            let mut send = TurnMessage::new(MessageClass::Indication, SEND, transaction_id());
+            send.add_attribute(XorPeerAddress::new(addr(PEER)));
+            send.add_attribute(Data::new(b"v4".to_vec()).unwrap());
+            message::encode(send)
+        });
+        assert!(
+            matches!(&actions[..], [Action::Send { from, .. }] if *from == v4),
+            "{actions:?}"
+        );
+        // Deleting the allocation closes both.
+        let (_, actions) = alice.call(&mut server, T0, REFRESH, vec![Lifetime::from_u32(0).into()]);
+        assert!(actions.contains(&Action::CloseRelay(v4)), "{actions:?}");
+        assert!(actions.contains(&Action::CloseRelay(v6)), "{actions:?}");
+    }
+
+    #[test]
+    fn additional_address_family_errors() {
+        let mut server = server();
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        for (attributes, why) in [
+            (
+                vec![AdditionalAddressFamily::new(AddressFamily::V4).into()],
+                "the additional family can only be IPv6",
+            ),
+            (
+                vec![
+                    AdditionalAddressFamily::new(AddressFamily::V6).into(),
+                    RequestedAddressFamily::new(AddressFamily::V4).into(),
+                ],
+                "requested and additional together",
+            ),
+            (
+                vec![
+                    AdditionalAddressFamily::new(AddressFamily::V6).into(),
+                    ReservationToken::new(7).into(),
+                ],
+                "a reservation token names one address",
+            ),
+        ] {
+            let mut attributes: Vec<Attribute> = attributes;
+            attributes.insert(0, RequestedTransport::new(UDP).into());
+            let (response, _) = alice.call(&mut server, T0, ALLOCATE, attributes);
+            assert_eq!(code(&response), 400, "{why}");
+        }
+        // No IPv6 relay address: the IPv4 allocation is made, and the answer says why the
+        // IPv6 one is not.
+        let (response, actions) = alice.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![
+                RequestedTransport::new(UDP).into(),
+                AdditionalAddressFamily::new(AddressFamily::V6).into(),
+            ],
+        );
+        assert_eq!(response.class(), MessageClass::SuccessResponse);
+        assert_eq!(relays(&response), [addr("203.0.113.1:49152")]);
+        assert_eq!(actions.len(), 1);
+        let error = response.get_attribute::<AddressErrorCode>().unwrap();
+        assert_eq!(
+            (error.family, error.code, error.reason.as_str()),
+            (AddressFamily::V6, 440, "Address Family not Supported")
+        );
+    }
+
+    #[test]
+    fn message_integrity_sha256_is_checked_and_answered_alike() {
+        let mut server = server();
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        alice.sha256 = true;
+        let (response, _) = alice.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![RequestedTransport::new(UDP).into()],
+        );
+        assert_eq!(
+            response.class(),
+            MessageClass::SuccessResponse,
+            "{response:?}"
+        );
+        assert!(response.get_attribute::<MessageIntegrity>().is_none());
+        // The answer's HMAC, checked independently of the attribute's own code: HMAC-SHA256
+        // keyed with MD5(user:realm:password) over the answer up to the attribute.
+        let bytes = message::encode(response.clone());
+        let position = (20..bytes.len())
+            .step_by(4)
+            .find(|&i| bytes[i..i + 2] == [0x00, 0x1c])
+            .expect("MESSAGE-INTEGRITY-SHA256 in the answer");
+        let mut signed = bytes[..position].to_vec();
+        let length = (position - 20 + 4 + 32) as u16;
+        signed[2..4].copy_from_slice(&length.to_be_bytes());
+        let key_material = md5::compute(format!("alice:{REALM}:wonderland")).0;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key_material);
+        ring::hmac::verify(&key, &signed, &bytes[position + 4..position + 36])
+            .expect("the answer is signed with MESSAGE-INTEGRITY-SHA256");
+
+        let mut mallory = Client::new("198.51.100.66:4000", "alice", "not her password");
+        mallory.sha256 = true;
+        let (response, _) = mallory.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![RequestedTransport::new(UDP).into()],
+        );
+        assert_eq!(code(&response), 401);
+        assert_eq!(server.refusals(), [(401, "Unauthorized", 1)]);
+    }
+
+    #[test]
+    fn dont_fragment_is_honoured_on_the_relay_socket() {
+        let mut server = server();
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        let (response, actions) = alice.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![RequestedTransport::new(UDP).into(), DontFragment.into()],
+        );
+        assert_eq!(response.class(), MessageClass::SuccessResponse);
+        assert_eq!(
+            actions,
+            [Action::OpenRelay {
+                relay: relays(&response)[0],
+                dont_fragment: true
+            }]
+        );
+    }
+
+    #[test]
+    fn allocations_per_source_are_rate_limited() {
+        let mut server = server();
+        // Three Allocate requests a second per source IP in the test configuration; the
+        // fourth is refused whatever else would have happened to it.
+        let mut answers = Vec::new();
+        for (n, user) in ["alice", "bob", "alice", "bob"].iter().enumerate() {
+            let password = if *user == "alice" {
+                "wonderland"
+            } else {
+                "builder"
+            };
+            let mut client = Client::new(&format!("198.51.100.7:{}", 40000 + n), user, password);
+            let (response, _) = client.call(
+                &mut server,
+                T0,
+                ALLOCATE,
+                vec![RequestedTransport::new(UDP).into()],
+            );
+            answers.push((code(&response), reason(&response)));
+        }
+        assert_eq!(
+            answers,
+            [
+                (0, String::new()),
+                (0, String::new()),
+                (486, "Allocation Quota Reached".to_owned()),
+                (486, "Allocation Rate Limit Reached".to_owned()),
+            ]
+        );
+        // Another source, or the next second, is not limited.
+        let mut carol = Client::new(
+            "198.51.100.8:40000",
+            &format!("{}:carol", T0 + 60),
+            &rest_api_password("north", &format!("{}:carol", T0 + 60)),
+        );
+        let (response, _) = carol.call(
+            &mut server,
+            T0,
+            ALLOCATE,
+            vec![RequestedTransport::new(UDP).into()],
+        );
+        assert_eq!(reason(&response), "Insufficient Capacity");
+        assert_eq!(
+            server.refusals(),
+            [
+                (486, "Allocation Quota Reached", 1),
+                (486, "Allocation Rate Limit Reached", 1),
+                (508, "Insufficient Capacity", 1)
+            ]
+        );
     }
 }

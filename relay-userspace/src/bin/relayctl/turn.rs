@@ -56,7 +56,12 @@ pub fn run(
                     table.row(vec![
                         allocation.username.clone(),
                         allocation.client.to_string(),
-                        allocation.relay.to_string(),
+                        allocation
+                            .relays
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" "),
                         allocation.permissions.len().to_string(),
                         allocation.channels.len().to_string(),
                         if allocation.offloaded_flows > 0 {
