@@ -6,6 +6,7 @@
 //! process is owned by a guard that removes it on drop, also when a test fails.
 
 pub mod config_file;
+pub mod generator;
 pub mod lab;
 pub mod measure;
 pub mod netns;
@@ -13,6 +14,7 @@ pub mod packet;
 pub mod process;
 pub mod relayd;
 pub mod traffic;
+pub mod turn_client;
 
 /// Fails the test with a clear message when not run as root.
 pub fn require_root() {

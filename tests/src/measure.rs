@@ -1,14 +1,25 @@
 //! What benchmarks read: UDP counters of a namespace, CPU time of the host and of a
 //! process, and the XDP program's own run-time statistics.
 
-use std::process::Command;
+use std::{
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
 
 use relay_common::XDP_RELAY_PROGRAM;
 
 use crate::netns::NetNs;
 
-/// UDP datagrams that reached the peer's UDP layer (delivered to the socket, or dropped
-/// there because the sink could not keep up: either way the relay delivered them).
+/// UDP datagrams that reached the namespace's UDP layer and were read by a socket, or
+/// dropped there because the reader could not keep up: either way the relay delivered them.
+/// The kernel counts InDatagrams when the application reads a datagram, so the receiving
+/// socket must be drained ([`Sink`]): what sits unread in a buffer is counted nowhere.
 pub fn udp_arrived(ns: &NetNs) -> u64 {
     let snmp = ns.exec(&["cat", "/proc/net/snmp"]);
     let text = String::from_utf8_lossy(&snmp.stdout);
@@ -23,6 +34,45 @@ pub fn udp_arrived(ns: &NetNs) -> u64 {
             .unwrap_or(0)
     };
     field("InDatagrams") + field("RcvbufErrors")
+}
+
+/// A UDP socket in a namespace that reads and discards everything until dropped: the far
+/// end of a benchmark's traffic.
+pub struct Sink {
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    pub fn bind(ns: &NetNs, address: SocketAddr) -> Sink {
+        let socket = ns.udp_socket(address);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = socket.recv_from(&mut buf);
+                }
+            })
+        };
+        Sink {
+            stop,
+            reader: Some(reader),
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
 }
 
 /// Busy CPU time of the whole host in ns (all CPUs, everything but idle and iowait).

@@ -5,11 +5,6 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -18,8 +13,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use relay::datapath::{ChannelOp, FlowSpec, xdp::KernelProgram};
 use relay_common::XDP_RELAY_PROGRAM;
 use relay_tests::{
+    generator::{Load, trafgen, udp_frame},
     lab::{CLIENT_TO_PEER_FLOW, ThreeHosts},
-    measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, udp_arrived, xdp_run_stats},
+    measure::{Sink, host_busy_ns, process_cpu_ns, sysctl_bpf_stats, udp_arrived, xdp_run_stats},
     netns::{NetNs, PinDir},
     packet::{Frame, channel_data, rtp_payload},
     relayd::Relayd,
@@ -229,37 +225,6 @@ fn lab() -> ThreeHosts {
     lab
 }
 
-/// How trafgen offers load. Its rate limit (`-b`) sends in bursts of thousands of frames
-/// (it fills and flushes its TX ring), which a socket's receive buffer cannot absorb; with an
-/// inter-packet gap (`-t`) it sends one frame per system call, smoothly, but tops out near
-/// 50k pps here.
-#[derive(Clone, Copy, PartialEq)]
-enum Load {
-    Gap { micros: u64 },
-    Burst { pps: u64 },
-    Unlimited,
-}
-
-impl Load {
-    fn label(self) -> String {
-        match self {
-            Load::Gap { micros } => format!("gap {micros}us"),
-            Load::Burst { pps } => format!("burst {}k", pps / 1000),
-            Load::Unlimited => "unlimited".to_owned(),
-        }
-    }
-
-    /// Packets to send: about STEP_SECS worth.
-    fn packets(self) -> u64 {
-        STEP_SECS
-            * match self {
-                Load::Gap { micros } => 1_000_000 / micros / 2,
-                Load::Burst { pps } => pps,
-                Load::Unlimited => 400_000,
-            }
-    }
-}
-
 const LOADS: [Load; 6] = [
     Load::Gap { micros: 10 },
     Load::Gap { micros: 2 },
@@ -438,40 +403,26 @@ fn end_to_end_steps(name: &'static str, relay: Relay) -> Vec<Step> {
                 .exec(&["ip", "route", "add", "10.10.2.0/24", "via", "10.10.1.1"]);
             lab.peer
                 .exec(&["ip", "route", "add", "10.10.1.0/24", "via", "10.10.2.1"]);
-            (None, "daddr=10.10.2.2, ttl=64), udp(sp=4000, dp=5004)")
+            (None, "10.10.2.2:5004".parse().unwrap())
         }
         Relay::Relayd(args) => {
             let relayd = Relayd::start(Some(&lab.relay), &lab.relayd_args(args, &pin_dir));
             relayd.ctl_ok(&CLIENT_TO_PEER_FLOW);
-            (
-                Some(relayd),
-                "daddr=10.10.1.1, ttl=64), udp(sp=4000, dp=20000)",
-            )
+            (Some(relayd), "10.10.1.1:20000".parse().unwrap())
         }
     };
-    let sink = lab.peer.udp_socket("10.10.2.2:5004".parse().unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let draining = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            sink.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                let _ = sink.recv_from(&mut buf);
-            }
-        })
-    };
-    let rc_mac = lab.relay.exec(&["cat", "/sys/class/net/rc/address"]);
-    let c0_mac = lab.client.exec(&["cat", "/sys/class/net/c0/address"]);
+    let _sink = Sink::bind(&lab.peer, "10.10.2.2:5004".parse().unwrap());
     let config =
         std::env::temp_dir().join(format!("{}.trafgen", relay_tests::unique("relay-bench-")));
     std::fs::write(
         &config,
-        format!(
-            "{{ eth(da={}, sa={}), ipv4(saddr=10.10.1.2, {destination}, fill(0xab, 172) }}\n",
-            String::from_utf8_lossy(&rc_mac.stdout).trim(),
-            String::from_utf8_lossy(&c0_mac.stdout).trim()
+        udp_frame(
+            &lab.client,
+            "c0",
+            &lab.relay,
+            "rc",
+            ("10.10.1.2:4000".parse().unwrap(), destination),
+            "fill(0xab, 172)",
         ),
     )
     .unwrap();
@@ -487,8 +438,6 @@ fn end_to_end_steps(name: &'static str, relay: Relay) -> Vec<Step> {
     if xdp {
         sysctl_bpf_stats(false);
     }
-    stop.store(true, Ordering::Relaxed);
-    draining.join().unwrap();
     let _ = std::fs::remove_file(&config);
     steps
 }
@@ -500,76 +449,30 @@ fn step(
     load: Load,
     xdp: bool,
 ) -> Step {
-    let mut args: Vec<String> = ["--dev", "c0", "--no-sock-mem", "-P", "1", "-n"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.push(load.packets().to_string());
-    match load {
-        Load::Gap { micros } => args.extend(["-t".to_owned(), format!("{micros}us")]),
-        Load::Burst { pps } => args.extend(["-b".to_owned(), format!("{pps}pps")]),
-        Load::Unlimited => {}
-    }
     let stats_before = xdp.then(xdp_run_stats).flatten();
-    let sent_before = tx_packets(&lab.client, "c0");
     let delivered_before = udp_arrived(&lab.peer);
     let cpu_before = host_busy_ns();
     let relayd_before = relayd.map_or(0, |relayd| process_cpu_ns(relayd.pid()));
-    let started = Instant::now();
-    let output = Command::new("timeout")
-        .args([
-            "-s",
-            "INT",
-            "30",
-            "ip",
-            "netns",
-            "exec",
-            &lab.client.name,
-            "trafgen",
-            "--conf",
-        ])
-        .arg(config)
-        .args(&args)
-        .output()
-        .expect("run trafgen");
-    let elapsed = started.elapsed().as_secs_f64();
+    let sent = trafgen(&lab.client, "c0", config, load, STEP_SECS);
     // Let the last packets drain through the relay before reading the counters.
     thread::sleep(Duration::from_millis(300));
-    let sent = tx_packets(&lab.client, "c0") - sent_before;
     let delivered = udp_arrived(&lab.peer) - delivered_before;
     let cpu = host_busy_ns() - cpu_before;
     let relayd_cpu = relayd.map_or(0, |relayd| process_cpu_ns(relayd.pid())) - relayd_before;
     let stats_after = xdp.then(xdp_run_stats).flatten();
-    let generator_error = (!output.status.success()).then(|| {
-        let text = String::from_utf8_lossy(&output.stderr);
-        format!(
-            "{} after {sent} packets",
-            text.lines().last().unwrap_or("").trim()
-        )
-    });
     let xdp_ns = match (stats_before, stats_after) {
         (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => Some((t1 - t0) as f64 / (c1 - c0) as f64),
         _ => None,
     };
+    let elapsed = sent.elapsed_secs;
     Step {
         load,
-        offered_pps: sent as f64 / elapsed,
+        offered_pps: sent.pps(),
         delivered_pps: delivered as f64 / elapsed,
-        loss: 1.0 - delivered as f64 / sent.max(1) as f64,
-        host_cpu_ns_per_packet: cpu as f64 / sent.max(1) as f64,
+        loss: 1.0 - delivered as f64 / sent.packets.max(1) as f64,
+        host_cpu_ns_per_packet: cpu as f64 / sent.packets.max(1) as f64,
         relayd_cpu_percent: relayd_cpu as f64 / (elapsed * 1e9) * 100.0,
         xdp_ns,
-        generator_error,
+        generator_error: sent.error,
     }
-}
-
-fn tx_packets(ns: &NetNs, dev: &str) -> u64 {
-    let output = ns.exec(&[
-        "cat",
-        &format!("/sys/class/net/{dev}/statistics/tx_packets"),
-    ]);
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
 }

@@ -1,0 +1,128 @@
+//! trafgen as a packet generator for the benchmarks: one process (`-P 1`), a fixed number
+//! of frames at a given load, sent from a namespace's interface.
+
+use std::{path::Path, process::Command, time::Instant};
+
+use crate::netns::NetNs;
+
+/// How trafgen offers load. Its rate limit (`-b`) sends in bursts of thousands of frames
+/// (it fills and flushes its TX ring), which a socket's receive buffer cannot absorb; with an
+/// inter-packet gap (`-t`) it sends one frame per system call, smoothly, but tops out near
+/// 50k pps here.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Load {
+    Gap { micros: u64 },
+    Burst { pps: u64 },
+    Unlimited,
+}
+
+impl Load {
+    pub fn label(self) -> String {
+        match self {
+            Load::Gap { micros } => format!("gap {micros}us"),
+            Load::Burst { pps } => format!("burst {}k", pps / 1000),
+            Load::Unlimited => "unlimited".to_owned(),
+        }
+    }
+
+    /// Frames to send for about `secs` seconds.
+    pub fn packets(self, secs: u64) -> u64 {
+        secs * match self {
+            // A gap of N us gives well under 1e6/N pps (a system call per frame).
+            Load::Gap { micros } => 1_000_000 / micros / 2,
+            Load::Burst { pps } => pps,
+            Load::Unlimited => 400_000,
+        }
+    }
+}
+
+/// What one trafgen run sent.
+pub struct Sent {
+    /// Frames the interface transmitted (its counter, not trafgen's word).
+    pub packets: u64,
+    pub elapsed_secs: f64,
+    /// trafgen's last error line, when it failed.
+    pub error: Option<String>,
+}
+
+impl Sent {
+    pub fn pps(&self) -> f64 {
+        self.packets as f64 / self.elapsed_secs
+    }
+}
+
+/// Runs trafgen in `ns` on `dev` with the packet configuration in `config` for about
+/// `secs` seconds of `load`; bounded by a 30 s timeout.
+pub fn trafgen(ns: &NetNs, dev: &str, config: &Path, load: Load, secs: u64) -> Sent {
+    let mut args: Vec<String> = ["--dev", dev, "--no-sock-mem", "-P", "1", "-n"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(load.packets(secs).to_string());
+    match load {
+        Load::Gap { micros } => args.extend(["-t".to_owned(), format!("{micros}us")]),
+        Load::Burst { pps } => args.extend(["-b".to_owned(), format!("{pps}pps")]),
+        Load::Unlimited => {}
+    }
+    let before = tx_packets(ns, dev);
+    let started = Instant::now();
+    let output = Command::new("timeout")
+        .args([
+            "-s", "INT", "30", "ip", "netns", "exec", &ns.name, "trafgen", "--conf",
+        ])
+        .arg(config)
+        .args(&args)
+        .output()
+        .expect("run trafgen");
+    let elapsed_secs = started.elapsed().as_secs_f64();
+    let packets = tx_packets(ns, dev) - before;
+    let error = (!output.status.success()).then(|| {
+        let text = String::from_utf8_lossy(&output.stderr);
+        format!(
+            "{} after {packets} packets",
+            text.lines().last().unwrap_or("").trim()
+        )
+    });
+    Sent {
+        packets,
+        elapsed_secs,
+        error,
+    }
+}
+
+/// Frames `dev` in `ns` has transmitted.
+pub fn tx_packets(ns: &NetNs, dev: &str) -> u64 {
+    let output = ns.exec(&[
+        "cat",
+        &format!("/sys/class/net/{dev}/statistics/tx_packets"),
+    ]);
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// A trafgen configuration line for one Ethernet + IPv4 + UDP frame from `ns`'s `dev` to
+/// `peer_ns`'s `peer_dev` (MACs read from both), followed by `payload` in trafgen syntax.
+pub fn udp_frame(
+    ns: &NetNs,
+    dev: &str,
+    peer_ns: &NetNs,
+    peer_dev: &str,
+    (src, dst): (std::net::SocketAddrV4, std::net::SocketAddrV4),
+    payload: &str,
+) -> String {
+    let mac = |ns: &NetNs, dev: &str| {
+        let output = ns.exec(&["cat", &format!("/sys/class/net/{dev}/address")]);
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    format!(
+        "{{ eth(da={}, sa={}), ipv4(saddr={}, daddr={}, ttl=64), udp(sp={}, dp={}), {payload} }}\n",
+        mac(peer_ns, peer_dev),
+        mac(ns, dev),
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+}

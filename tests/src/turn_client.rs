@@ -1,0 +1,82 @@
+//! Allocations made by the `turn` crate's client (webrtc-rs), an implementation we did not
+//! write, on a TURN server under test (ours or coturn).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use turn::client::{Client, ClientConfig};
+use webrtc_util::Conn;
+
+use crate::netns::NetNs;
+
+/// The channel number the turn crate's client gives its first binding.
+pub const FIRST_CHANNEL: u16 = 0x4000;
+
+/// A bound channel whose client no longer runs: a packet generator sends ChannelData on
+/// the client's 5-tuple in its place.
+pub struct BoundChannel {
+    /// The client's address (the 5-tuple's source).
+    pub client: SocketAddr,
+    pub relayed: SocketAddr,
+    pub channel: u16,
+    /// Keeps the client's port: a closed port would make the host answer with ICMP.
+    _socket: std::net::UdpSocket,
+}
+
+/// Allocates on `server` from `local` (port 0: any) in `ns` with long-term credentials, creates a permission and
+/// binds a channel to `peer` (the client's first datagram toward it does both), then stops
+/// the client without deleting the allocation: it lives its lifetime (10 minutes by
+/// default), longer than a benchmark step.
+pub fn bind_channel(
+    ns: &NetNs,
+    local: SocketAddr,
+    server: SocketAddr,
+    username: &str,
+    password: &str,
+    peer: SocketAddr,
+) -> Result<BoundChannel, String> {
+    let socket = ns.udp_socket(local);
+    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let kept = socket.try_clone().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let client = socket.local_addr().map_err(|e| e.to_string())?;
+    let relayed = runtime.block_on(async {
+        let socket = tokio::net::UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
+        let client = Client::new(ClientConfig {
+            stun_serv_addr: server.to_string(),
+            turn_serv_addr: server.to_string(),
+            username: username.into(),
+            password: password.into(),
+            // Taken from the server's 401 answer.
+            realm: String::new(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn: Arc::new(socket),
+            vnet: None,
+        })
+        .await
+        .map_err(|e| format!("turn client: {e}"))?;
+        client.listen().await.map_err(|e| e.to_string())?;
+        let relay = client
+            .allocate()
+            .await
+            .map_err(|e| format!("allocate on {server}: {e}"))?;
+        let relayed = relay.local_addr().map_err(|e| e.to_string())?;
+        relay
+            .send_to(b"hello", peer)
+            .await
+            .map_err(|e| format!("permission for {peer}: {e}"))?;
+        // The ChannelBind goes out with the first datagram; give it its answer.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client.close().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(relayed)
+    })?;
+    Ok(BoundChannel {
+        client,
+        relayed,
+        channel: FIRST_CHANNEL,
+        _socket: kept,
+    })
+}
