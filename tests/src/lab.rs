@@ -73,8 +73,9 @@ impl ThreeHosts {
 }
 
 /// relayd configuration for the lab with the TURN server on: it listens on the client side
-/// (10.10.1.1:3478) and allocates on the LAN side (10.10.2.1), where the (private) peer
-/// 10.10.2.2 is allowed; user alice/wonderland. `extra` lines go into `[turn]`.
+/// (10.10.1.1:3478 and [fd10:1::1]:3478) and allocates on the LAN side (10.10.2.1 and
+/// fd10:2::1), where the (private) peers 10.10.2.2 and fd10:2::2 are allowed; user
+/// alice/wonderland. `extra` lines go into `[turn]`.
 pub fn turn_config(datapath: &str, pin_dir: &str, extra: &str) -> String {
     format!(
         r#"
@@ -85,10 +86,10 @@ xdp_mode = "generic"
 pin_dir = "{pin_dir}"
 [turn]
 enabled = true
-listen = ["10.10.1.1:3478"]
-relay_addresses = ["10.10.2.1"]
+listen = ["10.10.1.1:3478", "[fd10:1::1]:3478"]
+relay_addresses = ["10.10.2.1", "fd10:2::1"]
 users = [{{ name = "alice", password = "wonderland" }}]
-allowed_peers = ["10.10.2.2"]
+allowed_peers = ["10.10.2.2", "fd10:2::2"]
 {extra}
 "#
     )

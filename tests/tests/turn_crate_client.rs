@@ -45,16 +45,23 @@ struct Session {
     flows: Value,
 }
 
-async fn session(lab: &ThreeHosts, relayd: &Relayd, username: &str, password: &str) -> Session {
+/// One client session from `client` (port 0) to the server at `server`, with the echo peer.
+async fn session(
+    lab: &ThreeHosts,
+    relayd: &Relayd,
+    (client, server): (&str, &str),
+    username: &str,
+    password: &str,
+) -> Session {
     let socket = |std: std::net::UdpSocket| {
         std.set_nonblocking(true).unwrap();
         UdpSocket::from_std(std).unwrap()
     };
-    let client_socket = socket(lab.client.udp_socket("10.10.1.2:0".parse().unwrap()));
+    let client_socket = socket(lab.client.udp_socket(client.parse().unwrap()));
     let peer = socket(lab.peer.udp_socket(PEER.parse().unwrap()));
     let client = Client::new(ClientConfig {
-        stun_serv_addr: SERVER.into(),
-        turn_serv_addr: SERVER.into(),
+        stun_serv_addr: server.into(),
+        turn_serv_addr: server.into(),
         username: username.into(),
         password: password.into(),
         // Taken from the server's 401 answer.
@@ -201,7 +208,13 @@ denied_peers = ["203.0.113.0/24"]"#,
         .build()
         .unwrap();
     for (username, password) in &credentials {
-        let seen = runtime.block_on(session(&lab, &relayd, username, password));
+        let seen = runtime.block_on(session(
+            &lab,
+            &relayd,
+            ("10.10.1.2:0", SERVER),
+            username,
+            password,
+        ));
         let context = format!(
             "{datapath}, user {username}: {}\n{}\n{}",
             seen.allocations,
@@ -239,6 +252,40 @@ denied_peers = ["203.0.113.0/24"]"#,
         let flows = relayd.ctl_json(&["flow", "list"]);
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
     }
+
+    // Over IPv6 to the server: the relayed address is IPv4 (the client does not ask for
+    // IPv6, RFC 8656 7.2) and so is the peer. XDP does not translate between families, so
+    // this channel is relayed in userspace, and still arrives intact.
+    let seen = runtime.block_on(session(
+        &lab,
+        &relayd,
+        ("[fd10:1::2]:0", "[fd10:1::1]:3478"),
+        "alice",
+        "wonderland",
+    ));
+    let context = format!(
+        "{datapath}, IPv6 client: {}\n{}",
+        seen.allocations,
+        relayd.log()
+    );
+    assert_eq!(seen.relayed.ip().to_string(), "10.10.2.1", "{context}");
+    assert_eq!(
+        seen.echoed, PACKETS,
+        "every round trip came back: {context}"
+    );
+    assert_eq!(
+        seen.allocations["allocations"][0]["client"]
+            .as_str()
+            .unwrap()
+            .split(']')
+            .next(),
+        Some("[fd10:1::2"),
+        "{context}"
+    );
+    assert_eq!(
+        seen.allocations["allocations"][0]["offloaded_flows"], 0,
+        "{context}"
+    );
 
     runtime.block_on(refused_peers(&relayd, &lab));
     let metrics = http_get(&lab.relay, METRICS, "/metrics");

@@ -25,10 +25,28 @@ const SECRETS: &str = r#"secrets = ["north", "south"]"#;
 /// part of it.
 const LONG_RUN: u32 = 1000;
 
-/// Runs turnutils_uclient against `server_port` and returns (sent, received, lost) from its
-/// summary.
+/// Runs turnutils_uclient against the lab's IPv4 server on `server_port` and returns (sent,
+/// received, lost) from its summary.
 fn uclient(
     client: &NetNs,
+    server_port: u16,
+    messages: u32,
+    credentials: &[&str],
+) -> (u32, u32, String) {
+    uclient_to(
+        client,
+        ("10.10.1.1", "10.10.2.2"),
+        server_port,
+        messages,
+        credentials,
+    )
+}
+
+/// turnutils_uclient toward `(server, peer)` addresses; `credentials` may carry other
+/// uclient options too.
+fn uclient_to(
+    client: &NetNs,
+    (server, peer): (&str, &str),
     server_port: u16,
     messages: u32,
     credentials: &[&str],
@@ -38,7 +56,7 @@ fn uclient(
     let mut args = vec![
         "turnutils_uclient",
         "-e",
-        "10.10.2.2",
+        peer,
         "-r",
         "3480",
         "-n",
@@ -52,7 +70,7 @@ fn uclient(
         &port,
     ];
     args.extend_from_slice(credentials);
-    args.push("10.10.1.1");
+    args.push(server);
     let output = Command::new("timeout")
         .args(["60", "ip", "netns", "exec", &client.name])
         .args(&args)
@@ -144,6 +162,40 @@ fn run(datapath: &str) {
             relayd.log()
         );
     }
+    // All IPv6: uclient asks for an IPv6 relayed address (-x, REQUESTED-ADDRESS-FAMILY) and
+    // talks to an IPv6 peer; with XDP the channels are offloaded as IPv6 flows.
+    let _peer6 = Background::spawn(
+        &lab.peer,
+        &["turnutils_peer", "-L", "fd10:2::2", "-p", "3480"],
+    );
+    thread::sleep(Duration::from_millis(300));
+    let before = if datapath == "xdp" {
+        redirects(&relayd)
+    } else {
+        0
+    };
+    let (sent, received, report) = uclient_to(
+        &lab.client,
+        ("fd10:1::1", "fd10:2::2"),
+        3478,
+        LONG_RUN,
+        &["-u", "alice", "-w", "wonderland", "-x"],
+    );
+    assert_eq!(
+        (sent, received),
+        (LONG_RUN, LONG_RUN),
+        "{datapath}, IPv6: {report}\n{}",
+        relayd.log()
+    );
+    if datapath == "xdp" {
+        let forwarded = redirects(&relayd) - before;
+        assert!(
+            forwarded >= 2 * u64::from(LONG_RUN) * 8 / 10,
+            "IPv6 channels should have taken the fast path: {forwarded} forwarded by XDP\n{}",
+            relayd.log()
+        );
+    }
+
     // REST API credentials minted by the client itself from the shared secret; "south" is
     // the second secret in rotation.
     for secret in ["north", "south"] {

@@ -286,6 +286,12 @@ impl TurnService {
                     if !self.offload {
                         continue;
                     }
+                    // An IPv6 client with an IPv4 peer (or the reverse) needs the IP header
+                    // replaced, which the XDP program does not do: userspace relays it.
+                    if flows[0].src.is_ipv4() != flows[0].new_dst.is_ipv4() {
+                        tracing::info!(client = %flows[0].src, peer = %flows[0].new_dst, "turn: channel relayed in userspace: client and peer are of different IP families");
+                        continue;
+                    }
                     match self.table.offload(&flows, monotonic_ns()) {
                         Ok(ids) => {
                             tracing::info!(client = %flows[0].src, peer = %flows[0].new_dst, ?ids, "turn: channel offloaded to the kernel");
