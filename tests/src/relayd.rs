@@ -39,10 +39,7 @@ impl Relayd {
     /// Starts relayd (inside `ns` when given) with its control socket in a fresh temporary
     /// path, and waits until the socket answers.
     pub fn start(ns: Option<&NetNs>, args: &[&str]) -> Relayd {
-        let name = crate::unique("relayd-");
-        let socket = std::env::temp_dir().join(format!("{name}.sock"));
-        let log = std::env::temp_dir().join(format!("{name}.log"));
-        let mut command = match ns {
+        let command = match ns {
             // nsenter changes only the network namespace. (`ip netns exec` also gives the
             // process a private mount of /sys, and with it a private bpffs whose pins vanish
             // when relayd exits.)
@@ -56,6 +53,16 @@ impl Relayd {
             }
             None => Command::new(binary("relayd")),
         };
+        Relayd::start_command(command, args)
+    }
+
+    /// Starts relayd through `command`, which ends with relayd itself (wrapped the way a
+    /// test needs: another user, another mount namespace), with `args` and a control
+    /// socket in a fresh temporary path; waits until the socket answers.
+    pub fn start_command(mut command: Command, args: &[&str]) -> Relayd {
+        let name = crate::unique("relayd-");
+        let socket = std::env::temp_dir().join(format!("{name}.sock"));
+        let log = std::env::temp_dir().join(format!("{name}.log"));
         command
             .args(args)
             .arg("--control-socket")

@@ -1,6 +1,7 @@
-//! Developer tasks: `cargo xtask setup | build | run | test | bench`.
+//! Developer tasks: `cargo xtask setup | build | run | test | bench | deb`.
 
 mod bench;
+mod deb;
 mod setup;
 mod util;
 
@@ -39,6 +40,8 @@ enum Command {
         #[arg(value_enum, default_value = "fastpath")]
         suite: bench::Suite,
     },
+    /// Build the Debian package (target/deb/relay_<version>_<arch>.deb)
+    Deb,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +78,10 @@ fn main() -> anyhow::Result<()> {
             )?;
             // The namespace tests saturate both cores with packets: one at a time keeps their
             // loss checks about the relay, not about scheduling.
+            // The package test installs this .deb into a clean Debian root.
+            let deb = deb::build()?;
+            // SAFETY: single-threaded here; the variable is read by the test processes.
+            unsafe { std::env::set_var("RELAY_DEB", &deb) };
             util::cargo(
                 &["test", "-p", "relay-tests", "--", "--test-threads=1"],
                 false,
@@ -84,6 +91,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             setup::test_tools()?;
             bench::run(suite)
+        }
+        Command::Deb => {
+            setup::run()?;
+            setup::packaging_tools()?;
+            deb::build().map(|_| ())
         }
     }
 }

@@ -16,6 +16,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("netsniff-ng", "trafgen"),
     // An independent TURN client, echo peer and server for the TURN interop tests.
     ("coturn", "turnutils_uclient"),
+    // A clean Debian root to install the package into, and the unit's verifier.
+    ("debootstrap", "debootstrap"),
+    ("systemd", "systemd-analyze"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -150,7 +153,21 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
 
 /// Installs the Debian packages the tests and benchmarks run, when missing.
 pub fn test_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
+    install_missing(TEST_PACKAGES)?;
+    packaging_tools()
+}
+
+/// What `cargo xtask deb` runs besides cargo: dpkg-deb and gzip (in every Debian), objdump
+/// for the shared-library dependencies.
+const PACKAGING_PACKAGES: &[(&str, &str)] = &[("binutils", "objdump")];
+
+pub fn packaging_tools() -> anyhow::Result<()> {
+    install_missing(PACKAGING_PACKAGES)
+}
+
+/// Installs the Debian packages (package, binary it provides) whose binary is missing.
+fn install_missing(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, binary)| output("sh", &["-c", &format!("command -v {binary}")]).is_none())
         .map(|(package, _)| *package)

@@ -48,6 +48,9 @@ struct Args {
     /// Override log.level
     #[arg(long, env = "RELAY_LOG", value_name = "FILTER")]
     log_level: Option<String>,
+    /// Print the man page or a shell completion script and exit (for packaging)
+    #[arg(long, hide = true, value_name = "WHAT")]
+    generate: Option<relay::cli_docs::Generated>,
 }
 
 impl Args {
@@ -81,6 +84,16 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(what) = args.generate {
+        return match relay::cli_docs::generate(<Args as clap::CommandFactory>::command(), what, "8")
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("relayd: --generate: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (mut config, origin) = match Config::load(args.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(err) => {

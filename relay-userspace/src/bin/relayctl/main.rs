@@ -36,6 +36,9 @@ enum Command {
     /// TURN allocations
     #[command(subcommand)]
     Turn(turn::TurnCommand),
+    /// Print the man page or a shell completion script (for packaging)
+    #[command(hide = true)]
+    Generate { what: relay::cli_docs::Generated },
 }
 
 /// Exit codes: 0 done, 1 relayd refused or failed, 2 bad usage (clap), 3 relayd unreachable.
@@ -45,6 +48,16 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal's disposition to its default has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if let Command::Generate { what } = cli.command {
+        return match relay::cli_docs::generate(<Cli as clap::CommandFactory>::command(), what, "1")
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("relayctl: generate: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut client = match ControlClient::connect(&cli.socket) {
         Ok(client) => client,
         Err(err) => {
@@ -57,6 +70,7 @@ fn main() -> ExitCode {
         Command::Stats => stats::run(&mut client, cli.json),
         Command::Flow(command) => flow::run(&mut client, command, cli.json),
         Command::Turn(command) => turn::run(&mut client, command, cli.json),
+        Command::Generate { .. } => unreachable!("handled before connecting"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
