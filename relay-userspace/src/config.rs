@@ -288,13 +288,126 @@ impl MetricsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,
+    pub format: LogFormat,
+}
+
+/// How log lines look: for people (text) or for a log pipeline (one JSON object a line).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_owned(),
+            format: LogFormat::Text,
         }
+    }
+}
+
+/// What a reload (SIGHUP) found changed: keys applied live, and keys that take effect only
+/// at the next start.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub live: Vec<&'static str>,
+    pub restart: Vec<&'static str>,
+}
+
+impl Config {
+    /// The keys that differ between `self` (running) and `new`, split by whether relayd
+    /// applies them live: credentials, peer policy, limits and the log level.
+    pub fn changes(&self, new: &Config) -> Changes {
+        let (old_turn, new_turn) = (&self.turn, &new.turn);
+        let mut changes = Changes::default();
+        let mut key = |name: &'static str, changed: bool, live: bool| {
+            if changed {
+                if live {
+                    changes.live.push(name);
+                } else {
+                    changes.restart.push(name);
+                }
+            }
+        };
+        key("datapath", self.datapath != new.datapath, false);
+        key("flows.idle_timeout_secs", self.flows != new.flows, false);
+        key("control", self.control != new.control, false);
+        key("metrics", self.metrics != new.metrics, false);
+        key("turn.enabled", old_turn.enabled != new_turn.enabled, false);
+        key("turn.listen", old_turn.listen != new_turn.listen, false);
+        key("turn.realm", old_turn.realm != new_turn.realm, false);
+        key(
+            "turn.relay_addresses",
+            old_turn.relay_addresses != new_turn.relay_addresses,
+            false,
+        );
+        key(
+            "turn.port_range",
+            old_turn.port_range != new_turn.port_range,
+            false,
+        );
+        key("turn.offload", old_turn.offload != new_turn.offload, false);
+        key("turn.users", old_turn.users != new_turn.users, true);
+        key("turn.secrets", old_turn.secrets != new_turn.secrets, true);
+        key(
+            "turn.allowed_peers",
+            old_turn.allowed_peers != new_turn.allowed_peers,
+            true,
+        );
+        key(
+            "turn.denied_peers",
+            old_turn.denied_peers != new_turn.denied_peers,
+            true,
+        );
+        key(
+            "turn.default_lifetime_secs",
+            old_turn.default_lifetime_secs != new_turn.default_lifetime_secs,
+            true,
+        );
+        key(
+            "turn.max_lifetime_secs",
+            old_turn.max_lifetime_secs != new_turn.max_lifetime_secs,
+            true,
+        );
+        key(
+            "turn.max_allocations",
+            old_turn.max_allocations != new_turn.max_allocations,
+            true,
+        );
+        key(
+            "turn.max_allocations_per_user",
+            old_turn.max_allocations_per_user != new_turn.max_allocations_per_user,
+            true,
+        );
+        key(
+            "turn.max_allocate_rate_per_source",
+            old_turn.max_allocate_rate_per_source != new_turn.max_allocate_rate_per_source,
+            true,
+        );
+        key("log.level", self.log.level != new.log.level, true);
+        key("log.format", self.log.format != new.log.format, false);
+        changes
+    }
+
+    /// `self` with the live keys of `new` taken over: the configuration relayd runs with
+    /// after a reload.
+    pub fn with_live_changes(&self, new: &Config) -> Config {
+        let mut merged = self.clone();
+        let (turn, from) = (&mut merged.turn, &new.turn);
+        turn.users = from.users.clone();
+        turn.secrets = from.secrets.clone();
+        turn.allowed_peers = from.allowed_peers.clone();
+        turn.denied_peers = from.denied_peers.clone();
+        turn.default_lifetime_secs = from.default_lifetime_secs;
+        turn.max_lifetime_secs = from.max_lifetime_secs;
+        turn.max_allocations = from.max_allocations;
+        turn.max_allocations_per_user = from.max_allocations_per_user;
+        turn.max_allocate_rate_per_source = from.max_allocate_rate_per_source;
+        merged.log.level = new.log.level.clone();
+        merged
     }
 }
 
@@ -568,6 +681,53 @@ mod tests {
                 "datapath.interfaces: \"eth0\": listed twice",
                 "datapath.interfaces: \"a-very-long-interface-name\": an interface name has 1 to 15 characters",
             ]
+        );
+    }
+
+    #[test]
+    fn reload_changes_are_split_into_live_and_restart() {
+        let running = Config::parse(
+            r#"
+            [turn]
+            users = [{ name = "alice", password = "a" }]
+            port_range = "50000-50100"
+            "#,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(running.changes(&running.clone()), Changes::default());
+        let new = Config::parse(
+            r#"
+            [log]
+            level = "debug"
+            [flows]
+            idle_timeout_secs = 5
+            [turn]
+            users = [{ name = "bob", password = "b" }]
+            denied_peers = ["192.0.2.0/24"]
+            port_range = "50000-50200"
+            "#,
+            "test",
+        )
+        .unwrap();
+        let changes = running.changes(&new);
+        assert_eq!(
+            changes,
+            Changes {
+                live: vec!["turn.users", "turn.denied_peers", "log.level"],
+                restart: vec!["flows.idle_timeout_secs", "turn.port_range"],
+            }
+        );
+        let merged = running.with_live_changes(&new);
+        assert_eq!(merged.turn.users, new.turn.users);
+        assert_eq!(merged.turn.denied_peers, new.turn.denied_peers);
+        assert_eq!(merged.log.level, "debug");
+        assert_eq!(merged.turn.port_range, "50000-50100", "needs a restart");
+        assert_eq!(merged.flows, running.flows, "needs a restart");
+        assert_eq!(
+            merged.changes(&new).live,
+            Vec::<&str>::new(),
+            "nothing live is left"
         );
     }
 }

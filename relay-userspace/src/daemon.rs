@@ -1,10 +1,15 @@
 //! relayd's lifecycle: open the datapath, adopt pinned flows, serve the control API, expire
-//! idle flows, and shut down when told to (pingora / mini-redis style `run(config, shutdown)`).
+//! idle flows, reload on SIGHUP, and shut down when told to (pingora / mini-redis style
+//! `run(config, shutdown)`).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use tokio::{runtime::Handle, sync::watch};
+use tokio::{
+    runtime::Handle,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     config::Config,
@@ -13,10 +18,22 @@ use crate::{
     time::monotonic_ns,
 };
 
+/// What a reload (SIGHUP) needs from the binary: the configuration as a start would load it
+/// now (file, environment and command-line overrides, validated), and the log filter's
+/// handle.
+pub struct Reload {
+    pub load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
 /// How often rates are sampled and idle flows looked for.
 const TICK: Duration = Duration::from_secs(1);
 
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    reload: Reload,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let datapath = datapath::open(&config.datapath, Handle::current())?;
     let table = Arc::new(FlowTable::new(
         datapath,
@@ -64,12 +81,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         None => None,
     };
     let serving = tokio::spawn(server.serve(table.clone(), turn.clone(), stopped.clone()));
-    let expiring = tokio::spawn(expire_idle_flows(table.clone(), stopped));
+    let expiring = tokio::spawn(expire_idle_flows(table.clone(), stopped.clone()));
+    let reloading = tokio::spawn(reload_on_hangup(config, reload, turn.clone(), stopped));
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
     let _ = serving.await;
     let _ = expiring.await;
+    let _ = reloading.await;
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }
@@ -80,6 +99,69 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// On SIGHUP: reads the configuration again; applies what can change live (TURN credentials,
+/// peer policy, lifetimes and limits, the log level) and says which changes wait for a
+/// restart. A configuration with problems changes nothing.
+async fn reload_on_hangup(
+    mut running: Config,
+    reload: Reload,
+    turn: Option<Arc<crate::turn::driver::TurnService>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(err) => {
+            tracing::warn!(%err, "cannot handle SIGHUP: reloading the configuration needs a restart");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = stopped.changed() => return,
+        }
+        let new = match (reload.load)() {
+            Ok(new) => new,
+            Err(problems) => {
+                tracing::error!(
+                    "reload: nothing changed, the configuration has problems: {problems}"
+                );
+                continue;
+            }
+        };
+        let changes = running.changes(&new);
+        if changes.live.is_empty() && changes.restart.is_empty() {
+            tracing::info!("reload: the configuration is unchanged");
+            continue;
+        }
+        let merged = running.with_live_changes(&new);
+        if let Some(turn) = &turn
+            && changes.live.iter().any(|key| key.starts_with("turn."))
+            && let Err(err) = turn.reconfigure(&merged.turn)
+        {
+            tracing::error!("reload: nothing changed: {err:#}");
+            continue;
+        }
+        if changes.live.contains(&"log.level")
+            && let Err(err) = (reload.set_log_level)(&merged.log.level)
+        {
+            tracing::error!(%err, "reload: log.level not applied");
+        }
+        tracing::info!(
+            applied = %changes.live.join(", "),
+            needs_restart = %changes.restart.join(", "),
+            "reload: configuration reloaded"
+        );
+        if !changes.restart.is_empty() {
+            tracing::warn!(
+                keys = %changes.restart.join(", "),
+                "reload: these changes take effect only when relayd restarts"
+            );
+        }
+        running = merged;
+    }
 }
 
 async fn expire_idle_flows(table: Arc<FlowTable>, mut stopped: watch::Receiver<bool>) {

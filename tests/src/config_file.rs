@@ -12,6 +12,12 @@ impl ConfigFile {
         ConfigFile(path)
     }
 
+    /// Replaces the contents (a reload test edits the file relayd runs with).
+    pub fn rewrite(&self, contents: &str) {
+        std::fs::write(&self.0, contents)
+            .unwrap_or_else(|err| panic!("writing {}: {err}", self.0.display()));
+    }
+
     pub fn path(&self) -> &str {
         self.0.to_str().expect("temporary paths are UTF-8")
     }

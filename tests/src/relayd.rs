@@ -63,11 +63,15 @@ impl Relayd {
         let name = crate::unique("relayd-");
         let socket = std::env::temp_dir().join(format!("{name}.sock"));
         let log = std::env::temp_dir().join(format!("{name}.log"));
+        // Info unless the caller decided about RELAY_LOG (set it, or removed it so that the
+        // configuration file's log.level counts).
+        if !command.get_envs().any(|(key, _)| key == "RELAY_LOG") {
+            command.env("RELAY_LOG", "info");
+        }
         command
             .args(args)
             .arg("--control-socket")
             .arg(&socket)
-            .env("RELAY_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("log file"))

@@ -6,8 +6,13 @@ use clap::Parser;
 use relay::config::{Config, DatapathMode, XdpModeChoice};
 use tokio::signal::unix::{SignalKind, signal};
 
-#[derive(Parser, Debug)]
-#[command(name = "relayd", version, about = "XDP-accelerated media relay daemon")]
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "relayd",
+    version,
+    about = "XDP-accelerated media relay daemon",
+    after_help = "SIGHUP reloads the configuration: TURN users, secrets, peer policy, lifetimes and limits, and log.level change live; the log says what else needs a restart."
+)]
 struct Args {
     /// Configuration file [default: /etc/relay/relay.toml, or the embedded default when absent]
     #[arg(long, env = "RELAY_CONFIG", value_name = "PATH")]
@@ -48,6 +53,9 @@ struct Args {
     /// Override log.level
     #[arg(long, env = "RELAY_LOG", value_name = "FILTER")]
     log_level: Option<String>,
+    /// Override log.format
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<relay::config::LogFormat>,
     /// Print the man page or a shell completion script and exit (for packaging)
     #[arg(long, hide = true, value_name = "WHAT")]
     generate: Option<relay::cli_docs::Generated>,
@@ -79,6 +87,19 @@ impl Args {
         if let Some(level) = &self.log_level {
             config.log.level = level.clone();
         }
+        if let Some(format) = self.log_format {
+            config.log.format = format;
+        }
+    }
+
+    /// The configuration as a start would load it: the file, then the overrides, validated.
+    fn load(&self) -> Result<(Config, String), String> {
+        let (mut config, origin) =
+            Config::load(self.config.as_deref()).map_err(|e| e.to_string())?;
+        self.apply(&mut config);
+        let origin = format!("{origin} (with command-line/environment overrides)");
+        config.validate(&origin).map_err(|e| e.to_string())?;
+        Ok((config, origin))
     }
 }
 
@@ -94,19 +115,13 @@ fn main() -> ExitCode {
             }
         };
     }
-    let (mut config, origin) = match Config::load(args.config.as_deref()) {
+    let (config, origin) = match args.load() {
         Ok(loaded) => loaded,
         Err(err) => {
             eprintln!("relayd: {err}");
             return ExitCode::from(2);
         }
     };
-    args.apply(&mut config);
-    let origin = format!("{origin} (with command-line/environment overrides)");
-    if let Err(err) = config.validate(&origin) {
-        eprintln!("relayd: {err}");
-        return ExitCode::from(2);
-    }
     if args.check {
         println!("relayd: {origin}: configuration is valid");
         return ExitCode::SUCCESS;
@@ -133,9 +148,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.level))
-        .init();
+    let set_log_level = init_logging(&config.log);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %origin, "relayd starting");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -147,7 +160,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(relay::daemon::run(config, shutdown_signal())) {
+    let reload = relay::daemon::Reload {
+        load: Box::new(move || args.load().map(|(config, _)| config)),
+        set_log_level,
+    };
+    match runtime.block_on(relay::daemon::run(config, reload, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -155,6 +172,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr (the journal under systemd) as text or JSON lines, with a filter a reload
+/// can change; returns the function that changes it.
+fn init_logging(
+    log: &relay::config::LogConfig,
+) -> Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> {
+    use tracing_subscriber::{
+        EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt,
+    };
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(&log.level));
+    let registry = tracing_subscriber::registry().with(filter);
+    match log.format {
+        relay::config::LogFormat::Text => registry.with(fmt::layer()).init(),
+        relay::config::LogFormat::Json => registry.with(fmt::layer().json()).init(),
+    }
+    Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).

@@ -80,34 +80,8 @@ impl TurnService {
         table: Arc<FlowTable>,
         mut stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<TurnService>> {
-        let relay_ips = settings.relay_ips();
-        let config = TurnConfig {
-            realm: settings.realm.clone(),
-            software: concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned(),
-            relay_ipv4: relay_ips.iter().find_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            }),
-            relay_ipv6: relay_ips.iter().find_map(|ip| match ip {
-                IpAddr::V6(v6) => Some(*v6),
-                IpAddr::V4(_) => None,
-            }),
-            ports: settings.ports().context("turn.port_range")?,
-            default_lifetime: settings.default_lifetime_secs,
-            max_lifetime: settings.max_lifetime_secs,
-            nonce_lifetime: settings.default_lifetime_secs,
-            max_allocations: settings.max_allocations,
-            max_allocations_per_user: settings.max_allocations_per_user,
-            peers: settings.peer_policy(),
-            max_allocate_rate_per_source: settings.max_allocate_rate_per_source,
-        };
-        let credentials = Credentials::new(
-            settings
-                .users
-                .iter()
-                .map(|u| (u.name.clone(), u.password.clone())),
-            settings.secrets.clone(),
-        );
+        let config = server_config(settings)?;
+        let credentials = credentials(settings);
         let offload = settings.offload && table.status().kind == DatapathKind::Xdp;
         if settings.offload && !offload {
             tracing::warn!(
@@ -146,6 +120,52 @@ impl TurnService {
         Ok(service)
     }
 
+    /// Takes over credentials, peer policy, lifetimes and limits from `settings` (a reload):
+    /// new requests see them at once; allocations, permissions and channels already made
+    /// keep going until they are refreshed (and then need the new credentials) or expire.
+    pub fn reconfigure(&self, settings: &TurnSettings) -> anyhow::Result<()> {
+        let config = server_config(settings)?;
+        self.server().reconfigure(config, credentials(settings));
+        Ok(())
+    }
+}
+
+/// The TURN core's configuration from the `[turn]` settings.
+fn server_config(settings: &TurnSettings) -> anyhow::Result<TurnConfig> {
+    let relay_ips = settings.relay_ips();
+    Ok(TurnConfig {
+        realm: settings.realm.clone(),
+        software: concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned(),
+        relay_ipv4: relay_ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        }),
+        relay_ipv6: relay_ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        }),
+        ports: settings.ports().context("turn.port_range")?,
+        default_lifetime: settings.default_lifetime_secs,
+        max_lifetime: settings.max_lifetime_secs,
+        nonce_lifetime: settings.default_lifetime_secs,
+        max_allocations: settings.max_allocations,
+        max_allocations_per_user: settings.max_allocations_per_user,
+        peers: settings.peer_policy(),
+        max_allocate_rate_per_source: settings.max_allocate_rate_per_source,
+    })
+}
+
+fn credentials(settings: &TurnSettings) -> Credentials {
+    Credentials::new(
+        settings
+            .users
+            .iter()
+            .map(|u| (u.name.clone(), u.password.clone())),
+        settings.secrets.clone(),
+    )
+}
+
+impl TurnService {
     /// The allocations with their offload state and the kernel counters of their channels.
     pub fn report(&self) -> Vec<AllocationReport> {
         let now = unix_now();

@@ -197,6 +197,13 @@ impl TurnServer {
         }
     }
 
+    /// New configuration and credentials (a reload). Allocations, reservations and nonces
+    /// stay: an allocation whose user is gone ends at its next Refresh (401) or expiry.
+    pub fn reconfigure(&mut self, config: TurnConfig, credentials: Credentials) {
+        self.config = config;
+        self.credentials = credentials;
+    }
+
     /// Requests refused since the start, by code and reason (a bounded set), for metrics.
     pub fn refusals(&self) -> Vec<(u16, &'static str, u64)> {
         self.refusals
@@ -417,6 +424,7 @@ impl TurnServer {
             Err((refusal, challenge)) => {
                 let signed = message.get_attribute::<MessageIntegrity>().is_some()
                     || message.get_attribute::<MessageIntegritySha256>().is_some();
+                tracing::debug!(%client, method = ?method, code = refusal.0, reason = refusal.1, signed, "turn: request not authenticated");
                 // The first 401 of every client is the challenge, not a failure.
                 if signed || refusal.0 != 401 {
                     let username = message
