@@ -22,9 +22,14 @@ use crate::{
 /// now (file, environment and command-line overrides, validated), and the log filter's
 /// handle.
 pub struct Reload {
-    pub load: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
-    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub load: LoadConfig,
+    pub set_log_level: SetLogLevel,
 }
+
+/// Loads and validates the configuration; the error lists its problems.
+pub type LoadConfig = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+/// Changes the log filter (a `log.level` value).
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// How often rates are sampled and idle flows looked for.
 const TICK: Duration = Duration::from_secs(1);

@@ -176,9 +176,7 @@ fn main() -> ExitCode {
 
 /// Logs to stderr (the journal under systemd) as text or JSON lines, with a filter a reload
 /// can change; returns the function that changes it.
-fn init_logging(
-    log: &relay::config::LogConfig,
-) -> Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> {
+fn init_logging(log: &relay::config::LogConfig) -> relay::daemon::SetLogLevel {
     use tracing_subscriber::{
         EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt,
     };
