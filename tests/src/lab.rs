@@ -100,3 +100,68 @@ impl Default for ThreeHosts {
         ThreeHosts::new()
     }
 }
+
+/// The deployment the relay is for: an app behind a NAT on the Internet side, the relay with
+/// a WAN and a LAN interface, a PBX on the LAN.
+///
+/// ```text
+/// app ns           nat ns (masquerade)                relay ns                  pbx ns
+///  a0 10.20.0.2 --- n0 10.20.0.1  n1 198.51.100.2 --- w0 198.51.100.1
+///                                                      l0 10.30.0.1 ---------- p0 10.30.0.2
+/// ```
+pub struct EdgeLab {
+    pub app: NetNs,
+    pub nat: NetNs,
+    pub relay: NetNs,
+    pub pbx: NetNs,
+}
+
+impl EdgeLab {
+    /// The relay's WAN address, where apps reach it (TURN on :3478).
+    pub const RELAY_WAN: &str = "198.51.100.1";
+    /// The relay's LAN address, where the PBX sees media come from.
+    pub const RELAY_LAN: &str = "10.30.0.1";
+    pub const APP: &str = "10.20.0.2";
+    pub const PBX: &str = "10.30.0.2";
+
+    pub fn new() -> EdgeLab {
+        let lab = EdgeLab {
+            app: NetNs::new("rapp"),
+            nat: NetNs::new("rnat"),
+            relay: NetNs::new("rrel"),
+            pbx: NetNs::new("rpbx"),
+        };
+        veth(&lab.app, "a0", &lab.nat, "n0");
+        veth(&lab.nat, "n1", &lab.relay, "w0");
+        veth(&lab.relay, "l0", &lab.pbx, "p0");
+        for (ns, dev, address) in [
+            (&lab.app, "a0", "10.20.0.2/24"),
+            (&lab.nat, "n0", "10.20.0.1/24"),
+            (&lab.nat, "n1", "198.51.100.2/24"),
+            (&lab.relay, "w0", "198.51.100.1/24"),
+            (&lab.relay, "l0", "10.30.0.1/24"),
+            (&lab.pbx, "p0", "10.30.0.2/24"),
+        ] {
+            ns.exec(&["ip", "addr", "add", address, "dev", dev]);
+        }
+        lab.app
+            .exec(&["ip", "route", "add", "default", "via", "10.20.0.1"]);
+        lab.nat.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        lab.nat.exec(&[
+            "nft",
+            "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname n1 masquerade",
+        ]);
+        // As in ThreeHosts: GRO on the far ends of what XDP redirects, no partial checksums
+        // from the senders (XDP-FACTS.md).
+        for (ns, dev) in [(&lab.app, "a0"), (&lab.nat, "n1"), (&lab.pbx, "p0")] {
+            ns.exec(&["ethtool", "-K", dev, "tx", "off", "gro", "on"]);
+        }
+        lab
+    }
+}
+
+impl Default for EdgeLab {
+    fn default() -> Self {
+        EdgeLab::new()
+    }
+}

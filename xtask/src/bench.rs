@@ -17,6 +17,12 @@ pub fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::Fastpath => "bench-fastpath",
         Suite::Turn => "bench-turn",
     };
+    run_binary(binary)
+}
+
+/// Builds relayd, relayctl and the tests crate's binaries in release mode, and runs
+/// `binary` (a benchmark, or the demo).
+pub fn run_binary(binary: &str) -> anyhow::Result<()> {
     util::cargo(
         &[
             "build",

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | run | test | bench | deb`.
+//! Developer tasks: `cargo xtask setup | build | run | test | bench | deb | demo`.
 
 mod bench;
 mod deb;
@@ -42,6 +42,9 @@ enum Command {
     },
     /// Build the Debian package (target/deb/relay_<version>_<arch>.deb)
     Deb,
+    /// The relay in namespaces (app behind NAT, relay, PBX) with three calls' media for
+    /// about 20 s and live relayctl tables; removes everything it made (needs root)
+    Demo,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +94,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             setup::test_tools()?;
             bench::run(suite)
+        }
+        Command::Demo => {
+            setup::run()?;
+            setup::test_tools()?;
+            bench::run_binary("demo")
         }
         Command::Deb => {
             setup::run()?;

@@ -16,6 +16,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("netsniff-ng", "trafgen"),
     // An independent TURN client, echo peer and server for the TURN interop tests.
     ("coturn", "turnutils_uclient"),
+    // The NAT in front of the app in the edge lab (demo, calls).
+    ("nftables", "nft"),
     // A clean Debian root to install the package into, and the unit's verifier.
     ("debootstrap", "debootstrap"),
     ("systemd", "systemd-analyze"),
