@@ -15,7 +15,24 @@ pub struct Config {
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
     pub turn: TurnSettings,
+    pub state: StateConfig,
     pub log: LogConfig,
+}
+
+/// Where relayd keeps what a restart needs (TURN allocations).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// The state store file; empty: keep nothing (allocations end with relayd).
+    pub path: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            path: PathBuf::from(paths::STATE_FILE),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -335,6 +352,7 @@ impl Config {
         key("datapath", self.datapath != new.datapath, false);
         key("flows.idle_timeout_secs", self.flows != new.flows, false);
         key("control", self.control != new.control, false);
+        key("state.path", self.state != new.state, false);
         key("metrics", self.metrics != new.metrics, false);
         key("turn.enabled", old_turn.enabled != new_turn.enabled, false);
         key("turn.listen", old_turn.listen != new_turn.listen, false);

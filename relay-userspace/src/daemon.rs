@@ -64,8 +64,13 @@ pub async fn run(
     let (stop, stopped) = watch::channel(false);
     let turn = if config.turn.enabled {
         Some(
-            crate::turn::driver::TurnService::start(&config.turn, table.clone(), stopped.clone())
-                .await?,
+            crate::turn::driver::TurnService::start(
+                &config.turn,
+                table.clone(),
+                open_state_store(&config),
+                stopped.clone(),
+            )
+            .await?,
         )
     } else {
         None
@@ -91,6 +96,9 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
+    if let Some(turn) = &turn {
+        turn.stop();
+    }
     let _ = serving.await;
     let _ = expiring.await;
     let _ = reloading.await;
@@ -104,6 +112,24 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// The state store, when configured and it opens; otherwise relayd runs without one and
+/// says what that means.
+fn open_state_store(config: &Config) -> Option<crate::state::StateStore> {
+    if config.state.path.as_os_str().is_empty() {
+        return None;
+    }
+    match crate::state::StateStore::open(&config.state.path) {
+        Ok(store) => {
+            tracing::info!(path = %config.state.path.display(), "state: allocations are kept across restarts");
+            Some(store)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "state: no state store: TURN allocations will not survive a restart");
+            None
+        }
+    }
 }
 
 /// On SIGHUP: reads the configuration again; applies what can change live (TURN credentials,

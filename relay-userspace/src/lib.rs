@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod datapath;
 pub mod metrics;
 pub mod paths;
+pub mod state;
 pub mod time;
 pub mod turn;

@@ -68,6 +68,10 @@ impl Relayd {
         if !command.get_envs().any(|(key, _)| key == "RELAY_LOG") {
             command.env("RELAY_LOG", "info");
         }
+        // No state store unless the test asks for one: the default path is the system's.
+        if !command.get_envs().any(|(key, _)| key == "RELAY_STATE_PATH") {
+            command.env("RELAY_STATE_PATH", "");
+        }
         command
             .args(args)
             .arg("--control-socket")

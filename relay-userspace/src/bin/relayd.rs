@@ -53,6 +53,9 @@ struct Args {
     /// Override log.level
     #[arg(long, env = "RELAY_LOG", value_name = "FILTER")]
     log_level: Option<String>,
+    /// Override state.path (empty: no state store)
+    #[arg(long, env = "RELAY_STATE_PATH", value_name = "PATH")]
+    state_path: Option<PathBuf>,
     /// Override log.format
     #[arg(long, env = "RELAY_LOG_FORMAT", value_name = "FORMAT")]
     log_format: Option<relay::config::LogFormat>,
@@ -86,6 +89,9 @@ impl Args {
         }
         if let Some(level) = &self.log_level {
             config.log.level = level.clone();
+        }
+        if let Some(path) = &self.state_path {
+            config.state.path = path.clone();
         }
         if let Some(format) = self.log_format {
             config.log.format = format;

@@ -220,6 +220,11 @@ impl FlowTable {
         Ok(info)
     }
 
+    /// The id of the flow with this key, if installed.
+    pub fn find(&self, key: FlowId) -> Option<u32> {
+        self.state().by_key.get(&key).copied()
+    }
+
     pub fn get(&self, id: u32, now_ns: u64) -> Result<FlowInfo, FlowError> {
         let state = self.state();
         let record = state.flows.get(&id).ok_or(FlowError::UnknownFlow(id))?;

@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -21,9 +24,10 @@ use crate::{
     config::TurnSettings,
     datapath::{
         DatapathKind,
-        table::FlowTable,
+        table::{FlowError, FlowTable},
         userspace::{send_now, set_socket_option},
     },
+    state::StateStore,
     time::monotonic_ns,
 };
 
@@ -36,6 +40,10 @@ pub struct TurnService {
     offload: bool,
     /// Flow ids of offloaded channels, by the client -> peer flow's key.
     offloaded: Mutex<HashMap<crate::datapath::flow::FlowId, Vec<u32>>>,
+    /// Where allocations are kept across restarts, and whether they changed since the
+    /// last save.
+    store: Option<StateStore>,
+    dirty: AtomicBool,
 }
 
 /// One allocation as `relayctl turn allocations` shows it.
@@ -78,6 +86,7 @@ impl TurnService {
     pub async fn start(
         settings: &TurnSettings,
         table: Arc<FlowTable>,
+        store: Option<StateStore>,
         mut stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<TurnService>> {
         let config = server_config(settings)?;
@@ -94,7 +103,10 @@ impl TurnService {
             table,
             offload,
             offloaded: Mutex::new(HashMap::new()),
+            store,
+            dirty: AtomicBool::new(false),
         });
+        service.restore();
         for address in settings.listen_addresses() {
             service
                 .bind(address, Side::Client, false)
@@ -108,16 +120,60 @@ impl TurnService {
                 tokio::select! {
                     _ = interval.tick() => {
                         let actions = ticking.server().expire(unix_now());
+                        if !actions.is_empty() {
+                            ticking.dirty.store(true, Ordering::Relaxed);
+                        }
                         ticking.carry_out(actions);
+                        ticking.save(false);
                     }
-                    _ = stopped.changed() => {
-                        ticking.shut_down();
-                        return;
-                    }
+                    // The daemon calls stop() itself, and waits for it.
+                    _ = stopped.changed() => return,
                 }
             }
         });
         Ok(service)
+    }
+
+    /// Brings back the allocations the state store kept (a restart): their relay sockets,
+    /// and their channels' flows, adopted from the pinned flow table when they are there.
+    fn restore(self: &Arc<Self>) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let stored = match store.load_allocations() {
+            Ok(stored) => stored,
+            Err(err) => {
+                tracing::error!(%err, "turn: cannot read the state store; starting without stored allocations");
+                return;
+            }
+        };
+        if stored.is_empty() {
+            return;
+        }
+        let found = stored.len();
+        let (actions, restored) = self.server().restore(stored, unix_now());
+        self.carry_out(actions);
+        tracing::info!(
+            restored,
+            stored = found,
+            path = %store.path().display(),
+            "turn: allocations restored from the state store"
+        );
+    }
+
+    /// Writes the allocations to the state store when they changed (or `always`).
+    fn save(&self, always: bool) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        if !self.dirty.swap(false, Ordering::Relaxed) && !always {
+            return;
+        }
+        let snapshot = self.server().snapshot();
+        if let Err(err) = store.save_allocations(&snapshot) {
+            // Tried again at the next change; said once per failure.
+            tracing::error!(%err, "turn: cannot save allocations; a restart now would lose them");
+        }
     }
 
     /// Takes over credentials, peer policy, lifetimes and limits from `settings` (a reload):
@@ -260,6 +316,11 @@ impl TurnService {
                 }
             };
             let now = unix_now();
+            // A STUN request may change an allocation (first byte 0..=3, RFC 7983); media
+            // does not.
+            if matches!(side, Side::Client) && buf[0] < 4 {
+                self.dirty.store(true, Ordering::Relaxed);
+            }
             let actions = match side {
                 Side::Client => self.server().from_client(now, local, from, &buf[..len]),
                 Side::Peer => self.server().from_peer(now, local, from, &buf[..len]),
@@ -320,6 +381,21 @@ impl TurnService {
                                 .expect("turn offloads poisoned")
                                 .insert(flows[0].id(), ids);
                         }
+                        // A restored channel whose flows the table adopted from the pins:
+                        // they forwarded all along.
+                        Err(FlowError::Duplicate { .. })
+                            if let (Some(to_peer), Some(to_client)) = (
+                                self.table.find(flows[0].id()),
+                                self.table.find(flows[1].id()),
+                            ) =>
+                        {
+                            let ids = vec![to_peer, to_client];
+                            tracing::info!(client = %flows[0].src, peer = %flows[0].new_dst, ?ids, "turn: channel's flows adopted from the pinned table");
+                            self.offloaded
+                                .lock()
+                                .expect("turn offloads poisoned")
+                                .insert(flows[0].id(), ids);
+                        }
                         Err(err) => tracing::warn!(%err, "turn: channel stays in userspace"),
                     }
                 }
@@ -338,9 +414,21 @@ impl TurnService {
     }
 
     /// Stops every socket task and removes offloaded flows (their sockets are going away).
+    /// relayd is stopping: saves the allocations (when there is a store) and closes the
+    /// sockets.
+    pub fn stop(&self) {
+        self.save(true);
+        self.shut_down();
+    }
+
     fn shut_down(&self) {
         for (_, bound) in self.sockets.lock().expect("turn sockets poisoned").drain() {
             bound.receiver.abort();
+        }
+        // With a state store the next relayd restores the allocations and adopts their
+        // flows, which forward in the kernel meanwhile; without one nothing would own them.
+        if self.store.is_some() {
+            return;
         }
         for (_, ids) in self
             .offloaded

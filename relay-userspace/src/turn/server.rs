@@ -99,9 +99,11 @@ struct Allocation {
     /// One relayed address, or two (IPv4 then IPv6) for ADDITIONAL-ADDRESS-FAMILY.
     relays: Vec<SocketAddr>,
     expires: u64,
-    /// The Allocate request's transaction and our answer, for its retransmissions.
+    /// The Allocate request's transaction and our answer, for its retransmissions (none
+    /// for an allocation restored after a restart).
     transaction: TransactionId,
-    answer: TurnMessage,
+    answer: Option<TurnMessage>,
+    dont_fragment: bool,
     /// Peer IP -> expiry.
     permissions: HashMap<IpAddr, u64>,
     channels: HashMap<u16, Channel>,
@@ -136,6 +138,29 @@ impl Allocation {
 pub enum RevokeTarget {
     User(String),
     Relay(SocketAddr),
+}
+
+/// An allocation as the state store keeps it, to be restored by the next relayd.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AllocationState {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub username: String,
+    pub relays: Vec<SocketAddr>,
+    /// Unix time.
+    pub expires: u64,
+    pub dont_fragment: bool,
+    /// Peer IP and expiry.
+    pub permissions: Vec<(IpAddr, u64)>,
+    pub channels: Vec<ChannelState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChannelState {
+    pub number: u16,
+    pub peer: SocketAddr,
+    pub relay: SocketAddr,
+    pub expires: u64,
 }
 
 /// One allocation, for `relayctl turn allocations`.
@@ -195,6 +220,108 @@ impl TurnServer {
             allocate_rate: AllocationRate::default(),
             refusals: BTreeMap::new(),
         }
+    }
+
+    /// The allocations as the state store keeps them.
+    pub fn snapshot(&self) -> Vec<AllocationState> {
+        self.allocations
+            .iter()
+            .map(|(&(client, server), allocation)| AllocationState {
+                client,
+                server,
+                username: allocation.username.clone(),
+                relays: allocation.relays.clone(),
+                expires: allocation.expires,
+                dont_fragment: allocation.dont_fragment,
+                permissions: allocation
+                    .permissions
+                    .iter()
+                    .map(|(ip, expires)| (*ip, *expires))
+                    .collect(),
+                channels: allocation
+                    .channels
+                    .iter()
+                    .map(|(number, channel)| ChannelState {
+                        number: *number,
+                        peer: channel.peer,
+                        relay: channel.relay,
+                        expires: channel.expires,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Takes back allocations a previous relayd stored: those still alive at `now`, on
+    /// relay addresses this configuration still serves, not clashing with one another.
+    /// Returns the actions that bring them back (relay sockets, then channel flows) and how
+    /// many were restored. Their clients keep their 5-tuples and relayed addresses; the
+    /// nonces they hold are stale (438) and replaced at their next request.
+    pub fn restore(&mut self, stored: Vec<AllocationState>, now: u64) -> (Vec<Action>, usize) {
+        let mut actions = Vec::new();
+        let mut restored = 0;
+        for state in stored {
+            let five_tuple = (state.client, state.server);
+            let servable = state.relays.iter().all(|relay| {
+                let ours = match relay.ip() {
+                    IpAddr::V4(v4) => self.config.relay_ipv4 == Some(v4),
+                    IpAddr::V6(v6) => self.config.relay_ipv6 == Some(v6),
+                };
+                ours && self.config.ports.contains(&relay.port()) && self.is_free(*relay)
+            });
+            if state.expires <= now || !servable || self.allocations.contains_key(&five_tuple) {
+                tracing::info!(client = %state.client, relays = ?state.relays, "turn: stored allocation not restored (expired, or its relay address is no longer served)");
+                continue;
+            }
+            let mut channels = HashMap::new();
+            for channel in &state.channels {
+                if channel.expires <= now {
+                    continue;
+                }
+                channels.insert(
+                    channel.number,
+                    Channel {
+                        peer: channel.peer,
+                        relay: channel.relay,
+                        expires: channel.expires,
+                    },
+                );
+                actions.push(Action::Offload(channel_flows(
+                    five_tuple,
+                    channel.relay,
+                    channel.number,
+                    channel.peer,
+                )));
+            }
+            for relay in &state.relays {
+                self.by_relay.insert(*relay, five_tuple);
+                actions.push(Action::OpenRelay {
+                    relay: *relay,
+                    dont_fragment: state.dont_fragment,
+                });
+            }
+            self.allocations.insert(
+                five_tuple,
+                Allocation {
+                    username: state.username,
+                    relays: state.relays,
+                    expires: state.expires,
+                    transaction: TransactionId::new([0; 12]),
+                    answer: None,
+                    dont_fragment: state.dont_fragment,
+                    permissions: state
+                        .permissions
+                        .into_iter()
+                        .filter(|(_, expires)| *expires > now)
+                        .collect(),
+                    channels,
+                },
+            );
+            restored += 1;
+        }
+        // Relay sockets first, then the flows that forward to and from them.
+        actions.sort_by_key(|action| !matches!(action, Action::OpenRelay { .. }));
+        (actions, restored)
     }
 
     /// New configuration and credentials (a reload). Allocations, reservations and nonces
@@ -527,8 +654,11 @@ impl TurnServer {
     ) -> Result<TurnMessage, Refusal> {
         if let Some(existing) = self.allocations.get(&five_tuple) {
             // RFC 8656 7.2: a retransmitted Allocate gets the original answer again.
-            if existing.transaction == message.transaction_id() && existing.username == username {
-                return Ok(existing.answer.clone());
+            if existing.transaction == message.transaction_id()
+                && existing.username == username
+                && let Some(answer) = &existing.answer
+            {
+                return Ok(answer.clone());
             }
             return Err(Refusal(437, "Allocation Mismatch"));
         }
@@ -642,7 +772,8 @@ impl TurnServer {
                 relays,
                 expires: now + lifetime,
                 transaction: message.transaction_id(),
-                answer: response.clone(),
+                answer: Some(response.clone()),
+                dont_fragment,
                 permissions: HashMap::new(),
                 channels: HashMap::new(),
             },
@@ -2098,5 +2229,74 @@ mod tests {
                 (508, "Insufficient Capacity", 1)
             ]
         );
+    }
+
+    #[test]
+    fn a_snapshot_restores_into_a_new_server() {
+        let mut before = server();
+        let mut alice = Client::new(ALICE, "alice", "wonderland");
+        let relay = alice.allocate(&mut before, T0);
+        alice.call(
+            &mut before,
+            T0,
+            CHANNEL_BIND,
+            vec![ChannelNumber(0x4001).into(), peer(PEER)],
+        );
+        let mut stored = before.snapshot();
+        assert_eq!(stored.len(), 1);
+        // Two more that must not come back: one expired, one on an address not served.
+        let mut expired = stored[0].clone();
+        expired.client = addr("198.51.100.8:1");
+        expired.relays = vec![addr("203.0.113.1:49153")];
+        expired.expires = T0 + 10;
+        let mut elsewhere = stored[0].clone();
+        elsewhere.client = addr("198.51.100.9:1");
+        elsewhere.relays = vec![addr("203.0.113.77:49153")];
+        stored.extend([expired, elsewhere]);
+
+        let mut after = server();
+        let (actions, restored) = after.restore(stored, T0 + 20);
+        assert_eq!(restored, 1);
+        let to_peer = FlowSpec {
+            src: addr(ALICE),
+            dst: addr(LISTENER),
+            new_src: relay,
+            new_dst: addr(PEER),
+            channel: Some(ChannelOp::Strip(0x4001)),
+        };
+        assert_eq!(
+            actions,
+            [
+                Action::OpenRelay {
+                    relay,
+                    dont_fragment: false
+                },
+                Action::Offload([to_peer, to_peer.reverse()]),
+            ]
+        );
+        assert_eq!(after.allocations(), before.allocations());
+        // It relays as before, and its owner manages it (a stale nonce first: 438).
+        let actions = after.from_client(
+            T0 + 20,
+            addr(LISTENER),
+            addr(ALICE),
+            &message::channel_data(0x4001, b"rtp"),
+        );
+        assert_eq!(
+            actions,
+            [Action::Send {
+                from: relay,
+                to: addr(PEER),
+                bytes: b"rtp".to_vec()
+            }]
+        );
+        let (response, actions) = alice.call(
+            &mut after,
+            T0 + 20,
+            REFRESH,
+            vec![Lifetime::from_u32(0).into()],
+        );
+        assert_eq!(response.class(), MessageClass::SuccessResponse);
+        assert!(actions.contains(&Action::CloseRelay(relay)), "{actions:?}");
     }
 }

@@ -1,0 +1,160 @@
+//! A restart keeps TURN media flowing and the allocations known: with a state store, a
+//! stopped relayd leaves its channels' flows in the kernel (the client's ChannelData keeps
+//! reaching the peer meanwhile), and the next relayd restores the allocation from the store,
+//! adopts its flows with their counters, and manages it again (revoking it removes them).
+
+use std::{net::SocketAddr, path::PathBuf, process::Command, sync::Arc, time::Duration};
+
+use relay_tests::{
+    config_file::ConfigFile,
+    lab::{ThreeHosts, turn_config},
+    netns::PinDir,
+    relayd::{Relayd, binary},
+    require_root, unique,
+};
+use tokio::{net::UdpSocket, time::timeout};
+use turn::client::{Client, ClientConfig};
+use webrtc_util::Conn;
+
+const SERVER: &str = "10.10.1.1:3478";
+const PEER: &str = "10.10.2.2:5004";
+const BURST: usize = 200;
+
+/// The state store file, removed on drop.
+struct StateFile(PathBuf);
+
+impl Drop for StateFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn start(lab: &ThreeHosts, config: &ConfigFile, state: &StateFile) -> Relayd {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{}", lab.relay.name))
+        .arg("--")
+        .arg(binary("relayd"))
+        .env("RELAY_STATE_PATH", &state.0);
+    Relayd::start_command(command, &["--config", config.path()])
+}
+
+/// Sends `count` packets through the relayed connection, each waited for up to `wait`;
+/// returns how many the peer received.
+async fn send(relay: &impl Conn, peer: &UdpSocket, count: usize, wait: Duration) -> usize {
+    let peer_addr: SocketAddr = PEER.parse().unwrap();
+    let mut received = 0;
+    let mut buf = [0u8; 512];
+    for sequence in 0..count {
+        relay
+            .send_to(&relay_tests::traffic::numbered(sequence as u32), peer_addr)
+            .await
+            .unwrap();
+        if let Ok(Ok(_)) = timeout(wait, peer.recv_from(&mut buf)).await {
+            received += 1;
+        }
+    }
+    received
+}
+
+async fn burst(relay: &impl Conn, peer: &UdpSocket) -> usize {
+    send(relay, peer, BURST, Duration::from_millis(500)).await
+}
+
+#[test]
+fn allocations_survive_a_restart_and_their_media_never_stops() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&turn_config("xdp", &pins.path.to_string_lossy(), ""));
+    let state = StateFile(std::env::temp_dir().join(format!("{}.redb", unique("relay-state-"))));
+    let mut relayd = start(&lab, &config, &state);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_socket = lab.client.udp_socket("10.10.1.2:0".parse().unwrap());
+    let peer_socket = lab.peer.udp_socket(PEER.parse().unwrap());
+    runtime.block_on(async {
+        client_socket.set_nonblocking(true).unwrap();
+        peer_socket.set_nonblocking(true).unwrap();
+        let peer = UdpSocket::from_std(peer_socket).unwrap();
+        let client = Client::new(ClientConfig {
+            stun_serv_addr: SERVER.into(),
+            turn_serv_addr: SERVER.into(),
+            username: "alice".into(),
+            password: "wonderland".into(),
+            realm: String::new(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn: Arc::new(UdpSocket::from_std(client_socket).unwrap()),
+            vnet: None,
+        })
+        .await
+        .unwrap();
+        client.listen().await.unwrap();
+        let relay = client.allocate().await.unwrap();
+        let relayed = relay.local_addr().unwrap();
+        // Permission and channel; then the channel's media goes through XDP.
+        relay
+            .send_to(b"hello", PEER.parse().unwrap())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        timeout(Duration::from_secs(3), peer.recv_from(&mut buf))
+            .await
+            .expect("hello")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(burst(&relay, &peer).await, BURST, "{}", relayd.log());
+
+        // relayd stops: the kernel keeps forwarding the channel.
+        assert!(relayd.stop(), "{}", relayd.log());
+        assert_eq!(
+            burst(&relay, &peer).await,
+            BURST,
+            "media while relayd is down"
+        );
+
+        let relayd = start(&lab, &config, &state);
+        assert!(
+            relayd
+                .log()
+                .contains("turn: allocations restored from the state store restored=1"),
+            "{}",
+            relayd.log()
+        );
+        let allocations = relayd.ctl_json(&["turn", "allocations"]);
+        let allocation = &allocations["allocations"][0];
+        assert_eq!(allocation["username"], "alice", "{allocations}");
+        assert_eq!(
+            allocation["relays"][0],
+            relayed.to_string(),
+            "{allocations}"
+        );
+        assert_eq!(allocation["channels"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            allocation["offloaded_flows"],
+            2,
+            "{allocations}\n{}",
+            relayd.log()
+        );
+        // The kernel counters went on across the restart: both bursts so far, the one
+        // while relayd was down included.
+        let packets = allocation["packets"].as_u64().unwrap();
+        assert!(packets >= 2 * BURST as u64 - 10, "{allocations}");
+        assert_eq!(burst(&relay, &peer).await, BURST, "media after the restart");
+
+        // The restored allocation is managed again: revoking it removes its flows.
+        assert_eq!(relayd.ctl_json(&["turn", "revoke", "alice"])["revoked"], 1);
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
+        assert_eq!(
+            send(&relay, &peer, 20, Duration::from_millis(100)).await,
+            0,
+            "nothing after the revoke"
+        );
+        client.close().await.unwrap();
+    });
+}
