@@ -90,9 +90,15 @@ pub async fn run(
         }
         None => None,
     };
-    let serving = tokio::spawn(server.serve(table.clone(), turn.clone(), stopped.clone()));
+    let reloader = Arc::new(Reloader::new(config, reload, turn.clone()));
+    let serving = tokio::spawn(server.serve(
+        table.clone(),
+        turn.clone(),
+        reloader.clone(),
+        stopped.clone(),
+    ));
     let expiring = tokio::spawn(expire_idle_flows(table.clone(), stopped.clone()));
-    let reloading = tokio::spawn(reload_on_hangup(config, reload, turn.clone(), stopped));
+    let reloading = tokio::spawn(reload_on_hangup(reloader, stopped));
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
@@ -132,51 +138,50 @@ fn open_state_store(config: &Config) -> Option<crate::state::StateStore> {
     }
 }
 
-/// On SIGHUP: reads the configuration again; applies what can change live (TURN credentials,
-/// peer policy, lifetimes and limits, the log level) and says which changes wait for a
-/// restart. A configuration with problems changes nothing.
-async fn reload_on_hangup(
-    mut running: Config,
-    reload: Reload,
+/// Reloads the configuration, on SIGHUP or `relayctl reload`: applies what can change live
+/// (TURN credentials, peer policy, lifetimes and limits, the log level) and names what
+/// waits for a restart. A configuration with problems changes nothing.
+pub struct Reloader {
+    running: std::sync::Mutex<Config>,
+    hooks: Reload,
     turn: Option<Arc<crate::turn::driver::TurnService>>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(hangup) => hangup,
-        Err(err) => {
-            tracing::warn!(%err, "cannot handle SIGHUP: reloading the configuration needs a restart");
-            return;
+}
+
+impl Reloader {
+    pub fn new(
+        running: Config,
+        hooks: Reload,
+        turn: Option<Arc<crate::turn::driver::TurnService>>,
+    ) -> Reloader {
+        Reloader {
+            running: std::sync::Mutex::new(running),
+            hooks,
+            turn,
         }
-    };
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => {}
-            _ = stopped.changed() => return,
-        }
-        let new = match (reload.load)() {
-            Ok(new) => new,
-            Err(problems) => {
-                tracing::error!(
-                    "reload: nothing changed, the configuration has problems: {problems}"
-                );
-                continue;
-            }
-        };
+    }
+
+    /// Reads the configuration again and applies its live changes; the error lists the
+    /// problems that made it change nothing.
+    pub fn reload(&self) -> Result<crate::config::Changes, String> {
+        let mut running = self.running.lock().expect("reloader poisoned");
+        let new = (self.hooks.load)().inspect_err(|problems| {
+            tracing::error!("reload: nothing changed, the configuration has problems: {problems}");
+        })?;
         let changes = running.changes(&new);
         if changes.live.is_empty() && changes.restart.is_empty() {
             tracing::info!("reload: the configuration is unchanged");
-            continue;
+            return Ok(changes);
         }
         let merged = running.with_live_changes(&new);
-        if let Some(turn) = &turn
+        if let Some(turn) = &self.turn
             && changes.live.iter().any(|key| key.starts_with("turn."))
             && let Err(err) = turn.reconfigure(&merged.turn)
         {
             tracing::error!("reload: nothing changed: {err:#}");
-            continue;
+            return Err(format!("{err:#}"));
         }
         if changes.live.contains(&"log.level")
-            && let Err(err) = (reload.set_log_level)(&merged.log.level)
+            && let Err(err) = (self.hooks.set_log_level)(&merged.log.level)
         {
             tracing::error!(%err, "reload: log.level not applied");
         }
@@ -191,7 +196,26 @@ async fn reload_on_hangup(
                 "reload: these changes take effect only when relayd restarts"
             );
         }
-        running = merged;
+        *running = merged;
+        Ok(changes)
+    }
+}
+
+/// Reloads on every SIGHUP until relayd stops.
+async fn reload_on_hangup(reloader: Arc<Reloader>, mut stopped: watch::Receiver<bool>) {
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(err) => {
+            tracing::warn!(%err, "cannot handle SIGHUP: reload with `relayctl reload`");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = stopped.changed() => return,
+        }
+        let _ = reloader.reload();
     }
 }
 

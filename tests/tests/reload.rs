@@ -88,6 +88,11 @@ fn sighup_applies_credentials_and_log_level_and_names_what_needs_a_restart() {
         "{log}"
     );
     allocates(&lab, "bob", "builder").expect("bob allocates after the reload");
+    // relayctl reload does the same and says so; nothing is left to apply now.
+    assert_eq!(
+        relayd.ctl_ok(&["reload"]),
+        "needs a restart (systemctl restart relayd; media keeps flowing): turn.port_range\n"
+    );
     let refused = allocates(&lab, "alice", "wonderland");
     assert!(refused.is_err(), "alice was removed: {refused:?}");
     // Debug lines now: the refusal of alice's request is one.
@@ -114,6 +119,14 @@ fn sighup_applies_credentials_and_log_level_and_names_what_needs_a_restart() {
     ));
     let log = hang_up(&relayd, "reload: nothing changed");
     assert!(log.contains("max_allocations"), "{log}");
+    let refused = relayd.ctl(&["reload"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.starts_with("relayctl: configuration: nothing changed:")
+            && message.contains("max_allocations"),
+        "{message}"
+    );
     allocates(&lab, "bob", "builder").expect("bob still allocates");
 }
 

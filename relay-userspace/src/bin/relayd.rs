@@ -55,7 +55,7 @@ struct Args {
     log_level: Option<String>,
     /// Override state.path (empty: no state store)
     #[arg(long, env = "RELAY_STATE_PATH", value_name = "PATH")]
-    state_path: Option<PathBuf>,
+    state_path: Option<String>,
     /// Override log.format
     #[arg(long, env = "RELAY_LOG_FORMAT", value_name = "FORMAT")]
     log_format: Option<relay::config::LogFormat>,
@@ -91,7 +91,7 @@ impl Args {
             config.log.level = level.clone();
         }
         if let Some(path) = &self.state_path {
-            config.state.path = path.clone();
+            config.state.path = PathBuf::from(path);
         }
         if let Some(format) = self.log_format {
             config.log.format = format;

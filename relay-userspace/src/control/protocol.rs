@@ -64,6 +64,7 @@ pub mod method {
     pub const FLOW_SHOW: &str = "flow.show";
     pub const TURN_ALLOCATIONS: &str = "turn.allocations";
     pub const TURN_REVOKE: &str = "turn.revoke";
+    pub const CONFIG_RELOAD: &str = "config.reload";
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +102,13 @@ pub struct TurnRevokeParams {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TurnAllocationsResult {
     pub allocations: Vec<crate::turn::driver::AllocationReport>,
+}
+
+/// What a reload changed: keys applied live, keys that wait for a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigReloadResult {
+    pub applied: Vec<String>,
+    pub needs_restart: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

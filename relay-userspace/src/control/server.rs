@@ -18,11 +18,12 @@ use tokio::{
 };
 
 use super::protocol::{
-    ErrorBody, ErrorCode, FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult,
-    MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response, StatsResult, StatusResult,
-    TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult, method,
+    ConfigReloadResult, ErrorBody, ErrorCode, FlowAddParams, FlowAddResult, FlowIdParams,
+    FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response, StatsResult,
+    StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult, method,
 };
 use crate::{
+    daemon::Reloader,
     datapath::{
         FlowSpec,
         table::{FlowError, FlowTable},
@@ -67,14 +68,21 @@ impl ControlServer {
         self,
         table: Arc<FlowTable>,
         turn: Option<Arc<TurnService>>,
+        reloader: Arc<Reloader>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let started = Instant::now();
+        let services = Arc::new(Services {
+            table,
+            turn,
+            reloader,
+            started,
+        });
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(connection(stream, table.clone(), turn.clone(), started, shutdown.clone()));
+                        tokio::spawn(connection(stream, services.clone(), shutdown.clone()));
                     }
                     Err(err) => tracing::warn!(%err, "control API: accept failed"),
                 },
@@ -85,11 +93,17 @@ impl ControlServer {
     }
 }
 
-async fn connection(
-    stream: UnixStream,
+/// What requests act on.
+struct Services {
     table: Arc<FlowTable>,
     turn: Option<Arc<TurnService>>,
+    reloader: Arc<Reloader>,
     started: Instant,
+}
+
+async fn connection(
+    stream: UnixStream,
+    services: Arc<Services>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (read, mut write) = stream.into_split();
@@ -103,7 +117,7 @@ async fn connection(
         };
         let response = match read {
             Ok(0) => return,
-            Ok(_) => handle_line(&line, &table, turn.as_ref(), started),
+            Ok(_) => handle_line(&line, &services),
             Err(err) if err.kind() == io::ErrorKind::InvalidData => {
                 // Oversized: answer, then close, since the rest of the line is unread.
                 let response = error_response(0, ErrorCode::BadRequest, None, err.to_string());
@@ -141,12 +155,7 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response)
 }
 
 /// Answers one request line.
-fn handle_line(
-    line: &[u8],
-    table: &FlowTable,
-    turn: Option<&Arc<TurnService>>,
-    started: Instant,
-) -> Response {
+fn handle_line(line: &[u8], services: &Services) -> Response {
     let value: Value = match serde_json::from_slice(line) {
         Ok(value) => value,
         Err(err) => {
@@ -176,7 +185,7 @@ fn handle_line(
             ),
         );
     }
-    match dispatch(&request, table, turn, started) {
+    match dispatch(&request, services) {
         Ok(result) => Response {
             version: PROTOCOL_VERSION,
             id,
@@ -192,12 +201,12 @@ fn handle_line(
     }
 }
 
-fn dispatch(
-    request: &Request,
-    table: &FlowTable,
-    turn: Option<&Arc<TurnService>>,
-    started: Instant,
-) -> Result<Value, ErrorBody> {
+fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> {
+    let (table, turn, started) = (
+        services.table.as_ref(),
+        services.turn.as_ref(),
+        services.started,
+    );
     let now = monotonic_ns();
     let result = match request.method.as_str() {
         method::STATUS => to_value(StatusResult {
@@ -269,6 +278,19 @@ fn dispatch(
             let revoked = turn_service(turn)?.revoke(&target);
             tracing::info!(?target, revoked, "turn: allocations revoked");
             to_value(TurnRevokeResult { revoked })
+        }
+        method::CONFIG_RELOAD => {
+            let changes = services.reloader.reload().map_err(|problems| {
+                body(
+                    ErrorCode::InvalidArgument,
+                    Some("configuration"),
+                    format!("nothing changed: {problems}"),
+                )
+            })?;
+            to_value(ConfigReloadResult {
+                applied: changes.live.iter().map(|k| k.to_string()).collect(),
+                needs_restart: changes.restart.iter().map(|k| k.to_string()).collect(),
+            })
         }
         other => {
             return Err(body(

@@ -2,6 +2,7 @@
 
 mod flow;
 mod output;
+mod reload;
 mod stats;
 mod status;
 mod turn;
@@ -36,6 +37,9 @@ enum Command {
     /// TURN allocations
     #[command(subcommand)]
     Turn(turn::TurnCommand),
+    /// Make relayd read its configuration again; prints what it applied and what needs a
+    /// restart
+    Reload,
     /// Print the man page or a shell completion script (for packaging)
     #[command(hide = true)]
     Generate { what: relay::cli_docs::Generated },
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Stats => stats::run(&mut client, cli.json),
         Command::Flow(command) => flow::run(&mut client, command, cli.json),
         Command::Turn(command) => turn::run(&mut client, command, cli.json),
+        Command::Reload => reload::run(&mut client, cli.json),
         Command::Generate { .. } => unreachable!("handled before connecting"),
     };
     match result {
