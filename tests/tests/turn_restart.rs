@@ -125,6 +125,20 @@ fn allocations_survive_a_restart_and_their_media_never_stops() {
             "{}",
             relayd.log()
         );
+        let status = relayd.ctl_json(&["status"]);
+        assert_eq!(status["turn"]["allocations"], 1, "{status}");
+        assert_eq!(
+            status["turn"]["state_store"],
+            state.0.to_string_lossy().as_ref(),
+            "{status}"
+        );
+        assert!(
+            relayd
+                .ctl_ok(&["status"])
+                .contains("allocations kept across restarts in"),
+            "{}",
+            relayd.ctl_ok(&["status"])
+        );
         let allocations = relayd.ctl_json(&["turn", "allocations"]);
         let allocation = &allocations["allocations"][0];
         assert_eq!(allocation["username"], "alice", "{allocations}");

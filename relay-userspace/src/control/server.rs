@@ -216,6 +216,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             datapath: table.status(),
             flows: table.len(),
             idle_timeout_secs: table.idle_timeout_secs(),
+            turn: turn.map(|turn| turn.status()),
         }),
         method::STATS => to_value(StatsResult {
             flows: table.len(),

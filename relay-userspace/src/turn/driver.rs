@@ -74,6 +74,8 @@ pub struct TurnSummary {
 struct Bound {
     socket: Arc<UdpSocket>,
     receiver: JoinHandle<()>,
+    /// A listening address (not an allocation's relay address).
+    listener: bool,
 }
 
 enum Side {
@@ -261,6 +263,30 @@ impl TurnService {
             .collect()
     }
 
+    /// The TURN server at a glance (`relayctl status`).
+    pub fn status(&self) -> crate::control::protocol::TurnStatus {
+        let summary = self.summary();
+        let mut listening: Vec<SocketAddr> = self
+            .sockets
+            .lock()
+            .expect("turn sockets poisoned")
+            .iter()
+            .filter(|(_, bound)| bound.listener)
+            .map(|(address, _)| *address)
+            .collect();
+        listening.sort();
+        crate::control::protocol::TurnStatus {
+            listening,
+            allocations: summary.allocations,
+            channels: summary.channels,
+            state_store: self
+                .store
+                .as_ref()
+                .map(|store| store.path().display().to_string()),
+            offload: self.offload,
+        }
+    }
+
     /// Counts for the metrics: allocations, channels, and refusals by (code, reason).
     pub fn summary(&self) -> TurnSummary {
         let server = self.server();
@@ -296,11 +322,16 @@ impl TurnService {
         }
         crate::datapath::userspace::enlarge_socket_buffers(&socket);
         let socket = Arc::new(UdpSocket::from_std(socket)?);
+        let listener = matches!(side, Side::Client);
         let receiver = tokio::spawn(self.clone().receive(socket.clone(), address, side));
-        self.sockets
-            .lock()
-            .expect("turn sockets poisoned")
-            .insert(address, Bound { socket, receiver });
+        self.sockets.lock().expect("turn sockets poisoned").insert(
+            address,
+            Bound {
+                socket,
+                receiver,
+                listener,
+            },
+        );
         Ok(())
     }
 

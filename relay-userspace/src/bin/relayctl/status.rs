@@ -43,6 +43,24 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
         datapath.capacity,
         output::duration(status.idle_timeout_secs as f64)
     );
+    if let Some(turn) = &status.turn {
+        let listening: Vec<String> = turn.listening.iter().map(ToString::to_string).collect();
+        println!(
+            "turn        listening on {}; {} allocations, {} channels ({})",
+            listening.join(", "),
+            turn.allocations,
+            turn.channels,
+            if turn.offload {
+                "channels offloaded to XDP"
+            } else {
+                "relayed in userspace"
+            }
+        );
+        match &turn.state_store {
+            Some(path) => println!("            allocations kept across restarts in {path}"),
+            None => println!("            allocations end with relayd (no state store)"),
+        }
+    }
     if !datapath.interfaces.is_empty() {
         println!();
         let mut table =
