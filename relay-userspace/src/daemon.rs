@@ -75,6 +75,26 @@ pub async fn run(
     } else {
         None
     };
+    let signalling = if config.signalling.enabled {
+        let hub = Arc::new(crate::signalling::hub::Hub::new(
+            config.signalling.queue_length,
+        ));
+        let state_dir = config
+            .state
+            .path
+            .parent()
+            .filter(|_| !config.state.path.as_os_str().is_empty());
+        let task = crate::signalling::server::start(
+            &config.signalling,
+            state_dir,
+            hub.clone(),
+            stopped.clone(),
+        )
+        .await?;
+        Some((hub, task))
+    } else {
+        None
+    };
     let metrics = match config.metrics.address() {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
@@ -85,6 +105,7 @@ pub async fn run(
                 listener,
                 table.clone(),
                 turn.clone(),
+                signalling.as_ref().map(|(hub, _)| hub.clone()),
                 stopped.clone(),
             )))
         }
@@ -108,6 +129,9 @@ pub async fn run(
     let _ = serving.await;
     let _ = expiring.await;
     let _ = reloading.await;
+    if let Some((_, task)) = signalling {
+        let _ = task.await;
+    }
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }

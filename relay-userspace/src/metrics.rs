@@ -13,6 +13,7 @@ use tokio::{
 
 use crate::{
     datapath::{DatapathKind, table::FlowTable},
+    signalling::hub::Hub,
     turn::driver::TurnService,
 };
 
@@ -23,13 +24,14 @@ pub async fn serve(
     listener: TcpListener,
     table: Arc<FlowTable>,
     turn: Option<Arc<TurnService>>,
+    signalling: Option<Arc<Hub>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, table.clone(), turn.clone()));
+                    tokio::spawn(answer(stream, table.clone(), turn.clone(), signalling.clone()));
                 }
                 Err(err) => tracing::warn!(%err, "metrics: accept failed"),
             },
@@ -38,7 +40,12 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: TcpStream, table: Arc<FlowTable>, turn: Option<Arc<TurnService>>) {
+async fn answer(
+    mut stream: TcpStream,
+    table: Arc<FlowTable>,
+    turn: Option<Arc<TurnService>>,
+    signalling: Option<Arc<Hub>>,
+) {
     let mut head = vec![0u8; MAX_REQUEST_BYTES];
     let mut read = 0;
     // Read until the end of the request head, a full buffer, or the peer stops sending.
@@ -54,7 +61,7 @@ async fn answer(mut stream: TcpStream, table: Arc<FlowTable>, turn: Option<Arc<T
             ["GET", "/metrics"] => (
                 "200 OK",
                 "text/plain; version=0.0.4",
-                render(&table, turn.as_deref()),
+                render(&table, turn.as_deref(), signalling.as_deref()),
             ),
             ["GET", _] => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
             _ => (
@@ -71,7 +78,7 @@ async fn answer(mut stream: TcpStream, table: Arc<FlowTable>, turn: Option<Arc<T
 }
 
 /// The metrics in the Prometheus text exposition format.
-pub fn render(table: &FlowTable, turn: Option<&TurnService>) -> String {
+pub fn render(table: &FlowTable, turn: Option<&TurnService>, signalling: Option<&Hub>) -> String {
     let status = table.status();
     let stats = table.stats();
     let mut out = String::new();
@@ -162,6 +169,18 @@ pub fn render(table: &FlowTable, turn: Option<&TurnService>) -> String {
             ("{reason=\"send_error\"}".to_owned(), user.send_errors),
         ],
     );
+    if let Some(hub) = signalling {
+        let (controllers, clients) = hub.counts();
+        metric(
+            "relay_signalling_sessions",
+            "gauge",
+            "Authenticated signalling sessions, by role.",
+            &[
+                ("{role=\"controller\"}".to_owned(), controllers as u64),
+                ("{role=\"client\"}".to_owned(), clients as u64),
+            ],
+        );
+    }
     if let Some(turn) = turn {
         let summary = turn.summary();
         metric(

@@ -13,6 +13,7 @@ pub mod netns;
 pub mod packet;
 pub mod process;
 pub mod relayd;
+pub mod signalling_client;
 pub mod traffic;
 pub mod turn_client;
 

@@ -1,0 +1,15 @@
+//! The signalling rendezvous (issue 4): WebSocket over TLS where controllers (the UC server
+//! or PBX side, one per tenant, with an API key) and clients (the apps, with short-lived
+//! tokens a controller mints) both connect outbound, and the relay routes their messages:
+//! a client's to its tenant's controller, a controller's to a user's clients.
+//!
+//! `protocol` (the JSON messages, documented in docs/signalling.md), `auth` (API keys and
+//! tokens), `hub` (who is connected, routing with bounded queues), `tls` (certificate from
+//! the configuration or self-signed), `server` (the accept loop and one task per
+//! connection).
+
+pub mod auth;
+pub mod hub;
+pub mod protocol;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,396 @@
+//! The accept loop and one task per connection: TLS, the WebSocket handshake, `hello`
+//! (authentication) within a few seconds, then requests in, routed messages out, and a ping
+//! every `ping_interval_secs`. Bad input gets an error reply and the session goes on;
+//! a bad credential, an oversized message or silence closes this connection only.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+    time::timeout,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        self, Message,
+        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
+    },
+};
+
+use super::{
+    auth::{Tokens, same_secret, valid_name},
+    hub::{Hub, Identity, SessionId},
+    protocol::{ErrorCode, Inbound, Outbound, PROTOCOL_VERSION, Role, parse},
+    tls,
+};
+use crate::config::SignallingSettings;
+
+/// TLS and WebSocket handshakes, and the `hello`, must each finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Close codes of our own (4000-4999 are the application's, RFC 6455 7.4.2).
+pub const CLOSE_NO_HELLO: u16 = 4000;
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+pub const CLOSE_REPLACED: u16 = 4002;
+
+struct Shared {
+    hub: Arc<Hub>,
+    tokens: Tokens,
+    settings: SignallingSettings,
+}
+
+type Socket = WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Binds `signalling.listen` and serves until `stopped` changes.
+pub async fn start(
+    settings: &SignallingSettings,
+    state_dir: Option<&Path>,
+    hub: Arc<Hub>,
+    mut stopped: watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let identity = tls::identity(settings, state_dir)?;
+    let address: SocketAddr = settings.listen.parse().context("signalling.listen")?;
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("signalling.listen: {address}: cannot listen"))?;
+    tracing::info!(
+        %address,
+        certificate = %identity.source,
+        sha256 = %identity.fingerprint,
+        "signalling: listening for WebSocket over TLS"
+    );
+    let acceptor = TlsAcceptor::from(identity.config);
+    let context = Arc::new(Shared {
+        hub,
+        tokens: Tokens::new(&settings.token_secret),
+        settings: settings.clone(),
+    });
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        tokio::spawn(connection(tcp, peer, acceptor.clone(), context.clone(), stopped.clone()));
+                    }
+                    Err(err) => tracing::warn!(%err, "signalling: accept failed"),
+                },
+                _ = stopped.changed() => return,
+            }
+        }
+    }))
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    context: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %err, "signalling: TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let max = context.settings.max_message_bytes;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let mut socket = match timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_tungstenite::accept_async_with_config(tls, Some(config)),
+    )
+    .await
+    {
+        Ok(Ok(socket)) => socket,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %err, "signalling: WebSocket handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let identity = match hello(&mut socket, &context).await {
+        Ok(identity) => identity,
+        Err((code, close_code, reason)) => {
+            tracing::info!(%peer, %reason, "signalling: connection refused");
+            let _ = send(
+                &mut socket,
+                &Outbound::Error {
+                    id: None,
+                    code,
+                    message: reason.clone(),
+                },
+            )
+            .await;
+            close(&mut socket, CloseCode::Library(close_code), &reason).await;
+            return;
+        }
+    };
+    let (session, mut queue) = context.hub.join(identity.clone());
+    tracing::info!(%peer, session, tenant = %identity.tenant, role = ?identity.role, user = identity.user.as_deref().unwrap_or(""), "signalling: session started");
+    let welcome = Outbound::Welcome {
+        v: PROTOCOL_VERSION,
+        role: identity.role,
+        tenant: identity.tenant.clone(),
+        user: identity.user.clone(),
+        session,
+    };
+    let ended = if send(&mut socket, &welcome).await.is_ok() {
+        serve(
+            &mut socket,
+            &context,
+            session,
+            &identity,
+            &mut queue,
+            &mut stopped,
+        )
+        .await
+    } else {
+        "the welcome could not be sent".to_owned()
+    };
+    context.hub.leave(session);
+    tracing::info!(%peer, session, reason = %ended, "signalling: session ended");
+}
+
+/// Requests in, routed messages out, pings; returns why the session ended.
+async fn serve(
+    socket: &mut Socket,
+    context: &Shared,
+    session: SessionId,
+    identity: &Identity,
+    queue: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    stopped: &mut watch::Receiver<bool>,
+) -> String {
+    let interval = Duration::from_secs(context.settings.ping_interval_secs);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            incoming = socket.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    last_heard = Instant::now();
+                    let reply = handle(context, session, identity, text.as_str());
+                    if send(socket, &reply).await.is_err() {
+                        return "the peer stopped reading".to_owned();
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    last_heard = Instant::now();
+                    let reply = Outbound::Error {
+                        id: None,
+                        code: ErrorCode::BadRequest,
+                        message: "messages are JSON text frames".to_owned(),
+                    };
+                    if send(socket, &reply).await.is_err() {
+                        return "the peer stopped reading".to_owned();
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                    last_heard = Instant::now();
+                }
+                Some(Ok(Message::Close(_))) | None => return "closed by the peer".to_owned(),
+                Some(Err(tungstenite::Error::Capacity(err))) => {
+                    let reason = format!("message too big: {err} (signalling.max_message_bytes)");
+                    close(socket, CloseCode::Size, &reason).await;
+                    return reason;
+                }
+                Some(Err(err)) => return format!("connection error: {err}"),
+            },
+            outgoing = queue.recv() => match outgoing {
+                Some(message) => {
+                    if send(socket, &message).await.is_err() {
+                        return "the peer stopped reading".to_owned();
+                    }
+                }
+                None => {
+                    let reason = "replaced by a newer connection of this controller";
+                    close(socket, CloseCode::Library(CLOSE_REPLACED), reason).await;
+                    return reason.to_owned();
+                }
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > 3 * interval {
+                    let reason = "no answer to three pings";
+                    close(socket, CloseCode::Away, reason).await;
+                    return reason.to_owned();
+                }
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    return "the peer stopped reading".to_owned();
+                }
+            }
+            _ = stopped.changed() => {
+                close(socket, CloseCode::Away, "the relay is shutting down").await;
+                return "the relay is shutting down".to_owned();
+            }
+        }
+    }
+}
+
+/// The first message: who is connecting. Errors carry the error code, the close code and
+/// the reason.
+async fn hello(
+    socket: &mut Socket,
+    context: &Shared,
+) -> Result<Identity, (ErrorCode, u16, String)> {
+    let first = match timeout(HANDSHAKE_TIMEOUT, socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => text,
+        _ => {
+            return Err((
+                ErrorCode::BadRequest,
+                CLOSE_NO_HELLO,
+                "expected a hello text message first".to_owned(),
+            ));
+        }
+    };
+    let (v, role, tenant, api_key, token) = match parse(first.as_str()) {
+        Ok(Inbound::Hello {
+            v,
+            role,
+            tenant,
+            api_key,
+            token,
+        }) => (v, role, tenant, api_key, token),
+        Ok(_) => {
+            return Err((
+                ErrorCode::BadRequest,
+                CLOSE_NO_HELLO,
+                "the first message must be a hello".to_owned(),
+            ));
+        }
+        Err((_, code, message)) => return Err((code, CLOSE_NO_HELLO, message)),
+    };
+    if v != PROTOCOL_VERSION {
+        return Err((
+            ErrorCode::UnsupportedVersion,
+            CLOSE_NO_HELLO,
+            format!("protocol version {v} is not supported; this relay speaks {PROTOCOL_VERSION}"),
+        ));
+    }
+    let unauthorized = |why: &str| (ErrorCode::Unauthorized, CLOSE_UNAUTHORIZED, why.to_owned());
+    match role {
+        Role::Controller => {
+            let (Some(tenant), Some(api_key)) = (tenant, api_key) else {
+                return Err(unauthorized("a controller gives its tenant and api_key"));
+            };
+            let known = context
+                .settings
+                .tenants
+                .iter()
+                .any(|t| t.name == tenant && same_secret(&t.api_key, &api_key));
+            if !known {
+                return Err(unauthorized("unknown tenant or wrong api_key"));
+            }
+            Ok(Identity {
+                tenant,
+                role,
+                user: None,
+            })
+        }
+        Role::Client => {
+            let Some(token) = token else {
+                return Err(unauthorized(
+                    "a client gives the token its controller minted",
+                ));
+            };
+            let (tenant, user) = context
+                .tokens
+                .verify(&token, unix_now())
+                .map_err(|err| unauthorized(&err.to_string()))?;
+            if !context.settings.tenants.iter().any(|t| t.name == tenant) {
+                return Err(unauthorized("the token's tenant is not configured"));
+            }
+            Ok(Identity {
+                tenant,
+                role,
+                user: Some(user),
+            })
+        }
+    }
+}
+
+/// Answers one request of an authenticated session.
+fn handle(context: &Shared, session: SessionId, identity: &Identity, text: &str) -> Outbound {
+    let error = |id, code, message: String| Outbound::Error { id, code, message };
+    match parse(text) {
+        Err((id, code, message)) => error(id, code, message),
+        Ok(Inbound::Hello { .. }) => error(
+            None,
+            ErrorCode::BadRequest,
+            "this session has already said hello".to_owned(),
+        ),
+        Ok(Inbound::TokenMint { id, user, ttl_secs }) => {
+            if identity.role != Role::Controller {
+                return error(
+                    Some(id),
+                    ErrorCode::Forbidden,
+                    "only controllers mint tokens".to_owned(),
+                );
+            }
+            if !valid_name(&user) {
+                return error(
+                    Some(id),
+                    ErrorCode::BadRequest,
+                    format!("user: {user:?}: 1 to 64 of A-Z a-z 0-9 . _ @ + -"),
+                );
+            }
+            let max = context.settings.max_token_lifetime_secs;
+            if ttl_secs == 0 || ttl_secs > max {
+                return error(
+                    Some(id),
+                    ErrorCode::BadRequest,
+                    format!(
+                        "ttl_secs: {ttl_secs}: must be 1 to {max} (signalling.max_token_lifetime_secs)"
+                    ),
+                );
+            }
+            let expires = unix_now() + ttl_secs;
+            let token = context.tokens.mint(&identity.tenant, &user, expires);
+            let mut fields = serde_json::Map::new();
+            fields.insert("token".into(), token.into());
+            fields.insert("user".into(), user.into());
+            fields.insert("expires".into(), expires.into());
+            Outbound::Result { id, fields }
+        }
+        Ok(Inbound::Send { id, to, body }) => match context.hub.route(session, &to, body) {
+            Ok(delivered) => {
+                let mut fields = serde_json::Map::new();
+                fields.insert("delivered".into(), delivered.into());
+                Outbound::Result { id, fields }
+            }
+            Err(err) => error(Some(id), err.code, err.message),
+        },
+    }
+}
+
+async fn send(socket: &mut Socket, message: &Outbound) -> Result<(), tungstenite::Error> {
+    let text = serde_json::to_string(message).expect("outbound messages serialize");
+    socket.send(Message::text(text)).await
+}
+
+async fn close(socket: &mut Socket, code: CloseCode, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+    let _ = socket.flush().await;
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}

@@ -1,0 +1,147 @@
+//! A signalling client for the tests: WebSocket over TLS from a namespace, pinning the
+//! relay's certificate by its SHA-256 fingerprint (as an app does with a self-signed relay),
+//! JSON messages in and out.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, protocol::frame::coding::CloseCode},
+};
+
+use crate::netns::NetNs;
+
+pub type Socket = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Accepts exactly the certificate with this fingerprint.
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if relay::signalling::tls::fingerprint(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "certificate fingerprint mismatch".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Connects from `ns` to `address`, trusting only the certificate with `fingerprint`.
+pub async fn connect(ns: &NetNs, address: SocketAddr, fingerprint: &str) -> Socket {
+    let tcp = ns.enter(move || {
+        let tcp = std::net::TcpStream::connect(address)
+            .unwrap_or_else(|err| panic!("connect {address}: {err}"));
+        tcp.set_nonblocking(true).unwrap();
+        tcp
+    });
+    let tcp = TcpStream::from_std(tcp).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned {
+            fingerprint: fingerprint.to_owned(),
+            provider,
+        }))
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("relay").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the relay");
+    let (socket, _) = tokio_tungstenite::client_async(format!("wss://{address}/"), tls)
+        .await
+        .expect("WebSocket handshake");
+    socket
+}
+
+pub async fn send(socket: &mut Socket, message: Value) {
+    socket
+        .send(Message::text(message.to_string()))
+        .await
+        .expect("send");
+}
+
+/// Sends a text frame as is (for bad input).
+pub async fn send_raw(socket: &mut Socket, text: &str) {
+    socket.send(Message::text(text)).await.expect("send");
+}
+
+/// The next JSON message (pings skipped), or what ended the connection: Err(close code).
+pub async fn receive(socket: &mut Socket) -> Result<Value, Option<CloseCode>> {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("an answer within 5 s");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                return Ok(serde_json::from_str(text.as_str()).expect("the relay sends JSON"));
+            }
+            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+/// Sends a request and returns the answer.
+pub async fn call(socket: &mut Socket, message: Value) -> Value {
+    send(socket, message).await;
+    receive(socket).await.expect("an answer")
+}
