@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod metrics;
 pub mod paths;
+pub mod session;
 pub mod signalling;
 pub mod state;
 pub mod time;
