@@ -213,7 +213,7 @@ fn readdress(description: &mut SessionDescription, ip: IpAddr) {
 }
 
 /// `a=rtcp:<port> IN IP4 <ip>` in place of an existing one (RFC 3605); none is added.
-fn set_rtcp(attributes: &mut Vec<Attribute>, port: u16, ip: IpAddr) {
+fn set_rtcp(attributes: &mut [Attribute], port: u16, ip: IpAddr) {
     let address_type = if ip.is_ipv4() { "IP4" } else { "IP6" };
     let value = format!("{port} IN {address_type} {ip}");
     if let Some(rtcp) = attributes.iter_mut().find(|a| a.key == "rtcp") {
