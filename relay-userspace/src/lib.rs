@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod ice;
 pub mod metrics;
 pub mod paths;
 pub mod session;

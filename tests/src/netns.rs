@@ -33,12 +33,9 @@ impl NetNs {
     /// Runs `f` on a thread that has entered the namespace: sockets it creates and BPF
     /// test runs it performs belong to the namespace.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
+        let name = self.name.clone();
         thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|err| panic!("opening {path}: {err}"));
-            // SAFETY: setns on a namespace fd we own; it only changes this thread.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            enter_by_name(&name);
             f()
         })
         .join()
@@ -72,6 +69,16 @@ impl Drop for NetNs {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// Moves the calling thread into the network namespace `name` (for a thread that runs
+/// concurrently with others, where [`NetNs::enter`]'s join does not fit).
+pub fn enter_by_name(name: &str) {
+    let path = format!("/run/netns/{name}");
+    let ns = File::open(&path).unwrap_or_else(|err| panic!("opening {path}: {err}"));
+    // SAFETY: setns on a namespace fd we own; it only changes this thread.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
 
 /// Creates a veth pair `a` (in `ns_a`) <-> `b` (in `ns_b`), both up.

@@ -1,0 +1,180 @@
+//! One call's ICE leg on the shared ICE port.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::sync::{mpsc, watch};
+use webrtc_ice::{
+    agent::{Agent, agent_config::AgentConfig},
+    candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
+    network_type::NetworkType,
+    udp_mux::{UDPMuxDefault, UDPMuxParams},
+    udp_network::UDPNetwork,
+};
+
+/// The relay's ICE port: one UDP socket on the WAN address for every call.
+pub struct IcePort {
+    mux: Arc<UDPMuxDefault>,
+    address: SocketAddr,
+}
+
+impl IcePort {
+    /// Serves ICE on `socket` (bound to the WAN address and the ICE port).
+    pub fn new(socket: std::net::UdpSocket) -> anyhow::Result<IcePort> {
+        socket.set_nonblocking(true)?;
+        let address = socket.local_addr()?;
+        if address.ip().is_unspecified() {
+            bail!("the ICE port must be bound to a specific address: candidates carry it");
+        }
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        Ok(IcePort {
+            mux: UDPMuxDefault::new(UDPMuxParams::new(socket)),
+            address,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+/// What the app gets in the relay's SDP: credentials and candidates (`a=candidate` values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalIce {
+    pub ufrag: String,
+    pub pwd: String,
+    pub candidates: Vec<String>,
+}
+
+/// The pair ICE selected: the relay's address and the app's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectedPair {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+pub struct IceLeg {
+    agent: Arc<Agent>,
+    /// Dropping it cancels a connect in progress.
+    _cancel: mpsc::Sender<()>,
+    cancel_rx: Option<mpsc::Receiver<()>>,
+    pairs: watch::Receiver<Option<SelectedPair>>,
+}
+
+/// How long gathering the host candidate on the mux may take.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl IceLeg {
+    /// A new agent on `port`, its candidates gathered: one host candidate, the port's.
+    pub async fn new(port: &IcePort) -> anyhow::Result<(IceLeg, LocalIce)> {
+        let ip = port.address.ip();
+        let agent = Arc::new(
+            Agent::new(AgentConfig {
+                network_types: vec![if ip.is_ipv4() {
+                    NetworkType::Udp4
+                } else {
+                    NetworkType::Udp6
+                }],
+                candidate_types: vec![CandidateType::Host],
+                udp_network: UDPNetwork::Muxed(port.mux.clone()),
+                // The mux's address only: not every address of the host.
+                ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
+                ..Default::default()
+            })
+            .await
+            .context("ICE agent")?,
+        );
+        let (pairs_tx, pairs) = watch::channel(None);
+        agent.on_selected_candidate_pair_change(Box::new(move |local, remote| {
+            let _ = pairs_tx.send(Some(SelectedPair {
+                local: local.addr(),
+                remote: remote.addr(),
+            }));
+            Box::pin(async {})
+        }));
+        let (gathered_tx, mut gathered) = mpsc::unbounded_channel();
+        agent.on_candidate(Box::new(move |candidate| {
+            let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
+            Box::pin(async {})
+        }));
+        agent
+            .gather_candidates()
+            .context("gathering ICE candidates")?;
+        let mut candidates = Vec::new();
+        loop {
+            match tokio::time::timeout(GATHER_TIMEOUT, gathered.recv()).await {
+                Ok(Some(Some(candidate))) => candidates.push(candidate),
+                // None: gathering is complete.
+                Ok(Some(None)) | Ok(None) => break,
+                Err(_) => bail!("ICE candidate gathering did not finish in {GATHER_TIMEOUT:?}"),
+            }
+        }
+        if candidates.is_empty() {
+            bail!("no ICE candidate on {}", port.address);
+        }
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        let (cancel, cancel_rx) = mpsc::channel(1);
+        Ok((
+            IceLeg {
+                agent,
+                _cancel: cancel,
+                cancel_rx: Some(cancel_rx),
+                pairs,
+            },
+            LocalIce {
+                ufrag,
+                pwd,
+                candidates,
+            },
+        ))
+    }
+
+    /// A candidate of the app (an `a=candidate` value, or trickled).
+    pub fn add_remote_candidate(&self, candidate: &str) -> anyhow::Result<()> {
+        let candidate = unmarshal_candidate(candidate)
+            .with_context(|| format!("not an ICE candidate: {candidate:?}"))?;
+        let candidate: Arc<dyn Candidate + Send + Sync> = Arc::new(candidate);
+        self.agent.add_remote_candidate(&candidate)?;
+        Ok(())
+    }
+
+    /// Runs the checks with the app's credentials until a pair is selected; `controlling`
+    /// when the relay made the offer. Returns the selected pair.
+    pub async fn connect(
+        &mut self,
+        controlling: bool,
+        remote_ufrag: String,
+        remote_pwd: String,
+    ) -> anyhow::Result<SelectedPair> {
+        let cancel = self
+            .cancel_rx
+            .take()
+            .context("this leg has already connected")?;
+        if controlling {
+            self.agent.dial(cancel, remote_ufrag, remote_pwd).await?;
+        } else {
+            self.agent.accept(cancel, remote_ufrag, remote_pwd).await?;
+        }
+        let pair = self
+            .agent
+            .get_selected_candidate_pair()
+            .context("connected without a selected pair")?;
+        Ok(SelectedPair {
+            local: pair.local.addr(),
+            remote: pair.remote.addr(),
+        })
+    }
+
+    /// The selected pair as it changes (the app moved to another network, a better route).
+    pub fn pairs(&self) -> watch::Receiver<Option<SelectedPair>> {
+        self.pairs.clone()
+    }
+
+    pub async fn close(&self) {
+        let _ = self.agent.close().await;
+    }
+}
