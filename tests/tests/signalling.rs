@@ -228,3 +228,49 @@ tenants = [{{ name = "acme", api_key = "{API_KEY}" }}, {{ name = "globex", api_k
     assert_eq!(again, fingerprint, "{}", relayd.log());
     assert!(state.0.join("signalling-certificate.pem").exists());
 }
+
+#[test]
+fn a_peer_that_answers_no_pings_is_closed() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let state = StateDir(std::env::temp_dir().join(unique("relay-signalling-state-")));
+    std::fs::create_dir_all(&state.0).unwrap();
+    let config = ConfigFile::new(&format!(
+        r#"
+[datapath]
+mode = "userspace"
+[signalling]
+enabled = true
+listen = "{LISTEN}"
+token_secret = "a token secret of enough length"
+ping_interval_secs = 1
+tenants = [{{ name = "acme", api_key = "{API_KEY}" }}]
+"#
+    ));
+    let (relayd, fingerprint) = start(&lab, &config, &state);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut controller = connect(&lab.client, LISTEN.parse().unwrap(), &fingerprint).await;
+        assert_eq!(
+            call(&mut controller, hello_controller(API_KEY)).await["type"],
+            "welcome"
+        );
+        // Not reading means not answering the pings: after three intervals, closed. (The
+        // close frame may be lost behind the pongs the client then tries to write to the
+        // closed connection; relayd's log says why it closed.)
+        tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+        let ended = receive(&mut controller).await;
+        assert!(
+            matches!(ended, Err(None) | Err(Some(CloseCode::Away))),
+            "{ended:?}"
+        );
+    });
+    assert!(
+        relayd.log().contains("no answer to three pings"),
+        "{}",
+        relayd.log()
+    );
+}
