@@ -163,7 +163,11 @@ impl KernelProgram {
         spec: &FlowSpec,
     ) -> Result<(), DatapathError> {
         let key = spec.key();
+        let action = spec.action(id, generation);
         let counters = match self.flows.get(&key, 0) {
+            // Adopting a pinned flow as it is: nothing to write. Writing would race with
+            // the program's counter increments and lose the packets counted in between.
+            Ok(existing) if existing.action == action => return Ok(()),
             Ok(existing) => existing.counters,
             Err(_) => KernelCounters {
                 last_seen_ns: monotonic_ns(),
@@ -172,7 +176,7 @@ impl KernelProgram {
         };
         // A replaced flow may go elsewhere: its next hop is resolved afresh.
         let value = FlowValue {
-            action: spec.action(id, generation),
+            action,
             counters,
             next_hop: NextHopCache::default(),
         };
