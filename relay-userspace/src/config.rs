@@ -16,6 +16,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub turn: TurnSettings,
     pub signalling: SignallingSettings,
+    pub calls: CallsSettings,
     pub state: StateConfig,
     pub log: LogConfig,
 }
@@ -146,6 +147,85 @@ impl SignallingSettings {
                     "the signalling server is enabled but no controller could connect",
                 );
             }
+        }
+    }
+}
+
+/// Calls anchored in the relay (issue 4): ICE toward the app on one WAN port, plain RTP
+/// toward the PBX from LAN ports. Needs the signalling server.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallsSettings {
+    pub enabled: bool,
+    /// WAN ADDRESS:PORT of the ICE port every call's app leg shares.
+    pub ice_listen: String,
+    /// The relay's LAN address the PBX sends RTP to.
+    pub lan_address: String,
+    /// "FIRST-LAST" LAN ports for the calls' RTP.
+    pub port_range: String,
+    /// Seconds ICE may take to connect before the call fails.
+    pub ice_timeout_secs: u64,
+}
+
+impl Default for CallsSettings {
+    fn default() -> Self {
+        CallsSettings {
+            enabled: false,
+            ice_listen: String::new(),
+            lan_address: String::new(),
+            port_range: "40000-40999".to_owned(),
+            ice_timeout_secs: 15,
+        }
+    }
+}
+
+impl CallsSettings {
+    pub fn ports(&self) -> Option<std::ops::RangeInclusive<u16>> {
+        let (first, last) = self.port_range.split_once('-')?;
+        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+        (first > 0 && first <= last).then_some(first..=last)
+    }
+
+    fn problems(&self, signalling: bool, problem: &mut impl FnMut(&'static str, String, &str)) {
+        if !self.enabled {
+            return;
+        }
+        if !signalling {
+            problem(
+                "calls.enabled",
+                "true".to_owned(),
+                "calls are set up through the signalling server: enable [signalling]",
+            );
+        }
+        match self.ice_listen.parse::<std::net::SocketAddr>() {
+            Ok(address) if !address.ip().is_unspecified() => {}
+            _ => problem(
+                "calls.ice_listen",
+                format!("{:?}", self.ice_listen),
+                "expected the WAN ADDRESS:PORT (a specific address: ICE candidates carry it)",
+            ),
+        }
+        match self.lan_address.parse::<std::net::IpAddr>() {
+            Ok(address) if !address.is_unspecified() => {}
+            _ => problem(
+                "calls.lan_address",
+                format!("{:?}", self.lan_address),
+                "expected the relay's LAN IP address",
+            ),
+        }
+        if self.ports().is_none() {
+            problem(
+                "calls.port_range",
+                format!("{:?}", self.port_range),
+                "expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
+            );
+        }
+        if self.ice_timeout_secs == 0 {
+            problem(
+                "calls.ice_timeout_secs",
+                "0".to_owned(),
+                "must be at least 1",
+            );
         }
     }
 }
@@ -485,6 +565,7 @@ impl Config {
         key("control", self.control != new.control, false);
         key("state.path", self.state != new.state, false);
         key("signalling", self.signalling != new.signalling, false);
+        key("calls", self.calls != new.calls, false);
         key("metrics", self.metrics != new.metrics, false);
         key("turn.enabled", old_turn.enabled != new_turn.enabled, false);
         key("turn.listen", old_turn.listen != new_turn.listen, false);
@@ -707,6 +788,7 @@ impl Config {
         }
         self.turn.problems(&mut problem);
         self.signalling.problems(&mut problem);
+        self.calls.problems(self.signalling.enabled, &mut problem);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problem(
                 "log.level",

@@ -84,10 +84,20 @@ pub async fn run(
             .path
             .parent()
             .filter(|_| !config.state.path.as_os_str().is_empty());
+        let calls = if config.calls.enabled {
+            Some(Arc::new(crate::calls::Calls::new(
+                &config.calls,
+                table.clone(),
+                hub.clone(),
+            )?))
+        } else {
+            None
+        };
         let task = crate::signalling::server::start(
             &config.signalling,
             state_dir,
             hub.clone(),
+            calls,
             stopped.clone(),
         )
         .await?;

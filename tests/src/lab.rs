@@ -146,6 +146,10 @@ impl EdgeLab {
         }
         lab.app
             .exec(&["ip", "route", "add", "default", "via", "10.20.0.1"]);
+        // The PBX side reaches the relay's public address through it (the controller
+        // connects outbound to the relay's signalling port).
+        lab.pbx
+            .exec(&["ip", "route", "add", "default", "via", "10.30.0.1"]);
         lab.nat.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         lab.nat.exec(&[
             "nft",

@@ -84,12 +84,23 @@ impl ServerCertVerifier for Pinned {
 
 /// Connects from `ns` to `address`, trusting only the certificate with `fingerprint`.
 pub async fn connect(ns: &NetNs, address: SocketAddr, fingerprint: &str) -> Socket {
-    let tcp = ns.enter(move || {
-        let tcp = std::net::TcpStream::connect(address)
-            .unwrap_or_else(|err| panic!("connect {address}: {err}"));
-        tcp.set_nonblocking(true).unwrap();
-        tcp
-    });
+    let tcp = ns.enter(move || tcp_connect(address));
+    handshake(tcp, address, fingerprint).await
+}
+
+/// Connects from the namespace the calling thread is in.
+pub async fn connect_here(address: SocketAddr, fingerprint: &str) -> Socket {
+    handshake(tcp_connect(address), address, fingerprint).await
+}
+
+fn tcp_connect(address: SocketAddr) -> std::net::TcpStream {
+    let tcp = std::net::TcpStream::connect(address)
+        .unwrap_or_else(|err| panic!("connect {address}: {err}"));
+    tcp.set_nonblocking(true).unwrap();
+    tcp
+}
+
+async fn handshake(tcp: std::net::TcpStream, address: SocketAddr, fingerprint: &str) -> Socket {
     let tcp = TcpStream::from_std(tcp).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())

@@ -12,6 +12,7 @@ use webrtc_ice::{
     agent::{Agent, agent_config::AgentConfig},
     candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
     network_type::NetworkType,
+    state::ConnectionState,
     udp_mux::{UDPMuxDefault, UDPMuxParams},
     udp_network::UDPNetwork,
 };
@@ -57,8 +58,14 @@ pub struct SelectedPair {
     pub remote: SocketAddr,
 }
 
+/// The ICE connection: sends to and receives from the selected pair's remote (media that
+/// is not in the kernel yet).
+pub type IceConn = Arc<dyn webrtc_util::Conn + Send + Sync>;
+
 pub struct IceLeg {
     agent: Arc<Agent>,
+    conn: Option<IceConn>,
+    states: watch::Receiver<ConnectionState>,
     /// Dropping it cancels a connect in progress.
     _cancel: mpsc::Sender<()>,
     cancel_rx: Option<mpsc::Receiver<()>>,
@@ -96,6 +103,11 @@ impl IceLeg {
             }));
             Box::pin(async {})
         }));
+        let (states_tx, states) = watch::channel(ConnectionState::New);
+        agent.on_connection_state_change(Box::new(move |state| {
+            let _ = states_tx.send(state);
+            Box::pin(async {})
+        }));
         let (gathered_tx, mut gathered) = mpsc::unbounded_channel();
         agent.on_candidate(Box::new(move |candidate| {
             let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
@@ -121,6 +133,8 @@ impl IceLeg {
         Ok((
             IceLeg {
                 agent,
+                conn: None,
+                states,
                 _cancel: cancel,
                 cancel_rx: Some(cancel_rx),
                 pairs,
@@ -154,11 +168,12 @@ impl IceLeg {
             .cancel_rx
             .take()
             .context("this leg has already connected")?;
-        if controlling {
-            self.agent.dial(cancel, remote_ufrag, remote_pwd).await?;
+        let conn: IceConn = if controlling {
+            self.agent.dial(cancel, remote_ufrag, remote_pwd).await?
         } else {
-            self.agent.accept(cancel, remote_ufrag, remote_pwd).await?;
-        }
+            self.agent.accept(cancel, remote_ufrag, remote_pwd).await?
+        };
+        self.conn = Some(conn);
         let pair = self
             .agent
             .get_selected_candidate_pair()
@@ -167,6 +182,16 @@ impl IceLeg {
             local: pair.local.addr(),
             remote: pair.remote.addr(),
         })
+    }
+
+    /// The connection once connected.
+    pub fn conn(&self) -> Option<IceConn> {
+        self.conn.clone()
+    }
+
+    /// The connection state as it changes (Disconnected/Failed: consent lost, RFC 7675).
+    pub fn states(&self) -> watch::Receiver<ConnectionState> {
+        self.states.clone()
     }
 
     /// The selected pair as it changes (the app moved to another network, a better route).

@@ -124,6 +124,37 @@ impl Hub {
         (controllers, state.sessions.len() - controllers)
     }
 
+    /// Sends `message` to every session of `user` in `tenant`; returns how many got it.
+    pub fn to_user(&self, tenant: &str, user: &str, message: &Outbound) -> usize {
+        let state = self.state();
+        let Some(sessions) = state.users.get(&(tenant.to_owned(), user.to_owned())) else {
+            return 0;
+        };
+        sessions
+            .iter()
+            .filter_map(|id| state.sessions.get(id))
+            .filter(|session| session.queue.try_send(message.clone()).is_ok())
+            .count()
+    }
+
+    /// Sends `message` to the tenant's controller; false when it is not connected (or its
+    /// queue is full).
+    pub fn to_controller(&self, tenant: &str, message: &Outbound) -> bool {
+        let state = self.state();
+        state
+            .controllers
+            .get(tenant)
+            .and_then(|id| state.sessions.get(id))
+            .is_some_and(|session| session.queue.try_send(message.clone()).is_ok())
+    }
+
+    /// Whether `user` of `tenant` has a session connected.
+    pub fn is_online(&self, tenant: &str, user: &str) -> bool {
+        self.state()
+            .users
+            .contains_key(&(tenant.to_owned(), user.to_owned()))
+    }
+
     /// Delivers `body` from session `from` to `to`: a client may write to its tenant's
     /// controller, a controller to any session of one of its users. Returns how many
     /// sessions got it.

@@ -35,10 +35,26 @@ pub enum Inbound {
     /// the controller).
     #[serde(rename = "send")]
     Send { id: u64, to: Target, body: Value },
+    /// Controllers: the PBX calls `user`'s app with this SDP offer.
+    #[serde(rename = "call.create")]
+    CallCreate { id: u64, user: String, sdp: String },
+    /// Apps: the answer to a `call.incoming`.
+    #[serde(rename = "call.answer")]
+    CallAnswer { id: u64, call: u64, sdp: String },
+    /// Either side: the call ends.
+    #[serde(rename = "call.hangup")]
+    CallHangup { id: u64, call: u64 },
 }
 
 /// The `type`s a peer may send, for telling "unknown type" from "bad fields".
-pub const INBOUND_TYPES: &[&str] = &["hello", "token.mint", "send"];
+pub const INBOUND_TYPES: &[&str] = &[
+    "hello",
+    "token.mint",
+    "send",
+    "call.create",
+    "call.answer",
+    "call.hangup",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -83,6 +99,16 @@ pub enum Outbound {
     },
     #[serde(rename = "message")]
     Message { from: Sender, body: Value },
+    /// Something happened to a call: `call.incoming` (to the app, with the relay's SDP),
+    /// `call.answered` (to the controller, with the SDP for the PBX), `call.state`,
+    /// `call.ended`.
+    #[serde(rename = "event")]
+    Event {
+        event: String,
+        call: u64,
+        #[serde(flatten)]
+        fields: serde_json::Map<String, Value>,
+    },
 }
 
 /// Who a routed message is from.

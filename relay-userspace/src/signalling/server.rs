@@ -45,6 +45,8 @@ pub const CLOSE_REPLACED: u16 = 4002;
 
 struct Shared {
     hub: Arc<Hub>,
+    /// Calls, when enabled.
+    calls: Option<Arc<crate::calls::Calls>>,
     tokens: Tokens,
     settings: SignallingSettings,
 }
@@ -56,6 +58,7 @@ pub async fn start(
     settings: &SignallingSettings,
     state_dir: Option<&Path>,
     hub: Arc<Hub>,
+    calls: Option<Arc<crate::calls::Calls>>,
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let identity = tls::identity(settings, state_dir)?;
@@ -72,6 +75,7 @@ pub async fn start(
     let acceptor = TlsAcceptor::from(identity.config);
     let context = Arc::new(Shared {
         hub,
+        calls,
         tokens: Tokens::new(&settings.token_secret),
         settings: settings.clone(),
     });
@@ -182,7 +186,7 @@ async fn serve(
             incoming = socket.next() => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     last_heard = Instant::now();
-                    let reply = handle(context, session, identity, text.as_str());
+                    let reply = handle(context, session, identity, text.as_str()).await;
                     if send(socket, &reply).await.is_err() {
                         return "the peer stopped reading".to_owned();
                     }
@@ -322,7 +326,7 @@ async fn hello(
 }
 
 /// Answers one request of an authenticated session.
-fn handle(context: &Shared, session: SessionId, identity: &Identity, text: &str) -> Outbound {
+async fn handle(context: &Shared, session: SessionId, identity: &Identity, text: &str) -> Outbound {
     let error = |id, code, message: String| Outbound::Error { id, code, message };
     match parse(text) {
         Err((id, code, message)) => error(id, code, message),
@@ -371,6 +375,46 @@ fn handle(context: &Shared, session: SessionId, identity: &Identity, text: &str)
                 Outbound::Result { id, fields }
             }
             Err(err) => error(Some(id), err.code, err.message),
+        },
+        Ok(Inbound::CallCreate { id, user, sdp }) => {
+            let Some(calls) = &context.calls else {
+                return calls_disabled(id);
+            };
+            answer(id, calls.create(identity, &user, &sdp).await)
+        }
+        Ok(Inbound::CallAnswer { id, call, sdp }) => {
+            let Some(calls) = &context.calls else {
+                return calls_disabled(id);
+            };
+            answer(id, calls.answer(identity, call, &sdp).await)
+        }
+        Ok(Inbound::CallHangup { id, call }) => {
+            let Some(calls) = &context.calls else {
+                return calls_disabled(id);
+            };
+            answer(id, calls.hangup(identity, call).await)
+        }
+    }
+}
+
+fn calls_disabled(id: u64) -> Outbound {
+    Outbound::Error {
+        id: Some(id),
+        code: ErrorCode::Forbidden,
+        message: "calls are not enabled on this relay ([calls] enabled)".to_owned(),
+    }
+}
+
+fn answer(
+    id: u64,
+    result: Result<serde_json::Map<String, serde_json::Value>, crate::calls::CallError>,
+) -> Outbound {
+    match result {
+        Ok(fields) => Outbound::Result { id, fields },
+        Err((code, message)) => Outbound::Error {
+            id: Some(id),
+            code,
+            message,
         },
     }
 }

@@ -1,0 +1,410 @@
+//! Calls anchored in the relay (issue 4; docs/calls-design.md): the PBX side (a controller)
+//! offers a call to a user's app through signalling; the relay answers the PBX for the app
+//! and offers itself to the app, with its ICE leg. Once ICE has selected a pair, the media
+//! is two flows in the flow table (XDP); until then, and for what the kernel passes up,
+//! two tasks carry it between the ICE connection and the call's LAN socket.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::{Map, Value};
+use tokio::{net::UdpSocket, task::JoinHandle};
+use webrtc_ice::state::ConnectionState;
+
+use crate::{
+    config::CallsSettings,
+    datapath::{FlowSpec, table::FlowTable},
+    ice::leg::{IceConn, IceLeg, IcePort, SelectedPair},
+    session::sdp::{self, IceOffer},
+    signalling::{
+        hub::{Hub, Identity},
+        protocol::{ErrorCode, Outbound, Role},
+    },
+    time::monotonic_ns,
+};
+
+/// A refused call request: the error code and message the requester gets.
+pub type CallError = (ErrorCode, String);
+
+pub struct Calls {
+    ice: IcePort,
+    lan_ip: IpAddr,
+    ports: RangeInclusive<u16>,
+    ice_timeout: Duration,
+    table: Arc<FlowTable>,
+    hub: Arc<Hub>,
+    calls: Mutex<HashMap<u64, Arc<Call>>>,
+    next: AtomicU64,
+}
+
+struct Call {
+    id: u64,
+    tenant: String,
+    user: String,
+    /// Where the PBX wants its RTP, and the relay's LAN address for this call.
+    pbx: SocketAddr,
+    lan: SocketAddr,
+    lan_socket: Arc<UdpSocket>,
+    /// The PBX's offer, kept until the app answers.
+    leg: tokio::sync::Mutex<IceLeg>,
+    /// Installed flow ids, tasks carrying media in userspace, the call's watcher.
+    flows: Mutex<Vec<u32>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Calls {
+    pub fn new(
+        settings: &CallsSettings,
+        table: Arc<FlowTable>,
+        hub: Arc<Hub>,
+    ) -> anyhow::Result<Calls> {
+        let ice_address: SocketAddr = settings.ice_listen.parse()?;
+        let socket = std::net::UdpSocket::bind(ice_address).map_err(|err| {
+            anyhow::anyhow!("calls.ice_listen: {ice_address}: cannot listen: {err}")
+        })?;
+        let ice = IcePort::new(socket)?;
+        tracing::info!(ice = %ice_address, lan = %settings.lan_address, ports = %settings.port_range, "calls: ready");
+        Ok(Calls {
+            ice,
+            lan_ip: settings.lan_address.parse()?,
+            ports: settings
+                .ports()
+                .ok_or_else(|| anyhow::anyhow!("calls.port_range"))?,
+            ice_timeout: Duration::from_secs(settings.ice_timeout_secs),
+            table,
+            hub,
+            calls: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        })
+    }
+
+    fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Call>>> {
+        self.calls.lock().expect("calls poisoned")
+    }
+
+    /// Calls in progress.
+    pub fn len(&self) -> usize {
+        self.calls().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `call.create` from a controller: the PBX's offer for `user`'s app.
+    pub async fn create(
+        &self,
+        controller: &Identity,
+        user: &str,
+        pbx_offer: &str,
+    ) -> Result<Map<String, Value>, CallError> {
+        if controller.role != Role::Controller {
+            return Err((ErrorCode::Forbidden, "only controllers create calls".into()));
+        }
+        let pbx = sdp::audio(pbx_offer)
+            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?
+            .rtp;
+        if !self.hub.is_online(&controller.tenant, user) {
+            return Err((
+                ErrorCode::Offline,
+                format!("user {user} has no session connected"),
+            ));
+        }
+        let (lan_socket, lan) = self.bind_lan_port().await?;
+        let (leg, local) = IceLeg::new(&self.ice)
+            .await
+            .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
+        let app_offer = sdp::toward_app(
+            pbx_offer,
+            self.ice.address(),
+            &IceOffer {
+                ufrag: local.ufrag,
+                pwd: local.pwd,
+                candidates: local.candidates,
+            },
+        )
+        .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let call = Arc::new(Call {
+            id,
+            tenant: controller.tenant.clone(),
+            user: user.to_owned(),
+            pbx,
+            lan,
+            lan_socket: Arc::new(lan_socket),
+            leg: tokio::sync::Mutex::new(leg),
+            flows: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        self.calls().insert(id, call.clone());
+        let delivered = self.hub.to_user(
+            &call.tenant,
+            user,
+            &event("call.incoming", id, [("sdp", app_offer.into())]),
+        );
+        tracing::info!(call = id, tenant = %call.tenant, user, %pbx, %lan, delivered, "calls: call offered to the app");
+        Ok(fields([("call", id.into())]))
+    }
+
+    /// `call.answer` from the app: its SDP answer. The PBX gets its answer, and ICE runs.
+    pub async fn answer(
+        self: &Arc<Self>,
+        app: &Identity,
+        id: u64,
+        app_answer: &str,
+    ) -> Result<Map<String, Value>, CallError> {
+        let call = self.owned(app, id)?;
+        let endpoint =
+            sdp::audio(app_answer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
+            return Err((
+                ErrorCode::BadRequest,
+                "sdp: the answer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
+            ));
+        };
+        let pbx_answer = sdp::toward_pbx(app_answer, call.lan)
+            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        {
+            let leg = call.leg.lock().await;
+            for candidate in &endpoint.candidates {
+                if let Err(err) = leg.add_remote_candidate(candidate) {
+                    tracing::debug!(call = id, %err, "calls: an app candidate skipped");
+                }
+            }
+        }
+        self.hub.to_controller(
+            &call.tenant,
+            &event("call.answered", id, [("sdp", pbx_answer.into())]),
+        );
+        let calls = self.clone();
+        let connecting = tokio::spawn(async move { calls.connect(call, ufrag, pwd).await });
+        if let Some(call) = self.calls().get(&id) {
+            call.tasks.lock().expect("call tasks").push(connecting);
+        }
+        Ok(Map::new())
+    }
+
+    /// `call.hangup` from either side.
+    pub async fn hangup(&self, who: &Identity, id: u64) -> Result<Map<String, Value>, CallError> {
+        let call = self.owned(who, id)?;
+        let (to_app, to_controller) = match who.role {
+            Role::Controller => (true, false),
+            Role::Client => (false, true),
+        };
+        self.end(&call, "hangup", to_app, to_controller).await;
+        Ok(Map::new())
+    }
+
+    /// The call `id`, if `who` may act on it: its tenant's controller, or its user.
+    fn owned(&self, who: &Identity, id: u64) -> Result<Arc<Call>, CallError> {
+        let call = self
+            .calls()
+            .get(&id)
+            .cloned()
+            .ok_or((ErrorCode::BadRequest, format!("call: {id}: no such call")))?;
+        let allowed = call.tenant == who.tenant
+            && match who.role {
+                Role::Controller => true,
+                Role::Client => who.user.as_deref() == Some(call.user.as_str()),
+            };
+        if !allowed {
+            return Err((ErrorCode::BadRequest, format!("call: {id}: no such call")));
+        }
+        Ok(call)
+    }
+
+    /// Runs ICE, then puts the media on the selected pair and follows its changes.
+    async fn connect(self: Arc<Self>, call: Arc<Call>, ufrag: String, pwd: String) {
+        let connected = {
+            let mut leg = call.leg.lock().await;
+            tokio::time::timeout(self.ice_timeout, leg.connect(true, ufrag, pwd)).await
+        };
+        let pair = match connected {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(err)) => {
+                tracing::info!(call = call.id, %err, "calls: ICE failed");
+                return self.end(&call, "ice-failed", true, true).await;
+            }
+            Err(_) => {
+                tracing::info!(call = call.id, "calls: ICE did not connect in time");
+                return self.end(&call, "ice-timeout", true, true).await;
+            }
+        };
+        let (conn, mut pairs, mut states) = {
+            let leg = call.leg.lock().await;
+            (leg.conn(), leg.pairs(), leg.states())
+        };
+        let Some(conn) = conn else {
+            return self.end(&call, "ice-failed", true, true).await;
+        };
+        self.start_userspace_media(&call, conn);
+        self.install(&call, pair);
+        let state = event(
+            "call.state",
+            call.id,
+            [
+                ("state", "connected".into()),
+                ("local", pair.local.to_string().into()),
+                ("remote", pair.remote.to_string().into()),
+            ],
+        );
+        self.hub.to_controller(&call.tenant, &state);
+        self.hub.to_user(&call.tenant, &call.user, &state);
+        let mut current = pair;
+        loop {
+            tokio::select! {
+                changed = pairs.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let Some(pair) = *pairs.borrow_and_update() else { continue };
+                    if pair != current {
+                        tracing::info!(call = call.id, from = %current.remote, to = %pair.remote, "calls: ICE switched pairs; flows replaced");
+                        self.install(&call, pair);
+                        current = pair;
+                        self.hub.to_controller(&call.tenant, &event("call.state", call.id, [
+                            ("state", "route-changed".into()),
+                            ("remote", pair.remote.to_string().into()),
+                        ]));
+                    }
+                }
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let state = *states.borrow_and_update();
+                    if matches!(state, ConnectionState::Failed | ConnectionState::Disconnected) {
+                        tracing::info!(call = call.id, ?state, "calls: ICE consent lost; media toward the app stopped");
+                        return self.end(&call, "consent-lost", true, true).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The two flows of the selected pair, replacing the call's previous ones.
+    fn install(&self, call: &Call, pair: SelectedPair) {
+        let to_pbx = FlowSpec {
+            src: pair.remote,
+            dst: pair.local,
+            new_src: call.lan,
+            new_dst: call.pbx,
+            channel: None,
+        };
+        let mut flows = call.flows.lock().expect("call flows");
+        for id in flows.drain(..) {
+            let _ = self.table.remove(id, monotonic_ns());
+        }
+        // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
+        match self
+            .table
+            .offload(&[to_pbx, to_pbx.reverse()], monotonic_ns())
+        {
+            Ok(ids) => {
+                tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx, ?ids, "calls: media flows installed");
+                *flows = ids;
+            }
+            Err(err) => {
+                tracing::warn!(call = call.id, %err, "calls: media stays in userspace");
+            }
+        }
+    }
+
+    /// Media between the ICE connection and the LAN socket, for what the kernel does not
+    /// forward (the first packets, the userspace datapath).
+    fn start_userspace_media(&self, call: &Arc<Call>, conn: IceConn) {
+        let to_pbx = {
+            let (conn, socket, pbx) = (conn.clone(), call.lan_socket.clone(), call.pbx);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok(n) = conn.recv(&mut buf).await {
+                    let _ = socket.send_to(&buf[..n], pbx).await;
+                }
+            })
+        };
+        let to_app = {
+            let (socket, pbx) = (call.lan_socket.clone(), call.pbx);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                    // Strict source: only the PBX's RTP address.
+                    if from == pbx {
+                        let _ = conn.send(&buf[..n]).await;
+                    }
+                }
+            })
+        };
+        call.tasks
+            .lock()
+            .expect("call tasks")
+            .extend([to_pbx, to_app]);
+    }
+
+    async fn end(&self, call: &Call, reason: &str, tell_app: bool, tell_controller: bool) {
+        if self.calls().remove(&call.id).is_none() {
+            return;
+        }
+        for id in call.flows.lock().expect("call flows").drain(..) {
+            let _ = self.table.remove(id, monotonic_ns());
+        }
+        let tasks: Vec<JoinHandle<()>> = call.tasks.lock().expect("call tasks").drain(..).collect();
+        for task in tasks {
+            // Not the task running this (connect ends itself by returning).
+            if task.id() != tokio::task::try_id().unwrap_or(task.id()) {
+                task.abort();
+            }
+        }
+        if let Ok(leg) = call.leg.try_lock() {
+            leg.close().await;
+        }
+        let ended = event("call.ended", call.id, [("reason", reason.into())]);
+        if tell_app {
+            self.hub.to_user(&call.tenant, &call.user, &ended);
+        }
+        if tell_controller {
+            self.hub.to_controller(&call.tenant, &ended);
+        }
+        tracing::info!(
+            call = call.id,
+            reason,
+            "calls: call ended; its flows are removed"
+        );
+    }
+
+    /// A free LAN port: the first in the range that binds.
+    async fn bind_lan_port(&self) -> Result<(UdpSocket, SocketAddr), CallError> {
+        for port in self.ports.clone() {
+            let address = SocketAddr::new(self.lan_ip, port);
+            if let Ok(socket) = UdpSocket::bind(address).await {
+                return Ok((socket, address));
+            }
+        }
+        Err((
+            ErrorCode::Busy,
+            "no free LAN port left in calls.port_range".into(),
+        ))
+    }
+}
+
+fn fields<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
+    pairs
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
+}
+
+fn event<const N: usize>(name: &str, call: u64, pairs: [(&str, Value); N]) -> Outbound {
+    Outbound::Event {
+        event: name.to_owned(),
+        call,
+        fields: fields(pairs),
+    }
+}
