@@ -1014,4 +1014,31 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn calls_problems_are_named() {
+        let config = Config::parse(
+            r#"
+            [calls]
+            enabled = true
+            ice_listen = "0.0.0.0:3479"
+            lan_address = "lan"
+            port_range = "5-1"
+            ice_timeout_secs = 0
+            "#,
+            "test",
+        )
+        .unwrap();
+        let messages: Vec<String> = config.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                "calls.enabled: true: calls are set up through the signalling server: enable [signalling]",
+                "calls.ice_listen: \"0.0.0.0:3479\": expected the WAN ADDRESS:PORT (a specific address: ICE candidates carry it)",
+                "calls.lan_address: \"lan\": expected the relay's LAN IP address",
+                "calls.port_range: \"5-1\": expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
+                "calls.ice_timeout_secs: 0: must be at least 1",
+            ]
+        );
+    }
 }
