@@ -58,8 +58,6 @@ pub async fn run(
         flows = table.len(),
         "datapath ready"
     );
-    let server = ControlServer::bind(&config.control.socket)?;
-    tracing::info!(socket = %config.control.socket.display(), "control API listening");
 
     let (stop, stopped) = watch::channel(false);
     let turn = if config.turn.enabled {
@@ -75,6 +73,7 @@ pub async fn run(
     } else {
         None
     };
+    let mut calls = None;
     let signalling = if config.signalling.enabled {
         let hub = Arc::new(crate::signalling::hub::Hub::new(
             config.signalling.queue_length,
@@ -84,20 +83,18 @@ pub async fn run(
             .path
             .parent()
             .filter(|_| !config.state.path.as_os_str().is_empty());
-        let calls = if config.calls.enabled {
-            Some(Arc::new(crate::calls::Calls::new(
+        if config.calls.enabled {
+            calls = Some(Arc::new(crate::calls::Calls::new(
                 &config.calls,
                 table.clone(),
                 hub.clone(),
-            )?))
-        } else {
-            None
-        };
+            )?));
+        }
         let task = crate::signalling::server::start(
             &config.signalling,
             state_dir,
             hub.clone(),
-            calls,
+            calls.clone(),
             stopped.clone(),
         )
         .await?;
@@ -121,10 +118,14 @@ pub async fn run(
         }
         None => None,
     };
+    // Last: once relayctl can connect, everything else is up.
+    let server = ControlServer::bind(&config.control.socket)?;
+    tracing::info!(socket = %config.control.socket.display(), "control API listening");
     let reloader = Arc::new(Reloader::new(config, reload, turn.clone()));
     let serving = tokio::spawn(server.serve(
         table.clone(),
         turn.clone(),
+        calls.clone(),
         reloader.clone(),
         stopped.clone(),
     ));

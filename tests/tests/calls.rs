@@ -312,6 +312,15 @@ port_range = "41000-41010"
             .await
             .unwrap();
         assert_eq!(echoed, PACKETS, "every RTP packet came back\n{}", relayd.log());
+        let listed = relayd.ctl_json(&["calls", "list"]);
+        let listed_call = &listed["calls"][0];
+        assert_eq!(
+            (&listed_call["user"], &listed_call["state"], &listed_call["pbx"]),
+            (&json!("alice"), &json!("connected"), &json!(PBX_RTP)),
+            "{listed}"
+        );
+        assert!(listed_call["packets"].as_u64().unwrap() >= 2 * u64::from(PACKETS) - 20, "{listed}");
+        assert!(relayd.ctl_ok(&["calls", "list"]).contains("connected"));
         let flows = relayd.ctl_json(&["flow", "list"]);
         let flows = flows["flows"].as_array().unwrap().clone();
         assert_eq!(flows.len(), 2, "{flows:?}");
@@ -337,6 +346,11 @@ port_range = "41000-41010"
         assert_eq!((&ended["event"], &ended["reason"]), (&json!("call.ended"), &json!("hangup")), "{ended}");
         let flows = relayd.ctl_json(&["flow", "list"]);
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
+        assert_eq!(relayd.ctl_ok(&["calls", "list"]), "no calls\n");
+        // Unknown calls: the operator is told.
+        let unknown = relayd.ctl(&["calls", "hangup", "99"]);
+        assert_eq!(unknown.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&unknown.stderr).contains("call: 99: no such call"));
         pbx_echo.abort();
     });
 }

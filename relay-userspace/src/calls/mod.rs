@@ -31,6 +31,25 @@ use crate::{
     time::monotonic_ns,
 };
 
+/// One call as `relayctl calls list` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CallInfo {
+    pub call: u64,
+    pub tenant: String,
+    pub user: String,
+    /// offered, connecting, connected.
+    pub state: String,
+    /// The app's address as the relay sees it, and the relay's ICE address, once connected.
+    pub app: Option<SocketAddr>,
+    pub ice: Option<SocketAddr>,
+    pub lan: SocketAddr,
+    pub pbx: SocketAddr,
+    pub flows: Vec<u32>,
+    /// Both directions, kernel and slow path.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// A refused call request: the error code and message the requester gets.
 pub type CallError = (ErrorCode, String);
 
@@ -55,6 +74,8 @@ struct Call {
     lan_socket: Arc<UdpSocket>,
     /// The PBX's offer, kept until the app answers.
     leg: tokio::sync::Mutex<IceLeg>,
+    /// Where the call is, and the selected pair once connected.
+    state: Mutex<(&'static str, Option<SelectedPair>)>,
     /// Installed flow ids, tasks carrying media in userspace, the call's watcher.
     flows: Mutex<Vec<u32>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -141,6 +162,7 @@ impl Calls {
             lan,
             lan_socket: Arc::new(lan_socket),
             leg: tokio::sync::Mutex::new(leg),
+            state: Mutex::new(("offered", None)),
             flows: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
         });
@@ -184,6 +206,7 @@ impl Calls {
             &call.tenant,
             &event("call.answered", id, [("sdp", pbx_answer.into())]),
         );
+        *call.state.lock().expect("call state") = ("connecting", None);
         let calls = self.clone();
         let connecting = tokio::spawn(async move { calls.connect(call, ufrag, pwd).await });
         if let Some(call) = self.calls().get(&id) {
@@ -290,8 +313,56 @@ impl Calls {
         }
     }
 
+    /// The calls in progress, for `relayctl calls list`.
+    pub fn list(&self) -> Vec<CallInfo> {
+        let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
+        let now = monotonic_ns();
+        let mut list: Vec<CallInfo> = calls
+            .iter()
+            .map(|call| {
+                let (state, pair) = *call.state.lock().expect("call state");
+                let flows = call.flows.lock().expect("call flows").clone();
+                let (packets, bytes) = flows
+                    .iter()
+                    .filter_map(|id| self.table.get(*id, now).ok())
+                    .fold((0, 0), |(p, b), flow| {
+                        (p + flow.counters.packets(), b + flow.counters.bytes())
+                    });
+                CallInfo {
+                    call: call.id,
+                    tenant: call.tenant.clone(),
+                    user: call.user.clone(),
+                    state: state.to_owned(),
+                    app: pair.map(|p| p.remote),
+                    ice: pair.map(|p| p.local),
+                    lan: call.lan,
+                    pbx: call.pbx,
+                    flows,
+                    packets,
+                    bytes,
+                }
+            })
+            .collect();
+        list.sort_by_key(|call| call.call);
+        list
+    }
+
+    pub fn exists(&self, id: u64) -> bool {
+        self.calls().contains_key(&id)
+    }
+
+    /// Ends a call from the operator's side (`relayctl calls hangup`); false if unknown.
+    pub async fn hangup_by_operator(&self, id: u64) -> bool {
+        let Some(call) = self.calls().get(&id).cloned() else {
+            return false;
+        };
+        self.end(&call, "operator", true, true).await;
+        true
+    }
+
     /// The two flows of the selected pair, replacing the call's previous ones.
     fn install(&self, call: &Call, pair: SelectedPair) {
+        *call.state.lock().expect("call state") = ("connected", Some(pair));
         let to_pbx = FlowSpec {
             src: pair.remote,
             dst: pair.local,

@@ -65,6 +65,8 @@ pub mod method {
     pub const TURN_ALLOCATIONS: &str = "turn.allocations";
     pub const TURN_REVOKE: &str = "turn.revoke";
     pub const CONFIG_RELOAD: &str = "config.reload";
+    pub const CALLS_LIST: &str = "calls.list";
+    pub const CALLS_HANGUP: &str = "calls.hangup";
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +104,16 @@ pub struct TurnRevokeParams {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TurnAllocationsResult {
     pub allocations: Vec<crate::turn::driver::AllocationReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallsListResult {
+    pub calls: Vec<crate::calls::CallInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallsHangupParams {
+    pub call: u64,
 }
 
 /// What a reload changed: keys applied live, keys that wait for a restart.

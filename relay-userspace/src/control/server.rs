@@ -18,9 +18,10 @@ use tokio::{
 };
 
 use super::protocol::{
-    ConfigReloadResult, ErrorBody, ErrorCode, FlowAddParams, FlowAddResult, FlowIdParams,
-    FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response, StatsResult,
-    StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult, method,
+    CallsHangupParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorCode, FlowAddParams,
+    FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request,
+    Response, StatsResult, StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult,
+    method,
 };
 use crate::{
     daemon::Reloader,
@@ -68,6 +69,7 @@ impl ControlServer {
         self,
         table: Arc<FlowTable>,
         turn: Option<Arc<TurnService>>,
+        calls: Option<Arc<crate::calls::Calls>>,
         reloader: Arc<Reloader>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -75,6 +77,7 @@ impl ControlServer {
         let services = Arc::new(Services {
             table,
             turn,
+            calls,
             reloader,
             started,
         });
@@ -97,6 +100,7 @@ impl ControlServer {
 struct Services {
     table: Arc<FlowTable>,
     turn: Option<Arc<TurnService>>,
+    calls: Option<Arc<crate::calls::Calls>>,
     reloader: Arc<Reloader>,
     started: Instant,
 }
@@ -280,6 +284,26 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             tracing::info!(?target, revoked, "turn: allocations revoked");
             to_value(TurnRevokeResult { revoked })
         }
+        method::CALLS_LIST => {
+            let calls = calls_service(services)?;
+            to_value(CallsListResult {
+                calls: calls.list(),
+            })
+        }
+        method::CALLS_HANGUP => {
+            let params: CallsHangupParams = params(request)?;
+            let calls = calls_service(services)?.clone();
+            if !calls.exists(params.call) {
+                return Err(body(
+                    ErrorCode::NotFound,
+                    Some("call"),
+                    format!("call: {}: no such call", params.call),
+                ));
+            }
+            tokio::spawn(async move { calls.hangup_by_operator(params.call).await });
+            tracing::info!(call = params.call, "calls: hung up by the operator");
+            to_value(serde_json::json!({}))
+        }
         method::CONFIG_RELOAD => {
             let changes = services.reloader.reload().map_err(|problems| {
                 body(
@@ -302,6 +326,16 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
         }
     };
     Ok(result)
+}
+
+fn calls_service(services: &Services) -> Result<&Arc<crate::calls::Calls>, ErrorBody> {
+    services.calls.as_ref().ok_or_else(|| {
+        body(
+            ErrorCode::NotFound,
+            None,
+            "calls are not enabled ([calls] enabled)".to_owned(),
+        )
+    })
 }
 
 fn turn_service(turn: Option<&Arc<TurnService>>) -> Result<&Arc<TurnService>, ErrorBody> {

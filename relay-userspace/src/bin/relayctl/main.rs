@@ -1,5 +1,6 @@
 //! relayctl: manage a running relayd through its control API. One file per subcommand.
 
+mod calls;
 mod flow;
 mod output;
 mod reload;
@@ -37,6 +38,9 @@ enum Command {
     /// TURN allocations
     #[command(subcommand)]
     Turn(turn::TurnCommand),
+    /// Calls in progress
+    #[command(subcommand)]
+    Calls(calls::CallsCommand),
     /// Make relayd read its configuration again; prints what it applied and what needs a
     /// restart
     Reload,
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Flow(command) => flow::run(&mut client, command, cli.json),
         Command::Turn(command) => turn::run(&mut client, command, cli.json),
         Command::Reload => reload::run(&mut client, cli.json),
+        Command::Calls(command) => calls::run(&mut client, command, cli.json),
         Command::Generate { .. } => unreachable!("handled before connecting"),
     };
     match result {
