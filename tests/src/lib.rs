@@ -5,6 +5,7 @@
 //! Everything here needs root (network namespaces, BPF). Every namespace, pin directory and
 //! process is owned by a guard that removes it on drop, also when a test fails.
 
+pub mod app;
 pub mod config_file;
 pub mod generator;
 pub mod lab;

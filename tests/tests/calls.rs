@@ -6,29 +6,19 @@
 //! RTP from the app reaches the PBX (which echoes it) and comes back; the call's two flows
 //! carry it in XDP. Hangup removes the flows and tells the app.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, mpsc},
-    time::Duration,
-};
+use std::{sync::mpsc, time::Duration};
 
 use relay_tests::{
+    app::App,
     config_file::ConfigFile,
     lab::EdgeLab,
     netns::{PinDir, enter_by_name},
     relayd::{Relayd, binary},
     require_root,
-    signalling_client::{Socket, call, connect, connect_here, receive},
+    signalling_client::{Socket, call, connect, receive},
     traffic::{numbered, sequence_of},
 };
 use serde_json::{Value, json};
-use webrtc_ice::{
-    agent::{Agent, agent_config::AgentConfig},
-    candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
-    network_type::NetworkType,
-    udp_network::UDPNetwork,
-};
-use webrtc_util::Conn;
 
 const SIGNALLING: &str = "198.51.100.1:8443";
 const ICE: &str = "198.51.100.1:3479";
@@ -39,139 +29,36 @@ const PACKETS: u32 = 300;
 /// The PBX's offer: plain RTP from its LAN address.
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n";
 
-/// The app's answer to the relay's offer: the offer's codecs, the app's ICE credentials and
-/// candidates, its own address.
-fn app_answer(
-    offer: &str,
-    ufrag: &str,
-    pwd: &str,
-    candidates: &[String],
-    rtp: SocketAddr,
-) -> String {
-    let mut lines: Vec<String> = offer
-        .split("\r\n")
-        .filter(|line| !line.is_empty())
-        .filter(|line| {
-            ![
-                "a=candidate",
-                "a=end-of-candidates",
-                "a=ice-ufrag",
-                "a=ice-pwd",
-            ]
-            .iter()
-            .any(|prefix| line.starts_with(prefix))
-        })
-        .map(|line| {
-            if line.starts_with("c=") {
-                format!("c=IN IP4 {}", rtp.ip())
-            } else if let Some(rest) = line.strip_prefix("m=audio ") {
-                let (_, tail) = rest.split_once(' ').unwrap();
-                format!("m=audio {} {tail}", rtp.port())
-            } else if line.starts_with("o=") {
-                format!("o=app 2 2 IN IP4 {}", rtp.ip())
-            } else {
-                line.to_owned()
-            }
-        })
-        .collect();
-    lines.push(format!("a=ice-ufrag:{ufrag}"));
-    lines.push(format!("a=ice-pwd:{pwd}"));
-    lines.extend(candidates.iter().map(|c| format!("a=candidate:{c}")));
-    lines.join("\r\n") + "\r\n"
-}
-
-/// The app: connects to signalling with its token, waits for the call, answers with its
-/// ICE agent's credentials, connects, and sends RTP through the relay; returns how many
-/// echoes came back, and the `call.ended` event it gets after the hangup.
-/// Runs on a thread inside the app's namespace.
+/// The app, on a thread inside its namespace: connects with its token, tells the test it is
+/// ready, answers the call, sends RTP through the relay to the PBX's echo (one packet in
+/// flight) and counts what comes back; after the hangup, returns the `call.ended` it got.
 async fn app(
     token: String,
     fingerprint: String,
     done: mpsc::Sender<u32>,
     hangup_done: mpsc::Receiver<()>,
 ) -> Value {
-    let mut signalling = connect_here(SIGNALLING.parse().unwrap(), &fingerprint).await;
-    let welcome = call(
-        &mut signalling,
-        json!({"type": "hello", "v": 1, "role": "client", "token": token}),
+    let mut app = App::connect(
+        SIGNALLING.parse().unwrap(),
+        &fingerprint,
+        &token,
+        "10.20.0.2".parse().unwrap(),
     )
     .await;
-    assert_eq!(welcome["user"], "alice", "{welcome}");
-    done.send(0).unwrap(); // ready for the call
-    let incoming = receive(&mut signalling).await.unwrap();
-    assert_eq!(incoming["event"], "call.incoming", "{incoming}");
-    let offer = incoming["sdp"].as_str().unwrap().to_owned();
-    let call_id = incoming["call"].clone();
-    assert!(offer.contains("c=IN IP4 198.51.100.1"), "{offer}");
+    done.send(0).unwrap();
+    let incoming = app.next().await;
+    let offer = incoming["sdp"].as_str().unwrap_or_default().to_owned();
+    assert!(offer.contains("c=IN IP4 198.51.100.1"), "{incoming}");
     assert!(
         !offer.contains("10.30.0.2"),
         "the PBX's address is hidden: {offer}"
     );
-
-    let app_ip: IpAddr = "10.20.0.2".parse().unwrap();
-    let agent = Arc::new(
-        Agent::new(AgentConfig {
-            network_types: vec![NetworkType::Udp4],
-            candidate_types: vec![CandidateType::Host],
-            udp_network: UDPNetwork::Ephemeral(Default::default()),
-            ip_filter: Arc::new(Some(Box::new(move |ip: IpAddr| ip == app_ip))),
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
-    );
-    let (gathered_tx, mut gathered) = tokio::sync::mpsc::unbounded_channel();
-    agent.on_candidate(Box::new(move |candidate| {
-        let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
-        Box::pin(async {})
-    }));
-    agent.gather_candidates().unwrap();
-    let mut candidates = Vec::new();
-    while let Some(Some(candidate)) = gathered.recv().await {
-        candidates.push(candidate);
-    }
-    let (ufrag, pwd) = agent.get_local_user_credentials().await;
-    let host = unmarshal_candidate(&candidates[0]).unwrap().addr();
-    let answer = app_answer(&offer, &ufrag, &pwd, &candidates, host);
-    let result = call(
-        &mut signalling,
-        json!({"type": "call.answer", "id": 1, "call": call_id, "sdp": answer}),
-    )
-    .await;
-    assert_eq!(result["type"], "result", "{result}");
-
-    let remote = relay::session::sdp::audio(&offer).unwrap();
-    for candidate in &remote.candidates {
-        let candidate: Arc<dyn Candidate + Send + Sync> =
-            Arc::new(unmarshal_candidate(candidate).unwrap());
-        agent.add_remote_candidate(&candidate).unwrap();
-    }
-    let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        agent.accept(
-            cancel_rx,
-            remote.ice_ufrag.unwrap(),
-            remote.ice_pwd.unwrap(),
-        ),
-    )
-    .await
-    .expect("ICE connects through the NAT")
-    .unwrap();
-    // The relay says connected too.
-    let state = receive(&mut signalling).await.unwrap();
-    assert_eq!(
-        (&state["event"], &state["state"]),
-        (&json!("call.state"), &json!("connected")),
-        "{state}"
-    );
-
-    // RTP through the relay to the PBX's echo and back, one packet in flight.
+    let media = app.answer(&incoming).await;
     let mut echoed = 0;
     let mut buf = vec![0u8; 2048];
     for sequence in 0..PACKETS {
-        conn.send(&numbered(sequence)).await.unwrap();
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), conn.recv(&mut buf)).await
+        media.send(&numbered(sequence)).await.unwrap();
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), media.recv(&mut buf)).await
             && sequence_of(&buf[..n]) == Some(sequence)
         {
             echoed += 1;
@@ -181,8 +68,8 @@ async fn app(
     tokio::task::spawn_blocking(move || hangup_done.recv().unwrap())
         .await
         .unwrap();
-    let ended = receive(&mut signalling).await.unwrap();
-    let _ = agent.close().await;
+    let ended = app.next().await;
+    app.close().await;
     ended
 }
 

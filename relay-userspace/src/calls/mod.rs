@@ -450,9 +450,10 @@ impl Calls {
         );
     }
 
-    /// A free LAN port: the first in the range that binds.
+    /// A free LAN port: the first even one in the range that binds (RTP takes even ports,
+    /// RTCP the odd one above).
     async fn bind_lan_port(&self) -> Result<(UdpSocket, SocketAddr), CallError> {
-        for port in self.ports.clone() {
+        for port in self.ports.clone().filter(|port| port.is_multiple_of(2)) {
             let address = SocketAddr::new(self.lan_ip, port);
             if let Ok(socket) = UdpSocket::bind(address).await {
                 return Ok((socket, address));

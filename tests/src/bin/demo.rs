@@ -1,36 +1,40 @@
 //! `cargo xtask demo`: the relay in the deployment it is for, in network namespaces made for
-//! the occasion and removed at the end: an app behind a NAT, the relay (XDP on its WAN and
-//! LAN interfaces, TURN on the WAN side), a PBX on the LAN that echoes RTP. Three app
-//! "calls" allocate through the relay with a real TURN client (the turn crate's), bind a
-//! channel to the PBX and send 50 RTP-sized packets a second each way for about 20 seconds,
-//! while the live `relayctl` tables show the flows the channels became and their rates.
-//!
-//! Until calls with signalling and ICE exist (issue 4), the media path of a call is the
-//! TURN one: the same ChannelData offload to XDP that a TURN-only app gets.
+//! the occasion and removed at the end: apps behind a NAT, the relay (XDP on its WAN and LAN
+//! interfaces, signalling and calls), a PBX on the LAN that echoes RTP, and its controller.
+//! The controller places three calls to three users' apps through the relay's signalling;
+//! each app answers with its own ICE agent (webrtc-ice) through the NAT and sends 50 RTP
+//! packets a second for about 20 seconds, while the live `relayctl` tables show the calls
+//! and the flows their media became in the kernel.
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
     },
     thread,
     time::{Duration, Instant},
 };
 
 use relay_tests::{
+    app::App,
     config_file::ConfigFile,
     lab::EdgeLab,
-    netns::PinDir,
+    netns::{PinDir, enter_by_name},
     relayd::{Relayd, http_get, metric},
     require_root,
+    signalling_client::{call, connect, receive},
     traffic::{numbered, sequence_of},
 };
-use turn::client::{Client, ClientConfig};
-use webrtc_util::Conn;
+use serde_json::json;
 
 const CALLS: u16 = 3;
 const PACKETS_PER_SECOND: u64 = 50;
+const SIGNALLING: &str = "198.51.100.1:8443";
+const METRICS: &str = "10.30.0.1:9477";
+const API_KEY: &str = "demo-api-key-0123456789";
+
 /// How long the calls last; RELAY_DEMO_SECONDS shortens it (the demo's test).
 fn seconds() -> u64 {
     std::env::var("RELAY_DEMO_SECONDS")
@@ -38,20 +42,39 @@ fn seconds() -> u64 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20)
 }
-const METRICS: &str = "10.30.0.1:9477";
 
-/// What one call's app side counted.
+/// What one call's app counted.
 #[derive(Default)]
 struct CallCounters {
     sent: AtomicU64,
     echoed: AtomicU64,
 }
 
+fn pbx_rtp(call: u16) -> SocketAddr {
+    SocketAddr::new(EdgeLab::PBX.parse().unwrap(), 40000 + 2 * call)
+}
+
+fn pbx_offer(call: u16) -> String {
+    let rtp = pbx_rtp(call);
+    format!(
+        "v=0\r\no=PBX {call} 1 IN IP4 {ip}\r\ns=PBX\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\na=sendrecv\r\n",
+        ip = rtp.ip(),
+        port = rtp.port()
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn main() {
     require_root();
-    println!("relay demo: app (behind NAT) -> relay (XDP + TURN) -> PBX (RTP echo)");
+    println!("relay demo: apps (behind NAT) -> relay (signalling, ICE, XDP) -> PBX (RTP echo)");
     println!(
-        "building the namespaces: app 10.20.0.2 | NAT | relay WAN 198.51.100.1, LAN 10.30.0.1 | PBX 10.30.0.2"
+        "building the namespaces: apps 10.20.0.2 | NAT | relay WAN 198.51.100.1, LAN 10.30.0.1 | PBX 10.30.0.2"
     );
     let lab = EdgeLab::new();
     let pins = PinDir::new();
@@ -64,65 +87,125 @@ xdp_mode = "generic"
 pin_dir = "{}"
 [metrics]
 listen = "{METRICS}"
-[turn]
+[signalling]
 enabled = true
-listen = ["{}:3478"]
-relay_addresses = ["{}"]
-users = [{{ name = "demo", password = "demo-password" }}]
-# The PBX LAN is private: allowed explicitly, as an operator would.
-allowed_peers = ["10.30.0.0/24"]
+listen = "{SIGNALLING}"
+token_secret = "the demo's token secret"
+tenants = [{{ name = "demo", api_key = "{API_KEY}" }}]
+[calls]
+enabled = true
+ice_listen = "{}:3479"
+lan_address = "{}"
 "#,
         pins.path.display(),
         EdgeLab::RELAY_WAN,
         EdgeLab::RELAY_LAN
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let fingerprint = relayd
+        .log()
+        .lines()
+        .find_map(|line| {
+            line.split("sha256=").nth(1).map(|rest| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+        })
+        .expect("relayd logs its certificate's fingerprint");
     println!("relayd is up; `relayctl status`:\n");
     println!("{}", relayd.ctl_ok(&["status"]));
 
     // The PBX: an RTP echo per call.
     let stop = Arc::new(AtomicBool::new(false));
-    let mut echoes = Vec::new();
-    for call in 0..CALLS {
-        let socket = lab.pbx.udp_socket(SocketAddr::new(
-            EdgeLab::PBX.parse().unwrap(),
-            40000 + 2 * call,
-        ));
-        echoes.push(echo(socket, stop.clone()));
-    }
-
-    // The app's calls, each with its own TURN client, on one runtime in a thread.
-    let counters: Vec<Arc<CallCounters>> = (0..CALLS).map(|_| Arc::default()).collect();
-    let sockets: Vec<UdpSocket> = (0..CALLS)
-        .map(|_| lab.app.udp_socket("10.20.0.2:0".parse().unwrap()))
+    let echoes: Vec<_> = (0..CALLS)
+        .map(|call| echo(lab.pbx.udp_socket(pbx_rtp(call)), stop.clone()))
         .collect();
-    let calls = {
-        let counters = counters.clone();
-        thread::spawn(move || run_calls(sockets, counters))
+
+    let main_runtime = runtime();
+    let mut controller = main_runtime.block_on(async {
+        let mut controller = connect(&lab.pbx, SIGNALLING.parse().unwrap(), &fingerprint).await;
+        let welcome = call(
+            &mut controller,
+            json!({"type": "hello", "v": 1, "role": "controller", "tenant": "demo", "api_key": API_KEY}),
+        )
+        .await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        controller
+    });
+    println!("the PBX's controller is connected to the relay's signalling ({SIGNALLING})");
+
+    // The apps, one user each, on one runtime in a thread inside the app namespace.
+    let tokens: Vec<String> = (0..CALLS)
+        .map(|call| {
+            main_runtime.block_on(async {
+                let minted = request(
+                    &mut controller,
+                    json!({"type": "token.mint", "id": 100 + call, "user": format!("user{}", call + 1), "ttl_secs": 600}),
+                )
+                .await;
+                minted["token"].as_str().expect("a token").to_owned()
+            })
+        })
+        .collect();
+    let counters: Vec<Arc<CallCounters>> = (0..CALLS).map(|_| Arc::default()).collect();
+    let (ready_tx, ready) = mpsc::channel();
+    let apps = {
+        let (counters, fingerprint, app_ns) =
+            (counters.clone(), fingerprint.clone(), lab.app.name.clone());
+        thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(run_apps(tokens, fingerprint, counters, ready_tx));
+        })
     };
+    for _ in 0..CALLS {
+        ready.recv().expect("the apps connect");
+    }
+    println!("{CALLS} apps are connected; the PBX calls them:");
+    let mut call_ids = Vec::new();
+    main_runtime.block_on(async {
+        for call in 0..CALLS {
+            let created = request(
+                &mut controller,
+                json!({"type": "call.create", "id": call, "user": format!("user{}", call + 1), "sdp": pbx_offer(call)}),
+            )
+            .await;
+            println!("  call {} -> user{}: {}", created["call"], call + 1, created["type"]);
+            call_ids.push(created["call"].clone());
+        }
+    });
 
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(seconds() + 3) && !calls.is_finished() {
+    while started.elapsed() < Duration::from_secs(seconds() + 5) && !apps.is_finished() {
         thread::sleep(Duration::from_secs(4).min(Duration::from_secs(seconds())));
         println!(
             "\n=== {:>2} s ===================================================================",
             started.elapsed().as_secs()
         );
-        println!("$ relayctl turn allocations");
-        println!("{}", relayd.ctl_ok(&["turn", "allocations"]));
+        println!("$ relayctl calls list");
+        println!("{}", relayd.ctl_ok(&["calls", "list"]));
         println!("$ relayctl flow list");
         println!("{}", relayd.ctl_ok(&["flow", "list"]));
     }
-    let outcome = calls.join().expect("the calls' thread");
+    let apps_ok = apps.join().is_ok();
+    main_runtime.block_on(async {
+        for id in &call_ids {
+            let _ = request(
+                &mut controller,
+                json!({"type": "call.hangup", "id": 200, "call": id}),
+            )
+            .await;
+        }
+    });
     stop.store(true, Ordering::Relaxed);
     for echo in echoes {
         let _ = echo.join();
     }
 
     println!("\n=== summary ===================================================================");
-    if let Err(err) = outcome {
-        println!("the calls failed: {err}");
-        println!("relayd's log:\n{}", relayd.log());
+    if !apps_ok {
+        println!("the apps failed; relayd's log:\n{}", relayd.log());
         std::process::exit(1);
     }
     for (call, counter) in counters.iter().enumerate() {
@@ -135,26 +218,91 @@ allowed_peers = ["10.30.0.0/24"]
         );
     }
     let metrics = http_get(&lab.relay, METRICS, "/metrics");
-    let by_path = |path: &str| {
-        metric(
-            &metrics,
-            &format!("relay_forwarded_packets_total{{path=\"{path}\"}}"),
-        )
-        .unwrap_or(0)
-    };
-    let (xdp, userspace) = (by_path("xdp"), by_path("userspace"));
+    let xdp = metric(&metrics, r#"relay_forwarded_packets_total{path="xdp"}"#).unwrap_or(0);
+    let total: u64 = counters
+        .iter()
+        .map(|c| 2 * c.echoed.load(Ordering::Relaxed))
+        .sum();
     println!(
-        "relay: {xdp} packets forwarded by XDP, {userspace} by userspace sockets ({:.1}% in the kernel)",
-        100.0 * xdp as f64 / (xdp + userspace).max(1) as f64
+        "relay: {xdp} of the calls' {total} packets forwarded by XDP ({:.1}% in the kernel)",
+        100.0 * xdp as f64 / total.max(1) as f64
     );
+    println!("(the first packets of a call, before its flows are installed, go through relayd)");
     println!(
-        "(packets sent as Send indications before a channel is bound are relayed by the TURN server itself)"
+        "after the hangups: {}",
+        relayd.ctl_ok(&["calls", "list"]).trim()
     );
     println!("removing the namespaces, relayd and its pins");
 }
 
+/// A request and its answer, skipping the call events that arrive meanwhile.
+async fn request(
+    controller: &mut relay_tests::signalling_client::Socket,
+    request: serde_json::Value,
+) -> serde_json::Value {
+    relay_tests::signalling_client::send(controller, request).await;
+    loop {
+        let message = receive(controller)
+            .await
+            .expect("the relay keeps the session");
+        if message["type"] != "event" {
+            return message;
+        }
+    }
+}
+
+/// Every app connects, answers its call and sends RTP for `seconds()`.
+async fn run_apps(
+    tokens: Vec<String>,
+    fingerprint: String,
+    counters: Vec<Arc<CallCounters>>,
+    ready: mpsc::Sender<()>,
+) {
+    let mut tasks = Vec::new();
+    for (token, counters) in tokens.into_iter().zip(counters) {
+        let (fingerprint, ready) = (fingerprint.clone(), ready.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut app = App::connect(
+                SIGNALLING.parse().unwrap(),
+                &fingerprint,
+                &token,
+                "10.20.0.2".parse().unwrap(),
+            )
+            .await;
+            ready.send(()).unwrap();
+            let incoming = app.next().await;
+            let media = app.answer(&incoming).await;
+            let receiving = {
+                let (media, counters) = (media.clone(), counters.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 2048];
+                    while let Ok(n) = media.recv(&mut buf).await {
+                        if sequence_of(&buf[..n]).is_some() {
+                            counters.echoed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            };
+            let mut interval =
+                tokio::time::interval(Duration::from_micros(1_000_000 / PACKETS_PER_SECOND));
+            for sequence in 0..(seconds() * PACKETS_PER_SECOND) as u32 {
+                interval.tick().await;
+                if media.send(&numbered(sequence)).await.is_ok() {
+                    counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            receiving.abort();
+            app.close().await;
+        }));
+    }
+    for task in tasks {
+        task.await.expect("an app");
+    }
+}
+
 /// Echoes every datagram back to its sender until `stop`.
-fn echo(socket: UdpSocket, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+fn echo(socket: std::net::UdpSocket, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
@@ -166,77 +314,4 @@ fn echo(socket: UdpSocket, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
             }
         }
     })
-}
-
-fn run_calls(sockets: Vec<UdpSocket>, counters: Vec<Arc<CallCounters>>) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let mut tasks = Vec::new();
-        for (call, (socket, counters)) in sockets.into_iter().zip(counters).enumerate() {
-            tasks.push(tokio::spawn(one_call(call as u16, socket, counters)));
-        }
-        for task in tasks {
-            task.await.map_err(|e| e.to_string())??;
-        }
-        Ok(())
-    })
-}
-
-/// One call's media: allocate, bind a channel to the PBX's RTP port, then 50 packets a
-/// second for `seconds()` while reading the echoes.
-async fn one_call(call: u16, socket: UdpSocket, counters: Arc<CallCounters>) -> Result<(), String> {
-    socket.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let socket = tokio::net::UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
-    let server = format!("{}:3478", EdgeLab::RELAY_WAN);
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: server.clone(),
-        turn_serv_addr: server,
-        username: "demo".into(),
-        password: "demo-password".into(),
-        realm: String::new(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(socket),
-        vnet: None,
-    })
-    .await
-    .map_err(|e| format!("call {}: {e}", call + 1))?;
-    client.listen().await.map_err(|e| e.to_string())?;
-    let relay = Arc::new(
-        client
-            .allocate()
-            .await
-            .map_err(|e| format!("call {}: allocate: {e}", call + 1))?,
-    );
-    let pbx = SocketAddr::new(EdgeLab::PBX.parse().unwrap(), 40000 + 2 * call);
-    let receiving = {
-        let relay = relay.clone();
-        let counters = counters.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            while let Ok((n, _)) = relay.recv_from(&mut buf).await {
-                if sequence_of(&buf[..n]).is_some() {
-                    counters.echoed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
-    let mut interval = tokio::time::interval(Duration::from_micros(1_000_000 / PACKETS_PER_SECOND));
-    for sequence in 0..(seconds() * PACKETS_PER_SECOND) as u32 {
-        interval.tick().await;
-        relay
-            .send_to(&numbered(sequence), pbx)
-            .await
-            .map_err(|e| format!("call {}: send: {e}", call + 1))?;
-        counters.sent.fetch_add(1, Ordering::Relaxed);
-    }
-    // The last echoes, then hang up: Refresh with lifetime 0 removes allocation and flows.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    receiving.abort();
-    relay.close().await.map_err(|e| e.to_string())?;
-    client.close().await.map_err(|e| e.to_string())?;
-    Ok(())
 }

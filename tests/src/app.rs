@@ -1,0 +1,168 @@
+//! An app as the relay's users run it: a signalling client with the token its controller
+//! minted, and a webrtc-ice agent (an implementation we did not write) for the media. Used
+//! by the calls test and the demo; runs in the namespace of the thread that creates it.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use webrtc_ice::{
+    agent::{Agent, agent_config::AgentConfig},
+    candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
+    network_type::NetworkType,
+    udp_network::UDPNetwork,
+};
+
+use crate::signalling_client::{Socket, call, connect_here, receive};
+
+/// The app's media connection once ICE has connected.
+pub type Media = Arc<dyn webrtc_util::Conn + Send + Sync>;
+
+pub struct App {
+    pub signalling: Socket,
+    /// The app's own address (its host candidate's IP).
+    ip: IpAddr,
+    agents: Vec<Arc<Agent>>,
+}
+
+impl App {
+    /// Connects to the relay's signalling at `address` with `token`; `ip` is the app's
+    /// address on its network (behind its NAT).
+    pub async fn connect(address: SocketAddr, fingerprint: &str, token: &str, ip: IpAddr) -> App {
+        let mut signalling = connect_here(address, fingerprint).await;
+        let welcome = call(
+            &mut signalling,
+            json!({"type": "hello", "v": 1, "role": "client", "token": token}),
+        )
+        .await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        App {
+            signalling,
+            ip,
+            agents: Vec::new(),
+        }
+    }
+
+    /// The next event or message from the relay.
+    pub async fn next(&mut self) -> Value {
+        receive(&mut self.signalling)
+            .await
+            .expect("the relay keeps the session")
+    }
+
+    /// Answers a `call.incoming` with a fresh ICE agent and connects it (controlled);
+    /// returns the media connection once the relay says `connected`.
+    pub async fn answer(&mut self, incoming: &Value) -> Media {
+        assert_eq!(incoming["event"], "call.incoming", "{incoming}");
+        let offer = incoming["sdp"].as_str().expect("an offer").to_owned();
+        let ip = self.ip;
+        let agent = Arc::new(
+            Agent::new(AgentConfig {
+                network_types: vec![NetworkType::Udp4],
+                candidate_types: vec![CandidateType::Host],
+                udp_network: UDPNetwork::Ephemeral(Default::default()),
+                ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
+                ..Default::default()
+            })
+            .await
+            .expect("ICE agent"),
+        );
+        let (gathered_tx, mut gathered) = tokio::sync::mpsc::unbounded_channel();
+        agent.on_candidate(Box::new(move |candidate| {
+            let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
+            Box::pin(async {})
+        }));
+        agent.gather_candidates().expect("gathering");
+        let mut candidates = Vec::new();
+        while let Some(Some(candidate)) = gathered.recv().await {
+            candidates.push(candidate);
+        }
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        let host = unmarshal_candidate(&candidates[0])
+            .expect("own candidate")
+            .addr();
+        let answer = answer_sdp(&offer, &ufrag, &pwd, &candidates, host);
+        let result = call(
+            &mut self.signalling,
+            json!({"type": "call.answer", "id": 1, "call": incoming["call"], "sdp": answer}),
+        )
+        .await;
+        assert_eq!(result["type"], "result", "{result}");
+        let remote = relay::session::sdp::audio(&offer).expect("the relay's offer");
+        for candidate in &remote.candidates {
+            let candidate: Arc<dyn Candidate + Send + Sync> =
+                Arc::new(unmarshal_candidate(candidate).expect("the relay's candidate"));
+            agent.add_remote_candidate(&candidate).expect("candidate");
+        }
+        let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
+        let media = tokio::time::timeout(
+            Duration::from_secs(10),
+            agent.accept(
+                cancel_rx,
+                remote.ice_ufrag.expect("ICE in the offer"),
+                remote.ice_pwd.expect("ICE in the offer"),
+            ),
+        )
+        .await
+        .expect("ICE connects through the NAT")
+        .expect("ICE connects");
+        let state = self.next().await;
+        assert_eq!(
+            (&state["event"], &state["state"]),
+            (&json!("call.state"), &json!("connected")),
+            "{state}"
+        );
+        self.agents.push(agent);
+        media
+    }
+
+    pub async fn close(self) {
+        for agent in self.agents {
+            let _ = agent.close().await;
+        }
+    }
+}
+
+/// The app's answer to the relay's offer: the offer's codecs, the app's ICE credentials
+/// and candidates, its own address.
+pub fn answer_sdp(
+    offer: &str,
+    ufrag: &str,
+    pwd: &str,
+    candidates: &[String],
+    rtp: SocketAddr,
+) -> String {
+    let mut lines: Vec<String> = offer
+        .split("\r\n")
+        .filter(|line| !line.is_empty())
+        .filter(|line| {
+            ![
+                "a=candidate",
+                "a=end-of-candidates",
+                "a=ice-ufrag",
+                "a=ice-pwd",
+            ]
+            .iter()
+            .any(|prefix| line.starts_with(prefix))
+        })
+        .map(|line| {
+            if line.starts_with("c=") {
+                format!("c=IN IP4 {}", rtp.ip())
+            } else if let Some(rest) = line.strip_prefix("m=audio ") {
+                let (_, tail) = rest.split_once(' ').expect("m= has a port and more");
+                format!("m=audio {} {tail}", rtp.port())
+            } else if line.starts_with("o=") {
+                format!("o=app 2 2 IN IP4 {}", rtp.ip())
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    lines.push(format!("a=ice-ufrag:{ufrag}"));
+    lines.push(format!("a=ice-pwd:{pwd}"));
+    lines.extend(candidates.iter().map(|c| format!("a=candidate:{c}")));
+    lines.join("\r\n") + "\r\n"
+}
