@@ -165,6 +165,12 @@ pub struct CallsSettings {
     pub port_range: String,
     /// Seconds ICE may take to connect before the call fails.
     pub ice_timeout_secs: u64,
+    /// Seconds without an answer to the relay's consent checks (RFC 7675) after which the
+    /// call ends; from 5 s without one, media toward the app stops.
+    pub consent_timeout_secs: u64,
+    /// Seconds without media in either direction (the flows' kernel counters) after which
+    /// the call ends.
+    pub media_timeout_secs: u64,
 }
 
 impl Default for CallsSettings {
@@ -175,6 +181,8 @@ impl Default for CallsSettings {
             lan_address: String::new(),
             port_range: "40000-40999".to_owned(),
             ice_timeout_secs: 15,
+            consent_timeout_secs: 30,
+            media_timeout_secs: 60,
         }
     }
 }
@@ -223,6 +231,20 @@ impl CallsSettings {
         if self.ice_timeout_secs == 0 {
             problem(
                 "calls.ice_timeout_secs",
+                "0".to_owned(),
+                "must be at least 1",
+            );
+        }
+        if self.consent_timeout_secs < 6 {
+            problem(
+                "calls.consent_timeout_secs",
+                self.consent_timeout_secs.to_string(),
+                "must be at least 6 (media toward the app already stops after 5 s without consent)",
+            );
+        }
+        if self.media_timeout_secs == 0 {
+            problem(
+                "calls.media_timeout_secs",
                 "0".to_owned(),
                 "must be at least 1",
             );
@@ -1025,6 +1047,8 @@ mod tests {
             lan_address = "lan"
             port_range = "5-1"
             ice_timeout_secs = 0
+            consent_timeout_secs = 2
+            media_timeout_secs = 0
             "#,
             "test",
         )
@@ -1038,6 +1062,8 @@ mod tests {
                 "calls.lan_address: \"lan\": expected the relay's LAN IP address",
                 "calls.port_range: \"5-1\": expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
                 "calls.ice_timeout_secs: 0: must be at least 1",
+                "calls.consent_timeout_secs: 2: must be at least 6 (media toward the app already stops after 5 s without consent)",
+                "calls.media_timeout_secs: 0: must be at least 1",
             ]
         );
     }

@@ -16,7 +16,7 @@ use webrtc_ice::{
     udp_network::UDPNetwork,
 };
 
-use crate::signalling_client::{Socket, call, connect_here, receive};
+use crate::signalling_client::{Socket, call, connect_here, receive_within};
 
 /// The app's media connection once ICE has connected.
 pub type Media = Arc<dyn webrtc_util::Conn + Send + Sync>;
@@ -48,7 +48,12 @@ impl App {
 
     /// The next event or message from the relay.
     pub async fn next(&mut self) -> Value {
-        receive(&mut self.signalling)
+        self.next_within(Duration::from_secs(5)).await
+    }
+
+    /// The next event or message, waiting up to `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> Value {
+        receive_within(&mut self.signalling, limit)
             .await
             .expect("the relay keeps the session")
     }
@@ -119,10 +124,15 @@ impl App {
         media
     }
 
-    pub async fn close(self) {
-        for agent in self.agents {
+    /// Closes the ICE agents (no more media, no more consent answers); signalling stays.
+    pub async fn close_agents(&mut self) {
+        for agent in self.agents.drain(..) {
             let _ = agent.close().await;
         }
+    }
+
+    pub async fn close(mut self) {
+        self.close_agents().await;
     }
 }
 

@@ -136,10 +136,18 @@ pub async fn send_raw(socket: &mut Socket, text: &str) {
 
 /// The next JSON message (pings skipped), or what ended the connection: Err(close code).
 pub async fn receive(socket: &mut Socket) -> Result<Value, Option<CloseCode>> {
+    receive_within(socket, Duration::from_secs(5)).await
+}
+
+/// [`receive`], waiting up to `limit`.
+pub async fn receive_within(
+    socket: &mut Socket,
+    limit: Duration,
+) -> Result<Value, Option<CloseCode>> {
     loop {
-        let next = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        let next = tokio::time::timeout(limit, socket.next())
             .await
-            .expect("an answer within 5 s");
+            .unwrap_or_else(|_| panic!("an answer within {limit:?}"));
         match next {
             Some(Ok(Message::Text(text))) => {
                 return Ok(serde_json::from_str(text.as_str()).expect("the relay sends JSON"));

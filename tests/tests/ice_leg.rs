@@ -106,7 +106,7 @@ fn the_relays_leg_and_an_app_agent_select_the_same_pair() {
     let relay_pair = lab.relay.enter(move || {
         runtime().block_on(async move {
             let port = IcePort::new(socket).unwrap();
-            let (mut leg, offer) = IceLeg::new(&port).await.unwrap();
+            let (mut leg, offer) = IceLeg::new(&port, Duration::from_secs(30)).await.unwrap();
             assert_eq!(offer.candidates.len(), 1, "{offer:?}");
             assert!(
                 offer.candidates[0].contains("10.10.1.1 3479 typ host"),

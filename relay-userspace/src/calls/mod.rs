@@ -58,6 +58,8 @@ pub struct Calls {
     lan_ip: IpAddr,
     ports: RangeInclusive<u16>,
     ice_timeout: Duration,
+    consent_timeout: Duration,
+    media_timeout: Duration,
     table: Arc<FlowTable>,
     hub: Arc<Hub>,
     calls: Mutex<HashMap<u64, Arc<Call>>>,
@@ -100,6 +102,8 @@ impl Calls {
                 .ports()
                 .ok_or_else(|| anyhow::anyhow!("calls.port_range"))?,
             ice_timeout: Duration::from_secs(settings.ice_timeout_secs),
+            consent_timeout: Duration::from_secs(settings.consent_timeout_secs),
+            media_timeout: Duration::from_secs(settings.media_timeout_secs),
             table,
             hub,
             calls: Mutex::new(HashMap::new()),
@@ -140,7 +144,7 @@ impl Calls {
             ));
         }
         let (lan_socket, lan) = self.bind_lan_port().await?;
-        let (leg, local) = IceLeg::new(&self.ice)
+        let (leg, local) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
         let app_offer = sdp::toward_app(
@@ -282,8 +286,16 @@ impl Calls {
         self.hub.to_controller(&call.tenant, &state);
         self.hub.to_user(&call.tenant, &call.user, &state);
         let mut current = pair;
+        let mut consent = true;
+        let mut media_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = media_check.tick() => {
+                    if self.media_idle(&call) > self.media_timeout {
+                        tracing::info!(call = call.id, timeout = ?self.media_timeout, "calls: no media in either direction; the call ends");
+                        return self.end(&call, "media-timeout", true, true).await;
+                    }
+                }
                 changed = pairs.changed() => {
                     if changed.is_err() {
                         return;
@@ -304,9 +316,25 @@ impl Calls {
                         return;
                     }
                     let state = *states.borrow_and_update();
-                    if matches!(state, ConnectionState::Failed | ConnectionState::Disconnected) {
-                        tracing::info!(call = call.id, ?state, "calls: ICE consent lost; media toward the app stopped");
-                        return self.end(&call, "consent-lost", true, true).await;
+                    match state {
+                        // RFC 7675: no answers to the consent checks. Stop sending toward
+                        // the app at once; end the call when consent has expired.
+                        ConnectionState::Disconnected if consent => {
+                            consent = false;
+                            tracing::info!(call = call.id, "calls: no consent from the app; media toward it stopped");
+                            self.stop_toward_app(&call);
+                            self.hub.to_controller(&call.tenant, &event("call.state", call.id, [("state", "consent-lost".into())]));
+                        }
+                        ConnectionState::Connected if !consent => {
+                            consent = true;
+                            tracing::info!(call = call.id, "calls: the app answers consent checks again; media toward it resumes");
+                            self.install(&call, current);
+                        }
+                        ConnectionState::Failed | ConnectionState::Closed => {
+                            tracing::info!(call = call.id, "calls: ICE consent expired; the call ends");
+                            return self.end(&call, "consent-lost", true, true).await;
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -358,6 +386,30 @@ impl Calls {
         };
         self.end(&call, "operator", true, true).await;
         true
+    }
+
+    /// How long since media last went through the call's flows (the kernel counters' last
+    /// seen, the later of the two); zero before they exist.
+    fn media_idle(&self, call: &Call) -> Duration {
+        let now = monotonic_ns();
+        let flows = call.flows.lock().expect("call flows").clone();
+        let last = flows
+            .iter()
+            .filter_map(|id| self.table.get(*id, now).ok())
+            .map(|flow| flow.counters.last_seen_ns)
+            .max();
+        match last {
+            Some(last) => Duration::from_nanos(now.saturating_sub(last)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Removes the flow toward the app (consent lost), keeping the one toward the PBX.
+    fn stop_toward_app(&self, call: &Call) {
+        let mut flows = call.flows.lock().expect("call flows");
+        if let Some(toward_app) = flows.pop() {
+            let _ = self.table.remove(toward_app, monotonic_ns());
+        }
     }
 
     /// The two flows of the selected pair, replacing the call's previous ones.

@@ -77,7 +77,12 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl IceLeg {
     /// A new agent on `port`, its candidates gathered: one host candidate, the port's.
-    pub async fn new(port: &IcePort) -> anyhow::Result<(IceLeg, LocalIce)> {
+    /// Without answers to its consent checks the agent is Disconnected after 5 s and Failed
+    /// after `consent_timeout`.
+    pub async fn new(
+        port: &IcePort,
+        consent_timeout: Duration,
+    ) -> anyhow::Result<(IceLeg, LocalIce)> {
         let ip = port.address.ip();
         let agent = Arc::new(
             Agent::new(AgentConfig {
@@ -90,6 +95,7 @@ impl IceLeg {
                 udp_network: UDPNetwork::Muxed(port.mux.clone()),
                 // The mux's address only: not every address of the host.
                 ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
+                failed_timeout: Some(consent_timeout),
                 ..Default::default()
             })
             .await
