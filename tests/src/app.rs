@@ -58,11 +58,9 @@ impl App {
             .expect("the relay keeps the session")
     }
 
-    /// Answers a `call.incoming` with a fresh ICE agent and connects it (controlled);
-    /// returns the media connection once the relay says `connected`.
-    pub async fn answer(&mut self, incoming: &Value) -> Media {
-        assert_eq!(incoming["event"], "call.incoming", "{incoming}");
-        let offer = incoming["sdp"].as_str().expect("an offer").to_owned();
+    /// A fresh ICE agent with its host candidate gathered: (agent, ufrag, pwd, candidates,
+    /// the candidate's address).
+    async fn agent(&self) -> (Arc<Agent>, String, String, Vec<String>, SocketAddr) {
         let ip = self.ip;
         let agent = Arc::new(
             Agent::new(AgentConfig {
@@ -89,6 +87,57 @@ impl App {
         let host = unmarshal_candidate(&candidates[0])
             .expect("own candidate")
             .addr();
+        (agent, ufrag, pwd, candidates, host)
+    }
+
+    /// Calls out (to the PBX) with an offer for PCMU and DTMF; returns the call's id and
+    /// the media connection once ICE has connected (the app offered: it is controlling).
+    pub async fn call_out(&mut self) -> (Value, Media) {
+        let (agent, ufrag, pwd, candidates, host) = self.agent().await;
+        let offer = offer_sdp(&ufrag, &pwd, &candidates, host);
+        let created = call(
+            &mut self.signalling,
+            json!({"type": "call.create", "id": 2, "sdp": offer}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let answered = self.next_within(Duration::from_secs(10)).await;
+        assert_eq!(answered["event"], "call.answered", "{answered}");
+        let answer = answered["sdp"].as_str().expect("an answer").to_owned();
+        let remote = relay::session::sdp::audio(&answer).expect("the relay's answer");
+        for candidate in &remote.candidates {
+            let candidate: Arc<dyn Candidate + Send + Sync> =
+                Arc::new(unmarshal_candidate(candidate).expect("the relay's candidate"));
+            agent.add_remote_candidate(&candidate).expect("candidate");
+        }
+        let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
+        let media = tokio::time::timeout(
+            Duration::from_secs(10),
+            agent.dial(
+                cancel_rx,
+                remote.ice_ufrag.expect("ICE in the answer"),
+                remote.ice_pwd.expect("ICE in the answer"),
+            ),
+        )
+        .await
+        .expect("ICE connects through the NAT")
+        .expect("ICE connects");
+        let state = self.next().await;
+        assert_eq!(
+            (&state["event"], &state["state"]),
+            (&json!("call.state"), &json!("connected")),
+            "{state}"
+        );
+        self.agents.push(agent);
+        (created["call"].clone(), media)
+    }
+
+    /// Answers a `call.incoming` with a fresh ICE agent and connects it (controlled);
+    /// returns the media connection once the relay says `connected`.
+    pub async fn answer(&mut self, incoming: &Value) -> Media {
+        assert_eq!(incoming["event"], "call.incoming", "{incoming}");
+        let offer = incoming["sdp"].as_str().expect("an offer").to_owned();
+        let (agent, ufrag, pwd, candidates, host) = self.agent().await;
         let answer = answer_sdp(&offer, &ufrag, &pwd, &candidates, host);
         let result = call(
             &mut self.signalling,
@@ -134,6 +183,26 @@ impl App {
     pub async fn close(mut self) {
         self.close_agents().await;
     }
+}
+
+/// The app's own offer: PCMU and DTMF over RTP, multiplexed RTCP, its ICE.
+pub fn offer_sdp(ufrag: &str, pwd: &str, candidates: &[String], rtp: SocketAddr) -> String {
+    let mut lines = vec![
+        "v=0".to_owned(),
+        format!("o=app 1 1 IN IP4 {}", rtp.ip()),
+        "s=-".to_owned(),
+        format!("c=IN IP4 {}", rtp.ip()),
+        "t=0 0".to_owned(),
+        format!("m=audio {} RTP/AVP 0 101", rtp.port()),
+        "a=rtpmap:0 PCMU/8000".to_owned(),
+        "a=rtpmap:101 telephone-event/8000".to_owned(),
+        "a=rtcp-mux".to_owned(),
+        "a=sendrecv".to_owned(),
+        format!("a=ice-ufrag:{ufrag}"),
+        format!("a=ice-pwd:{pwd}"),
+    ];
+    lines.extend(candidates.iter().map(|c| format!("a=candidate:{c}")));
+    lines.join("\r\n") + "\r\n"
 }
 
 /// The app's answer to the relay's offer: the offer's codecs, the app's ICE credentials

@@ -15,7 +15,7 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     relayd::{Relayd, binary},
     require_root,
-    signalling_client::{Socket, call, connect, receive},
+    signalling_client::{Socket, call, connect, receive, receive_within},
     traffic::{numbered, sequence_of},
 };
 use serde_json::{Value, json};
@@ -238,6 +238,152 @@ port_range = "41000-41010"
         let unknown = relayd.ctl(&["calls", "hangup", "99"]);
         assert_eq!(unknown.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&unknown.stderr).contains("call: 99: no such call"));
+        pbx_echo.abort();
+    });
+}
+
+/// The PBX's answer to an app's call: plain RTP from its LAN address.
+const PBX_ANSWER: &str = "v=0\r\no=PBX 2 2 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+
+#[test]
+fn an_app_behind_nat_calls_the_pbx_and_the_media_flows_in_xdp() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&format!(
+        r#"
+[datapath]
+mode = "xdp"
+interfaces = ["w0", "l0"]
+xdp_mode = "generic"
+pin_dir = "{}"
+[signalling]
+enabled = true
+listen = "{SIGNALLING}"
+token_secret = "a token secret of enough length"
+tenants = [{{ name = "acme", api_key = "{API_KEY}" }}]
+[calls]
+enabled = true
+ice_listen = "{ICE}"
+lan_address = "10.30.0.1"
+"#,
+        pins.path.display()
+    ));
+    let mut command = std::process::Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{}", lab.relay.name))
+        .arg("--")
+        .arg(binary("relayd"));
+    let relayd = Relayd::start_command(command, &["--config", config.path()]);
+    let fingerprint = relayd
+        .log()
+        .lines()
+        .find_map(|line| {
+            line.split("sha256=")
+                .nth(1)
+                .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+        })
+        .expect("fingerprint logged");
+    let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let main_runtime = runtime();
+    main_runtime.block_on(async {
+        let pbx_echo = tokio::spawn(pbx_echo(echo_socket));
+        let mut controller: Socket =
+            connect(&lab.pbx, SIGNALLING.parse().unwrap(), &fingerprint).await;
+        call(
+            &mut controller,
+            json!({"type": "hello", "v": 1, "role": "controller", "tenant": "acme", "api_key": API_KEY}),
+        )
+        .await;
+        let minted = call(
+            &mut controller,
+            json!({"type": "token.mint", "id": 1, "user": "bob", "ttl_secs": 300}),
+        )
+        .await;
+        let token = minted["token"].as_str().unwrap().to_owned();
+        let (done_tx, done) = mpsc::channel();
+        let app_ns = lab.app.name.clone();
+        let app_thread = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::connect(
+                    SIGNALLING.parse().unwrap(),
+                    &fingerprint,
+                    &token,
+                    "10.20.0.2".parse().unwrap(),
+                )
+                .await;
+                let (call_id, media) = app.call_out().await;
+                let mut echoed = 0;
+                let mut buf = vec![0u8; 2048];
+                for sequence in 0..PACKETS {
+                    media.send(&numbered(sequence)).await.unwrap();
+                    if let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(1), media.recv(&mut buf)).await
+                        && sequence_of(&buf[..n]) == Some(sequence)
+                    {
+                        echoed += 1;
+                    }
+                }
+                done_tx.send(echoed).unwrap();
+                // The app hangs up.
+                let result = call(
+                    &mut app.signalling,
+                    json!({"type": "call.hangup", "id": 9, "call": call_id}),
+                )
+                .await;
+                assert_eq!(result["type"], "result", "{result}");
+                app.close().await;
+            })
+        });
+        // The controller gets the app's call with the PBX's offer: the relay's LAN side.
+        let incoming = receive_within(&mut controller, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            (&incoming["event"], &incoming["user"]),
+            (&json!("call.incoming"), &json!("bob")),
+            "{incoming}"
+        );
+        let pbx_offer = incoming["sdp"].as_str().unwrap();
+        let endpoint = relay::session::sdp::audio(pbx_offer).unwrap();
+        assert_eq!(endpoint.rtp.ip().to_string(), "10.30.0.1", "{pbx_offer}");
+        assert!(!pbx_offer.contains("a=candidate"), "{pbx_offer}");
+        assert!(!pbx_offer.contains("10.20.0.2"), "the app's address is hidden: {pbx_offer}");
+        let answered = call(
+            &mut controller,
+            json!({"type": "call.answer", "id": 2, "call": incoming["call"], "sdp": PBX_ANSWER}),
+        )
+        .await;
+        assert_eq!(answered["type"], "result", "{answered}");
+        let echoed = tokio::task::spawn_blocking(move || done.recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(echoed, PACKETS, "every RTP packet came back\n{}", relayd.log());
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        for flow in flows["flows"].as_array().unwrap() {
+            assert!(
+                flow["counters"]["xdp_packets"].as_u64().unwrap() >= u64::from(PACKETS) - 10,
+                "{flow}"
+            );
+        }
+        // After the app's hangup the controller is told, and nothing is left.
+        let mut ended = Value::Null;
+        for _ in 0..3 {
+            let event = receive_within(&mut controller, Duration::from_secs(10))
+                .await
+                .unwrap();
+            if event["event"] == "call.ended" {
+                ended = event;
+                break;
+            }
+        }
+        assert_eq!(ended["reason"], "hangup", "{ended}");
+        tokio::task::spawn_blocking(move || app_thread.join().unwrap())
+            .await
+            .unwrap();
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
         pbx_echo.abort();
     });
 }

@@ -43,7 +43,8 @@ pub struct CallInfo {
     pub app: Option<SocketAddr>,
     pub ice: Option<SocketAddr>,
     pub lan: SocketAddr,
-    pub pbx: SocketAddr,
+    /// None until the PBX has answered an app's call.
+    pub pbx: Option<SocketAddr>,
     pub flows: Vec<u32>,
     /// Both directions, kernel and slow path.
     pub packets: u64,
@@ -70,9 +71,15 @@ struct Call {
     id: u64,
     tenant: String,
     user: String,
-    /// Where the PBX wants its RTP, and the relay's LAN address for this call.
-    pbx: SocketAddr,
+    /// Who called: the PBX (the app answers; the relay's ICE is controlling) or the app
+    /// (the controller answers for the PBX; the relay's ICE is controlled).
+    from_app: bool,
+    /// Where the PBX wants its RTP (known from its offer, or from its answer to an app's
+    /// call), and the relay's LAN address for this call.
+    pbx: std::sync::OnceLock<SocketAddr>,
     lan: SocketAddr,
+    /// An app's call: its ICE credentials, until the controller answers.
+    app_ice: Mutex<Option<(String, String)>>,
     lan_socket: Arc<UdpSocket>,
     /// The PBX's offer, kept until the app answers.
     leg: tokio::sync::Mutex<IceLeg>,
@@ -162,8 +169,10 @@ impl Calls {
             id,
             tenant: controller.tenant.clone(),
             user: user.to_owned(),
-            pbx,
+            from_app: false,
+            pbx: std::sync::OnceLock::from(pbx),
             lan,
+            app_ice: Mutex::new(None),
             lan_socket: Arc::new(lan_socket),
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
@@ -180,14 +189,132 @@ impl Calls {
         Ok(fields([("call", id.into())]))
     }
 
-    /// `call.answer` from the app: its SDP answer. The PBX gets its answer, and ICE runs.
+    /// `call.create` from an app: it calls out with its SDP offer (with ICE). The
+    /// controller gets a `call.incoming` with the offer for the PBX and answers it.
+    pub async fn create_from_app(
+        &self,
+        app: &Identity,
+        app_offer: &str,
+    ) -> Result<Map<String, Value>, CallError> {
+        let user = app.user.clone().unwrap_or_default();
+        let endpoint =
+            sdp::audio(app_offer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
+            return Err((
+                ErrorCode::BadRequest,
+                "sdp: the offer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
+            ));
+        };
+        let (lan_socket, lan) = self.bind_lan_port().await?;
+        let pbx_offer = sdp::toward_pbx(app_offer, lan)
+            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)
+            .await
+            .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
+        for candidate in &endpoint.candidates {
+            if let Err(err) = leg.add_remote_candidate(candidate) {
+                tracing::debug!(%err, "calls: an app candidate skipped");
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let incoming = event(
+            "call.incoming",
+            id,
+            [("user", user.clone().into()), ("sdp", pbx_offer.into())],
+        );
+        if !self.hub.to_controller(&app.tenant, &incoming) {
+            return Err((
+                ErrorCode::Offline,
+                format!("the controller of tenant {} is not connected", app.tenant),
+            ));
+        }
+        let call = Arc::new(Call {
+            id,
+            tenant: app.tenant.clone(),
+            user: user.clone(),
+            from_app: true,
+            pbx: std::sync::OnceLock::new(),
+            lan,
+            app_ice: Mutex::new(Some((ufrag, pwd))),
+            lan_socket: Arc::new(lan_socket),
+            leg: tokio::sync::Mutex::new(leg),
+            state: Mutex::new(("offered", None)),
+            flows: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        self.calls().insert(id, call);
+        tracing::info!(call = id, tenant = %app.tenant, user, %lan, "calls: the app calls out; offered to the controller");
+        Ok(fields([("call", id.into())]))
+    }
+
+    /// `call.answer`: from the app to a PBX's call, or from the controller to an app's.
     pub async fn answer(
         self: &Arc<Self>,
-        app: &Identity,
+        who: &Identity,
         id: u64,
+        sdp_answer: &str,
+    ) -> Result<Map<String, Value>, CallError> {
+        let call = self.owned(who, id)?;
+        match (call.from_app, who.role) {
+            (false, Role::Client) => self.app_answers(call, sdp_answer).await,
+            (true, Role::Controller) => self.controller_answers(call, sdp_answer).await,
+            _ => Err((
+                ErrorCode::Forbidden,
+                format!("call: {id}: the other side answers this call"),
+            )),
+        }
+    }
+
+    /// The PBX's answer to an app's call: the app gets its answer, and ICE runs with the
+    /// relay controlled (the app offered).
+    async fn controller_answers(
+        self: &Arc<Self>,
+        call: Arc<Call>,
+        pbx_answer: &str,
+    ) -> Result<Map<String, Value>, CallError> {
+        let pbx = sdp::audio(pbx_answer)
+            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?
+            .rtp;
+        let Some((ufrag, pwd)) = call.app_ice.lock().expect("call ice").take() else {
+            return Err((ErrorCode::BadRequest, "the call is already answered".into()));
+        };
+        let _ = call.pbx.set(pbx);
+        let local = {
+            let leg = call.leg.lock().await;
+            leg.local()
+        };
+        let app_answer = sdp::toward_app(
+            pbx_answer,
+            self.ice.address(),
+            &IceOffer {
+                ufrag: local.ufrag,
+                pwd: local.pwd,
+                candidates: local.candidates,
+            },
+        )
+        .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        self.hub.to_user(
+            &call.tenant,
+            &call.user,
+            &event("call.answered", call.id, [("sdp", app_answer.into())]),
+        );
+        *call.state.lock().expect("call state") = ("connecting", None);
+        let id = call.id;
+        let calls = self.clone();
+        let connecting = tokio::spawn(async move { calls.connect(call, false, ufrag, pwd).await });
+        if let Some(call) = self.calls().get(&id) {
+            call.tasks.lock().expect("call tasks").push(connecting);
+        }
+        Ok(Map::new())
+    }
+
+    /// The app's answer to a PBX's call: the PBX gets its answer, and ICE runs.
+    async fn app_answers(
+        self: &Arc<Self>,
+        call: Arc<Call>,
         app_answer: &str,
     ) -> Result<Map<String, Value>, CallError> {
-        let call = self.owned(app, id)?;
+        let id = call.id;
         let endpoint =
             sdp::audio(app_answer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
         let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
@@ -212,7 +339,7 @@ impl Calls {
         );
         *call.state.lock().expect("call state") = ("connecting", None);
         let calls = self.clone();
-        let connecting = tokio::spawn(async move { calls.connect(call, ufrag, pwd).await });
+        let connecting = tokio::spawn(async move { calls.connect(call, true, ufrag, pwd).await });
         if let Some(call) = self.calls().get(&id) {
             call.tasks.lock().expect("call tasks").push(connecting);
         }
@@ -249,10 +376,16 @@ impl Calls {
     }
 
     /// Runs ICE, then puts the media on the selected pair and follows its changes.
-    async fn connect(self: Arc<Self>, call: Arc<Call>, ufrag: String, pwd: String) {
+    async fn connect(
+        self: Arc<Self>,
+        call: Arc<Call>,
+        controlling: bool,
+        ufrag: String,
+        pwd: String,
+    ) {
         let connected = {
             let mut leg = call.leg.lock().await;
-            tokio::time::timeout(self.ice_timeout, leg.connect(true, ufrag, pwd)).await
+            tokio::time::timeout(self.ice_timeout, leg.connect(controlling, ufrag, pwd)).await
         };
         let pair = match connected {
             Ok(Ok(pair)) => pair,
@@ -364,7 +497,7 @@ impl Calls {
                     app: pair.map(|p| p.remote),
                     ice: pair.map(|p| p.local),
                     lan: call.lan,
-                    pbx: call.pbx,
+                    pbx: call.pbx.get().copied(),
                     flows,
                     packets,
                     bytes,
@@ -419,7 +552,7 @@ impl Calls {
             src: pair.remote,
             dst: pair.local,
             new_src: call.lan,
-            new_dst: call.pbx,
+            new_dst: call.pbx(),
             channel: None,
         };
         let mut flows = call.flows.lock().expect("call flows");
@@ -432,7 +565,7 @@ impl Calls {
             .offload(&[to_pbx, to_pbx.reverse()], monotonic_ns())
         {
             Ok(ids) => {
-                tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx, ?ids, "calls: media flows installed");
+                tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx(), ?ids, "calls: media flows installed");
                 *flows = ids;
             }
             Err(err) => {
@@ -445,7 +578,7 @@ impl Calls {
     /// forward (the first packets, the userspace datapath).
     fn start_userspace_media(&self, call: &Arc<Call>, conn: IceConn) {
         let to_pbx = {
-            let (conn, socket, pbx) = (conn.clone(), call.lan_socket.clone(), call.pbx);
+            let (conn, socket, pbx) = (conn.clone(), call.lan_socket.clone(), call.pbx());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 while let Ok(n) = conn.recv(&mut buf).await {
@@ -454,7 +587,7 @@ impl Calls {
             })
         };
         let to_app = {
-            let (socket, pbx) = (call.lan_socket.clone(), call.pbx);
+            let (socket, pbx) = (call.lan_socket.clone(), call.pbx());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 while let Ok((n, from)) = socket.recv_from(&mut buf).await {
@@ -515,6 +648,16 @@ impl Calls {
             ErrorCode::Busy,
             "no free LAN port left in calls.port_range".into(),
         ))
+    }
+}
+
+impl Call {
+    /// The PBX's RTP address (set before ICE runs, in both directions).
+    fn pbx(&self) -> SocketAddr {
+        self.pbx
+            .get()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))
     }
 }
 

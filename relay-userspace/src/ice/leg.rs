@@ -64,6 +64,7 @@ pub type IceConn = Arc<dyn webrtc_util::Conn + Send + Sync>;
 
 pub struct IceLeg {
     agent: Arc<Agent>,
+    local: LocalIce,
     conn: Option<IceConn>,
     states: watch::Receiver<ConnectionState>,
     /// Dropping it cancels a connect in progress.
@@ -139,6 +140,11 @@ impl IceLeg {
         Ok((
             IceLeg {
                 agent,
+                local: LocalIce {
+                    ufrag: ufrag.clone(),
+                    pwd: pwd.clone(),
+                    candidates: candidates.clone(),
+                },
                 conn: None,
                 states,
                 _cancel: cancel,
@@ -151,6 +157,11 @@ impl IceLeg {
                 candidates,
             },
         ))
+    }
+
+    /// The relay's credentials and candidates for this leg.
+    pub fn local(&self) -> LocalIce {
+        self.local.clone()
     }
 
     /// A candidate of the app (an `a=candidate` value, or trickled).

@@ -35,9 +35,15 @@ pub enum Inbound {
     /// the controller).
     #[serde(rename = "send")]
     Send { id: u64, to: Target, body: Value },
-    /// Controllers: the PBX calls `user`'s app with this SDP offer.
+    /// Controllers: the PBX calls `user`'s app with this SDP offer. Apps: the app calls out
+    /// (no `user`) with its offer.
     #[serde(rename = "call.create")]
-    CallCreate { id: u64, user: String, sdp: String },
+    CallCreate {
+        id: u64,
+        #[serde(default)]
+        user: Option<String>,
+        sdp: String,
+    },
     /// Apps: the answer to a `call.incoming`.
     #[serde(rename = "call.answer")]
     CallAnswer { id: u64, call: u64, sdp: String },

@@ -380,7 +380,22 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
             };
-            answer(id, calls.create(identity, &user, &sdp).await)
+            match (identity.role, user) {
+                (Role::Controller, Some(user)) => {
+                    answer(id, calls.create(identity, &user, &sdp).await)
+                }
+                (Role::Client, None) => answer(id, calls.create_from_app(identity, &sdp).await),
+                (Role::Controller, None) => error(
+                    Some(id),
+                    ErrorCode::BadRequest,
+                    "call.create: a controller names the user to call".to_owned(),
+                ),
+                (Role::Client, Some(_)) => error(
+                    Some(id),
+                    ErrorCode::Forbidden,
+                    "call.create: an app calls the PBX, not another user".to_owned(),
+                ),
+            }
         }
         Ok(Inbound::CallAnswer { id, call, sdp }) => {
             let Some(calls) = &context.calls else {

@@ -45,7 +45,7 @@ pub fn run(
                         call.user.clone(),
                         call.state.clone(),
                         call.app.map_or("-".to_owned(), |a| a.to_string()),
-                        call.pbx.to_string(),
+                        call.pbx.map_or("-".to_owned(), |a| a.to_string()),
                         call.lan.to_string(),
                         call.flows.len().to_string(),
                         output::count(call.packets),
