@@ -208,6 +208,8 @@ port_range = "41000-41010"
         );
         assert!(listed_call["packets"].as_u64().unwrap() >= 2 * u64::from(PACKETS) - 20, "{listed}");
         assert!(relayd.ctl_ok(&["calls", "list"]).contains("connected"));
+        assert_eq!(relayd.ctl_json(&["status"])["calls"], 1);
+        assert!(relayd.ctl_ok(&["status"]).contains("calls       1 in progress"));
         let flows = relayd.ctl_json(&["flow", "list"]);
         let flows = flows["flows"].as_array().unwrap().clone();
         assert_eq!(flows.len(), 2, "{flows:?}");

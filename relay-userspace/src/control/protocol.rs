@@ -144,6 +144,9 @@ pub struct StatusResult {
     /// Absent when the TURN server is not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<TurnStatus>,
+    /// Calls in progress; absent when calls are not enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<usize>,
 }
 
 /// The TURN server at a glance.

@@ -221,6 +221,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             flows: table.len(),
             idle_timeout_secs: table.idle_timeout_secs(),
             turn: turn.map(|turn| turn.status()),
+            calls: services.calls.as_ref().map(|calls| calls.len()),
         }),
         method::STATS => to_value(StatsResult {
             flows: table.len(),

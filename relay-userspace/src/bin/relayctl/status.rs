@@ -61,6 +61,9 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
             None => println!("            allocations end with relayd (no state store)"),
         }
     }
+    if let Some(calls) = status.calls {
+        println!("calls       {calls} in progress (relayctl calls list)");
+    }
     if !datapath.interfaces.is_empty() {
         println!();
         let mut table =
