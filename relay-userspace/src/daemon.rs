@@ -113,6 +113,7 @@ pub async fn run(
                 table.clone(),
                 turn.clone(),
                 signalling.as_ref().map(|(hub, _)| hub.clone()),
+                calls.clone(),
                 stopped.clone(),
             )))
         }

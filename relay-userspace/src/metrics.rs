@@ -12,6 +12,7 @@ use tokio::{
 };
 
 use crate::{
+    calls::Calls,
     datapath::{DatapathKind, table::FlowTable},
     signalling::hub::Hub,
     turn::driver::TurnService,
@@ -25,13 +26,20 @@ pub async fn serve(
     table: Arc<FlowTable>,
     turn: Option<Arc<TurnService>>,
     signalling: Option<Arc<Hub>>,
+    calls: Option<Arc<Calls>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, table.clone(), turn.clone(), signalling.clone()));
+                    tokio::spawn(answer(
+                        stream,
+                        table.clone(),
+                        turn.clone(),
+                        signalling.clone(),
+                        calls.clone(),
+                    ));
                 }
                 Err(err) => tracing::warn!(%err, "metrics: accept failed"),
             },
@@ -45,6 +53,7 @@ async fn answer(
     table: Arc<FlowTable>,
     turn: Option<Arc<TurnService>>,
     signalling: Option<Arc<Hub>>,
+    calls: Option<Arc<Calls>>,
 ) {
     let mut head = vec![0u8; MAX_REQUEST_BYTES];
     let mut read = 0;
@@ -61,7 +70,12 @@ async fn answer(
             ["GET", "/metrics"] => (
                 "200 OK",
                 "text/plain; version=0.0.4",
-                render(&table, turn.as_deref(), signalling.as_deref()),
+                render(
+                    &table,
+                    turn.as_deref(),
+                    signalling.as_deref(),
+                    calls.as_deref(),
+                ),
             ),
             ["GET", _] => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
             _ => (
@@ -78,7 +92,12 @@ async fn answer(
 }
 
 /// The metrics in the Prometheus text exposition format.
-pub fn render(table: &FlowTable, turn: Option<&TurnService>, signalling: Option<&Hub>) -> String {
+pub fn render(
+    table: &FlowTable,
+    turn: Option<&TurnService>,
+    signalling: Option<&Hub>,
+    calls: Option<&Calls>,
+) -> String {
     let status = table.status();
     let stats = table.stats();
     let mut out = String::new();
@@ -169,6 +188,14 @@ pub fn render(table: &FlowTable, turn: Option<&TurnService>, signalling: Option<
             ("{reason=\"send_error\"}".to_owned(), user.send_errors),
         ],
     );
+    if let Some(calls) = calls {
+        metric(
+            "relay_calls",
+            "gauge",
+            "Calls in progress (offered, connecting or connected).",
+            &[(String::new(), calls.len() as u64)],
+        );
+    }
     if let Some(hub) = signalling {
         let (controllers, clients) = hub.counts();
         metric(

@@ -111,6 +111,8 @@ enabled = true
 ice_listen = "{ICE}"
 lan_address = "10.30.0.1"
 port_range = "41000-41010"
+[metrics]
+listen = "10.30.0.1:9477"
 "#,
         pins.path.display()
     ));
@@ -209,6 +211,13 @@ port_range = "41000-41010"
         assert!(listed_call["packets"].as_u64().unwrap() >= 2 * u64::from(PACKETS) - 20, "{listed}");
         assert!(relayd.ctl_ok(&["calls", "list"]).contains("connected"));
         assert_eq!(relayd.ctl_json(&["status"])["calls"], 1);
+        let metrics = relay_tests::relayd::http_get(&lab.relay, "10.30.0.1:9477", "/metrics");
+        assert_eq!(relay_tests::relayd::metric(&metrics, "relay_calls"), Some(1), "{metrics}");
+        assert_eq!(
+            relay_tests::relayd::metric(&metrics, r#"relay_signalling_sessions{role="client"}"#),
+            Some(1),
+            "{metrics}"
+        );
         assert!(relayd.ctl_ok(&["status"]).contains("calls       1 in progress"));
         let flows = relayd.ctl_json(&["flow", "list"]);
         let flows = flows["flows"].as_array().unwrap().clone();
