@@ -17,7 +17,10 @@ use std::{
 
 use sdp::{
     SessionDescription,
-    description::common::{Address, Attribute, ConnectionInformation},
+    description::{
+        common::{Address, Attribute, ConnectionInformation},
+        media::MediaDescription,
+    },
 };
 
 /// ICE attributes, at session or media level, that mean nothing to a plain-RTP PBX.
@@ -110,29 +113,14 @@ pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
 /// and the call's RTP port), no ICE.
 pub fn toward_pbx(app: &str, relay: SocketAddr) -> Result<String, SdpError> {
     let mut description = parse(app)?;
-    let index = usable_audio(&description)?;
-    readdress(&mut description, relay.ip());
-    description
-        .attributes
-        .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()));
-    for (i, media) in description.media_descriptions.iter_mut().enumerate() {
-        media
-            .attributes
-            .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()));
-        if i != index {
-            media.media_name.port.value = 0;
-            continue;
-        }
-        media.media_name.port.value = relay.port() as isize;
-        media.connection_information = None;
-        // With rtcp-mux RTCP shares the RTP port; without, it is the next one.
-        let rtcp_port = if media.has_attribute("rtcp-mux") {
-            relay.port()
-        } else {
-            relay.port() + 1
-        };
-        set_rtcp(&mut media.attributes, rtcp_port, relay.ip());
-    }
+    let media = anchor(&mut description, relay)?;
+    // With rtcp-mux RTCP shares the RTP port; without, it is the next one.
+    let rtcp_port = if media.has_attribute("rtcp-mux") {
+        relay.port()
+    } else {
+        relay.port() + 1
+    };
+    set_rtcp(&mut media.attributes, rtcp_port, relay.ip());
     Ok(description.marshal())
 }
 
@@ -140,8 +128,39 @@ pub fn toward_pbx(app: &str, relay: SocketAddr) -> Result<String, SdpError> {
 /// ICE port), the relay's ICE credentials and candidates, RTCP multiplexed.
 pub fn toward_app(pbx: &str, relay: SocketAddr, ice: &IceOffer) -> Result<String, SdpError> {
     let mut description = parse(pbx)?;
-    let index = usable_audio(&description)?;
-    readdress(&mut description, relay.ip());
+    let media = anchor(&mut description, relay)?;
+    set_rtcp(&mut media.attributes, relay.port(), relay.ip());
+    if !media.has_attribute("rtcp-mux") {
+        media
+            .attributes
+            .push(Attribute::new("rtcp-mux".into(), None));
+    }
+    media
+        .attributes
+        .push(Attribute::new("ice-ufrag".into(), Some(ice.ufrag.clone())));
+    media
+        .attributes
+        .push(Attribute::new("ice-pwd".into(), Some(ice.pwd.clone())));
+    for candidate in &ice.candidates {
+        media
+            .attributes
+            .push(Attribute::new("candidate".into(), Some(candidate.clone())));
+    }
+    media
+        .attributes
+        .push(Attribute::new("end-of-candidates".into(), None));
+    Ok(description.marshal())
+}
+
+/// What both directions do: the relay's address in `o=` and `c=`, every ICE attribute
+/// removed, the first audio stream sent to `relay`, the other streams refused (port 0).
+/// Returns the audio stream, for the direction's own attributes.
+fn anchor(
+    description: &mut SessionDescription,
+    relay: SocketAddr,
+) -> Result<&mut MediaDescription, SdpError> {
+    let index = usable_audio(description)?;
+    readdress(description, relay.ip());
     description
         .attributes
         .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()));
@@ -151,32 +170,12 @@ pub fn toward_app(pbx: &str, relay: SocketAddr, ice: &IceOffer) -> Result<String
             .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()));
         if i != index {
             media.media_name.port.value = 0;
-            continue;
         }
-        media.media_name.port.value = relay.port() as isize;
-        media.connection_information = None;
-        set_rtcp(&mut media.attributes, relay.port(), relay.ip());
-        if !media.has_attribute("rtcp-mux") {
-            media
-                .attributes
-                .push(Attribute::new("rtcp-mux".into(), None));
-        }
-        media
-            .attributes
-            .push(Attribute::new("ice-ufrag".into(), Some(ice.ufrag.clone())));
-        media
-            .attributes
-            .push(Attribute::new("ice-pwd".into(), Some(ice.pwd.clone())));
-        for candidate in &ice.candidates {
-            media
-                .attributes
-                .push(Attribute::new("candidate".into(), Some(candidate.clone())));
-        }
-        media
-            .attributes
-            .push(Attribute::new("end-of-candidates".into(), None));
     }
-    Ok(description.marshal())
+    let media = &mut description.media_descriptions[index];
+    media.media_name.port.value = relay.port() as isize;
+    media.connection_information = None;
+    Ok(media)
 }
 
 fn audio_index(description: &SessionDescription) -> Result<usize, SdpError> {
