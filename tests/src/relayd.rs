@@ -108,6 +108,17 @@ impl Relayd {
         panic!("relayd not ready after 20 s:\n{}", self.log());
     }
 
+    /// The SHA-256 fingerprint of the signalling certificate, as relayd logs it at start.
+    pub fn signalling_fingerprint(&self) -> String {
+        let log = self.log();
+        log.lines()
+            .find(|line| line.contains("signalling: listening"))
+            .and_then(|line| line.split("sha256=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no signalling fingerprint logged:\n{log}"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

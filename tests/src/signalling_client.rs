@@ -122,6 +122,24 @@ async fn handshake(tcp: std::net::TcpStream, address: SocketAddr, fingerprint: &
     socket
 }
 
+/// A controller of `tenant`, connected from `ns` and past its `hello`.
+pub async fn controller(
+    ns: &NetNs,
+    address: SocketAddr,
+    fingerprint: &str,
+    tenant: &str,
+    api_key: &str,
+) -> Socket {
+    let mut socket = connect(ns, address, fingerprint).await;
+    let welcome = call(
+        &mut socket,
+        serde_json::json!({"type": "hello", "v": 1, "role": "controller", "tenant": tenant, "api_key": api_key}),
+    )
+    .await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    socket
+}
+
 pub async fn send(socket: &mut Socket, message: Value) {
     socket
         .send(Message::text(message.to_string()))

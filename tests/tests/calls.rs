@@ -13,9 +13,9 @@ use relay_tests::{
     config_file::ConfigFile,
     lab::EdgeLab,
     netns::{PinDir, enter_by_name},
-    relayd::{Relayd, binary},
+    relayd::Relayd,
     require_root,
-    signalling_client::{Socket, call, connect, receive, receive_within},
+    signalling_client::{Socket, call, controller, receive, receive_within},
     traffic::{numbered, sequence_of},
 };
 use serde_json::{Value, json};
@@ -116,32 +116,20 @@ listen = "10.30.0.1:9477"
 "#,
         pins.path.display()
     ));
-    let mut command = std::process::Command::new("nsenter");
-    command
-        .arg(format!("--net=/run/netns/{}", lab.relay.name))
-        .arg("--")
-        .arg(binary("relayd"));
-    let relayd = Relayd::start_command(command, &["--config", config.path()]);
-    let fingerprint = relayd
-        .log()
-        .lines()
-        .find_map(|line| {
-            line.split("sha256=")
-                .nth(1)
-                .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
-        })
-        .expect("fingerprint logged");
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let fingerprint = relayd.signalling_fingerprint();
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
     let main_runtime = runtime();
     main_runtime.block_on(async {
         let pbx_echo = tokio::spawn(pbx_echo(echo_socket));
-        let mut controller: Socket = connect(&lab.pbx, SIGNALLING.parse().unwrap(), &fingerprint).await;
-        let welcome = call(
-            &mut controller,
-            json!({"type": "hello", "v": 1, "role": "controller", "tenant": "acme", "api_key": API_KEY}),
+        let mut controller: Socket = controller(
+            &lab.pbx,
+            SIGNALLING.parse().unwrap(),
+            &fingerprint,
+            "acme",
+            API_KEY,
         )
         .await;
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
         // Nobody to call yet: offline, nothing allocated.
         let answer = call(
             &mut controller,
@@ -154,7 +142,10 @@ listen = "10.30.0.1:9477"
             json!({"type": "call.create", "id": 2, "user": "alice", "sdp": "v=0\r\n"}),
         )
         .await;
-        assert_eq!(answer["code"], "bad_request", "an SDP without audio: {answer}");
+        assert_eq!(
+            answer["code"], "bad_request",
+            "an SDP without audio: {answer}"
+        );
         let minted = call(
             &mut controller,
             json!({"type": "token.mint", "id": 3, "user": "alice", "ttl_secs": 300}),
@@ -191,34 +182,63 @@ listen = "10.30.0.1:9477"
         let pbx_answer = answered["sdp"].as_str().unwrap();
         let endpoint = relay::session::sdp::audio(pbx_answer).unwrap();
         assert_eq!(endpoint.rtp.ip().to_string(), "10.30.0.1", "{pbx_answer}");
-        assert!(!pbx_answer.contains("a=candidate"), "no ICE toward the PBX: {pbx_answer}");
+        assert!(
+            !pbx_answer.contains("a=candidate"),
+            "no ICE toward the PBX: {pbx_answer}"
+        );
         let state = receive(&mut controller).await.unwrap();
         assert_eq!(state["state"], "connected", "{state}");
         // The app's address as the relay sees it: the NAT's.
-        assert!(state["remote"].as_str().unwrap().starts_with("198.51.100.2:"), "{state}");
+        assert!(
+            state["remote"]
+                .as_str()
+                .unwrap()
+                .starts_with("198.51.100.2:"),
+            "{state}"
+        );
 
         let echoed = tokio::task::spawn_blocking(move || done.recv().unwrap())
             .await
             .unwrap();
-        assert_eq!(echoed, PACKETS, "every RTP packet came back\n{}", relayd.log());
+        assert_eq!(
+            echoed,
+            PACKETS,
+            "every RTP packet came back\n{}",
+            relayd.log()
+        );
         let listed = relayd.ctl_json(&["calls", "list"]);
         let listed_call = &listed["calls"][0];
         assert_eq!(
-            (&listed_call["user"], &listed_call["state"], &listed_call["pbx"]),
+            (
+                &listed_call["user"],
+                &listed_call["state"],
+                &listed_call["pbx"]
+            ),
             (&json!("alice"), &json!("connected"), &json!(PBX_RTP)),
             "{listed}"
         );
-        assert!(listed_call["packets"].as_u64().unwrap() >= 2 * u64::from(PACKETS) - 20, "{listed}");
+        assert!(
+            listed_call["packets"].as_u64().unwrap() >= 2 * u64::from(PACKETS) - 20,
+            "{listed}"
+        );
         assert!(relayd.ctl_ok(&["calls", "list"]).contains("connected"));
         assert_eq!(relayd.ctl_json(&["status"])["calls"], 1);
         let metrics = relay_tests::relayd::http_get(&lab.relay, "10.30.0.1:9477", "/metrics");
-        assert_eq!(relay_tests::relayd::metric(&metrics, "relay_calls"), Some(1), "{metrics}");
+        assert_eq!(
+            relay_tests::relayd::metric(&metrics, "relay_calls"),
+            Some(1),
+            "{metrics}"
+        );
         assert_eq!(
             relay_tests::relayd::metric(&metrics, r#"relay_signalling_sessions{role="client"}"#),
             Some(1),
             "{metrics}"
         );
-        assert!(relayd.ctl_ok(&["status"]).contains("calls       1 in progress"));
+        assert!(
+            relayd
+                .ctl_ok(&["status"])
+                .contains("calls       1 in progress")
+        );
         let flows = relayd.ctl_json(&["flow", "list"]);
         let flows = flows["flows"].as_array().unwrap().clone();
         assert_eq!(flows.len(), 2, "{flows:?}");
@@ -241,7 +261,11 @@ listen = "10.30.0.1:9477"
         let ended = tokio::task::spawn_blocking(move || app_thread.join().unwrap())
             .await
             .unwrap();
-        assert_eq!((&ended["event"], &ended["reason"]), (&json!("call.ended"), &json!("hangup")), "{ended}");
+        assert_eq!(
+            (&ended["event"], &ended["reason"]),
+            (&json!("call.ended"), &json!("hangup")),
+            "{ended}"
+        );
         let flows = relayd.ctl_json(&["flow", "list"]);
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
         assert_eq!(relayd.ctl_ok(&["calls", "list"]), "no calls\n");
@@ -280,30 +304,18 @@ lan_address = "10.30.0.1"
 "#,
         pins.path.display()
     ));
-    let mut command = std::process::Command::new("nsenter");
-    command
-        .arg(format!("--net=/run/netns/{}", lab.relay.name))
-        .arg("--")
-        .arg(binary("relayd"));
-    let relayd = Relayd::start_command(command, &["--config", config.path()]);
-    let fingerprint = relayd
-        .log()
-        .lines()
-        .find_map(|line| {
-            line.split("sha256=")
-                .nth(1)
-                .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
-        })
-        .expect("fingerprint logged");
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let fingerprint = relayd.signalling_fingerprint();
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
     let main_runtime = runtime();
     main_runtime.block_on(async {
         let pbx_echo = tokio::spawn(pbx_echo(echo_socket));
-        let mut controller: Socket =
-            connect(&lab.pbx, SIGNALLING.parse().unwrap(), &fingerprint).await;
-        call(
-            &mut controller,
-            json!({"type": "hello", "v": 1, "role": "controller", "tenant": "acme", "api_key": API_KEY}),
+        let mut controller: Socket = controller(
+            &lab.pbx,
+            SIGNALLING.parse().unwrap(),
+            &fingerprint,
+            "acme",
+            API_KEY,
         )
         .await;
         let minted = call(
@@ -360,7 +372,10 @@ lan_address = "10.30.0.1"
         let endpoint = relay::session::sdp::audio(pbx_offer).unwrap();
         assert_eq!(endpoint.rtp.ip().to_string(), "10.30.0.1", "{pbx_offer}");
         assert!(!pbx_offer.contains("a=candidate"), "{pbx_offer}");
-        assert!(!pbx_offer.contains("10.20.0.2"), "the app's address is hidden: {pbx_offer}");
+        assert!(
+            !pbx_offer.contains("10.20.0.2"),
+            "the app's address is hidden: {pbx_offer}"
+        );
         let answered = call(
             &mut controller,
             json!({"type": "call.answer", "id": 2, "call": incoming["call"], "sdp": PBX_ANSWER}),
@@ -370,7 +385,12 @@ lan_address = "10.30.0.1"
         let echoed = tokio::task::spawn_blocking(move || done.recv().unwrap())
             .await
             .unwrap();
-        assert_eq!(echoed, PACKETS, "every RTP packet came back\n{}", relayd.log());
+        assert_eq!(
+            echoed,
+            PACKETS,
+            "every RTP packet came back\n{}",
+            relayd.log()
+        );
         let flows = relayd.ctl_json(&["flow", "list"]);
         for flow in flows["flows"].as_array().unwrap() {
             assert!(

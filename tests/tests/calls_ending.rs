@@ -10,9 +10,9 @@ use relay_tests::{
     config_file::ConfigFile,
     lab::EdgeLab,
     netns::{PinDir, enter_by_name},
-    relayd::{Relayd, binary},
+    relayd::Relayd,
     require_root,
-    signalling_client::{Socket, call, connect, receive_within},
+    signalling_client::{Socket, call, controller, receive_within},
     traffic::numbered,
 };
 use serde_json::{Value, json};
@@ -63,21 +63,8 @@ lan_address = "10.30.0.1"
 "#,
         pins.path.display()
     ));
-    let mut command = std::process::Command::new("nsenter");
-    command
-        .arg(format!("--net=/run/netns/{}", lab.relay.name))
-        .arg("--")
-        .arg(binary("relayd"));
-    let relayd = Relayd::start_command(command, &["--config", config.path()]);
-    let fingerprint = relayd
-        .log()
-        .lines()
-        .find_map(|line| {
-            line.split("sha256=")
-                .nth(1)
-                .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
-        })
-        .expect("fingerprint logged");
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let fingerprint = relayd.signalling_fingerprint();
     let echo = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
     std::thread::spawn(move || {
         echo.set_read_timeout(Some(Duration::from_secs(30)))
@@ -89,11 +76,12 @@ lan_address = "10.30.0.1"
     });
     let main = runtime();
     let (told_controller, told_app) = main.block_on(async {
-        let mut controller: Socket =
-            connect(&lab.pbx, SIGNALLING.parse().unwrap(), &fingerprint).await;
-        call(
-            &mut controller,
-            json!({"type": "hello", "v": 1, "role": "controller", "tenant": "acme", "api_key": API_KEY}),
+        let mut controller: Socket = controller(
+            &lab.pbx,
+            SIGNALLING.parse().unwrap(),
+            &fingerprint,
+            "acme",
+            API_KEY,
         )
         .await;
         let minted = call(

@@ -39,13 +39,7 @@ fn start(lab: &ThreeHosts, config: &ConfigFile, state: &StateDir) -> (Relayd, St
         .arg(binary("relayd"))
         .env("RELAY_STATE_PATH", state.0.join("state.redb"));
     let relayd = Relayd::start_command(command, &["--config", config.path()]);
-    let log = relayd.log();
-    let fingerprint = log
-        .lines()
-        .find(|line| line.contains("signalling: listening"))
-        .and_then(|line| line.split("sha256=").nth(1))
-        .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
-        .unwrap_or_else(|| panic!("no fingerprint logged:\n{log}"));
+    let fingerprint = relayd.signalling_fingerprint();
     (relayd, fingerprint)
 }
 

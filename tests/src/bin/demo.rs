@@ -24,7 +24,7 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     relayd::{Relayd, http_get, metric},
     require_root,
-    signalling_client::{call, connect, receive},
+    signalling_client::{controller, receive},
     traffic::{numbered, sequence_of},
 };
 use serde_json::json;
@@ -102,18 +102,7 @@ lan_address = "{}"
         EdgeLab::RELAY_LAN
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let fingerprint = relayd
-        .log()
-        .lines()
-        .find_map(|line| {
-            line.split("sha256=").nth(1).map(|rest| {
-                rest.split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-        })
-        .expect("relayd logs its certificate's fingerprint");
+    let fingerprint = relayd.signalling_fingerprint();
     println!("relayd is up; `relayctl status`:\n");
     println!("{}", relayd.ctl_ok(&["status"]));
 
@@ -124,16 +113,13 @@ lan_address = "{}"
         .collect();
 
     let main_runtime = runtime();
-    let mut controller = main_runtime.block_on(async {
-        let mut controller = connect(&lab.pbx, SIGNALLING.parse().unwrap(), &fingerprint).await;
-        let welcome = call(
-            &mut controller,
-            json!({"type": "hello", "v": 1, "role": "controller", "tenant": "demo", "api_key": API_KEY}),
-        )
-        .await;
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
-        controller
-    });
+    let mut controller = main_runtime.block_on(controller(
+        &lab.pbx,
+        SIGNALLING.parse().unwrap(),
+        &fingerprint,
+        "demo",
+        API_KEY,
+    ));
     println!("the PBX's controller is connected to the relay's signalling ({SIGNALLING})");
 
     // The apps, one user each, on one runtime in a thread inside the app namespace.
