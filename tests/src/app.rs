@@ -104,31 +104,7 @@ impl App {
         let answered = self.next_within(Duration::from_secs(10)).await;
         assert_eq!(answered["event"], "call.answered", "{answered}");
         let answer = answered["sdp"].as_str().expect("an answer").to_owned();
-        let remote = relay::session::sdp::audio(&answer).expect("the relay's answer");
-        for candidate in &remote.candidates {
-            let candidate: Arc<dyn Candidate + Send + Sync> =
-                Arc::new(unmarshal_candidate(candidate).expect("the relay's candidate"));
-            agent.add_remote_candidate(&candidate).expect("candidate");
-        }
-        let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
-        let media = tokio::time::timeout(
-            Duration::from_secs(10),
-            agent.dial(
-                cancel_rx,
-                remote.ice_ufrag.expect("ICE in the answer"),
-                remote.ice_pwd.expect("ICE in the answer"),
-            ),
-        )
-        .await
-        .expect("ICE connects through the NAT")
-        .expect("ICE connects");
-        let state = self.next().await;
-        assert_eq!(
-            (&state["event"], &state["state"]),
-            (&json!("call.state"), &json!("connected")),
-            "{state}"
-        );
-        self.agents.push(agent);
+        let media = self.run_ice(agent, &answer, true).await;
         (created["call"].clone(), media)
     }
 
@@ -145,24 +121,38 @@ impl App {
         )
         .await;
         assert_eq!(result["type"], "result", "{result}");
-        let remote = relay::session::sdp::audio(&offer).expect("the relay's offer");
+        self.run_ice(agent, &offer, false).await
+    }
+
+    /// Runs ICE with the relay's credentials and candidates from its SDP (`controlling`
+    /// when the app made the offer); returns the media connection once the relay says
+    /// `connected`.
+    async fn run_ice(&mut self, agent: Arc<Agent>, relay_sdp: &str, controlling: bool) -> Media {
+        let remote = relay::session::sdp::audio(relay_sdp).expect("the relay's SDP");
         for candidate in &remote.candidates {
             let candidate: Arc<dyn Candidate + Send + Sync> =
                 Arc::new(unmarshal_candidate(candidate).expect("the relay's candidate"));
             agent.add_remote_candidate(&candidate).expect("candidate");
         }
         let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
-        let media = tokio::time::timeout(
-            Duration::from_secs(10),
-            agent.accept(
-                cancel_rx,
-                remote.ice_ufrag.expect("ICE in the offer"),
-                remote.ice_pwd.expect("ICE in the offer"),
-            ),
-        )
-        .await
-        .expect("ICE connects through the NAT")
-        .expect("ICE connects");
+        let (ufrag, pwd) = (
+            remote.ice_ufrag.expect("ICE in the relay's SDP"),
+            remote.ice_pwd.expect("ICE in the relay's SDP"),
+        );
+        let connecting = async {
+            if controlling {
+                agent.dial(cancel_rx, ufrag, pwd).await.map(|c| c as Media)
+            } else {
+                agent
+                    .accept(cancel_rx, ufrag, pwd)
+                    .await
+                    .map(|c| c as Media)
+            }
+        };
+        let media = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .expect("ICE connects through the NAT")
+            .expect("ICE connects");
         let state = self.next().await;
         assert_eq!(
             (&state["event"], &state["state"]),
