@@ -123,6 +123,9 @@ impl EdgeLab {
     pub const RELAY_LAN: &str = "10.30.0.1";
     pub const APP: &str = "10.20.0.2";
     pub const PBX: &str = "10.30.0.2";
+    /// The relay's signalling (WebSocket over TLS) and ICE addresses in [`calls_config`].
+    pub const SIGNALLING: &str = "198.51.100.1:8443";
+    pub const ICE: &str = "198.51.100.1:3479";
 
     pub fn new() -> EdgeLab {
         let lab = EdgeLab {
@@ -162,6 +165,35 @@ impl EdgeLab {
         }
         lab
     }
+}
+
+/// relayd configuration for the edge lab: XDP on the WAN and LAN interfaces, signalling on
+/// [`EdgeLab::SIGNALLING`] with one tenant, calls with ICE on [`EdgeLab::ICE`]. `extra`
+/// lines go into `[calls]`, and may open further tables after it.
+pub fn calls_config(pin_dir: &std::path::Path, tenant: &str, api_key: &str, extra: &str) -> String {
+    format!(
+        r#"
+[datapath]
+mode = "xdp"
+interfaces = ["w0", "l0"]
+xdp_mode = "generic"
+pin_dir = "{}"
+[signalling]
+enabled = true
+listen = "{}"
+token_secret = "a token secret of enough length"
+tenants = [{{ name = "{tenant}", api_key = "{api_key}" }}]
+[calls]
+enabled = true
+ice_listen = "{}"
+lan_address = "{}"
+{extra}
+"#,
+        pin_dir.display(),
+        EdgeLab::SIGNALLING,
+        EdgeLab::ICE,
+        EdgeLab::RELAY_LAN,
+    )
 }
 
 impl Default for EdgeLab {

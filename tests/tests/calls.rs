@@ -11,7 +11,7 @@ use std::{sync::mpsc, time::Duration};
 use relay_tests::{
     app::App,
     config_file::ConfigFile,
-    lab::EdgeLab,
+    lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     relayd::Relayd,
     require_root,
@@ -20,8 +20,8 @@ use relay_tests::{
 };
 use serde_json::{Value, json};
 
-const SIGNALLING: &str = "198.51.100.1:8443";
-const ICE: &str = "198.51.100.1:3479";
+const SIGNALLING: &str = EdgeLab::SIGNALLING;
+
 const API_KEY: &str = "acme-api-key-0123456789";
 const PBX_RTP: &str = "10.30.0.2:40000";
 const PACKETS: u32 = 300;
@@ -94,27 +94,11 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
     require_root();
     let lab = EdgeLab::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&format!(
-        r#"
-[datapath]
-mode = "xdp"
-interfaces = ["w0", "l0"]
-xdp_mode = "generic"
-pin_dir = "{}"
-[signalling]
-enabled = true
-listen = "{SIGNALLING}"
-token_secret = "a token secret of enough length"
-tenants = [{{ name = "acme", api_key = "{API_KEY}" }}]
-[calls]
-enabled = true
-ice_listen = "{ICE}"
-lan_address = "10.30.0.1"
-port_range = "41000-41010"
-[metrics]
-listen = "10.30.0.1:9477"
-"#,
-        pins.path.display()
+    let config = ConfigFile::new(&calls_config(
+        &pins.path,
+        "acme",
+        API_KEY,
+        "port_range = \"41000-41010\"\n[metrics]\nlisten = \"10.30.0.1:9477\"",
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
@@ -285,25 +269,7 @@ fn an_app_behind_nat_calls_the_pbx_and_the_media_flows_in_xdp() {
     require_root();
     let lab = EdgeLab::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&format!(
-        r#"
-[datapath]
-mode = "xdp"
-interfaces = ["w0", "l0"]
-xdp_mode = "generic"
-pin_dir = "{}"
-[signalling]
-enabled = true
-listen = "{SIGNALLING}"
-token_secret = "a token secret of enough length"
-tenants = [{{ name = "acme", api_key = "{API_KEY}" }}]
-[calls]
-enabled = true
-ice_listen = "{ICE}"
-lan_address = "10.30.0.1"
-"#,
-        pins.path.display()
-    ));
+    let config = ConfigFile::new(&calls_config(&pins.path, "acme", API_KEY, ""));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());

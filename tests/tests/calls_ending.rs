@@ -8,7 +8,7 @@ use std::{sync::mpsc, time::Duration};
 use relay_tests::{
     app::App,
     config_file::ConfigFile,
-    lab::EdgeLab,
+    lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     relayd::Relayd,
     require_root,
@@ -17,7 +17,7 @@ use relay_tests::{
 };
 use serde_json::{Value, json};
 
-const SIGNALLING: &str = "198.51.100.1:8443";
+const SIGNALLING: &str = EdgeLab::SIGNALLING;
 const API_KEY: &str = "acme-api-key-0123456789";
 const PBX_RTP: &str = "10.30.0.2:40000";
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
@@ -43,26 +43,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn call_that_ends(ends: AppEnds, timeouts: &str) -> (Vec<Value>, Value, Value, String) {
     let lab = EdgeLab::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&format!(
-        r#"
-[datapath]
-mode = "xdp"
-interfaces = ["w0", "l0"]
-xdp_mode = "generic"
-pin_dir = "{}"
-[signalling]
-enabled = true
-listen = "{SIGNALLING}"
-token_secret = "a token secret of enough length"
-tenants = [{{ name = "acme", api_key = "{API_KEY}" }}]
-[calls]
-enabled = true
-ice_listen = "198.51.100.1:3479"
-lan_address = "10.30.0.1"
-{timeouts}
-"#,
-        pins.path.display()
-    ));
+    let config = ConfigFile::new(&calls_config(&pins.path, "acme", API_KEY, timeouts));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
     let echo = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());

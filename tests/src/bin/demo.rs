@@ -20,7 +20,7 @@ use std::{
 use relay_tests::{
     app::App,
     config_file::ConfigFile,
-    lab::EdgeLab,
+    lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     relayd::{Relayd, http_get, metric},
     require_root,
@@ -31,7 +31,7 @@ use serde_json::json;
 
 const CALLS: u16 = 3;
 const PACKETS_PER_SECOND: u64 = 50;
-const SIGNALLING: &str = "198.51.100.1:8443";
+const SIGNALLING: &str = EdgeLab::SIGNALLING;
 const METRICS: &str = "10.30.0.1:9477";
 const API_KEY: &str = "demo-api-key-0123456789";
 
@@ -78,28 +78,14 @@ fn main() {
     );
     let lab = EdgeLab::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&format!(
-        r#"
-[datapath]
-mode = "xdp"
-interfaces = ["w0", "l0"]
-xdp_mode = "generic"
-pin_dir = "{}"
-[metrics]
-listen = "{METRICS}"
-[signalling]
-enabled = true
-listen = "{SIGNALLING}"
-token_secret = "the demo's token secret"
-tenants = [{{ name = "demo", api_key = "{API_KEY}" }}]
-[calls]
-enabled = true
-ice_listen = "{}:3479"
-lan_address = "{}"
-"#,
-        pins.path.display(),
-        EdgeLab::RELAY_WAN,
-        EdgeLab::RELAY_LAN
+    let config = ConfigFile::new(&calls_config(
+        &pins.path,
+        "demo",
+        API_KEY,
+        &format!(
+            "[metrics]
+listen = \"{METRICS}\""
+        ),
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
