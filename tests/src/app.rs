@@ -104,7 +104,7 @@ impl App {
         let answered = self.next_within(Duration::from_secs(10)).await;
         assert_eq!(answered["event"], "call.answered", "{answered}");
         let answer = answered["sdp"].as_str().expect("an answer").to_owned();
-        let media = self.run_ice(agent, &answer, true).await;
+        let media = self.run_ice(agent, &answer, true, "connected").await;
         (created["call"].clone(), media)
     }
 
@@ -121,13 +121,41 @@ impl App {
         )
         .await;
         assert_eq!(result["type"], "result", "{result}");
-        self.run_ice(agent, &offer, false).await
+        self.run_ice(agent, &offer, false, "connected").await
+    }
+
+    /// The app moved to another network (its address is now `ip`): an ICE restart with a
+    /// fresh agent there (`controlling` as in the call's first run), offered to the relay
+    /// in a `call.update`; returns the media connection once the relay says the route
+    /// changed.
+    pub async fn restart(&mut self, call_id: &Value, ip: IpAddr, controlling: bool) -> Media {
+        self.ip = ip;
+        let (agent, ufrag, pwd, candidates, host) = self.agent().await;
+        let offer = offer_sdp(&ufrag, &pwd, &candidates, host);
+        let updated = call(
+            &mut self.signalling,
+            json!({"type": "call.update", "id": 3, "call": call_id, "sdp": offer}),
+        )
+        .await;
+        assert_eq!(updated["type"], "result", "{updated}");
+        let answer = updated["sdp"]
+            .as_str()
+            .expect("the relay's answer")
+            .to_owned();
+        self.run_ice(agent, &answer, controlling, "route-changed")
+            .await
     }
 
     /// Runs ICE with the relay's credentials and candidates from its SDP (`controlling`
-    /// when the app made the offer); returns the media connection once the relay says
-    /// `connected`.
-    async fn run_ice(&mut self, agent: Arc<Agent>, relay_sdp: &str, controlling: bool) -> Media {
+    /// when the app made the first offer); returns the media connection once the relay
+    /// says `state` (connected, or route-changed after a restart).
+    async fn run_ice(
+        &mut self,
+        agent: Arc<Agent>,
+        relay_sdp: &str,
+        controlling: bool,
+        state: &str,
+    ) -> Media {
         let remote = relay::session::sdp::audio(relay_sdp).expect("the relay's SDP");
         for candidate in &remote.candidates {
             let candidate: Arc<dyn Candidate + Send + Sync> =
@@ -153,11 +181,11 @@ impl App {
             .await
             .expect("ICE connects through the NAT")
             .expect("ICE connects");
-        let state = self.next().await;
+        let said = self.next().await;
         assert_eq!(
-            (&state["event"], &state["state"]),
-            (&json!("call.state"), &json!("connected")),
-            "{state}"
+            (&said["event"], &said["state"]),
+            (&json!("call.state"), &json!(state)),
+            "{said}"
         );
         self.agents.push(agent);
         media
@@ -173,6 +201,46 @@ impl App {
     pub async fn close(mut self) {
         self.close_agents().await;
     }
+}
+
+/// What came back of a stretch of [`talk`].
+pub struct Talked {
+    pub echoed: u32,
+    /// When the first packet came back.
+    pub first_echo: Option<std::time::Instant>,
+}
+
+/// Sends `count` numbered RTP packets from `first` at 50 per second (one every 20 ms, as a
+/// voice call does), each waited for until the next is due, and counts those the PBX's
+/// echo sent back.
+pub async fn talk(media: &Media, first: u32, count: u32) -> Talked {
+    let mut talked = Talked {
+        echoed: 0,
+        first_echo: None,
+    };
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    let mut buf = vec![0u8; 2048];
+    for sequence in first..first + count {
+        pace.tick().await;
+        if media
+            .send(&crate::traffic::numbered(sequence))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(19);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, media.recv(&mut buf)).await {
+            if crate::traffic::sequence_of(&buf[..n]) == Some(sequence) {
+                talked.echoed += 1;
+                talked
+                    .first_echo
+                    .get_or_insert_with(std::time::Instant::now);
+                break;
+            }
+        }
+    }
+    talked
 }
 
 /// The app's own offer: PCMU and DTMF over RTP, multiplexed RTCP, its ICE.

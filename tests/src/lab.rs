@@ -122,6 +122,10 @@ impl EdgeLab {
     /// The relay's LAN address, where the PBX sees media come from.
     pub const RELAY_LAN: &str = "10.30.0.1";
     pub const APP: &str = "10.20.0.2";
+    /// The app's second network ([`EdgeLab::second_network`]: Wi-Fi to cellular) and the
+    /// NAT's public address for it.
+    pub const APP_SECOND: &str = "10.20.0.3";
+    pub const NAT_SECOND: &str = "198.51.100.3";
     pub const PBX: &str = "10.30.0.2";
     /// The relay's signalling (WebSocket over TLS) and ICE addresses in [`calls_config`].
     pub const SIGNALLING: &str = "198.51.100.1:8443";
@@ -194,6 +198,22 @@ lan_address = "{}"
         EdgeLab::ICE,
         EdgeLab::RELAY_LAN,
     )
+}
+
+impl EdgeLab {
+    /// Gives the app a second network to move to: [`EdgeLab::APP_SECOND`], which the NAT
+    /// maps to its other public address [`EdgeLab::NAT_SECOND`] (the relay sees another
+    /// address, as when a phone leaves Wi-Fi for cellular).
+    pub fn second_network(&self) {
+        self.app
+            .exec(&["ip", "addr", "add", "10.20.0.3/24", "dev", "a0"]);
+        self.nat
+            .exec(&["ip", "addr", "add", "198.51.100.3/24", "dev", "n1"]);
+        self.nat.exec(&[
+            "nft",
+            "insert rule ip nat post ip saddr 10.20.0.3 oifname n1 snat to 198.51.100.3",
+        ]);
+    }
 }
 
 impl Default for EdgeLab {

@@ -12,6 +12,7 @@ pub mod lab;
 pub mod measure;
 pub mod netns;
 pub mod packet;
+pub mod pbx;
 pub mod process;
 pub mod relayd;
 pub mod signalling_client;

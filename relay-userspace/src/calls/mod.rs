@@ -76,8 +76,12 @@ struct Call {
     from_app: bool,
     /// Where the PBX wants its RTP (known from its offer, or from its answer to an app's
     /// call), and the relay's LAN address for this call.
-    pbx: std::sync::OnceLock<SocketAddr>,
+    pbx: Mutex<Option<SocketAddr>>,
     lan: SocketAddr,
+    /// The last SDP of each side as they sent it: what the relay answers an update from
+    /// the other side with (`call.update`).
+    pbx_sdp: Mutex<String>,
+    app_sdp: Mutex<String>,
     /// An app's call: its ICE credentials, until the controller answers.
     app_ice: Mutex<Option<(String, String)>>,
     lan_socket: Arc<UdpSocket>,
@@ -170,8 +174,10 @@ impl Calls {
             tenant: controller.tenant.clone(),
             user: user.to_owned(),
             from_app: false,
-            pbx: std::sync::OnceLock::from(pbx),
+            pbx: Mutex::new(Some(pbx)),
             lan,
+            pbx_sdp: Mutex::new(pbx_offer.to_owned()),
+            app_sdp: Mutex::new(String::new()),
             app_ice: Mutex::new(None),
             lan_socket: Arc::new(lan_socket),
             leg: tokio::sync::Mutex::new(leg),
@@ -233,8 +239,10 @@ impl Calls {
             tenant: app.tenant.clone(),
             user: user.clone(),
             from_app: true,
-            pbx: std::sync::OnceLock::new(),
+            pbx: Mutex::new(None),
             lan,
+            pbx_sdp: Mutex::new(String::new()),
+            app_sdp: Mutex::new(app_offer.to_owned()),
             app_ice: Mutex::new(Some((ufrag, pwd))),
             lan_socket: Arc::new(lan_socket),
             leg: tokio::sync::Mutex::new(leg),
@@ -278,7 +286,8 @@ impl Calls {
         let Some((ufrag, pwd)) = call.app_ice.lock().expect("call ice").take() else {
             return Err((ErrorCode::BadRequest, "the call is already answered".into()));
         };
-        let _ = call.pbx.set(pbx);
+        *call.pbx.lock().expect("call pbx") = Some(pbx);
+        *call.pbx_sdp.lock().expect("call sdp") = pbx_answer.to_owned();
         let local = {
             let leg = call.leg.lock().await;
             leg.local()
@@ -325,6 +334,7 @@ impl Calls {
         };
         let pbx_answer = sdp::toward_pbx(app_answer, call.lan)
             .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        *call.app_sdp.lock().expect("call sdp") = app_answer.to_owned();
         {
             let leg = call.leg.lock().await;
             for candidate in &endpoint.candidates {
@@ -344,6 +354,81 @@ impl Calls {
             call.tasks.lock().expect("call tasks").push(connecting);
         }
         Ok(Map::new())
+    }
+
+    /// `call.update`: a new offer from one side during the call, answered by the relay
+    /// itself (the other side's media does not change). From the app: an ICE restart (new
+    /// credentials: it moved to another network), answered with the relay's new ICE
+    /// credentials; the new selected pair replaces the flows. From the controller: the PBX's
+    /// RTP moved (a re-INVITE), answered with the relay's LAN address; the flows follow.
+    pub async fn update(
+        &self,
+        who: &Identity,
+        id: u64,
+        offer: &str,
+    ) -> Result<Map<String, Value>, CallError> {
+        let call = self.owned(who, id)?;
+        let pair = {
+            let (state, pair) = *call.state.lock().expect("call state");
+            match pair {
+                Some(pair) if state == "connected" => pair,
+                _ => {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        format!("call: {id}: not connected yet ({state}); update once connected"),
+                    ));
+                }
+            }
+        };
+        let endpoint =
+            sdp::audio(offer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let answer = match who.role {
+            Role::Client => {
+                let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        "sdp: the offer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
+                    ));
+                };
+                let local = {
+                    let mut leg = call.leg.lock().await;
+                    leg.restart(&self.ice, ufrag, pwd, &endpoint.candidates)
+                        .await
+                        .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?
+                };
+                let pbx_sdp = call.pbx_sdp.lock().expect("call sdp").clone();
+                let answer = sdp::toward_app(
+                    &pbx_sdp,
+                    self.ice.address(),
+                    &IceOffer {
+                        ufrag: local.ufrag,
+                        pwd: local.pwd,
+                        candidates: local.candidates,
+                    },
+                )
+                .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+                *call.app_sdp.lock().expect("call sdp") = offer.to_owned();
+                tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
+                self.hub.to_controller(
+                    &call.tenant,
+                    &event("call.state", id, [("state", "ice-restart".into())]),
+                );
+                answer
+            }
+            Role::Controller => {
+                let app_sdp = call.app_sdp.lock().expect("call sdp").clone();
+                let answer = sdp::toward_pbx(&app_sdp, call.lan)
+                    .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+                let old = call.pbx.lock().expect("call pbx").replace(endpoint.rtp);
+                *call.pbx_sdp.lock().expect("call sdp") = offer.to_owned();
+                if old != Some(endpoint.rtp) {
+                    tracing::info!(call = id, to = %endpoint.rtp, "calls: the PBX's media moved; flows replaced");
+                    self.install(&call, pair);
+                }
+                answer
+            }
+        };
+        Ok(fields([("sdp", answer.into())]))
     }
 
     /// `call.hangup` from either side.
@@ -438,10 +523,12 @@ impl Calls {
                         tracing::info!(call = call.id, from = %current.remote, to = %pair.remote, "calls: ICE switched pairs; flows replaced");
                         self.install(&call, pair);
                         current = pair;
-                        self.hub.to_controller(&call.tenant, &event("call.state", call.id, [
+                        let changed = event("call.state", call.id, [
                             ("state", "route-changed".into()),
                             ("remote", pair.remote.to_string().into()),
-                        ]));
+                        ]);
+                        self.hub.to_controller(&call.tenant, &changed);
+                        self.hub.to_user(&call.tenant, &call.user, &changed);
                     }
                 }
                 changed = states.changed() => {
@@ -497,7 +584,7 @@ impl Calls {
                     app: pair.map(|p| p.remote),
                     ice: pair.map(|p| p.local),
                     lan: call.lan,
-                    pbx: call.pbx.get().copied(),
+                    pbx: *call.pbx.lock().expect("call pbx"),
                     flows,
                     packets,
                     bytes,
@@ -578,21 +665,21 @@ impl Calls {
     /// forward (the first packets, the userspace datapath).
     fn start_userspace_media(&self, call: &Arc<Call>, conn: IceConn) {
         let to_pbx = {
-            let (conn, socket, pbx) = (conn.clone(), call.lan_socket.clone(), call.pbx());
+            let (conn, call) = (conn.clone(), call.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 while let Ok(n) = conn.recv(&mut buf).await {
-                    let _ = socket.send_to(&buf[..n], pbx).await;
+                    let _ = call.lan_socket.send_to(&buf[..n], call.pbx()).await;
                 }
             })
         };
         let to_app = {
-            let (socket, pbx) = (call.lan_socket.clone(), call.pbx());
+            let call = call.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
-                while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                while let Ok((n, from)) = call.lan_socket.recv_from(&mut buf).await {
                     // Strict source: only the PBX's RTP address.
-                    if from == pbx {
+                    if from == call.pbx() {
                         let _ = conn.send(&buf[..n]).await;
                     }
                 }
@@ -652,11 +739,12 @@ impl Calls {
 }
 
 impl Call {
-    /// The PBX's RTP address (set before ICE runs, in both directions).
+    /// The PBX's RTP address (set before ICE runs, in both directions; `call.update` from
+    /// the controller may move it).
     fn pbx(&self) -> SocketAddr {
         self.pbx
-            .get()
-            .copied()
+            .lock()
+            .expect("call pbx")
             .unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))
     }
 }

@@ -97,6 +97,12 @@ impl IceLeg {
                 // The mux's address only: not every address of the host.
                 ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
                 failed_timeout: Some(consent_timeout),
+                // Apps reach the relay from the Internet: their working address is
+                // reflexive (a NAT's). Waiting for a better one only delays the media
+                // (1 s by default for prflx, measured on route changes); a TURN-relayed
+                // remote still waits its default 2 s, so direct routes win.
+                srflx_acceptance_min_wait: Some(Duration::ZERO),
+                prflx_acceptance_min_wait: Some(Duration::ZERO),
                 ..Default::default()
             })
             .await
@@ -115,26 +121,7 @@ impl IceLeg {
             let _ = states_tx.send(state);
             Box::pin(async {})
         }));
-        let (gathered_tx, mut gathered) = mpsc::unbounded_channel();
-        agent.on_candidate(Box::new(move |candidate| {
-            let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
-            Box::pin(async {})
-        }));
-        agent
-            .gather_candidates()
-            .context("gathering ICE candidates")?;
-        let mut candidates = Vec::new();
-        loop {
-            match tokio::time::timeout(GATHER_TIMEOUT, gathered.recv()).await {
-                Ok(Some(Some(candidate))) => candidates.push(candidate),
-                // None: gathering is complete.
-                Ok(Some(None)) | Ok(None) => break,
-                Err(_) => bail!("ICE candidate gathering did not finish in {GATHER_TIMEOUT:?}"),
-            }
-        }
-        if candidates.is_empty() {
-            bail!("no ICE candidate on {}", port.address);
-        }
+        let candidates = gather(&agent, port.address).await?;
         let (ufrag, pwd) = agent.get_local_user_credentials().await;
         let (cancel, cancel_rx) = mpsc::channel(1);
         Ok((
@@ -201,6 +188,40 @@ impl IceLeg {
         })
     }
 
+    /// An ICE restart (RFC 8445 section 9; the app moved to another network): new local
+    /// credentials and candidates, the app's new ones, checks again from the start. The
+    /// connection stays the same; the new selected pair comes through `pairs`.
+    pub async fn restart(
+        &mut self,
+        port: &IcePort,
+        remote_ufrag: String,
+        remote_pwd: String,
+        remote_candidates: &[String],
+    ) -> anyhow::Result<LocalIce> {
+        // Empty: the agent draws new credentials.
+        self.agent
+            .restart(String::new(), String::new())
+            .await
+            .context("ICE restart")?;
+        let candidates = gather(&self.agent, port.address).await?;
+        self.agent
+            .set_remote_credentials(remote_ufrag, remote_pwd)
+            .await
+            .context("the app's ICE credentials")?;
+        for candidate in remote_candidates {
+            if let Err(err) = self.add_remote_candidate(candidate) {
+                tracing::debug!(%err, "ice: an app candidate skipped");
+            }
+        }
+        let (ufrag, pwd) = self.agent.get_local_user_credentials().await;
+        self.local = LocalIce {
+            ufrag,
+            pwd,
+            candidates,
+        };
+        Ok(self.local.clone())
+    }
+
     /// The connection once connected.
     pub fn conn(&self) -> Option<IceConn> {
         self.conn.clone()
@@ -219,4 +240,29 @@ impl IceLeg {
     pub async fn close(&self) {
         let _ = self.agent.close().await;
     }
+}
+
+/// Gathers the agent's candidates on the ICE port (one host candidate: the port's).
+async fn gather(agent: &Agent, address: SocketAddr) -> anyhow::Result<Vec<String>> {
+    let (gathered_tx, mut gathered) = mpsc::unbounded_channel();
+    agent.on_candidate(Box::new(move |candidate| {
+        let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
+        Box::pin(async {})
+    }));
+    agent
+        .gather_candidates()
+        .context("gathering ICE candidates")?;
+    let mut candidates = Vec::new();
+    loop {
+        match tokio::time::timeout(GATHER_TIMEOUT, gathered.recv()).await {
+            Ok(Some(Some(candidate))) => candidates.push(candidate),
+            // None: gathering is complete.
+            Ok(Some(None)) | Ok(None) => break,
+            Err(_) => bail!("ICE candidate gathering did not finish in {GATHER_TIMEOUT:?}"),
+        }
+    }
+    if candidates.is_empty() {
+        bail!("no ICE candidate on {address}");
+    }
+    Ok(candidates)
 }

@@ -47,6 +47,10 @@ pub enum Inbound {
     /// Apps: the answer to a `call.incoming`.
     #[serde(rename = "call.answer")]
     CallAnswer { id: u64, call: u64, sdp: String },
+    /// Either side, once connected: a new offer (the app's ICE restart, the PBX's
+    /// re-INVITE); the relay answers it in the result.
+    #[serde(rename = "call.update")]
+    CallUpdate { id: u64, call: u64, sdp: String },
     /// Either side: the call ends.
     #[serde(rename = "call.hangup")]
     CallHangup { id: u64, call: u64 },
@@ -59,6 +63,7 @@ pub const INBOUND_TYPES: &[&str] = &[
     "send",
     "call.create",
     "call.answer",
+    "call.update",
     "call.hangup",
 ];
 

@@ -403,6 +403,12 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             };
             answer(id, calls.answer(identity, call, &sdp).await)
         }
+        Ok(Inbound::CallUpdate { id, call, sdp }) => {
+            let Some(calls) = &context.calls else {
+                return calls_disabled(id);
+            };
+            answer(id, calls.update(identity, call, &sdp).await)
+        }
         Ok(Inbound::CallHangup { id, call }) => {
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
