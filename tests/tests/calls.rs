@@ -9,10 +9,11 @@
 use std::{sync::mpsc, time::Duration};
 
 use relay_tests::{
-    app::App,
+    app::{App, talk},
     config_file::ConfigFile,
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
+    pbx::rtp_echo,
     relayd::Relayd,
     require_root,
     signalling_client::{Socket, call, controller, receive, receive_within},
@@ -25,6 +26,9 @@ const SIGNALLING: &str = EdgeLab::SIGNALLING;
 const API_KEY: &str = "acme-api-key-0123456789";
 const PBX_RTP: &str = "10.30.0.2:40000";
 const PACKETS: u32 = 300;
+/// After the PBX moved its RTP to this address (`call.update` from the controller).
+const PBX_RTP_MOVED: &str = "10.30.0.2:40002";
+const MOVED_PACKETS: u32 = 50;
 
 /// The PBX's offer: plain RTP from its LAN address.
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n";
@@ -65,21 +69,21 @@ async fn app(
         }
     }
     done.send(echoed).unwrap();
+    // The PBX moves its RTP (a re-INVITE): the media goes on to the new address.
+    let hangup_done = tokio::task::spawn_blocking(move || {
+        hangup_done.recv().unwrap();
+        hangup_done
+    })
+    .await
+    .unwrap();
+    done.send(talk(&media, 1000, MOVED_PACKETS).await.echoed)
+        .unwrap();
     tokio::task::spawn_blocking(move || hangup_done.recv().unwrap())
         .await
         .unwrap();
     let ended = app.next().await;
     app.close().await;
     ended
-}
-
-async fn pbx_echo(socket: std::net::UdpSocket) {
-    socket.set_nonblocking(true).unwrap();
-    let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
-    let mut buf = vec![0u8; 2048];
-    while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-        let _ = socket.send_to(&buf[..n], from).await;
-    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -105,7 +109,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
     let main_runtime = runtime();
     main_runtime.block_on(async {
-        let pbx_echo = tokio::spawn(pbx_echo(echo_socket));
+        let pbx_echo = tokio::spawn(rtp_echo(echo_socket));
         let mut controller: Socket = controller(
             &lab.pbx,
             SIGNALLING.parse().unwrap(),
@@ -181,7 +185,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             "{state}"
         );
 
-        let echoed = tokio::task::spawn_blocking(move || done.recv().unwrap())
+        let (echoed, done) = tokio::task::spawn_blocking(move || (done.recv().unwrap(), done))
             .await
             .unwrap();
         assert_eq!(
@@ -235,6 +239,34 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             );
         }
 
+        // The PBX's re-INVITE moves its RTP: the first echo stops, the relay answers with
+        // its unchanged LAN address and replaces the flows toward the new one.
+        pbx_echo.abort();
+        let moved_echo = tokio::spawn(rtp_echo(lab.pbx.udp_socket(PBX_RTP_MOVED.parse().unwrap())));
+        let moved_offer = PBX_OFFER.replace("m=audio 40000", "m=audio 40002");
+        let updated = call(
+            &mut controller,
+            json!({"type": "call.update", "id": 6, "call": call_id, "sdp": moved_offer}),
+        )
+        .await;
+        assert_eq!(updated["type"], "result", "{updated}");
+        let relay_answer = updated["sdp"].as_str().unwrap();
+        assert_eq!(
+            relay::session::sdp::audio(relay_answer).unwrap().rtp,
+            endpoint.rtp,
+            "the relay's LAN address stays: {relay_answer}"
+        );
+        hangup_tx.send(()).unwrap();
+        let done = tokio::task::spawn_blocking(move || {
+            let echoed = done.recv().unwrap();
+            assert_eq!(echoed, MOVED_PACKETS, "the media reached the moved PBX RTP");
+        });
+        done.await.unwrap();
+        assert_eq!(
+            relayd.ctl_json(&["calls", "list"])["calls"][0]["pbx"],
+            PBX_RTP_MOVED
+        );
+
         let result = call(
             &mut controller,
             json!({"type": "call.hangup", "id": 5, "call": call_id}),
@@ -257,7 +289,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         let unknown = relayd.ctl(&["calls", "hangup", "99"]);
         assert_eq!(unknown.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&unknown.stderr).contains("call: 99: no such call"));
-        pbx_echo.abort();
+        moved_echo.abort();
     });
 }
 
@@ -275,7 +307,7 @@ fn an_app_behind_nat_calls_the_pbx_and_the_media_flows_in_xdp() {
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
     let main_runtime = runtime();
     main_runtime.block_on(async {
-        let pbx_echo = tokio::spawn(pbx_echo(echo_socket));
+        let pbx_echo = tokio::spawn(rtp_echo(echo_socket));
         let mut controller: Socket = controller(
             &lab.pbx,
             SIGNALLING.parse().unwrap(),

@@ -18,6 +18,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("coturn", "turnutils_uclient"),
     // The NAT in front of the app in the edge lab (demo, calls).
     ("nftables", "nft"),
+    // sipp: the SIP user agent behind the PBX in the calls tests (answers, echoes RTP).
+    ("sip-tester", "sipp"),
     // A clean Debian root to install the package into, and the unit's verifier.
     ("debootstrap", "debootstrap"),
     ("systemd", "systemd-analyze"),
