@@ -171,6 +171,9 @@ pub struct CallsSettings {
     /// Seconds without media in either direction (the flows' kernel counters) after which
     /// the call ends.
     pub media_timeout_secs: u64,
+    /// Seconds between `call.stats` events to the controller (each call's traffic from the
+    /// kernel counters); 0: none.
+    pub stats_interval_secs: u64,
 }
 
 impl Default for CallsSettings {
@@ -183,6 +186,7 @@ impl Default for CallsSettings {
             ice_timeout_secs: 15,
             consent_timeout_secs: 30,
             media_timeout_secs: 60,
+            stats_interval_secs: 10,
         }
     }
 }

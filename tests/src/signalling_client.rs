@@ -177,6 +177,18 @@ pub async fn receive_within(
     }
 }
 
+/// A request and its answer, skipping the call events that arrive meanwhile (a call in
+/// progress sends `call.state` and `call.stats` at any time).
+pub async fn request(socket: &mut Socket, message: Value) -> Value {
+    send(socket, message).await;
+    loop {
+        let message = receive(socket).await.expect("the relay keeps the session");
+        if message["type"] != "event" {
+            return message;
+        }
+    }
+}
+
 /// Sends a request and returns the answer.
 pub async fn call(socket: &mut Socket, message: Value) -> Value {
     send(socket, message).await;

@@ -16,7 +16,7 @@ use relay_tests::{
     pbx::rtp_echo,
     relayd::Relayd,
     require_root,
-    signalling_client::{Socket, call, controller, receive, receive_within},
+    signalling_client::{Socket, call, controller, receive, receive_within, request},
     traffic::{numbered, sequence_of},
 };
 use serde_json::{Value, json};
@@ -102,7 +102,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         &pins.path,
         "acme",
         API_KEY,
-        "port_range = \"41000-41010\"\n[metrics]\nlisten = \"10.30.0.1:9477\"",
+        "port_range = \"41000-41010\"\nstats_interval_secs = 1\n[metrics]\nlisten = \"10.30.0.1:9477\"",
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
@@ -184,6 +184,12 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
                 .starts_with("198.51.100.2:"),
             "{state}"
         );
+        // Learned from the app's checks through the NAT: peer reflexive.
+        assert_eq!(
+            (&state["local_type"], &state["remote_type"]),
+            (&json!("host"), &json!("prflx")),
+            "{state}"
+        );
 
         let (echoed, done) = tokio::task::spawn_blocking(move || (done.recv().unwrap(), done))
             .await
@@ -210,6 +216,38 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             "{listed}"
         );
         assert!(relayd.ctl_ok(&["calls", "list"]).contains("connected"));
+        // Per direction, from the kernel counters.
+        for direction in ["to_pbx", "to_app"] {
+            assert!(
+                listed_call[direction]["packets"].as_u64().unwrap() >= u64::from(PACKETS) - 10,
+                "{listed}"
+            );
+        }
+        let shown = relayd.ctl_ok(&["calls", "show", "1"]);
+        assert!(
+            shown.contains("(prflx) <-> relay ICE 198.51.100.1:3479")
+                && shown.contains("pbx leg     relay 10.30.0.1:41000 <-> PBX 10.30.0.2:40000"),
+            "{shown}"
+        );
+        assert_eq!(relayd.ctl_json(&["calls", "show", "1"])["user"], "alice");
+        let unknown = relayd.ctl(&["calls", "show", "99"]);
+        assert_eq!(unknown.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&unknown.stderr).contains("call: 99: no such call"));
+        // The periodic report to the controller (every second here).
+        let stats = loop {
+            let event = receive_within(&mut controller, Duration::from_secs(3))
+                .await
+                .expect("call.stats within the interval");
+            if event["event"] == "call.stats" {
+                break event;
+            }
+        };
+        assert!(
+            stats["to_pbx"]["packets"].as_u64().unwrap() > 0
+                && stats["to_app"]["bytes"].as_u64().unwrap() > 0
+                && stats["idle_ms"].is_u64(),
+            "{stats}"
+        );
         assert_eq!(relayd.ctl_json(&["status"])["calls"], 1);
         let metrics = relay_tests::relayd::http_get(&lab.relay, "10.30.0.1:9477", "/metrics");
         assert_eq!(
@@ -244,7 +282,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         pbx_echo.abort();
         let moved_echo = tokio::spawn(rtp_echo(lab.pbx.udp_socket(PBX_RTP_MOVED.parse().unwrap())));
         let moved_offer = PBX_OFFER.replace("m=audio 40000", "m=audio 40002");
-        let updated = call(
+        let updated = request(
             &mut controller,
             json!({"type": "call.update", "id": 6, "call": call_id, "sdp": moved_offer}),
         )
@@ -267,7 +305,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             PBX_RTP_MOVED
         );
 
-        let result = call(
+        let result = request(
             &mut controller,
             json!({"type": "call.hangup", "id": 5, "call": call_id}),
         )

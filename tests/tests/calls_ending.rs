@@ -137,6 +137,8 @@ fn call_that_ends(ends: AppEnds, timeouts: &str) -> (Vec<Value>, Value, Value, S
 fn states(events: &[Value]) -> Vec<String> {
     events
         .iter()
+        // The periodic traffic reports are not states.
+        .filter(|e| e["event"] != "call.stats")
         .map(|e| {
             format!(
                 "{} {}",

@@ -19,6 +19,11 @@ use serde_json::{Map, Value};
 use tokio::{net::UdpSocket, task::JoinHandle};
 use webrtc_ice::state::ConnectionState;
 
+mod flows;
+
+use flows::CallFlows;
+pub use flows::{Directions, Traffic};
+
 use crate::{
     config::CallsSettings,
     datapath::{FlowSpec, table::FlowTable},
@@ -46,9 +51,15 @@ pub struct CallInfo {
     /// None until the PBX has answered an app's call.
     pub pbx: Option<SocketAddr>,
     pub flows: Vec<u32>,
-    /// Both directions, kernel and slow path.
+    /// The app's candidate type in the selected pair (host, srflx, prflx, relay).
+    pub app_candidate: Option<String>,
+    /// Seconds since the call was created.
+    pub since_secs: u64,
+    /// Both directions, kernel and slow path, flows replaced mid-call included.
     pub packets: u64,
     pub bytes: u64,
+    pub to_pbx: Traffic,
+    pub to_app: Traffic,
 }
 
 /// A refused call request: the error code and message the requester gets.
@@ -61,6 +72,8 @@ pub struct Calls {
     ice_timeout: Duration,
     consent_timeout: Duration,
     media_timeout: Duration,
+    /// Between `call.stats` events; None: none.
+    stats_interval: Option<Duration>,
     table: Arc<FlowTable>,
     hub: Arc<Hub>,
     calls: Mutex<HashMap<u64, Arc<Call>>>,
@@ -90,7 +103,8 @@ struct Call {
     /// Where the call is, and the selected pair once connected.
     state: Mutex<(&'static str, Option<SelectedPair>)>,
     /// Installed flow ids, tasks carrying media in userspace, the call's watcher.
-    flows: Mutex<Vec<u32>>,
+    flows: Mutex<CallFlows>,
+    created: std::time::Instant,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -115,6 +129,8 @@ impl Calls {
             ice_timeout: Duration::from_secs(settings.ice_timeout_secs),
             consent_timeout: Duration::from_secs(settings.consent_timeout_secs),
             media_timeout: Duration::from_secs(settings.media_timeout_secs),
+            stats_interval: (settings.stats_interval_secs > 0)
+                .then(|| Duration::from_secs(settings.stats_interval_secs)),
             table,
             hub,
             calls: Mutex::new(HashMap::new()),
@@ -182,7 +198,8 @@ impl Calls {
             lan_socket: Arc::new(lan_socket),
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
-            flows: Mutex::new(Vec::new()),
+            flows: Mutex::new(CallFlows::default()),
+            created: std::time::Instant::now(),
             tasks: Mutex::new(Vec::new()),
         });
         self.calls().insert(id, call.clone());
@@ -247,7 +264,8 @@ impl Calls {
             lan_socket: Arc::new(lan_socket),
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
-            flows: Mutex::new(Vec::new()),
+            flows: Mutex::new(CallFlows::default()),
+            created: std::time::Instant::now(),
             tasks: Mutex::new(Vec::new()),
         });
         self.calls().insert(id, call);
@@ -499,6 +517,8 @@ impl Calls {
                 ("state", "connected".into()),
                 ("local", pair.local.to_string().into()),
                 ("remote", pair.remote.to_string().into()),
+                ("local_type", pair.local_type.to_string().into()),
+                ("remote_type", pair.remote_type.to_string().into()),
             ],
         );
         self.hub.to_controller(&call.tenant, &state);
@@ -506,8 +526,14 @@ impl Calls {
         let mut current = pair;
         let mut consent = true;
         let mut media_check = tokio::time::interval(Duration::from_secs(1));
+        let mut stats = self
+            .stats_interval
+            .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         loop {
             tokio::select! {
+                _ = async { stats.as_mut().expect("guarded").tick().await }, if stats.is_some() => {
+                    self.hub.to_controller(&call.tenant, &self.stats_event(&call));
+                }
                 _ = media_check.tick() => {
                     if self.media_idle(&call) > self.media_timeout {
                         tracing::info!(call = call.id, timeout = ?self.media_timeout, "calls: no media in either direction; the call ends");
@@ -526,6 +552,7 @@ impl Calls {
                         let changed = event("call.state", call.id, [
                             ("state", "route-changed".into()),
                             ("remote", pair.remote.to_string().into()),
+                            ("remote_type", pair.remote_type.to_string().into()),
                         ]);
                         self.hub.to_controller(&call.tenant, &changed);
                         self.hub.to_user(&call.tenant, &call.user, &changed);
@@ -569,13 +596,10 @@ impl Calls {
             .iter()
             .map(|call| {
                 let (state, pair) = *call.state.lock().expect("call state");
-                let flows = call.flows.lock().expect("call flows").clone();
-                let (packets, bytes) = flows
-                    .iter()
-                    .filter_map(|id| self.table.get(*id, now).ok())
-                    .fold((0, 0), |(p, b), flow| {
-                        (p + flow.counters.packets(), b + flow.counters.bytes())
-                    });
+                let (flows, traffic) = {
+                    let flows = call.flows.lock().expect("call flows");
+                    (flows.ids(), flows.traffic(&self.table, now))
+                };
                 CallInfo {
                     call: call.id,
                     tenant: call.tenant.clone(),
@@ -586,8 +610,12 @@ impl Calls {
                     lan: call.lan,
                     pbx: *call.pbx.lock().expect("call pbx"),
                     flows,
-                    packets,
-                    bytes,
+                    app_candidate: pair.map(|p| p.remote_type.to_string()),
+                    since_secs: call.created.elapsed().as_secs(),
+                    packets: traffic.total().packets,
+                    bytes: traffic.total().bytes,
+                    to_pbx: traffic.to_pbx,
+                    to_app: traffic.to_app,
                 }
             })
             .collect();
@@ -608,16 +636,42 @@ impl Calls {
         true
     }
 
+    /// `call.stats`: the call's traffic each way from the kernel counters, and how long
+    /// since the last packet.
+    fn stats_event(&self, call: &Call) -> Outbound {
+        let now = monotonic_ns();
+        let traffic = call
+            .flows
+            .lock()
+            .expect("call flows")
+            .traffic(&self.table, now);
+        event(
+            "call.stats",
+            call.id,
+            [
+                ("duration_secs", call.created.elapsed().as_secs().into()),
+                (
+                    "to_pbx",
+                    serde_json::to_value(traffic.to_pbx).unwrap_or_default(),
+                ),
+                (
+                    "to_app",
+                    serde_json::to_value(traffic.to_app).unwrap_or_default(),
+                ),
+                ("idle_ms", (self.media_idle(call).as_millis() as u64).into()),
+            ],
+        )
+    }
+
     /// How long since media last went through the call's flows (the kernel counters' last
     /// seen, the later of the two); zero before they exist.
     fn media_idle(&self, call: &Call) -> Duration {
         let now = monotonic_ns();
-        let flows = call.flows.lock().expect("call flows").clone();
-        let last = flows
-            .iter()
-            .filter_map(|id| self.table.get(*id, now).ok())
-            .map(|flow| flow.counters.last_seen_ns)
-            .max();
+        let last = call
+            .flows
+            .lock()
+            .expect("call flows")
+            .last_seen_ns(&self.table, now);
         match last {
             Some(last) => Duration::from_nanos(now.saturating_sub(last)),
             None => Duration::ZERO,
@@ -626,10 +680,10 @@ impl Calls {
 
     /// Removes the flow toward the app (consent lost), keeping the one toward the PBX.
     fn stop_toward_app(&self, call: &Call) {
-        let mut flows = call.flows.lock().expect("call flows");
-        if let Some(toward_app) = flows.pop() {
-            let _ = self.table.remove(toward_app, monotonic_ns());
-        }
+        call.flows
+            .lock()
+            .expect("call flows")
+            .remove_to_app(&self.table, monotonic_ns());
     }
 
     /// The two flows of the selected pair, replacing the call's previous ones.
@@ -643,9 +697,7 @@ impl Calls {
             channel: None,
         };
         let mut flows = call.flows.lock().expect("call flows");
-        for id in flows.drain(..) {
-            let _ = self.table.remove(id, monotonic_ns());
-        }
+        flows.remove_all(&self.table, monotonic_ns());
         // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
         match self
             .table
@@ -653,7 +705,7 @@ impl Calls {
         {
             Ok(ids) => {
                 tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx(), ?ids, "calls: media flows installed");
-                *flows = ids;
+                flows.install(&self.table, ids[0], ids[1], monotonic_ns());
             }
             Err(err) => {
                 tracing::warn!(call = call.id, %err, "calls: media stays in userspace");
@@ -695,9 +747,10 @@ impl Calls {
         if self.calls().remove(&call.id).is_none() {
             return;
         }
-        for id in call.flows.lock().expect("call flows").drain(..) {
-            let _ = self.table.remove(id, monotonic_ns());
-        }
+        call.flows
+            .lock()
+            .expect("call flows")
+            .remove_all(&self.table, monotonic_ns());
         let tasks: Vec<JoinHandle<()>> = call.tasks.lock().expect("call tasks").drain(..).collect();
         for task in tasks {
             // Not the task running this (connect ends itself by returning).

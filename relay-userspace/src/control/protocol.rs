@@ -66,6 +66,7 @@ pub mod method {
     pub const TURN_REVOKE: &str = "turn.revoke";
     pub const CONFIG_RELOAD: &str = "config.reload";
     pub const CALLS_LIST: &str = "calls.list";
+    pub const CALLS_SHOW: &str = "calls.show";
     pub const CALLS_HANGUP: &str = "calls.hangup";
 }
 
@@ -111,8 +112,9 @@ pub struct CallsListResult {
     pub calls: Vec<crate::calls::CallInfo>,
 }
 
+/// `calls.show`, `calls.hangup`: one call by its number.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CallsHangupParams {
+pub struct CallIdParams {
     pub call: u64,
 }
 

@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use super::protocol::{
-    CallsHangupParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorCode, FlowAddParams,
+    CallIdParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorCode, FlowAddParams,
     FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request,
     Response, StatsResult, StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult,
     method,
@@ -291,8 +291,24 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 calls: calls.list(),
             })
         }
+        method::CALLS_SHOW => {
+            let params: CallIdParams = params(request)?;
+            let calls = calls_service(services)?;
+            let call = calls
+                .list()
+                .into_iter()
+                .find(|call| call.call == params.call)
+                .ok_or_else(|| {
+                    body(
+                        ErrorCode::NotFound,
+                        Some("call"),
+                        format!("call: {}: no such call", params.call),
+                    )
+                })?;
+            to_value(call)
+        }
         method::CALLS_HANGUP => {
-            let params: CallsHangupParams = params(request)?;
+            let params: CallIdParams = params(request)?;
             let calls = calls_service(services)?.clone();
             if !calls.exists(params.call) {
                 return Err(body(

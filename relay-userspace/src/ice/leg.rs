@@ -51,11 +51,25 @@ pub struct LocalIce {
     pub candidates: Vec<String>,
 }
 
-/// The pair ICE selected: the relay's address and the app's.
+/// The pair ICE selected: the relay's address and the app's, with their candidate types
+/// (the app's tells how it reaches the relay: host, srflx, prflx through a NAT, relay).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SelectedPair {
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    pub local_type: CandidateType,
+    pub remote_type: CandidateType,
+}
+
+impl SelectedPair {
+    fn of(local: &dyn Candidate, remote: &dyn Candidate) -> SelectedPair {
+        SelectedPair {
+            local: local.addr(),
+            remote: remote.addr(),
+            local_type: local.candidate_type(),
+            remote_type: remote.candidate_type(),
+        }
+    }
 }
 
 /// The ICE connection: sends to and receives from the selected pair's remote (media that
@@ -110,10 +124,7 @@ impl IceLeg {
         );
         let (pairs_tx, pairs) = watch::channel(None);
         agent.on_selected_candidate_pair_change(Box::new(move |local, remote| {
-            let _ = pairs_tx.send(Some(SelectedPair {
-                local: local.addr(),
-                remote: remote.addr(),
-            }));
+            let _ = pairs_tx.send(Some(SelectedPair::of(&**local, &**remote)));
             Box::pin(async {})
         }));
         let (states_tx, states) = watch::channel(ConnectionState::New);
@@ -182,10 +193,7 @@ impl IceLeg {
             .agent
             .get_selected_candidate_pair()
             .context("connected without a selected pair")?;
-        Ok(SelectedPair {
-            local: pair.local.addr(),
-            remote: pair.remote.addr(),
-        })
+        Ok(SelectedPair::of(&*pair.local, &*pair.remote))
     }
 
     /// An ICE restart (RFC 8445 section 9; the app moved to another network): new local

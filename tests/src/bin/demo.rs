@@ -24,7 +24,7 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     relayd::{Relayd, http_get, metric},
     require_root,
-    signalling_client::{controller, receive},
+    signalling_client::{controller, request},
     traffic::{numbered, sequence_of},
 };
 use serde_json::json;
@@ -205,22 +205,6 @@ listen = \"{METRICS}\""
         relayd.ctl_ok(&["calls", "list"]).trim()
     );
     println!("removing the namespaces, relayd and its pins");
-}
-
-/// A request and its answer, skipping the call events that arrive meanwhile.
-async fn request(
-    controller: &mut relay_tests::signalling_client::Socket,
-    request: serde_json::Value,
-) -> serde_json::Value {
-    relay_tests::signalling_client::send(controller, request).await;
-    loop {
-        let message = receive(controller)
-            .await
-            .expect("the relay keeps the session");
-        if message["type"] != "event" {
-            return message;
-        }
-    }
 }
 
 /// Every app connects, answers its call and sends RTP for `seconds()`.

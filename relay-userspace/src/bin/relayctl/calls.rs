@@ -1,9 +1,12 @@
-//! `relayctl calls list|hangup`.
+//! `relayctl calls list|show|hangup`.
 
 use clap::Subcommand;
-use relay::control::{
-    client::{ClientError, ControlClient},
-    protocol::{CallsHangupParams, CallsListResult, method},
+use relay::{
+    calls::CallInfo,
+    control::{
+        client::{ClientError, ControlClient},
+        protocol::{CallIdParams, CallsListResult, method},
+    },
 };
 use serde_json::Value;
 
@@ -13,6 +16,11 @@ use crate::output;
 pub enum CallsCommand {
     /// Calls in progress: user, state, the app's address, PBX and LAN legs, flows, traffic
     List,
+    /// One call in detail: the selected route, both legs, traffic each way
+    Show {
+        /// The call's number, as `calls list` shows it
+        call: u64,
+    },
     /// End a call (both sides are told, its flows are removed)
     Hangup {
         /// The call's number, as `calls list` shows it
@@ -55,8 +63,61 @@ pub fn run(
                 table.print();
             }
         }
+        CallsCommand::Show { call } => {
+            let params = CallIdParams { call: *call };
+            let info: CallInfo = client.call_as(
+                method::CALLS_SHOW,
+                serde_json::to_value(params).expect("serializes"),
+            )?;
+            if json {
+                output::json(&info);
+            } else {
+                let or_dash = |address: Option<std::net::SocketAddr>| {
+                    address.map_or("-".to_owned(), |a| a.to_string())
+                };
+                println!(
+                    "call        {} ({}, user {})",
+                    info.call, info.tenant, info.user
+                );
+                println!(
+                    "state       {} for {}",
+                    info.state,
+                    output::duration(info.since_secs as f64)
+                );
+                println!(
+                    "app leg     {} ({}) <-> relay ICE {}",
+                    or_dash(info.app),
+                    info.app_candidate.as_deref().unwrap_or("-"),
+                    or_dash(info.ice)
+                );
+                println!(
+                    "pbx leg     relay {} <-> PBX {}",
+                    info.lan,
+                    or_dash(info.pbx)
+                );
+                println!(
+                    "to pbx      {} packets, {}",
+                    output::count(info.to_pbx.packets),
+                    output::bytes(info.to_pbx.bytes)
+                );
+                println!(
+                    "to app      {} packets, {}",
+                    output::count(info.to_app.packets),
+                    output::bytes(info.to_app.bytes)
+                );
+                let flows: Vec<String> = info.flows.iter().map(u32::to_string).collect();
+                println!(
+                    "flows       {} (relayctl flow show ID)",
+                    if flows.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        flows.join(", ")
+                    }
+                );
+            }
+        }
         CallsCommand::Hangup { call } => {
-            let params = CallsHangupParams { call: *call };
+            let params = CallIdParams { call: *call };
             let _: Value = client.call_as(
                 method::CALLS_HANGUP,
                 serde_json::to_value(params).expect("serializes"),
