@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use relay::ice::leg::{IceLeg, IcePort, LocalIce, SelectedPair};
+use relay::ice::leg::{IceLeg, IcePort, LocalIce};
 use relay_tests::{lab::ThreeHosts, require_root};
 use webrtc_ice::{
     agent::{Agent, agent_config::AgentConfig},
@@ -23,8 +23,12 @@ const ICE_PORT: &str = "10.10.1.1:3479";
 const APP_IP: &str = "10.10.1.2";
 
 /// The app: a webrtc-ice agent with its host candidate on the client namespace's address.
-/// Gets the relay's offer, answers, and accepts (controlled); returns its selected pair.
-async fn app(offers: mpsc::Receiver<LocalIce>, answers: mpsc::Sender<LocalIce>) -> SelectedPair {
+/// Gets the relay's offer, answers, and accepts (controlled); returns its selected pair
+/// (local, remote).
+async fn app(
+    offers: mpsc::Receiver<LocalIce>,
+    answers: mpsc::Sender<LocalIce>,
+) -> (SocketAddr, SocketAddr) {
     let app_ip: IpAddr = APP_IP.parse().unwrap();
     let agent = Arc::new(
         Agent::new(AgentConfig {
@@ -69,10 +73,7 @@ async fn app(offers: mpsc::Receiver<LocalIce>, answers: mpsc::Sender<LocalIce>) 
         .await
         .expect("the app's ICE connects");
     let pair = agent.get_selected_candidate_pair().unwrap();
-    let selected = SelectedPair {
-        local: pair.local.addr(),
-        remote: pair.remote.addr(),
-    };
+    let selected = (pair.local.addr(), pair.remote.addr());
     // Stay up a little, so the relay's side sees the checks through.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = agent.close().await;
@@ -139,8 +140,10 @@ fn the_relays_leg_and_an_app_agent_select_the_same_pair() {
     let relay_address: SocketAddr = ICE_PORT.parse().unwrap();
     assert_eq!(relay_pair.local, relay_address);
     assert_eq!(relay_pair.remote.ip().to_string(), APP_IP);
+    assert_eq!(app_pair, (relay_pair.remote, relay_pair.local));
+    // No NAT between them: both host candidates.
     assert_eq!(
-        (app_pair.local, app_pair.remote),
-        (relay_pair.remote, relay_pair.local)
+        (relay_pair.local_type, relay_pair.remote_type),
+        (CandidateType::Host, CandidateType::Host)
     );
 }
