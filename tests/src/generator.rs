@@ -126,3 +126,78 @@ pub fn udp_frame(
         dst.port()
     )
 }
+
+/// What [`paced_udp`] sent.
+pub struct Paced {
+    pub packets: u64,
+    pub elapsed_secs: f64,
+}
+
+/// Sends `payload` in UDP from `ns` on each of `flows` (source, destination) in turn at
+/// `pps` in all, for `duration`: a raw socket, so that the source ports can be those of
+/// other sockets (the calls' ICE agents: their NAT mappings and the relay's flows match
+/// them). Paced every millisecond (what is due is sent), smooth where trafgen's rate limit
+/// sends bursts; checksums computed here. The source address must be the one the
+/// namespace's route picks.
+pub fn paced_udp(
+    ns: &NetNs,
+    flows: &[(std::net::SocketAddrV4, std::net::SocketAddrV4)],
+    payload: &[u8],
+    pps: u64,
+    duration: std::time::Duration,
+) -> Paced {
+    let datagrams: Vec<(Vec<u8>, std::net::SocketAddrV4)> = flows
+        .iter()
+        .map(|(src, dst)| {
+            let frame = crate::packet::Frame::udp((*src).into(), (*dst).into(), payload).bytes();
+            // The UDP header and payload: the kernel writes the IP header of a raw socket.
+            (frame[crate::packet::ETH_HEADER + 20..].to_vec(), *dst)
+        })
+        .collect();
+    ns.enter(move || {
+        // SAFETY: plain socket calls on a descriptor this function owns and closes.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut next = 0usize;
+        while started.elapsed() < duration {
+            let due = (started.elapsed().as_secs_f64() * pps as f64) as u64;
+            while sent < due {
+                let (datagram, dst) = &datagrams[next % datagrams.len()];
+                next += 1;
+                let address = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*dst.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: the buffer and address outlive the call; lengths are theirs.
+                let n = unsafe {
+                    libc::sendto(
+                        fd,
+                        datagram.as_ptr().cast(),
+                        datagram.len(),
+                        0,
+                        (&address as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                };
+                if n < 0 {
+                    break;
+                }
+                sent += 1;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let elapsed_secs = started.elapsed().as_secs_f64();
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        Paced {
+            packets: sent,
+            elapsed_secs,
+        }
+    })
+}

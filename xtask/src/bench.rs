@@ -10,12 +10,16 @@ pub enum Suite {
     Fastpath,
     /// TURN ChannelData relaying: ours with XDP offload, ours in userspace, and coturn
     Turn,
+    /// Calls: setups per second through signalling and ICE, concurrent calls at 50 pps each
+    /// way, media in XDP vs userspace
+    Calls,
 }
 
 pub fn run(suite: Suite) -> anyhow::Result<()> {
     let binary = match suite {
         Suite::Fastpath => "bench-fastpath",
         Suite::Turn => "bench-turn",
+        Suite::Calls => "bench-calls",
     };
     run_binary(binary)
 }
