@@ -106,7 +106,7 @@ fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
     let action = unsafe { &(*value).action };
     let (edit, out_ip_len) = match action.channel_op {
         CHANNEL_OP_STRIP => (
-            Edit::Stripped(channel_data::check_strip(&packet)?),
+            Edit::Stripped(channel_data::check_strip(ctx, &packet)?),
             packet.ip_len - channel_data::HEADER_LEN,
         ),
         CHANNEL_OP_ADD => (

@@ -88,6 +88,7 @@ pub async fn run(
                 &config.calls,
                 table.clone(),
                 hub.clone(),
+                turn.clone(),
             )?));
         }
         let task = crate::signalling::server::start(

@@ -14,6 +14,7 @@ use webrtc_ice::{
     candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
     network_type::NetworkType,
     udp_network::UDPNetwork,
+    url::Url,
 };
 
 use crate::signalling_client::{Socket, call, connect_here, receive_within};
@@ -25,6 +26,9 @@ pub struct App {
     pub signalling: Socket,
     /// The app's own address (its host candidate's IP).
     ip: IpAddr,
+    /// A TURN server its agents also gather a relayed candidate from (`turn:` URL with
+    /// its username and password).
+    turn: Option<Url>,
     agents: Vec<Arc<Agent>>,
 }
 
@@ -42,8 +46,18 @@ impl App {
         App {
             signalling,
             ip,
+            turn: None,
             agents: Vec::new(),
         }
+    }
+
+    /// From now on the app's agents also allocate on this TURN server (`turn:HOST:PORT`,
+    /// UDP) and offer the relayed candidate: what an app does when only TURN gets through.
+    pub fn use_turn(&mut self, url: &str, username: &str, password: &str) {
+        let mut url = Url::parse_url(url).expect("a turn: URL");
+        url.username = username.to_owned();
+        url.password = password.to_owned();
+        self.turn = Some(url);
     }
 
     /// The next event or message from the relay.
@@ -65,7 +79,12 @@ impl App {
         let agent = Arc::new(
             Agent::new(AgentConfig {
                 network_types: vec![NetworkType::Udp4],
-                candidate_types: vec![CandidateType::Host],
+                candidate_types: if self.turn.is_some() {
+                    vec![CandidateType::Host, CandidateType::Relay]
+                } else {
+                    vec![CandidateType::Host]
+                },
+                urls: self.turn.iter().cloned().collect(),
                 udp_network: UDPNetwork::Ephemeral(Default::default()),
                 ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
                 ..Default::default()
@@ -84,8 +103,12 @@ impl App {
             candidates.push(candidate);
         }
         let (ufrag, pwd) = agent.get_local_user_credentials().await;
-        let host = unmarshal_candidate(&candidates[0])
-            .expect("own candidate")
+        // The address the SDP's c= and m= lines name: the host candidate's.
+        let host = candidates
+            .iter()
+            .filter_map(|candidate| unmarshal_candidate(candidate).ok())
+            .find(|candidate| candidate.candidate_type() == CandidateType::Host)
+            .expect("a host candidate")
             .addr();
         (agent, ufrag, pwd, candidates, host)
     }

@@ -201,6 +201,41 @@ lan_address = "{}"
 }
 
 impl EdgeLab {
+    /// The app's network lets only TURN and signalling out: UDP to the relay's TURN port
+    /// and TCP to its signalling port (443 in production), as in hotel and corporate
+    /// guest networks. Everything else from the app is dropped at the NAT.
+    pub fn only_turn_and_signalling(&self) {
+        let signalling_port = EdgeLab::SIGNALLING.rsplit(':').next().expect("a port");
+        self.nat.exec(&[
+            "nft",
+            &format!(
+                "add table ip guest; add chain ip guest forward {{ type filter hook forward priority 0; policy accept; }}; \
+                 add rule ip guest forward ct state established,related accept; \
+                 add rule ip guest forward iifname n0 ip daddr {relay} udp dport 3478 accept; \
+                 add rule ip guest forward iifname n0 ip daddr {relay} tcp dport {signalling_port} accept; \
+                 add rule ip guest forward iifname n0 counter drop",
+                relay = EdgeLab::RELAY_WAN,
+            ),
+        ]);
+    }
+
+    /// Packets from the app the guest network dropped ([`EdgeLab::only_turn_and_signalling`]).
+    pub fn guest_drops(&self) -> u64 {
+        let output = self
+            .nat
+            .exec(&["nft", "list", "chain", "ip", "guest", "forward"]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find(|line| line.contains("drop"))
+            .and_then(|line| {
+                line.split_whitespace()
+                    .skip_while(|word| *word != "packets")
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Gives the app a second network to move to: [`EdgeLab::APP_SECOND`], which the NAT
     /// maps to its other public address [`EdgeLab::NAT_SECOND`] (the relay sees another
     /// address, as when a phone leaves Wi-Fi for cellular).
@@ -215,6 +250,19 @@ impl EdgeLab {
         ]);
     }
 }
+
+/// `[turn]` for the edge lab, to append to [`calls_config`]'s `extra`: TURN on the relay's
+/// WAN address (:3478), relayed addresses there too, user `app`/`app-secret`, and the
+/// relay's own ICE address as an allowed peer (a documentation range here, which the
+/// default peer policy refuses; a public WAN address passes it).
+pub const EDGE_TURN: &str = r#"
+[turn]
+enabled = true
+listen = ["198.51.100.1:3478"]
+relay_addresses = ["198.51.100.1"]
+users = [{ name = "app", password = "app-secret" }]
+allowed_peers = ["198.51.100.1"]
+"#;
 
 impl Default for EdgeLab {
     fn default() -> Self {

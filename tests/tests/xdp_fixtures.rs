@@ -584,6 +584,21 @@ fn xdp_program_fixtures() {
             Verdict::PassChannelLength,
         ),
         pass(
+            "STUN inside ChannelData (ICE consent through TURN): userspace relays it",
+            Frame::udp(
+                turn4.src,
+                turn4.dst,
+                &channel_data(0x4001, &stun_binding_request()),
+            )
+            .bytes(),
+            Verdict::PassStunDtls,
+        ),
+        pass(
+            "DTLS inside ChannelData (a handshake record): userspace relays it",
+            Frame::udp(turn4.src, turn4.dst, &channel_data(0x4001, &[22; 60])).bytes(),
+            Verdict::PassStunDtls,
+        ),
+        pass(
             "ChannelData add that would exceed the egress MTU",
             Frame::udp(
                 add_small_mtu.src,

@@ -17,7 +17,7 @@ use std::{
 
 use serde_json::{Map, Value};
 use tokio::{net::UdpSocket, task::JoinHandle};
-use webrtc_ice::state::ConnectionState;
+use webrtc_ice::{candidate::CandidateType, state::ConnectionState};
 
 mod flows;
 
@@ -26,7 +26,7 @@ pub use flows::{Directions, Traffic};
 
 use crate::{
     config::CallsSettings,
-    datapath::{FlowSpec, table::FlowTable},
+    datapath::{FlowSpec, flow::ChannelOp, table::FlowTable},
     ice::leg::{IceConn, IceLeg, IcePort, SelectedPair},
     session::sdp::{self, IceOffer},
     signalling::{
@@ -34,6 +34,7 @@ use crate::{
         protocol::{ErrorCode, Outbound, Role},
     },
     time::monotonic_ns,
+    turn::driver::{LocalChannel, TurnService},
 };
 
 /// One call as `relayctl calls list` shows it.
@@ -76,6 +77,8 @@ pub struct Calls {
     stats_interval: Option<Duration>,
     table: Arc<FlowTable>,
     hub: Arc<Hub>,
+    /// The TURN server in the same relay, for TURN-only apps (see `install`).
+    turn: Option<Arc<TurnService>>,
     calls: Mutex<HashMap<u64, Arc<Call>>>,
     next: AtomicU64,
 }
@@ -104,6 +107,9 @@ struct Call {
     state: Mutex<(&'static str, Option<SelectedPair>)>,
     /// Installed flow ids, tasks carrying media in userspace, the call's watcher.
     flows: Mutex<CallFlows>,
+    /// A TURN-only app: the channel of its allocation on this relay that its media comes
+    /// in on, which the call's flows carry.
+    local_channel: Mutex<Option<LocalChannel>>,
     created: std::time::Instant,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -113,6 +119,7 @@ impl Calls {
         settings: &CallsSettings,
         table: Arc<FlowTable>,
         hub: Arc<Hub>,
+        turn: Option<Arc<TurnService>>,
     ) -> anyhow::Result<Calls> {
         let ice_address: SocketAddr = settings.ice_listen.parse()?;
         let socket = std::net::UdpSocket::bind(ice_address).map_err(|err| {
@@ -133,6 +140,7 @@ impl Calls {
                 .then(|| Duration::from_secs(settings.stats_interval_secs)),
             table,
             hub,
+            turn,
             calls: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         })
@@ -199,6 +207,7 @@ impl Calls {
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
             flows: Mutex::new(CallFlows::default()),
+            local_channel: Mutex::new(None),
             created: std::time::Instant::now(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -265,6 +274,7 @@ impl Calls {
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
             flows: Mutex::new(CallFlows::default()),
+            local_channel: Mutex::new(None),
             created: std::time::Instant::now(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -535,6 +545,9 @@ impl Calls {
                     self.hub.to_controller(&call.tenant, &self.stats_event(&call));
                 }
                 _ = media_check.tick() => {
+                    if consent {
+                        self.follow_local_channel(&call, current);
+                    }
                     if self.media_idle(&call) > self.media_timeout {
                         tracing::info!(call = call.id, timeout = ?self.media_timeout, "calls: no media in either direction; the call ends");
                         return self.end(&call, "media-timeout", true, true).await;
@@ -585,6 +598,25 @@ impl Calls {
                     }
                 }
             }
+        }
+    }
+
+    /// A TURN-only app's channel can be bound after ICE selected its relayed address (the
+    /// app's TURN client binds it once data flows), and can go with its allocation: the
+    /// flows follow, checked every second.
+    fn follow_local_channel(&self, call: &Call, pair: SelectedPair) {
+        let Some(turn) = &self.turn else { return };
+        if pair.remote_type != CandidateType::Relay {
+            return;
+        }
+        let lent = *call.local_channel.lock().expect("call channel");
+        let changed = match lent {
+            None => turn.find_channel(pair.remote, pair.local).is_some(),
+            Some(channel) => !turn.is_bound(&channel),
+        };
+        if changed {
+            tracing::info!(call = call.id, app = %pair.remote, "calls: the app's TURN channel changed; flows replaced");
+            self.install(call, pair);
         }
     }
 
@@ -687,17 +719,43 @@ impl Calls {
     }
 
     /// The two flows of the selected pair, replacing the call's previous ones.
+    ///
+    /// A TURN-only app's pair has its relayed address on this relay's TURN server as the
+    /// remote: its media reaches the ICE port from the relay socket, a hairpin through the
+    /// stack the kernel path never sees. The flows then start at the app's TURN channel
+    /// instead: ChannelData from the app is stripped and sent on to the PBX, and the PBX's
+    /// RTP gets the header and goes to the app from the TURN port, one flow pair in XDP.
     fn install(&self, call: &Call, pair: SelectedPair) {
         *call.state.lock().expect("call state") = ("connected", Some(pair));
-        let to_pbx = FlowSpec {
-            src: pair.remote,
-            dst: pair.local,
-            new_src: call.lan,
-            new_dst: call.pbx(),
-            channel: None,
-        };
         let mut flows = call.flows.lock().expect("call flows");
         flows.remove_all(&self.table, monotonic_ns());
+        let previous = call.local_channel.lock().expect("call channel").take();
+        let local = match (&self.turn, pair.remote_type) {
+            (Some(turn), CandidateType::Relay) => turn.lend_channel(pair.remote, pair.local),
+            _ => None,
+        };
+        if let (Some(turn), Some(previous)) = (&self.turn, previous)
+            && Some(previous) != local
+        {
+            turn.return_channel(&previous);
+        }
+        *call.local_channel.lock().expect("call channel") = local;
+        let to_pbx = match local {
+            Some(channel) => FlowSpec {
+                src: channel.client,
+                dst: channel.server,
+                new_src: call.lan,
+                new_dst: call.pbx(),
+                channel: Some(ChannelOp::Strip(channel.number)),
+            },
+            None => FlowSpec {
+                src: pair.remote,
+                dst: pair.local,
+                new_src: call.lan,
+                new_dst: call.pbx(),
+                channel: None,
+            },
+        };
         // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
         match self
             .table
@@ -751,6 +809,12 @@ impl Calls {
             .lock()
             .expect("call flows")
             .remove_all(&self.table, monotonic_ns());
+        if let (Some(turn), Some(channel)) = (
+            &self.turn,
+            call.local_channel.lock().expect("call channel").take(),
+        ) {
+            turn.return_channel(&channel);
+        }
         let tasks: Vec<JoinHandle<()>> = call.tasks.lock().expect("call tasks").drain(..).collect();
         for task in tasks {
             // Not the task running this (connect ends itself by returning).

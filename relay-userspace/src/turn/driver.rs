@@ -18,7 +18,7 @@ use tokio::{net::UdpSocket, sync::watch, task::JoinHandle};
 
 use super::{
     credentials::Credentials,
-    server::{Action, RevokeTarget, TurnConfig, TurnServer},
+    server::{Action, RevokeTarget, TurnConfig, TurnServer, channel_flows},
 };
 use crate::{
     config::TurnSettings,
@@ -40,6 +40,9 @@ pub struct TurnService {
     offload: bool,
     /// Flow ids of offloaded channels, by the client -> peer flow's key.
     offloaded: Mutex<HashMap<crate::datapath::flow::FlowId, Vec<u32>>>,
+    /// Channels whose peer is a call inside this relay: the call's flows carry them
+    /// (`lend_channel`), so the TURN server offloads none of its own for them.
+    lent: Mutex<std::collections::HashSet<crate::datapath::flow::FlowId>>,
     /// Where allocations are kept across restarts, and whether they changed since the
     /// last save.
     store: Option<StateStore>,
@@ -62,6 +65,18 @@ pub struct AllocationReport {
     /// Packets and bytes of those flows (kernel and slow path).
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// A channel whose peer is inside this relay (see [`TurnService::lend_channel`]): the
+/// client's 5-tuple toward the listener, the channel number, the relayed address and the
+/// peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalChannel {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub number: u16,
+    pub relay: SocketAddr,
+    pub peer: SocketAddr,
 }
 
 /// What the metrics show of the TURN server.
@@ -105,6 +120,7 @@ impl TurnService {
             table,
             offload,
             offloaded: Mutex::new(HashMap::new()),
+            lent: Mutex::new(std::collections::HashSet::new()),
             store,
             dirty: AtomicBool::new(false),
         });
@@ -395,7 +411,13 @@ impl TurnService {
                     }
                 }
                 Action::Offload(flows) => {
-                    if !self.offload {
+                    if !self.offload
+                        || self
+                            .lent
+                            .lock()
+                            .expect("turn lent poisoned")
+                            .contains(&flows[0].id())
+                    {
                         continue;
                     }
                     // An IPv6 client with an IPv4 peer (or the reverse) needs the IP header
@@ -442,6 +464,67 @@ impl TurnService {
                 }
             }
         }
+    }
+
+    /// The channel bound from the allocation whose relayed address is `relay` to `peer`,
+    /// when there is one: a TURN-only app's call, whose peer is the relay's own ICE
+    /// address. The call then forwards the channel itself, client to PBX in one flow pair
+    /// (no hairpin through the relay socket), so the TURN server's flows for it leave the
+    /// table until [`TurnService::return_channel`].
+    pub fn lend_channel(&self, relay: SocketAddr, peer: SocketAddr) -> Option<LocalChannel> {
+        let channel = self.find_channel(relay, peer)?;
+        let key = (channel.client, channel.server, channel.number);
+        self.lent.lock().expect("turn lent poisoned").insert(key);
+        let ids = self
+            .offloaded
+            .lock()
+            .expect("turn offloads poisoned")
+            .remove(&key);
+        for id in ids.into_iter().flatten() {
+            let _ = self.table.remove(id, monotonic_ns());
+        }
+        tracing::info!(client = %channel.client, channel = channel.number, %relay, %peer, "turn: channel to a call in this relay: the call's flows carry it");
+        Some(channel)
+    }
+
+    /// Whether the channel is still bound (its allocation alive).
+    pub fn is_bound(&self, channel: &LocalChannel) -> bool {
+        self.find_channel(channel.relay, channel.peer).as_ref() == Some(channel)
+    }
+
+    /// Ends a [`TurnService::lend_channel`]: when the channel is still bound, the TURN
+    /// server's own flows take it back.
+    pub fn return_channel(self: &Arc<Self>, channel: &LocalChannel) {
+        let key = (channel.client, channel.server, channel.number);
+        self.lent.lock().expect("turn lent poisoned").remove(&key);
+        if self.is_bound(channel) {
+            self.carry_out(vec![Action::Offload(channel_flows(
+                (channel.client, channel.server),
+                channel.relay,
+                channel.number,
+                channel.peer,
+            ))]);
+        }
+    }
+
+    /// The channel bound from the allocation whose relayed address is `relay` to `peer`.
+    pub fn find_channel(&self, relay: SocketAddr, peer: SocketAddr) -> Option<LocalChannel> {
+        let allocation = self
+            .server()
+            .allocations()
+            .into_iter()
+            .find(|allocation| allocation.relays.contains(&relay))?;
+        let (number, _) = allocation
+            .channels
+            .iter()
+            .find(|(_, bound)| *bound == peer)?;
+        Some(LocalChannel {
+            client: allocation.client,
+            server: allocation.server,
+            number: *number,
+            relay,
+            peer,
+        })
     }
 
     /// Stops every socket task and removes offloaded flows (their sockets are going away).

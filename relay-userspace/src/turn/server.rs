@@ -1064,7 +1064,7 @@ impl TurnServer {
 
 /// The two flows of a bound channel: client -> listener (ChannelData on `number`) becomes
 /// relay -> peer, and peer -> relay becomes listener -> client with the header added.
-fn channel_flows(
+pub(crate) fn channel_flows(
     (client, server): FiveTuple,
     relay: SocketAddr,
     number: u16,

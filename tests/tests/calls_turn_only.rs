@@ -1,0 +1,230 @@
+//! A TURN-only app: its network lets out only UDP to the relay's TURN port and TCP to its
+//! signalling port. Its ICE agent allocates on the relay's own TURN server and offers the
+//! relayed candidate; the relay's ICE agent reaches it there (the allocation's peer is the
+//! relay's ICE address). Instead of hairpinning through the relay socket, the call's flows
+//! start at the app's TURN channel: ChannelData stripped and sent on to the PBX, the PBX's
+//! RTP framed and sent to the app from the TURN port, one flow pair in XDP. ICE consent
+//! (STUN inside the channel) still reaches the relay's agent.
+
+use std::{
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use relay_tests::{
+    app::{App, talk},
+    config_file::ConfigFile,
+    lab::{EDGE_TURN, EdgeLab, calls_config},
+    netns::{PinDir, enter_by_name},
+    pbx::rtp_echo,
+    relayd::Relayd,
+    require_root,
+    signalling_client::{Socket, controller, receive_within, request},
+};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "acme-api-key-0123456789";
+const PBX_RTP: &str = "10.30.0.2:40000";
+const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+/// 6 s at 50 packets/s: longer than a consent check period, so consent over TURN counts.
+const PACKETS: u32 = 300;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Events to the controller until one is `event` (with `state`, when given).
+async fn until(controller: &mut Socket, event: &str, state: Option<&str>) -> Value {
+    for _ in 0..20 {
+        let message = receive_within(controller, Duration::from_secs(20))
+            .await
+            .expect("the controller's session stays");
+        if message["event"] == event && state.is_none_or(|state| message["state"] == state) {
+            return message;
+        }
+    }
+    panic!("no {event} {state:?}");
+}
+
+#[test]
+fn a_turn_only_app_gets_its_call_with_the_media_in_xdp() {
+    require_root();
+    let lab = EdgeLab::new();
+    lab.only_turn_and_signalling();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&calls_config(&pins.path, "acme", API_KEY, EDGE_TURN));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let fingerprint = relayd.signalling_fingerprint();
+    let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    runtime().block_on(async {
+        let echo = tokio::spawn(rtp_echo(echo_socket));
+        let mut controller = controller(
+            &lab.pbx,
+            EdgeLab::SIGNALLING.parse().unwrap(),
+            &fingerprint,
+            "acme",
+            API_KEY,
+        )
+        .await;
+        let minted = request(
+            &mut controller,
+            json!({"type": "token.mint", "id": 1, "user": "alice", "ttl_secs": 300}),
+        )
+        .await;
+        let token = minted["token"].as_str().unwrap().to_owned();
+        let (said_tx, said) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let app_ns = lab.app.name.clone();
+        let app_thread = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::connect(
+                    EdgeLab::SIGNALLING.parse().unwrap(),
+                    &fingerprint,
+                    &token,
+                    EdgeLab::APP.parse().unwrap(),
+                )
+                .await;
+                app.use_turn("turn:198.51.100.1:3478?transport=udp", "app", "app-secret");
+                said_tx.send(0).unwrap();
+                let incoming = app.next_within(Duration::from_secs(10)).await;
+                let media = app.answer(&incoming).await;
+                said_tx.send(talk(&media, 0, PACKETS).await.echoed).unwrap();
+                // After the hangup: the app's agent goes, and its allocation with it.
+                let go_rx = tokio::task::spawn_blocking(move || {
+                    go_rx.recv().unwrap();
+                    go_rx
+                })
+                .await
+                .unwrap();
+                let ended = app.next_within(Duration::from_secs(10)).await;
+                assert_eq!(ended["event"], "call.ended", "{ended}");
+                app.close().await;
+                drop(go_rx);
+            })
+        });
+        let said = tokio::task::spawn_blocking(move || {
+            said.recv().unwrap();
+            said
+        })
+        .await
+        .unwrap();
+        let created = request(
+            &mut controller,
+            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let connected = until(&mut controller, "call.state", Some("connected")).await;
+        assert_eq!(
+            connected["remote_type"], "relay",
+            "the app is reached through its TURN allocation: {connected}"
+        );
+        assert!(
+            connected["remote"]
+                .as_str()
+                .unwrap()
+                .starts_with("198.51.100.1:"),
+            "its relayed address is on this relay: {connected}"
+        );
+        let (echoed, said) = tokio::task::spawn_blocking(move || (said.recv().unwrap(), said))
+            .await
+            .unwrap();
+        drop(said);
+        assert_eq!(
+            echoed,
+            PACKETS,
+            "every RTP packet came back\n{}",
+            relayd.log()
+        );
+
+        // One flow pair from the app's TURN channel straight to the PBX, in XDP.
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        let flows = flows["flows"].as_array().unwrap().clone();
+        assert_eq!(flows.len(), 2, "{flows:?}");
+        let to_pbx = flows
+            .iter()
+            .find(|flow| flow["new_dst"] == PBX_RTP)
+            .expect("a flow to the PBX");
+        assert_eq!(to_pbx["dst"], "198.51.100.1:3478", "{to_pbx}");
+        assert!(
+            to_pbx["src"].as_str().unwrap().starts_with("198.51.100.2:"),
+            "{to_pbx}"
+        );
+        assert!(to_pbx["channel"]["strip"].is_u64(), "{to_pbx}");
+        let to_app = flows
+            .iter()
+            .find(|flow| flow["src"] == PBX_RTP)
+            .expect("a flow from the PBX");
+        assert_eq!(
+            (
+                &to_app["new_src"],
+                &to_app["new_dst"],
+                &to_app["channel"]["add"]
+            ),
+            (
+                &json!("198.51.100.1:3478"),
+                &to_pbx["src"],
+                &to_pbx["channel"]["strip"]
+            ),
+            "{to_app}"
+        );
+        for flow in &flows {
+            assert!(
+                flow["counters"]["xdp_packets"].as_u64().unwrap() >= u64::from(PACKETS) - 10,
+                "the kernel carried the call's media: {flow}\n{}",
+                relayd.log()
+            );
+        }
+        let allocations = relayd.ctl_json(&["turn", "allocations"]);
+        assert_eq!(
+            allocations["allocations"].as_array().unwrap().len(),
+            1,
+            "{allocations}"
+        );
+        assert!(
+            lab.guest_drops() > 0,
+            "the app's direct route was tried and dropped"
+        );
+        assert!(
+            relayd
+                .ctl_ok(&["calls", "show", "1"])
+                .contains("(relay) <-> relay ICE"),
+            "{}",
+            relayd.ctl_ok(&["calls", "show", "1"])
+        );
+
+        // Hangup: the call's flows go; the app closes its agent, and its allocation goes.
+        let result = request(
+            &mut controller,
+            json!({"type": "call.hangup", "id": 3, "call": created["call"]}),
+        )
+        .await;
+        assert_eq!(result["type"], "result", "{result}");
+        go.send(()).unwrap();
+        tokio::task::spawn_blocking(move || app_thread.join().unwrap())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let flows = relayd.ctl_json(&["flow", "list"]);
+            let allocations = relayd.ctl_json(&["turn", "allocations"]);
+            let left = (
+                flows["flows"].as_array().unwrap().len(),
+                allocations["allocations"].as_array().unwrap().len(),
+            );
+            if left == (0, 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left after the call: {flows} {allocations}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        echo.abort();
+    });
+}
