@@ -36,19 +36,28 @@ impl App {
     /// Connects to the relay's signalling at `address` with `token`; `ip` is the app's
     /// address on its network (behind its NAT).
     pub async fn connect(address: SocketAddr, fingerprint: &str, token: &str, ip: IpAddr) -> App {
-        let mut signalling = connect_here(address, fingerprint).await;
-        let welcome = call(
-            &mut signalling,
-            json!({"type": "hello", "v": 1, "role": "client", "token": token}),
-        )
-        .await;
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        let (signalling, _) = hello(address, fingerprint, token).await;
         App {
             signalling,
             ip,
             turn: None,
             agents: Vec::new(),
         }
+    }
+
+    /// The signalling connection drops (the phone's network blinked) and the app connects
+    /// again with its token; returns the new session's `welcome` (which lists the calls it
+    /// resumes). The media is not touched.
+    pub async fn reconnect(
+        &mut self,
+        address: SocketAddr,
+        fingerprint: &str,
+        token: &str,
+    ) -> Value {
+        let (signalling, welcome) = hello(address, fingerprint, token).await;
+        // Dropped without a close frame, as a lost connection is.
+        drop(std::mem::replace(&mut self.signalling, signalling));
+        welcome
     }
 
     /// From now on the app's agents also allocate on this TURN server (`turn:HOST:PORT`,
@@ -224,6 +233,18 @@ impl App {
     pub async fn close(mut self) {
         self.close_agents().await;
     }
+}
+
+/// A client session with `token`: the socket and its `welcome`.
+async fn hello(address: SocketAddr, fingerprint: &str, token: &str) -> (Socket, Value) {
+    let mut signalling = connect_here(address, fingerprint).await;
+    let welcome = call(
+        &mut signalling,
+        json!({"type": "hello", "v": 1, "role": "client", "token": token}),
+    )
+    .await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (signalling, welcome)
 }
 
 /// What came back of a stretch of [`talk`].

@@ -277,6 +277,35 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             );
         }
 
+        // Requests about calls that do not exist (or not yet) are refused and change
+        // nothing: the call goes on.
+        for (id, message) in [
+            (20, json!({"type": "call.hangup", "id": 20, "call": 99})),
+            (
+                21,
+                json!({"type": "call.update", "id": 21, "call": 99, "sdp": PBX_OFFER}),
+            ),
+            (
+                22,
+                json!({"type": "call.answer", "id": 22, "call": 99, "sdp": PBX_OFFER}),
+            ),
+            (
+                23,
+                json!({"type": "call.update", "id": 23, "call": call_id, "sdp": "v=0\r\n"}),
+            ),
+        ] {
+            let refused = request(&mut controller, message).await;
+            assert_eq!(
+                (&refused["type"], &refused["id"], &refused["code"]),
+                (&json!("error"), &json!(id), &json!("bad_request")),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            relayd.ctl_json(&["calls", "list"])["calls"][0]["state"],
+            "connected"
+        );
+
         // The PBX's re-INVITE moves its RTP: the first echo stops, the relay answers with
         // its unchanged LAN address and replaces the flows toward the new one.
         pbx_echo.abort();
@@ -385,7 +414,18 @@ fn an_app_behind_nat_calls_the_pbx_and_the_media_flows_in_xdp() {
                     }
                 }
                 done_tx.send(echoed).unwrap();
-                // The app hangs up.
+                // The app's signalling drops and it connects again: the call is listed in
+                // its welcome, the media never stopped, and it hangs up from the new
+                // session.
+                let welcome = app
+                    .reconnect(SIGNALLING.parse().unwrap(), &fingerprint, &token)
+                    .await;
+                assert_eq!(
+                    welcome["calls"],
+                    json!([{"call": call_id, "user": "bob", "state": "connected", "called": "app"}]),
+                    "{welcome}"
+                );
+                assert_eq!(talk(&media, 1000, 50).await.echoed, 50);
                 let result = call(
                     &mut app.signalling,
                     json!({"type": "call.hangup", "id": 9, "call": call_id}),

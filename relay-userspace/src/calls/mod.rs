@@ -477,12 +477,7 @@ impl Calls {
             .get(&id)
             .cloned()
             .ok_or((ErrorCode::BadRequest, format!("call: {id}: no such call")))?;
-        let allowed = call.tenant == who.tenant
-            && match who.role {
-                Role::Controller => true,
-                Role::Client => who.user.as_deref() == Some(call.user.as_str()),
-            };
-        if !allowed {
+        if !call.belongs_to(who) {
             return Err((ErrorCode::BadRequest, format!("call: {id}: no such call")));
         }
         Ok(call)
@@ -653,6 +648,29 @@ impl Calls {
             .collect();
         list.sort_by_key(|call| call.call);
         list
+    }
+
+    /// The calls `who` may act on, for its `welcome`: `call`, `user`, `state`, who
+    /// `called` (`app` or `pbx`).
+    pub fn resumable(&self, who: &Identity) -> Vec<Value> {
+        let mut calls: Vec<Arc<Call>> = self
+            .calls()
+            .values()
+            .filter(|call| call.belongs_to(who))
+            .cloned()
+            .collect();
+        calls.sort_by_key(|call| call.id);
+        calls
+            .iter()
+            .map(|call| {
+                serde_json::json!({
+                    "call": call.id,
+                    "user": call.user,
+                    "state": call.state.lock().expect("call state").0,
+                    "called": if call.from_app { "app" } else { "pbx" },
+                })
+            })
+            .collect()
     }
 
     pub fn exists(&self, id: u64) -> bool {
@@ -856,6 +874,15 @@ impl Calls {
 }
 
 impl Call {
+    /// Whether `who` may act on the call: its tenant's controller, or its user.
+    fn belongs_to(&self, who: &Identity) -> bool {
+        self.tenant == who.tenant
+            && match who.role {
+                Role::Controller => true,
+                Role::Client => who.user.as_deref() == Some(self.user.as_str()),
+            }
+    }
+
     /// The PBX's RTP address (set before ICE runs, in both directions; `call.update` from
     /// the controller may move it).
     fn pbx(&self) -> SocketAddr {

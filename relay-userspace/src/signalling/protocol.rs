@@ -94,6 +94,11 @@ pub enum Outbound {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
         session: u64,
+        /// The calls in progress this peer may act on (its user's, or its tenant's for a
+        /// controller): a reconnected session resumes them. Calls outlive the sessions
+        /// that set them up; their media is in the kernel.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        calls: Vec<Value>,
     },
     #[serde(rename = "result")]
     Result {

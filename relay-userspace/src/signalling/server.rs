@@ -151,6 +151,11 @@ async fn connection(
         tenant: identity.tenant.clone(),
         user: identity.user.clone(),
         session,
+        calls: context
+            .calls
+            .as_ref()
+            .map(|calls| calls.resumable(&identity))
+            .unwrap_or_default(),
     };
     let ended = if send(&mut socket, &welcome).await.is_ok() {
         serve(
