@@ -40,12 +40,17 @@ pub const CHANNEL_MAX: u16 = 0x7ffe;
 
 /// [`FlowAction::channel_op`]: what to do with the TURN ChannelData header (RFC 8656 12.4).
 /// Forward the UDP payload as it is.
-pub const CHANNEL_OP_NONE: u16 = 0;
+pub const CHANNEL_OP_NONE: u8 = 0;
 /// The packet is ChannelData on [`FlowKey::channel`]: remove the 4-byte header (client ->
 /// relay -> peer).
-pub const CHANNEL_OP_STRIP: u16 = 1;
+pub const CHANNEL_OP_STRIP: u8 = 1;
 /// Prepend a ChannelData header with [`FlowAction::channel_number`] (peer -> relay -> client).
-pub const CHANNEL_OP_ADD: u16 = 2;
+pub const CHANNEL_OP_ADD: u8 = 2;
+
+/// [`FlowAction::flags`]: RTCP on the flow (RFC 5761: second byte 192..=223) goes to
+/// userspace, which sends it to a peer that keeps RTCP on its own port (a PBX without
+/// rtcp-mux); RTP stays in the kernel.
+pub const FLOW_FLAG_RTCP_TO_USERSPACE: u8 = 1;
 
 /// One direction of one leg, as seen on the wire: a UDP packet from `src` to `dst`.
 ///
@@ -84,8 +89,11 @@ pub struct FlowAction {
     pub flow_id: u32,
     /// Bumped by userspace each time the flow is replaced in place, host byte order.
     pub generation: u32,
-    /// One of the `CHANNEL_OP_*` constants.
-    pub channel_op: u16,
+    /// One of the `CHANNEL_OP_*` constants. (With `flags`, what was one u16 holding the
+    /// operation: flows pinned by an older relayd read as flags 0 on little-endian hosts.)
+    pub channel_op: u8,
+    /// `FLOW_FLAG_*` bits.
+    pub flags: u8,
     /// The channel number [`CHANNEL_OP_ADD`] writes, host byte order.
     pub channel_number: u16,
 }
@@ -193,10 +201,12 @@ pub enum Verdict {
     PassChannelLength,
     /// No headroom to prepend a ChannelData header.
     PassNoHeadroom,
+    /// RTCP on a flow whose peer wants it on its own port (`FLOW_FLAG_RTCP_TO_USERSPACE`).
+    PassRtcp,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Tx,
@@ -217,6 +227,7 @@ impl Verdict {
         Verdict::PassVlanMismatch,
         Verdict::PassChannelLength,
         Verdict::PassNoHeadroom,
+        Verdict::PassRtcp,
     ];
 
     /// Stable snake_case name, used in `relayctl stats` and metrics labels.
@@ -240,6 +251,7 @@ impl Verdict {
             Verdict::PassVlanMismatch => "pass_vlan_mismatch",
             Verdict::PassChannelLength => "pass_channel_length",
             Verdict::PassNoHeadroom => "pass_no_headroom",
+            Verdict::PassRtcp => "pass_rtcp",
         }
     }
 
@@ -286,7 +298,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 2 + 2);
-        assert_eq!(size_of::<FlowAction>(), 16 + 16 + 2 + 2 + 4 + 4 + 2 + 2);
+        assert_eq!(size_of::<FlowAction>(), 16 + 16 + 2 + 2 + 4 + 4 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowCounters>(), 24);
         assert_eq!(size_of::<NextHopCache>(), 8 + 4 + 2 + 2 + 6 + 6 + 4);
         assert_eq!(size_of::<FlowValue>(), 48 + 24 + 32);

@@ -28,8 +28,8 @@ use aya_ebpf::{
 };
 use channel_data::Edit;
 use relay_common::{
-    CHANNEL_OP_ADD, CHANNEL_OP_STRIP, EGRESS_CAPACITY, FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue,
-    StatCounter, VLANS_CAPACITY, Verdict, VlanDevice,
+    CHANNEL_OP_ADD, CHANNEL_OP_STRIP, EGRESS_CAPACITY, FLOW_FLAG_RTCP_TO_USERSPACE,
+    FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue, StatCounter, VLANS_CAPACITY, Verdict, VlanDevice,
 };
 
 /// The flow table. Pinned by name so flows survive a restart of relayd.
@@ -104,6 +104,9 @@ fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
     // SAFETY: a pointer into the flow table's value, valid while this program runs. Userspace
     // replaces values whole; a torn read at worst sends one packet with the old action.
     let action = unsafe { &(*value).action };
+    if action.flags & FLOW_FLAG_RTCP_TO_USERSPACE != 0 && parse::is_rtcp(ctx, &packet) {
+        return Err(Verdict::PassRtcp.into());
+    }
     let (edit, out_ip_len) = match action.channel_op {
         CHANNEL_OP_STRIP => (
             Edit::Stripped(channel_data::check_strip(ctx, &packet)?),

@@ -232,6 +232,18 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Ip, u16, usize), Verdi
     Ok((Ip::V6(ip), tot_len as u16, offset + size_of::<Ipv6Hdr>()))
 }
 
+/// RTCP multiplexed with RTP (RFC 5761 section 4): version 2 and a second byte (RTCP's
+/// packet type; RTP's marker and payload type) in 192..=223.
+#[inline(always)]
+pub fn is_rtcp(ctx: &XdpContext, packet: &UdpPacket) -> bool {
+    let Some(head) = ptr_at::<[u8; 2]>(ctx, packet.payload_offset()) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked that the 2 bytes are inside the packet.
+    let [first, second] = unsafe { *head };
+    first >> 6 == 2 && (192..=223).contains(&second)
+}
+
 /// Checks the UDP header and classifies the payload by its first byte (RFC 7983).
 #[inline(always)]
 fn parse_udp(

@@ -29,6 +29,14 @@ const PACKETS: u32 = 300;
 /// After the PBX moved its RTP to this address (`call.update` from the controller).
 const PBX_RTP_MOVED: &str = "10.30.0.2:40002";
 const MOVED_PACKETS: u32 = 50;
+/// Where the PBX (no rtcp-mux) has its RTCP, and what the app sends there.
+const PBX_RTCP: &str = "10.30.0.2:40001";
+const RTCP_PACKETS: u32 = 5;
+/// An RTCP receiver report (RFC 3550 6.4.2): V=2, RC=1, PT=201, one report block.
+const RTCP_RECEIVER_REPORT: [u8; 32] = [
+    0x81, 201, 0, 7, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0,
+];
 
 /// The PBX's offer: plain RTP from its LAN address.
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n";
@@ -69,6 +77,17 @@ async fn app(
         }
     }
     done.send(echoed).unwrap();
+    // RTCP, multiplexed on the app's side; the PBX (no rtcp-mux) has it on its own port.
+    let mut rtcp_echoed = 0;
+    for _ in 0..RTCP_PACKETS {
+        media.send(&RTCP_RECEIVER_REPORT).await.unwrap();
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), media.recv(&mut buf)).await
+            && buf[..n] == RTCP_RECEIVER_REPORT
+        {
+            rtcp_echoed += 1;
+        }
+    }
+    done.send(rtcp_echoed).unwrap();
     // The PBX moves its RTP (a re-INVITE): the media goes on to the new address.
     let hangup_done = tokio::task::spawn_blocking(move || {
         hangup_done.recv().unwrap();
@@ -110,6 +129,21 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
     let main_runtime = runtime();
     main_runtime.block_on(async {
         let pbx_echo = tokio::spawn(rtp_echo(echo_socket));
+        // The PBX's RTCP port: echoes, and notes who sent it what.
+        let rtcp_seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rtcp_echo = {
+            let socket = lab.pbx.udp_socket(PBX_RTCP.parse().unwrap());
+            socket.set_nonblocking(true).unwrap();
+            let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+            let seen = rtcp_seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                    seen.lock().unwrap().push((from, buf[..n].to_vec()));
+                    let _ = socket.send_to(&buf[..n], from).await;
+                }
+            })
+        };
         let mut controller: Socket = controller(
             &lab.pbx,
             SIGNALLING.parse().unwrap(),
@@ -174,6 +208,13 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             !pbx_answer.contains("a=candidate"),
             "no ICE toward the PBX: {pbx_answer}"
         );
+        // The PBX offered no rtcp-mux: RTCP stays on the port above RTP.
+        assert!(!pbx_answer.contains("a=rtcp-mux"), "{pbx_answer}");
+        assert_eq!(
+            endpoint.rtcp.port(),
+            endpoint.rtp.port() + 1,
+            "{pbx_answer}"
+        );
         let state = receive(&mut controller).await.unwrap();
         assert_eq!(state["state"], "connected", "{state}");
         // The app's address as the relay sees it: the NAT's.
@@ -199,6 +240,33 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             PACKETS,
             "every RTP packet came back\n{}",
             relayd.log()
+        );
+        let (rtcp_echoed, done) = tokio::task::spawn_blocking(move || (done.recv().unwrap(), done))
+            .await
+            .unwrap();
+        assert_eq!(
+            rtcp_echoed, RTCP_PACKETS,
+            "RTCP reached the PBX's RTCP port and came back from it"
+        );
+        let seen = rtcp_seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), RTCP_PACKETS as usize, "{seen:?}");
+        for (from, packet) in &seen {
+            assert_eq!(
+                (from.to_string(), packet.as_slice()),
+                ("10.30.0.1:41001".to_owned(), &RTCP_RECEIVER_REPORT[..]),
+                "from the relay's RTCP port, as sent"
+            );
+        }
+        let stats = relayd.ctl_json(&["stats"]);
+        let passed_rtcp = stats["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["verdict"] == "pass_rtcp")
+            .map_or(0, |v| v["packets"].as_u64().unwrap());
+        assert!(
+            passed_rtcp >= u64::from(RTCP_PACKETS),
+            "the XDP program left RTCP to userspace: {stats}"
         );
         let listed = relayd.ctl_json(&["calls", "list"]);
         let listed_call = &listed["calls"][0];
@@ -357,6 +425,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         assert_eq!(unknown.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&unknown.stderr).contains("call: 99: no such call"));
         moved_echo.abort();
+        rtcp_echo.abort();
     });
 }
 

@@ -93,3 +93,62 @@ fn a_restarted_relayd_adopts_pinned_flows() {
     ]);
     assert_eq!(added["ids"], serde_json::json!([3]));
 }
+
+/// Verdict counters pinned by a relayd with fewer verdicts (before `pass_rtcp`) do not stop
+/// an upgraded relayd: it says so and starts them afresh at its own size. (The flow map
+/// keeps its layout across versions; the test above adopts it.)
+#[test]
+fn verdict_counters_pinned_by_an_older_relayd_are_renewed() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let pin_dir = pins.path.to_string_lossy().into_owned();
+    let stats_pin = pins.path.join("RELAY_STATS");
+    std::fs::create_dir_all(&pins.path).unwrap();
+    relay_tests::netns::run(&[
+        "bpftool",
+        "map",
+        "create",
+        stats_pin.to_str().unwrap(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "16",
+        "entries",
+        "18",
+        "name",
+        "RELAY_STATS",
+    ]);
+    let args = lab.relayd_args(&["--datapath", "xdp", "--xdp-mode", "generic"], &pin_dir);
+    let relayd = Relayd::start(Some(&lab.relay), &args);
+    assert!(
+        relayd
+            .log()
+            .contains("the pinned verdict counters are of another relayd version"),
+        "{}",
+        relayd.log()
+    );
+    let stats = relayd.ctl_json(&["stats"]);
+    assert!(
+        stats["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["verdict"] == "pass_rtcp"),
+        "{stats}"
+    );
+    let shown = relay_tests::netns::run(&[
+        "bpftool",
+        "map",
+        "show",
+        "pinned",
+        stats_pin.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("max_entries 19"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+}

@@ -38,6 +38,7 @@ fn flow(src: &str, dst: &str, new_src: &str, new_dst: &str) -> FlowSpec {
         new_src: addr(new_src),
         new_dst: addr(new_dst),
         channel: None,
+        rtcp_to_userspace: false,
     }
 }
 

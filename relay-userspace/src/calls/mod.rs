@@ -93,6 +93,7 @@ struct Call {
     /// Where the PBX wants its RTP (known from its offer, or from its answer to an app's
     /// call), and the relay's LAN address for this call.
     pbx: Mutex<Option<SocketAddr>>,
+    pbx_rtcp: Mutex<Option<SocketAddr>>,
     lan: SocketAddr,
     /// The last SDP of each side as they sent it: what the relay answers an update from
     /// the other side with (`call.update`).
@@ -101,6 +102,7 @@ struct Call {
     /// An app's call: its ICE credentials, until the controller answers.
     app_ice: Mutex<Option<(String, String)>>,
     lan_socket: Arc<UdpSocket>,
+    rtcp_socket: Arc<UdpSocket>,
     /// The PBX's offer, kept until the app answers.
     leg: tokio::sync::Mutex<IceLeg>,
     /// Where the call is, and the selected pair once connected.
@@ -169,16 +171,16 @@ impl Calls {
         if controller.role != Role::Controller {
             return Err((ErrorCode::Forbidden, "only controllers create calls".into()));
         }
-        let pbx = sdp::audio(pbx_offer)
-            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?
-            .rtp;
+        let pbx_endpoint =
+            sdp::audio(pbx_offer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let pbx = pbx_endpoint.rtp;
         if !self.hub.is_online(&controller.tenant, user) {
             return Err((
                 ErrorCode::Offline,
                 format!("user {user} has no session connected"),
             ));
         }
-        let (lan_socket, lan) = self.bind_lan_port().await?;
+        let (lan_sockets, lan) = self.bind_lan_port().await?;
         let (leg, local) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
@@ -199,11 +201,13 @@ impl Calls {
             user: user.to_owned(),
             from_app: false,
             pbx: Mutex::new(Some(pbx)),
+            pbx_rtcp: Mutex::new((!pbx_endpoint.rtcp_mux).then_some(pbx_endpoint.rtcp)),
             lan,
             pbx_sdp: Mutex::new(pbx_offer.to_owned()),
             app_sdp: Mutex::new(String::new()),
             app_ice: Mutex::new(None),
-            lan_socket: Arc::new(lan_socket),
+            lan_socket: lan_sockets.rtp,
+            rtcp_socket: lan_sockets.rtcp,
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
             flows: Mutex::new(CallFlows::default()),
@@ -237,8 +241,9 @@ impl Calls {
                 "sdp: the offer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
             ));
         };
-        let (lan_socket, lan) = self.bind_lan_port().await?;
-        let pbx_offer = sdp::toward_pbx(app_offer, lan)
+        let (lan_sockets, lan) = self.bind_lan_port().await?;
+        // RTCP on its own port toward the PBX: what every PBX trunk takes.
+        let pbx_offer = sdp::toward_pbx(app_offer, lan, false)
             .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
         let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
@@ -266,11 +271,13 @@ impl Calls {
             user: user.clone(),
             from_app: true,
             pbx: Mutex::new(None),
+            pbx_rtcp: Mutex::new(None),
             lan,
             pbx_sdp: Mutex::new(String::new()),
             app_sdp: Mutex::new(app_offer.to_owned()),
             app_ice: Mutex::new(Some((ufrag, pwd))),
-            lan_socket: Arc::new(lan_socket),
+            lan_socket: lan_sockets.rtp,
+            rtcp_socket: lan_sockets.rtcp,
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
             flows: Mutex::new(CallFlows::default()),
@@ -308,13 +315,12 @@ impl Calls {
         call: Arc<Call>,
         pbx_answer: &str,
     ) -> Result<Map<String, Value>, CallError> {
-        let pbx = sdp::audio(pbx_answer)
-            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?
-            .rtp;
+        let pbx_endpoint =
+            sdp::audio(pbx_answer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
         let Some((ufrag, pwd)) = call.app_ice.lock().expect("call ice").take() else {
             return Err((ErrorCode::BadRequest, "the call is already answered".into()));
         };
-        *call.pbx.lock().expect("call pbx") = Some(pbx);
+        call.set_pbx(&pbx_endpoint);
         *call.pbx_sdp.lock().expect("call sdp") = pbx_answer.to_owned();
         let local = {
             let leg = call.leg.lock().await;
@@ -360,7 +366,7 @@ impl Calls {
                 "sdp: the answer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
             ));
         };
-        let pbx_answer = sdp::toward_pbx(app_answer, call.lan)
+        let pbx_answer = sdp::toward_pbx(app_answer, call.lan, call.pbx_rtcp().is_none())
             .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
         *call.app_sdp.lock().expect("call sdp") = app_answer.to_owned();
         {
@@ -445,11 +451,12 @@ impl Calls {
             }
             Role::Controller => {
                 let app_sdp = call.app_sdp.lock().expect("call sdp").clone();
-                let answer = sdp::toward_pbx(&app_sdp, call.lan)
+                let answer = sdp::toward_pbx(&app_sdp, call.lan, endpoint.rtcp_mux)
                     .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
-                let old = call.pbx.lock().expect("call pbx").replace(endpoint.rtp);
+                let old = (*call.pbx.lock().expect("call pbx"), call.pbx_rtcp());
+                call.set_pbx(&endpoint);
                 *call.pbx_sdp.lock().expect("call sdp") = offer.to_owned();
-                if old != Some(endpoint.rtp) {
+                if old != (Some(endpoint.rtp), call.pbx_rtcp()) {
                     tracing::info!(call = id, to = %endpoint.rtp, "calls: the PBX's media moved; flows replaced");
                     self.install(&call, pair);
                 }
@@ -765,6 +772,7 @@ impl Calls {
                 new_src: call.lan,
                 new_dst: call.pbx(),
                 channel: Some(ChannelOp::Strip(channel.number)),
+                rtcp_to_userspace: call.pbx_rtcp().is_some(),
             },
             None => FlowSpec {
                 src: pair.remote,
@@ -772,6 +780,7 @@ impl Calls {
                 new_src: call.lan,
                 new_dst: call.pbx(),
                 channel: None,
+                rtcp_to_userspace: call.pbx_rtcp().is_some(),
             },
         };
         // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
@@ -789,15 +798,34 @@ impl Calls {
         }
     }
 
-    /// Media between the ICE connection and the LAN socket, for what the kernel does not
-    /// forward (the first packets, the userspace datapath).
+    /// Media between the ICE connection and the LAN sockets, for what the kernel does not
+    /// forward (the first packets, the userspace datapath, RTCP for a PBX without
+    /// rtcp-mux: the app multiplexes it, the PBX wants it from and on the ports above RTP).
     fn start_userspace_media(&self, call: &Arc<Call>, conn: IceConn) {
         let to_pbx = {
             let (conn, call) = (conn.clone(), call.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 while let Ok(n) = conn.recv(&mut buf).await {
-                    let _ = call.lan_socket.send_to(&buf[..n], call.pbx()).await;
+                    let packet = &buf[..n];
+                    let _ = match call.pbx_rtcp() {
+                        Some(rtcp) if is_rtcp(packet) => {
+                            call.rtcp_socket.send_to(packet, rtcp).await
+                        }
+                        _ => call.lan_socket.send_to(packet, call.pbx()).await,
+                    };
+                }
+            })
+        };
+        let rtcp_to_app = {
+            let (conn, call) = (conn.clone(), call.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = call.rtcp_socket.recv_from(&mut buf).await {
+                    // Strict source: only the PBX's RTCP address.
+                    if Some(from) == call.pbx_rtcp() {
+                        let _ = conn.send(&buf[..n]).await;
+                    }
                 }
             })
         };
@@ -816,7 +844,7 @@ impl Calls {
         call.tasks
             .lock()
             .expect("call tasks")
-            .extend([to_pbx, to_app]);
+            .extend([to_pbx, to_app, rtcp_to_app]);
     }
 
     async fn end(&self, call: &Call, reason: &str, tell_app: bool, tell_controller: bool) {
@@ -859,11 +887,20 @@ impl Calls {
 
     /// A free LAN port: the first even one in the range that binds (RTP takes even ports,
     /// RTCP the odd one above).
-    async fn bind_lan_port(&self) -> Result<(UdpSocket, SocketAddr), CallError> {
+    async fn bind_lan_port(&self) -> Result<(LanSockets, SocketAddr), CallError> {
         for port in self.ports.clone().filter(|port| port.is_multiple_of(2)) {
             let address = SocketAddr::new(self.lan_ip, port);
-            if let Ok(socket) = UdpSocket::bind(address).await {
-                return Ok((socket, address));
+            let rtcp = SocketAddr::new(self.lan_ip, port.saturating_add(1));
+            if let (Ok(rtp), Ok(rtcp)) =
+                (UdpSocket::bind(address).await, UdpSocket::bind(rtcp).await)
+            {
+                return Ok((
+                    LanSockets {
+                        rtp: Arc::new(rtp),
+                        rtcp: Arc::new(rtcp),
+                    },
+                    address,
+                ));
             }
         }
         Err((
@@ -873,7 +910,30 @@ impl Calls {
     }
 }
 
+/// A call's LAN side: its RTP port (even) and the RTCP port above it, for PBXs that keep
+/// RTCP on its own port.
+struct LanSockets {
+    rtp: Arc<UdpSocket>,
+    rtcp: Arc<UdpSocket>,
+}
+
+/// RTCP among RTP on one port (RFC 5761 section 4): version 2, packet type 192..=223.
+fn is_rtcp(packet: &[u8]) -> bool {
+    packet.len() >= 2 && packet[0] >> 6 == 2 && (192..=223).contains(&packet[1])
+}
+
 impl Call {
+    /// Where the PBX wants RTCP when not with its RTP (no rtcp-mux); None: with it.
+    fn pbx_rtcp(&self) -> Option<SocketAddr> {
+        *self.pbx_rtcp.lock().expect("call pbx")
+    }
+
+    /// Takes the PBX's media addresses from its SDP.
+    fn set_pbx(&self, endpoint: &sdp::AudioEndpoint) {
+        *self.pbx.lock().expect("call pbx") = Some(endpoint.rtp);
+        *self.pbx_rtcp.lock().expect("call pbx") = (!endpoint.rtcp_mux).then_some(endpoint.rtcp);
+    }
+
     /// Whether `who` may act on the call: its tenant's controller, or its user.
     fn belongs_to(&self, who: &Identity) -> bool {
         self.tenant == who.tenant

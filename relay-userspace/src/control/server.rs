@@ -236,6 +236,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 new_src: endpoint("new_src", &params.new_src)?,
                 new_dst: endpoint("new_dst", &params.new_dst)?,
                 channel: params.channel,
+                rtcp_to_userspace: false,
             };
             let specs = if params.reverse {
                 vec![spec, spec.reverse()]

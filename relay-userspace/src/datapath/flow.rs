@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use relay_common::{
     CHANNEL_MAX, CHANNEL_MIN, CHANNEL_OP_ADD, CHANNEL_OP_NONE, CHANNEL_OP_STRIP, FAMILY_IPV4,
-    FAMILY_IPV6, FlowAction, FlowKey, address_octets, address_words,
+    FAMILY_IPV6, FLOW_FLAG_RTCP_TO_USERSPACE, FlowAction, FlowKey, address_octets, address_words,
 };
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,11 @@ pub struct FlowSpec {
     pub new_dst: SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<ChannelOp>,
+    /// RTCP on this flow (RFC 5761) is not forwarded by the kernel but passed up to the
+    /// socket that owns the flow's relay address: a call whose PBX keeps RTCP on its own
+    /// port sends it there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rtcp_to_userspace: bool,
 }
 
 /// What a flow does with TURN ChannelData framing (RFC 8656 section 12).
@@ -64,6 +69,7 @@ impl FlowSpec {
                 ChannelOp::Strip(number) => ChannelOp::Add(number),
                 ChannelOp::Add(number) => ChannelOp::Strip(number),
             }),
+            rtcp_to_userspace: false,
         }
     }
 
@@ -162,6 +168,11 @@ impl FlowSpec {
                 Some(ChannelOp::Add(_)) => CHANNEL_OP_ADD,
             },
             channel_number: self.channel.map_or(0, ChannelOp::number),
+            flags: if self.rtcp_to_userspace {
+                FLOW_FLAG_RTCP_TO_USERSPACE
+            } else {
+                0
+            },
         }
     }
 
@@ -186,6 +197,7 @@ impl FlowSpec {
                 CHANNEL_OP_ADD => Some(ChannelOp::Add(action.channel_number)),
                 _ => None,
             },
+            rtcp_to_userspace: action.flags & FLOW_FLAG_RTCP_TO_USERSPACE != 0,
         }
     }
 }
@@ -220,6 +232,7 @@ mod tests {
             new_src: new_src.parse().unwrap(),
             new_dst: new_dst.parse().unwrap(),
             channel: None,
+            rtcp_to_userspace: false,
         }
     }
 

@@ -61,6 +61,7 @@ impl KernelProgram {
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        renew_stats_pin_of_other_size(pin_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(FLOWS_MAP, capacity)
@@ -361,6 +362,27 @@ fn map_data(map: &Map) -> anyhow::Result<&MapData> {
 
 /// Attaches in the requested mode; `auto` tries native (driver) mode, then generic.
 /// Attaches in the requested mode (`auto`: native, then generic) and pins the link at
+/// The verdict counters pinned by a relayd with fewer (or more) verdicts than this one's:
+/// their pin is removed so the loader makes a map of the right size. Only counters are lost
+/// (the flows map, which matters, keeps its layout across versions).
+fn renew_stats_pin_of_other_size(pin_dir: &Path) {
+    let pin = pin_dir.join(STATS_MAP);
+    let Ok(pinned) = aya::maps::MapData::from_pin(&pin) else {
+        return;
+    };
+    match pinned.info().map(|info| info.max_entries()) {
+        Ok(entries) if entries != Verdict::COUNT => {
+            tracing::warn!(
+                pinned = entries,
+                verdicts = Verdict::COUNT,
+                "XDP: the pinned verdict counters are of another relayd version; they restart from zero"
+            );
+            let _ = std::fs::remove_file(&pin);
+        }
+        _ => {}
+    }
+}
+
 /// `link_pin`, so that the program stays attached when relayd stops.
 fn attach(
     program: &mut Xdp,

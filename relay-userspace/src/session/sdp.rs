@@ -63,6 +63,9 @@ pub struct IceOffer {
 pub struct AudioEndpoint {
     pub rtp: SocketAddr,
     pub rtcp_mux: bool,
+    /// Where its RTCP goes: the RTP address when multiplexed (RFC 5761), else `a=rtcp`
+    /// (RFC 3605) or the RTP port + 1.
+    pub rtcp: SocketAddr,
     pub ice_ufrag: Option<String>,
     pub ice_pwd: Option<String>,
     pub candidates: Vec<String>,
@@ -95,9 +98,19 @@ pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
             .or_else(|| description.attribute(key).map(String::as_str))
             .map(str::to_owned)
     };
+    let rtp = SocketAddr::new(address, media.media_name.port.value as u16);
+    let rtcp_mux = media.has_attribute("rtcp-mux");
+    let rtcp = if rtcp_mux {
+        rtp
+    } else {
+        value("rtcp")
+            .and_then(|rtcp| rtcp_address(&rtcp, address))
+            .unwrap_or_else(|| SocketAddr::new(address, rtp.port().wrapping_add(1)))
+    };
     Ok(AudioEndpoint {
-        rtp: SocketAddr::new(address, media.media_name.port.value as u16),
-        rtcp_mux: media.has_attribute("rtcp-mux"),
+        rtp,
+        rtcp_mux,
+        rtcp,
         ice_ufrag: value("ice-ufrag"),
         ice_pwd: value("ice-pwd"),
         candidates: media
@@ -110,10 +123,14 @@ pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
 }
 
 /// The app's description as the PBX gets it: audio to `relay` (the relay's LAN address
-/// and the call's RTP port), no ICE.
-pub fn toward_pbx(app: &str, relay: SocketAddr) -> Result<String, SdpError> {
+/// and the call's RTP port), no ICE. RTCP multiplexed only when `mux` (the PBX offered
+/// it); otherwise on the next port, where most PBX trunks want it.
+pub fn toward_pbx(app: &str, relay: SocketAddr, mux: bool) -> Result<String, SdpError> {
     let mut description = parse(app)?;
     let media = anchor(&mut description, relay)?;
+    if !mux {
+        media.attributes.retain(|a| a.key != "rtcp-mux");
+    }
     // With rtcp-mux RTCP shares the RTP port; without, it is the next one.
     let rtcp_port = if media.has_attribute("rtcp-mux") {
         relay.port()
@@ -211,6 +228,17 @@ fn readdress(description: &mut SessionDescription, ip: IpAddr) {
     });
 }
 
+/// `a=rtcp:<port> [IN IP4 <ip>]` (RFC 3605): the address, the media's when not given.
+fn rtcp_address(value: &str, media: IpAddr) -> Option<SocketAddr> {
+    let mut words = value.split_whitespace();
+    let port = words.next()?.parse().ok()?;
+    let ip = match (words.next(), words.next(), words.next()) {
+        (Some("IN"), Some(_), Some(ip)) => ip.parse().ok()?,
+        _ => media,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
 /// `a=rtcp:<port> IN IP4 <ip>` in place of an existing one (RFC 3605); none is added.
 fn set_rtcp(attributes: &mut [Attribute], port: u16, ip: IpAddr) {
     let address_type = if ip.is_ipv4() { "IP4" } else { "IP6" };
@@ -245,7 +273,7 @@ mod tests {
     #[test]
     fn the_app_offer_reaches_the_pbx_without_ice_and_with_the_relays_address() {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
-        let rewritten = toward_pbx(WEBRTC_OFFER, relay).unwrap();
+        let rewritten = toward_pbx(WEBRTC_OFFER, relay, true).unwrap();
         assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 10.30.0.1"]);
         assert_eq!(
             lines_with(&rewritten, "m="),
@@ -286,10 +314,38 @@ mod tests {
             AudioEndpoint {
                 rtp: relay,
                 rtcp_mux: true,
+                rtcp: relay,
                 ice_ufrag: None,
                 ice_pwd: None,
                 candidates: vec![],
             }
+        );
+    }
+
+    #[test]
+    fn toward_a_pbx_without_rtcp_mux_rtcp_is_on_the_next_port() {
+        let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
+        let rewritten = toward_pbx(WEBRTC_OFFER, relay, false).unwrap();
+        assert!(
+            lines_with(&rewritten, "a=rtcp-mux").is_empty(),
+            "{rewritten}"
+        );
+        assert_eq!(
+            lines_with(&rewritten, "a=rtcp:"),
+            ["a=rtcp:40001 IN IP4 10.30.0.1"]
+        );
+        let endpoint = audio(&rewritten).unwrap();
+        assert_eq!(
+            (endpoint.rtcp_mux, endpoint.rtcp),
+            (false, "10.30.0.1:40001".parse().unwrap())
+        );
+        // An a=rtcp with its own address (RFC 3605) is where RTCP goes.
+        let elsewhere =
+            PBX_PLAIN.replace("a=sendrecv", "a=rtcp:5000 IN IP4 10.20.0.9\r\na=sendrecv");
+        assert_eq!(
+            audio(&elsewhere).unwrap().rtcp,
+            "10.20.0.9:5000".parse().unwrap(),
+            "{elsewhere}"
         );
     }
 
@@ -347,6 +403,7 @@ mod tests {
             AudioEndpoint {
                 rtp: "10.20.0.5:16384".parse().unwrap(),
                 rtcp_mux: false,
+                rtcp: "10.20.0.5:16385".parse().unwrap(),
                 ice_ufrag: None,
                 ice_pwd: None,
                 candidates: vec![],
@@ -361,7 +418,10 @@ mod tests {
     fn descriptions_without_usable_audio_are_refused() {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
         let video_only = PBX_PLAIN.replace("m=audio", "m=video");
-        assert_eq!(toward_pbx(&video_only, relay), Err(SdpError::NoAudio));
+        assert_eq!(
+            toward_pbx(&video_only, relay, false),
+            Err(SdpError::NoAudio)
+        );
         assert_eq!(audio(&video_only), Err(SdpError::NoAudio));
         let refused = PBX_PLAIN.replace("m=audio 16384", "m=audio 0");
         assert_eq!(
@@ -369,11 +429,11 @@ mod tests {
             Err(SdpError::AudioRefused)
         );
         assert!(matches!(
-            toward_pbx("hello", relay),
+            toward_pbx("hello", relay, false),
             Err(SdpError::Unparseable(_))
         ));
         assert!(matches!(
-            toward_pbx("", relay),
+            toward_pbx("", relay, false),
             Err(SdpError::Unparseable(_)) | Err(SdpError::NoAudio)
         ));
         // A second stream (video) is refused toward the other side, audio kept.

@@ -1076,6 +1076,7 @@ pub(crate) fn channel_flows(
         new_src: relay,
         new_dst: peer,
         channel: Some(ChannelOp::Strip(number)),
+        rtcp_to_userspace: false,
     };
     [to_peer, to_peer.reverse()]
 }
@@ -1736,6 +1737,7 @@ mod tests {
             new_src: relay,
             new_dst: addr(PEER),
             channel: Some(ChannelOp::Strip(0x4001)),
+            rtcp_to_userspace: false,
         };
         assert_eq!(actions, [Action::Offload([to_peer, to_peer.reverse()])]);
         // Refreshing the binding offloads nothing new.
@@ -2263,6 +2265,7 @@ mod tests {
             new_src: relay,
             new_dst: addr(PEER),
             channel: Some(ChannelOp::Strip(0x4001)),
+            rtcp_to_userspace: false,
         };
         assert_eq!(
             actions,

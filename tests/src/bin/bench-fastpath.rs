@@ -83,6 +83,7 @@ fn program_cost() {
             new_src: a("198.51.100.7:4000"),
             new_dst: a("10.2.0.2:5004"),
             channel: None,
+            rtcp_to_userspace: false,
         };
         kernel.install(1, 1, &bench).unwrap();
         let hit = Frame {
@@ -110,6 +111,7 @@ fn program_cost() {
             new_src: a("10.2.0.1:40000"),
             new_dst: a("10.2.0.2:6000"),
             channel: Some(ChannelOp::Strip(0x4001)),
+            rtcp_to_userspace: false,
         };
         kernel.install(2, 1, &turn).unwrap();
         // Its answers, sent back to a neighbour so that the bench needs no route.
@@ -143,6 +145,7 @@ fn program_cost() {
                 new_src: SocketAddr::from(([10, 2, 0, 1], 30000)),
                 new_dst: SocketAddr::from(([10, 2, 0, 2], 5004)),
                 channel: None,
+                rtcp_to_userspace: false,
             };
             kernel.install(i + 4, 1, &spec).unwrap();
             if i % 100_000 == 99_999 {
