@@ -84,12 +84,10 @@ pub async fn run(
             .parent()
             .filter(|_| !config.state.path.as_os_str().is_empty());
         if config.calls.enabled {
-            calls = Some(Arc::new(crate::calls::Calls::new(
-                &config.calls,
-                table.clone(),
-                hub.clone(),
-                turn.clone(),
-            )?));
+            calls = Some(Arc::new(
+                crate::calls::Calls::new(&config.calls, table.clone(), hub.clone(), turn.clone())
+                    .await?,
+            ));
         }
         let task = crate::signalling::server::start(
             &config.signalling,
@@ -135,6 +133,10 @@ pub async fn run(
     let reloading = tokio::spawn(reload_on_hangup(reloader, stopped));
     shutdown.await;
     tracing::info!("shutting down");
+    // Before the signalling stops, so that both sides of every call hear of its end.
+    if let Some(calls) = &calls {
+        calls.stop().await;
+    }
     let _ = stop.send(true);
     if let Some(turn) = &turn {
         turn.stop();

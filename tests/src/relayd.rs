@@ -166,6 +166,12 @@ impl Relayd {
         )
     }
 
+    /// SIGKILL, as a crash or the OOM killer would: nothing of relayd's shutdown runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for relayd to exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
         // SAFETY: kill on the pid of a child we own and have not reaped.

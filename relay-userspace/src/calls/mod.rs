@@ -117,24 +117,36 @@ struct Call {
 }
 
 impl Calls {
-    pub fn new(
+    pub async fn new(
         settings: &CallsSettings,
         table: Arc<FlowTable>,
         hub: Arc<Hub>,
         turn: Option<Arc<TurnService>>,
     ) -> anyhow::Result<Calls> {
         let ice_address: SocketAddr = settings.ice_listen.parse()?;
-        let socket = std::net::UdpSocket::bind(ice_address).map_err(|err| {
-            anyhow::anyhow!("calls.ice_listen: {ice_address}: cannot listen: {err}")
-        })?;
+        let lan_ip: IpAddr = settings.lan_address.parse()?;
+        let ports = settings
+            .ports()
+            .ok_or_else(|| anyhow::anyhow!("calls.port_range"))?;
+        let removed = remove_flows_of_earlier_calls(&table, ice_address, lan_ip, &ports);
+        // The removed flows' slow-path sockets close as their tasks end: a moment.
+        let mut attempts = if removed { 40 } else { 1 };
+        let socket = loop {
+            attempts -= 1;
+            match std::net::UdpSocket::bind(ice_address) {
+                Ok(socket) => break socket,
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts > 0 => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => anyhow::bail!("calls.ice_listen: {ice_address}: cannot listen: {err}"),
+            }
+        };
         let ice = IcePort::new(socket)?;
         tracing::info!(ice = %ice_address, lan = %settings.lan_address, ports = %settings.port_range, "calls: ready");
         Ok(Calls {
             ice,
-            lan_ip: settings.lan_address.parse()?,
-            ports: settings
-                .ports()
-                .ok_or_else(|| anyhow::anyhow!("calls.port_range"))?,
+            lan_ip,
+            ports,
             ice_timeout: Duration::from_secs(settings.ice_timeout_secs),
             consent_timeout: Duration::from_secs(settings.consent_timeout_secs),
             media_timeout: Duration::from_secs(settings.media_timeout_secs),
@@ -684,6 +696,22 @@ impl Calls {
         self.calls().contains_key(&id)
     }
 
+    /// relayd is stopping: every call ends (`relay-stopped`), both sides are told, and its
+    /// flows go. A restarted relayd does not know the calls (their ICE agents are gone),
+    /// so media left in the kernel would reach nobody who could end it.
+    pub async fn stop(&self) {
+        let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
+        if !calls.is_empty() {
+            tracing::info!(
+                calls = calls.len(),
+                "calls: relayd is stopping; the calls in progress end"
+            );
+        }
+        for call in calls {
+            self.end(&call, "relay-stopped", true, true).await;
+        }
+    }
+
     /// Ends a call from the operator's side (`relayctl calls hangup`); false if unknown.
     pub async fn hangup_by_operator(&self, id: u64) -> bool {
         let Some(call) = self.calls().get(&id).cloned() else {
@@ -908,6 +936,38 @@ impl Calls {
             "no free LAN port left in calls.port_range".into(),
         ))
     }
+}
+
+/// Flows of calls a relayd left in the pinned table without ending them (killed, not
+/// stopped): the table adopted them and bound their relay addresses, which are the ICE port
+/// and the calls' LAN ports this relayd needs. Nobody could end those calls now; removed.
+fn remove_flows_of_earlier_calls(
+    table: &FlowTable,
+    ice: SocketAddr,
+    lan_ip: IpAddr,
+    ports: &RangeInclusive<u16>,
+) -> bool {
+    let ours = |address: SocketAddr| {
+        address == ice || (address.ip() == lan_ip && ports.contains(&address.port()))
+    };
+    let now = monotonic_ns();
+    let stale: Vec<u32> = table
+        .list(now)
+        .into_iter()
+        .filter(|flow| ours(flow.spec.dst) || ours(flow.spec.new_src))
+        .map(|flow| flow.id)
+        .collect();
+    if !stale.is_empty() {
+        tracing::warn!(
+            flows = stale.len(),
+            "calls: removing the flows of calls an earlier relayd did not end (it was not stopped cleanly)"
+        );
+    }
+    let removed = !stale.is_empty();
+    for id in stale {
+        let _ = table.remove(id, now);
+    }
+    removed
 }
 
 /// A call's LAN side: its RTP port (even) and the RTCP port above it, for PBXs that keep

@@ -241,6 +241,12 @@ async fn serve(
                 }
             }
             _ = stopped.changed() => {
+                // What is queued goes out first (calls ended by the shutdown).
+                while let Ok(message) = queue.try_recv() {
+                    if send(socket, &message).await.is_err() {
+                        break;
+                    }
+                }
                 close(socket, CloseCode::Away, "the relay is shutting down").await;
                 return "the relay is shutting down".to_owned();
             }
