@@ -1,6 +1,11 @@
 //! The PBX end of the calls tests: an RTP echo on the PBX's LAN address (what a phone
 //! behind the PBX sends back), and SIP toward sipp as a real PBX-side user agent.
 
+/// The PBX's RTP address in the edge lab, and its plain offer (PCMU and DTMF, RTCP on the
+/// next port).
+pub const RTP: &str = "10.30.0.2:40000";
+pub const SDP: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+
 /// Echoes every datagram back to its sender, until the task is aborted.
 pub async fn rtp_echo(socket: std::net::UdpSocket) {
     socket.set_nonblocking(true).expect("nonblocking");

@@ -189,6 +189,19 @@ pub async fn request(socket: &mut Socket, message: Value) -> Value {
     }
 }
 
+/// A token the controller mints for `user`'s app, valid for `ttl_secs`.
+pub async fn mint_token(controller: &mut Socket, user: &str, ttl_secs: u64) -> String {
+    let minted = request(
+        controller,
+        serde_json::json!({"type": "token.mint", "id": 0, "user": user, "ttl_secs": ttl_secs}),
+    )
+    .await;
+    minted["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token minted: {minted}"))
+        .to_owned()
+}
+
 /// Sends a request and returns the answer.
 pub async fn call(socket: &mut Socket, message: Value) -> Value {
     send(socket, message).await;

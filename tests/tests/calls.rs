@@ -15,8 +15,8 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     relayd::Relayd,
-    require_root,
-    signalling_client::{Socket, call, controller, receive, receive_within, request},
+    require_root, runtime,
+    signalling_client::{Socket, call, controller, mint_token, receive, receive_within, request},
     traffic::{numbered, sequence_of},
 };
 use serde_json::{Value, json};
@@ -105,13 +105,6 @@ async fn app(
     ended
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
     require_root();
@@ -168,12 +161,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             answer["code"], "bad_request",
             "an SDP without audio: {answer}"
         );
-        let minted = call(
-            &mut controller,
-            json!({"type": "token.mint", "id": 3, "user": "alice", "ttl_secs": 300}),
-        )
-        .await;
-        let token = minted["token"].as_str().unwrap().to_owned();
+        let token = mint_token(&mut controller, "alice", 300).await;
 
         let (done_tx, done) = mpsc::channel();
         let (hangup_tx, hangup_done) = mpsc::channel();
@@ -452,12 +440,7 @@ fn an_app_behind_nat_calls_the_pbx_and_the_media_flows_in_xdp() {
             API_KEY,
         )
         .await;
-        let minted = call(
-            &mut controller,
-            json!({"type": "token.mint", "id": 1, "user": "bob", "ttl_secs": 300}),
-        )
-        .await;
-        let token = minted["token"].as_str().unwrap().to_owned();
+        let token = mint_token(&mut controller, "bob", 300).await;
         let (done_tx, done) = mpsc::channel();
         let app_ns = lab.app.name.clone();
         let app_thread = std::thread::spawn(move || {

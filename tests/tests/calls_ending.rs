@@ -11,15 +11,15 @@ use relay_tests::{
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     relayd::Relayd,
-    require_root,
-    signalling_client::{Socket, call, controller, receive_within},
+    require_root, runtime,
+    signalling_client::{Socket, call, controller, mint_token, receive_within},
     traffic::numbered,
 };
 use serde_json::{Value, json};
 
 const SIGNALLING: &str = EdgeLab::SIGNALLING;
 const API_KEY: &str = "acme-api-key-0123456789";
-const PBX_RTP: &str = "10.30.0.2:40000";
+const PBX_RTP: &str = relay_tests::pbx::RTP;
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
 
 /// How the app ends its part.
@@ -29,13 +29,6 @@ enum AppEnds {
     Silence,
     /// Closes its ICE agent: no more consent.
     Vanish,
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A call that connects and carries some media, then ends the way `ends` says; returns
@@ -65,12 +58,7 @@ fn call_that_ends(ends: AppEnds, timeouts: &str) -> (Vec<Value>, Value, Value, S
             API_KEY,
         )
         .await;
-        let minted = call(
-            &mut controller,
-            json!({"type": "token.mint", "id": 1, "user": "alice", "ttl_secs": 300}),
-        )
-        .await;
-        let token = minted["token"].as_str().unwrap().to_owned();
+        let token = mint_token(&mut controller, "alice", 300).await;
         let (ready_tx, ready) = mpsc::channel();
         let app_ns = lab.app.name.clone();
         let app = std::thread::spawn(move || {

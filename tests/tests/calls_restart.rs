@@ -12,21 +12,14 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     relayd::Relayd,
-    require_root,
-    signalling_client::{Socket, controller, receive_within, request},
+    require_root, runtime,
+    signalling_client::{Socket, controller, mint_token, receive_within, request},
 };
 use serde_json::{Value, json};
 
 const API_KEY: &str = "acme-api-key-0123456789";
-const PBX_RTP: &str = "10.30.0.2:40000";
-const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+const PBX_RTP: &str = relay_tests::pbx::RTP;
+const PBX_OFFER: &str = relay_tests::pbx::SDP;
 
 /// A connected call with media through XDP: the controller's session, and the app's thread
 /// (it answers, talks for a second, then returns the next event it gets, if any, within
@@ -44,12 +37,7 @@ async fn connected_call(
         API_KEY,
     )
     .await;
-    let minted = request(
-        &mut controller,
-        json!({"type": "token.mint", "id": 1, "user": "alice", "ttl_secs": 300}),
-    )
-    .await;
-    let token = minted["token"].as_str().unwrap().to_owned();
+    let token = mint_token(&mut controller, "alice", 300).await;
     let (talked_tx, talked) = mpsc::channel();
     let app_ns = lab.app.name.clone();
     let app = std::thread::spawn(move || {

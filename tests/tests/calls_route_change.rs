@@ -17,14 +17,14 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     relayd::Relayd,
-    require_root,
-    signalling_client::{Socket, call, controller, receive_within},
+    require_root, runtime,
+    signalling_client::{Socket, call, controller, mint_token, receive_within},
 };
 use serde_json::{Value, json};
 
 const API_KEY: &str = "acme-api-key-0123456789";
-const PBX_RTP: &str = "10.30.0.2:40000";
-const PBX_SDP: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+const PBX_RTP: &str = relay_tests::pbx::RTP;
+const PBX_SDP: &str = relay_tests::pbx::SDP;
 
 /// Packets at 50 per second before the move (1 s) and after it (2 s).
 const BEFORE: u32 = 50;
@@ -97,13 +97,6 @@ async fn until_state(controller: &mut Socket, state: &str) -> Value {
     panic!("no call.state {state}");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn route_change(app_calls: bool) {
     require_root();
     let lab = EdgeLab::new();
@@ -123,12 +116,7 @@ fn route_change(app_calls: bool) {
             API_KEY,
         )
         .await;
-        let minted = call(
-            &mut controller,
-            json!({"type": "token.mint", "id": 1, "user": "alice", "ttl_secs": 300}),
-        )
-        .await;
-        let token = minted["token"].as_str().unwrap().to_owned();
+        let token = mint_token(&mut controller, "alice", 300).await;
         let (ready_tx, ready) = mpsc::channel();
         let app_ns = lab.app.name.clone();
         let app_thread = std::thread::spawn(move || {

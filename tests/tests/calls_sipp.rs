@@ -15,21 +15,14 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     pbx::{SipDialog, Sipp, sipp_successful_calls},
     relayd::Relayd,
-    require_root,
-    signalling_client::{Socket, call, controller, receive_within},
+    require_root, runtime,
+    signalling_client::{Socket, call, controller, mint_token, receive_within},
 };
 use serde_json::{Value, json};
 
 const API_KEY: &str = "acme-api-key-0123456789";
 /// Packets each way per call, at 50 per second.
 const PACKETS: u32 = 150;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// The app: takes the PBX's call, talks, waits for its end; then calls out, talks, hangs
 /// up. Tells the test how many packets came back after each call.
@@ -119,12 +112,7 @@ fn calls_in_both_directions_with_sipp_behind_the_pbx() {
             API_KEY,
         )
         .await;
-        let minted = call(
-            &mut controller,
-            json!({"type": "token.mint", "id": 1, "user": "alice", "ttl_secs": 300}),
-        )
-        .await;
-        let token = minted["token"].as_str().unwrap().to_owned();
+        let token = mint_token(&mut controller, "alice", 300).await;
         let (said_tx, said) = mpsc::channel();
         let (go, go_rx) = mpsc::channel();
         let app_ns = lab.app.name.clone();

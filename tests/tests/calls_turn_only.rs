@@ -18,23 +18,16 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     relayd::Relayd,
-    require_root,
-    signalling_client::{Socket, controller, receive_within, request},
+    require_root, runtime,
+    signalling_client::{Socket, controller, mint_token, receive_within, request},
 };
 use serde_json::{Value, json};
 
 const API_KEY: &str = "acme-api-key-0123456789";
-const PBX_RTP: &str = "10.30.0.2:40000";
-const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+const PBX_RTP: &str = relay_tests::pbx::RTP;
+const PBX_OFFER: &str = relay_tests::pbx::SDP;
 /// 6 s at 50 packets/s: longer than a consent check period, so consent over TURN counts.
 const PACKETS: u32 = 300;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Events to the controller until one is `event` (with `state`, when given).
 async fn until(controller: &mut Socket, event: &str, state: Option<&str>) -> Value {
@@ -69,12 +62,7 @@ fn a_turn_only_app_gets_its_call_with_the_media_in_xdp() {
             API_KEY,
         )
         .await;
-        let minted = request(
-            &mut controller,
-            json!({"type": "token.mint", "id": 1, "user": "alice", "ttl_secs": 300}),
-        )
-        .await;
-        let token = minted["token"].as_str().unwrap().to_owned();
+        let token = mint_token(&mut controller, "alice", 300).await;
         let (said_tx, said) = mpsc::channel();
         let (go, go_rx) = mpsc::channel::<()>();
         let app_ns = lab.app.name.clone();

@@ -11,7 +11,7 @@ use std::{
 };
 
 use relay::ice::leg::{IceLeg, IcePort, LocalIce};
-use relay_tests::{lab::ThreeHosts, require_root};
+use relay_tests::{lab::ThreeHosts, require_root, runtime};
 use webrtc_ice::{
     agent::{Agent, agent_config::AgentConfig},
     candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
@@ -78,13 +78,6 @@ async fn app(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = agent.close().await;
     selected
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

@@ -70,6 +70,12 @@ fn restart_keeps_forwarding(datapath: &[&str]) {
     });
 
     thread::sleep(Duration::from_millis(400));
+    // The first packets may have gone through the first relayd's socket while the kernel
+    // resolved the peer's neighbour entry (pass_no_neighbour); its counters go with it.
+    let before_stop = first.ctl_json(&["flow", "show", "1"]);
+    let via_first_userspace = before_stop["counters"]["userspace_packets"]
+        .as_u64()
+        .unwrap();
     assert!(
         first.stop(),
         "relayd did not stop cleanly:\n{}",
@@ -108,8 +114,8 @@ fn restart_keeps_forwarding(datapath: &[&str]) {
     let flow = second.ctl_json(&["flow", "show", "1"]);
     let counter = |name: &str| flow["counters"][name].as_u64().unwrap();
     assert!(
-        counter("xdp_packets") >= u64::from(PACKETS) - 5,
-        "the kernel forwarded the stream: {flow}"
+        counter("xdp_packets") + via_first_userspace >= u64::from(PACKETS) - 5,
+        "the kernel forwarded the stream (the first relayd's socket {via_first_userspace} of it): {flow}"
     );
     drop(second);
 

@@ -27,7 +27,7 @@ pub use flows::{Directions, Traffic};
 use crate::{
     config::CallsSettings,
     datapath::{FlowSpec, flow::ChannelOp, table::FlowTable},
-    ice::leg::{IceConn, IceLeg, IcePort, SelectedPair},
+    ice::leg::{IceConn, IceLeg, IcePort, LocalIce, SelectedPair},
     session::sdp::{self, IceOffer},
     signalling::{
         hub::{Hub, Identity},
@@ -183,8 +183,7 @@ impl Calls {
         if controller.role != Role::Controller {
             return Err((ErrorCode::Forbidden, "only controllers create calls".into()));
         }
-        let pbx_endpoint =
-            sdp::audio(pbx_offer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let pbx_endpoint = sdp::audio(pbx_offer).map_err(bad_sdp)?;
         let pbx = pbx_endpoint.rtp;
         if !self.hub.is_online(&controller.tenant, user) {
             return Err((
@@ -196,16 +195,7 @@ impl Calls {
         let (leg, local) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
-        let app_offer = sdp::toward_app(
-            pbx_offer,
-            self.ice.address(),
-            &IceOffer {
-                ufrag: local.ufrag,
-                pwd: local.pwd,
-                candidates: local.candidates,
-            },
-        )
-        .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let app_offer = self.toward_app(pbx_offer, local)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let call = Arc::new(Call {
             id,
@@ -245,8 +235,7 @@ impl Calls {
         app_offer: &str,
     ) -> Result<Map<String, Value>, CallError> {
         let user = app.user.clone().unwrap_or_default();
-        let endpoint =
-            sdp::audio(app_offer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let endpoint = sdp::audio(app_offer).map_err(bad_sdp)?;
         let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
             return Err((
                 ErrorCode::BadRequest,
@@ -255,8 +244,7 @@ impl Calls {
         };
         let (lan_sockets, lan) = self.bind_lan_port().await?;
         // RTCP on its own port toward the PBX: what every PBX trunk takes.
-        let pbx_offer = sdp::toward_pbx(app_offer, lan, false)
-            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let pbx_offer = sdp::toward_pbx(app_offer, lan, false).map_err(bad_sdp)?;
         let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
@@ -327,8 +315,7 @@ impl Calls {
         call: Arc<Call>,
         pbx_answer: &str,
     ) -> Result<Map<String, Value>, CallError> {
-        let pbx_endpoint =
-            sdp::audio(pbx_answer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let pbx_endpoint = sdp::audio(pbx_answer).map_err(bad_sdp)?;
         let Some((ufrag, pwd)) = call.app_ice.lock().expect("call ice").take() else {
             return Err((ErrorCode::BadRequest, "the call is already answered".into()));
         };
@@ -338,16 +325,7 @@ impl Calls {
             let leg = call.leg.lock().await;
             leg.local()
         };
-        let app_answer = sdp::toward_app(
-            pbx_answer,
-            self.ice.address(),
-            &IceOffer {
-                ufrag: local.ufrag,
-                pwd: local.pwd,
-                candidates: local.candidates,
-            },
-        )
-        .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let app_answer = self.toward_app(pbx_answer, local)?;
         self.hub.to_user(
             &call.tenant,
             &call.user,
@@ -370,16 +348,15 @@ impl Calls {
         app_answer: &str,
     ) -> Result<Map<String, Value>, CallError> {
         let id = call.id;
-        let endpoint =
-            sdp::audio(app_answer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let endpoint = sdp::audio(app_answer).map_err(bad_sdp)?;
         let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
             return Err((
                 ErrorCode::BadRequest,
                 "sdp: the answer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
             ));
         };
-        let pbx_answer = sdp::toward_pbx(app_answer, call.lan, call.pbx_rtcp().is_none())
-            .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let pbx_answer =
+            sdp::toward_pbx(app_answer, call.lan, call.pbx_rtcp().is_none()).map_err(bad_sdp)?;
         *call.app_sdp.lock().expect("call sdp") = app_answer.to_owned();
         {
             let leg = call.leg.lock().await;
@@ -426,8 +403,7 @@ impl Calls {
                 }
             }
         };
-        let endpoint =
-            sdp::audio(offer).map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+        let endpoint = sdp::audio(offer).map_err(bad_sdp)?;
         let answer = match who.role {
             Role::Client => {
                 let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
@@ -443,16 +419,7 @@ impl Calls {
                         .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?
                 };
                 let pbx_sdp = call.pbx_sdp.lock().expect("call sdp").clone();
-                let answer = sdp::toward_app(
-                    &pbx_sdp,
-                    self.ice.address(),
-                    &IceOffer {
-                        ufrag: local.ufrag,
-                        pwd: local.pwd,
-                        candidates: local.candidates,
-                    },
-                )
-                .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+                let answer = self.toward_app(&pbx_sdp, local)?;
                 *call.app_sdp.lock().expect("call sdp") = offer.to_owned();
                 tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
                 self.hub.to_controller(
@@ -463,8 +430,8 @@ impl Calls {
             }
             Role::Controller => {
                 let app_sdp = call.app_sdp.lock().expect("call sdp").clone();
-                let answer = sdp::toward_pbx(&app_sdp, call.lan, endpoint.rtcp_mux)
-                    .map_err(|err| (ErrorCode::BadRequest, format!("sdp: {err}")))?;
+                let answer =
+                    sdp::toward_pbx(&app_sdp, call.lan, endpoint.rtcp_mux).map_err(bad_sdp)?;
                 let old = (*call.pbx.lock().expect("call pbx"), call.pbx_rtcp());
                 call.set_pbx(&endpoint);
                 *call.pbx_sdp.lock().expect("call sdp") = offer.to_owned();
@@ -913,6 +880,20 @@ impl Calls {
         );
     }
 
+    /// The SDP the app gets: the PBX's, anchored at the ICE port, with the leg's ICE.
+    fn toward_app(&self, pbx_sdp: &str, local: LocalIce) -> Result<String, CallError> {
+        sdp::toward_app(
+            pbx_sdp,
+            self.ice.address(),
+            &IceOffer {
+                ufrag: local.ufrag,
+                pwd: local.pwd,
+                candidates: local.candidates,
+            },
+        )
+        .map_err(bad_sdp)
+    }
+
     /// A free LAN port: the first even one in the range that binds (RTP takes even ports,
     /// RTCP the odd one above).
     async fn bind_lan_port(&self) -> Result<(LanSockets, SocketAddr), CallError> {
@@ -975,6 +956,11 @@ fn remove_flows_of_earlier_calls(
 struct LanSockets {
     rtp: Arc<UdpSocket>,
     rtcp: Arc<UdpSocket>,
+}
+
+/// An SDP the relay cannot use: the requester's error.
+fn bad_sdp(err: sdp::SdpError) -> CallError {
+    (ErrorCode::BadRequest, format!("sdp: {err}"))
 }
 
 /// RTCP among RTP on one port (RFC 5761 section 4): version 2, packet type 192..=223.

@@ -34,14 +34,14 @@ use relay_tests::{
     netns::{NetNs, PinDir, enter_by_name},
     relayd::Relayd,
     require_root,
-    signalling_client::{Socket, controller, receive_within, request, send},
+    signalling_client::{Socket, controller, mint_token, receive_within, send},
     traffic::numbered,
 };
 use serde_json::json;
 
 const API_KEY: &str = "bench-api-key-0123456789";
-const PBX_RTP: &str = "10.30.0.2:40000";
-const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+const PBX_RTP: &str = relay_tests::pbx::RTP;
+const PBX_OFFER: &str = relay_tests::pbx::SDP;
 /// Calls set up one at a time, then in waves of WAVE, up to CALLS in all.
 const SEQUENTIAL: usize = 20;
 const WAVE: usize = 100;
@@ -222,12 +222,7 @@ fn run(path: Path) -> (Setup, Vec<Step>) {
     let tokens: Vec<String> = runtime.block_on(async {
         let mut tokens = Vec::new();
         for user in 0..max_calls() {
-            let minted = request(
-                &mut controller,
-                json!({"type": "token.mint", "id": user, "user": format!("user{user}"), "ttl_secs": 3600}),
-            )
-            .await;
-            tokens.push(minted["token"].as_str().expect("a token").to_owned());
+            tokens.push(mint_token(&mut controller, &format!("user{user}"), 3600).await);
         }
         tokens
     });

@@ -23,8 +23,8 @@ use relay_tests::{
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     relayd::{Relayd, http_get, metric},
-    require_root,
-    signalling_client::{controller, request},
+    require_root, runtime,
+    signalling_client::{controller, mint_token, request},
     traffic::{numbered, sequence_of},
 };
 use serde_json::json;
@@ -61,13 +61,6 @@ fn pbx_offer(call: u16) -> String {
         ip = rtp.ip(),
         port = rtp.port()
     )
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn main() {
@@ -112,12 +105,7 @@ listen = \"{METRICS}\""
     let tokens: Vec<String> = (0..CALLS)
         .map(|call| {
             main_runtime.block_on(async {
-                let minted = request(
-                    &mut controller,
-                    json!({"type": "token.mint", "id": 100 + call, "user": format!("user{}", call + 1), "ttl_secs": 600}),
-                )
-                .await;
-                minted["token"].as_str().expect("a token").to_owned()
+                mint_token(&mut controller, &format!("user{}", call + 1), 600).await
             })
         })
         .collect();
