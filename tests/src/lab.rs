@@ -128,7 +128,7 @@ impl EdgeLab {
     pub const NAT_SECOND: &str = "198.51.100.3";
     pub const PBX: &str = "10.30.0.2";
     /// The relay's signalling (WebSocket over TLS) and ICE addresses in [`calls_config`].
-    pub const SIGNALLING: &str = "198.51.100.1:8443";
+    pub const SIGNALLING: &str = "198.51.100.1:443";
     pub const ICE: &str = "198.51.100.1:3479";
 
     pub fn new() -> EdgeLab {
@@ -202,7 +202,7 @@ lan_address = "{}"
 
 impl EdgeLab {
     /// The app's network lets only TURN and signalling out: UDP to the relay's TURN port
-    /// and TCP to its signalling port (443 in production), as in hotel and corporate
+    /// and TCP to its signalling port (443), as in hotel and corporate
     /// guest networks. Everything else from the app is dropped at the NAT.
     pub fn only_turn_and_signalling(&self) {
         let signalling_port = EdgeLab::SIGNALLING.rsplit(':').next().expect("a port");

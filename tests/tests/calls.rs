@@ -203,6 +203,8 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             endpoint.rtp.port() + 1,
             "{pbx_answer}"
         );
+        let checking = receive(&mut controller).await.unwrap();
+        assert_eq!(checking["state"], "checking", "ICE runs: {checking}");
         let state = receive(&mut controller).await.unwrap();
         assert_eq!(state["state"], "connected", "{state}");
         // The app's address as the relay sees it: the NAT's.

@@ -145,6 +145,7 @@ fn a_call_without_media_ends_by_the_media_timeout() {
         states(&controller),
         [
             "call.answered ",
+            "call.state checking",
             "call.state connected",
             "call.ended media-timeout"
         ],
@@ -169,6 +170,7 @@ fn a_call_whose_app_stops_answering_consent_ends() {
         states(&controller),
         [
             "call.answered ",
+            "call.state checking",
             "call.state connected",
             "call.state consent-lost",
             "call.ended consent-lost"

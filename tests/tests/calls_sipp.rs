@@ -148,6 +148,8 @@ fn calls_in_both_directions_with_sipp_behind_the_pbx() {
         let answer = answered["sdp"].as_str().unwrap();
         assert!(answer.contains("c=IN IP4 10.30.0.1"), "{answer}");
         dialog.ack(Some(answer));
+        let checking = next_event(&mut controller, "call.state").await;
+        assert_eq!(checking["state"], "checking", "{checking}");
         let connected = next_event(&mut controller, "call.state").await;
         assert_eq!(connected["state"], "connected", "{connected}");
         let (echoed, said) = tokio::task::spawn_blocking(move || (said.recv().unwrap(), said))

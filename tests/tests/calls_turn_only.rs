@@ -1,5 +1,5 @@
-//! A TURN-only app: its network lets out only UDP to the relay's TURN port and TCP to its
-//! signalling port. Its ICE agent allocates on the relay's own TURN server and offers the
+//! A TURN-only app: its network lets out only UDP to the relay's TURN port (3478) and TCP
+//! to its signalling port (443). Its ICE agent allocates on the relay's own TURN server and offers the
 //! relayed candidate; the relay's ICE agent reaches it there (the allocation's peer is the
 //! relay's ICE address). Instead of hairpinning through the relay socket, the call's flows
 //! start at the app's TURN channel: ChannelData stripped and sent on to the PBX, the PBX's

@@ -477,6 +477,10 @@ impl Calls {
         ufrag: String,
         pwd: String,
     ) {
+        self.hub.to_controller(
+            &call.tenant,
+            &event("call.state", call.id, [("state", "checking".into())]),
+        );
         let connected = {
             let mut leg = call.leg.lock().await;
             tokio::time::timeout(self.ice_timeout, leg.connect(controlling, ufrag, pwd)).await
