@@ -195,6 +195,18 @@ pub fn render(
             "Calls in progress (offered, connecting or connected).",
             &[(String::new(), calls.len() as u64)],
         );
+        let tally = calls.tally();
+        let ended: Vec<(String, u64)> = tally
+            .ended
+            .iter()
+            .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), *count))
+            .collect();
+        metric(
+            "relay_calls_ended_total",
+            "counter",
+            "Calls ended, by reason (hangup, operator, ice-failed, ice-timeout, consent-lost, media-timeout, relay-stopped).",
+            &ended,
+        );
     }
     if let Some(hub) = signalling {
         let (controllers, clients) = hub.counts();
@@ -235,6 +247,15 @@ pub fn render(
             "counter",
             "TURN requests refused, by error code and reason (401: failed authentication; the challenge of a client's first request is not counted).",
             &refusals,
+        );
+    }
+    // A summary: its sum is in seconds, a fraction (the closure above writes integers).
+    if let Some(calls) = calls {
+        let tally = calls.tally();
+        let _ = write!(
+            out,
+            "# HELP relay_call_setup_seconds From call.create to ICE connected with the media flows installed.\n# TYPE relay_call_setup_seconds summary\nrelay_call_setup_seconds_sum {:.6}\nrelay_call_setup_seconds_count {}\n",
+            tally.setup_seconds, tally.connected
         );
     }
     out

@@ -410,6 +410,24 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         let flows = relayd.ctl_json(&["flow", "list"]);
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
         assert_eq!(relayd.ctl_ok(&["calls", "list"]), "no calls\n");
+        let metrics = relay_tests::relayd::http_get(&lab.relay, "10.30.0.1:9477", "/metrics");
+        for (series, value) in [
+            (r#"relay_calls_ended_total{reason="hangup"}"#, 1),
+            ("relay_call_setup_seconds_count", 1),
+            ("relay_calls", 0),
+        ] {
+            assert_eq!(
+                relay_tests::relayd::metric(&metrics, series),
+                Some(value),
+                "{series}\n{metrics}"
+            );
+        }
+        let setup: f64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("relay_call_setup_seconds_sum "))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("{metrics}"));
+        assert!(setup > 0.0, "{metrics}");
         // Unknown calls: the operator is told.
         let unknown = relayd.ctl(&["calls", "hangup", "99"]);
         assert_eq!(unknown.status.code(), Some(1));

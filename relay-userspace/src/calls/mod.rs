@@ -81,6 +81,17 @@ pub struct Calls {
     turn: Option<Arc<TurnService>>,
     calls: Mutex<HashMap<u64, Arc<Call>>>,
     next: AtomicU64,
+    /// For the metrics: calls ended by reason, and the setup times of connected calls.
+    tally: Mutex<Tally>,
+}
+
+/// What the metrics count of calls that came and went.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    pub ended: std::collections::BTreeMap<&'static str, u64>,
+    /// `call.create` to ICE connected with the flows in, summed, and how many.
+    pub setup_seconds: f64,
+    pub connected: u64,
 }
 
 struct Call {
@@ -157,11 +168,17 @@ impl Calls {
             turn,
             calls: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            tally: Mutex::new(Tally::default()),
         })
     }
 
     fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Call>>> {
         self.calls.lock().expect("calls poisoned")
+    }
+
+    /// Ended calls by reason and setup times, for the metrics.
+    pub fn tally(&self) -> Tally {
+        self.tally.lock().expect("calls tally").clone()
     }
 
     /// Calls in progress.
@@ -505,6 +522,11 @@ impl Calls {
         };
         self.start_userspace_media(&call, conn);
         self.install(&call, pair);
+        {
+            let mut tally = self.tally.lock().expect("calls tally");
+            tally.setup_seconds += call.created.elapsed().as_secs_f64();
+            tally.connected += 1;
+        }
         let state = event(
             "call.state",
             call.id,
@@ -846,10 +868,17 @@ impl Calls {
             .extend([to_pbx, to_app, rtcp_to_app]);
     }
 
-    async fn end(&self, call: &Call, reason: &str, tell_app: bool, tell_controller: bool) {
+    async fn end(&self, call: &Call, reason: &'static str, tell_app: bool, tell_controller: bool) {
         if self.calls().remove(&call.id).is_none() {
             return;
         }
+        *self
+            .tally
+            .lock()
+            .expect("calls tally")
+            .ended
+            .entry(reason)
+            .or_default() += 1;
         call.flows
             .lock()
             .expect("call flows")
