@@ -1,8 +1,11 @@
-//! Calls anchored in the relay (issue 4; docs/calls-design.md): the PBX side (a controller)
-//! offers a call to a user's app through signalling; the relay answers the PBX for the app
-//! and offers itself to the app, with its ICE leg. Once ICE has selected a pair, the media
-//! is two flows in the flow table (XDP); until then, and for what the kernel passes up,
-//! two tasks carry it between the ICE connection and the call's LAN socket.
+//! Calls anchored in the relay (docs/calls-design.md): the PBX side (a controller) calls a
+//! user's app, or the app calls the PBX, through signalling; the relay answers each side for
+//! the other, with its ICE leg toward the app and a LAN port toward the PBX. Once ICE has
+//! selected a pair, the media is two flows in the flow table (XDP).
+//!
+//! Here: the requests (create, answer, update, hangup) and the calls' bookkeeping;
+//! `connect` runs a call from ICE to its end, `media` puts its media in the flow table and
+//! carries what the kernel passes up, `flows` keeps its flow ids and counts.
 
 use std::{
     collections::HashMap,
@@ -17,17 +20,19 @@ use std::{
 
 use serde_json::{Map, Value};
 use tokio::{net::UdpSocket, task::JoinHandle};
-use webrtc_ice::{candidate::CandidateType, state::ConnectionState};
 
+mod connect;
 mod flows;
+mod media;
 
 use flows::CallFlows;
 pub use flows::{Directions, Traffic};
+use media::remove_flows_of_earlier_calls;
 
 use crate::{
     config::CallsSettings,
-    datapath::{FlowSpec, flow::ChannelOp, table::FlowTable},
-    ice::leg::{IceConn, IceLeg, IcePort, LocalIce, SelectedPair},
+    datapath::table::FlowTable,
+    ice::leg::{IceLeg, IcePort, LocalIce, SelectedPair},
     session::sdp::{self, IceOffer},
     signalling::{
         hub::{Hub, Identity},
@@ -486,147 +491,6 @@ impl Calls {
         Ok(call)
     }
 
-    /// Runs ICE, then puts the media on the selected pair and follows its changes.
-    async fn connect(
-        self: Arc<Self>,
-        call: Arc<Call>,
-        controlling: bool,
-        ufrag: String,
-        pwd: String,
-    ) {
-        self.hub.to_controller(
-            &call.tenant,
-            &event("call.state", call.id, [("state", "checking".into())]),
-        );
-        let connected = {
-            let mut leg = call.leg.lock().await;
-            tokio::time::timeout(self.ice_timeout, leg.connect(controlling, ufrag, pwd)).await
-        };
-        let pair = match connected {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(err)) => {
-                tracing::info!(call = call.id, %err, "calls: ICE failed");
-                return self.end(&call, "ice-failed", true, true).await;
-            }
-            Err(_) => {
-                tracing::info!(call = call.id, "calls: ICE did not connect in time");
-                return self.end(&call, "ice-timeout", true, true).await;
-            }
-        };
-        let (conn, mut pairs, mut states) = {
-            let leg = call.leg.lock().await;
-            (leg.conn(), leg.pairs(), leg.states())
-        };
-        let Some(conn) = conn else {
-            return self.end(&call, "ice-failed", true, true).await;
-        };
-        self.start_userspace_media(&call, conn);
-        self.install(&call, pair);
-        {
-            let mut tally = self.tally.lock().expect("calls tally");
-            tally.setup_seconds += call.created.elapsed().as_secs_f64();
-            tally.connected += 1;
-        }
-        let state = event(
-            "call.state",
-            call.id,
-            [
-                ("state", "connected".into()),
-                ("local", pair.local.to_string().into()),
-                ("remote", pair.remote.to_string().into()),
-                ("local_type", pair.local_type.to_string().into()),
-                ("remote_type", pair.remote_type.to_string().into()),
-            ],
-        );
-        self.hub.to_controller(&call.tenant, &state);
-        self.hub.to_user(&call.tenant, &call.user, &state);
-        let mut current = pair;
-        let mut consent = true;
-        let mut media_check = tokio::time::interval(Duration::from_secs(1));
-        let mut stats = self
-            .stats_interval
-            .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
-        loop {
-            tokio::select! {
-                _ = async { stats.as_mut().expect("guarded").tick().await }, if stats.is_some() => {
-                    self.hub.to_controller(&call.tenant, &self.stats_event(&call));
-                }
-                _ = media_check.tick() => {
-                    if consent {
-                        self.follow_local_channel(&call, current);
-                    }
-                    if self.media_idle(&call) > self.media_timeout {
-                        tracing::info!(call = call.id, timeout = ?self.media_timeout, "calls: no media in either direction; the call ends");
-                        return self.end(&call, "media-timeout", true, true).await;
-                    }
-                }
-                changed = pairs.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let Some(pair) = *pairs.borrow_and_update() else { continue };
-                    if pair != current {
-                        tracing::info!(call = call.id, from = %current.remote, to = %pair.remote, "calls: ICE switched pairs; flows replaced");
-                        self.install(&call, pair);
-                        current = pair;
-                        let changed = event("call.state", call.id, [
-                            ("state", "route-changed".into()),
-                            ("remote", pair.remote.to_string().into()),
-                            ("remote_type", pair.remote_type.to_string().into()),
-                        ]);
-                        self.hub.to_controller(&call.tenant, &changed);
-                        self.hub.to_user(&call.tenant, &call.user, &changed);
-                    }
-                }
-                changed = states.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let state = *states.borrow_and_update();
-                    match state {
-                        // RFC 7675: no answers to the consent checks. Stop sending toward
-                        // the app at once; end the call when consent has expired.
-                        ConnectionState::Disconnected if consent => {
-                            consent = false;
-                            tracing::info!(call = call.id, "calls: no consent from the app; media toward it stopped");
-                            self.stop_toward_app(&call);
-                            self.hub.to_controller(&call.tenant, &event("call.state", call.id, [("state", "consent-lost".into())]));
-                        }
-                        ConnectionState::Connected if !consent => {
-                            consent = true;
-                            tracing::info!(call = call.id, "calls: the app answers consent checks again; media toward it resumes");
-                            self.install(&call, current);
-                        }
-                        ConnectionState::Failed | ConnectionState::Closed => {
-                            tracing::info!(call = call.id, "calls: ICE consent expired; the call ends");
-                            return self.end(&call, "consent-lost", true, true).await;
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// A TURN-only app's channel can be bound after ICE selected its relayed address (the
-    /// app's TURN client binds it once data flows), and can go with its allocation: the
-    /// flows follow, checked every second.
-    fn follow_local_channel(&self, call: &Call, pair: SelectedPair) {
-        let Some(turn) = &self.turn else { return };
-        if pair.remote_type != CandidateType::Relay {
-            return;
-        }
-        let lent = *call.local_channel.lock().expect("call channel");
-        let changed = match lent {
-            None => turn.find_channel(pair.remote, pair.local).is_some(),
-            Some(channel) => !turn.is_bound(&channel),
-        };
-        if changed {
-            tracing::info!(call = call.id, app = %pair.remote, "calls: the app's TURN channel changed; flows replaced");
-            self.install(call, pair);
-        }
-    }
-
     /// The calls in progress, for `relayctl calls list`.
     pub fn list(&self) -> Vec<CallInfo> {
         let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
@@ -714,160 +578,6 @@ impl Calls {
         true
     }
 
-    /// `call.stats`: the call's traffic each way from the kernel counters, and how long
-    /// since the last packet.
-    fn stats_event(&self, call: &Call) -> Outbound {
-        let now = monotonic_ns();
-        let traffic = call
-            .flows
-            .lock()
-            .expect("call flows")
-            .traffic(&self.table, now);
-        event(
-            "call.stats",
-            call.id,
-            [
-                ("duration_secs", call.created.elapsed().as_secs().into()),
-                (
-                    "to_pbx",
-                    serde_json::to_value(traffic.to_pbx).unwrap_or_default(),
-                ),
-                (
-                    "to_app",
-                    serde_json::to_value(traffic.to_app).unwrap_or_default(),
-                ),
-                ("idle_ms", (self.media_idle(call).as_millis() as u64).into()),
-            ],
-        )
-    }
-
-    /// How long since media last went through the call's flows (the kernel counters' last
-    /// seen, the later of the two); zero before they exist.
-    fn media_idle(&self, call: &Call) -> Duration {
-        let now = monotonic_ns();
-        let last = call
-            .flows
-            .lock()
-            .expect("call flows")
-            .last_seen_ns(&self.table, now);
-        match last {
-            Some(last) => Duration::from_nanos(now.saturating_sub(last)),
-            None => Duration::ZERO,
-        }
-    }
-
-    /// Removes the flow toward the app (consent lost), keeping the one toward the PBX.
-    fn stop_toward_app(&self, call: &Call) {
-        call.flows
-            .lock()
-            .expect("call flows")
-            .remove_to_app(&self.table, monotonic_ns());
-    }
-
-    /// The two flows of the selected pair, replacing the call's previous ones.
-    ///
-    /// A TURN-only app's pair has its relayed address on this relay's TURN server as the
-    /// remote: its media reaches the ICE port from the relay socket, a hairpin through the
-    /// stack the kernel path never sees. The flows then start at the app's TURN channel
-    /// instead: ChannelData from the app is stripped and sent on to the PBX, and the PBX's
-    /// RTP gets the header and goes to the app from the TURN port, one flow pair in XDP.
-    fn install(&self, call: &Call, pair: SelectedPair) {
-        *call.state.lock().expect("call state") = ("connected", Some(pair));
-        let mut flows = call.flows.lock().expect("call flows");
-        flows.remove_all(&self.table, monotonic_ns());
-        let previous = call.local_channel.lock().expect("call channel").take();
-        let local = match (&self.turn, pair.remote_type) {
-            (Some(turn), CandidateType::Relay) => turn.lend_channel(pair.remote, pair.local),
-            _ => None,
-        };
-        if let (Some(turn), Some(previous)) = (&self.turn, previous)
-            && Some(previous) != local
-        {
-            turn.return_channel(&previous);
-        }
-        *call.local_channel.lock().expect("call channel") = local;
-        let to_pbx = match local {
-            Some(channel) => FlowSpec {
-                src: channel.client,
-                dst: channel.server,
-                new_src: call.lan,
-                new_dst: call.pbx(),
-                channel: Some(ChannelOp::Strip(channel.number)),
-                rtcp_to_userspace: call.pbx_rtcp().is_some(),
-            },
-            None => FlowSpec {
-                src: pair.remote,
-                dst: pair.local,
-                new_src: call.lan,
-                new_dst: call.pbx(),
-                channel: None,
-                rtcp_to_userspace: call.pbx_rtcp().is_some(),
-            },
-        };
-        // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
-        match self
-            .table
-            .offload(&[to_pbx, to_pbx.reverse()], monotonic_ns())
-        {
-            Ok(ids) => {
-                tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx(), ?ids, "calls: media flows installed");
-                flows.install(&self.table, ids[0], ids[1], monotonic_ns());
-            }
-            Err(err) => {
-                tracing::warn!(call = call.id, %err, "calls: media stays in userspace");
-            }
-        }
-    }
-
-    /// Media between the ICE connection and the LAN sockets, for what the kernel does not
-    /// forward (the first packets, the userspace datapath, RTCP for a PBX without
-    /// rtcp-mux: the app multiplexes it, the PBX wants it from and on the ports above RTP).
-    fn start_userspace_media(&self, call: &Arc<Call>, conn: IceConn) {
-        let to_pbx = {
-            let (conn, call) = (conn.clone(), call.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                while let Ok(n) = conn.recv(&mut buf).await {
-                    let packet = &buf[..n];
-                    let _ = match call.pbx_rtcp() {
-                        Some(rtcp) if is_rtcp(packet) => {
-                            call.rtcp_socket.send_to(packet, rtcp).await
-                        }
-                        _ => call.lan_socket.send_to(packet, call.pbx()).await,
-                    };
-                }
-            })
-        };
-        let rtcp_to_app = {
-            let (conn, call) = (conn.clone(), call.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                while let Ok((n, from)) = call.rtcp_socket.recv_from(&mut buf).await {
-                    // Strict source: only the PBX's RTCP address.
-                    if Some(from) == call.pbx_rtcp() {
-                        let _ = conn.send(&buf[..n]).await;
-                    }
-                }
-            })
-        };
-        let to_app = {
-            let call = call.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                while let Ok((n, from)) = call.lan_socket.recv_from(&mut buf).await {
-                    // Strict source: only the PBX's RTP address.
-                    if from == call.pbx() {
-                        let _ = conn.send(&buf[..n]).await;
-                    }
-                }
-            })
-        };
-        call.tasks
-            .lock()
-            .expect("call tasks")
-            .extend([to_pbx, to_app, rtcp_to_app]);
-    }
-
     async fn end(&self, call: &Call, reason: &'static str, tell_app: bool, tell_controller: bool) {
         if self.calls().remove(&call.id).is_none() {
             return;
@@ -926,79 +636,11 @@ impl Calls {
         )
         .map_err(bad_sdp)
     }
-
-    /// A free LAN port: the first even one in the range that binds (RTP takes even ports,
-    /// RTCP the odd one above).
-    async fn bind_lan_port(&self) -> Result<(LanSockets, SocketAddr), CallError> {
-        for port in self.ports.clone().filter(|port| port.is_multiple_of(2)) {
-            let address = SocketAddr::new(self.lan_ip, port);
-            let rtcp = SocketAddr::new(self.lan_ip, port.saturating_add(1));
-            if let (Ok(rtp), Ok(rtcp)) =
-                (UdpSocket::bind(address).await, UdpSocket::bind(rtcp).await)
-            {
-                return Ok((
-                    LanSockets {
-                        rtp: Arc::new(rtp),
-                        rtcp: Arc::new(rtcp),
-                    },
-                    address,
-                ));
-            }
-        }
-        Err((
-            ErrorCode::Busy,
-            "no free LAN port left in calls.port_range".into(),
-        ))
-    }
-}
-
-/// Flows of calls a relayd left in the pinned table without ending them (killed, not
-/// stopped): the table adopted them and bound their relay addresses, which are the ICE port
-/// and the calls' LAN ports this relayd needs. Nobody could end those calls now; removed.
-fn remove_flows_of_earlier_calls(
-    table: &FlowTable,
-    ice: SocketAddr,
-    lan_ip: IpAddr,
-    ports: &RangeInclusive<u16>,
-) -> bool {
-    let ours = |address: SocketAddr| {
-        address == ice || (address.ip() == lan_ip && ports.contains(&address.port()))
-    };
-    let now = monotonic_ns();
-    let stale: Vec<u32> = table
-        .list(now)
-        .into_iter()
-        .filter(|flow| ours(flow.spec.dst) || ours(flow.spec.new_src))
-        .map(|flow| flow.id)
-        .collect();
-    if !stale.is_empty() {
-        tracing::warn!(
-            flows = stale.len(),
-            "calls: removing the flows of calls an earlier relayd did not end (it was not stopped cleanly)"
-        );
-    }
-    let removed = !stale.is_empty();
-    for id in stale {
-        let _ = table.remove(id, now);
-    }
-    removed
-}
-
-/// A call's LAN side: its RTP port (even) and the RTCP port above it, for PBXs that keep
-/// RTCP on its own port.
-struct LanSockets {
-    rtp: Arc<UdpSocket>,
-    rtcp: Arc<UdpSocket>,
 }
 
 /// An SDP the relay cannot use: the requester's error.
 fn bad_sdp(err: sdp::SdpError) -> CallError {
     (ErrorCode::BadRequest, format!("sdp: {err}"))
-}
-
-/// RTCP among RTP on one port (RFC 5761 section 4): version 2, packet type 192..=223.
-fn is_rtcp(packet: &[u8]) -> bool {
-    packet.len() >= 2 && packet[0] >> 6 == 2 && (192..=223).contains(&packet[1])
 }
 
 impl Call {

@@ -1,0 +1,132 @@
+//! A call once answered: ICE runs, the media goes on the selected pair, and the call
+//! follows what happens next (pair changes, consent, silence, stats) until it ends.
+
+use std::{sync::Arc, time::Duration};
+
+use webrtc_ice::state::ConnectionState;
+
+use super::{Call, Calls, event};
+
+impl Calls {
+    /// Runs ICE, then puts the media on the selected pair and follows its changes.
+    pub(super) async fn connect(
+        self: Arc<Self>,
+        call: Arc<Call>,
+        controlling: bool,
+        ufrag: String,
+        pwd: String,
+    ) {
+        self.hub.to_controller(
+            &call.tenant,
+            &event("call.state", call.id, [("state", "checking".into())]),
+        );
+        let connected = {
+            let mut leg = call.leg.lock().await;
+            tokio::time::timeout(self.ice_timeout, leg.connect(controlling, ufrag, pwd)).await
+        };
+        let pair = match connected {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(err)) => {
+                tracing::info!(call = call.id, %err, "calls: ICE failed");
+                return self.end(&call, "ice-failed", true, true).await;
+            }
+            Err(_) => {
+                tracing::info!(call = call.id, "calls: ICE did not connect in time");
+                return self.end(&call, "ice-timeout", true, true).await;
+            }
+        };
+        let (conn, mut pairs, mut states) = {
+            let leg = call.leg.lock().await;
+            (leg.conn(), leg.pairs(), leg.states())
+        };
+        let Some(conn) = conn else {
+            return self.end(&call, "ice-failed", true, true).await;
+        };
+        self.start_userspace_media(&call, conn);
+        self.install(&call, pair);
+        {
+            let mut tally = self.tally.lock().expect("calls tally");
+            tally.setup_seconds += call.created.elapsed().as_secs_f64();
+            tally.connected += 1;
+        }
+        let state = event(
+            "call.state",
+            call.id,
+            [
+                ("state", "connected".into()),
+                ("local", pair.local.to_string().into()),
+                ("remote", pair.remote.to_string().into()),
+                ("local_type", pair.local_type.to_string().into()),
+                ("remote_type", pair.remote_type.to_string().into()),
+            ],
+        );
+        self.hub.to_controller(&call.tenant, &state);
+        self.hub.to_user(&call.tenant, &call.user, &state);
+        let mut current = pair;
+        let mut consent = true;
+        let mut media_check = tokio::time::interval(Duration::from_secs(1));
+        let mut stats = self
+            .stats_interval
+            .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+        loop {
+            tokio::select! {
+                _ = async { stats.as_mut().expect("guarded").tick().await }, if stats.is_some() => {
+                    self.hub.to_controller(&call.tenant, &self.stats_event(&call));
+                }
+                _ = media_check.tick() => {
+                    if consent {
+                        self.follow_local_channel(&call, current);
+                    }
+                    if self.media_idle(&call) > self.media_timeout {
+                        tracing::info!(call = call.id, timeout = ?self.media_timeout, "calls: no media in either direction; the call ends");
+                        return self.end(&call, "media-timeout", true, true).await;
+                    }
+                }
+                changed = pairs.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let Some(pair) = *pairs.borrow_and_update() else { continue };
+                    if pair != current {
+                        tracing::info!(call = call.id, from = %current.remote, to = %pair.remote, "calls: ICE switched pairs; flows replaced");
+                        self.install(&call, pair);
+                        current = pair;
+                        let changed = event("call.state", call.id, [
+                            ("state", "route-changed".into()),
+                            ("remote", pair.remote.to_string().into()),
+                            ("remote_type", pair.remote_type.to_string().into()),
+                        ]);
+                        self.hub.to_controller(&call.tenant, &changed);
+                        self.hub.to_user(&call.tenant, &call.user, &changed);
+                    }
+                }
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let state = *states.borrow_and_update();
+                    match state {
+                        // RFC 7675: no answers to the consent checks. Stop sending toward
+                        // the app at once; end the call when consent has expired.
+                        ConnectionState::Disconnected if consent => {
+                            consent = false;
+                            tracing::info!(call = call.id, "calls: no consent from the app; media toward it stopped");
+                            self.stop_toward_app(&call);
+                            self.hub.to_controller(&call.tenant, &event("call.state", call.id, [("state", "consent-lost".into())]));
+                        }
+                        ConnectionState::Connected if !consent => {
+                            consent = true;
+                            tracing::info!(call = call.id, "calls: the app answers consent checks again; media toward it resumes");
+                            self.install(&call, current);
+                        }
+                        ConnectionState::Failed | ConnectionState::Closed => {
+                            tracing::info!(call = call.id, "calls: ICE consent expired; the call ends");
+                            return self.end(&call, "consent-lost", true, true).await;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! A call's media: its flows in the flow table (the selected pair's, or a TURN-only app's
+//! channel straight to the PBX), the userspace tasks for what the kernel passes up, the
+//! LAN sockets, and the traffic the kernel counted.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::net::UdpSocket;
+use webrtc_ice::candidate::CandidateType;
+
+use super::{Call, CallError, Calls, event};
+use crate::{
+    datapath::{FlowSpec, flow::ChannelOp, table::FlowTable},
+    ice::leg::{IceConn, SelectedPair},
+    signalling::protocol::{ErrorCode, Outbound},
+    time::monotonic_ns,
+};
+
+impl Calls {
+    /// A TURN-only app's channel can be bound after ICE selected its relayed address (the
+    /// app's TURN client binds it once data flows), and can go with its allocation: the
+    /// flows follow, checked every second.
+    pub(super) fn follow_local_channel(&self, call: &Call, pair: SelectedPair) {
+        let Some(turn) = &self.turn else { return };
+        if pair.remote_type != CandidateType::Relay {
+            return;
+        }
+        let lent = *call.local_channel.lock().expect("call channel");
+        let changed = match lent {
+            None => turn.find_channel(pair.remote, pair.local).is_some(),
+            Some(channel) => !turn.is_bound(&channel),
+        };
+        if changed {
+            tracing::info!(call = call.id, app = %pair.remote, "calls: the app's TURN channel changed; flows replaced");
+            self.install(call, pair);
+        }
+    }
+
+    /// `call.stats`: the call's traffic each way from the kernel counters, and how long
+    /// since the last packet.
+    pub(super) fn stats_event(&self, call: &Call) -> Outbound {
+        let now = monotonic_ns();
+        let traffic = call
+            .flows
+            .lock()
+            .expect("call flows")
+            .traffic(&self.table, now);
+        event(
+            "call.stats",
+            call.id,
+            [
+                ("duration_secs", call.created.elapsed().as_secs().into()),
+                (
+                    "to_pbx",
+                    serde_json::to_value(traffic.to_pbx).unwrap_or_default(),
+                ),
+                (
+                    "to_app",
+                    serde_json::to_value(traffic.to_app).unwrap_or_default(),
+                ),
+                ("idle_ms", (self.media_idle(call).as_millis() as u64).into()),
+            ],
+        )
+    }
+
+    /// How long since media last went through the call's flows (the kernel counters' last
+    /// seen, the later of the two); zero before they exist.
+    pub(super) fn media_idle(&self, call: &Call) -> Duration {
+        let now = monotonic_ns();
+        let last = call
+            .flows
+            .lock()
+            .expect("call flows")
+            .last_seen_ns(&self.table, now);
+        match last {
+            Some(last) => Duration::from_nanos(now.saturating_sub(last)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Removes the flow toward the app (consent lost), keeping the one toward the PBX.
+    pub(super) fn stop_toward_app(&self, call: &Call) {
+        call.flows
+            .lock()
+            .expect("call flows")
+            .remove_to_app(&self.table, monotonic_ns());
+    }
+
+    /// The two flows of the selected pair, replacing the call's previous ones.
+    ///
+    /// A TURN-only app's pair has its relayed address on this relay's TURN server as the
+    /// remote: its media reaches the ICE port from the relay socket, a hairpin through the
+    /// stack the kernel path never sees. The flows then start at the app's TURN channel
+    /// instead: ChannelData from the app is stripped and sent on to the PBX, and the PBX's
+    /// RTP gets the header and goes to the app from the TURN port, one flow pair in XDP.
+    pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
+        *call.state.lock().expect("call state") = ("connected", Some(pair));
+        let mut flows = call.flows.lock().expect("call flows");
+        flows.remove_all(&self.table, monotonic_ns());
+        let previous = call.local_channel.lock().expect("call channel").take();
+        let local = match (&self.turn, pair.remote_type) {
+            (Some(turn), CandidateType::Relay) => turn.lend_channel(pair.remote, pair.local),
+            _ => None,
+        };
+        if let (Some(turn), Some(previous)) = (&self.turn, previous)
+            && Some(previous) != local
+        {
+            turn.return_channel(&previous);
+        }
+        *call.local_channel.lock().expect("call channel") = local;
+        let to_pbx = match local {
+            Some(channel) => FlowSpec {
+                src: channel.client,
+                dst: channel.server,
+                new_src: call.lan,
+                new_dst: call.pbx(),
+                channel: Some(ChannelOp::Strip(channel.number)),
+                rtcp_to_userspace: call.pbx_rtcp().is_some(),
+            },
+            None => FlowSpec {
+                src: pair.remote,
+                dst: pair.local,
+                new_src: call.lan,
+                new_dst: call.pbx(),
+                channel: None,
+                rtcp_to_userspace: call.pbx_rtcp().is_some(),
+            },
+        };
+        // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
+        match self
+            .table
+            .offload(&[to_pbx, to_pbx.reverse()], monotonic_ns())
+        {
+            Ok(ids) => {
+                tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx(), ?ids, "calls: media flows installed");
+                flows.install(&self.table, ids[0], ids[1], monotonic_ns());
+            }
+            Err(err) => {
+                tracing::warn!(call = call.id, %err, "calls: media stays in userspace");
+            }
+        }
+    }
+
+    /// Media between the ICE connection and the LAN sockets, for what the kernel does not
+    /// forward (the first packets, the userspace datapath, RTCP for a PBX without
+    /// rtcp-mux: the app multiplexes it, the PBX wants it from and on the ports above RTP).
+    pub(super) fn start_userspace_media(&self, call: &Arc<Call>, conn: IceConn) {
+        let to_pbx = {
+            let (conn, call) = (conn.clone(), call.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok(n) = conn.recv(&mut buf).await {
+                    let packet = &buf[..n];
+                    let _ = match call.pbx_rtcp() {
+                        Some(rtcp) if is_rtcp(packet) => {
+                            call.rtcp_socket.send_to(packet, rtcp).await
+                        }
+                        _ => call.lan_socket.send_to(packet, call.pbx()).await,
+                    };
+                }
+            })
+        };
+        let rtcp_to_app = {
+            let (conn, call) = (conn.clone(), call.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = call.rtcp_socket.recv_from(&mut buf).await {
+                    // Strict source: only the PBX's RTCP address.
+                    if Some(from) == call.pbx_rtcp() {
+                        let _ = conn.send(&buf[..n]).await;
+                    }
+                }
+            })
+        };
+        let to_app = {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = call.lan_socket.recv_from(&mut buf).await {
+                    // Strict source: only the PBX's RTP address.
+                    if from == call.pbx() {
+                        let _ = conn.send(&buf[..n]).await;
+                    }
+                }
+            })
+        };
+        call.tasks
+            .lock()
+            .expect("call tasks")
+            .extend([to_pbx, to_app, rtcp_to_app]);
+    }
+
+    /// A free LAN port: the first even one in the range that binds (RTP takes even ports,
+    /// RTCP the odd one above).
+    pub(super) async fn bind_lan_port(&self) -> Result<(LanSockets, SocketAddr), CallError> {
+        for port in self.ports.clone().filter(|port| port.is_multiple_of(2)) {
+            let address = SocketAddr::new(self.lan_ip, port);
+            let rtcp = SocketAddr::new(self.lan_ip, port.saturating_add(1));
+            if let (Ok(rtp), Ok(rtcp)) =
+                (UdpSocket::bind(address).await, UdpSocket::bind(rtcp).await)
+            {
+                return Ok((
+                    LanSockets {
+                        rtp: Arc::new(rtp),
+                        rtcp: Arc::new(rtcp),
+                    },
+                    address,
+                ));
+            }
+        }
+        Err((
+            ErrorCode::Busy,
+            "no free LAN port left in calls.port_range".into(),
+        ))
+    }
+}
+
+/// Flows of calls a relayd left in the pinned table without ending them (killed, not
+/// stopped): the table adopted them and bound their relay addresses, which are the ICE port
+/// and the calls' LAN ports this relayd needs. Nobody could end those calls now; removed.
+pub(super) fn remove_flows_of_earlier_calls(
+    table: &FlowTable,
+    ice: SocketAddr,
+    lan_ip: IpAddr,
+    ports: &RangeInclusive<u16>,
+) -> bool {
+    let ours = |address: SocketAddr| {
+        address == ice || (address.ip() == lan_ip && ports.contains(&address.port()))
+    };
+    let now = monotonic_ns();
+    let stale: Vec<u32> = table
+        .list(now)
+        .into_iter()
+        .filter(|flow| ours(flow.spec.dst) || ours(flow.spec.new_src))
+        .map(|flow| flow.id)
+        .collect();
+    if !stale.is_empty() {
+        tracing::warn!(
+            flows = stale.len(),
+            "calls: removing the flows of calls an earlier relayd did not end (it was not stopped cleanly)"
+        );
+    }
+    let removed = !stale.is_empty();
+    for id in stale {
+        let _ = table.remove(id, now);
+    }
+    removed
+}
+
+/// A call's LAN side: its RTP port (even) and the RTCP port above it, for PBXs that keep
+/// RTCP on its own port.
+pub(super) struct LanSockets {
+    pub(super) rtp: Arc<UdpSocket>,
+    pub(super) rtcp: Arc<UdpSocket>,
+}
+
+/// RTCP among RTP on one port (RFC 5761 section 4): version 2, packet type 192..=223.
+pub(super) fn is_rtcp(packet: &[u8]) -> bool {
+    packet.len() >= 2 && packet[0] >> 6 == 2 && (192..=223).contains(&packet[1])
+}
