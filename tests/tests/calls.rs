@@ -273,7 +273,15 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             listed_call["packets"].as_u64().unwrap() >= 2 * u64::from(PACKETS) - 20,
             "{listed}"
         );
-        assert!(relayd.ctl_ok(&["calls", "list"]).contains("connected"));
+        let table = relayd.ctl_ok(&["calls", "list"]);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(
+            (column("STATE"), column("VIA"), column("PBX")),
+            ("connected", "prflx", PBX_RTP),
+            "{table}"
+        );
         // Per direction, from the kernel counters.
         for direction in ["to_pbx", "to_app"] {
             assert!(

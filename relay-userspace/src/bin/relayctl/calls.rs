@@ -14,7 +14,8 @@ use crate::output;
 
 #[derive(Subcommand, Debug)]
 pub enum CallsCommand {
-    /// Calls in progress: user, state, the app's address, PBX and LAN legs, flows, traffic
+    /// Calls in progress: user, state, the app's address and how it is reached (VIA: host,
+    /// srflx/prflx through a NAT, relay through TURN), PBX and LAN legs, flows, traffic
     List,
     /// One call in detail: the selected route, both legs, traffic each way
     Show {
@@ -42,8 +43,8 @@ pub fn run(
                 println!("no calls");
             } else {
                 let mut table = output::Table::new(&[
-                    "CALL", "TENANT", "USER", "STATE", "APP", "PBX", "LAN", "FLOWS", "PACKETS",
-                    "BYTES",
+                    "CALL", "TENANT", "USER", "STATE", "APP", "VIA", "PBX", "LAN", "FLOWS",
+                    "PACKETS", "BYTES",
                 ])
                 .right_aligned(&["CALL", "FLOWS", "PACKETS", "BYTES"]);
                 for call in &result.calls {
@@ -53,6 +54,7 @@ pub fn run(
                         call.user.clone(),
                         call.state.clone(),
                         call.app.map_or("-".to_owned(), |a| a.to_string()),
+                        call.app_candidate.clone().unwrap_or_else(|| "-".to_owned()),
                         call.pbx.map_or("-".to_owned(), |a| a.to_string()),
                         call.lan.to_string(),
                         call.flows.len().to_string(),
