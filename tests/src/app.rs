@@ -29,6 +29,10 @@ pub struct App {
     /// A TURN server its agents also gather a relayed candidate from (`turn:` URL with
     /// its username and password).
     turn: Option<Url>,
+    /// Send its candidates after its answer, one `call.candidate` each (trickle ICE).
+    trickle: bool,
+    /// Events that arrived while the app waited for the answer to a request.
+    pending: std::collections::VecDeque<Value>,
     agents: Vec<Arc<Agent>>,
 }
 
@@ -41,7 +45,31 @@ impl App {
             signalling,
             ip,
             turn: None,
+            trickle: false,
+            pending: std::collections::VecDeque::new(),
             agents: Vec::new(),
+        }
+    }
+
+    /// From now on the app answers without candidates and trickles them after its answer
+    /// (RFC 8838), as WebRTC apps do.
+    pub fn trickle(&mut self) {
+        self.trickle = true;
+    }
+
+    /// A request and its answer (the `result` or `error` with its `id`); events that come
+    /// meanwhile wait for [`App::next`].
+    pub async fn request(&mut self, message: Value) -> Value {
+        let id = message["id"].clone();
+        crate::signalling_client::send(&mut self.signalling, message).await;
+        loop {
+            let message = receive_within(&mut self.signalling, Duration::from_secs(10))
+                .await
+                .expect("the relay keeps the session");
+            if message["type"] != "event" && message["id"] == id {
+                return message;
+            }
+            self.pending.push_back(message);
         }
     }
 
@@ -76,6 +104,9 @@ impl App {
 
     /// The next event or message, waiting up to `limit`.
     pub async fn next_within(&mut self, limit: Duration) -> Value {
+        if let Some(message) = self.pending.pop_front() {
+            return message;
+        }
         receive_within(&mut self.signalling, limit)
             .await
             .expect("the relay keeps the session")
@@ -146,13 +177,22 @@ impl App {
         assert_eq!(incoming["event"], "call.incoming", "{incoming}");
         let offer = incoming["sdp"].as_str().expect("an offer").to_owned();
         let (agent, ufrag, pwd, candidates, host) = self.agent().await;
-        let answer = answer_sdp(&offer, &ufrag, &pwd, &candidates, host);
-        let result = call(
-            &mut self.signalling,
-            json!({"type": "call.answer", "id": 1, "call": incoming["call"], "sdp": answer}),
-        )
-        .await;
+        let in_sdp: &[String] = if self.trickle { &[] } else { &candidates };
+        let answer = answer_sdp(&offer, &ufrag, &pwd, in_sdp, host);
+        let result = self
+            .request(
+                json!({"type": "call.answer", "id": 1, "call": incoming["call"], "sdp": answer}),
+            )
+            .await;
         assert_eq!(result["type"], "result", "{result}");
+        if self.trickle {
+            for (n, candidate) in candidates.iter().enumerate() {
+                let result = self
+                    .request(json!({"type": "call.candidate", "id": 100 + n, "call": incoming["call"], "candidate": format!("candidate:{candidate}")}))
+                    .await;
+                assert_eq!(result["type"], "result", "{result}");
+            }
+        }
         self.run_ice(agent, &offer, false, "connected").await
     }
 

@@ -42,7 +42,7 @@ const RTCP_RECEIVER_REPORT: [u8; 32] = [
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n";
 
 /// The app, on a thread inside its namespace: connects with its token, tells the test it is
-/// ready, answers the call, sends RTP through the relay to the PBX's echo (one packet in
+/// ready, answers the call (its candidates trickled after the answer), sends RTP through the relay to the PBX's echo (one packet in
 /// flight) and counts what comes back; after the hangup, returns the `call.ended` it got.
 async fn app(
     token: String,
@@ -57,6 +57,7 @@ async fn app(
         "10.20.0.2".parse().unwrap(),
     )
     .await;
+    app.trickle();
     done.send(0).unwrap();
     let incoming = app.next().await;
     let offer = incoming["sdp"].as_str().unwrap_or_default().to_owned();
@@ -66,6 +67,11 @@ async fn app(
         "the PBX's address is hidden: {offer}"
     );
     let media = app.answer(&incoming).await;
+    // A candidate that is not one: refused, the call goes on.
+    let refused = app
+        .request(json!({"type": "call.candidate", "id": 50, "call": incoming["call"], "candidate": "candidate:garbage"}))
+        .await;
+    assert_eq!(refused["code"], "bad_request", "{refused}");
     let mut echoed = 0;
     let mut buf = vec![0u8; 2048];
     for sequence in 0..PACKETS {
@@ -359,6 +365,10 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
                 23,
                 json!({"type": "call.update", "id": 23, "call": call_id, "sdp": "v=0\r\n"}),
             ),
+            (
+                24,
+                json!({"type": "call.candidate", "id": 24, "call": 99, "candidate": "x"}),
+            ),
         ] {
             let refused = request(&mut controller, message).await;
             assert_eq!(
@@ -367,6 +377,13 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
                 "{refused}"
             );
         }
+        // The PBX leg has no ICE: candidates from the controller are refused.
+        let refused = request(
+            &mut controller,
+            json!({"type": "call.candidate", "id": 25, "call": call_id, "candidate": "x"}),
+        )
+        .await;
+        assert_eq!(refused["code"], "forbidden", "{refused}");
         assert_eq!(
             relayd.ctl_json(&["calls", "list"])["calls"][0]["state"],
             "connected"

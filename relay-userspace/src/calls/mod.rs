@@ -32,7 +32,7 @@ use media::remove_flows_of_earlier_calls;
 use crate::{
     config::CallsSettings,
     datapath::table::FlowTable,
-    ice::leg::{IceLeg, IcePort, LocalIce, SelectedPair},
+    ice::leg::{IceLeg, IcePort, LocalIce, RemoteCandidates, SelectedPair},
     session::sdp::{self, IceOffer},
     signalling::{
         hub::{Hub, Identity},
@@ -121,6 +121,9 @@ struct Call {
     rtcp_socket: Arc<UdpSocket>,
     /// The PBX's offer, kept until the app answers.
     leg: tokio::sync::Mutex<IceLeg>,
+    /// The leg's agent for the app's trickled candidates (the leg is locked while it
+    /// connects).
+    remote_candidates: RemoteCandidates,
     /// Where the call is, and the selected pair once connected.
     state: Mutex<(&'static str, Option<SelectedPair>)>,
     /// Installed flow ids, tasks carrying media in userspace, the call's watcher.
@@ -232,6 +235,7 @@ impl Calls {
             app_ice: Mutex::new(None),
             lan_socket: lan_sockets.rtp,
             rtcp_socket: lan_sockets.rtcp,
+            remote_candidates: leg.remote_candidates(),
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
             flows: Mutex::new(CallFlows::default()),
@@ -300,6 +304,7 @@ impl Calls {
             app_ice: Mutex::new(Some((ufrag, pwd))),
             lan_socket: lan_sockets.rtp,
             rtcp_socket: lan_sockets.rtcp,
+            remote_candidates: leg.remote_candidates(),
             leg: tokio::sync::Mutex::new(leg),
             state: Mutex::new(("offered", None)),
             flows: Mutex::new(CallFlows::default()),
@@ -465,6 +470,28 @@ impl Calls {
             }
         };
         Ok(fields([("sdp", answer.into())]))
+    }
+
+    /// `call.candidate` from the app: a trickled candidate for the call's ICE leg (RFC 8838),
+    /// taken at any time, also while ICE is checking.
+    pub fn candidate(
+        &self,
+        who: &Identity,
+        id: u64,
+        candidate: &str,
+    ) -> Result<Map<String, Value>, CallError> {
+        let call = self.owned(who, id)?;
+        if who.role != Role::Client {
+            return Err((
+                ErrorCode::Forbidden,
+                "ICE candidates are the app's: the PBX leg has no ICE".into(),
+            ));
+        }
+        call.remote_candidates
+            .add(candidate)
+            .map_err(|err| (ErrorCode::BadRequest, format!("{err:#}")))?;
+        tracing::debug!(call = id, candidate, "calls: the app trickled a candidate");
+        Ok(Map::new())
     }
 
     /// `call.hangup` from either side.

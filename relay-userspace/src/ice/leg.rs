@@ -76,6 +76,25 @@ impl SelectedPair {
 /// is not in the kernel yet).
 pub type IceConn = Arc<dyn webrtc_util::Conn + Send + Sync>;
 
+/// Adds the app's candidates to a leg's agent (trickle ICE, RFC 8838), without the leg:
+/// they arrive while the leg is busy connecting.
+#[derive(Clone)]
+pub struct RemoteCandidates {
+    agent: Arc<Agent>,
+}
+
+impl RemoteCandidates {
+    /// An `a=candidate` value (a leading `candidate:` is allowed).
+    pub fn add(&self, candidate: &str) -> anyhow::Result<()> {
+        let text = candidate.strip_prefix("candidate:").unwrap_or(candidate);
+        let parsed = unmarshal_candidate(text)
+            .with_context(|| format!("not an ICE candidate: {candidate:?}"))?;
+        let parsed: Arc<dyn Candidate + Send + Sync> = Arc::new(parsed);
+        self.agent.add_remote_candidate(&parsed)?;
+        Ok(())
+    }
+}
+
 pub struct IceLeg {
     agent: Arc<Agent>,
     local: LocalIce,
@@ -167,11 +186,14 @@ impl IceLeg {
 
     /// A candidate of the app (an `a=candidate` value, or trickled).
     pub fn add_remote_candidate(&self, candidate: &str) -> anyhow::Result<()> {
-        let candidate = unmarshal_candidate(candidate)
-            .with_context(|| format!("not an ICE candidate: {candidate:?}"))?;
-        let candidate: Arc<dyn Candidate + Send + Sync> = Arc::new(candidate);
-        self.agent.add_remote_candidate(&candidate)?;
-        Ok(())
+        self.remote_candidates().add(candidate)
+    }
+
+    /// Where the app's trickled candidates go, usable while the leg is connecting.
+    pub fn remote_candidates(&self) -> RemoteCandidates {
+        RemoteCandidates {
+            agent: self.agent.clone(),
+        }
     }
 
     /// Runs the checks with the app's credentials until a pair is selected; `controlling`

@@ -51,6 +51,13 @@ pub enum Inbound {
     /// re-INVITE); the relay answers it in the result.
     #[serde(rename = "call.update")]
     CallUpdate { id: u64, call: u64, sdp: String },
+    /// Apps: one more ICE candidate of theirs (trickle ICE), an `a=candidate` value.
+    #[serde(rename = "call.candidate")]
+    CallCandidate {
+        id: u64,
+        call: u64,
+        candidate: String,
+    },
     /// Either side: the call ends.
     #[serde(rename = "call.hangup")]
     CallHangup { id: u64, call: u64 },
@@ -64,6 +71,7 @@ pub const INBOUND_TYPES: &[&str] = &[
     "call.create",
     "call.answer",
     "call.update",
+    "call.candidate",
     "call.hangup",
 ];
 

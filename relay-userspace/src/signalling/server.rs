@@ -420,6 +420,16 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             };
             answer(id, calls.update(identity, call, &sdp).await)
         }
+        Ok(Inbound::CallCandidate {
+            id,
+            call,
+            candidate,
+        }) => {
+            let Some(calls) = &context.calls else {
+                return calls_disabled(id);
+            };
+            answer(id, calls.candidate(identity, call, &candidate))
+        }
         Ok(Inbound::CallHangup { id, call }) => {
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
