@@ -233,10 +233,12 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Ip, u16, usize), Verdi
 }
 
 /// RTCP multiplexed with RTP (RFC 5761 section 4): version 2 and a second byte (RTCP's
-/// packet type; RTP's marker and payload type) in 192..=223.
+/// packet type; RTP's marker and payload type) in 192..=223. In ChannelData (a TURN-only
+/// app's call) the data after the 4-byte header.
 #[inline(always)]
 pub fn is_rtcp(ctx: &XdpContext, packet: &UdpPacket) -> bool {
-    let Some(head) = ptr_at::<[u8; 2]>(ctx, packet.payload_offset()) else {
+    let data = packet.payload_offset() + if packet.channel.is_some() { 4 } else { 0 };
+    let Some(head) = ptr_at::<[u8; 2]>(ctx, data) else {
         return false;
     };
     // SAFETY: ptr_at checked that the 2 bytes are inside the packet.

@@ -240,6 +240,27 @@ fn xdp_program_fixtures() {
             "[fd02::2]:6000",
         )
     };
+    // A call whose PBX keeps RTCP on its own port: RTCP on the flow goes to userspace. The
+    // same for a TURN-only app's call (ChannelData stripped toward the PBX).
+    let rtcp_apart = FlowSpec {
+        rtcp_to_userspace: true,
+        ..flow(
+            "198.51.100.30:50000",
+            "10.1.0.1:3479",
+            "10.2.0.1:40010",
+            "10.2.0.2:6010",
+        )
+    };
+    let rtcp_apart_turn = FlowSpec {
+        channel: Some(ChannelOp::Strip(0x4003)),
+        rtcp_to_userspace: true,
+        ..flow(
+            "198.51.100.31:50000",
+            "10.1.0.1:3478",
+            "10.2.0.1:40012",
+            "10.2.0.2:6010",
+        )
+    };
     let turn4_back = turn4.reverse();
     let turn6_back = turn6.reverse();
     let add_small_mtu = FlowSpec {
@@ -265,6 +286,8 @@ fn xdp_program_fixtures() {
         turn4_back,
         turn6_back,
         add_small_mtu,
+        rtcp_apart,
+        rtcp_apart_turn,
     ];
 
     let rtp = rtp_payload(1);
@@ -568,7 +591,43 @@ fn xdp_program_fixtures() {
         message[2..4].copy_from_slice(&200u16.to_be_bytes());
         message
     };
+    // An RTCP receiver report (V=2, PT=201).
+    let rtcp = [
+        0x81, 201, 0, 7, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0,
+    ];
+    fixtures.push(Fixture {
+        description: "RTP on a flow that keeps RTCP apart: forwarded",
+        input: Frame::udp(rtcp_apart.src, rtcp_apart.dst, &rtp).bytes(),
+        ingress: None,
+        action: XDP_REDIRECT,
+        verdict: Verdict::Redirect,
+        output: Some(
+            rewritten(
+                &Frame::udp(rtcp_apart.src, rtcp_apart.dst, &rtp),
+                &rtcp_apart,
+                lan_mac,
+                LAN_NEIGHBOUR_MAC,
+            )
+            .bytes(),
+        ),
+    });
     fixtures.extend([
+        pass(
+            "RTCP on a flow that keeps RTCP apart (a PBX without rtcp-mux)",
+            Frame::udp(rtcp_apart.src, rtcp_apart.dst, &rtcp).bytes(),
+            Verdict::PassRtcp,
+        ),
+        pass(
+            "RTCP in ChannelData on such a flow (a TURN-only app's call)",
+            Frame::udp(
+                rtcp_apart_turn.src,
+                rtcp_apart_turn.dst,
+                &channel_data(0x4003, &rtcp),
+            )
+            .bytes(),
+            Verdict::PassRtcp,
+        ),
         pass(
             "ChannelData on a channel with no flow",
             Frame::udp(turn4.src, turn4.dst, &channel_data(0x4002, &rtp)).bytes(),
