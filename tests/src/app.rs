@@ -51,6 +51,18 @@ impl App {
         }
     }
 
+    /// An app in the edge lab's app namespace (the calling thread must be in it), connected
+    /// with `token`.
+    pub async fn in_edge_lab(fingerprint: &str, token: &str) -> App {
+        App::connect(
+            crate::lab::EdgeLab::SIGNALLING.parse().expect("address"),
+            fingerprint,
+            token,
+            crate::lab::EdgeLab::APP.parse().expect("address"),
+        )
+        .await
+    }
+
     /// From now on the app answers without candidates and trickles them after its answer
     /// (RFC 8838), as WebRTC apps do.
     pub fn trickle(&mut self) {

@@ -264,6 +264,26 @@ users = [{ name = "app", password = "app-secret" }]
 allowed_peers = ["198.51.100.1"]
 "#;
 
+impl EdgeLab {
+    /// The PBX side's controller, connected to the relay's signalling from the PBX's
+    /// namespace with the tenant's API key.
+    pub async fn controller(
+        &self,
+        fingerprint: &str,
+        tenant: &str,
+        api_key: &str,
+    ) -> crate::signalling_client::Socket {
+        crate::signalling_client::controller(
+            &self.pbx,
+            EdgeLab::SIGNALLING.parse().expect("address"),
+            fingerprint,
+            tenant,
+            api_key,
+        )
+        .await
+    }
+}
+
 impl Default for EdgeLab {
     fn default() -> Self {
         EdgeLab::new()

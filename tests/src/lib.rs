@@ -48,3 +48,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// Waits for a message on a std channel (from a test thread) without blocking the async
+/// runtime; gives the receiver back for the next one.
+pub async fn recv_async<T: Send + 'static>(
+    receiver: std::sync::mpsc::Receiver<T>,
+) -> (T, std::sync::mpsc::Receiver<T>) {
+    tokio::task::spawn_blocking(move || {
+        let message = receiver.recv().expect("the test thread is there");
+        (message, receiver)
+    })
+    .await
+    .expect("waiting on the channel")
+}

@@ -14,9 +14,10 @@ use relay_tests::{
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
+    recv_async,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, call, controller, mint_token, receive, receive_within, request},
+    signalling_client::{Socket, call, mint_token, receive, receive_within, request},
     traffic::{numbered, sequence_of},
 };
 use serde_json::{Value, json};
@@ -50,13 +51,7 @@ async fn app(
     done: mpsc::Sender<u32>,
     hangup_done: mpsc::Receiver<()>,
 ) -> Value {
-    let mut app = App::connect(
-        SIGNALLING.parse().unwrap(),
-        &fingerprint,
-        &token,
-        "10.20.0.2".parse().unwrap(),
-    )
-    .await;
+    let mut app = App::in_edge_lab(&fingerprint, &token).await;
     app.trickle();
     done.send(0).unwrap();
     let incoming = app.next().await;
@@ -95,12 +90,7 @@ async fn app(
     }
     done.send(rtcp_echoed).unwrap();
     // The PBX moves its RTP (a re-INVITE): the media goes on to the new address.
-    let hangup_done = tokio::task::spawn_blocking(move || {
-        hangup_done.recv().unwrap();
-        hangup_done
-    })
-    .await
-    .unwrap();
+    let (_, hangup_done) = recv_async(hangup_done).await;
     done.send(talk(&media, 1000, MOVED_PACKETS).await.echoed)
         .unwrap();
     tokio::task::spawn_blocking(move || hangup_done.recv().unwrap())
@@ -143,14 +133,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
                 }
             })
         };
-        let mut controller: Socket = controller(
-            &lab.pbx,
-            SIGNALLING.parse().unwrap(),
-            &fingerprint,
-            "acme",
-            API_KEY,
-        )
-        .await;
+        let mut controller: Socket = lab.controller(&fingerprint, "acme", API_KEY).await;
         // Nobody to call yet: offline, nothing allocated.
         let answer = call(
             &mut controller,
@@ -180,12 +163,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             })
         };
         // Wait for the app to be connected before calling.
-        let done = tokio::task::spawn_blocking(move || {
-            done.recv().unwrap();
-            done
-        })
-        .await
-        .unwrap();
+        let (_, done) = recv_async(done).await;
         let created = call(
             &mut controller,
             json!({"type": "call.create", "id": 4, "user": "alice", "sdp": PBX_OFFER}),
@@ -228,18 +206,14 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             "{state}"
         );
 
-        let (echoed, done) = tokio::task::spawn_blocking(move || (done.recv().unwrap(), done))
-            .await
-            .unwrap();
+        let (echoed, done) = recv_async(done).await;
         assert_eq!(
             echoed,
             PACKETS,
             "every RTP packet came back\n{}",
             relayd.log()
         );
-        let (rtcp_echoed, done) = tokio::task::spawn_blocking(move || (done.recv().unwrap(), done))
-            .await
-            .unwrap();
+        let (rtcp_echoed, done) = recv_async(done).await;
         assert_eq!(
             rtcp_echoed, RTCP_PACKETS,
             "RTCP reached the PBX's RTCP port and came back from it"
@@ -477,27 +451,14 @@ fn an_app_behind_nat_calls_the_pbx_and_the_media_flows_in_xdp() {
     let main_runtime = runtime();
     main_runtime.block_on(async {
         let pbx_echo = tokio::spawn(rtp_echo(echo_socket));
-        let mut controller: Socket = controller(
-            &lab.pbx,
-            SIGNALLING.parse().unwrap(),
-            &fingerprint,
-            "acme",
-            API_KEY,
-        )
-        .await;
+        let mut controller: Socket = lab.controller(&fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "bob", 300).await;
         let (done_tx, done) = mpsc::channel();
         let app_ns = lab.app.name.clone();
         let app_thread = std::thread::spawn(move || {
             enter_by_name(&app_ns);
             runtime().block_on(async move {
-                let mut app = App::connect(
-                    SIGNALLING.parse().unwrap(),
-                    &fingerprint,
-                    &token,
-                    "10.20.0.2".parse().unwrap(),
-                )
-                .await;
+                let mut app = App::in_edge_lab(&fingerprint, &token).await;
                 let (call_id, media) = app.call_out().await;
                 let mut echoed = 0;
                 let mut buf = vec![0u8; 2048];

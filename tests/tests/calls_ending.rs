@@ -12,12 +12,11 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, call, controller, mint_token, receive_within},
+    signalling_client::{Socket, call, mint_token, receive_within},
     traffic::numbered,
 };
 use serde_json::{Value, json};
 
-const SIGNALLING: &str = EdgeLab::SIGNALLING;
 const API_KEY: &str = "acme-api-key-0123456789";
 const PBX_RTP: &str = relay_tests::pbx::RTP;
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
@@ -50,27 +49,14 @@ fn call_that_ends(ends: AppEnds, timeouts: &str) -> (Vec<Value>, Value, Value, S
     });
     let main = runtime();
     let (told_controller, told_app) = main.block_on(async {
-        let mut controller: Socket = controller(
-            &lab.pbx,
-            SIGNALLING.parse().unwrap(),
-            &fingerprint,
-            "acme",
-            API_KEY,
-        )
-        .await;
+        let mut controller: Socket = lab.controller(&fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
         let (ready_tx, ready) = mpsc::channel();
         let app_ns = lab.app.name.clone();
         let app = std::thread::spawn(move || {
             enter_by_name(&app_ns);
             runtime().block_on(async move {
-                let mut app = App::connect(
-                    SIGNALLING.parse().unwrap(),
-                    &fingerprint,
-                    &token,
-                    "10.20.0.2".parse().unwrap(),
-                )
-                .await;
+                let mut app = App::in_edge_lab(&fingerprint, &token).await;
                 ready_tx.send(()).unwrap();
                 let incoming = app.next().await;
                 let media = app.answer(&incoming).await;

@@ -11,9 +11,10 @@ use relay_tests::{
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
+    recv_async,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, controller, mint_token, receive_within, request},
+    signalling_client::{Socket, mint_token, receive_within, request},
 };
 use serde_json::{Value, json};
 
@@ -29,27 +30,14 @@ async fn connected_call(
     relayd: &Relayd,
 ) -> (Socket, std::thread::JoinHandle<Option<Value>>) {
     let fingerprint = relayd.signalling_fingerprint();
-    let mut controller = controller(
-        &lab.pbx,
-        EdgeLab::SIGNALLING.parse().unwrap(),
-        &fingerprint,
-        "acme",
-        API_KEY,
-    )
-    .await;
+    let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
     let token = mint_token(&mut controller, "alice", 300).await;
     let (talked_tx, talked) = mpsc::channel();
     let app_ns = lab.app.name.clone();
     let app = std::thread::spawn(move || {
         enter_by_name(&app_ns);
         runtime().block_on(async move {
-            let mut app = App::connect(
-                EdgeLab::SIGNALLING.parse().unwrap(),
-                &fingerprint,
-                &token,
-                EdgeLab::APP.parse().unwrap(),
-            )
-            .await;
+            let mut app = App::in_edge_lab(&fingerprint, &token).await;
             talked_tx.send(0).unwrap();
             let incoming = app.next_within(Duration::from_secs(10)).await;
             let media = app.answer(&incoming).await;
@@ -64,12 +52,7 @@ async fn connected_call(
             next
         })
     });
-    let talked = tokio::task::spawn_blocking(move || {
-        talked.recv().unwrap();
-        talked
-    })
-    .await
-    .unwrap();
+    let (_, talked) = recv_async(talked).await;
     let created = request(
         &mut controller,
         json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),

@@ -18,7 +18,7 @@ use relay_tests::{
     pbx::rtp_echo,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, call, controller, mint_token, receive_within},
+    signalling_client::{Socket, call, mint_token, receive_within},
 };
 use serde_json::{Value, json};
 
@@ -47,13 +47,7 @@ async fn app(
     app_calls: bool,
     ready: mpsc::Sender<()>,
 ) -> (App, Value, Moved) {
-    let mut app = App::connect(
-        EdgeLab::SIGNALLING.parse().unwrap(),
-        &fingerprint,
-        &token,
-        EdgeLab::APP.parse().unwrap(),
-    )
-    .await;
+    let mut app = App::in_edge_lab(&fingerprint, &token).await;
     ready.send(()).unwrap();
     let (call_id, media) = if app_calls {
         app.call_out().await
@@ -108,14 +102,7 @@ fn route_change(app_calls: bool) {
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
     runtime().block_on(async {
         let echo = tokio::spawn(rtp_echo(echo_socket));
-        let mut controller = controller(
-            &lab.pbx,
-            EdgeLab::SIGNALLING.parse().unwrap(),
-            &fingerprint,
-            "acme",
-            API_KEY,
-        )
-        .await;
+        let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
         let (ready_tx, ready) = mpsc::channel();
         let app_ns = lab.app.name.clone();

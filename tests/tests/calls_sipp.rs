@@ -14,9 +14,10 @@ use relay_tests::{
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     pbx::{SipDialog, Sipp, sipp_successful_calls},
+    recv_async,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, call, controller, mint_token, receive_within},
+    signalling_client::{Socket, call, mint_token, receive_within},
 };
 use serde_json::{Value, json};
 
@@ -27,13 +28,7 @@ const PACKETS: u32 = 150;
 /// The app: takes the PBX's call, talks, waits for its end; then calls out, talks, hangs
 /// up. Tells the test how many packets came back after each call.
 async fn app(token: String, fingerprint: String, said: mpsc::Sender<u32>, go: mpsc::Receiver<()>) {
-    let mut app = App::connect(
-        EdgeLab::SIGNALLING.parse().unwrap(),
-        &fingerprint,
-        &token,
-        EdgeLab::APP.parse().unwrap(),
-    )
-    .await;
+    let mut app = App::in_edge_lab(&fingerprint, &token).await;
     said.send(0).unwrap();
     let incoming = app.next_within(Duration::from_secs(15)).await;
     let media = app.answer(&incoming).await;
@@ -42,12 +37,7 @@ async fn app(token: String, fingerprint: String, said: mpsc::Sender<u32>, go: mp
     assert_eq!(ended["event"], "call.ended", "{ended}");
     app.close_agents().await;
 
-    let go = tokio::task::spawn_blocking(move || {
-        go.recv().unwrap();
-        go
-    })
-    .await
-    .unwrap();
+    let (_, go) = recv_async(go).await;
     let (call_id, media) = app.call_out().await;
     said.send(talk(&media, 0, PACKETS).await.echoed).unwrap();
     tokio::task::spawn_blocking(move || go.recv().unwrap())
@@ -104,14 +94,7 @@ fn calls_in_both_directions_with_sipp_behind_the_pbx() {
         2,
     );
     runtime().block_on(async {
-        let mut controller = controller(
-            &lab.pbx,
-            EdgeLab::SIGNALLING.parse().unwrap(),
-            &fingerprint,
-            "acme",
-            API_KEY,
-        )
-        .await;
+        let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
         let (said_tx, said) = mpsc::channel();
         let (go, go_rx) = mpsc::channel();
@@ -120,12 +103,7 @@ fn calls_in_both_directions_with_sipp_behind_the_pbx() {
             enter_by_name(&app_ns);
             runtime().block_on(app(token, fingerprint, said_tx, go_rx));
         });
-        let said = tokio::task::spawn_blocking(move || {
-            said.recv().unwrap();
-            said
-        })
-        .await
-        .unwrap();
+        let (_, said) = recv_async(said).await;
 
         // The PBX calls the app: sipp offers in its 200 OK (late offer).
         let (mut dialog, ok) = SipDialog::invite(
@@ -152,9 +130,7 @@ fn calls_in_both_directions_with_sipp_behind_the_pbx() {
         assert_eq!(checking["state"], "checking", "{checking}");
         let connected = next_event(&mut controller, "call.state").await;
         assert_eq!(connected["state"], "connected", "{connected}");
-        let (echoed, said) = tokio::task::spawn_blocking(move || (said.recv().unwrap(), said))
-            .await
-            .unwrap();
+        let (echoed, said) = recv_async(said).await;
         assert_eq!(
             echoed,
             PACKETS,

@@ -17,9 +17,10 @@ use relay_tests::{
     lab::{EDGE_TURN, EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
+    recv_async,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, controller, mint_token, receive_within, request},
+    signalling_client::{Socket, mint_token, receive_within, request},
 };
 use serde_json::{Value, json};
 
@@ -54,14 +55,7 @@ fn a_turn_only_app_gets_its_call_with_the_media_in_xdp() {
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
     runtime().block_on(async {
         let echo = tokio::spawn(rtp_echo(echo_socket));
-        let mut controller = controller(
-            &lab.pbx,
-            EdgeLab::SIGNALLING.parse().unwrap(),
-            &fingerprint,
-            "acme",
-            API_KEY,
-        )
-        .await;
+        let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
         let (said_tx, said) = mpsc::channel();
         let (go, go_rx) = mpsc::channel::<()>();
@@ -69,37 +63,21 @@ fn a_turn_only_app_gets_its_call_with_the_media_in_xdp() {
         let app_thread = std::thread::spawn(move || {
             enter_by_name(&app_ns);
             runtime().block_on(async move {
-                let mut app = App::connect(
-                    EdgeLab::SIGNALLING.parse().unwrap(),
-                    &fingerprint,
-                    &token,
-                    EdgeLab::APP.parse().unwrap(),
-                )
-                .await;
+                let mut app = App::in_edge_lab(&fingerprint, &token).await;
                 app.use_turn("turn:198.51.100.1:3478?transport=udp", "app", "app-secret");
                 said_tx.send(0).unwrap();
                 let incoming = app.next_within(Duration::from_secs(10)).await;
                 let media = app.answer(&incoming).await;
                 said_tx.send(talk(&media, 0, PACKETS).await.echoed).unwrap();
                 // After the hangup: the app's agent goes, and its allocation with it.
-                let go_rx = tokio::task::spawn_blocking(move || {
-                    go_rx.recv().unwrap();
-                    go_rx
-                })
-                .await
-                .unwrap();
+                let (_, go_rx) = recv_async(go_rx).await;
                 let ended = app.next_within(Duration::from_secs(10)).await;
                 assert_eq!(ended["event"], "call.ended", "{ended}");
                 app.close().await;
                 drop(go_rx);
             })
         });
-        let said = tokio::task::spawn_blocking(move || {
-            said.recv().unwrap();
-            said
-        })
-        .await
-        .unwrap();
+        let (_, said) = recv_async(said).await;
         let created = request(
             &mut controller,
             json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
@@ -118,9 +96,7 @@ fn a_turn_only_app_gets_its_call_with_the_media_in_xdp() {
                 .starts_with("198.51.100.1:"),
             "its relayed address is on this relay: {connected}"
         );
-        let (echoed, said) = tokio::task::spawn_blocking(move || (said.recv().unwrap(), said))
-            .await
-            .unwrap();
+        let (echoed, said) = recv_async(said).await;
         drop(said);
         assert_eq!(
             echoed,

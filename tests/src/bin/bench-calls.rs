@@ -301,13 +301,7 @@ async fn run_apps(
         tasks.push(tokio::spawn(async move {
             let mut app = {
                 let _permit = connecting.acquire().await.unwrap();
-                App::connect(
-                    EdgeLab::SIGNALLING.parse().unwrap(),
-                    &fingerprint,
-                    &token,
-                    EdgeLab::APP.parse().unwrap(),
-                )
-                .await
+                App::in_edge_lab(&fingerprint, &token).await
             };
             connected.fetch_add(1, Ordering::Relaxed);
             let incoming = app.next_within(Duration::from_secs(600)).await;

@@ -206,13 +206,7 @@ async fn run_apps(
     for (token, counters) in tokens.into_iter().zip(counters) {
         let (fingerprint, ready) = (fingerprint.clone(), ready.clone());
         tasks.push(tokio::spawn(async move {
-            let mut app = App::connect(
-                SIGNALLING.parse().unwrap(),
-                &fingerprint,
-                &token,
-                "10.20.0.2".parse().unwrap(),
-            )
-            .await;
+            let mut app = App::in_edge_lab(&fingerprint, &token).await;
             ready.send(()).unwrap();
             let incoming = app.next().await;
             let media = app.answer(&incoming).await;
