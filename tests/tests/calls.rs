@@ -33,6 +33,12 @@ const MOVED_PACKETS: u32 = 50;
 /// Where the PBX (no rtcp-mux) has its RTCP, and what the app sends there.
 const PBX_RTCP: &str = "10.30.0.2:40001";
 const RTCP_PACKETS: u32 = 5;
+/// A DTLS handshake record's start (content type 22, DTLS 1.2), padded.
+const DTLS_RECORD: [u8; 40] = [
+    22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 27, 1, 0, 0, 21, 0, 0, 0, 0, 0, 0, 0, 21, 0xfe,
+    0xfd, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+];
+const DTLS_RECORDS: u32 = 3;
 /// An RTCP receiver report (RFC 3550 6.4.2): V=2, RC=1, PT=201, one report block.
 const RTCP_RECEIVER_REPORT: [u8; 32] = [
     0x81, 201, 0, 7, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -89,6 +95,18 @@ async fn app(
         }
     }
     done.send(rtcp_echoed).unwrap();
+    // DTLS records (a DTLS-SRTP handshake end to end): never in the kernel path, the call's
+    // userspace tasks carry them unchanged both ways.
+    let mut dtls_echoed = 0;
+    for _ in 0..DTLS_RECORDS {
+        media.send(&DTLS_RECORD).await.unwrap();
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), media.recv(&mut buf)).await
+            && buf[..n] == DTLS_RECORD
+        {
+            dtls_echoed += 1;
+        }
+    }
+    done.send(dtls_echoed).unwrap();
     // The PBX moves its RTP (a re-INVITE): the media goes on to the new address.
     let (_, hangup_done) = recv_async(hangup_done).await;
     done.send(talk(&media, 1000, MOVED_PACKETS).await.echoed)
@@ -214,6 +232,11 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             relayd.log()
         );
         let (rtcp_echoed, done) = recv_async(done).await;
+        let (dtls_echoed, done) = recv_async(done).await;
+        assert_eq!(
+            dtls_echoed, DTLS_RECORDS,
+            "DTLS records went to the PBX and back, unchanged"
+        );
         assert_eq!(
             rtcp_echoed, RTCP_PACKETS,
             "RTCP reached the PBX's RTCP port and came back from it"
@@ -228,15 +251,22 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             );
         }
         let stats = relayd.ctl_json(&["stats"]);
-        let passed_rtcp = stats["verdicts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["verdict"] == "pass_rtcp")
-            .map_or(0, |v| v["packets"].as_u64().unwrap());
+        let verdict = |name: &str| {
+            stats["verdicts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["verdict"] == name)
+                .map_or(0, |v| v["packets"].as_u64().unwrap())
+        };
         assert!(
-            passed_rtcp >= u64::from(RTCP_PACKETS),
+            verdict("pass_rtcp") >= u64::from(RTCP_PACKETS),
             "the XDP program left RTCP to userspace: {stats}"
+        );
+        // Both ways (ICE consent checks count here too).
+        assert!(
+            verdict("pass_stun_dtls") >= 2 * u64::from(DTLS_RECORDS),
+            "the XDP program left DTLS to userspace: {stats}"
         );
         let listed = relayd.ctl_json(&["calls", "list"]);
         let listed_call = &listed["calls"][0];
@@ -321,6 +351,8 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
                 "the kernel carried the call's media: {flow}\n{}",
                 relayd.log()
             );
+            // Only the RTP: the RTCP and DTLS that followed it went through userspace.
+            assert!(xdp <= u64::from(PACKETS), "{flow}");
         }
 
         // Requests about calls that do not exist (or not yet) are refused and change
