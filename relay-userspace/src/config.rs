@@ -379,6 +379,9 @@ pub struct TurnSettings {
     pub max_allocate_rate_per_source: u32,
     /// Forward bound channels' ChannelData in the kernel (XDP datapath only).
     pub offload: bool,
+    /// Also accept TURN over TCP on the `listen` addresses (RFC 8656: clients whose network
+    /// lets no UDP out); relayed in userspace, XDP does not touch TCP.
+    pub tcp: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -406,6 +409,7 @@ impl Default for TurnSettings {
             denied_peers: Vec::new(),
             max_allocate_rate_per_source: 20,
             offload: true,
+            tcp: true,
         }
     }
 }
@@ -607,6 +611,7 @@ impl Config {
             false,
         );
         key("turn.offload", old_turn.offload != new_turn.offload, false);
+        key("turn.tcp", old_turn.tcp != new_turn.tcp, false);
         key("turn.users", old_turn.users != new_turn.users, true);
         key("turn.secrets", old_turn.secrets != new_turn.secrets, true);
         key(

@@ -162,6 +162,53 @@ fn run(datapath: &str) {
             relayd.log()
         );
     }
+    // Over TCP (uclient -t): the same TURN core, relayed in userspace (XDP does not touch
+    // TCP), ChannelData padded to 4 bytes on the stream; the allocation ends with the
+    // connection.
+    let (sent, received, report) = uclient(
+        &lab.client,
+        3478,
+        MESSAGES,
+        &["-u", "alice", "-w", "wonderland", "-t"],
+    );
+    assert_eq!(
+        (sent, received),
+        (MESSAGES, MESSAGES),
+        "{datapath}, over TCP: {report}\n{}",
+        relayd.log()
+    );
+    assert!(
+        relayd.log().contains("turn: TCP client gone"),
+        "{}",
+        relayd.log()
+    );
+    // uclient has exited: its connections close, and their allocations end (the UDP run's
+    // may still be there: UDP has no connection to lose).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !relayd.log().contains("allocations_ended=1") && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = relayd.log();
+    let tcp_clients: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("turn: TCP client gone"))
+        .filter_map(|line| line.split("client=").nth(1)?.split_whitespace().next())
+        .collect();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("turn: TCP client gone")
+                && line.contains("allocations_ended=1")),
+        "{log}"
+    );
+    let allocations = relayd.ctl_json(&["turn", "allocations"]);
+    for allocation in allocations["allocations"].as_array().unwrap() {
+        let client = allocation["client"].as_str().unwrap();
+        assert!(
+            !tcp_clients.contains(&client),
+            "an allocation over TCP outlived its connection: {allocation}"
+        );
+    }
+
     // All IPv6: uclient asks for an IPv6 relayed address (-x, REQUESTED-ADDRESS-FAMILY) and
     // talks to an IPv6 peer; with XDP the channels are offloaded as IPv6 flows.
     let _peer6 = Background::spawn(

@@ -43,11 +43,17 @@ pub struct TurnService {
     /// Channels whose peer is a call inside this relay: the call's flows carry them
     /// (`lend_channel`), so the TURN server offloads none of its own for them.
     lent: Mutex<std::collections::HashSet<crate::datapath::flow::FlowId>>,
+    /// Clients over TCP, by (client, server): what is sent to them goes into their
+    /// connection's queue.
+    tcp_clients: Mutex<HashMap<(SocketAddr, SocketAddr), TcpQueue>>,
     /// Where allocations are kept across restarts, and whether they changed since the
     /// last save.
     store: Option<StateStore>,
     dirty: AtomicBool,
 }
+
+/// What goes to a client over TCP: its connection's outgoing messages.
+type TcpQueue = tokio::sync::mpsc::Sender<Vec<u8>>;
 
 /// One allocation as `relayctl turn allocations` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +127,7 @@ impl TurnService {
             offload,
             offloaded: Mutex::new(HashMap::new()),
             lent: Mutex::new(std::collections::HashSet::new()),
+            tcp_clients: Mutex::new(HashMap::new()),
             store,
             dirty: AtomicBool::new(false),
         });
@@ -130,6 +137,18 @@ impl TurnService {
                 .bind(address, Side::Client, false)
                 .with_context(|| format!("turn.listen: {address}: cannot listen"))?;
             tracing::info!(%address, offload, "turn: listening");
+            if settings.tcp {
+                let listener = std::net::TcpListener::bind(address)
+                    .and_then(|listener| {
+                        listener.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(listener)
+                    })
+                    .with_context(|| {
+                        format!("turn.listen: {address}: cannot listen on TCP (turn.tcp)")
+                    })?;
+                tokio::spawn(service.clone().serve_tcp(listener, address));
+                tracing::info!(%address, "turn: listening on TCP (relayed in userspace)");
+            }
         }
         let ticking = service.clone();
         tokio::spawn(async move {
@@ -187,7 +206,9 @@ impl TurnService {
         if !self.dirty.swap(false, Ordering::Relaxed) && !always {
             return;
         }
-        let snapshot = self.server().snapshot();
+        let mut snapshot = self.server().snapshot();
+        // An allocation over TCP ends with its connection, which a restart closes.
+        snapshot.retain(|allocation| !self.over_tcp(allocation.client, allocation.server));
         if let Err(err) = store.save_allocations(&snapshot) {
             // Tried again at the next change; said once per failure.
             tracing::error!(%err, "turn: cannot save allocations; a restart now would lose them");
@@ -321,7 +342,29 @@ impl TurnService {
         count
     }
 
-    fn server(&self) -> std::sync::MutexGuard<'_, TurnServer> {
+    /// A client connected over TCP: what the core sends it goes to `queue`.
+    pub(super) fn tcp_connected(&self, client: SocketAddr, server: SocketAddr, queue: TcpQueue) {
+        self.tcp_clients
+            .lock()
+            .expect("turn tcp poisoned")
+            .insert((client, server), queue);
+    }
+
+    pub(super) fn tcp_disconnected(&self, client: SocketAddr, server: SocketAddr) {
+        self.tcp_clients
+            .lock()
+            .expect("turn tcp poisoned")
+            .remove(&(client, server));
+    }
+
+    fn over_tcp(&self, client: SocketAddr, server: SocketAddr) -> bool {
+        self.tcp_clients
+            .lock()
+            .expect("turn tcp poisoned")
+            .contains_key(&(client, server))
+    }
+
+    pub(super) fn server(&self) -> std::sync::MutexGuard<'_, TurnServer> {
         self.server.lock().expect("turn server poisoned")
     }
 
@@ -376,10 +419,28 @@ impl TurnService {
         }
     }
 
-    fn carry_out(self: &Arc<Self>, actions: Vec<Action>) {
+    pub(super) fn carry_out(self: &Arc<Self>, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Send { from, to, bytes } => {
+                Action::Send {
+                    from,
+                    to,
+                    mut bytes,
+                } => {
+                    let tcp = self
+                        .tcp_clients
+                        .lock()
+                        .expect("turn tcp poisoned")
+                        .get(&(to, from))
+                        .cloned();
+                    if let Some(queue) = tcp {
+                        // ChannelData is padded to 4 bytes over TCP (RFC 8656 12.5).
+                        bytes.resize(bytes.len().next_multiple_of(4), 0);
+                        if queue.try_send(bytes).is_err() {
+                            tracing::debug!(client = %to, "turn: TCP client not reading; a message dropped");
+                        }
+                        continue;
+                    }
                     let socket = self
                         .sockets
                         .lock()
@@ -411,7 +472,9 @@ impl TurnService {
                     }
                 }
                 Action::Offload(flows) => {
+                    // XDP does not touch TCP: channels of TCP clients stay in userspace.
                     if !self.offload
+                        || self.over_tcp(flows[0].src, flows[0].dst)
                         || self
                             .lent
                             .lock()
@@ -557,7 +620,7 @@ impl TurnService {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())

@@ -8,6 +8,8 @@
 //! - [`message`]: the STUN/TURN attribute set (stun_codec) and ChannelData framing.
 //! - [`server`]: the protocol core: Binding, Allocate, Refresh, CreatePermission,
 //!   ChannelBind, Send and Data indications, ChannelData, expiry, peer policy, quotas.
+//! - [`driver`]: the core on real UDP sockets, offload to the flow table, the state store.
+//! - [`tcp`]: clients over TCP.
 
 pub mod credentials;
 pub mod driver;
@@ -15,3 +17,4 @@ pub mod message;
 pub mod nonce;
 pub mod policy;
 pub mod server;
+pub mod tcp;

@@ -138,6 +138,11 @@ impl Allocation {
 pub enum RevokeTarget {
     User(String),
     Relay(SocketAddr),
+    /// The allocation of one client 5-tuple (its TCP connection closed).
+    Client {
+        client: SocketAddr,
+        server: SocketAddr,
+    },
 }
 
 /// An allocation as the state store keeps it, to be restored by the next relayd.
@@ -463,9 +468,13 @@ impl TurnServer {
         let doomed: Vec<FiveTuple> = self
             .allocations
             .iter()
-            .filter(|(_, allocation)| match target {
+            .filter(|(five_tuple, allocation)| match target {
                 RevokeTarget::User(username) => allocation.username == *username,
                 RevokeTarget::Relay(relay) => allocation.relays.contains(relay),
+                RevokeTarget::Client {
+                    client: target_client,
+                    server: target_server,
+                } => **five_tuple == (*target_client, *target_server),
             })
             .map(|(five_tuple, _)| *five_tuple)
             .collect();
