@@ -577,6 +577,11 @@ impl TurnService {
             .allocations()
             .into_iter()
             .find(|allocation| allocation.relays.contains(&relay))?;
+        // A client over TCP gets its ChannelData on its connection, which no flow can
+        // write: its calls stay on the relay socket's path.
+        if self.over_tcp(allocation.client, allocation.server) {
+            return None;
+        }
         let (number, _) = allocation
             .channels
             .iter()
