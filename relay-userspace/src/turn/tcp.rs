@@ -20,6 +20,11 @@ use super::{driver::TurnService, server::RevokeTarget};
 const MAX_PENDING: usize = 65_536 + 64;
 /// Messages queued toward one client before the connection is deemed stuck.
 const QUEUE: usize = 1024;
+/// A client that connects must speak within this; one with an allocation refreshes it
+/// before its lifetime ends (an hour at most, `turn.max_lifetime_secs`' default) and
+/// checks consent far more often, so two hours of silence mean it is gone.
+const FIRST_MESSAGE_LIMIT: Duration = Duration::from_secs(10);
+const IDLE_LIMIT: Duration = Duration::from_secs(7200);
 
 /// The length of the first message in `buf` and how many bytes it takes on the stream
 /// (ChannelData is padded to 4): Ok(None) until enough bytes are there; Err for a first
@@ -80,11 +85,19 @@ impl TurnService {
             }
         });
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let mut heard = false;
         let why = loop {
-            match reader.read_buf(&mut buf).await {
-                Ok(0) => break "closed by the client".to_owned(),
-                Ok(_) => {}
-                Err(err) => break format!("{err}"),
+            // A connection that says nothing holds a socket for nothing.
+            let limit = if heard {
+                IDLE_LIMIT
+            } else {
+                FIRST_MESSAGE_LIMIT
+            };
+            match tokio::time::timeout(limit, reader.read_buf(&mut buf)).await {
+                Err(_) => break format!("nothing received for {limit:?}"),
+                Ok(Ok(0)) => break "closed by the client".to_owned(),
+                Ok(Ok(_)) => heard = true,
+                Ok(Err(err)) => break format!("{err}"),
             }
             let mut stop = None;
             loop {
