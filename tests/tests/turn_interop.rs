@@ -209,6 +209,26 @@ fn run(datapath: &str) {
         );
     }
 
+    // A TCP stream that is not STUN or ChannelData cannot be followed: closed at once.
+    lab.client.enter(|| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect("10.10.1.1:3478").expect("TCP to TURN");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&[0x80; 32]).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(stream.read(&mut buf), Ok(0) | Err(_)),
+            "the relay closes a TCP stream it cannot frame"
+        );
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !relayd.log().contains("not STUN or ChannelData") {
+        assert!(std::time::Instant::now() < deadline, "{}", relayd.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+
     // All IPv6: uclient asks for an IPv6 relayed address (-x, REQUESTED-ADDRESS-FAMILY) and
     // talks to an IPv6 peer; with XDP the channels are offloaded as IPv6 flows.
     let _peer6 = Background::spawn(
