@@ -379,8 +379,9 @@ pub struct TurnSettings {
     pub max_allocate_rate_per_source: u32,
     /// Forward bound channels' ChannelData in the kernel (XDP datapath only).
     pub offload: bool,
-    /// Also accept TURN over TCP on the `listen` addresses (RFC 8656: clients whose network
-    /// lets no UDP out); relayed in userspace, XDP does not touch TCP.
+    /// Also accept TURN over TCP on the `listen` addresses, and TURN over TLS on the
+    /// signalling port (RFC 8656: clients whose network lets no UDP out); relayed in
+    /// userspace, XDP does not touch TCP.
     pub tcp: bool,
 }
 

@@ -94,6 +94,7 @@ pub async fn run(
             state_dir,
             hub.clone(),
             calls.clone(),
+            turn.clone().filter(|_| config.turn.tcp),
             stopped.clone(),
         )
         .await?;

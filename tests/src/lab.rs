@@ -202,21 +202,34 @@ lan_address = "{}"
 
 impl EdgeLab {
     /// The app's network lets only TURN and signalling out: UDP to the relay's TURN port
-    /// and TCP to its signalling port (443), as in hotel and corporate
-    /// guest networks. Everything else from the app is dropped at the NAT.
+    /// and TCP to its signalling port (443), as in hotel and corporate guest networks.
+    /// Everything else from the app is dropped at the NAT.
     pub fn only_turn_and_signalling(&self) {
-        let signalling_port = EdgeLab::SIGNALLING.rsplit(':').next().expect("a port");
-        self.nat.exec(&[
-            "nft",
-            &format!(
-                "add table ip guest; add chain ip guest forward {{ type filter hook forward priority 0; policy accept; }}; \
-                 add rule ip guest forward ct state established,related accept; \
-                 add rule ip guest forward iifname n0 ip daddr {relay} udp dport 3478 accept; \
-                 add rule ip guest forward iifname n0 ip daddr {relay} tcp dport {signalling_port} accept; \
-                 add rule ip guest forward iifname n0 counter drop",
-                relay = EdgeLab::RELAY_WAN,
-            ),
-        ]);
+        self.guest_network(&["udp dport 3478", "tcp dport 443"]);
+    }
+
+    /// The app's network lets only TCP to the relay's port 443 out (TURN over TLS there).
+    pub fn only_tcp_443(&self) {
+        self.guest_network(&["tcp dport 443"]);
+    }
+
+    /// A guest network at the NAT: from the app, only `allowed` (nft matches) toward the
+    /// relay's WAN address get through; the rest is dropped and counted.
+    fn guest_network(&self, allowed: &[&str]) {
+        let mut rules = vec![
+            "add table ip guest".to_owned(),
+            "add chain ip guest forward { type filter hook forward priority 0; policy accept; }"
+                .to_owned(),
+            "add rule ip guest forward ct state established,related accept".to_owned(),
+        ];
+        for allowed in allowed {
+            rules.push(format!(
+                "add rule ip guest forward iifname n0 ip daddr {} {allowed} accept",
+                EdgeLab::RELAY_WAN
+            ));
+        }
+        rules.push("add rule ip guest forward iifname n0 counter drop".to_owned());
+        self.nat.exec(&["nft", &rules.join("; ")]);
     }
 
     /// Packets from the app the guest network dropped ([`EdgeLab::only_turn_and_signalling`]).

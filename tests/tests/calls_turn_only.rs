@@ -192,3 +192,96 @@ fn a_turn_only_app_gets_its_call_with_the_media_in_xdp() {
         echo.abort();
     });
 }
+
+/// A TURN client whose network lets out nothing but TCP to port 443: coturn's uclient
+/// (`-t -S`: TURN over TLS) reaches the TURN server through the signalling port, which tells
+/// TURN from WebSocket by the first bytes after the TLS handshake. Its messages reach an
+/// echo peer behind the relay and come back (relayed in userspace: XDP does not touch TCP).
+#[test]
+fn turn_over_tls_on_the_signalling_port_when_only_443_gets_out() {
+    require_root();
+    let lab = EdgeLab::new();
+    lab.only_tcp_443();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&calls_config(
+        &pins.path,
+        "acme",
+        API_KEY,
+        &EDGE_TURN.replace(
+            r#"allowed_peers = ["198.51.100.1"]"#,
+            r#"allowed_peers = ["198.51.100.1", "10.30.0.2"]"#,
+        ),
+    ));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let _peer = relay_tests::process::Background::spawn(
+        &lab.pbx,
+        &["turnutils_peer", "-L", "10.30.0.2", "-p", "3480"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let output = std::process::Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", &lab.app.name])
+        .args([
+            "turnutils_uclient",
+            "-t",
+            "-S",
+            "-p",
+            "443",
+            "-u",
+            "app",
+            "-w",
+            "app-secret",
+            "-e",
+            "10.30.0.2",
+            "-r",
+            "3480",
+            "-n",
+            "200",
+            "-l",
+            "172",
+            "-c",
+            "-z",
+            "5",
+            "198.51.100.1",
+        ])
+        .output()
+        .expect("run turnutils_uclient");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let number_after = |label: &str| -> u32 {
+        text.rsplit(label)
+            .next()
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|digits| digits.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (
+            number_after("tot_send_msgs="),
+            number_after("tot_recv_msgs=")
+        ),
+        (200, 200),
+        "every message through TURN over TLS and back:\n{text}\n{}",
+        relayd.log()
+    );
+    // The allocation went with the TLS connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while relayd.ctl_json(&["turn", "allocations"])["allocations"] != json!([]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            relayd.ctl_ok(&["turn", "allocations"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The signalling on the same port still answers WebSocket clients.
+    runtime().block_on(async {
+        let mut controller = lab
+            .controller(&relayd.signalling_fingerprint(), "acme", API_KEY)
+            .await;
+        let token = mint_token(&mut controller, "alice", 60).await;
+        assert!(token.starts_with("acme:alice:"), "{token}");
+    });
+}

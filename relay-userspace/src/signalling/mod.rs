@@ -6,10 +6,12 @@
 //! `protocol` (the JSON messages, documented in docs/signalling.md), `auth` (API keys and
 //! tokens), `hub` (who is connected, routing with bounded queues), `tls` (certificate from
 //! the configuration or self-signed), `server` (the accept loop and one task per
-//! connection).
+//! connection; TURN over TLS on the same port goes to the TURN server), `prefixed` (the
+//! first bytes read to tell them apart, given back).
 
 pub mod auth;
 pub mod hub;
+pub mod prefixed;
 pub mod protocol;
 pub mod server;
 pub mod tls;

@@ -13,6 +13,7 @@ use std::{
 use anyhow::Context as _;
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -30,6 +31,7 @@ use tokio_tungstenite::{
 use super::{
     auth::{Tokens, same_secret, valid_name},
     hub::{Hub, Identity, SessionId},
+    prefixed::Prefixed,
     protocol::{ErrorCode, Inbound, Outbound, PROTOCOL_VERSION, Role, parse},
     tls,
 };
@@ -49,9 +51,13 @@ struct Shared {
     calls: Option<Arc<crate::calls::Calls>>,
     tokens: Tokens,
     settings: SignallingSettings,
+    /// The TURN server, when it takes TURN over TLS on this port (`turn.tcp`), and this
+    /// port's address (the server side of those clients' 5-tuples).
+    turn: Option<Arc<crate::turn::driver::TurnService>>,
+    address: SocketAddr,
 }
 
-type Socket = WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+type Socket = WebSocketStream<Prefixed<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// Binds `signalling.listen` and serves until `stopped` changes.
 pub async fn start(
@@ -59,6 +65,7 @@ pub async fn start(
     state_dir: Option<&Path>,
     hub: Arc<Hub>,
     calls: Option<Arc<crate::calls::Calls>>,
+    turn: Option<Arc<crate::turn::driver::TurnService>>,
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let identity = tls::identity(settings, state_dir)?;
@@ -78,6 +85,8 @@ pub async fn start(
         calls,
         tokens: Tokens::new(&settings.token_secret),
         settings: settings.clone(),
+        turn,
+        address,
     });
     Ok(tokio::spawn(async move {
         loop {
@@ -101,7 +110,7 @@ async fn connection(
     context: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::debug!(%peer, %err, "signalling: TLS handshake failed");
@@ -109,6 +118,30 @@ async fn connection(
         }
         Err(_) => return,
     };
+    // Both protocols wait for the client: a WebSocket starts with its HTTP request, TURN
+    // over TLS (RFC 8656, `turns:` on 443 for networks that let nothing else out) with a
+    // STUN message (first byte 0..=3, RFC 7983).
+    let mut first = vec![0u8; 4096];
+    let n = match timeout(HANDSHAKE_TIMEOUT, tls.read(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => return,
+    };
+    first.truncate(n);
+    if first[0] < 4 {
+        match &context.turn {
+            Some(turn) => {
+                tracing::debug!(%peer, "signalling: TURN over TLS on the signalling port");
+                turn.clone()
+                    .stream_client(tls, first, peer, context.address)
+                    .await;
+            }
+            None => {
+                tracing::debug!(%peer, "signalling: STUN over TLS, but no TURN over TLS here (turn.enabled, turn.tcp)")
+            }
+        }
+        return;
+    }
+    let tls = Prefixed::new(first, tls);
     let max = context.settings.max_message_bytes;
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))

@@ -8,8 +8,8 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
     sync::mpsc,
 };
 
@@ -57,7 +57,11 @@ impl TurnService {
         loop {
             match listener.accept().await {
                 Ok((stream, client)) => {
-                    tokio::spawn(self.clone().tcp_client(stream, client, local));
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(
+                        self.clone()
+                            .stream_client(stream, Vec::new(), client, local),
+                    );
                 }
                 Err(err) => {
                     tracing::warn!(%local, %err, "turn: TCP accept failed");
@@ -67,14 +71,18 @@ impl TurnService {
         }
     }
 
-    async fn tcp_client(
+    /// Serves one client on a byte stream (TCP, or TLS on the signalling port), `first`
+    /// being what was already read from it.
+    pub async fn stream_client<S>(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: S,
+        first: Vec<u8>,
         client: SocketAddr,
         server: SocketAddr,
-    ) {
-        let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = stream.into_split();
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let (queue, mut outgoing) = mpsc::channel::<Vec<u8>>(QUEUE);
         self.tcp_connected(client, server, queue);
         let writing = tokio::spawn(async move {
@@ -85,20 +93,10 @@ impl TurnService {
             }
         });
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
-        let mut heard = false;
+        buf.extend_from_slice(&first);
+        let mut heard = !first.is_empty();
         let why = loop {
-            // A connection that says nothing holds a socket for nothing.
-            let limit = if heard {
-                IDLE_LIMIT
-            } else {
-                FIRST_MESSAGE_LIMIT
-            };
-            match tokio::time::timeout(limit, reader.read_buf(&mut buf)).await {
-                Err(_) => break format!("nothing received for {limit:?}"),
-                Ok(Ok(0)) => break "closed by the client".to_owned(),
-                Ok(Ok(_)) => heard = true,
-                Ok(Err(err)) => break format!("{err}"),
-            }
+            // Every whole message in the buffer first (`first` may hold some already).
             let mut stop = None;
             loop {
                 match frame(&buf) {
@@ -126,6 +124,18 @@ impl TurnService {
             }
             if buf.len() > MAX_PENDING {
                 break "a message longer than STUN allows".to_owned();
+            }
+            // A connection that says nothing holds a socket for nothing.
+            let limit = if heard {
+                IDLE_LIMIT
+            } else {
+                FIRST_MESSAGE_LIMIT
+            };
+            match tokio::time::timeout(limit, reader.read_buf(&mut buf)).await {
+                Err(_) => break format!("nothing received for {limit:?}"),
+                Ok(Ok(0)) => break "closed by the client".to_owned(),
+                Ok(Ok(_)) => heard = true,
+                Ok(Err(err)) => break format!("{err}"),
             }
         };
         writing.abort();
