@@ -243,8 +243,28 @@ fn turn_over_tls_on_the_signalling_port_when_only_443_gets_out() {
             "5",
             "198.51.100.1",
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run turnutils_uclient");
+    // While it runs, relayctl shows its allocation as one over TLS.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut over = Vec::new();
+    while over.is_empty() && std::time::Instant::now() < deadline {
+        let allocations = relayd.ctl_json(&["turn", "allocations"]);
+        over = allocations["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["transport"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !over.is_empty() && over.iter().all(|t| t == "tls"),
+        "{over:?}"
+    );
+    let output = output.wait_with_output().expect("turnutils_uclient ends");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

@@ -132,7 +132,7 @@ async fn connection(
             Some(turn) => {
                 tracing::debug!(%peer, "signalling: TURN over TLS on the signalling port");
                 turn.clone()
-                    .stream_client(tls, first, peer, context.address)
+                    .stream_client(tls, first, peer, context.address, "tls")
                     .await;
             }
             None => {

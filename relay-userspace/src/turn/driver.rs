@@ -45,7 +45,7 @@ pub struct TurnService {
     lent: Mutex<std::collections::HashSet<crate::datapath::flow::FlowId>>,
     /// Clients over TCP, by (client, server): what is sent to them goes into their
     /// connection's queue.
-    tcp_clients: Mutex<HashMap<(SocketAddr, SocketAddr), TcpQueue>>,
+    tcp_clients: Mutex<HashMap<(SocketAddr, SocketAddr), (TcpQueue, &'static str)>>,
     /// Where allocations are kept across restarts, and whether they changed since the
     /// last save.
     store: Option<StateStore>,
@@ -61,6 +61,8 @@ pub struct AllocationReport {
     pub username: String,
     pub client: SocketAddr,
     pub server: SocketAddr,
+    /// How the client talks to the server: udp, tcp, or tls (on the signalling port).
+    pub transport: String,
     /// One relayed address, or IPv4 and IPv6 for a dual allocation.
     pub relays: Vec<SocketAddr>,
     pub expires_in_secs: u64,
@@ -284,10 +286,18 @@ impl TurnService {
                     .fold((0, 0), |(p, b), flow| {
                         (p + flow.counters.packets(), b + flow.counters.bytes())
                     });
+                let transport = self
+                    .tcp_clients
+                    .lock()
+                    .expect("turn tcp poisoned")
+                    .get(&(allocation.client, allocation.server))
+                    .map_or("udp", |(_, transport)| transport)
+                    .to_owned();
                 AllocationReport {
                     username: allocation.username,
                     client: allocation.client,
                     server: allocation.server,
+                    transport,
                     relays: allocation.relays,
                     expires_in_secs: allocation.expires.saturating_sub(now),
                     permissions: allocation.permissions,
@@ -343,11 +353,17 @@ impl TurnService {
     }
 
     /// A client connected over TCP: what the core sends it goes to `queue`.
-    pub(super) fn tcp_connected(&self, client: SocketAddr, server: SocketAddr, queue: TcpQueue) {
+    pub(super) fn tcp_connected(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+        queue: TcpQueue,
+        transport: &'static str,
+    ) {
         self.tcp_clients
             .lock()
             .expect("turn tcp poisoned")
-            .insert((client, server), queue);
+            .insert((client, server), (queue, transport));
     }
 
     pub(super) fn tcp_disconnected(&self, client: SocketAddr, server: SocketAddr) {
@@ -432,7 +448,7 @@ impl TurnService {
                         .lock()
                         .expect("turn tcp poisoned")
                         .get(&(to, from))
-                        .cloned();
+                        .map(|(queue, _)| queue.clone());
                     if let Some(queue) = tcp {
                         // ChannelData is padded to 4 bytes over TCP (RFC 8656 12.5).
                         bytes.resize(bytes.len().next_multiple_of(4), 0);

@@ -58,10 +58,13 @@ impl TurnService {
             match listener.accept().await {
                 Ok((stream, client)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(
-                        self.clone()
-                            .stream_client(stream, Vec::new(), client, local),
-                    );
+                    tokio::spawn(self.clone().stream_client(
+                        stream,
+                        Vec::new(),
+                        client,
+                        local,
+                        "tcp",
+                    ));
                 }
                 Err(err) => {
                     tracing::warn!(%local, %err, "turn: TCP accept failed");
@@ -79,12 +82,13 @@ impl TurnService {
         first: Vec<u8>,
         client: SocketAddr,
         server: SocketAddr,
+        transport: &'static str,
     ) where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let (queue, mut outgoing) = mpsc::channel::<Vec<u8>>(QUEUE);
-        self.tcp_connected(client, server, queue);
+        self.tcp_connected(client, server, queue, transport);
         let writing = tokio::spawn(async move {
             while let Some(bytes) = outgoing.recv().await {
                 if writer.write_all(&bytes).await.is_err() {

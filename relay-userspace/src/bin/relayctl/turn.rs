@@ -37,6 +37,7 @@ pub fn run(
                 let mut table = output::Table::new(&[
                     "USER",
                     "CLIENT",
+                    "OVER",
                     "RELAY",
                     "PERMISSIONS",
                     "CHANNELS",
@@ -56,6 +57,7 @@ pub fn run(
                     table.row(vec![
                         allocation.username.clone(),
                         allocation.client.to_string(),
+                        allocation.transport.clone(),
                         allocation
                             .relays
                             .iter()
