@@ -45,7 +45,7 @@ pub struct TurnService {
     lent: Mutex<std::collections::HashSet<crate::datapath::flow::FlowId>>,
     /// Clients over TCP, by (client, server): what is sent to them goes into their
     /// connection's queue.
-    tcp_clients: Mutex<HashMap<(SocketAddr, SocketAddr), (TcpQueue, &'static str)>>,
+    tcp_clients: Mutex<TcpClients>,
     /// Where allocations are kept across restarts, and whether they changed since the
     /// last save.
     store: Option<StateStore>,
@@ -54,6 +54,8 @@ pub struct TurnService {
 
 /// What goes to a client over TCP: its connection's outgoing messages.
 type TcpQueue = tokio::sync::mpsc::Sender<Vec<u8>>;
+/// Clients over TCP or TLS by (client, server): their queue and transport ("tcp", "tls").
+type TcpClients = HashMap<(SocketAddr, SocketAddr), (TcpQueue, &'static str)>;
 
 /// One allocation as `relayctl turn allocations` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
