@@ -127,6 +127,12 @@ fn allocations_survive_a_restart_and_their_media_never_stops() {
         );
         let status = relayd.ctl_json(&["status"]);
         assert_eq!(status["turn"]["allocations"], 1, "{status}");
+        assert_eq!(status["turn"]["tcp"], true, "{status}");
+        assert!(
+            relayd.ctl_ok(&["status"]).contains("(UDP and TCP)"),
+            "{}",
+            relayd.ctl_ok(&["status"])
+        );
         assert_eq!(
             status["turn"]["state_store"],
             state.0.to_string_lossy().as_ref(),

@@ -162,6 +162,9 @@ pub struct TurnStatus {
     pub state_store: Option<String>,
     /// Whether bound channels are forwarded in the kernel.
     pub offload: bool,
+    /// Whether clients may also come over TCP (and TLS on the signalling port).
+    #[serde(default)]
+    pub tcp: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

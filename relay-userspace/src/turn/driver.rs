@@ -38,6 +38,8 @@ pub struct TurnService {
     sockets: Mutex<HashMap<SocketAddr, Bound>>,
     table: Arc<FlowTable>,
     offload: bool,
+    /// Clients also over TCP (`turn.tcp`).
+    tcp: bool,
     /// Flow ids of offloaded channels, by the client -> peer flow's key.
     offloaded: Mutex<HashMap<crate::datapath::flow::FlowId, Vec<u32>>>,
     /// Channels whose peer is a call inside this relay: the call's flows carry them
@@ -129,6 +131,7 @@ impl TurnService {
             sockets: Mutex::new(HashMap::new()),
             table,
             offload,
+            tcp: settings.tcp,
             offloaded: Mutex::new(HashMap::new()),
             lent: Mutex::new(std::collections::HashSet::new()),
             tcp_clients: Mutex::new(HashMap::new()),
@@ -333,6 +336,7 @@ impl TurnService {
                 .as_ref()
                 .map(|store| store.path().display().to_string()),
             offload: self.offload,
+            tcp: self.tcp,
         }
     }
 

@@ -46,8 +46,9 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
     if let Some(turn) = &status.turn {
         let listening: Vec<String> = turn.listening.iter().map(ToString::to_string).collect();
         println!(
-            "turn        listening on {}; {} allocations, {} channels ({})",
+            "turn        listening on {} ({}); {} allocations, {} channels ({})",
             listening.join(", "),
+            if turn.tcp { "UDP and TCP" } else { "UDP" },
             turn.allocations,
             turn.channels,
             if turn.offload {
