@@ -27,7 +27,7 @@ mod media;
 
 use flows::CallFlows;
 pub use flows::{Directions, Traffic};
-use media::remove_flows_of_earlier_calls;
+use media::{LanSockets, remove_flows_of_earlier_calls};
 
 use crate::{
     config::CallsSettings,
@@ -222,27 +222,17 @@ impl Calls {
             .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
         let app_offer = self.toward_app(pbx_offer, local)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let call = Arc::new(Call {
+        let call = Call::offered(
             id,
-            tenant: controller.tenant.clone(),
-            user: user.to_owned(),
-            from_app: false,
-            pbx: Mutex::new(Some(pbx)),
-            pbx_rtcp: Mutex::new((!pbx_endpoint.rtcp_mux).then_some(pbx_endpoint.rtcp)),
-            lan,
-            pbx_sdp: Mutex::new(pbx_offer.to_owned()),
-            app_sdp: Mutex::new(String::new()),
-            app_ice: Mutex::new(None),
-            lan_socket: lan_sockets.rtp,
-            rtcp_socket: lan_sockets.rtcp,
-            remote_candidates: leg.remote_candidates(),
-            leg: tokio::sync::Mutex::new(leg),
-            state: Mutex::new(("offered", None)),
-            flows: Mutex::new(CallFlows::default()),
-            local_channel: Mutex::new(None),
-            created: std::time::Instant::now(),
-            tasks: Mutex::new(Vec::new()),
-        });
+            controller.tenant.clone(),
+            user.to_owned(),
+            false,
+            (lan, lan_sockets),
+            leg,
+        );
+        call.set_pbx(&pbx_endpoint);
+        *call.pbx_sdp.lock().expect("call sdp") = pbx_offer.to_owned();
+        let call = Arc::new(call);
         self.calls().insert(id, call.clone());
         let delivered = self.hub.to_user(
             &call.tenant,
@@ -291,27 +281,17 @@ impl Calls {
                 format!("the controller of tenant {} is not connected", app.tenant),
             ));
         }
-        let call = Arc::new(Call {
+        let call = Call::offered(
             id,
-            tenant: app.tenant.clone(),
-            user: user.clone(),
-            from_app: true,
-            pbx: Mutex::new(None),
-            pbx_rtcp: Mutex::new(None),
-            lan,
-            pbx_sdp: Mutex::new(String::new()),
-            app_sdp: Mutex::new(app_offer.to_owned()),
-            app_ice: Mutex::new(Some((ufrag, pwd))),
-            lan_socket: lan_sockets.rtp,
-            rtcp_socket: lan_sockets.rtcp,
-            remote_candidates: leg.remote_candidates(),
-            leg: tokio::sync::Mutex::new(leg),
-            state: Mutex::new(("offered", None)),
-            flows: Mutex::new(CallFlows::default()),
-            local_channel: Mutex::new(None),
-            created: std::time::Instant::now(),
-            tasks: Mutex::new(Vec::new()),
-        });
+            app.tenant.clone(),
+            user.clone(),
+            true,
+            (lan, lan_sockets),
+            leg,
+        );
+        *call.app_sdp.lock().expect("call sdp") = app_offer.to_owned();
+        *call.app_ice.lock().expect("call ice") = Some((ufrag, pwd));
+        let call = Arc::new(call);
         self.calls().insert(id, call);
         tracing::info!(call = id, tenant = %app.tenant, user, %lan, "calls: the app calls out; offered to the controller");
         Ok(fields([("call", id.into())]))
@@ -671,6 +651,39 @@ fn bad_sdp(err: sdp::SdpError) -> CallError {
 }
 
 impl Call {
+    /// A call just offered: its LAN ports and ICE leg, nothing connected yet. What each
+    /// side has said so far is the creator's to fill in.
+    fn offered(
+        id: u64,
+        tenant: String,
+        user: String,
+        from_app: bool,
+        (lan, sockets): (SocketAddr, LanSockets),
+        leg: IceLeg,
+    ) -> Call {
+        Call {
+            id,
+            tenant,
+            user,
+            from_app,
+            pbx: Mutex::new(None),
+            pbx_rtcp: Mutex::new(None),
+            lan,
+            pbx_sdp: Mutex::new(String::new()),
+            app_sdp: Mutex::new(String::new()),
+            app_ice: Mutex::new(None),
+            lan_socket: sockets.rtp,
+            rtcp_socket: sockets.rtcp,
+            remote_candidates: leg.remote_candidates(),
+            leg: tokio::sync::Mutex::new(leg),
+            state: Mutex::new(("offered", None)),
+            flows: Mutex::new(CallFlows::default()),
+            local_channel: Mutex::new(None),
+            created: std::time::Instant::now(),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Where the PBX wants RTCP when not with its RTP (no rtcp-mux); None: with it.
     fn pbx_rtcp(&self) -> Option<SocketAddr> {
         *self.pbx_rtcp.lock().expect("call pbx")
