@@ -189,6 +189,26 @@ pub async fn request(socket: &mut Socket, message: Value) -> Value {
     }
 }
 
+/// Messages on `socket` until one is `wanted`, skipping at most `skip` others (the events
+/// of a call in progress), each within `within`; panics naming `what` when none comes.
+pub async fn until_message(
+    socket: &mut Socket,
+    within: Duration,
+    skip: usize,
+    what: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    for _ in 0..skip {
+        let message = receive_within(socket, within)
+            .await
+            .expect("the session stays");
+        if wanted(&message) {
+            return message;
+        }
+    }
+    panic!("no {what}");
+}
+
 /// A token the controller mints for `user`'s app, valid for `ttl_secs`.
 pub async fn mint_token(controller: &mut Socket, user: &str, ttl_secs: u64) -> String {
     let minted = request(

@@ -9,7 +9,7 @@
 use std::{sync::mpsc, time::Duration};
 
 use relay_tests::{
-    app::{App, talk},
+    app::{App, Media, talk},
     config_file::ConfigFile,
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
@@ -51,6 +51,21 @@ const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 
 /// The app, on a thread inside its namespace: connects with its token, tells the test it is
 /// ready, answers the call (its candidates trickled after the answer), sends RTP through the relay to the PBX's echo (one packet in
 /// flight) and counts what comes back; after the hangup, returns the `call.ended` it got.
+/// Sends `packet` `count` times, one in flight, and counts how often it came back intact.
+async fn echoes(media: &Media, packet: &[u8], count: u32) -> u32 {
+    let mut buf = vec![0u8; 2048];
+    let mut echoed = 0;
+    for _ in 0..count {
+        media.send(packet).await.unwrap();
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), media.recv(&mut buf)).await
+            && buf[..n] == *packet
+        {
+            echoed += 1;
+        }
+    }
+    echoed
+}
+
 async fn app(
     token: String,
     fingerprint: String,
@@ -85,28 +100,12 @@ async fn app(
     }
     done.send(echoed).unwrap();
     // RTCP, multiplexed on the app's side; the PBX (no rtcp-mux) has it on its own port.
-    let mut rtcp_echoed = 0;
-    for _ in 0..RTCP_PACKETS {
-        media.send(&RTCP_RECEIVER_REPORT).await.unwrap();
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), media.recv(&mut buf)).await
-            && buf[..n] == RTCP_RECEIVER_REPORT
-        {
-            rtcp_echoed += 1;
-        }
-    }
-    done.send(rtcp_echoed).unwrap();
+    done.send(echoes(&media, &RTCP_RECEIVER_REPORT, RTCP_PACKETS).await)
+        .unwrap();
     // DTLS records (a DTLS-SRTP handshake end to end): never in the kernel path, the call's
     // userspace tasks carry them unchanged both ways.
-    let mut dtls_echoed = 0;
-    for _ in 0..DTLS_RECORDS {
-        media.send(&DTLS_RECORD).await.unwrap();
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), media.recv(&mut buf)).await
-            && buf[..n] == DTLS_RECORD
-        {
-            dtls_echoed += 1;
-        }
-    }
-    done.send(dtls_echoed).unwrap();
+    done.send(echoes(&media, &DTLS_RECORD, DTLS_RECORDS).await)
+        .unwrap();
     // The PBX moves its RTP (a re-INVITE): the media goes on to the new address.
     let (_, hangup_done) = recv_async(hangup_done).await;
     done.send(talk(&media, 1000, MOVED_PACKETS).await.echoed)

@@ -18,7 +18,7 @@ use relay_tests::{
     pbx::rtp_echo,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, call, mint_token, receive_within},
+    signalling_client::{Socket, call, mint_token, receive_within, until_message},
 };
 use serde_json::{Value, json};
 
@@ -80,15 +80,10 @@ async fn app(
 
 /// Events to the controller until one says `state`.
 async fn until_state(controller: &mut Socket, state: &str) -> Value {
-    for _ in 0..10 {
-        let event = receive_within(controller, Duration::from_secs(15))
-            .await
-            .expect("the controller's session stays");
-        if event["state"] == state {
-            return event;
-        }
-    }
-    panic!("no call.state {state}");
+    until_message(controller, Duration::from_secs(15), 10, state, |event| {
+        event["state"] == state
+    })
+    .await
 }
 
 fn route_change(app_calls: bool) {

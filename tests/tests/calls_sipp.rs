@@ -17,7 +17,7 @@ use relay_tests::{
     recv_async,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, call, mint_token, receive_within},
+    signalling_client::{Socket, call, mint_token, until_message},
 };
 use serde_json::{Value, json};
 
@@ -54,15 +54,10 @@ async fn app(token: String, fingerprint: String, said: mpsc::Sender<u32>, go: mp
 
 /// The next event to the controller that is `name`, skipping others (call.state).
 async fn next_event(controller: &mut Socket, name: &str) -> Value {
-    for _ in 0..10 {
-        let event = receive_within(controller, Duration::from_secs(15))
-            .await
-            .expect("the controller's session stays");
-        if event["event"] == name {
-            return event;
-        }
-    }
-    panic!("no {name}");
+    until_message(controller, Duration::from_secs(15), 10, name, |event| {
+        event["event"] == name
+    })
+    .await
 }
 
 /// Both of the call's flows carried at least `packets` in XDP.

@@ -20,7 +20,7 @@ use relay_tests::{
     recv_async,
     relayd::Relayd,
     require_root, runtime,
-    signalling_client::{Socket, mint_token, receive_within, request},
+    signalling_client::{Socket, mint_token, request, until_message},
 };
 use serde_json::{Value, json};
 
@@ -32,15 +32,10 @@ const PACKETS: u32 = 300;
 
 /// Events to the controller until one is `event` (with `state`, when given).
 async fn until(controller: &mut Socket, event: &str, state: Option<&str>) -> Value {
-    for _ in 0..20 {
-        let message = receive_within(controller, Duration::from_secs(20))
-            .await
-            .expect("the controller's session stays");
-        if message["event"] == event && state.is_none_or(|state| message["state"] == state) {
-            return message;
-        }
-    }
-    panic!("no {event} {state:?}");
+    until_message(controller, Duration::from_secs(20), 20, event, |message| {
+        message["event"] == event && state.is_none_or(|state| message["state"] == state)
+    })
+    .await
 }
 
 #[test]
