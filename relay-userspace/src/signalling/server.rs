@@ -40,6 +40,9 @@ use crate::config::SignallingSettings;
 /// TLS and WebSocket handshakes, and the `hello`, must each finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long relayd's exit waits for the connections to flush and close.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
 /// Close codes of our own (4000-4999 are the application's, RFC 6455 7.4.2).
 pub const CLOSE_NO_HELLO: u16 = 4000;
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
@@ -89,16 +92,25 @@ pub async fn start(
         address,
     });
     Ok(tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
-                        tokio::spawn(connection(tcp, peer, acceptor.clone(), context.clone(), stopped.clone()));
+                        connections.spawn(connection(tcp, peer, acceptor.clone(), context.clone(), stopped.clone()));
                     }
                     Err(err) => tracing::warn!(%err, "signalling: accept failed"),
                 },
-                _ = stopped.changed() => return,
+                // Reap the connections that ended.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = stopped.changed() => break,
             }
+        }
+        // Each connection sends what is queued for it (the calls the shutdown ended) and
+        // closes; relayd waits for that, briefly, before it exits.
+        let closing = async { while connections.join_next().await.is_some() {} };
+        if timeout(SHUTDOWN_FLUSH, closing).await.is_err() {
+            tracing::warn!("signalling: connections still closing at exit");
         }
     }))
 }
