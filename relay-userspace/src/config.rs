@@ -1,11 +1,21 @@
 //! relayd's configuration: TOML, a `Default` for every section, unknown keys refused, and a
-//! `validate()` that reports every problem at once with its key path.
+//! `validate()` that reports every problem at once with its key path. Each module owns its
+//! section's type and checks (`turn::config`, `calls::config`, ...); this module composes
+//! them, and no module below the daemon imports it.
 
 use std::{fmt, path::PathBuf};
 
 use serde::Deserialize;
 
-use crate::paths;
+use crate::{
+    calls::config::CallsConfig,
+    datapath::config::{DatapathConfig, FlowsConfig},
+    metrics::MetricsConfig,
+    paths,
+    signalling::config::SignallingConfig,
+    state::StateConfig,
+    turn::config::TurnConfig,
+};
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -14,533 +24,11 @@ pub struct Config {
     pub flows: FlowsConfig,
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
-    pub turn: TurnSettings,
-    pub signalling: SignallingSettings,
-    pub calls: CallsSettings,
+    pub turn: TurnConfig,
+    pub signalling: SignallingConfig,
+    pub calls: CallsConfig,
     pub state: StateConfig,
     pub log: LogConfig,
-}
-
-/// The signalling rendezvous: WebSocket over TLS, where controllers (the UC server / PBX
-/// side) and clients (the apps) both connect outbound.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct SignallingSettings {
-    pub enabled: bool,
-    /// ADDRESS:PORT (TCP) to accept WebSocket over TLS on.
-    pub listen: String,
-    /// PEM certificate chain and private key; both empty: a self-signed certificate made on
-    /// the first start and kept beside the state store (its SHA-256 fingerprint is logged).
-    pub certificate: String,
-    pub private_key: String,
-    /// The key client tokens are signed with (HMAC-SHA256); controllers mint the tokens.
-    pub token_secret: String,
-    /// Longest client token lifetime a controller may ask for.
-    pub max_token_lifetime_secs: u64,
-    /// Controllers, one per tenant, each with its API key.
-    pub tenants: Vec<Tenant>,
-    /// Largest WebSocket message accepted; bigger ones close the connection (1009).
-    pub max_message_bytes: usize,
-    /// Messages waiting to be written to one connection; a full queue refuses more.
-    pub queue_length: usize,
-    /// Seconds between pings; a connection silent for three intervals is closed.
-    pub ping_interval_secs: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Tenant {
-    pub name: String,
-    pub api_key: String,
-}
-
-impl Default for SignallingSettings {
-    fn default() -> Self {
-        SignallingSettings {
-            enabled: false,
-            listen: "0.0.0.0:443".to_owned(),
-            certificate: String::new(),
-            private_key: String::new(),
-            token_secret: String::new(),
-            max_token_lifetime_secs: 86_400,
-            tenants: Vec::new(),
-            max_message_bytes: 64 * 1024,
-            queue_length: 256,
-            ping_interval_secs: 20,
-        }
-    }
-}
-
-impl SignallingSettings {
-    fn problems(&self, problem: &mut impl FnMut(&'static str, String, &str)) {
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            problem(
-                "signalling.listen",
-                format!("{:?}", self.listen),
-                "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)",
-            );
-        }
-        if self.certificate.is_empty() != self.private_key.is_empty() {
-            problem(
-                "signalling.private_key",
-                format!("{:?}", self.private_key),
-                "give both certificate and private_key, or neither (self-signed)",
-            );
-        }
-        let mut names = Vec::new();
-        for tenant in &self.tenants {
-            if !crate::signalling::auth::valid_name(&tenant.name) {
-                problem(
-                    "signalling.tenants",
-                    format!("{:?}", tenant.name),
-                    "a tenant name is 1 to 64 of A-Z a-z 0-9 . _ @ + -",
-                );
-            } else if names.contains(&&tenant.name) {
-                problem(
-                    "signalling.tenants",
-                    format!("{:?}", tenant.name),
-                    "tenant given twice",
-                );
-            }
-            names.push(&tenant.name);
-            if tenant.api_key.len() < 16 {
-                problem(
-                    "signalling.tenants",
-                    format!("{:?}", tenant.name),
-                    "api_key must be at least 16 characters",
-                );
-            }
-        }
-        if self.max_message_bytes < 1024 {
-            problem(
-                "signalling.max_message_bytes",
-                self.max_message_bytes.to_string(),
-                "must be at least 1024",
-            );
-        }
-        if self.queue_length == 0 {
-            problem(
-                "signalling.queue_length",
-                "0".to_owned(),
-                "must be at least 1",
-            );
-        }
-        if self.ping_interval_secs == 0 {
-            problem(
-                "signalling.ping_interval_secs",
-                "0".to_owned(),
-                "must be at least 1",
-            );
-        }
-        if self.enabled {
-            if self.token_secret.len() < 16 {
-                problem(
-                    "signalling.token_secret",
-                    "(hidden)".to_owned(),
-                    "the signalling server is enabled: give a secret of at least 16 characters",
-                );
-            }
-            if self.tenants.is_empty() {
-                problem(
-                    "signalling.tenants",
-                    "[]".to_owned(),
-                    "the signalling server is enabled but no controller could connect",
-                );
-            }
-        }
-    }
-}
-
-/// Calls anchored in the relay (issue 4): ICE toward the app on one WAN port, plain RTP
-/// toward the PBX from LAN ports. Needs the signalling server.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct CallsSettings {
-    pub enabled: bool,
-    /// WAN ADDRESS:PORT of the ICE port every call's app leg shares.
-    pub ice_listen: String,
-    /// The relay's LAN address the PBX sends RTP to.
-    pub lan_address: String,
-    /// "FIRST-LAST" LAN ports for the calls' RTP.
-    pub port_range: String,
-    /// Seconds ICE may take to connect before the call fails.
-    pub ice_timeout_secs: u64,
-    /// Seconds without an answer to the relay's consent checks (RFC 7675) after which the
-    /// call ends; from 5 s without one, media toward the app stops.
-    pub consent_timeout_secs: u64,
-    /// Seconds without media in either direction (the flows' kernel counters) after which
-    /// the call ends.
-    pub media_timeout_secs: u64,
-    /// Seconds between `call.stats` events to the controller (each call's traffic from the
-    /// kernel counters); 0: none.
-    pub stats_interval_secs: u64,
-}
-
-impl Default for CallsSettings {
-    fn default() -> Self {
-        CallsSettings {
-            enabled: false,
-            ice_listen: String::new(),
-            lan_address: String::new(),
-            port_range: "40000-40999".to_owned(),
-            ice_timeout_secs: 15,
-            consent_timeout_secs: 30,
-            media_timeout_secs: 60,
-            stats_interval_secs: 10,
-        }
-    }
-}
-
-impl CallsSettings {
-    pub fn ports(&self) -> Option<std::ops::RangeInclusive<u16>> {
-        let (first, last) = self.port_range.split_once('-')?;
-        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-        (first > 0 && first <= last).then_some(first..=last)
-    }
-
-    fn problems(&self, signalling: bool, problem: &mut impl FnMut(&'static str, String, &str)) {
-        if !self.enabled {
-            return;
-        }
-        if !signalling {
-            problem(
-                "calls.enabled",
-                "true".to_owned(),
-                "calls are set up through the signalling server: enable [signalling]",
-            );
-        }
-        match self.ice_listen.parse::<std::net::SocketAddr>() {
-            Ok(address) if !address.ip().is_unspecified() => {}
-            _ => problem(
-                "calls.ice_listen",
-                format!("{:?}", self.ice_listen),
-                "expected the WAN ADDRESS:PORT (a specific address: ICE candidates carry it)",
-            ),
-        }
-        match self.lan_address.parse::<std::net::IpAddr>() {
-            Ok(address) if !address.is_unspecified() => {}
-            _ => problem(
-                "calls.lan_address",
-                format!("{:?}", self.lan_address),
-                "expected the relay's LAN IP address",
-            ),
-        }
-        if self.ports().is_none() {
-            problem(
-                "calls.port_range",
-                format!("{:?}", self.port_range),
-                "expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
-            );
-        }
-        if self.ice_timeout_secs == 0 {
-            problem(
-                "calls.ice_timeout_secs",
-                "0".to_owned(),
-                "must be at least 1",
-            );
-        }
-        if self.consent_timeout_secs < 6 {
-            problem(
-                "calls.consent_timeout_secs",
-                self.consent_timeout_secs.to_string(),
-                "must be at least 6 (media toward the app already stops after 5 s without consent)",
-            );
-        }
-        if self.media_timeout_secs == 0 {
-            problem(
-                "calls.media_timeout_secs",
-                "0".to_owned(),
-                "must be at least 1",
-            );
-        }
-    }
-}
-
-/// Where relayd keeps what a restart needs (TURN allocations).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct StateConfig {
-    /// The state store file; empty: keep nothing (allocations end with relayd).
-    pub path: PathBuf,
-}
-
-impl Default for StateConfig {
-    fn default() -> Self {
-        StateConfig {
-            path: PathBuf::from(paths::STATE_FILE),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatapathMode {
-    Auto,
-    Xdp,
-    Userspace,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpModeChoice {
-    Auto,
-    Native,
-    Generic,
-}
-
-impl XdpModeChoice {
-    /// Whether an attachment in `mode` ("native"/"generic") is what this choice asks for.
-    pub fn accepts(self, mode: &str) -> bool {
-        match self {
-            XdpModeChoice::Auto => true,
-            XdpModeChoice::Native => mode == "native",
-            XdpModeChoice::Generic => mode == "generic",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct DatapathConfig {
-    pub mode: DatapathMode,
-    pub interfaces: Vec<String>,
-    pub xdp_mode: XdpModeChoice,
-    pub pin_dir: PathBuf,
-    pub capacity: u32,
-}
-
-impl Default for DatapathConfig {
-    fn default() -> Self {
-        DatapathConfig {
-            mode: DatapathMode::Auto,
-            interfaces: Vec::new(),
-            xdp_mode: XdpModeChoice::Auto,
-            pin_dir: PathBuf::from(paths::PIN_DIR),
-            capacity: relay_common::FLOWS_DEFAULT_CAPACITY,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct FlowsConfig {
-    pub idle_timeout_secs: u64,
-}
-
-impl Default for FlowsConfig {
-    fn default() -> Self {
-        FlowsConfig {
-            idle_timeout_secs: 60,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ControlConfig {
-    pub socket: PathBuf,
-}
-
-impl Default for ControlConfig {
-    fn default() -> Self {
-        ControlConfig {
-            socket: PathBuf::from(paths::CONTROL_SOCKET),
-        }
-    }
-}
-
-/// The TURN server (RFC 8656).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct TurnSettings {
-    pub enabled: bool,
-    /// ADDRESS:PORT to listen on over UDP, one per address (e.g. "203.0.113.1:3478").
-    pub listen: Vec<String>,
-    pub realm: String,
-    /// Addresses allocations are made on, at most one per family; empty: the listening
-    /// addresses.
-    pub relay_addresses: Vec<String>,
-    /// "FIRST-LAST" relay ports.
-    pub port_range: String,
-    /// Static long-term credentials.
-    pub users: Vec<TurnUser>,
-    /// TURN REST API shared secrets (coturn's static-auth-secret); several for rotation.
-    pub secrets: Vec<String>,
-    pub default_lifetime_secs: u64,
-    pub max_lifetime_secs: u64,
-    pub max_allocations: usize,
-    pub max_allocations_per_user: usize,
-    /// Peer ranges (CIDR, or single addresses) allowed although refused by default
-    /// (loopback, private, link-local, multicast, unspecified, CGN) or by `denied_peers`.
-    pub allowed_peers: Vec<String>,
-    /// Peer ranges refused on top of the default ones.
-    pub denied_peers: Vec<String>,
-    /// Allocate requests per client IP address and second; 0: no limit.
-    pub max_allocate_rate_per_source: u32,
-    /// Forward bound channels' ChannelData in the kernel (XDP datapath only).
-    pub offload: bool,
-    /// Also accept TURN over TCP on the `listen` addresses, and TURN over TLS on the
-    /// signalling port (RFC 8656: clients whose network lets no UDP out); relayed in
-    /// userspace, XDP does not touch TCP.
-    pub tcp: bool,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct TurnUser {
-    pub name: String,
-    pub password: String,
-}
-
-impl Default for TurnSettings {
-    fn default() -> Self {
-        TurnSettings {
-            enabled: false,
-            listen: Vec::new(),
-            realm: "relay".to_owned(),
-            relay_addresses: Vec::new(),
-            port_range: "49152-65535".to_owned(),
-            users: Vec::new(),
-            secrets: Vec::new(),
-            default_lifetime_secs: 600,
-            max_lifetime_secs: 3600,
-            max_allocations: 10_000,
-            max_allocations_per_user: 100,
-            allowed_peers: Vec::new(),
-            denied_peers: Vec::new(),
-            max_allocate_rate_per_source: 20,
-            offload: true,
-            tcp: true,
-        }
-    }
-}
-
-impl TurnSettings {
-    /// The peer policy, from ranges `validate` accepted.
-    pub fn peer_policy(&self) -> crate::turn::policy::PeerPolicy {
-        let ranges = |list: &[String]| list.iter().filter_map(|r| r.parse().ok()).collect();
-        crate::turn::policy::PeerPolicy {
-            allowed: ranges(&self.allowed_peers),
-            denied: ranges(&self.denied_peers),
-        }
-    }
-
-    pub fn listen_addresses(&self) -> Vec<std::net::SocketAddr> {
-        self.listen.iter().filter_map(|a| a.parse().ok()).collect()
-    }
-
-    /// The relay ports, when `port_range` is valid.
-    pub fn ports(&self) -> Option<std::ops::RangeInclusive<u16>> {
-        let (first, last) = self.port_range.split_once('-')?;
-        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-        (first > 0 && first <= last).then_some(first..=last)
-    }
-
-    /// The relay addresses: configured, or the listening addresses' IPs.
-    pub fn relay_ips(&self) -> Vec<std::net::IpAddr> {
-        if self.relay_addresses.is_empty() {
-            self.listen_addresses().iter().map(|a| a.ip()).collect()
-        } else {
-            self.relay_addresses
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect()
-        }
-    }
-
-    fn problems(&self, problem: &mut impl FnMut(&'static str, String, &str)) {
-        for address in &self.listen {
-            match address.parse::<std::net::SocketAddr>() {
-                Ok(a) if a.ip().is_unspecified() => problem(
-                    "turn.listen",
-                    format!("{address:?}"),
-                    "a specific address, not a wildcard: it is part of the clients' 5-tuple",
-                ),
-                Ok(_) => {}
-                Err(_) => problem(
-                    "turn.listen",
-                    format!("{address:?}"),
-                    "expected ADDRESS:PORT",
-                ),
-            }
-        }
-        for address in &self.relay_addresses {
-            if address.parse::<std::net::IpAddr>().is_err() {
-                problem(
-                    "turn.relay_addresses",
-                    format!("{address:?}"),
-                    "not an IP address",
-                );
-            }
-        }
-        let ips = self.relay_ips();
-        if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
-            || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
-        {
-            problem(
-                "turn.relay_addresses",
-                format!("{ips:?}"),
-                "at most one address per family (set turn.relay_addresses)",
-            );
-        }
-        if self.ports().is_none() {
-            problem(
-                "turn.port_range",
-                format!("{:?}", self.port_range),
-                "expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
-            );
-        }
-        if self.realm.is_empty() {
-            problem("turn.realm", "\"\"".to_owned(), "must not be empty");
-        }
-        if self.default_lifetime_secs == 0 || self.default_lifetime_secs > self.max_lifetime_secs {
-            problem(
-                "turn.default_lifetime_secs",
-                self.default_lifetime_secs.to_string(),
-                "must be between 1 and turn.max_lifetime_secs",
-            );
-        }
-        for (key, ranges) in [
-            ("turn.allowed_peers", &self.allowed_peers),
-            ("turn.denied_peers", &self.denied_peers),
-        ] {
-            for range in ranges {
-                if let Err(reason) = range.parse::<crate::turn::policy::IpNet>() {
-                    problem(key, format!("{range:?}"), &reason);
-                }
-            }
-        }
-        if self.enabled {
-            if self.listen.is_empty() {
-                problem(
-                    "turn.listen",
-                    "[]".to_owned(),
-                    "the TURN server is enabled but listens nowhere",
-                );
-            }
-            if self.users.is_empty() && self.secrets.is_empty() {
-                problem(
-                    "turn.users",
-                    "[]".to_owned(),
-                    "no users and no secrets: nobody could authenticate",
-                );
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// ADDRESS:PORT to serve Prometheus metrics on (`/metrics`); empty: no metrics.
-    pub listen: String,
-}
-
-impl MetricsConfig {
-    /// The address to listen on, when metrics are on and the address is valid.
-    pub fn address(&self) -> Option<std::net::SocketAddr> {
-        self.listen.parse().ok()
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -564,6 +52,34 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".to_owned(),
             format: LogFormat::Text,
+        }
+    }
+}
+
+/// The `[control]` section: the Unix socket relayctl talks to. Defined here, not in
+/// `control`: the control API sits above the configuration (it reloads it).
+#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    pub socket: std::path::PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: std::path::PathBuf::from(crate::paths::CONTROL_SOCKET),
+        }
+    }
+}
+
+impl ControlConfig {
+    pub fn problems(&self, problem: &mut impl FnMut(&'static str, String, &str)) {
+        if !self.socket.is_absolute() {
+            problem(
+                "control.socket",
+                self.socket.display().to_string(),
+                "must be an absolute path",
+            );
         }
     }
 }
@@ -704,11 +220,6 @@ pub enum ConfigError {
     },
 }
 
-/// Longest interface name Linux accepts (IFNAMSIZ - 1).
-const MAX_IFNAME_LEN: usize = 15;
-/// The flow table is a preallocated BPF hash map: keep it within what a relay box can lock.
-const MAX_CAPACITY: u32 = 16 * 1024 * 1024;
-
 impl Config {
     /// Parses TOML text; `origin` names it in errors (a path, or "embedded default").
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -757,67 +268,10 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
-        let mut seen = Vec::new();
-        for name in &self.datapath.interfaces {
-            if name.is_empty() || name.len() > MAX_IFNAME_LEN {
-                problem(
-                    "datapath.interfaces",
-                    format!("{name:?}"),
-                    "an interface name has 1 to 15 characters",
-                );
-            } else if name.contains(['/', ' ', ':']) || name == "." || name == ".." {
-                problem(
-                    "datapath.interfaces",
-                    format!("{name:?}"),
-                    "not a valid interface name",
-                );
-            } else if seen.contains(&name) {
-                problem("datapath.interfaces", format!("{name:?}"), "listed twice");
-            }
-            seen.push(name);
-        }
-        if self.datapath.mode == DatapathMode::Xdp && self.datapath.interfaces.is_empty() {
-            problem(
-                "datapath.interfaces",
-                "[]".to_owned(),
-                "mode \"xdp\" needs at least one interface to attach to",
-            );
-        }
-        if !self.datapath.pin_dir.is_absolute() {
-            problem(
-                "datapath.pin_dir",
-                self.datapath.pin_dir.display().to_string(),
-                "must be an absolute path",
-            );
-        }
-        if self.datapath.capacity == 0 || self.datapath.capacity > MAX_CAPACITY {
-            problem(
-                "datapath.capacity",
-                self.datapath.capacity.to_string(),
-                &format!("must be between 1 and {MAX_CAPACITY}"),
-            );
-        }
-        if self.flows.idle_timeout_secs == 0 || self.flows.idle_timeout_secs > 86_400 {
-            problem(
-                "flows.idle_timeout_secs",
-                self.flows.idle_timeout_secs.to_string(),
-                "must be between 1 and 86400 seconds",
-            );
-        }
-        if !self.control.socket.is_absolute() {
-            problem(
-                "control.socket",
-                self.control.socket.display().to_string(),
-                "must be an absolute path",
-            );
-        }
-        if !self.metrics.listen.is_empty() && self.metrics.address().is_none() {
-            problem(
-                "metrics.listen",
-                format!("{:?}", self.metrics.listen),
-                "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT), or empty for no metrics",
-            );
-        }
+        self.datapath.problems(&mut problem);
+        self.flows.problems(&mut problem);
+        self.control.problems(&mut problem);
+        self.metrics.problems(&mut problem);
         self.turn.problems(&mut problem);
         self.signalling.problems(&mut problem);
         self.calls.problems(self.signalling.enabled, &mut problem);

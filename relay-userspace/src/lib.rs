@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod ice;
 pub mod metrics;
 pub mod paths;
+pub mod reload;
 pub mod session;
 pub mod signalling;
 pub mod state;

@@ -18,6 +18,31 @@ use crate::{
     turn::driver::TurnService,
 };
 
+/// The `[metrics]` section.
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// ADDRESS:PORT to serve Prometheus metrics on (`/metrics`); empty: no metrics.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, when metrics are on and the address is valid.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+
+    pub fn problems(&self, problem: &mut impl FnMut(&'static str, String, &str)) {
+        if !self.listen.is_empty() && self.address().is_none() {
+            problem(
+                "metrics.listen",
+                format!("{:?}", self.listen),
+                "expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT), or empty for no metrics",
+            );
+        }
+    }
+}
+
 /// Longest request head read before answering; the path is all that matters.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
@@ -199,7 +224,7 @@ pub fn render(
         let ended: Vec<(String, u64)> = tally
             .ended
             .iter()
-            .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), *count))
+            .map(|(reason, count)| (format!("{{reason=\"{}\"}}", reason.name()), *count))
             .collect();
         metric(
             "relay_calls_ended_total",

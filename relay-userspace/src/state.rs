@@ -1,20 +1,61 @@
 //! The state store: a small embedded database (redb) in the state directory with what a
-//! restarted relayd needs to rebuild its view of the world: TURN allocations today (their
+//! restarted relayd needs to rebuild its view of the world: the TURN allocations (their
 //! permissions, channels and relay addresses; the kernel flows themselves are pinned and
-//! adopted). Calls join it with issue 4.
+//! adopted). Calls are not kept: a restart ends them. The store owns its record types; the
+//! TURN server maps its allocations onto them.
 //!
 //! Written as a whole snapshot, at most once a second and at shutdown: a few thousand
 //! allocations are a few hundred kilobytes, and a crash loses at most the last second.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::turn::server::AllocationState;
+/// A TURN allocation as the store keeps it, for the next relayd to restore.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AllocationRecord {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub username: String,
+    pub relays: Vec<SocketAddr>,
+    /// Unix time.
+    pub expires: u64,
+    pub dont_fragment: bool,
+    /// Peer IP and expiry.
+    pub permissions: Vec<(IpAddr, u64)>,
+    pub channels: Vec<ChannelRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChannelRecord {
+    pub number: u16,
+    pub peer: SocketAddr,
+    pub relay: SocketAddr,
+    pub expires: u64,
+}
 
 /// "client|server" -> the allocation as JSON (readable with any redb tool, and free to grow
 /// fields: serde ignores none it does not know, but missing ones get defaults).
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("turn_allocations");
+
+/// The `[state]` section: where relayd keeps what a restart needs (TURN allocations).
+#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// The state store file; empty: keep nothing (allocations end with relayd).
+    pub path: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            path: PathBuf::from(crate::paths::STATE_FILE),
+        }
+    }
+}
 
 pub struct StateStore {
     db: Database,
@@ -52,7 +93,7 @@ impl StateStore {
     }
 
     /// Replaces the stored allocations with `allocations`, in one transaction.
-    pub fn save_allocations(&self, allocations: &[AllocationState]) -> Result<(), StateError> {
+    pub fn save_allocations(&self, allocations: &[AllocationRecord]) -> Result<(), StateError> {
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = write.open_table(ALLOCATIONS).map_err(|e| self.error(e))?;
@@ -69,7 +110,7 @@ impl StateStore {
     }
 
     /// The stored allocations; entries that do not parse are skipped with a warning.
-    pub fn load_allocations(&self) -> Result<Vec<AllocationState>, StateError> {
+    pub fn load_allocations(&self) -> Result<Vec<AllocationRecord>, StateError> {
         let read = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = match read.open_table(ALLOCATIONS) {
             Ok(table) => table,
@@ -79,7 +120,7 @@ impl StateStore {
         let mut allocations = Vec::new();
         for entry in table.iter().map_err(|e| self.error(e))? {
             let (key, value) = entry.map_err(|e| self.error(e))?;
-            match serde_json::from_slice::<AllocationState>(value.value()) {
+            match serde_json::from_slice::<AllocationRecord>(value.value()) {
                 Ok(allocation) => allocations.push(allocation),
                 Err(err) => {
                     tracing::warn!(key = key.value(), %err, "state: a stored allocation does not parse; skipped")
@@ -93,14 +134,13 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::turn::server::ChannelState;
 
     #[test]
     fn allocations_round_trip_and_a_save_replaces_everything() {
         let dir = std::env::temp_dir().join(format!("relay-state-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.redb");
-        let allocation = AllocationState {
+        let allocation = AllocationRecord {
             client: "198.51.100.7:50000".parse().unwrap(),
             server: "203.0.113.1:3478".parse().unwrap(),
             username: "alice".into(),
@@ -108,7 +148,7 @@ mod tests {
             expires: 1_700_000_600,
             dont_fragment: true,
             permissions: vec![("192.0.2.44".parse().unwrap(), 1_700_000_300)],
-            channels: vec![ChannelState {
+            channels: vec![ChannelRecord {
                 number: 0x4001,
                 peer: "192.0.2.44:6000".parse().unwrap(),
                 relay: "203.0.113.1:49152".parse().unwrap(),

@@ -301,39 +301,76 @@ async fn hello(address: SocketAddr, fingerprint: &str, token: &str) -> (Socket, 
 
 /// What came back of a stretch of [`talk`].
 pub struct Talked {
+    /// Distinct packets of the stretch that came back, however late (within the grace
+    /// period after the last send).
     pub echoed: u32,
     /// When the first packet came back.
     pub first_echo: Option<std::time::Instant>,
+    /// The slowest round trip among the packets that came back.
+    pub worst_round_trip: Duration,
 }
 
+/// How long [`talk`] keeps listening after its last send: a slow round trip on a busy
+/// machine is latency, not loss.
+const ECHO_GRACE: Duration = Duration::from_secs(1);
+
 /// Sends `count` numbered RTP packets from `first` at 50 per second (one every 20 ms, as a
-/// voice call does), each waited for until the next is due, and counts those the PBX's
-/// echo sent back.
+/// voice call does) and counts, by sequence number, those the PBX's echo sent back over the
+/// whole exchange and a grace period after it; the worst round trip is reported apart.
 pub async fn talk(media: &Media, first: u32, count: u32) -> Talked {
     let mut talked = Talked {
         echoed: 0,
         first_echo: None,
+        worst_round_trip: Duration::ZERO,
     };
+    if count == 0 {
+        return talked;
+    }
+    let mut sent_at: Vec<Option<tokio::time::Instant>> = vec![None; count as usize];
+    let mut echoed = vec![false; count as usize];
     let mut pace = tokio::time::interval(Duration::from_millis(20));
     let mut buf = vec![0u8; 2048];
-    for sequence in first..first + count {
-        pace.tick().await;
-        if media
-            .send(&crate::traffic::numbered(sequence))
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(19);
-        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, media.recv(&mut buf)).await {
-            if crate::traffic::sequence_of(&buf[..n]) == Some(sequence) {
-                talked.echoed += 1;
-                talked
-                    .first_echo
-                    .get_or_insert_with(std::time::Instant::now);
-                break;
+    let mut next = first;
+    let mut done_sending: Option<tokio::time::Instant> = None;
+    loop {
+        let grace_over = async {
+            match done_sending {
+                Some(at) => tokio::time::sleep_until(at + ECHO_GRACE).await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            _ = pace.tick(), if done_sending.is_none() => {
+                let index = (next - first) as usize;
+                if media.send(&crate::traffic::numbered(next)).await.is_ok() {
+                    sent_at[index] = Some(tokio::time::Instant::now());
+                }
+                next += 1;
+                if next == first + count {
+                    done_sending = Some(tokio::time::Instant::now());
+                }
+            }
+            received = media.recv(&mut buf) => {
+                let Ok(n) = received else { continue };
+                let Some(index) = crate::traffic::sequence_of(&buf[..n])
+                    .and_then(|sequence| sequence.checked_sub(first))
+                    .filter(|index| *index < count)
+                    .map(|index| index as usize)
+                else {
+                    continue;
+                };
+                let Some(sent) = sent_at[index] else { continue };
+                if !echoed[index] {
+                    echoed[index] = true;
+                    talked.echoed += 1;
+                    talked.first_echo.get_or_insert_with(std::time::Instant::now);
+                    talked.worst_round_trip = talked.worst_round_trip.max(sent.elapsed());
+                }
+                if done_sending.is_some() && talked.echoed == count {
+                    break;
+                }
+            }
+            _ = grace_over => break,
         }
     }
     talked

@@ -2,6 +2,7 @@
 
 mod bench;
 mod deb;
+mod layers;
 mod setup;
 mod util;
 
@@ -42,6 +43,8 @@ enum Command {
     },
     /// Build the Debian package (target/deb/relay_<version>_<arch>.deb)
     Deb,
+    /// relay-userspace's modules in layers, lowest first; fails on an import cycle
+    Layers,
     /// The relay in namespaces (app behind NAT, relay, PBX) with three calls' media for
     /// about 20 s and live relayctl tables; removes everything it made (needs root)
     Demo,
@@ -100,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             setup::test_tools()?;
             bench::run_binary("demo")
         }
+        Command::Layers => layers::run(),
         Command::Deb => {
             setup::run()?;
             setup::packaging_tools()?;

@@ -3,7 +3,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use relay::config::{Config, DatapathMode, XdpModeChoice};
+use relay::{
+    config::Config,
+    datapath::config::{DatapathMode, XdpModeChoice},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug, Clone)]
@@ -166,7 +169,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let reload = relay::daemon::Reload {
+    let reload = relay::reload::Reload {
         load: Box::new(move || args.load().map(|(config, _)| config)),
         set_log_level,
     };
@@ -182,7 +185,7 @@ fn main() -> ExitCode {
 
 /// Logs to stderr (the journal under systemd) as text or JSON lines, with a filter a reload
 /// can change; returns the function that changes it.
-fn init_logging(log: &relay::config::LogConfig) -> relay::daemon::SetLogLevel {
+fn init_logging(log: &relay::config::LogConfig) -> relay::reload::SetLogLevel {
     use tracing_subscriber::{
         EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt,
     };

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use webrtc_ice::state::ConnectionState;
 
-use super::{Call, Calls, event};
+use super::{Call, CallEvent, Calls, EndReason, StateChange};
 
 impl Calls {
     /// Runs ICE, then puts the media on the selected pair and follows its changes.
@@ -16,9 +16,12 @@ impl Calls {
         ufrag: String,
         pwd: String,
     ) {
-        self.hub.to_controller(
+        self.notify.to_controller(
             &call.tenant,
-            &event("call.state", call.id, [("state", "checking".into())]),
+            &CallEvent::State {
+                call: call.id,
+                change: StateChange::Checking,
+            },
         );
         let connected = {
             let mut leg = call.leg.lock().await;
@@ -28,11 +31,11 @@ impl Calls {
             Ok(Ok(pair)) => pair,
             Ok(Err(err)) => {
                 tracing::info!(call = call.id, %err, "calls: ICE failed");
-                return self.end(&call, "ice-failed", true, true).await;
+                return self.end(&call, EndReason::IceFailed, true, true).await;
             }
             Err(_) => {
                 tracing::info!(call = call.id, "calls: ICE did not connect in time");
-                return self.end(&call, "ice-timeout", true, true).await;
+                return self.end(&call, EndReason::IceTimeout, true, true).await;
             }
         };
         let (conn, mut pairs, mut states) = {
@@ -40,7 +43,7 @@ impl Calls {
             (leg.conn(), leg.pairs(), leg.states())
         };
         let Some(conn) = conn else {
-            return self.end(&call, "ice-failed", true, true).await;
+            return self.end(&call, EndReason::IceFailed, true, true).await;
         };
         self.start_userspace_media(&call, conn);
         self.install(&call, pair);
@@ -49,19 +52,17 @@ impl Calls {
             tally.setup_seconds += call.created.elapsed().as_secs_f64();
             tally.connected += 1;
         }
-        let state = event(
-            "call.state",
-            call.id,
-            [
-                ("state", "connected".into()),
-                ("local", pair.local.to_string().into()),
-                ("remote", pair.remote.to_string().into()),
-                ("local_type", pair.local_type.to_string().into()),
-                ("remote_type", pair.remote_type.to_string().into()),
-            ],
-        );
-        self.hub.to_controller(&call.tenant, &state);
-        self.hub.to_user(&call.tenant, &call.user, &state);
+        let state = CallEvent::State {
+            call: call.id,
+            change: StateChange::Connected {
+                local: pair.local,
+                remote: pair.remote,
+                local_type: pair.local_type,
+                remote_type: pair.remote_type,
+            },
+        };
+        self.notify.to_controller(&call.tenant, &state);
+        self.notify.to_app(&call.tenant, &call.user, &state);
         let mut current = pair;
         let mut consent = true;
         let mut media_check = tokio::time::interval(Duration::from_secs(1));
@@ -71,7 +72,7 @@ impl Calls {
         loop {
             tokio::select! {
                 _ = async { stats.as_mut().expect("guarded").tick().await }, if stats.is_some() => {
-                    self.hub.to_controller(&call.tenant, &self.stats_event(&call));
+                    self.notify.to_controller(&call.tenant, &self.stats_event(&call));
                 }
                 _ = media_check.tick() => {
                     if consent {
@@ -79,7 +80,7 @@ impl Calls {
                     }
                     if self.media_idle(&call) > self.media_timeout {
                         tracing::info!(call = call.id, timeout = ?self.media_timeout, "calls: no media in either direction; the call ends");
-                        return self.end(&call, "media-timeout", true, true).await;
+                        return self.end(&call, EndReason::MediaTimeout, true, true).await;
                     }
                 }
                 changed = pairs.changed() => {
@@ -91,13 +92,15 @@ impl Calls {
                         tracing::info!(call = call.id, from = %current.remote, to = %pair.remote, "calls: ICE switched pairs; flows replaced");
                         self.install(&call, pair);
                         current = pair;
-                        let changed = event("call.state", call.id, [
-                            ("state", "route-changed".into()),
-                            ("remote", pair.remote.to_string().into()),
-                            ("remote_type", pair.remote_type.to_string().into()),
-                        ]);
-                        self.hub.to_controller(&call.tenant, &changed);
-                        self.hub.to_user(&call.tenant, &call.user, &changed);
+                        let changed = CallEvent::State {
+                            call: call.id,
+                            change: StateChange::RouteChanged {
+                                remote: pair.remote,
+                                remote_type: pair.remote_type,
+                            },
+                        };
+                        self.notify.to_controller(&call.tenant, &changed);
+                        self.notify.to_app(&call.tenant, &call.user, &changed);
                     }
                 }
                 changed = states.changed() => {
@@ -112,7 +115,7 @@ impl Calls {
                             consent = false;
                             tracing::info!(call = call.id, "calls: no consent from the app; media toward it stopped");
                             self.stop_toward_app(&call);
-                            self.hub.to_controller(&call.tenant, &event("call.state", call.id, [("state", "consent-lost".into())]));
+                            self.notify.to_controller(&call.tenant, &CallEvent::State { call: call.id, change: StateChange::ConsentLost });
                         }
                         ConnectionState::Connected if !consent => {
                             consent = true;
@@ -121,7 +124,7 @@ impl Calls {
                         }
                         ConnectionState::Failed | ConnectionState::Closed => {
                             tracing::info!(call = call.id, "calls: ICE consent expired; the call ends");
-                            return self.end(&call, "consent-lost", true, true).await;
+                            return self.end(&call, EndReason::ConsentLost, true, true).await;
                         }
                         _ => {}
                     }

@@ -12,11 +12,10 @@ use std::{
 use tokio::net::UdpSocket;
 use webrtc_ice::candidate::CandidateType;
 
-use super::{Call, CallError, Calls, event};
+use super::{Call, CallError, CallEvent, CallState, Calls};
 use crate::{
     datapath::{FlowSpec, flow::ChannelOp, table::FlowTable},
     ice::leg::{IceConn, SelectedPair},
-    signalling::protocol::{ErrorCode, Outbound},
     time::monotonic_ns,
 };
 
@@ -42,29 +41,20 @@ impl Calls {
 
     /// `call.stats`: the call's traffic each way from the kernel counters, and how long
     /// since the last packet.
-    pub(super) fn stats_event(&self, call: &Call) -> Outbound {
+    pub(super) fn stats_event(&self, call: &Call) -> CallEvent {
         let now = monotonic_ns();
         let traffic = call
             .flows
             .lock()
             .expect("call flows")
             .traffic(&self.table, now);
-        event(
-            "call.stats",
-            call.id,
-            [
-                ("duration_secs", call.created.elapsed().as_secs().into()),
-                (
-                    "to_pbx",
-                    serde_json::to_value(traffic.to_pbx).unwrap_or_default(),
-                ),
-                (
-                    "to_app",
-                    serde_json::to_value(traffic.to_app).unwrap_or_default(),
-                ),
-                ("idle_ms", (self.media_idle(call).as_millis() as u64).into()),
-            ],
-        )
+        CallEvent::Stats {
+            call: call.id,
+            duration_secs: call.created.elapsed().as_secs(),
+            to_pbx: traffic.to_pbx,
+            to_app: traffic.to_app,
+            idle_ms: self.media_idle(call).as_millis() as u64,
+        }
     }
 
     /// How long since media last went through the call's flows (the kernel counters' last
@@ -98,7 +88,7 @@ impl Calls {
     /// instead: ChannelData from the app is stripped and sent on to the PBX, and the PBX's
     /// RTP gets the header and goes to the app from the TURN port, one flow pair in XDP.
     pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
-        *call.state.lock().expect("call state") = ("connected", Some(pair));
+        *call.state.lock().expect("call state") = CallState::Connected(pair);
         let mut flows = call.flows.lock().expect("call flows");
         flows.remove_all(&self.table, monotonic_ns());
         let previous = call.local_channel.lock().expect("call channel").take();
@@ -212,8 +202,7 @@ impl Calls {
                 ));
             }
         }
-        Err((
-            ErrorCode::Busy,
+        Err(CallError::Busy(
             "no free LAN port left in calls.port_range".into(),
         ))
     }

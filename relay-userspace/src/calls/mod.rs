@@ -18,26 +18,24 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{Map, Value};
 use tokio::{net::UdpSocket, task::JoinHandle};
 
+pub mod config;
 mod connect;
+pub mod events;
 mod flows;
 mod media;
 
+pub use events::{CallError, CallEvent, CallState, EndReason, Notify, Requester, StateChange};
 use flows::CallFlows;
 pub use flows::{Directions, Traffic};
 use media::{LanSockets, remove_flows_of_earlier_calls};
 
 use crate::{
-    config::CallsSettings,
+    calls::config::CallsConfig,
     datapath::table::FlowTable,
-    ice::leg::{IceLeg, IcePort, LocalIce, RemoteCandidates, SelectedPair},
+    ice::leg::{IceLeg, IcePort, LocalIce, RemoteCandidates},
     session::sdp::{self, IceOffer},
-    signalling::{
-        hub::{Hub, Identity},
-        protocol::{ErrorCode, Outbound, Role},
-    },
     time::monotonic_ns,
     turn::driver::{LocalChannel, TurnService},
 };
@@ -68,8 +66,15 @@ pub struct CallInfo {
     pub to_app: Traffic,
 }
 
-/// A refused call request: the error code and message the requester gets.
-pub type CallError = (ErrorCode, String);
+/// A call a (re)connected session may act on, for its `welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Resumable {
+    pub call: u64,
+    pub user: String,
+    pub state: &'static str,
+    /// Who called: `app` or `pbx`.
+    pub called: &'static str,
+}
 
 pub struct Calls {
     ice: IcePort,
@@ -81,7 +86,8 @@ pub struct Calls {
     /// Between `call.stats` events; None: none.
     stats_interval: Option<Duration>,
     table: Arc<FlowTable>,
-    hub: Arc<Hub>,
+    /// Where events go: the signalling sessions of both sides.
+    notify: Arc<dyn Notify>,
     /// The TURN server in the same relay, for TURN-only apps (see `install`).
     turn: Option<Arc<TurnService>>,
     calls: Mutex<HashMap<u64, Arc<Call>>>,
@@ -93,7 +99,7 @@ pub struct Calls {
 /// What the metrics count of calls that came and went.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
-    pub ended: std::collections::BTreeMap<&'static str, u64>,
+    pub ended: std::collections::BTreeMap<EndReason, u64>,
     /// `call.create` to ICE connected with the flows in, summed, and how many.
     pub setup_seconds: f64,
     pub connected: u64,
@@ -124,8 +130,8 @@ struct Call {
     /// The leg's agent for the app's trickled candidates (the leg is locked while it
     /// connects).
     remote_candidates: RemoteCandidates,
-    /// Where the call is, and the selected pair once connected.
-    state: Mutex<(&'static str, Option<SelectedPair>)>,
+    /// Where the call is (with the selected pair once connected).
+    state: Mutex<CallState>,
     /// Installed flow ids, tasks carrying media in userspace, the call's watcher.
     flows: Mutex<CallFlows>,
     /// A TURN-only app: the channel of its allocation on this relay that its media comes
@@ -137,9 +143,9 @@ struct Call {
 
 impl Calls {
     pub async fn new(
-        settings: &CallsSettings,
+        settings: &CallsConfig,
         table: Arc<FlowTable>,
-        hub: Arc<Hub>,
+        notify: Arc<dyn Notify>,
         turn: Option<Arc<TurnService>>,
     ) -> anyhow::Result<Calls> {
         let ice_address: SocketAddr = settings.ice_listen.parse()?;
@@ -172,7 +178,7 @@ impl Calls {
             stats_interval: (settings.stats_interval_secs > 0)
                 .then(|| Duration::from_secs(settings.stats_interval_secs)),
             table,
-            hub,
+            notify,
             turn,
             calls: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
@@ -201,30 +207,29 @@ impl Calls {
     /// `call.create` from a controller: the PBX's offer for `user`'s app.
     pub async fn create(
         &self,
-        controller: &Identity,
+        controller: &Requester,
         user: &str,
         pbx_offer: &str,
-    ) -> Result<Map<String, Value>, CallError> {
-        if controller.role != Role::Controller {
-            return Err((ErrorCode::Forbidden, "only controllers create calls".into()));
-        }
-        let pbx_endpoint = sdp::audio(pbx_offer).map_err(bad_sdp)?;
+    ) -> Result<u64, CallError> {
+        let Requester::Controller { tenant } = controller else {
+            return Err(CallError::Forbidden("only controllers create calls".into()));
+        };
+        let pbx_endpoint = sdp::audio(pbx_offer)?;
         let pbx = pbx_endpoint.rtp;
-        if !self.hub.is_online(&controller.tenant, user) {
-            return Err((
-                ErrorCode::Offline,
-                format!("user {user} has no session connected"),
-            ));
+        if !self.notify.is_online(tenant, user) {
+            return Err(CallError::Offline(format!(
+                "user {user} has no session connected"
+            )));
         }
         let (lan_sockets, lan) = self.bind_lan_port().await?;
         let (leg, local) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
-            .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
+            .map_err(ice_busy)?;
         let app_offer = self.toward_app(pbx_offer, local)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let call = Call::offered(
             id,
-            controller.tenant.clone(),
+            tenant.clone(),
             user.to_owned(),
             false,
             (lan, lan_sockets),
@@ -234,56 +239,60 @@ impl Calls {
         *call.pbx_sdp.lock().expect("call sdp") = pbx_offer.to_owned();
         let call = Arc::new(call);
         self.calls().insert(id, call.clone());
-        let delivered = self.hub.to_user(
+        let delivered = self.notify.to_app(
             &call.tenant,
             user,
-            &event("call.incoming", id, [("sdp", app_offer.into())]),
+            &CallEvent::Incoming {
+                call: id,
+                user: None,
+                sdp: app_offer,
+            },
         );
         tracing::info!(call = id, tenant = %call.tenant, user, %pbx, %lan, delivered, "calls: call offered to the app");
-        Ok(fields([("call", id.into())]))
+        Ok(id)
     }
 
     /// `call.create` from an app: it calls out with its SDP offer (with ICE). The
     /// controller gets a `call.incoming` with the offer for the PBX and answers it.
     pub async fn create_from_app(
         &self,
-        app: &Identity,
+        app: &Requester,
         app_offer: &str,
-    ) -> Result<Map<String, Value>, CallError> {
-        let user = app.user.clone().unwrap_or_default();
-        let endpoint = sdp::audio(app_offer).map_err(bad_sdp)?;
-        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
-            return Err((
-                ErrorCode::BadRequest,
-                "sdp: the offer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
+    ) -> Result<u64, CallError> {
+        let Requester::App { tenant, user } = app else {
+            return Err(CallError::Forbidden(
+                "call.create: a controller names the user to call".into(),
             ));
+        };
+        let endpoint = sdp::audio(app_offer)?;
+        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
+            return Err(no_ice_credentials("offer"));
         };
         let (lan_sockets, lan) = self.bind_lan_port().await?;
         // RTCP on its own port toward the PBX: what every PBX trunk takes.
-        let pbx_offer = sdp::toward_pbx(app_offer, lan, false).map_err(bad_sdp)?;
+        let pbx_offer = sdp::toward_pbx(app_offer, lan, false)?;
         let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
-            .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?;
+            .map_err(ice_busy)?;
         for candidate in &endpoint.candidates {
             if let Err(err) = leg.add_remote_candidate(candidate) {
                 tracing::debug!(%err, "calls: an app candidate skipped");
             }
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let incoming = event(
-            "call.incoming",
-            id,
-            [("user", user.clone().into()), ("sdp", pbx_offer.into())],
-        );
-        if !self.hub.to_controller(&app.tenant, &incoming) {
-            return Err((
-                ErrorCode::Offline,
-                format!("the controller of tenant {} is not connected", app.tenant),
-            ));
+        let incoming = CallEvent::Incoming {
+            call: id,
+            user: Some(user.clone()),
+            sdp: pbx_offer,
+        };
+        if !self.notify.to_controller(tenant, &incoming) {
+            return Err(CallError::Offline(format!(
+                "the controller of tenant {tenant} is not connected"
+            )));
         }
         let call = Call::offered(
             id,
-            app.tenant.clone(),
+            tenant.clone(),
             user.clone(),
             true,
             (lan, lan_sockets),
@@ -293,25 +302,24 @@ impl Calls {
         *call.app_ice.lock().expect("call ice") = Some((ufrag, pwd));
         let call = Arc::new(call);
         self.calls().insert(id, call);
-        tracing::info!(call = id, tenant = %app.tenant, user, %lan, "calls: the app calls out; offered to the controller");
-        Ok(fields([("call", id.into())]))
+        tracing::info!(call = id, %tenant, user, %lan, "calls: the app calls out; offered to the controller");
+        Ok(id)
     }
 
     /// `call.answer`: from the app to a PBX's call, or from the controller to an app's.
     pub async fn answer(
         self: &Arc<Self>,
-        who: &Identity,
+        who: &Requester,
         id: u64,
         sdp_answer: &str,
-    ) -> Result<Map<String, Value>, CallError> {
+    ) -> Result<(), CallError> {
         let call = self.owned(who, id)?;
-        match (call.from_app, who.role) {
-            (false, Role::Client) => self.app_answers(call, sdp_answer).await,
-            (true, Role::Controller) => self.controller_answers(call, sdp_answer).await,
-            _ => Err((
-                ErrorCode::Forbidden,
-                format!("call: {id}: the other side answers this call"),
-            )),
+        match (call.from_app, who) {
+            (false, Requester::App { .. }) => self.app_answers(call, sdp_answer).await,
+            (true, Requester::Controller { .. }) => self.controller_answers(call, sdp_answer).await,
+            _ => Err(CallError::Forbidden(format!(
+                "call: {id}: the other side answers this call"
+            ))),
         }
     }
 
@@ -321,10 +329,10 @@ impl Calls {
         self: &Arc<Self>,
         call: Arc<Call>,
         pbx_answer: &str,
-    ) -> Result<Map<String, Value>, CallError> {
-        let pbx_endpoint = sdp::audio(pbx_answer).map_err(bad_sdp)?;
+    ) -> Result<(), CallError> {
+        let pbx_endpoint = sdp::audio(pbx_answer)?;
         let Some((ufrag, pwd)) = call.app_ice.lock().expect("call ice").take() else {
-            return Err((ErrorCode::BadRequest, "the call is already answered".into()));
+            return Err(CallError::BadRequest("the call is already answered".into()));
         };
         call.set_pbx(&pbx_endpoint);
         *call.pbx_sdp.lock().expect("call sdp") = pbx_answer.to_owned();
@@ -333,19 +341,22 @@ impl Calls {
             leg.local()
         };
         let app_answer = self.toward_app(pbx_answer, local)?;
-        self.hub.to_user(
+        self.notify.to_app(
             &call.tenant,
             &call.user,
-            &event("call.answered", call.id, [("sdp", app_answer.into())]),
+            &CallEvent::Answered {
+                call: call.id,
+                sdp: app_answer,
+            },
         );
-        *call.state.lock().expect("call state") = ("connecting", None);
+        *call.state.lock().expect("call state") = CallState::Connecting;
         let id = call.id;
         let calls = self.clone();
         let connecting = tokio::spawn(async move { calls.connect(call, false, ufrag, pwd).await });
         if let Some(call) = self.calls().get(&id) {
             call.tasks.lock().expect("call tasks").push(connecting);
         }
-        Ok(Map::new())
+        Ok(())
     }
 
     /// The app's answer to a PBX's call: the PBX gets its answer, and ICE runs.
@@ -353,17 +364,13 @@ impl Calls {
         self: &Arc<Self>,
         call: Arc<Call>,
         app_answer: &str,
-    ) -> Result<Map<String, Value>, CallError> {
+    ) -> Result<(), CallError> {
         let id = call.id;
-        let endpoint = sdp::audio(app_answer).map_err(bad_sdp)?;
+        let endpoint = sdp::audio(app_answer)?;
         let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
-            return Err((
-                ErrorCode::BadRequest,
-                "sdp: the answer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
-            ));
+            return Err(no_ice_credentials("answer"));
         };
-        let pbx_answer =
-            sdp::toward_pbx(app_answer, call.lan, call.pbx_rtcp().is_none()).map_err(bad_sdp)?;
+        let pbx_answer = sdp::toward_pbx(app_answer, call.lan, call.pbx_rtcp().is_none())?;
         *call.app_sdp.lock().expect("call sdp") = app_answer.to_owned();
         {
             let leg = call.leg.lock().await;
@@ -373,17 +380,20 @@ impl Calls {
                 }
             }
         }
-        self.hub.to_controller(
+        self.notify.to_controller(
             &call.tenant,
-            &event("call.answered", id, [("sdp", pbx_answer.into())]),
+            &CallEvent::Answered {
+                call: id,
+                sdp: pbx_answer,
+            },
         );
-        *call.state.lock().expect("call state") = ("connecting", None);
+        *call.state.lock().expect("call state") = CallState::Connecting;
         let calls = self.clone();
         let connecting = tokio::spawn(async move { calls.connect(call, true, ufrag, pwd).await });
         if let Some(call) = self.calls().get(&id) {
             call.tasks.lock().expect("call tasks").push(connecting);
         }
-        Ok(Map::new())
+        Ok(())
     }
 
     /// `call.update`: a new offer from one side during the call, answered by the relay
@@ -391,54 +401,45 @@ impl Calls {
     /// credentials: it moved to another network), answered with the relay's new ICE
     /// credentials; the new selected pair replaces the flows. From the controller: the PBX's
     /// RTP moved (a re-INVITE), answered with the relay's LAN address; the flows follow.
-    pub async fn update(
-        &self,
-        who: &Identity,
-        id: u64,
-        offer: &str,
-    ) -> Result<Map<String, Value>, CallError> {
+    pub async fn update(&self, who: &Requester, id: u64, offer: &str) -> Result<String, CallError> {
         let call = self.owned(who, id)?;
         let pair = {
-            let (state, pair) = *call.state.lock().expect("call state");
-            match pair {
-                Some(pair) if state == "connected" => pair,
-                _ => {
-                    return Err((
-                        ErrorCode::BadRequest,
-                        format!("call: {id}: not connected yet ({state}); update once connected"),
-                    ));
-                }
-            }
+            let state = *call.state.lock().expect("call state");
+            state.pair().ok_or_else(|| {
+                CallError::BadRequest(format!(
+                    "call: {id}: not connected yet ({}); update once connected",
+                    state.name()
+                ))
+            })?
         };
-        let endpoint = sdp::audio(offer).map_err(bad_sdp)?;
-        let answer = match who.role {
-            Role::Client => {
+        let endpoint = sdp::audio(offer)?;
+        let answer = match who {
+            Requester::App { .. } => {
                 let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
-                    return Err((
-                        ErrorCode::BadRequest,
-                        "sdp: the offer has no ICE credentials (a=ice-ufrag, a=ice-pwd)".into(),
-                    ));
+                    return Err(no_ice_credentials("offer"));
                 };
                 let local = {
                     let mut leg = call.leg.lock().await;
                     leg.restart(&self.ice, ufrag, pwd, &endpoint.candidates)
                         .await
-                        .map_err(|err| (ErrorCode::Busy, format!("ICE: {err:#}")))?
+                        .map_err(ice_busy)?
                 };
                 let pbx_sdp = call.pbx_sdp.lock().expect("call sdp").clone();
                 let answer = self.toward_app(&pbx_sdp, local)?;
                 *call.app_sdp.lock().expect("call sdp") = offer.to_owned();
                 tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
-                self.hub.to_controller(
+                self.notify.to_controller(
                     &call.tenant,
-                    &event("call.state", id, [("state", "ice-restart".into())]),
+                    &CallEvent::State {
+                        call: id,
+                        change: StateChange::IceRestart,
+                    },
                 );
                 answer
             }
-            Role::Controller => {
+            Requester::Controller { .. } => {
                 let app_sdp = call.app_sdp.lock().expect("call sdp").clone();
-                let answer =
-                    sdp::toward_pbx(&app_sdp, call.lan, endpoint.rtcp_mux).map_err(bad_sdp)?;
+                let answer = sdp::toward_pbx(&app_sdp, call.lan, endpoint.rtcp_mux)?;
                 let old = (*call.pbx.lock().expect("call pbx"), call.pbx_rtcp());
                 call.set_pbx(&endpoint);
                 *call.pbx_sdp.lock().expect("call sdp") = offer.to_owned();
@@ -449,53 +450,45 @@ impl Calls {
                 answer
             }
         };
-        Ok(fields([("sdp", answer.into())]))
+        Ok(answer)
     }
 
     /// `call.candidate` from the app: a trickled candidate for the call's ICE leg (RFC 8838),
     /// taken at any time, also while ICE is checking.
-    pub fn candidate(
-        &self,
-        who: &Identity,
-        id: u64,
-        candidate: &str,
-    ) -> Result<Map<String, Value>, CallError> {
+    pub fn candidate(&self, who: &Requester, id: u64, candidate: &str) -> Result<(), CallError> {
         let call = self.owned(who, id)?;
-        if who.role != Role::Client {
-            return Err((
-                ErrorCode::Forbidden,
+        if !matches!(who, Requester::App { .. }) {
+            return Err(CallError::Forbidden(
                 "ICE candidates are the app's: the PBX leg has no ICE".into(),
             ));
         }
         call.remote_candidates
             .add(candidate)
-            .map_err(|err| (ErrorCode::BadRequest, format!("{err:#}")))?;
+            .map_err(|err| CallError::BadRequest(format!("{err:#}")))?;
         tracing::debug!(call = id, candidate, "calls: the app trickled a candidate");
-        Ok(Map::new())
+        Ok(())
     }
 
     /// `call.hangup` from either side.
-    pub async fn hangup(&self, who: &Identity, id: u64) -> Result<Map<String, Value>, CallError> {
+    pub async fn hangup(&self, who: &Requester, id: u64) -> Result<(), CallError> {
         let call = self.owned(who, id)?;
-        let (to_app, to_controller) = match who.role {
-            Role::Controller => (true, false),
-            Role::Client => (false, true),
+        let (to_app, to_controller) = match who {
+            Requester::Controller { .. } => (true, false),
+            Requester::App { .. } => (false, true),
         };
-        self.end(&call, "hangup", to_app, to_controller).await;
-        Ok(Map::new())
+        self.end(&call, EndReason::Hangup, to_app, to_controller)
+            .await;
+        Ok(())
     }
 
-    /// The call `id`, if `who` may act on it: its tenant's controller, or its user.
-    fn owned(&self, who: &Identity, id: u64) -> Result<Arc<Call>, CallError> {
-        let call = self
-            .calls()
+    /// The call `id`, if `who` may act on it: its tenant's controller, or its user. Another
+    /// tenant's call is "no such call", as if it did not exist.
+    fn owned(&self, who: &Requester, id: u64) -> Result<Arc<Call>, CallError> {
+        self.calls()
             .get(&id)
+            .filter(|call| call.belongs_to(who))
             .cloned()
-            .ok_or((ErrorCode::BadRequest, format!("call: {id}: no such call")))?;
-        if !call.belongs_to(who) {
-            return Err((ErrorCode::BadRequest, format!("call: {id}: no such call")));
-        }
-        Ok(call)
+            .ok_or(CallError::NoSuchCall(id))
     }
 
     /// The calls in progress, for `relayctl calls list`.
@@ -505,7 +498,8 @@ impl Calls {
         let mut list: Vec<CallInfo> = calls
             .iter()
             .map(|call| {
-                let (state, pair) = *call.state.lock().expect("call state");
+                let state = *call.state.lock().expect("call state");
+                let pair = state.pair();
                 let (flows, traffic) = {
                     let flows = call.flows.lock().expect("call flows");
                     (flows.ids(), flows.traffic(&self.table, now))
@@ -514,7 +508,7 @@ impl Calls {
                     call: call.id,
                     tenant: call.tenant.clone(),
                     user: call.user.clone(),
-                    state: state.to_owned(),
+                    state: state.name().to_owned(),
                     app: pair.map(|p| p.remote),
                     ice: pair.map(|p| p.local),
                     lan: call.lan,
@@ -533,9 +527,8 @@ impl Calls {
         list
     }
 
-    /// The calls `who` may act on, for its `welcome`: `call`, `user`, `state`, who
-    /// `called` (`app` or `pbx`).
-    pub fn resumable(&self, who: &Identity) -> Vec<Value> {
+    /// The calls `who` may act on, for its `welcome`.
+    pub fn resumable(&self, who: &Requester) -> Vec<Resumable> {
         let mut calls: Vec<Arc<Call>> = self
             .calls()
             .values()
@@ -545,13 +538,11 @@ impl Calls {
         calls.sort_by_key(|call| call.id);
         calls
             .iter()
-            .map(|call| {
-                serde_json::json!({
-                    "call": call.id,
-                    "user": call.user,
-                    "state": call.state.lock().expect("call state").0,
-                    "called": if call.from_app { "app" } else { "pbx" },
-                })
+            .map(|call| Resumable {
+                call: call.id,
+                user: call.user.clone(),
+                state: call.state.lock().expect("call state").name(),
+                called: if call.from_app { "app" } else { "pbx" },
             })
             .collect()
     }
@@ -572,7 +563,7 @@ impl Calls {
             );
         }
         for call in calls {
-            self.end(&call, "relay-stopped", true, true).await;
+            self.end(&call, EndReason::RelayStopped, true, true).await;
         }
     }
 
@@ -581,11 +572,11 @@ impl Calls {
         let Some(call) = self.calls().get(&id).cloned() else {
             return false;
         };
-        self.end(&call, "operator", true, true).await;
+        self.end(&call, EndReason::Operator, true, true).await;
         true
     }
 
-    async fn end(&self, call: &Call, reason: &'static str, tell_app: bool, tell_controller: bool) {
+    async fn end(&self, call: &Call, reason: EndReason, tell_app: bool, tell_controller: bool) {
         if self.calls().remove(&call.id).is_none() {
             return;
         }
@@ -616,16 +607,19 @@ impl Calls {
         if let Ok(leg) = call.leg.try_lock() {
             leg.close().await;
         }
-        let ended = event("call.ended", call.id, [("reason", reason.into())]);
+        let ended = CallEvent::Ended {
+            call: call.id,
+            reason,
+        };
         if tell_app {
-            self.hub.to_user(&call.tenant, &call.user, &ended);
+            self.notify.to_app(&call.tenant, &call.user, &ended);
         }
         if tell_controller {
-            self.hub.to_controller(&call.tenant, &ended);
+            self.notify.to_controller(&call.tenant, &ended);
         }
         tracing::info!(
             call = call.id,
-            reason,
+            reason = reason.name(),
             "calls: call ended; its flows are removed"
         );
     }
@@ -641,13 +635,20 @@ impl Calls {
                 candidates: local.candidates,
             },
         )
-        .map_err(bad_sdp)
+        .map_err(CallError::from)
     }
 }
 
-/// An SDP the relay cannot use: the requester's error.
-fn bad_sdp(err: sdp::SdpError) -> CallError {
-    (ErrorCode::BadRequest, format!("sdp: {err}"))
+/// An SDP without the ICE credentials the relay's leg needs.
+fn no_ice_credentials(kind: &str) -> CallError {
+    CallError::BadRequest(format!(
+        "sdp: the {kind} has no ICE credentials (a=ice-ufrag, a=ice-pwd)"
+    ))
+}
+
+/// The ICE leg could not be set up (agent, gathering): try again.
+fn ice_busy(err: anyhow::Error) -> CallError {
+    CallError::Busy(format!("ICE: {err:#}"))
 }
 
 impl Call {
@@ -676,7 +677,7 @@ impl Call {
             rtcp_socket: sockets.rtcp,
             remote_candidates: leg.remote_candidates(),
             leg: tokio::sync::Mutex::new(leg),
-            state: Mutex::new(("offered", None)),
+            state: Mutex::new(CallState::Offered),
             flows: Mutex::new(CallFlows::default()),
             local_channel: Mutex::new(None),
             created: std::time::Instant::now(),
@@ -696,12 +697,11 @@ impl Call {
     }
 
     /// Whether `who` may act on the call: its tenant's controller, or its user.
-    fn belongs_to(&self, who: &Identity) -> bool {
-        self.tenant == who.tenant
-            && match who.role {
-                Role::Controller => true,
-                Role::Client => who.user.as_deref() == Some(self.user.as_str()),
-            }
+    fn belongs_to(&self, who: &Requester) -> bool {
+        match who {
+            Requester::Controller { tenant } => *tenant == self.tenant,
+            Requester::App { tenant, user } => *tenant == self.tenant && *user == self.user,
+        }
     }
 
     /// The PBX's RTP address (set before ICE runs, in both directions; `call.update` from
@@ -711,20 +711,5 @@ impl Call {
             .lock()
             .expect("call pbx")
             .unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))
-    }
-}
-
-fn fields<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
-    pairs
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value))
-        .collect()
-}
-
-fn event<const N: usize>(name: &str, call: u64, pairs: [(&str, Value); N]) -> Outbound {
-    Outbound::Event {
-        event: name.to_owned(),
-        call,
-        fields: fields(pairs),
     }
 }

@@ -145,26 +145,10 @@ pub struct StatusResult {
     pub idle_timeout_secs: u64,
     /// Absent when the TURN server is not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub turn: Option<TurnStatus>,
+    pub turn: Option<crate::turn::driver::TurnStatus>,
     /// Calls in progress; absent when calls are not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calls: Option<usize>,
-}
-
-/// The TURN server at a glance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TurnStatus {
-    pub listening: Vec<std::net::SocketAddr>,
-    pub allocations: u64,
-    pub channels: u64,
-    /// Where allocations are kept across restarts; absent: they are not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state_store: Option<String>,
-    /// Whether bound channels are forwarded in the kernel.
-    pub offload: bool,
-    /// Whether clients may also come over TCP (and TLS on the signalling port).
-    #[serde(default)]
-    pub tcp: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

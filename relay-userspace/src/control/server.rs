@@ -24,11 +24,11 @@ use super::protocol::{
     method,
 };
 use crate::{
-    daemon::Reloader,
     datapath::{
         FlowSpec,
         table::{FlowError, FlowTable},
     },
+    reload::Reloader,
     time::monotonic_ns,
     turn::{driver::TurnService, server::RevokeTarget},
 };

@@ -1,6 +1,7 @@
 //! The flow-table API: one trait, two datapaths (`xdp`: the kernel maps; `userspace`: tokio
 //! sockets), chosen by `datapath.mode`.
 
+pub mod config;
 pub mod flow;
 pub mod table;
 pub mod userspace;
@@ -11,8 +12,8 @@ use std::{io, net::SocketAddr};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
+use self::config::{DatapathConfig, DatapathMode};
 pub use self::flow::{ChannelOp, FlowSpec, FlowSpecError};
-use crate::config::{DatapathConfig, DatapathMode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

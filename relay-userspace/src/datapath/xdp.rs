@@ -31,7 +31,7 @@ use super::{
     InterfaceStatus, SlowPath, VerdictCount, userspace::SocketForwarder,
 };
 use crate::{
-    config::{DatapathConfig, XdpModeChoice},
+    datapath::config::{DatapathConfig, XdpModeChoice},
     paths,
     time::monotonic_ns,
 };

@@ -10,6 +10,8 @@
 //! first bytes read to tell them apart, given back).
 
 pub mod auth;
+pub mod calls;
+pub mod config;
 pub mod hub;
 pub mod prefixed;
 pub mod protocol;

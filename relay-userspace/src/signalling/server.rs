@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures_util::{SinkExt, StreamExt};
+use serde_json::Map;
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
@@ -30,12 +31,13 @@ use tokio_tungstenite::{
 
 use super::{
     auth::{Tokens, same_secret, valid_name},
+    calls::{answer, fields, requester},
+    config::SignallingConfig,
     hub::{Hub, Identity, SessionId},
     prefixed::Prefixed,
     protocol::{ErrorCode, Inbound, Outbound, PROTOCOL_VERSION, Role, parse},
     tls,
 };
-use crate::config::SignallingSettings;
 
 /// TLS and WebSocket handshakes, and the `hello`, must each finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +55,7 @@ struct Shared {
     /// Calls, when enabled.
     calls: Option<Arc<crate::calls::Calls>>,
     tokens: Tokens,
-    settings: SignallingSettings,
+    settings: SignallingConfig,
     /// The TURN server, when it takes TURN over TLS on this port (`turn.tcp`), and this
     /// port's address (the server side of those clients' 5-tuples).
     turn: Option<Arc<crate::turn::driver::TurnService>>,
@@ -64,7 +66,7 @@ type Socket = WebSocketStream<Prefixed<tokio_rustls::server::TlsStream<TcpStream
 
 /// Binds `signalling.listen` and serves until `stopped` changes.
 pub async fn start(
-    settings: &SignallingSettings,
+    settings: &SignallingConfig,
     state_dir: Option<&Path>,
     hub: Arc<Hub>,
     calls: Option<Arc<crate::calls::Calls>>,
@@ -199,7 +201,13 @@ async fn connection(
         calls: context
             .calls
             .as_ref()
-            .map(|calls| calls.resumable(&identity))
+            .map(|calls| {
+                calls
+                    .resumable(&requester(&identity))
+                    .iter()
+                    .map(|call| serde_json::to_value(call).unwrap_or_default())
+                    .collect()
+            })
             .unwrap_or_default(),
     };
     let ended = if send(&mut socket, &welcome).await.is_ok() {
@@ -436,11 +444,15 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
             };
+            let who = requester(identity);
+            let created = |call: u64| fields([("call", call.into())]);
             match (identity.role, user) {
                 (Role::Controller, Some(user)) => {
-                    answer(id, calls.create(identity, &user, &sdp).await)
+                    answer(id, calls.create(&who, &user, &sdp).await.map(created))
                 }
-                (Role::Client, None) => answer(id, calls.create_from_app(identity, &sdp).await),
+                (Role::Client, None) => {
+                    answer(id, calls.create_from_app(&who, &sdp).await.map(created))
+                }
                 (Role::Controller, None) => error(
                     Some(id),
                     ErrorCode::BadRequest,
@@ -457,13 +469,15 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
             };
-            answer(id, calls.answer(identity, call, &sdp).await)
+            let result = calls.answer(&requester(identity), call, &sdp).await;
+            answer(id, result.map(|()| Map::new()))
         }
         Ok(Inbound::CallUpdate { id, call, sdp }) => {
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
             };
-            answer(id, calls.update(identity, call, &sdp).await)
+            let result = calls.update(&requester(identity), call, &sdp).await;
+            answer(id, result.map(|sdp| fields([("sdp", sdp.into())])))
         }
         Ok(Inbound::CallCandidate {
             id,
@@ -473,13 +487,15 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
             };
-            answer(id, calls.candidate(identity, call, &candidate))
+            let result = calls.candidate(&requester(identity), call, &candidate);
+            answer(id, result.map(|()| Map::new()))
         }
         Ok(Inbound::CallHangup { id, call }) => {
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
             };
-            answer(id, calls.hangup(identity, call).await)
+            let result = calls.hangup(&requester(identity), call).await;
+            answer(id, result.map(|()| Map::new()))
         }
     }
 }
@@ -489,20 +505,6 @@ fn calls_disabled(id: u64) -> Outbound {
         id: Some(id),
         code: ErrorCode::Forbidden,
         message: "calls are not enabled on this relay ([calls] enabled)".to_owned(),
-    }
-}
-
-fn answer(
-    id: u64,
-    result: Result<serde_json::Map<String, serde_json::Value>, crate::calls::CallError>,
-) -> Outbound {
-    match result {
-        Ok(fields) => Outbound::Result { id, fields },
-        Err((code, message)) => Outbound::Error {
-            id: Some(id),
-            code,
-            message,
-        },
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, bail};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
-use crate::config::SignallingSettings;
+use super::config::SignallingConfig;
 
 /// File names of the self-signed pair in the state directory.
 pub const SELF_SIGNED_CERTIFICATE: &str = "signalling-certificate.pem";
@@ -27,10 +27,7 @@ pub struct Identity {
 
 /// The TLS identity: configured, or self-signed in `state_dir` (made when missing; without
 /// a state directory, a new one at every start).
-pub fn identity(
-    settings: &SignallingSettings,
-    state_dir: Option<&Path>,
-) -> anyhow::Result<Identity> {
+pub fn identity(settings: &SignallingConfig, state_dir: Option<&Path>) -> anyhow::Result<Identity> {
     let (certificate, key, source) = if !settings.certificate.is_empty() {
         (
             PathBuf::from(&settings.certificate),

@@ -18,10 +18,9 @@ use tokio::{net::UdpSocket, sync::watch, task::JoinHandle};
 
 use super::{
     credentials::Credentials,
-    server::{Action, RevokeTarget, TurnConfig, TurnServer, channel_flows},
+    server::{Action, RevokeTarget, ServerConfig, TurnServer, channel_flows},
 };
 use crate::{
-    config::TurnSettings,
     datapath::{
         DatapathKind,
         table::{FlowError, FlowTable},
@@ -29,6 +28,7 @@ use crate::{
     },
     state::StateStore,
     time::monotonic_ns,
+    turn::config::TurnConfig,
 };
 
 const MAX_DATAGRAM: usize = 65_535;
@@ -91,6 +91,22 @@ pub struct LocalChannel {
     pub peer: SocketAddr,
 }
 
+/// The TURN server at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TurnStatus {
+    pub listening: Vec<SocketAddr>,
+    pub allocations: u64,
+    pub channels: u64,
+    /// Where allocations are kept across restarts; absent: they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_store: Option<String>,
+    /// Whether bound channels are forwarded in the kernel.
+    pub offload: bool,
+    /// Whether clients may also come over TCP (and TLS on the signalling port).
+    #[serde(default)]
+    pub tcp: bool,
+}
+
 /// What the metrics show of the TURN server.
 pub struct TurnSummary {
     pub allocations: u64,
@@ -113,7 +129,7 @@ enum Side {
 impl TurnService {
     /// Binds the listening sockets and starts serving; stops when `stopped` changes.
     pub async fn start(
-        settings: &TurnSettings,
+        settings: &TurnConfig,
         table: Arc<FlowTable>,
         store: Option<StateStore>,
         mut stopped: watch::Receiver<bool>,
@@ -225,7 +241,7 @@ impl TurnService {
     /// Takes over credentials, peer policy, lifetimes and limits from `settings` (a reload):
     /// new requests see them at once; allocations, permissions and channels already made
     /// keep going until they are refreshed (and then need the new credentials) or expire.
-    pub fn reconfigure(&self, settings: &TurnSettings) -> anyhow::Result<()> {
+    pub fn reconfigure(&self, settings: &TurnConfig) -> anyhow::Result<()> {
         let config = server_config(settings)?;
         self.server().reconfigure(config, credentials(settings));
         Ok(())
@@ -233,9 +249,9 @@ impl TurnService {
 }
 
 /// The TURN core's configuration from the `[turn]` settings.
-fn server_config(settings: &TurnSettings) -> anyhow::Result<TurnConfig> {
+fn server_config(settings: &TurnConfig) -> anyhow::Result<ServerConfig> {
     let relay_ips = settings.relay_ips();
-    Ok(TurnConfig {
+    Ok(ServerConfig {
         realm: settings.realm.clone(),
         software: concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned(),
         relay_ipv4: relay_ips.iter().find_map(|ip| match ip {
@@ -257,7 +273,7 @@ fn server_config(settings: &TurnSettings) -> anyhow::Result<TurnConfig> {
     })
 }
 
-fn credentials(settings: &TurnSettings) -> Credentials {
+fn credentials(settings: &TurnConfig) -> Credentials {
     Credentials::new(
         settings
             .users
@@ -316,7 +332,7 @@ impl TurnService {
     }
 
     /// The TURN server at a glance (`relayctl status`).
-    pub fn status(&self) -> crate::control::protocol::TurnStatus {
+    pub fn status(&self) -> TurnStatus {
         let summary = self.summary();
         let mut listening: Vec<SocketAddr> = self
             .sockets
@@ -327,7 +343,7 @@ impl TurnService {
             .map(|(address, _)| *address)
             .collect();
         listening.sort();
-        crate::control::protocol::TurnStatus {
+        TurnStatus {
             listening,
             allocations: summary.allocations,
             channels: summary.channels,

@@ -11,6 +11,7 @@
 //! - [`driver`]: the core on real UDP sockets, offload to the flow table, the state store.
 //! - [`tcp`]: clients over TCP.
 
+pub mod config;
 pub mod credentials;
 pub mod driver;
 pub mod message;

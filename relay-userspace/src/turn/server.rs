@@ -37,7 +37,10 @@ use super::{
     nonce::{NonceIssuer, NonceStatus},
     policy::{AllocationRate, PeerPolicy},
 };
-use crate::datapath::{ChannelOp, FlowSpec};
+use crate::{
+    datapath::{ChannelOp, FlowSpec},
+    state::{AllocationRecord, ChannelRecord},
+};
 
 /// RFC 8656 9: permissions last 300 s, channel bindings 600 s.
 pub const PERMISSION_LIFETIME: u64 = 300;
@@ -50,7 +53,7 @@ const UDP: u8 = 17;
 pub const REFUSAL_LOG_INTERVAL: u64 = 60;
 
 #[derive(Debug, Clone)]
-pub struct TurnConfig {
+pub struct ServerConfig {
     pub realm: String,
     pub software: String,
     /// The relay's addresses allocations are made on, one per family.
@@ -145,29 +148,6 @@ pub enum RevokeTarget {
     },
 }
 
-/// An allocation as the state store keeps it, to be restored by the next relayd.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AllocationState {
-    pub client: SocketAddr,
-    pub server: SocketAddr,
-    pub username: String,
-    pub relays: Vec<SocketAddr>,
-    /// Unix time.
-    pub expires: u64,
-    pub dont_fragment: bool,
-    /// Peer IP and expiry.
-    pub permissions: Vec<(IpAddr, u64)>,
-    pub channels: Vec<ChannelState>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChannelState {
-    pub number: u16,
-    pub peer: SocketAddr,
-    pub relay: SocketAddr,
-    pub expires: u64,
-}
-
 /// One allocation, for `relayctl turn allocations`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocationInfo {
@@ -181,7 +161,7 @@ pub struct AllocationInfo {
 }
 
 pub struct TurnServer {
-    config: TurnConfig,
+    config: ServerConfig,
     credentials: Credentials,
     nonces: NonceIssuer,
     allocations: HashMap<FiveTuple, Allocation>,
@@ -213,7 +193,7 @@ struct Authenticated {
 }
 
 impl TurnServer {
-    pub fn new(config: TurnConfig, credentials: Credentials) -> TurnServer {
+    pub fn new(config: ServerConfig, credentials: Credentials) -> TurnServer {
         let nonces = NonceIssuer::new(config.nonce_lifetime);
         TurnServer {
             config,
@@ -228,10 +208,10 @@ impl TurnServer {
     }
 
     /// The allocations as the state store keeps them.
-    pub fn snapshot(&self) -> Vec<AllocationState> {
+    pub fn snapshot(&self) -> Vec<AllocationRecord> {
         self.allocations
             .iter()
-            .map(|(&(client, server), allocation)| AllocationState {
+            .map(|(&(client, server), allocation)| AllocationRecord {
                 client,
                 server,
                 username: allocation.username.clone(),
@@ -246,7 +226,7 @@ impl TurnServer {
                 channels: allocation
                     .channels
                     .iter()
-                    .map(|(number, channel)| ChannelState {
+                    .map(|(number, channel)| ChannelRecord {
                         number: *number,
                         peer: channel.peer,
                         relay: channel.relay,
@@ -262,7 +242,7 @@ impl TurnServer {
     /// Returns the actions that bring them back (relay sockets, then channel flows) and how
     /// many were restored. Their clients keep their 5-tuples and relayed addresses; the
     /// nonces they hold are stale (438) and replaced at their next request.
-    pub fn restore(&mut self, stored: Vec<AllocationState>, now: u64) -> (Vec<Action>, usize) {
+    pub fn restore(&mut self, stored: Vec<AllocationRecord>, now: u64) -> (Vec<Action>, usize) {
         let mut actions = Vec::new();
         let mut restored = 0;
         for state in stored {
@@ -331,7 +311,7 @@ impl TurnServer {
 
     /// New configuration and credentials (a reload). Allocations, reservations and nonces
     /// stay: an allocation whose user is gone ends at its next Refresh (401) or expiry.
-    pub fn reconfigure(&mut self, config: TurnConfig, credentials: Credentials) {
+    pub fn reconfigure(&mut self, config: ServerConfig, credentials: Credentials) {
         self.config = config;
         self.credentials = credentials;
     }
@@ -1155,7 +1135,7 @@ mod tests {
     }
 
     fn server() -> TurnServer {
-        let config = TurnConfig {
+        let config = ServerConfig {
             realm: REALM.to_owned(),
             software: "relay test".to_owned(),
             relay_ipv4: Some(Ipv4Addr::new(203, 0, 113, 1)),

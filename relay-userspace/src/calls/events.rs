@@ -1,0 +1,194 @@
+//! What calls say and hear, typed: who makes a request ([`Requester`]), what happens to a
+//! call ([`CallEvent`], [`EndReason`]), why a request is refused ([`CallError`]), and where
+//! events go ([`Notify`]). The signalling rendezvous maps them onto its wire messages; calls
+//! know nothing of WebSockets or JSON.
+
+use std::net::SocketAddr;
+
+use webrtc_ice::candidate::CandidateType;
+
+use super::flows::Traffic;
+use crate::session::sdp::SdpError;
+
+/// Who makes a call request: a tenant's controller (the PBX side), or one of its users'
+/// apps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requester {
+    Controller { tenant: String },
+    App { tenant: String, user: String },
+}
+
+impl Requester {
+    pub fn tenant(&self) -> &str {
+        match self {
+            Requester::Controller { tenant } | Requester::App { tenant, .. } => tenant,
+        }
+    }
+}
+
+/// Where a call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallState {
+    /// Offered to the other side, not answered yet.
+    Offered,
+    /// Answered: ICE is checking.
+    Connecting,
+    /// ICE selected this pair; the media flows follow it.
+    Connected(crate::ice::leg::SelectedPair),
+}
+
+impl CallState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CallState::Offered => "offered",
+            CallState::Connecting => "connecting",
+            CallState::Connected(_) => "connected",
+        }
+    }
+
+    pub fn pair(&self) -> Option<crate::ice::leg::SelectedPair> {
+        match self {
+            CallState::Connected(pair) => Some(*pair),
+            CallState::Offered | CallState::Connecting => None,
+        }
+    }
+}
+
+/// Why a call ended; the names are what `call.ended` and the metrics say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EndReason {
+    /// One side hung up.
+    Hangup,
+    /// `relayctl calls hangup`.
+    Operator,
+    IceFailed,
+    IceTimeout,
+    /// No answers to the relay's consent checks (RFC 7675) for `calls.consent_timeout_secs`.
+    ConsentLost,
+    /// No media either way for `calls.media_timeout_secs`.
+    MediaTimeout,
+    /// relayd stopped.
+    RelayStopped,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 7] = [
+        EndReason::Hangup,
+        EndReason::Operator,
+        EndReason::IceFailed,
+        EndReason::IceTimeout,
+        EndReason::ConsentLost,
+        EndReason::MediaTimeout,
+        EndReason::RelayStopped,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::Hangup => "hangup",
+            EndReason::Operator => "operator",
+            EndReason::IceFailed => "ice-failed",
+            EndReason::IceTimeout => "ice-timeout",
+            EndReason::ConsentLost => "consent-lost",
+            EndReason::MediaTimeout => "media-timeout",
+            EndReason::RelayStopped => "relay-stopped",
+        }
+    }
+}
+
+/// A change of a call's media path, for `call.state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateChange {
+    /// ICE checks started.
+    Checking,
+    /// ICE connected on this pair and the media flows are in.
+    Connected {
+        local: SocketAddr,
+        remote: SocketAddr,
+        local_type: CandidateType,
+        remote_type: CandidateType,
+    },
+    /// The app moved (ICE restart) or ICE switched pairs: the flows follow.
+    RouteChanged {
+        remote: SocketAddr,
+        remote_type: CandidateType,
+    },
+    /// The app restarts ICE (to the controller, before the new route).
+    IceRestart,
+    /// The app stopped answering consent checks: media toward it stopped.
+    ConsentLost,
+}
+
+impl StateChange {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StateChange::Checking => "checking",
+            StateChange::Connected { .. } => "connected",
+            StateChange::RouteChanged { .. } => "route-changed",
+            StateChange::IceRestart => "ice-restart",
+            StateChange::ConsentLost => "consent-lost",
+        }
+    }
+}
+
+/// Something that happened to a call, for one side of it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallEvent {
+    /// A call for this side to answer: the app gets the PBX's offer anchored at the relay;
+    /// the controller gets the app's offer for the PBX, with the calling user.
+    Incoming {
+        call: u64,
+        user: Option<String>,
+        sdp: String,
+    },
+    /// The other side answered; the SDP is the one for this side.
+    Answered {
+        call: u64,
+        sdp: String,
+    },
+    State {
+        call: u64,
+        change: StateChange,
+    },
+    /// The call's traffic so far (to the controller, every `calls.stats_interval_secs`).
+    Stats {
+        call: u64,
+        duration_secs: u64,
+        to_pbx: Traffic,
+        to_app: Traffic,
+        idle_ms: u64,
+    },
+    Ended {
+        call: u64,
+        reason: EndReason,
+    },
+}
+
+/// Why a call request was refused: what the requester is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The requester's role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Nobody on the other side is connected.
+    #[error("{0}")]
+    Offline(String),
+    #[error("call: {0}: no such call")]
+    NoSuchCall(u64),
+    #[error("sdp: {0}")]
+    Sdp(#[from] SdpError),
+    #[error("{0}")]
+    BadRequest(String),
+    /// No resources for it now (ICE agent, LAN port): try again.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// Where calls' events go: the sessions of a tenant's controller and of its users' apps.
+pub trait Notify: Send + Sync {
+    /// Whether `user` of `tenant` has a session connected.
+    fn is_online(&self, tenant: &str, user: &str) -> bool;
+    /// Delivers to every session of the user; how many took it.
+    fn to_app(&self, tenant: &str, user: &str, event: &CallEvent) -> usize;
+    /// Delivers to the tenant's controller; whether it took it.
+    fn to_controller(&self, tenant: &str, event: &CallEvent) -> bool;
+}
