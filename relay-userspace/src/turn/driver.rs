@@ -143,7 +143,11 @@ impl TurnService {
             );
         }
         let service = Arc::new(TurnService {
-            server: Mutex::new(TurnServer::new(config, credentials)),
+            server: Mutex::new(TurnServer::new(
+                config,
+                credentials,
+                Box::new(<rand::rngs::StdRng as rand::SeedableRng>::from_os_rng()),
+            )),
             sockets: Mutex::new(HashMap::new()),
             table,
             offload,

@@ -1,0 +1,85 @@
+//! Why the TURN server refuses a request: a closed set, each with its error code (RFC 8489
+//! 14.8, RFC 8656 18) and reason phrase. The same pairs label the refusal metrics, so their
+//! number is bounded.
+
+use stun_codec::{
+    rfc5389::errors::{BadRequest, StaleNonce, Unauthorized, UnknownAttribute},
+    rfc5766::errors::{
+        AllocationMismatch, AllocationQuotaReached, Forbidden, InsufficientCapacity,
+        UnsupportedTransportProtocol, WrongCredentials,
+    },
+    rfc8656::errors::{AddressFamilyNotSupported, PeerAddressFamilyMismatch},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Refusal {
+    /// Malformed, or attributes that do not go together.
+    BadRequest,
+    /// No, stale-free but wrong, or unknown credentials (the first one is the challenge).
+    Unauthorized,
+    /// The peer policy refuses the peer.
+    Forbidden,
+    /// Comprehension-required attributes the server does not know.
+    UnknownAttribute,
+    /// No allocation on this 5-tuple, or one already there.
+    AllocationMismatch,
+    StaleNonce,
+    /// No relay address of the requested family.
+    AddressFamilyNotSupported,
+    /// The allocation belongs to another user.
+    WrongCredentials,
+    UnsupportedTransportProtocol,
+    /// The peer is of a family the allocation has no relayed address for.
+    PeerAddressFamilyMismatch,
+    /// `turn.max_allocations_per_user`.
+    AllocationQuotaReached,
+    /// `turn.max_allocate_rate_per_source` (486 too, with its own reason).
+    AllocationRateLimitReached,
+    /// `turn.max_allocations`, or no free relay port.
+    InsufficientCapacity,
+}
+
+impl Refusal {
+    pub fn code(self) -> u16 {
+        match self {
+            Refusal::BadRequest => BadRequest::CODEPOINT,
+            Refusal::Unauthorized => Unauthorized::CODEPOINT,
+            Refusal::Forbidden => Forbidden::CODEPOINT,
+            Refusal::UnknownAttribute => UnknownAttribute::CODEPOINT,
+            Refusal::AllocationMismatch => AllocationMismatch::CODEPOINT,
+            Refusal::StaleNonce => StaleNonce::CODEPOINT,
+            Refusal::AddressFamilyNotSupported => AddressFamilyNotSupported::CODEPOINT,
+            Refusal::WrongCredentials => WrongCredentials::CODEPOINT,
+            Refusal::UnsupportedTransportProtocol => UnsupportedTransportProtocol::CODEPOINT,
+            Refusal::PeerAddressFamilyMismatch => PeerAddressFamilyMismatch::CODEPOINT,
+            Refusal::AllocationQuotaReached | Refusal::AllocationRateLimitReached => {
+                AllocationQuotaReached::CODEPOINT
+            }
+            Refusal::InsufficientCapacity => InsufficientCapacity::CODEPOINT,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "Bad Request",
+            Refusal::Unauthorized => "Unauthorized",
+            Refusal::Forbidden => "Forbidden",
+            Refusal::UnknownAttribute => "Unknown Attribute",
+            Refusal::AllocationMismatch => "Allocation Mismatch",
+            Refusal::StaleNonce => "Stale Nonce",
+            Refusal::AddressFamilyNotSupported => "Address Family not Supported",
+            Refusal::WrongCredentials => "Wrong Credentials",
+            Refusal::UnsupportedTransportProtocol => "Unsupported Transport Protocol",
+            Refusal::PeerAddressFamilyMismatch => "Peer Address Family Mismatch",
+            Refusal::AllocationQuotaReached => "Allocation Quota Reached",
+            Refusal::AllocationRateLimitReached => "Allocation Rate Limit Reached",
+            Refusal::InsufficientCapacity => "Insufficient Capacity",
+        }
+    }
+
+    /// The ERROR-CODE attribute of a response refusing with this.
+    pub fn error_code(self) -> stun_codec::rfc5389::attributes::ErrorCode {
+        stun_codec::rfc5389::attributes::ErrorCode::new(self.code(), self.reason().to_owned())
+            .expect("a valid code and reason")
+    }
+}
