@@ -283,10 +283,10 @@ impl TurnServer {
             Some(Incoming::Broken(broken)) if broken.class() == MessageClass::Request => {
                 tracing::debug!(%client, error = ?broken.error(), "turn: undecodable request: 400");
                 self.refused(now, client, "", Refusal::BadRequest);
-                let mut response = TurnMessage::new(
-                    MessageClass::ErrorResponse,
+                let mut response = message::response_to(
                     broken.method(),
                     broken.transaction_id(),
+                    MessageClass::ErrorResponse,
                 );
                 response.add_attribute(Refusal::BadRequest.error_code());
                 vec![self.respond(server, client, response, None)]
@@ -411,10 +411,10 @@ impl TurnServer {
             return vec![self.respond(server, client, response, None)];
         }
         if method == BINDING {
-            let mut response = TurnMessage::new(
-                MessageClass::SuccessResponse,
+            let mut response = message::response_to(
                 BINDING,
                 message.transaction_id(),
+                MessageClass::SuccessResponse,
             );
             response.add_attribute(XorMappedAddress::new(client));
             return vec![self.respond(server, client, response, None)];
@@ -871,10 +871,10 @@ impl Answer {
     }
 
     fn into_message(self, request: &TurnMessage) -> TurnMessage {
-        let mut response = TurnMessage::new(
-            MessageClass::SuccessResponse,
+        let mut response = message::response_to(
             request.method(),
             request.transaction_id(),
+            MessageClass::SuccessResponse,
         );
         for attribute in self.0 {
             response.add_attribute(attribute);
@@ -919,10 +919,10 @@ fn check_peer(
 }
 
 fn error_response(request: &TurnMessage, refusal: Refusal) -> TurnMessage {
-    let mut response = TurnMessage::new(
-        MessageClass::ErrorResponse,
+    let mut response = message::response_to(
         request.method(),
         request.transaction_id(),
+        MessageClass::ErrorResponse,
     );
     response.add_attribute(refusal.error_code());
     response
