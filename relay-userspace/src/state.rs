@@ -137,9 +137,8 @@ mod tests {
 
     #[test]
     fn allocations_round_trip_and_a_save_replaces_everything() {
-        let dir = std::env::temp_dir().join(format!("relay-state-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state.redb");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
         let allocation = AllocationRecord {
             client: "198.51.100.7:50000".parse().unwrap(),
             server: "203.0.113.1:3478".parse().unwrap(),
@@ -170,7 +169,5 @@ mod tests {
         // Reopened, as by the next relayd.
         let store = StateStore::open(&path).unwrap();
         assert_eq!(store.load_allocations().unwrap(), [allocation]);
-        drop(store);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,46 +6,22 @@
 //! coturn does with `no-loopback-peers`, `denied-peer-ip` and `allowed-peer-ip`. The
 //! operator's `denied_peers` add ranges; `allowed_peers` win over both, as in coturn.
 
-use std::{
-    collections::HashMap,
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    str::FromStr,
-};
+use std::{collections::HashMap, fmt, net::IpAddr, str::FromStr};
 
 /// An address range in CIDR notation (`10.0.0.0/8`, `fd00::/8`); a bare address is a /32
-/// or /128.
+/// or /128. Host bits must be clear: `10.1.2.3/8` is almost always a typo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    network: IpAddr,
-    prefix: u8,
-}
+pub struct IpNet(ipnet::IpNet);
 
 impl IpNet {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_bits(u128::from(u32::from(net)) << 96, self.prefix)
-                    == prefix_bits(u128::from(u32::from(ip)) << 96, self.prefix)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_bits(u128::from(net), self.prefix)
-                    == prefix_bits(u128::from(ip), self.prefix)
-            }
+        match (self.0, ip) {
             // An IPv4-mapped IPv6 peer is judged as the IPv4 address it is.
-            (IpAddr::V4(_), IpAddr::V6(ip)) => ip
+            (ipnet::IpNet::V4(_), IpAddr::V6(v6)) => v6
                 .to_ipv4_mapped()
-                .is_some_and(|v4| self.contains(IpAddr::V4(v4))),
-            (IpAddr::V6(_), IpAddr::V4(_)) => false,
+                .is_some_and(|v4| self.0.contains(&IpAddr::V4(v4))),
+            (net, ip) => net.contains(&ip),
         }
-    }
-}
-
-fn prefix_bits(address: u128, prefix: u8) -> u128 {
-    if prefix == 0 {
-        0
-    } else {
-        address & (u128::MAX << (128 - u32::from(prefix)))
     }
 }
 
@@ -69,26 +45,20 @@ impl FromStr for IpNet {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("prefix length {prefix:?} is not 0..={max}"))?,
         };
-        let net = IpNet { network, prefix };
-        // 10.1.2.3/8 is almost always a typo for 10.0.0.0/8 or 10.1.2.3/32: say so.
-        let canonical = match network {
-            IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(
-                (prefix_bits(u128::from(u32::from(v4)) << 96, prefix) >> 96) as u32,
-            )),
-            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(prefix_bits(u128::from(v6), prefix))),
-        };
-        if canonical != network {
+        let net = ipnet::IpNet::new(network, prefix).map_err(|err| err.to_string())?;
+        if net.trunc() != net {
             return Err(format!(
-                "host bits set: the network of /{prefix} is {canonical}"
+                "host bits set: the network of /{prefix} is {}",
+                net.network()
             ));
         }
-        Ok(net)
+        Ok(IpNet(net))
     }
 }
 
 impl fmt::Display for IpNet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
+        self.0.fmt(f)
     }
 }
 
