@@ -73,7 +73,7 @@ pub async fn run(
                     .await?,
             ));
         }
-        let task = crate::signalling::server::start(
+        let (listening, task) = crate::signalling::server::start(
             &config.signalling,
             state_dir,
             hub.clone(),
@@ -82,7 +82,7 @@ pub async fn run(
             stopped.clone(),
         )
         .await?;
-        Some((hub, task))
+        Some((Arc::new(listening), task))
     } else {
         None
     };
@@ -96,7 +96,9 @@ pub async fn run(
                 listener,
                 table.clone(),
                 turn.clone(),
-                signalling.as_ref().map(|(hub, _)| hub.clone()),
+                signalling
+                    .as_ref()
+                    .map(|(listening, _)| listening.hub.clone()),
                 calls.clone(),
                 stopped.clone(),
             )))
@@ -110,6 +112,7 @@ pub async fn run(
     let serving = tokio::spawn(server.serve(
         table.clone(),
         turn.clone(),
+        signalling.as_ref().map(|(listening, _)| listening.clone()),
         calls.clone(),
         reloader.clone(),
         stopped.clone(),

@@ -3,6 +3,7 @@
 mod bench;
 mod deb;
 mod layers;
+mod run;
 mod setup;
 mod util;
 
@@ -28,7 +29,8 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Build and start relayd with the embedded default configuration (extra args go to relayd)
+    /// Build relayd and relayctl and start relayd with a trial configuration on loopback
+    /// (TURN, signalling and calls, secrets made for the run); extra args go to relayd
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -60,10 +62,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run { args } => {
             setup::run()?;
-            util::cargo(&["build", "-p", "relay-userspace", "--bin", "relayd"], true)?;
-            let relayd = util::workspace_root().join("target/release/relayd");
-            util::step(&format!("starting {} {}", relayd.display(), args.join(" ")));
-            util::exec(&relayd, &args)
+            run::run(&args)
         }
         Command::Test => {
             setup::run()?;

@@ -195,6 +195,11 @@ impl Calls {
         self.tally.lock().expect("calls tally").clone()
     }
 
+    /// The ICE port every call's app leg shares.
+    pub fn ice_address(&self) -> SocketAddr {
+        self.ice.address()
+    }
+
     /// Calls in progress.
     pub fn len(&self) -> usize {
         self.calls().len()

@@ -146,9 +146,15 @@ pub struct StatusResult {
     /// Absent when the TURN server is not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<crate::turn::driver::TurnStatus>,
+    /// Absent when the signalling rendezvous is not enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signalling: Option<crate::signalling::server::SignallingStatus>,
     /// Calls in progress; absent when calls are not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calls: Option<usize>,
+    /// The ICE port every call's app leg shares, when calls are enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls_ice: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

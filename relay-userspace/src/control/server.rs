@@ -69,6 +69,7 @@ impl ControlServer {
         self,
         table: Arc<FlowTable>,
         turn: Option<Arc<TurnService>>,
+        signalling: Option<Arc<crate::signalling::server::Listening>>,
         calls: Option<Arc<crate::calls::Calls>>,
         reloader: Arc<Reloader>,
         mut shutdown: watch::Receiver<bool>,
@@ -77,6 +78,7 @@ impl ControlServer {
         let services = Arc::new(Services {
             table,
             turn,
+            signalling,
             calls,
             reloader,
             started,
@@ -100,6 +102,7 @@ impl ControlServer {
 struct Services {
     table: Arc<FlowTable>,
     turn: Option<Arc<TurnService>>,
+    signalling: Option<Arc<crate::signalling::server::Listening>>,
     calls: Option<Arc<crate::calls::Calls>>,
     reloader: Arc<Reloader>,
     started: Instant,
@@ -221,7 +224,9 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             flows: table.len(),
             idle_timeout_secs: table.idle_timeout_secs(),
             turn: turn.map(|turn| turn.status()),
+            signalling: services.signalling.as_ref().map(|s| s.status()),
             calls: services.calls.as_ref().map(|calls| calls.len()),
+            calls_ice: services.calls.as_ref().map(|calls| calls.ice_address()),
         }),
         method::STATS => to_value(StatsResult {
             flows: table.len(),

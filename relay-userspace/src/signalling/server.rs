@@ -65,6 +65,43 @@ struct Shared {
 type Socket = WebSocketStream<Prefixed<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// Binds `signalling.listen` and serves until `stopped` changes.
+/// The rendezvous as `relayctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignallingStatus {
+    pub listening: SocketAddr,
+    /// The SHA-256 fingerprint of the certificate (what apps pin when it is self-signed).
+    pub certificate_sha256: String,
+    pub tenants: usize,
+    /// Sessions connected now.
+    pub controllers: usize,
+    pub clients: usize,
+    /// Whether TURN over TLS (`turns:`) is taken on the same port.
+    pub turn_over_tls: bool,
+}
+
+/// A started rendezvous: where it listens, and its sessions.
+pub struct Listening {
+    pub address: SocketAddr,
+    pub fingerprint: String,
+    pub tenants: usize,
+    pub turn_over_tls: bool,
+    pub hub: Arc<Hub>,
+}
+
+impl Listening {
+    pub fn status(&self) -> SignallingStatus {
+        let (controllers, clients) = self.hub.counts();
+        SignallingStatus {
+            listening: self.address,
+            certificate_sha256: self.fingerprint.clone(),
+            tenants: self.tenants,
+            controllers,
+            clients,
+            turn_over_tls: self.turn_over_tls,
+        }
+    }
+}
+
 pub async fn start(
     settings: &SignallingConfig,
     state_dir: Option<&Path>,
@@ -72,7 +109,7 @@ pub async fn start(
     calls: Option<Arc<crate::calls::Calls>>,
     turn: Option<Arc<crate::turn::driver::TurnService>>,
     mut stopped: watch::Receiver<bool>,
-) -> anyhow::Result<JoinHandle<()>> {
+) -> anyhow::Result<(Listening, JoinHandle<()>)> {
     let identity = tls::identity(settings, state_dir)?;
     let address: SocketAddr = settings.listen.parse().context("signalling.listen")?;
     let listener = TcpListener::bind(address)
@@ -84,6 +121,13 @@ pub async fn start(
         sha256 = %identity.fingerprint,
         "signalling: listening for WebSocket over TLS"
     );
+    let listening = Listening {
+        address,
+        fingerprint: identity.fingerprint.clone(),
+        tenants: settings.tenants.len(),
+        turn_over_tls: turn.is_some(),
+        hub: hub.clone(),
+    };
     let acceptor = TlsAcceptor::from(identity.config);
     let context = Arc::new(Shared {
         hub,
@@ -93,7 +137,7 @@ pub async fn start(
         turn,
         address,
     });
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
@@ -114,7 +158,8 @@ pub async fn start(
         if timeout(SHUTDOWN_FLUSH, closing).await.is_err() {
             tracing::warn!("signalling: connections still closing at exit");
         }
-    }))
+    });
+    Ok((listening, task))
 }
 
 async fn connection(

@@ -62,8 +62,31 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
             None => println!("            allocations end with relayd (no state store)"),
         }
     }
+    if let Some(signalling) = &status.signalling {
+        println!(
+            "signalling  listening on {} (WebSocket over TLS{}); {} tenants, {} controllers and {} apps connected",
+            signalling.listening,
+            if signalling.turn_over_tls {
+                ", and TURN over TLS"
+            } else {
+                ""
+            },
+            signalling.tenants,
+            signalling.controllers,
+            signalling.clients
+        );
+        println!(
+            "            certificate sha256 {}",
+            signalling.certificate_sha256
+        );
+    }
     if let Some(calls) = status.calls {
-        println!("calls       {calls} in progress (relayctl calls list)");
+        match status.calls_ice {
+            Some(ice) => {
+                println!("calls       ICE on {ice}; {calls} in progress (relayctl calls list)")
+            }
+            None => println!("calls       {calls} in progress (relayctl calls list)"),
+        }
     }
     if !datapath.interfaces.is_empty() {
         println!();
