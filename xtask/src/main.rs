@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | run | test | bench | deb | demo`.
+//! Developer tasks: `cargo xtask setup | build | run | test | bench | deb | demo | layers`.
 
 mod bench;
 mod deb;

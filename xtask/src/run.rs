@@ -64,6 +64,9 @@ path = "{state}"
 enabled = true
 listen = ["{TURN}"]
 users = [{{ name = "{TURN_USER}", password = "{turn_password}" }}]
+# Peers on loopback are refused by default (an edge relay must not reach its own host);
+# here everything is on loopback.
+allowed_peers = ["127.0.0.0/8"]
 
 [signalling]
 enabled = true
