@@ -1,5 +1,6 @@
-//! CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so kernel and
-//! userspace last-seen times compare directly.
+//! The two clocks: CLOCK_MONOTONIC in nanoseconds (the clock `bpf_ktime_get_ns` reads, so
+//! kernel and userspace last-seen times compare directly), and Unix time in seconds (TURN
+//! REST API usernames and signalling tokens carry Unix expiry times).
 
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -9,4 +10,11 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }

@@ -557,7 +557,9 @@ fn an_app_behind_nat_calls_the_pbx_and_the_media_flows_in_xdp() {
             relayd.log()
         );
         let flows = relayd.ctl_json(&["flow", "list"]);
-        for flow in flows["flows"].as_array().unwrap() {
+        let flows = flows["flows"].as_array().unwrap();
+        assert_eq!(flows.len(), 2, "the call's two flows: {flows:?}");
+        for flow in flows {
             assert!(
                 flow["counters"]["xdp_packets"].as_u64().unwrap() >= u64::from(PACKETS) - 10,
                 "{flow}"

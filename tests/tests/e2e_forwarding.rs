@@ -161,7 +161,12 @@ fn run_mode(mode: &str, args: &[&str]) {
     }
     thread::sleep(Duration::from_millis(300));
     let after = relayd.ctl_json(&["flow", "list"]);
-    for flow in after["flows"].as_array().unwrap() {
+    let flows = after["flows"].as_array().unwrap();
+    assert!(
+        !flows.is_empty(),
+        "{mode}: the flows are still there: {after}"
+    );
+    for flow in flows {
         let packets = flow["counters"]["xdp_packets"].as_u64().unwrap()
             + flow["counters"]["userspace_packets"].as_u64().unwrap();
         assert_eq!(

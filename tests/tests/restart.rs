@@ -108,7 +108,9 @@ fn restart_keeps_forwarding(datapath: &[&str]) {
     } else {
         "generic"
     };
-    for interface in status["datapath"]["interfaces"].as_array().unwrap() {
+    let interfaces = status["datapath"]["interfaces"].as_array().unwrap();
+    assert!(!interfaces.is_empty(), "XDP attached somewhere: {status}");
+    for interface in interfaces {
         assert_eq!(interface["xdp_mode"], mode, "{status}");
     }
     let flow = second.ctl_json(&["flow", "show", "1"]);

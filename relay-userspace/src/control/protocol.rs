@@ -34,7 +34,7 @@ pub struct Response {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
+pub enum ErrorKind {
     /// Not JSON, not a request object, unknown method, or params of the wrong shape.
     BadRequest,
     UnsupportedVersion,
@@ -48,7 +48,7 @@ pub enum ErrorCode {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub code: ErrorCode,
+    pub code: ErrorKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     pub message: String,

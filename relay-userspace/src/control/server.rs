@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use super::protocol::{
-    CallIdParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorCode, FlowAddParams,
+    CallIdParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorKind, FlowAddParams,
     FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request,
     Response, StatsResult, StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult,
     method,
@@ -127,7 +127,7 @@ async fn connection(
             Ok(_) => handle_line(&line, &services),
             Err(err) if err.kind() == io::ErrorKind::InvalidData => {
                 // Oversized: answer, then close, since the rest of the line is unread.
-                let response = error_response(0, ErrorCode::BadRequest, None, err.to_string());
+                let response = error_response(0, ErrorKind::BadRequest, None, err.to_string());
                 let _ = send(&mut write, &response).await;
                 return;
             }
@@ -166,7 +166,7 @@ fn handle_line(line: &[u8], services: &Services) -> Response {
     let value: Value = match serde_json::from_slice(line) {
         Ok(value) => value,
         Err(err) => {
-            return error_response(0, ErrorCode::BadRequest, None, format!("not JSON: {err}"));
+            return error_response(0, ErrorKind::BadRequest, None, format!("not JSON: {err}"));
         }
     };
     let id = value.get("id").and_then(Value::as_u64).unwrap_or(0);
@@ -175,7 +175,7 @@ fn handle_line(line: &[u8], services: &Services) -> Response {
         Err(err) => {
             return error_response(
                 id,
-                ErrorCode::BadRequest,
+                ErrorKind::BadRequest,
                 None,
                 format!("not a request: {err}"),
             );
@@ -184,7 +184,7 @@ fn handle_line(line: &[u8], services: &Services) -> Response {
     if request.version != PROTOCOL_VERSION {
         return error_response(
             id,
-            ErrorCode::UnsupportedVersion,
+            ErrorKind::UnsupportedVersion,
             Some("version"),
             format!(
                 "version {} is not supported; this relayd speaks version {PROTOCOL_VERSION}",
@@ -281,7 +281,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 (None, Some(relay)) => RevokeTarget::Relay(endpoint("relay", &relay)?),
                 _ => {
                     return Err(body(
-                        ErrorCode::BadRequest,
+                        ErrorKind::BadRequest,
                         Some("params"),
                         "turn.revoke: give either username or relay".to_owned(),
                     ));
@@ -306,7 +306,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 .find(|call| call.call == params.call)
                 .ok_or_else(|| {
                     body(
-                        ErrorCode::NotFound,
+                        ErrorKind::NotFound,
                         Some("call"),
                         format!("call: {}: no such call", params.call),
                     )
@@ -318,7 +318,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             let calls = calls_service(services)?.clone();
             if !calls.exists(params.call) {
                 return Err(body(
-                    ErrorCode::NotFound,
+                    ErrorKind::NotFound,
                     Some("call"),
                     format!("call: {}: no such call", params.call),
                 ));
@@ -330,7 +330,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
         method::CONFIG_RELOAD => {
             let changes = services.reloader.reload().map_err(|problems| {
                 body(
-                    ErrorCode::InvalidArgument,
+                    ErrorKind::InvalidArgument,
                     Some("configuration"),
                     format!("nothing changed: {problems}"),
                 )
@@ -342,7 +342,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
         }
         other => {
             return Err(body(
-                ErrorCode::BadRequest,
+                ErrorKind::BadRequest,
                 Some("method"),
                 format!("unknown method {other:?}"),
             ));
@@ -354,7 +354,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
 fn calls_service(services: &Services) -> Result<&Arc<crate::calls::Calls>, ErrorBody> {
     services.calls.as_ref().ok_or_else(|| {
         body(
-            ErrorCode::NotFound,
+            ErrorKind::NotFound,
             None,
             "calls are not enabled ([calls] enabled)".to_owned(),
         )
@@ -364,7 +364,7 @@ fn calls_service(services: &Services) -> Result<&Arc<crate::calls::Calls>, Error
 fn turn_service(turn: Option<&Arc<TurnService>>) -> Result<&Arc<TurnService>, ErrorBody> {
     turn.ok_or_else(|| {
         body(
-            ErrorCode::NotFound,
+            ErrorKind::NotFound,
             None,
             "the TURN server is not enabled (turn.enabled)".to_owned(),
         )
@@ -374,7 +374,7 @@ fn turn_service(turn: Option<&Arc<TurnService>>) -> Result<&Arc<TurnService>, Er
 fn params<T: DeserializeOwned>(request: &Request) -> Result<T, ErrorBody> {
     serde_json::from_value(request.params.clone()).map_err(|err| {
         body(
-            ErrorCode::BadRequest,
+            ErrorKind::BadRequest,
             Some("params"),
             format!("{}: params: {err}", request.method),
         )
@@ -384,7 +384,7 @@ fn params<T: DeserializeOwned>(request: &Request) -> Result<T, ErrorBody> {
 fn endpoint(field: &'static str, text: &str) -> Result<SocketAddr, ErrorBody> {
     parse_endpoint(text).map_err(|reason| {
         body(
-            ErrorCode::InvalidArgument,
+            ErrorKind::InvalidArgument,
             Some(field),
             format!("{field}: {text}: {reason}"),
         )
@@ -412,21 +412,21 @@ pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
 
 fn flow_error(err: FlowError) -> ErrorBody {
     let code = match err {
-        FlowError::Invalid(_) => ErrorCode::InvalidArgument,
+        FlowError::Invalid(_) => ErrorKind::InvalidArgument,
         FlowError::Duplicate { .. } | FlowError::DuplicateInRequest { .. } => {
-            ErrorCode::AlreadyExists
+            ErrorKind::AlreadyExists
         }
-        FlowError::Full { .. } => ErrorCode::TableFull,
-        FlowError::UnknownFlow(_) => ErrorCode::NotFound,
+        FlowError::Full { .. } => ErrorKind::TableFull,
+        FlowError::UnknownFlow(_) => ErrorKind::NotFound,
         FlowError::Datapath(crate::datapath::DatapathError::Bind { .. }) => {
-            ErrorCode::InvalidArgument
+            ErrorKind::InvalidArgument
         }
-        FlowError::Datapath(_) => ErrorCode::Internal,
+        FlowError::Datapath(_) => ErrorKind::Internal,
     };
     body(code, err.field(), err.to_string())
 }
 
-fn body(code: ErrorCode, field: Option<&str>, message: String) -> ErrorBody {
+fn body(code: ErrorKind, field: Option<&str>, message: String) -> ErrorBody {
     ErrorBody {
         code,
         field: field.map(str::to_owned),
@@ -434,7 +434,7 @@ fn body(code: ErrorCode, field: Option<&str>, message: String) -> ErrorBody {
     }
 }
 
-fn error_response(id: u64, code: ErrorCode, field: Option<&str>, message: String) -> Response {
+fn error_response(id: u64, code: ErrorKind, field: Option<&str>, message: String) -> Response {
     Response {
         version: PROTOCOL_VERSION,
         id,

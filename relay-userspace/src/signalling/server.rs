@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -38,6 +38,7 @@ use super::{
     protocol::{ErrorCode, Inbound, Outbound, PROTOCOL_VERSION, Role, parse},
     tls,
 };
+use crate::time::unix_now;
 
 /// TLS and WebSocket handshakes, and the `hello`, must each finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,25 +111,25 @@ pub async fn start(
     turn: Option<Arc<crate::turn::driver::TurnService>>,
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<(Listening, JoinHandle<()>)> {
-    let identity = tls::identity(settings, state_dir)?;
+    let certificate = tls::certificate(settings, state_dir)?;
     let address: SocketAddr = settings.listen.parse().context("signalling.listen")?;
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("signalling.listen: {address}: cannot listen"))?;
     tracing::info!(
         %address,
-        certificate = %identity.source,
-        sha256 = %identity.fingerprint,
+        certificate = %certificate.source,
+        sha256 = %certificate.fingerprint,
         "signalling: listening for WebSocket over TLS"
     );
     let listening = Listening {
         address,
-        fingerprint: identity.fingerprint.clone(),
+        fingerprint: certificate.fingerprint.clone(),
         tenants: settings.tenants.len(),
         turn_over_tls: turn.is_some(),
         hub: hub.clone(),
     };
-    let acceptor = TlsAcceptor::from(identity.config);
+    let acceptor = TlsAcceptor::from(certificate.config);
     let context = Arc::new(Shared {
         hub,
         calls,
@@ -565,10 +566,4 @@ async fn close(socket: &mut Socket, code: CloseCode, reason: &str) {
     };
     let _ = socket.send(Message::Close(Some(frame))).await;
     let _ = socket.flush().await;
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
 }

@@ -17,7 +17,7 @@ use super::config::SignallingConfig;
 pub const SELF_SIGNED_CERTIFICATE: &str = "signalling-certificate.pem";
 pub const SELF_SIGNED_KEY: &str = "signalling-key.pem";
 
-pub struct Identity {
+pub struct ServerCertificate {
     pub config: Arc<rustls::ServerConfig>,
     /// SHA-256 of the leaf certificate, as `AB:CD:...`.
     pub fingerprint: String,
@@ -27,7 +27,10 @@ pub struct Identity {
 
 /// The TLS identity: configured, or self-signed in `state_dir` (made when missing; without
 /// a state directory, a new one at every start).
-pub fn identity(settings: &SignallingConfig, state_dir: Option<&Path>) -> anyhow::Result<Identity> {
+pub fn certificate(
+    settings: &SignallingConfig,
+    state_dir: Option<&Path>,
+) -> anyhow::Result<ServerCertificate> {
     let (certificate, key, source) = if !settings.certificate.is_empty() {
         (
             PathBuf::from(&settings.certificate),
@@ -87,7 +90,7 @@ fn build(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     source: String,
-) -> anyhow::Result<Identity> {
+) -> anyhow::Result<ServerCertificate> {
     let fingerprint = fingerprint(&chain[0]);
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -97,7 +100,7 @@ fn build(
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .context("signalling: the certificate and the private key do not go together")?;
-    Ok(Identity {
+    Ok(ServerCertificate {
         config: Arc::new(config),
         fingerprint,
         source,

@@ -9,7 +9,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -27,7 +27,7 @@ use crate::{
         userspace::{send_now, set_socket_option},
     },
     state::StateStore,
-    time::monotonic_ns,
+    time::{monotonic_ns, unix_now},
     turn::config::TurnConfig,
 };
 
@@ -500,7 +500,12 @@ impl TurnService {
                     dont_fragment,
                 } => {
                     if let Err(err) = self.bind(relay, Side::Peer, dont_fragment) {
-                        tracing::warn!(%relay, %err, "turn: cannot open a relay socket; the allocation will carry nothing");
+                        // Something else holds the port (the range overlaps the host's
+                        // ephemeral ports): the allocation could carry nothing, so it goes;
+                        // the client's next request gets 437 and it allocates again.
+                        tracing::warn!(%relay, %err, "turn: cannot open a relay socket; the allocation is deleted");
+                        let (actions, _) = self.server().revoke(&RevokeTarget::Relay(relay));
+                        self.carry_out(actions);
                     }
                 }
                 Action::CloseRelay(relay) => {
@@ -665,12 +670,6 @@ impl TurnService {
             }
         }
     }
-}
-
-pub(super) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 /// DONT-FRAGMENT (RFC 8656 7.2): datagrams relayed from this socket carry the DF bit (IPv4)

@@ -106,7 +106,7 @@ impl TurnService {
                 match frame(&buf) {
                     Ok(Some((message, taken))) if buf.len() >= taken => {
                         let actions = self.server().from_client(
-                            super::driver::unix_now(),
+                            crate::time::unix_now(),
                             server,
                             client,
                             &buf[..message],
