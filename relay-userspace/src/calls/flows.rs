@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::table::FlowTable;
+use crate::datapath::{
+    FlowSpec,
+    table::{FlowError, FlowTable},
+};
 
 /// Packets and bytes in one direction, both datapaths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,11 +48,48 @@ impl CallFlows {
             .collect()
     }
 
-    /// Sets the flows of a new pair after removing the previous ones.
-    pub fn install(&mut self, table: &FlowTable, to_pbx: u32, to_app: u32, now_ns: u64) {
-        self.remove_all(table, now_ns);
-        self.to_pbx = Some(to_pbx);
-        self.to_app = Some(to_app);
+    /// Puts the flows of a new pair in: the installed ones are replaced in place (same ids,
+    /// one generation more), missing ones added. What a replaced flow carried on a key it
+    /// leaves (the app's old address) stays in the call's traffic. On an error nothing of
+    /// the call is left in the table.
+    pub fn install(
+        &mut self,
+        table: &FlowTable,
+        to_pbx: FlowSpec,
+        to_app: FlowSpec,
+        now_ns: u64,
+    ) -> Result<[u32; 2], FlowError> {
+        let put = |slot: &mut Option<u32>, retired: &mut Traffic, spec: FlowSpec| {
+            if let Some(id) = *slot {
+                match table.replace(id, spec, now_ns) {
+                    Ok(before) => {
+                        if before.spec.id() != spec.id() {
+                            add(retired, Some(before));
+                        }
+                        return Ok(id);
+                    }
+                    Err(err) => {
+                        tracing::debug!(id, %err, "calls: a flow cannot be replaced in place; added anew");
+                        add(retired, table.remove(id, now_ns).ok());
+                        *slot = None;
+                    }
+                }
+            }
+            let id = table.offload(&[spec], now_ns)?[0];
+            *slot = Some(id);
+            Ok(id)
+        };
+        let installed =
+            put(&mut self.to_pbx, &mut self.retired.to_pbx, to_pbx).and_then(|to_pbx| {
+                Ok([
+                    to_pbx,
+                    put(&mut self.to_app, &mut self.retired.to_app, to_app)?,
+                ])
+            });
+        if installed.is_err() {
+            self.remove_all(table, now_ns);
+        }
+        installed
     }
 
     /// Removes the flow toward the app (consent lost), keeping the one toward the PBX.

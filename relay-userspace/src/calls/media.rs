@@ -90,7 +90,6 @@ impl Calls {
     pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
         *call.state.lock().expect("call state") = CallState::Connected(pair);
         let mut flows = call.flows.lock().expect("call flows");
-        flows.remove_all(&self.table, monotonic_ns());
         let previous = call.local_channel.lock().expect("call channel").take();
         let local = match (&self.turn, pair.remote_type) {
             (Some(turn), CandidateType::Relay) => turn.lend_channel(pair.remote, pair.local),
@@ -99,6 +98,9 @@ impl Calls {
         if let (Some(turn), Some(previous)) = (&self.turn, previous)
             && Some(previous) != local
         {
+            // The channel's key goes back to the TURN server's own flows: the call's flow
+            // on it must be gone first.
+            flows.remove_all(&self.table, monotonic_ns());
             turn.return_channel(&previous);
         }
         *call.local_channel.lock().expect("call channel") = local;
@@ -121,13 +123,9 @@ impl Calls {
             },
         };
         // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
-        match self
-            .table
-            .offload(&[to_pbx, to_pbx.reverse()], monotonic_ns())
-        {
+        match flows.install(&self.table, to_pbx, to_pbx.reverse(), monotonic_ns()) {
             Ok(ids) => {
                 tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx(), ?ids, "calls: media flows installed");
-                flows.install(&self.table, ids[0], ids[1], monotonic_ns());
             }
             Err(err) => {
                 tracing::warn!(call = call.id, %err, "calls: media stays in userspace");

@@ -58,7 +58,9 @@ pub struct FlowInfo {
 
 struct FlowRecord {
     spec: FlowSpec,
+    /// 1 when installed, one more at each [`FlowTable::replace`].
     generation: u32,
+    slow_path: SlowPath,
     installed_ns: u64,
     rate: RateSample,
 }
@@ -127,7 +129,9 @@ impl FlowTable {
             }
             tracing::info!(id, src = %spec.src, dst = %spec.dst, new_src = %spec.new_src, new_dst = %spec.new_dst, "adopted flow from the pinned map");
             state.by_key.insert(spec.id(), id);
-            state.flows.insert(id, record(spec, generation, now_ns));
+            state
+                .flows
+                .insert(id, record(spec, generation, slow_path, now_ns));
             state.next_id = state.next_id.max(id + 1);
         }
     }
@@ -204,9 +208,38 @@ impl FlowTable {
         }
         for (id, spec) in &added {
             state.by_key.insert(spec.id(), *id);
-            state.flows.insert(*id, record(*spec, 1, now_ns));
+            state.flows.insert(*id, record(*spec, 1, slow_path, now_ns));
         }
         Ok(added.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Replaces flow `id` with `spec`, keeping its id and bumping its generation (a call's
+    /// media moved). With the same key the datapath replaces it in place and its counters go
+    /// on; with another key (the app's new address) the old key's flow goes and the new one
+    /// starts counting from zero. Returns the flow as it was just before, with its counters.
+    pub fn replace(&self, id: u32, spec: FlowSpec, now_ns: u64) -> Result<FlowInfo, FlowError> {
+        spec.validate()?;
+        let mut state = self.state();
+        let record = state.flows.get(&id).ok_or(FlowError::UnknownFlow(id))?;
+        let before = self.info(id, record, now_ns);
+        let (old, slow_path, generation) = (record.spec, record.slow_path, record.generation + 1);
+        let key = spec.id();
+        if let Some(&other) = state.by_key.get(&key)
+            && other != id
+        {
+            return Err(FlowError::Duplicate { id: other, key });
+        }
+        self.datapath.install(id, generation, &spec, slow_path)?;
+        if old.id() != key {
+            self.datapath.remove(&old);
+            state.by_key.remove(&old.id());
+            state.by_key.insert(key, id);
+        }
+        let record = state.flows.get_mut(&id).expect("looked up above");
+        record.spec = spec;
+        record.generation = generation;
+        record.rate = RateSample::default();
+        Ok(before)
     }
 
     pub fn remove(&self, id: u32, now_ns: u64) -> Result<FlowInfo, FlowError> {
@@ -298,11 +331,245 @@ fn describe((src, dst, channel): &FlowId) -> String {
     }
 }
 
-fn record(spec: FlowSpec, generation: u32, now_ns: u64) -> FlowRecord {
+fn record(spec: FlowSpec, generation: u32, slow_path: SlowPath, now_ns: u64) -> FlowRecord {
     FlowRecord {
         spec,
         generation,
+        slow_path,
         installed_ns: now_ns,
         rate: RateSample::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::datapath::{ChannelOp, DatapathKind, SocketStats};
+
+    /// A datapath in memory: what the table installed, counters a test sets, flows "found
+    /// pinned" at start, and a spec it refuses (a relay address it "cannot bind").
+    #[derive(Default)]
+    struct Fake {
+        installed: Mutex<HashMap<FlowId, (u32, u32, FlowSpec)>>,
+        counters: Mutex<HashMap<FlowId, FlowCounters>>,
+        pinned: Vec<(u32, u32, FlowSpec)>,
+        refuse: Option<FlowSpec>,
+    }
+
+    impl Datapath for Arc<Fake> {
+        fn status(&self) -> DatapathStatus {
+            DatapathStatus {
+                kind: DatapathKind::Userspace,
+                interfaces: Vec::new(),
+                capacity: 4,
+                fallback_reason: None,
+                pin_dir: None,
+            }
+        }
+
+        fn install(
+            &self,
+            id: u32,
+            generation: u32,
+            spec: &FlowSpec,
+            _slow_path: SlowPath,
+        ) -> Result<(), DatapathError> {
+            if self.refuse == Some(*spec) {
+                return Err(DatapathError::Map("refused".into()));
+            }
+            self.installed
+                .lock()
+                .unwrap()
+                .insert(spec.id(), (id, generation, *spec));
+            Ok(())
+        }
+
+        fn remove(&self, spec: &FlowSpec) {
+            self.installed.lock().unwrap().remove(&spec.id());
+        }
+
+        fn counters(&self, spec: &FlowSpec) -> FlowCounters {
+            self.counters
+                .lock()
+                .unwrap()
+                .get(&spec.id())
+                .copied()
+                .unwrap_or_default()
+        }
+
+        fn stats(&self) -> DatapathStats {
+            DatapathStats {
+                verdicts: Vec::new(),
+                userspace: SocketStats::default(),
+            }
+        }
+
+        fn installed(&self) -> Vec<(u32, u32, FlowSpec)> {
+            self.pinned.clone()
+        }
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn spec(client_port: u16) -> FlowSpec {
+        FlowSpec {
+            src: format!("198.51.100.7:{client_port}").parse().unwrap(),
+            dst: "203.0.113.1:20000".parse().unwrap(),
+            new_src: "10.0.0.1:30000".parse().unwrap(),
+            new_dst: "10.0.0.5:5004".parse().unwrap(),
+            channel: None,
+            rtcp_to_userspace: false,
+        }
+    }
+
+    fn table(fake: Fake) -> (FlowTable, Arc<Fake>) {
+        let fake = Arc::new(fake);
+        (FlowTable::new(Box::new(fake.clone()), 60, SECOND), fake)
+    }
+
+    fn kernel(fake: &Fake) -> Vec<(u32, u32, FlowSpec)> {
+        let mut flows: Vec<_> = fake.installed.lock().unwrap().values().copied().collect();
+        flows.sort_by_key(|(id, _, _)| *id);
+        flows
+    }
+
+    #[test]
+    fn flows_get_ids_in_order_and_a_duplicate_key_is_refused() {
+        let (table, fake) = table(Fake::default());
+        let ids = table
+            .add(&[spec(4000), spec(4000).reverse()], SECOND)
+            .unwrap();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(kernel(&fake).len(), 2);
+        let err = table.add(&[spec(4000)], SECOND).unwrap_err();
+        assert!(matches!(err, FlowError::Duplicate { id: 1, .. }), "{err}");
+        assert_eq!(err.field(), Some("src"));
+        let err = table.add(&[spec(4001), spec(4001)], SECOND).unwrap_err();
+        assert!(matches!(err, FlowError::DuplicateInRequest { .. }), "{err}");
+        assert_eq!(table.len(), 2, "refused requests change nothing");
+        assert_eq!(table.find(spec(4000).id()), Some(1));
+    }
+
+    #[test]
+    fn a_request_that_does_not_fit_or_fails_changes_nothing() {
+        let (table, fake) = table(Fake {
+            refuse: Some(spec(4003)),
+            ..Fake::default()
+        });
+        table.add(&[spec(4000), spec(4001)], SECOND).unwrap();
+        let err = table
+            .add(&[spec(4002), spec(4005), spec(4006)], SECOND)
+            .unwrap_err();
+        assert!(matches!(err, FlowError::Full { capacity: 4 }), "{err}");
+        // The second flow fails in the datapath: the first, installed already, is taken out.
+        let err = table.add(&[spec(4002), spec(4003)], SECOND).unwrap_err();
+        assert!(matches!(err, FlowError::Datapath(_)), "{err}");
+        assert_eq!(table.len(), 2);
+        assert_eq!(
+            kernel(&fake).len(),
+            2,
+            "all or nothing: {:?}",
+            kernel(&fake)
+        );
+        assert!(table.find(spec(4002).id()).is_none());
+        // An invalid spec names its field.
+        let mut bad = spec(4004);
+        bad.new_dst = bad.src;
+        assert_eq!(
+            table.add(&[bad], SECOND).unwrap_err().field(),
+            Some("new_dst")
+        );
+    }
+
+    #[test]
+    fn idle_flows_expire_and_busy_ones_stay() {
+        let (table, fake) = table(Fake::default());
+        let ids = table.add(&[spec(4000), spec(4001)], SECOND).unwrap();
+        assert!(table.tick(30 * SECOND).is_empty());
+        fake.counters.lock().unwrap().insert(
+            spec(4001).id(),
+            FlowCounters {
+                xdp_packets: 500,
+                last_seen_ns: 60 * SECOND,
+                ..FlowCounters::default()
+            },
+        );
+        let expired = table.tick(62 * SECOND);
+        assert_eq!(
+            expired.iter().map(|f| f.id).collect::<Vec<_>>(),
+            [ids[0]],
+            "idle since it was installed, 61 s > 60 s"
+        );
+        assert_eq!(table.expired_total(), 1);
+        assert_eq!(kernel(&fake).len(), 1);
+        let busy = table.get(ids[1], 62 * SECOND).unwrap();
+        assert_eq!(busy.counters.xdp_packets, 500);
+        // 500 packets between the two samples, 32 s apart.
+        assert!(
+            (busy.rate_pps - 500.0 / 32.0).abs() < 0.01,
+            "{}",
+            busy.rate_pps
+        );
+    }
+
+    #[test]
+    fn pinned_flows_are_adopted_with_their_ids_and_new_ones_come_after() {
+        let pinned = spec(4000);
+        let mut channel = spec(4001);
+        channel.channel = Some(ChannelOp::Strip(0x4001));
+        let (table, fake) = table(Fake {
+            pinned: vec![(7, 3, pinned), (7, 1, spec(4002)), (9, 1, channel)],
+            ..Fake::default()
+        });
+        // The second id 7 is a duplicate: removed, not adopted.
+        assert_eq!(
+            table
+                .list(SECOND)
+                .iter()
+                .map(|f| (f.id, f.generation))
+                .collect::<Vec<_>>(),
+            [(7, 3), (9, 1)]
+        );
+        assert_eq!(kernel(&fake).len(), 2);
+        assert_eq!(table.add(&[spec(4003)], SECOND).unwrap(), [10]);
+    }
+
+    #[test]
+    fn a_replaced_flow_keeps_its_id_and_counts_a_generation_more() {
+        let (table, fake) = table(Fake::default());
+        let id = table.add(&[spec(4000)], SECOND).unwrap()[0];
+        let other = table.add(&[spec(4001)], SECOND).unwrap()[0];
+        // Same key, new destination (the PBX moved): replaced in place.
+        let mut moved = spec(4000);
+        moved.new_dst = "10.0.0.6:5004".parse().unwrap();
+        let before = table.replace(id, moved, 2 * SECOND).unwrap();
+        assert_eq!((before.generation, before.spec), (1, spec(4000)));
+        assert_eq!(kernel(&fake)[0], (id, 2, moved));
+        // Another key (the app moved): the old key's flow is gone, the id stays.
+        let from_elsewhere = spec(4010);
+        table.replace(id, from_elsewhere, 3 * SECOND).unwrap();
+        assert_eq!(table.find(from_elsewhere.id()), Some(id));
+        assert_eq!(table.find(spec(4000).id()), None);
+        assert_eq!(
+            kernel(&fake),
+            [(id, 3, from_elsewhere), (other, 1, spec(4001))]
+        );
+        assert_eq!(table.get(id, 3 * SECOND).unwrap().generation, 3);
+        // Onto another flow's key: refused, nothing changes.
+        let err = table.replace(id, spec(4001), 4 * SECOND).unwrap_err();
+        assert!(
+            matches!(err, FlowError::Duplicate { id, .. } if id == other),
+            "{err}"
+        );
+        assert_eq!(
+            kernel(&fake),
+            [(id, 3, from_elsewhere), (other, 1, spec(4001))]
+        );
+        assert!(matches!(
+            table.replace(99, spec(4020), SECOND),
+            Err(FlowError::UnknownFlow(99))
+        ));
     }
 }

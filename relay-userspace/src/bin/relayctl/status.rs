@@ -64,7 +64,7 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
     }
     if let Some(signalling) = &status.signalling {
         println!(
-            "signalling  listening on {} (WebSocket over TLS{}); {} tenants, {} controllers and {} apps connected",
+            "signalling  listening on {} (WebSocket over TLS{}); tenants {}, connected: {} controllers, {} apps",
             signalling.listening,
             if signalling.turn_over_tls {
                 ", and TURN over TLS"
@@ -81,11 +81,9 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
         );
     }
     if let Some(calls) = status.calls {
-        match status.calls_ice {
-            Some(ice) => {
-                println!("calls       ICE on {ice}; {calls} in progress (relayctl calls list)")
-            }
-            None => println!("calls       {calls} in progress (relayctl calls list)"),
+        println!("calls       {calls} in progress (relayctl calls list)");
+        if let Some(ice) = status.calls_ice {
+            println!("            ICE for the apps on {ice}");
         }
     }
     if !datapath.interfaces.is_empty() {
