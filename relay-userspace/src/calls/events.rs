@@ -27,9 +27,10 @@ impl Requester {
 }
 
 /// Where a call is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CallState {
     /// Offered to the other side, not answered yet.
+    #[default]
     Offered,
     /// Answered: ICE is checking.
     Connecting,

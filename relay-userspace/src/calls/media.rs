@@ -28,7 +28,7 @@ impl Calls {
         if pair.remote_type != CandidateType::Relay {
             return;
         }
-        let lent = *call.local_channel.lock().expect("call channel");
+        let lent = call.inner().local_channel;
         let changed = match lent {
             None => turn.find_channel(pair.remote, pair.local).is_some(),
             Some(channel) => !turn.is_bound(&channel),
@@ -43,11 +43,7 @@ impl Calls {
     /// since the last packet.
     pub(super) fn stats_event(&self, call: &Call) -> CallEvent {
         let now = monotonic_ns();
-        let traffic = call
-            .flows
-            .lock()
-            .expect("call flows")
-            .traffic(&self.table, now);
+        let traffic = call.inner().flows.traffic(&self.table, now);
         CallEvent::Stats {
             call: call.id,
             duration_secs: call.created.elapsed().as_secs(),
@@ -61,11 +57,7 @@ impl Calls {
     /// seen, the later of the two); zero before they exist.
     pub(super) fn media_idle(&self, call: &Call) -> Duration {
         let now = monotonic_ns();
-        let last = call
-            .flows
-            .lock()
-            .expect("call flows")
-            .last_seen_ns(&self.table, now);
+        let last = call.inner().flows.last_seen_ns(&self.table, now);
         match last {
             Some(last) => Duration::from_nanos(now.saturating_sub(last)),
             None => Duration::ZERO,
@@ -74,9 +66,8 @@ impl Calls {
 
     /// Removes the flow toward the app (consent lost), keeping the one toward the PBX.
     pub(super) fn stop_toward_app(&self, call: &Call) {
-        call.flows
-            .lock()
-            .expect("call flows")
+        call.inner()
+            .flows
             .remove_to_app(&self.table, monotonic_ns());
     }
 
@@ -88,9 +79,9 @@ impl Calls {
     /// instead: ChannelData from the app is stripped and sent on to the PBX, and the PBX's
     /// RTP gets the header and goes to the app from the TURN port, one flow pair in XDP.
     pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
-        *call.state.lock().expect("call state") = CallState::Connected(pair);
-        let mut flows = call.flows.lock().expect("call flows");
-        let previous = call.local_channel.lock().expect("call channel").take();
+        let mut inner = call.inner();
+        inner.state = CallState::Connected(pair);
+        let previous = inner.local_channel.take();
         let local = match (&self.turn, pair.remote_type) {
             (Some(turn), CandidateType::Relay) => turn.lend_channel(pair.remote, pair.local),
             _ => None,
@@ -100,32 +91,36 @@ impl Calls {
         {
             // The channel's key goes back to the TURN server's own flows: the call's flow
             // on it must be gone first.
-            flows.remove_all(&self.table, monotonic_ns());
+            inner.flows.remove_all(&self.table, monotonic_ns());
             turn.return_channel(&previous);
         }
-        *call.local_channel.lock().expect("call channel") = local;
+        inner.local_channel = local;
+        let (pbx, rtcp_apart) = (inner.pbx(), inner.pbx_rtcp.is_some());
         let to_pbx = match local {
             Some(channel) => FlowSpec {
                 src: channel.client,
                 dst: channel.server,
                 new_src: call.lan,
-                new_dst: call.pbx(),
+                new_dst: pbx,
                 channel: Some(ChannelOp::Strip(channel.number)),
-                rtcp_to_userspace: call.pbx_rtcp().is_some(),
+                rtcp_to_userspace: rtcp_apart,
             },
             None => FlowSpec {
                 src: pair.remote,
                 dst: pair.local,
                 new_src: call.lan,
-                new_dst: call.pbx(),
+                new_dst: pbx,
                 channel: None,
-                rtcp_to_userspace: call.pbx_rtcp().is_some(),
+                rtcp_to_userspace: rtcp_apart,
             },
         };
         // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.
-        match flows.install(&self.table, to_pbx, to_pbx.reverse(), monotonic_ns()) {
+        match inner
+            .flows
+            .install(&self.table, to_pbx, to_pbx.reverse(), monotonic_ns())
+        {
             Ok(ids) => {
-                tracing::info!(call = call.id, app = %pair.remote, pbx = %call.pbx(), ?ids, "calls: media flows installed");
+                tracing::info!(call = call.id, app = %pair.remote, %pbx, ?ids, "calls: media flows installed");
             }
             Err(err) => {
                 tracing::warn!(call = call.id, %err, "calls: media stays in userspace");
@@ -176,10 +171,7 @@ impl Calls {
                 }
             })
         };
-        call.tasks
-            .lock()
-            .expect("call tasks")
-            .extend([to_pbx, to_app, rtcp_to_app]);
+        call.inner().tasks.extend([to_pbx, to_app, rtcp_to_app]);
     }
 
     /// A free LAN port: the first even one in the range that binds (RTP takes even ports,

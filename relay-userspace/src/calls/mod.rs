@@ -25,6 +25,8 @@ mod connect;
 pub mod events;
 mod flows;
 mod media;
+#[cfg(test)]
+mod tests;
 
 pub use events::{CallError, CallEvent, CallState, EndReason, Notify, Requester, StateChange};
 use flows::CallFlows;
@@ -112,17 +114,8 @@ struct Call {
     /// Who called: the PBX (the app answers; the relay's ICE is controlling) or the app
     /// (the controller answers for the PBX; the relay's ICE is controlled).
     from_app: bool,
-    /// Where the PBX wants its RTP (known from its offer, or from its answer to an app's
-    /// call), and the relay's LAN address for this call.
-    pbx: Mutex<Option<SocketAddr>>,
-    pbx_rtcp: Mutex<Option<SocketAddr>>,
+    /// The relay's LAN address for this call.
     lan: SocketAddr,
-    /// The last SDP of each side as they sent it: what the relay answers an update from
-    /// the other side with (`call.update`).
-    pbx_sdp: Mutex<String>,
-    app_sdp: Mutex<String>,
-    /// An app's call: its ICE credentials, until the controller answers.
-    app_ice: Mutex<Option<(String, String)>>,
     lan_socket: Arc<UdpSocket>,
     rtcp_socket: Arc<UdpSocket>,
     /// The PBX's offer, kept until the app answers.
@@ -130,15 +123,47 @@ struct Call {
     /// The leg's agent for the app's trickled candidates (the leg is locked while it
     /// connects).
     remote_candidates: RemoteCandidates,
-    /// Where the call is (with the selected pair once connected).
-    state: Mutex<CallState>,
-    /// Installed flow ids, tasks carrying media in userspace, the call's watcher.
-    flows: Mutex<CallFlows>,
+    created: std::time::Instant,
+    /// Everything that changes during the call.
+    inner: Mutex<CallInner>,
+}
+
+/// What changes during a call, under one lock (never held across an `.await`).
+#[derive(Default)]
+struct CallInner {
+    state: CallState,
+    /// Where the PBX wants its RTP (known from its offer, or from its answer to an app's
+    /// call), and its RTCP when not with the RTP (no rtcp-mux).
+    pbx: Option<SocketAddr>,
+    pbx_rtcp: Option<SocketAddr>,
+    /// The last SDP of each side as they sent it: what the relay answers an update from
+    /// the other side with (`call.update`).
+    pbx_sdp: String,
+    app_sdp: String,
+    /// An app's call: its ICE credentials, until the controller answers.
+    app_ice: Option<(String, String)>,
+    /// Installed flow ids, and what replaced ones carried.
+    flows: CallFlows,
     /// A TURN-only app: the channel of its allocation on this relay that its media comes
     /// in on, which the call's flows carry.
-    local_channel: Mutex<Option<LocalChannel>>,
-    created: std::time::Instant,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    local_channel: Option<LocalChannel>,
+    /// Tasks carrying media in userspace, and the call's watcher.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl CallInner {
+    /// Takes the PBX's media addresses from its SDP.
+    fn set_pbx(&mut self, endpoint: &sdp::AudioEndpoint) {
+        self.pbx = Some(endpoint.rtp);
+        self.pbx_rtcp = (!endpoint.rtcp_mux).then_some(endpoint.rtcp);
+    }
+
+    /// The PBX's RTP address (set before ICE runs, in both directions; `call.update` from
+    /// the controller may move it).
+    fn pbx(&self) -> SocketAddr {
+        self.pbx
+            .unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))
+    }
 }
 
 impl Calls {
@@ -240,8 +265,11 @@ impl Calls {
             (lan, lan_sockets),
             leg,
         );
-        call.set_pbx(&pbx_endpoint);
-        *call.pbx_sdp.lock().expect("call sdp") = pbx_offer.to_owned();
+        {
+            let mut inner = call.inner();
+            inner.set_pbx(&pbx_endpoint);
+            inner.pbx_sdp = pbx_offer.to_owned();
+        }
         let call = Arc::new(call);
         self.calls().insert(id, call.clone());
         let delivered = self.notify.to_app(
@@ -303,8 +331,11 @@ impl Calls {
             (lan, lan_sockets),
             leg,
         );
-        *call.app_sdp.lock().expect("call sdp") = app_offer.to_owned();
-        *call.app_ice.lock().expect("call ice") = Some((ufrag, pwd));
+        {
+            let mut inner = call.inner();
+            inner.app_sdp = app_offer.to_owned();
+            inner.app_ice = Some((ufrag, pwd));
+        }
         let call = Arc::new(call);
         self.calls().insert(id, call);
         tracing::info!(call = id, %tenant, user, %lan, "calls: the app calls out; offered to the controller");
@@ -336,11 +367,15 @@ impl Calls {
         pbx_answer: &str,
     ) -> Result<(), CallError> {
         let pbx_endpoint = sdp::audio(pbx_answer)?;
-        let Some((ufrag, pwd)) = call.app_ice.lock().expect("call ice").take() else {
-            return Err(CallError::BadRequest("the call is already answered".into()));
+        let (ufrag, pwd) = {
+            let mut inner = call.inner();
+            let Some(credentials) = inner.app_ice.take() else {
+                return Err(CallError::BadRequest("the call is already answered".into()));
+            };
+            inner.set_pbx(&pbx_endpoint);
+            inner.pbx_sdp = pbx_answer.to_owned();
+            credentials
         };
-        call.set_pbx(&pbx_endpoint);
-        *call.pbx_sdp.lock().expect("call sdp") = pbx_answer.to_owned();
         let local = {
             let leg = call.leg.lock().await;
             leg.local()
@@ -354,12 +389,12 @@ impl Calls {
                 sdp: app_answer,
             },
         );
-        *call.state.lock().expect("call state") = CallState::Connecting;
+        call.inner().state = CallState::Connecting;
         let id = call.id;
         let calls = self.clone();
         let connecting = tokio::spawn(async move { calls.connect(call, false, ufrag, pwd).await });
         if let Some(call) = self.calls().get(&id) {
-            call.tasks.lock().expect("call tasks").push(connecting);
+            call.inner().tasks.push(connecting);
         }
         Ok(())
     }
@@ -375,8 +410,16 @@ impl Calls {
         let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
             return Err(no_ice_credentials("answer"));
         };
-        let pbx_answer = sdp::toward_pbx(app_answer, call.lan, call.pbx_rtcp().is_none())?;
-        *call.app_sdp.lock().expect("call sdp") = app_answer.to_owned();
+        let pbx_answer = {
+            let mut inner = call.inner();
+            if inner.state != CallState::Offered {
+                return Err(CallError::BadRequest("the call is already answered".into()));
+            }
+            let answer = sdp::toward_pbx(app_answer, call.lan, inner.pbx_rtcp.is_none())?;
+            inner.app_sdp = app_answer.to_owned();
+            inner.state = CallState::Connecting;
+            answer
+        };
         {
             let leg = call.leg.lock().await;
             for candidate in &endpoint.candidates {
@@ -392,11 +435,10 @@ impl Calls {
                 sdp: pbx_answer,
             },
         );
-        *call.state.lock().expect("call state") = CallState::Connecting;
         let calls = self.clone();
         let connecting = tokio::spawn(async move { calls.connect(call, true, ufrag, pwd).await });
         if let Some(call) = self.calls().get(&id) {
-            call.tasks.lock().expect("call tasks").push(connecting);
+            call.inner().tasks.push(connecting);
         }
         Ok(())
     }
@@ -409,7 +451,7 @@ impl Calls {
     pub async fn update(&self, who: &Requester, id: u64, offer: &str) -> Result<String, CallError> {
         let call = self.owned(who, id)?;
         let pair = {
-            let state = *call.state.lock().expect("call state");
+            let state = call.inner().state;
             state.pair().ok_or_else(|| {
                 CallError::BadRequest(format!(
                     "call: {id}: not connected yet ({}); update once connected",
@@ -429,9 +471,9 @@ impl Calls {
                         .await
                         .map_err(ice_busy)?
                 };
-                let pbx_sdp = call.pbx_sdp.lock().expect("call sdp").clone();
+                let pbx_sdp = call.inner().pbx_sdp.clone();
                 let answer = self.toward_app(&pbx_sdp, local)?;
-                *call.app_sdp.lock().expect("call sdp") = offer.to_owned();
+                call.inner().app_sdp = offer.to_owned();
                 tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
                 self.notify.to_controller(
                     &call.tenant,
@@ -443,12 +485,16 @@ impl Calls {
                 answer
             }
             Requester::Controller { .. } => {
-                let app_sdp = call.app_sdp.lock().expect("call sdp").clone();
-                let answer = sdp::toward_pbx(&app_sdp, call.lan, endpoint.rtcp_mux)?;
-                let old = (*call.pbx.lock().expect("call pbx"), call.pbx_rtcp());
-                call.set_pbx(&endpoint);
-                *call.pbx_sdp.lock().expect("call sdp") = offer.to_owned();
-                if old != (Some(endpoint.rtp), call.pbx_rtcp()) {
+                let moved = {
+                    let mut inner = call.inner();
+                    let answer = sdp::toward_pbx(&inner.app_sdp, call.lan, endpoint.rtcp_mux)?;
+                    let old = (inner.pbx, inner.pbx_rtcp);
+                    inner.set_pbx(&endpoint);
+                    inner.pbx_sdp = offer.to_owned();
+                    (answer, old != (inner.pbx, inner.pbx_rtcp))
+                };
+                let (answer, moved) = moved;
+                if moved {
                     tracing::info!(call = id, to = %endpoint.rtp, "calls: the PBX's media moved; flows replaced");
                     self.install(&call, pair);
                 }
@@ -503,21 +549,18 @@ impl Calls {
         let mut list: Vec<CallInfo> = calls
             .iter()
             .map(|call| {
-                let state = *call.state.lock().expect("call state");
-                let pair = state.pair();
-                let (flows, traffic) = {
-                    let flows = call.flows.lock().expect("call flows");
-                    (flows.ids(), flows.traffic(&self.table, now))
-                };
+                let inner = call.inner();
+                let pair = inner.state.pair();
+                let (flows, traffic) = (inner.flows.ids(), inner.flows.traffic(&self.table, now));
                 CallInfo {
                     call: call.id,
                     tenant: call.tenant.clone(),
                     user: call.user.clone(),
-                    state: state.name().to_owned(),
+                    state: inner.state.name().to_owned(),
                     app: pair.map(|p| p.remote),
                     ice: pair.map(|p| p.local),
                     lan: call.lan,
-                    pbx: *call.pbx.lock().expect("call pbx"),
+                    pbx: inner.pbx,
                     flows,
                     app_candidate: pair.map(|p| p.remote_type.to_string()),
                     since_secs: call.created.elapsed().as_secs(),
@@ -546,7 +589,7 @@ impl Calls {
             .map(|call| Resumable {
                 call: call.id,
                 user: call.user.clone(),
-                state: call.state.lock().expect("call state").name(),
+                state: call.inner().state.name(),
                 called: if call.from_app { "app" } else { "pbx" },
             })
             .collect()
@@ -592,17 +635,14 @@ impl Calls {
             .ended
             .entry(reason)
             .or_default() += 1;
-        call.flows
-            .lock()
-            .expect("call flows")
-            .remove_all(&self.table, monotonic_ns());
-        if let (Some(turn), Some(channel)) = (
-            &self.turn,
-            call.local_channel.lock().expect("call channel").take(),
-        ) {
+        let (channel, tasks) = {
+            let mut inner = call.inner();
+            inner.flows.remove_all(&self.table, monotonic_ns());
+            (inner.local_channel.take(), std::mem::take(&mut inner.tasks))
+        };
+        if let (Some(turn), Some(channel)) = (&self.turn, channel) {
             turn.return_channel(&channel);
         }
-        let tasks: Vec<JoinHandle<()>> = call.tasks.lock().expect("call tasks").drain(..).collect();
         for task in tasks {
             // Not the task running this (connect ends itself by returning).
             if task.id() != tokio::task::try_id().unwrap_or(task.id()) {
@@ -672,33 +712,23 @@ impl Call {
             tenant,
             user,
             from_app,
-            pbx: Mutex::new(None),
-            pbx_rtcp: Mutex::new(None),
             lan,
-            pbx_sdp: Mutex::new(String::new()),
-            app_sdp: Mutex::new(String::new()),
-            app_ice: Mutex::new(None),
             lan_socket: sockets.rtp,
             rtcp_socket: sockets.rtcp,
             remote_candidates: leg.remote_candidates(),
             leg: tokio::sync::Mutex::new(leg),
-            state: Mutex::new(CallState::Offered),
-            flows: Mutex::new(CallFlows::default()),
-            local_channel: Mutex::new(None),
             created: std::time::Instant::now(),
-            tasks: Mutex::new(Vec::new()),
+            inner: Mutex::new(CallInner::default()),
         }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, CallInner> {
+        self.inner.lock().expect("call poisoned")
     }
 
     /// Where the PBX wants RTCP when not with its RTP (no rtcp-mux); None: with it.
     fn pbx_rtcp(&self) -> Option<SocketAddr> {
-        *self.pbx_rtcp.lock().expect("call pbx")
-    }
-
-    /// Takes the PBX's media addresses from its SDP.
-    fn set_pbx(&self, endpoint: &sdp::AudioEndpoint) {
-        *self.pbx.lock().expect("call pbx") = Some(endpoint.rtp);
-        *self.pbx_rtcp.lock().expect("call pbx") = (!endpoint.rtcp_mux).then_some(endpoint.rtcp);
+        self.inner().pbx_rtcp
     }
 
     /// Whether `who` may act on the call: its tenant's controller, or its user.
@@ -709,12 +739,8 @@ impl Call {
         }
     }
 
-    /// The PBX's RTP address (set before ICE runs, in both directions; `call.update` from
-    /// the controller may move it).
+    /// The PBX's RTP address, for the media tasks.
     fn pbx(&self) -> SocketAddr {
-        self.pbx
-            .lock()
-            .expect("call pbx")
-            .unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))
+        self.inner().pbx()
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod flow;
+#[cfg(test)]
+pub mod memory;
 pub mod table;
 pub mod userspace;
 pub mod xdp;

@@ -346,70 +346,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::datapath::{ChannelOp, DatapathKind, SocketStats};
-
-    /// A datapath in memory: what the table installed, counters a test sets, flows "found
-    /// pinned" at start, and a spec it refuses (a relay address it "cannot bind").
-    #[derive(Default)]
-    struct Fake {
-        installed: Mutex<HashMap<FlowId, (u32, u32, FlowSpec)>>,
-        counters: Mutex<HashMap<FlowId, FlowCounters>>,
-        pinned: Vec<(u32, u32, FlowSpec)>,
-        refuse: Option<FlowSpec>,
-    }
-
-    impl Datapath for Arc<Fake> {
-        fn status(&self) -> DatapathStatus {
-            DatapathStatus {
-                kind: DatapathKind::Userspace,
-                interfaces: Vec::new(),
-                capacity: 4,
-                fallback_reason: None,
-                pin_dir: None,
-            }
-        }
-
-        fn install(
-            &self,
-            id: u32,
-            generation: u32,
-            spec: &FlowSpec,
-            _slow_path: SlowPath,
-        ) -> Result<(), DatapathError> {
-            if self.refuse == Some(*spec) {
-                return Err(DatapathError::Map("refused".into()));
-            }
-            self.installed
-                .lock()
-                .unwrap()
-                .insert(spec.id(), (id, generation, *spec));
-            Ok(())
-        }
-
-        fn remove(&self, spec: &FlowSpec) {
-            self.installed.lock().unwrap().remove(&spec.id());
-        }
-
-        fn counters(&self, spec: &FlowSpec) -> FlowCounters {
-            self.counters
-                .lock()
-                .unwrap()
-                .get(&spec.id())
-                .copied()
-                .unwrap_or_default()
-        }
-
-        fn stats(&self) -> DatapathStats {
-            DatapathStats {
-                verdicts: Vec::new(),
-                userspace: SocketStats::default(),
-            }
-        }
-
-        fn installed(&self) -> Vec<(u32, u32, FlowSpec)> {
-            self.pinned.clone()
-        }
-    }
+    use crate::datapath::{ChannelOp, memory::Memory as Fake};
 
     const SECOND: u64 = 1_000_000_000;
 

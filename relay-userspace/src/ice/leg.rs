@@ -129,6 +129,9 @@ impl IceLeg {
                 udp_network: UDPNetwork::Muxed(port.mux.clone()),
                 // The mux's address only: not every address of the host.
                 ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
+                // An ICE port on loopback (a trial on one machine) is a candidate too;
+                // webrtc-ice leaves loopback out unless told.
+                include_loopback: ip.is_loopback(),
                 failed_timeout: Some(consent_timeout),
                 // Apps reach the relay from the Internet: their working address is
                 // reflexive (a NAT's). Waiting for a better one only delays the media
