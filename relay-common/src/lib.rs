@@ -203,10 +203,13 @@ pub enum Verdict {
     PassNoHeadroom,
     /// RTCP on a flow whose peer wants it on its own port (`FLOW_FLAG_RTCP_TO_USERSPACE`).
     PassRtcp,
+    /// XDP_ABORTED: a check the verifier needs failed where it cannot (a broken invariant in
+    /// the program); the packet is dropped. Last, so the other indices never move.
+    Aborted,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Tx,
@@ -228,6 +231,7 @@ impl Verdict {
         Verdict::PassChannelLength,
         Verdict::PassNoHeadroom,
         Verdict::PassRtcp,
+        Verdict::Aborted,
     ];
 
     /// Stable snake_case name, used in `relayctl stats` and metrics labels.
@@ -252,6 +256,7 @@ impl Verdict {
             Verdict::PassChannelLength => "pass_channel_length",
             Verdict::PassNoHeadroom => "pass_no_headroom",
             Verdict::PassRtcp => "pass_rtcp",
+            Verdict::Aborted => "aborted",
         }
     }
 

@@ -61,7 +61,10 @@ fn try_relay(ctx: &XdpContext) -> Result<u32, ()> {
     let (action, verdict) = match forward(ctx) {
         Ok(sent) => sent,
         Err(Fail::Pass(verdict)) => (xdp_action::XDP_PASS, verdict),
-        Err(Fail::Abort) => return Err(()),
+        Err(Fail::Abort) => {
+            stats::count(Verdict::Aborted, frame_len);
+            return Err(());
+        }
     };
     stats::count(verdict, frame_len);
     Ok(action)

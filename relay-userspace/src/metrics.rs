@@ -194,7 +194,7 @@ pub fn render(
     metric(
         "relay_xdp_packets_total",
         "counter",
-        "Packets the XDP program saw, by what it did with them (tx/redirect: forwarded; pass_*: left to the kernel, by reason).",
+        "Packets the XDP program saw, by what it did with them (tx/redirect: forwarded; pass_*: left to the kernel, by reason; aborted: dropped on a broken invariant of the program).",
         &verdicts,
     );
     metric(

@@ -147,7 +147,10 @@ fn verdict_counters_pinned_by_an_older_relayd_are_renewed() {
         stats_pin.to_str().unwrap(),
     ]);
     assert!(
-        String::from_utf8_lossy(&shown.stdout).contains("max_entries 19"),
+        String::from_utf8_lossy(&shown.stdout).contains(&format!(
+            "max_entries {}",
+            relay_common::Verdict::COUNT
+        )),
         "{}",
         String::from_utf8_lossy(&shown.stdout)
     );
