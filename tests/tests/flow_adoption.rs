@@ -147,10 +147,8 @@ fn verdict_counters_pinned_by_an_older_relayd_are_renewed() {
         stats_pin.to_str().unwrap(),
     ]);
     assert!(
-        String::from_utf8_lossy(&shown.stdout).contains(&format!(
-            "max_entries {}",
-            relay_common::Verdict::COUNT
-        )),
+        String::from_utf8_lossy(&shown.stdout)
+            .contains(&format!("max_entries {}", relay_common::Verdict::COUNT)),
         "{}",
         String::from_utf8_lossy(&shown.stdout)
     );

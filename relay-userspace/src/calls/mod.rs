@@ -43,7 +43,7 @@ use crate::{
 };
 
 /// One call as `relayctl calls list` shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone)]
 pub struct CallInfo {
     pub call: u64,
     pub tenant: String,

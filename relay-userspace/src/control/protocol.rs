@@ -2,11 +2,15 @@
 //!
 //! A request is one JSON object per line: `{"version":1,"id":N,"method":"...","params":{...}}`.
 //! The answer is one line with the same `id` and either `result` or `error`.
+//!
+//! Every type on the wire is defined here and nowhere else; the server converts the
+//! domain's types into them (`control/convert.rs`), so renaming a field inside relayd never
+//! changes protocol v1 by accident. This module imports nothing of the crate.
+
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-use crate::datapath::{ChannelOp, DatapathStats, DatapathStatus, table::FlowInfo};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line the server reads; longer ones are refused.
@@ -104,12 +108,12 @@ pub struct TurnRevokeParams {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TurnAllocationsResult {
-    pub allocations: Vec<crate::turn::driver::AllocationReport>,
+    pub allocations: Vec<Allocation>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallsListResult {
-    pub calls: Vec<crate::calls::CallInfo>,
+    pub calls: Vec<CallInfo>,
 }
 
 /// `calls.show`, `calls.hangup`: one call by its number.
@@ -145,16 +149,16 @@ pub struct StatusResult {
     pub idle_timeout_secs: u64,
     /// Absent when the TURN server is not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub turn: Option<crate::turn::driver::TurnStatus>,
+    pub turn: Option<TurnStatus>,
     /// Absent when the signalling rendezvous is not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signalling: Option<crate::signalling::server::SignallingStatus>,
+    pub signalling: Option<SignallingStatus>,
     /// Calls in progress; absent when calls are not enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calls: Option<usize>,
     /// The ICE port every call's app leg shares, when calls are enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calls_ice: Option<std::net::SocketAddr>,
+    pub calls_ice: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,4 +172,181 @@ pub struct StatsResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FlowListResult {
     pub flows: Vec<FlowInfo>,
+}
+
+/// What a flow does with TURN ChannelData framing (RFC 8656 section 12): `{"strip": N}`,
+/// `{"add": N}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOp {
+    Strip(u16),
+    Add(u16),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    Xdp,
+    Userspace,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    /// "native" or "generic".
+    pub xdp_mode: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub kind: DatapathKind,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub capacity: u32,
+    /// Why "auto" fell back to userspace, when it did.
+    pub fallback_reason: Option<String>,
+    pub pin_dir: Option<String>,
+}
+
+/// Packets and bytes the XDP program counted for one verdict, summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictCount {
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters of the userspace socket path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStats {
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    pub unknown_source_packets: u64,
+    pub malformed_packets: u64,
+    pub send_errors: u64,
+    pub bound_sockets: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStats {
+    /// Empty for the userspace datapath.
+    pub verdicts: Vec<VerdictCount>,
+    pub userspace: SocketStats,
+}
+
+/// One direction of one leg: packets from `src` to `dst` are re-sent from `new_src` to
+/// `new_dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSpec {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub new_src: SocketAddr,
+    pub new_dst: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelOp>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rtcp_to_userspace: bool,
+}
+
+/// Packets forwarded by the XDP program and by the userspace path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowCounters {
+    pub xdp_packets: u64,
+    pub xdp_bytes: u64,
+    pub userspace_packets: u64,
+    pub userspace_bytes: u64,
+    /// CLOCK_MONOTONIC ns of the last packet on either path (0: none yet).
+    pub last_seen_ns: u64,
+}
+
+impl FlowCounters {
+    pub fn packets(&self) -> u64 {
+        self.xdp_packets + self.userspace_packets
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.xdp_bytes + self.userspace_bytes
+    }
+}
+
+/// `flow.show`, and each flow of `flow.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowInfo {
+    pub id: u32,
+    pub generation: u32,
+    #[serde(flatten)]
+    pub spec: FlowSpec,
+    pub counters: FlowCounters,
+    pub rate_pps: f64,
+    pub idle_secs: f64,
+}
+
+/// The TURN server at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnStatus {
+    pub listening: Vec<SocketAddr>,
+    pub allocations: u64,
+    pub channels: u64,
+    /// Where allocations are kept across restarts; absent: they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_store: Option<String>,
+    pub offload: bool,
+    #[serde(default)]
+    pub tcp: bool,
+}
+
+/// One TURN allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub username: String,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// udp, tcp, or tls (on the signalling port).
+    pub transport: String,
+    pub relays: Vec<SocketAddr>,
+    pub expires_in_secs: u64,
+    pub permissions: Vec<IpAddr>,
+    pub channels: Vec<(u16, SocketAddr)>,
+    pub offloaded_flows: usize,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The signalling rendezvous at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignallingStatus {
+    pub listening: SocketAddr,
+    pub certificate_sha256: String,
+    pub tenants: usize,
+    pub controllers: usize,
+    pub clients: usize,
+    pub turn_over_tls: bool,
+}
+
+/// Packets and bytes in one direction of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One call in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallInfo {
+    pub call: u64,
+    pub tenant: String,
+    pub user: String,
+    /// offered, connecting, connected.
+    pub state: String,
+    pub app: Option<SocketAddr>,
+    pub ice: Option<SocketAddr>,
+    pub lan: SocketAddr,
+    pub pbx: Option<SocketAddr>,
+    pub flows: Vec<u32>,
+    pub app_candidate: Option<String>,
+    pub since_secs: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub to_pbx: Traffic,
+    pub to_app: Traffic,
 }

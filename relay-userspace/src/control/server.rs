@@ -18,10 +18,10 @@ use tokio::{
 };
 
 use super::protocol::{
-    CallIdParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorKind, FlowAddParams,
-    FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request,
-    Response, StatsResult, StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult,
-    method,
+    self as wire, CallIdParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorKind,
+    FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION, Request, Response, StatsResult, StatusResult, TurnAllocationsResult,
+    TurnRevokeParams, TurnRevokeResult, method,
 };
 use crate::{
     datapath::{
@@ -220,18 +220,18 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             relay_version: env!("CARGO_PKG_VERSION").to_owned(),
             protocol_version: PROTOCOL_VERSION,
             uptime_secs: started.elapsed().as_secs(),
-            datapath: table.status(),
+            datapath: table.status().into(),
             flows: table.len(),
             idle_timeout_secs: table.idle_timeout_secs(),
-            turn: turn.map(|turn| turn.status()),
-            signalling: services.signalling.as_ref().map(|s| s.status()),
+            turn: turn.map(|turn| turn.status().into()),
+            signalling: services.signalling.as_ref().map(|s| s.status().into()),
             calls: services.calls.as_ref().map(|calls| calls.len()),
             calls_ice: services.calls.as_ref().map(|calls| calls.ice_address()),
         }),
         method::STATS => to_value(StatsResult {
             flows: table.len(),
             flows_expired: table.expired_total(),
-            datapath: table.stats(),
+            datapath: table.stats().into(),
         }),
         method::FLOW_ADD => {
             let params: FlowAddParams = params(request)?;
@@ -240,7 +240,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 dst: endpoint("dst", &params.dst)?,
                 new_src: endpoint("new_src", &params.new_src)?,
                 new_dst: endpoint("new_dst", &params.new_dst)?,
-                channel: params.channel,
+                channel: params.channel.map(Into::into),
                 rtcp_to_userspace: false,
             };
             let specs = if params.reverse {
@@ -262,17 +262,22 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 packets = info.counters.packets(),
                 "flow removed"
             );
-            to_value(info)
+            to_value(wire::FlowInfo::from(info))
         }
         method::FLOW_LIST => to_value(FlowListResult {
-            flows: table.list(now),
+            flows: table.list(now).into_iter().map(Into::into).collect(),
         }),
         method::FLOW_SHOW => {
             let params: FlowIdParams = params(request)?;
-            to_value(table.get(params.id, now).map_err(flow_error)?)
+            let flow = table.get(params.id, now).map_err(flow_error)?;
+            to_value(wire::FlowInfo::from(flow))
         }
         method::TURN_ALLOCATIONS => to_value(TurnAllocationsResult {
-            allocations: turn_service(turn)?.report(),
+            allocations: turn_service(turn)?
+                .report()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
         }),
         method::TURN_REVOKE => {
             let params: TurnRevokeParams = params(request)?;
@@ -294,7 +299,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
         method::CALLS_LIST => {
             let calls = calls_service(services)?;
             to_value(CallsListResult {
-                calls: calls.list(),
+                calls: calls.list().into_iter().map(Into::into).collect(),
             })
         }
         method::CALLS_SHOW => {
@@ -311,7 +316,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                         format!("call: {}: no such call", params.call),
                     )
                 })?;
-            to_value(call)
+            to_value(wire::CallInfo::from(call))
         }
         method::CALLS_HANGUP => {
             let params: CallIdParams = params(request)?;

@@ -11,20 +11,18 @@ pub mod xdp;
 
 use std::{io, net::SocketAddr};
 
-use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use self::config::{DatapathConfig, DatapathMode};
 pub use self::flow::{ChannelOp, FlowSpec, FlowSpecError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatapathKind {
     Xdp,
     Userspace,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceStatus {
     pub name: String,
     pub ifindex: u32,
@@ -32,7 +30,7 @@ pub struct InterfaceStatus {
     pub xdp_mode: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatapathStatus {
     pub kind: DatapathKind,
     pub interfaces: Vec<InterfaceStatus>,
@@ -43,7 +41,7 @@ pub struct DatapathStatus {
 }
 
 /// Counters of one flow: packets forwarded by the XDP program and by the userspace path.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowCounters {
     pub xdp_packets: u64,
     pub xdp_bytes: u64,
@@ -74,7 +72,7 @@ impl FlowCounters {
 }
 
 /// Packets and bytes the XDP program counted for one verdict, summed over CPUs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerdictCount {
     pub verdict: String,
     pub packets: u64,
@@ -82,7 +80,7 @@ pub struct VerdictCount {
 }
 
 /// Counters of the userspace socket path.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SocketStats {
     pub forwarded_packets: u64,
     pub forwarded_bytes: u64,
@@ -94,7 +92,7 @@ pub struct SocketStats {
     pub bound_sockets: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatapathStats {
     /// Empty for the userspace datapath.
     pub verdicts: Vec<VerdictCount>,

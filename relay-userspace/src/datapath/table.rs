@@ -6,8 +6,6 @@ use std::{
     sync::Mutex,
 };
 
-use serde::{Deserialize, Serialize};
-
 use super::{
     Datapath, DatapathError, DatapathStats, DatapathStatus, FlowCounters, FlowSpec, FlowSpecError,
     SlowPath, flow::FlowId,
@@ -43,11 +41,10 @@ impl FlowError {
 }
 
 /// What `flow list` / `flow show` report about one flow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FlowInfo {
     pub id: u32,
     pub generation: u32,
-    #[serde(flatten)]
     pub spec: FlowSpec,
     pub counters: FlowCounters,
     /// Packets per second over the last sampling interval.

@@ -67,7 +67,7 @@ type Socket = WebSocketStream<Prefixed<tokio_rustls::server::TlsStream<TcpStream
 
 /// Binds `signalling.listen` and serves until `stopped` changes.
 /// The rendezvous as `relayctl status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignallingStatus {
     pub listening: SocketAddr,
     /// The SHA-256 fingerprint of the certificate (what apps pin when it is self-signed).

@@ -13,7 +13,6 @@ use std::{
 };
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tokio::{net::UdpSocket, sync::watch, task::JoinHandle};
 
 use super::{
@@ -60,7 +59,7 @@ type TcpQueue = tokio::sync::mpsc::Sender<Vec<u8>>;
 type TcpClients = HashMap<(SocketAddr, SocketAddr), (TcpQueue, &'static str)>;
 
 /// One allocation as `relayctl turn allocations` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct AllocationReport {
     pub username: String,
     pub client: SocketAddr,
@@ -92,18 +91,16 @@ pub struct LocalChannel {
 }
 
 /// The TURN server at a glance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct TurnStatus {
     pub listening: Vec<SocketAddr>,
     pub allocations: u64,
     pub channels: u64,
     /// Where allocations are kept across restarts; absent: they are not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_store: Option<String>,
     /// Whether bound channels are forwarded in the kernel.
     pub offload: bool,
     /// Whether clients may also come over TCP (and TLS on the signalling port).
-    #[serde(default)]
     pub tcp: bool,
 }
 

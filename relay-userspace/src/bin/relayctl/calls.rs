@@ -1,12 +1,9 @@
 //! `relayctl calls list|show|hangup`.
 
 use clap::Subcommand;
-use relay::{
-    calls::CallInfo,
-    control::{
-        client::{ClientError, ControlClient},
-        protocol::{CallIdParams, CallsListResult, method},
-    },
+use relay::control::{
+    client::{ClientError, ControlClient},
+    protocol::{CallIdParams, CallInfo, CallsListResult, method},
 };
 use serde_json::Value;
 

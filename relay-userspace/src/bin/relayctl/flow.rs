@@ -1,13 +1,12 @@
 //! `relayctl flow add|del|list|show`.
 
 use clap::Subcommand;
-use relay::{
-    control::{
-        client::{ClientError, ControlClient},
-        protocol::{FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult, method},
-        server::parse_endpoint,
+use relay::control::{
+    client::{ClientError, ControlClient},
+    protocol::{
+        ChannelOp, FlowAddParams, FlowAddResult, FlowIdParams, FlowInfo, FlowListResult, method,
     },
-    datapath::{ChannelOp, table::FlowInfo},
+    server::parse_endpoint,
 };
 use serde_json::{Value, json};
 

@@ -1,0 +1,192 @@
+//! The domain's types as the control API's wire types ([`super::protocol`]): the one place
+//! where a field of relayd meets a field of protocol v1.
+
+use super::protocol as wire;
+use crate::{
+    calls::{CallInfo, Traffic},
+    datapath::{
+        ChannelOp, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
+        table::FlowInfo,
+    },
+    signalling::server::SignallingStatus,
+    turn::driver::{AllocationReport, TurnStatus},
+};
+
+impl From<ChannelOp> for wire::ChannelOp {
+    fn from(op: ChannelOp) -> Self {
+        match op {
+            ChannelOp::Strip(number) => wire::ChannelOp::Strip(number),
+            ChannelOp::Add(number) => wire::ChannelOp::Add(number),
+        }
+    }
+}
+
+impl From<wire::ChannelOp> for ChannelOp {
+    fn from(op: wire::ChannelOp) -> Self {
+        match op {
+            wire::ChannelOp::Strip(number) => ChannelOp::Strip(number),
+            wire::ChannelOp::Add(number) => ChannelOp::Add(number),
+        }
+    }
+}
+
+impl From<DatapathStatus> for wire::DatapathStatus {
+    fn from(status: DatapathStatus) -> Self {
+        wire::DatapathStatus {
+            kind: match status.kind {
+                DatapathKind::Xdp => wire::DatapathKind::Xdp,
+                DatapathKind::Userspace => wire::DatapathKind::Userspace,
+            },
+            interfaces: status
+                .interfaces
+                .into_iter()
+                .map(|i| wire::InterfaceStatus {
+                    name: i.name,
+                    ifindex: i.ifindex,
+                    xdp_mode: i.xdp_mode,
+                })
+                .collect(),
+            capacity: status.capacity,
+            fallback_reason: status.fallback_reason,
+            pin_dir: status.pin_dir,
+        }
+    }
+}
+
+impl From<DatapathStats> for wire::DatapathStats {
+    fn from(stats: DatapathStats) -> Self {
+        let user = stats.userspace;
+        wire::DatapathStats {
+            verdicts: stats
+                .verdicts
+                .into_iter()
+                .map(|v| wire::VerdictCount {
+                    verdict: v.verdict,
+                    packets: v.packets,
+                    bytes: v.bytes,
+                })
+                .collect(),
+            userspace: wire::SocketStats {
+                forwarded_packets: user.forwarded_packets,
+                forwarded_bytes: user.forwarded_bytes,
+                unknown_source_packets: user.unknown_source_packets,
+                malformed_packets: user.malformed_packets,
+                send_errors: user.send_errors,
+                bound_sockets: user.bound_sockets,
+            },
+        }
+    }
+}
+
+impl From<FlowSpec> for wire::FlowSpec {
+    fn from(spec: FlowSpec) -> Self {
+        wire::FlowSpec {
+            src: spec.src,
+            dst: spec.dst,
+            new_src: spec.new_src,
+            new_dst: spec.new_dst,
+            channel: spec.channel.map(Into::into),
+            rtcp_to_userspace: spec.rtcp_to_userspace,
+        }
+    }
+}
+
+impl From<FlowCounters> for wire::FlowCounters {
+    fn from(counters: FlowCounters) -> Self {
+        wire::FlowCounters {
+            xdp_packets: counters.xdp_packets,
+            xdp_bytes: counters.xdp_bytes,
+            userspace_packets: counters.userspace_packets,
+            userspace_bytes: counters.userspace_bytes,
+            last_seen_ns: counters.last_seen_ns,
+        }
+    }
+}
+
+impl From<FlowInfo> for wire::FlowInfo {
+    fn from(flow: FlowInfo) -> Self {
+        wire::FlowInfo {
+            id: flow.id,
+            generation: flow.generation,
+            spec: flow.spec.into(),
+            counters: flow.counters.into(),
+            rate_pps: flow.rate_pps,
+            idle_secs: flow.idle_secs,
+        }
+    }
+}
+
+impl From<TurnStatus> for wire::TurnStatus {
+    fn from(status: TurnStatus) -> Self {
+        wire::TurnStatus {
+            listening: status.listening,
+            allocations: status.allocations,
+            channels: status.channels,
+            state_store: status.state_store,
+            offload: status.offload,
+            tcp: status.tcp,
+        }
+    }
+}
+
+impl From<AllocationReport> for wire::Allocation {
+    fn from(report: AllocationReport) -> Self {
+        wire::Allocation {
+            username: report.username,
+            client: report.client,
+            server: report.server,
+            transport: report.transport,
+            relays: report.relays,
+            expires_in_secs: report.expires_in_secs,
+            permissions: report.permissions,
+            channels: report.channels,
+            offloaded_flows: report.offloaded_flows,
+            packets: report.packets,
+            bytes: report.bytes,
+        }
+    }
+}
+
+impl From<SignallingStatus> for wire::SignallingStatus {
+    fn from(status: SignallingStatus) -> Self {
+        wire::SignallingStatus {
+            listening: status.listening,
+            certificate_sha256: status.certificate_sha256,
+            tenants: status.tenants,
+            controllers: status.controllers,
+            clients: status.clients,
+            turn_over_tls: status.turn_over_tls,
+        }
+    }
+}
+
+impl From<Traffic> for wire::Traffic {
+    fn from(traffic: Traffic) -> Self {
+        wire::Traffic {
+            packets: traffic.packets,
+            bytes: traffic.bytes,
+        }
+    }
+}
+
+impl From<CallInfo> for wire::CallInfo {
+    fn from(call: CallInfo) -> Self {
+        wire::CallInfo {
+            call: call.call,
+            tenant: call.tenant,
+            user: call.user,
+            state: call.state,
+            app: call.app,
+            ice: call.ice,
+            lan: call.lan,
+            pbx: call.pbx,
+            flows: call.flows,
+            app_candidate: call.app_candidate,
+            since_secs: call.since_secs,
+            packets: call.packets,
+            bytes: call.bytes,
+            to_pbx: call.to_pbx.into(),
+            to_app: call.to_app.into(),
+        }
+    }
+}
