@@ -94,12 +94,14 @@ pub async fn run(
             tracing::info!(%address, "metrics: serving Prometheus metrics at /metrics");
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
-                table.clone(),
-                turn.clone(),
-                signalling
-                    .as_ref()
-                    .map(|(listening, _)| listening.hub.clone()),
-                calls.clone(),
+                crate::metrics::Sources {
+                    table: table.clone(),
+                    turn: turn.clone(),
+                    signalling: signalling
+                        .as_ref()
+                        .map(|(listening, _)| listening.hub.clone()),
+                    calls: calls.clone(),
+                },
                 stopped.clone(),
             )))
         }

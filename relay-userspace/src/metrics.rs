@@ -1,18 +1,31 @@
-//! Prometheus metrics over HTTP (`metrics.listen`): the flow table and the datapath counters,
-//! read when scraped. Label values come from fixed sets (verdicts, datapaths), never from
-//! users or addresses, so the number of series is bounded.
+//! Prometheus metrics over HTTP (`metrics.listen`): the flow table, the datapath counters,
+//! TURN, signalling and calls, read when scraped and written in the OpenMetrics text format
+//! (prometheus-client), served by hyper. Label values come from fixed sets (verdicts,
+//! datapaths, refusal reasons, end reasons), never from users or addresses, so the number
+//! of series is bounded.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::{convert::Infallible, fmt, sync::Arc, time::Duration};
 
-use relay_common::Verdict;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::watch,
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use relay_common::Verdict;
+use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    calls::Calls,
+    calls::{Calls, EndReason, SETUP_BUCKETS},
     datapath::{DatapathKind, table::FlowTable},
     signalling::hub::Hub,
     turn::driver::TurnService,
@@ -43,28 +56,50 @@ impl MetricsConfig {
     }
 }
 
-/// Longest request head read before answering; the path is all that matters.
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// A scraper that sends nothing, or too slowly, is cut off.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve(
-    listener: TcpListener,
-    table: Arc<FlowTable>,
-    turn: Option<Arc<TurnService>>,
-    signalling: Option<Arc<Hub>>,
-    calls: Option<Arc<Calls>>,
-    mut stopped: watch::Receiver<bool>,
-) {
+/// What the metrics are read from.
+pub struct Sources {
+    pub table: Arc<FlowTable>,
+    pub turn: Option<Arc<TurnService>>,
+    pub signalling: Option<Arc<Hub>>,
+    pub calls: Option<Arc<Calls>>,
+}
+
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sources")
+            .field("turn", &self.turn.is_some())
+            .field("signalling", &self.signalling.is_some())
+            .field("calls", &self.calls.is_some())
+            .finish()
+    }
+}
+
+pub async fn serve(listener: TcpListener, sources: Sources, mut stopped: watch::Receiver<bool>) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Arc::new(sources)));
+    let registry = Arc::new(registry);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(
-                        stream,
-                        table.clone(),
-                        turn.clone(),
-                        signalling.clone(),
-                        calls.clone(),
-                    ));
+                    let registry = registry.clone();
+                    let service = service_fn(move |request| {
+                        let response = respond(&request, &registry);
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    // One request per connection (the answer closes it); a scraper that
+                    // does not finish its request in time is closed too.
+                    let connection = http1::Builder::new()
+                        .keep_alive(false)
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(REQUEST_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(2 * REQUEST_TIMEOUT, connection).await;
+                    });
                 }
                 Err(err) => tracing::warn!(%err, "metrics: accept failed"),
             },
@@ -73,215 +108,320 @@ pub async fn serve(
     }
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    table: Arc<FlowTable>,
-    turn: Option<Arc<TurnService>>,
-    signalling: Option<Arc<Hub>>,
-    calls: Option<Arc<Calls>>,
-) {
-    let mut head = vec![0u8; MAX_REQUEST_BYTES];
-    let mut read = 0;
-    // Read until the end of the request head, a full buffer, or the peer stops sending.
-    while read < head.len() && !head[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut head[read..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => read += n,
-        }
-    }
-    let request = String::from_utf8_lossy(&head[..read]);
-    let (status, content_type, body) =
-        match request.split_whitespace().take(2).collect::<Vec<_>>()[..] {
-            ["GET", "/metrics"] => (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                render(
-                    &table,
-                    turn.as_deref(),
-                    signalling.as_deref(),
-                    calls.as_deref(),
-                ),
-            ),
-            ["GET", _] => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
-            _ => (
-                "405 Method Not Allowed",
-                "text/plain",
-                "GET /metrics\n".to_owned(),
-            ),
-        };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+fn respond(request: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render(registry),
+        ),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET /metrics\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
     );
-    let _ = stream.write_all(response.as_bytes()).await;
+    response
 }
 
-/// The metrics in the Prometheus text exposition format.
-pub fn render(
-    table: &FlowTable,
-    turn: Option<&TurnService>,
-    signalling: Option<&Hub>,
-    calls: Option<&Calls>,
-) -> String {
-    let status = table.status();
-    let stats = table.stats();
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
-    let datapath = match status.kind {
-        DatapathKind::Xdp => "xdp",
-        DatapathKind::Userspace => "userspace",
-    };
-    metric(
-        "relay_datapath_info",
-        "gauge",
-        "The datapath forwarding flows (1 for the one in use).",
-        &[(format!("{{datapath=\"{datapath}\"}}"), 1)],
-    );
-    metric(
-        "relay_flows",
-        "gauge",
-        "Flows installed.",
-        &[(String::new(), table.len() as u64)],
-    );
-    metric(
-        "relay_flows_capacity",
-        "gauge",
-        "Flows the table can hold.",
-        &[(String::new(), u64::from(status.capacity))],
-    );
-    metric(
-        "relay_flows_expired_total",
-        "counter",
-        "Flows removed because they were idle longer than flows.idle_timeout_secs.",
-        &[(String::new(), table.expired_total())],
-    );
-    let user = &stats.userspace;
-    let (forwarded, forwarded_bytes) = stats
-        .verdicts
-        .iter()
-        .filter(|v| v.verdict == Verdict::Tx.name() || v.verdict == Verdict::Redirect.name())
-        .fold((0, 0), |(packets, bytes), v| {
-            (packets + v.packets, bytes + v.bytes)
-        });
-    metric(
-        "relay_forwarded_packets_total",
-        "counter",
-        "Packets forwarded, by the path that forwarded them.",
-        &[
-            ("{path=\"xdp\"}".to_owned(), forwarded),
-            ("{path=\"userspace\"}".to_owned(), user.forwarded_packets),
-        ],
-    );
-    metric(
-        "relay_forwarded_bytes_total",
-        "counter",
-        "Bytes forwarded (XDP: frames as received; userspace: IP packets), by path.",
-        &[
-            ("{path=\"xdp\"}".to_owned(), forwarded_bytes),
-            ("{path=\"userspace\"}".to_owned(), user.forwarded_bytes),
-        ],
-    );
-    let verdicts: Vec<(String, u64)> = stats
-        .verdicts
-        .iter()
-        .map(|v| (format!("{{verdict=\"{}\"}}", v.verdict), v.packets))
-        .collect();
-    metric(
-        "relay_xdp_packets_total",
-        "counter",
-        "Packets the XDP program saw, by what it did with them (tx/redirect: forwarded; pass_*: left to the kernel, by reason; aborted: dropped on a broken invariant of the program).",
-        &verdicts,
-    );
-    metric(
-        "relay_userspace_dropped_packets_total",
-        "counter",
-        "Packets the userspace path dropped, by reason.",
-        &[
-            (
-                "{reason=\"unknown_source\"}".to_owned(),
-                user.unknown_source_packets,
-            ),
-            (
-                "{reason=\"malformed_channel_data\"}".to_owned(),
-                user.malformed_packets,
-            ),
-            ("{reason=\"send_error\"}".to_owned(), user.send_errors),
-        ],
-    );
-    if let Some(calls) = calls {
-        metric(
-            "relay_calls",
-            "gauge",
-            "Calls in progress (offered, connecting or connected).",
-            &[(String::new(), calls.len() as u64)],
-        );
-        let tally = calls.tally();
-        let ended: Vec<(String, u64)> = tally
-            .ended
-            .iter()
-            .map(|(reason, count)| (format!("{{reason=\"{}\"}}", reason.name()), *count))
-            .collect();
-        metric(
-            "relay_calls_ended_total",
-            "counter",
-            "Calls ended, by reason (hangup, operator, ice-failed, ice-timeout, consent-lost, media-timeout, relay-stopped).",
-            &ended,
-        );
+/// The metrics in the OpenMetrics text format.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        tracing::error!(%err, "metrics: cannot encode");
     }
-    if let Some(hub) = signalling {
-        let (controllers, clients) = hub.counts();
-        metric(
-            "relay_signalling_sessions",
-            "gauge",
-            "Authenticated signalling sessions, by role.",
-            &[
-                ("{role=\"controller\"}".to_owned(), controllers as u64),
-                ("{role=\"client\"}".to_owned(), clients as u64),
+    text
+}
+
+/// Writes one metric family: its descriptor, then a sample per label set.
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, sample) in samples {
+        sample.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// One sample without labels.
+fn single<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    sample: M,
+) -> Result<(), fmt::Error> {
+    let kind = sample.metric_type();
+    sample.encode(encoder.encode_descriptor(name, help, None, kind)?)
+}
+
+fn gauge(value: u64) -> ConstGauge<i64> {
+    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let status = self.table.status();
+        let stats = self.table.stats();
+        let datapath = match status.kind {
+            DatapathKind::Xdp => "xdp",
+            DatapathKind::Userspace => "userspace",
+        };
+        family(
+            &mut encoder,
+            "relay_datapath_info",
+            "The datapath forwarding flows (1 for the one in use).",
+            MetricType::Gauge,
+            [([("datapath", datapath)], gauge(1))],
+        )?;
+        single(
+            &mut encoder,
+            "relay_flows",
+            "Flows installed.",
+            gauge(self.table.len() as u64),
+        )?;
+        single(
+            &mut encoder,
+            "relay_flows_capacity",
+            "Flows the table can hold.",
+            gauge(u64::from(status.capacity)),
+        )?;
+        single(
+            &mut encoder,
+            "relay_flows_expired",
+            "Flows removed because they were idle longer than flows.idle_timeout_secs.",
+            ConstCounter::new(self.table.expired_total()),
+        )?;
+        let user = &stats.userspace;
+        let (forwarded, forwarded_bytes) = stats
+            .verdicts
+            .iter()
+            .filter(|v| v.verdict == Verdict::Tx.name() || v.verdict == Verdict::Redirect.name())
+            .fold((0, 0), |(packets, bytes), v| {
+                (packets + v.packets, bytes + v.bytes)
+            });
+        family(
+            &mut encoder,
+            "relay_forwarded_packets",
+            "Packets forwarded, by the path that forwarded them.",
+            MetricType::Counter,
+            [
+                ([("path", "xdp")], ConstCounter::new(forwarded)),
+                (
+                    [("path", "userspace")],
+                    ConstCounter::new(user.forwarded_packets),
+                ),
             ],
-        );
+        )?;
+        family(
+            &mut encoder,
+            "relay_forwarded_bytes",
+            "Bytes forwarded (XDP: frames as received; userspace: IP packets), by path.",
+            MetricType::Counter,
+            [
+                ([("path", "xdp")], ConstCounter::new(forwarded_bytes)),
+                (
+                    [("path", "userspace")],
+                    ConstCounter::new(user.forwarded_bytes),
+                ),
+            ],
+        )?;
+        family(
+            &mut encoder,
+            "relay_xdp_packets",
+            "Packets the XDP program saw, by what it did with them (tx/redirect: forwarded; pass_*: left to the kernel, by reason; aborted: dropped on a broken invariant of the program).",
+            MetricType::Counter,
+            stats.verdicts.iter().map(|v| {
+                (
+                    [("verdict", v.verdict.as_str())],
+                    ConstCounter::new(v.packets),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "relay_userspace_dropped_packets",
+            "Packets the userspace path dropped, by reason.",
+            MetricType::Counter,
+            [
+                ("unknown_source", user.unknown_source_packets),
+                ("malformed_channel_data", user.malformed_packets),
+                ("send_error", user.send_errors),
+            ]
+            .map(|(reason, count)| ([("reason", reason)], ConstCounter::new(count))),
+        )?;
+        if let Some(calls) = &self.calls {
+            let tally = calls.tally();
+            single(
+                &mut encoder,
+                "relay_calls",
+                "Calls in progress (offered, connecting or connected).",
+                gauge(calls.len() as u64),
+            )?;
+            family(
+                &mut encoder,
+                "relay_calls_ended",
+                "Calls ended, by reason (hangup, operator, ice-failed, ice-timeout, consent-lost, media-timeout, relay-stopped).",
+                MetricType::Counter,
+                EndReason::ALL.map(|reason| {
+                    let count = tally.ended.get(&reason).copied().unwrap_or(0);
+                    ([("reason", reason.name())], ConstCounter::new(count))
+                }),
+            )?;
+            let buckets: Vec<(f64, u64)> = SETUP_BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::MAX])
+                .zip(tally.setup_buckets)
+                .collect();
+            encoder
+                .encode_descriptor(
+                    "relay_call_setup_seconds",
+                    "From call.create to ICE connected with the media flows installed.",
+                    None,
+                    MetricType::Histogram,
+                )?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    tally.setup_seconds,
+                    tally.connected,
+                    &buckets,
+                    None,
+                )?;
+        }
+        if let Some(hub) = &self.signalling {
+            let (controllers, clients) = hub.counts();
+            family(
+                &mut encoder,
+                "relay_signalling_sessions",
+                "Authenticated signalling sessions, by role.",
+                MetricType::Gauge,
+                [
+                    ([("role", "controller")], gauge(controllers as u64)),
+                    ([("role", "client")], gauge(clients as u64)),
+                ],
+            )?;
+        }
+        if let Some(turn) = &self.turn {
+            let summary = turn.summary();
+            single(
+                &mut encoder,
+                "relay_turn_allocations",
+                "TURN allocations.",
+                gauge(summary.allocations),
+            )?;
+            single(
+                &mut encoder,
+                "relay_turn_channels",
+                "TURN channels bound.",
+                gauge(summary.channels),
+            )?;
+            // Codes and reasons are the server's closed set of refusals: a bounded set.
+            family(
+                &mut encoder,
+                "relay_turn_refusals",
+                "TURN requests refused, by error code and reason (401: failed authentication; the challenge of a client's first request is not counted).",
+                MetricType::Counter,
+                summary.refusals.iter().map(|(code, reason, count)| {
+                    (
+                        [("code", code.to_string()), ("reason", (*reason).to_owned())],
+                        ConstCounter::new(*count),
+                    )
+                }),
+            )?;
+        }
+        Ok(())
     }
-    if let Some(turn) = turn {
-        let summary = turn.summary();
-        metric(
-            "relay_turn_allocations",
-            "gauge",
-            "TURN allocations.",
-            &[(String::new(), summary.allocations)],
-        );
-        metric(
-            "relay_turn_channels",
-            "gauge",
-            "TURN channels bound.",
-            &[(String::new(), summary.channels)],
-        );
-        // Codes and reasons are the server's own fixed phrases: a bounded set.
-        let refusals: Vec<(String, u64)> = summary
-            .refusals
-            .iter()
-            .map(|(code, reason, count)| {
-                (format!("{{code=\"{code}\",reason=\"{reason}\"}}"), *count)
-            })
-            .collect();
-        metric(
-            "relay_turn_refusals_total",
-            "counter",
-            "TURN requests refused, by error code and reason (401: failed authentication; the challenge of a client's first request is not counted).",
-            &refusals,
-        );
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{datapath::memory::Memory, time::monotonic_ns};
+
+    async fn get(address: std::net::SocketAddr, request: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        // The server closes the connection after its answer.
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        response
     }
-    // A summary: its sum is in seconds, a fraction (the closure above writes integers).
-    if let Some(calls) = calls {
-        let tally = calls.tally();
-        let _ = write!(
-            out,
-            "# HELP relay_call_setup_seconds From call.create to ICE connected with the media flows installed.\n# TYPE relay_call_setup_seconds summary\nrelay_call_setup_seconds_sum {:.6}\nrelay_call_setup_seconds_count {}\n",
-            tally.setup_seconds, tally.connected
+
+    #[tokio::test]
+    async fn metrics_are_served_in_the_openmetrics_text_format() {
+        let table = Arc::new(FlowTable::new(
+            Box::new(Arc::new(Memory::default())),
+            60,
+            monotonic_ns(),
+        ));
+        let spec = crate::datapath::FlowSpec {
+            src: "198.51.100.7:4000".parse().unwrap(),
+            dst: "203.0.113.1:20000".parse().unwrap(),
+            new_src: "10.0.0.1:30000".parse().unwrap(),
+            new_dst: "10.0.0.5:5004".parse().unwrap(),
+            channel: None,
+            rtcp_to_userspace: false,
+        };
+        table.add(&[spec, spec.reverse()], monotonic_ns()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let sources = Sources {
+            table,
+            turn: None,
+            signalling: None,
+            calls: None,
+        };
+        let serving = tokio::spawn(serve(listener, sources, stopped));
+        let response = get(address, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(
+            response.contains("application/openmetrics-text"),
+            "{response}"
         );
+        for line in [
+            "relay_flows 2\n",
+            "relay_flows_capacity 4\n",
+            "relay_datapath_info{datapath=\"userspace\"} 1\n",
+            "relay_forwarded_packets_total{path=\"xdp\"} 0\n",
+            "# TYPE relay_flows_expired counter\n",
+            "# EOF\n",
+        ] {
+            assert!(response.contains(line), "{line:?} in\n{response}");
+        }
+        assert!(
+            !response.contains("relay_calls"),
+            "calls are off: {response}"
+        );
+        let missing = get(address, "GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let posted = get(
+            address,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(posted.starts_with("HTTP/1.1 405"), "{posted}");
+        stop.send(true).unwrap();
+        serving.await.unwrap();
     }
-    out
 }

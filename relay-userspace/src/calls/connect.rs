@@ -48,9 +48,10 @@ impl Calls {
         self.start_userspace_media(&call, conn);
         self.install(&call, pair);
         {
-            let mut tally = self.tally.lock().expect("calls tally");
-            tally.setup_seconds += call.created.elapsed().as_secs_f64();
-            tally.connected += 1;
+            self.tally
+                .lock()
+                .expect("calls tally")
+                .connected_after(call.created.elapsed().as_secs_f64());
         }
         let state = CallEvent::State {
             call: call.id,

@@ -105,6 +105,25 @@ pub struct Tally {
     /// `call.create` to ICE connected with the flows in, summed, and how many.
     pub setup_seconds: f64,
     pub connected: u64,
+    /// Setups by duration: how many took at most [`SETUP_BUCKETS`]`[i]` seconds (and more
+    /// than the bucket before); the last counts those slower than every bound.
+    pub setup_buckets: [u64; SETUP_BUCKETS.len() + 1],
+}
+
+/// Upper bounds of the call setup time histogram, in seconds: ICE on a direct path takes
+/// tens of milliseconds, through a TURN relay up to about 2 s (its pairs wait 2 s).
+pub const SETUP_BUCKETS: [f64; 8] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl Tally {
+    fn connected_after(&mut self, seconds: f64) {
+        self.setup_seconds += seconds;
+        self.connected += 1;
+        let bucket = SETUP_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(SETUP_BUCKETS.len());
+        self.setup_buckets[bucket] += 1;
+    }
 }
 
 struct Call {
