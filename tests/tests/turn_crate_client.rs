@@ -288,6 +288,17 @@ denied_peers = ["203.0.113.0/24"]"#,
     );
 
     runtime.block_on(refused_peers(&relayd, &lab));
+    // The client's close sends Refresh(0) without waiting for the answer: on a busy
+    // machine a scrape right after can come before the server has taken it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !relayd.ctl_json(&["turn", "allocations"])["allocations"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let metrics = http_get(&lab.relay, METRICS, "/metrics");
     assert_eq!(
         metric(
