@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod ice;
+pub mod media;
 pub mod metrics;
 pub mod paths;
 pub mod reload;
