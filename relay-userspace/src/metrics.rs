@@ -276,12 +276,36 @@ impl Collector for Sources {
             family(
                 &mut encoder,
                 "relay_calls_ended",
-                "Calls ended, by reason (hangup, operator, ice-failed, ice-timeout, consent-lost, media-timeout, relay-stopped).",
+                "Calls ended, by reason (hangup, operator, ice-failed, ice-timeout, consent-lost, media-timeout, relay-stopped, dtls-failed, dtls-timeout, media-security-failed).",
                 MetricType::Counter,
                 EndReason::ALL.map(|reason| {
                     let count = tally.ended.get(&reason).copied().unwrap_or(0);
                     ([("reason", reason.name())], ConstCounter::new(count))
                 }),
+            )?;
+            let bridged = tally.bridged;
+            family(
+                &mut encoder,
+                "relay_calls_bridged_packets",
+                "Packets of bridged calls the relay transcrypted and sent on, by direction.",
+                MetricType::Counter,
+                [
+                    ("to_pbx", bridged.to_pbx_packets),
+                    ("to_app", bridged.to_app_packets),
+                ]
+                .map(|(direction, count)| ([("direction", direction)], ConstCounter::new(count))),
+            )?;
+            family(
+                &mut encoder,
+                "relay_calls_bridged_dropped_packets",
+                "Packets of bridged calls the relay dropped, by reason (SRTP authentication failed, replayed, neither RTP nor RTCP).",
+                MetricType::Counter,
+                [
+                    ("authentication", bridged.auth_failures),
+                    ("replay", bridged.replays),
+                    ("malformed", bridged.malformed),
+                ]
+                .map(|(reason, count)| ([("reason", reason)], ConstCounter::new(count))),
             )?;
             let buckets: Vec<(f64, u64)> = SETUP_BUCKETS
                 .iter()

@@ -173,8 +173,26 @@ impl EdgeLab {
 
 /// relayd configuration for the edge lab: XDP on the WAN and LAN interfaces, signalling on
 /// [`EdgeLab::SIGNALLING`] with one tenant, calls with ICE on [`EdgeLab::ICE`]. `extra`
-/// lines go into `[calls]`, and may open further tables after it.
+/// lines go into `[calls]`, and may open further tables after it. The media passes through
+/// as each side wrote it (the test app and the PBX speak plain RTP): see
+/// [`anchor_config`] for the relay's own media security.
 pub fn calls_config(pin_dir: &std::path::Path, tenant: &str, api_key: &str, extra: &str) -> String {
+    anchor_config(
+        pin_dir,
+        tenant,
+        api_key,
+        &format!("app_media = \"as-pbx\"\npbx_media = \"as-app\"\n{extra}"),
+    )
+}
+
+/// [`calls_config`] with the relay's default media security: DTLS-SRTP toward the app
+/// when the PBX calls, plain RTP toward the PBX when the app calls.
+pub fn anchor_config(
+    pin_dir: &std::path::Path,
+    tenant: &str,
+    api_key: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [datapath]

@@ -26,6 +26,38 @@ pub struct CallsConfig {
     /// Seconds between `call.stats` events to the controller (each call's traffic from the
     /// kernel counters); 0: none.
     pub stats_interval_secs: u64,
+    /// What the relay offers an app the PBX calls.
+    pub app_media: AppMedia,
+    /// What the relay offers the PBX an app calls.
+    pub pbx_media: PbxMedia,
+}
+
+/// The app leg's media security when the PBX calls (when the app calls, its offer says).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppMedia {
+    /// WebRTC: `UDP/TLS/RTP/SAVPF`, DTLS-SRTP with the relay's certificate, BUNDLE and
+    /// rtcp-mux; the relay transcrypts to what the PBX offered.
+    #[default]
+    DtlsSrtp,
+    /// `RTP/SAVPF` with SDES keys the relay generates; transcrypted likewise.
+    SdesSrtp,
+    /// The PBX's own profile and keys: the media passes through untouched (in XDP).
+    AsPbx,
+}
+
+/// The PBX leg's media security when an app calls (when the PBX calls, its offer says).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PbxMedia {
+    /// Plain `RTP/AVP`: what most PBX trunks take.
+    #[default]
+    Rtp,
+    /// `RTP/SAVP` with SDES keys the relay generates.
+    SdesSrtp,
+    /// The app's own profile and keys: the media passes through untouched (in XDP); the
+    /// PBX must speak what the app speaks (DTLS-SRTP, for a WebRTC app).
+    AsApp,
 }
 
 impl Default for CallsConfig {
@@ -39,6 +71,8 @@ impl Default for CallsConfig {
             consent_timeout_secs: 30,
             media_timeout_secs: 60,
             stats_interval_secs: 10,
+            app_media: AppMedia::default(),
+            pbx_media: PbxMedia::default(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use webrtc_ice::state::ConnectionState;
 
-use super::{Call, CallEvent, Calls, EndReason, StateChange};
+use super::{Call, CallEvent, Calls, EndReason, StateChange, security::MediaPlan};
 
 impl Calls {
     /// Runs ICE, then puts the media on the selected pair and follows its changes.
@@ -45,8 +45,15 @@ impl Calls {
         let Some(conn) = conn else {
             return self.end(&call, EndReason::IceFailed, true, true).await;
         };
-        self.start_userspace_media(&call, conn);
+        if matches!(call.inner().plan, MediaPlan::Bridged { .. }) {
+            if let Err(reason) = self.start_bridge(&call, conn).await {
+                return self.end(&call, reason, true, true).await;
+            }
+        } else {
+            self.start_userspace_media(&call, conn);
+        }
         self.install(&call, pair);
+        let (app_security, pbx_security) = call.inner().plan.names();
         {
             self.tally
                 .lock()
@@ -60,6 +67,8 @@ impl Calls {
                 remote: pair.remote,
                 local_type: pair.local_type,
                 remote_type: pair.remote_type,
+                app_security,
+                pbx_security,
             },
         };
         self.notify.to_controller(&call.tenant, &state);

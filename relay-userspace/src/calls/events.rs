@@ -70,10 +70,16 @@ pub enum EndReason {
     MediaTimeout,
     /// relayd stopped.
     RelayStopped,
+    /// The DTLS handshake with the app failed (or its certificate did not match its SDP).
+    DtlsFailed,
+    /// The app's DTLS handshake did not complete in time.
+    DtlsTimeout,
+    /// The SDES keys the sides gave could not key SRTP.
+    MediaSecurityFailed,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 10] = [
         EndReason::Hangup,
         EndReason::Operator,
         EndReason::IceFailed,
@@ -81,6 +87,9 @@ impl EndReason {
         EndReason::ConsentLost,
         EndReason::MediaTimeout,
         EndReason::RelayStopped,
+        EndReason::DtlsFailed,
+        EndReason::DtlsTimeout,
+        EndReason::MediaSecurityFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -92,6 +101,9 @@ impl EndReason {
             EndReason::ConsentLost => "consent-lost",
             EndReason::MediaTimeout => "media-timeout",
             EndReason::RelayStopped => "relay-stopped",
+            EndReason::DtlsFailed => "dtls-failed",
+            EndReason::DtlsTimeout => "dtls-timeout",
+            EndReason::MediaSecurityFailed => "media-security-failed",
         }
     }
 }
@@ -101,12 +113,16 @@ impl EndReason {
 pub enum StateChange {
     /// ICE checks started.
     Checking,
-    /// ICE connected on this pair and the media flows are in.
+    /// ICE connected on this pair and the media flows are in (or, for a bridged call,
+    /// each leg's security is set up and the relay carries the media).
     Connected {
         local: SocketAddr,
         remote: SocketAddr,
         local_type: CandidateType,
         remote_type: CandidateType,
+        /// Each leg's media security (`pass-through`, `dtls-srtp`, `sdes-srtp`, `rtp`).
+        app_security: &'static str,
+        pbx_security: &'static str,
     },
     /// The app moved (ICE restart) or ICE switched pairs: the flows follow.
     RouteChanged {

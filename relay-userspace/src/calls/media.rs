@@ -43,7 +43,7 @@ impl Calls {
     /// since the last packet.
     pub(super) fn stats_event(&self, call: &Call) -> CallEvent {
         let now = monotonic_ns();
-        let traffic = call.inner().flows.traffic(&self.table, now);
+        let traffic = self.traffic(call, now);
         CallEvent::Stats {
             call: call.id,
             duration_secs: call.created.elapsed().as_secs(),
@@ -57,18 +57,51 @@ impl Calls {
     /// seen, the later of the two); zero before they exist.
     pub(super) fn media_idle(&self, call: &Call) -> Duration {
         let now = monotonic_ns();
-        let last = call.inner().flows.last_seen_ns(&self.table, now);
+        let last = {
+            let inner = call.inner();
+            match &inner.bridge {
+                Some(bridge) => Some(bridge.counters.read().last_seen_ns).filter(|ns| *ns > 0),
+                None => inner.flows.last_seen_ns(&self.table, now),
+            }
+        };
         match last {
             Some(last) => Duration::from_nanos(now.saturating_sub(last)),
             None => Duration::ZERO,
         }
     }
 
-    /// Removes the flow toward the app (consent lost), keeping the one toward the PBX.
+    /// A call's traffic each way: the kernel counters of its flows, or what the relay
+    /// carried itself for a bridged call.
+    pub(super) fn traffic(&self, call: &Call, now: u64) -> super::Directions {
+        let inner = call.inner();
+        match &inner.bridge {
+            Some(bridge) => {
+                let totals = bridge.counters.read();
+                super::Directions {
+                    to_pbx: super::Traffic {
+                        packets: totals.to_pbx_packets,
+                        bytes: totals.to_pbx_bytes,
+                    },
+                    to_app: super::Traffic {
+                        packets: totals.to_app_packets,
+                        bytes: totals.to_app_bytes,
+                    },
+                }
+            }
+            None => inner.flows.traffic(&self.table, now),
+        }
+    }
+
+    /// Stops media toward the app (consent lost), keeping the direction toward the PBX.
     pub(super) fn stop_toward_app(&self, call: &Call) {
-        call.inner()
-            .flows
-            .remove_to_app(&self.table, monotonic_ns());
+        let inner = call.inner();
+        match &inner.bridge {
+            Some(bridge) => bridge.set_toward_app(false),
+            None => {
+                let mut inner = inner;
+                inner.flows.remove_to_app(&self.table, monotonic_ns());
+            }
+        }
     }
 
     /// The two flows of the selected pair, replacing the call's previous ones.
@@ -78,9 +111,16 @@ impl Calls {
     /// stack the kernel path never sees. The flows then start at the app's TURN channel
     /// instead: ChannelData from the app is stripped and sent on to the PBX, and the PBX's
     /// RTP gets the header and goes to the app from the TURN port, one flow pair in XDP.
+    ///
+    /// A bridged call has no flows: the relay carries its media (the ICE connection sends
+    /// on the selected pair), and media toward the app resumes.
     pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
         let mut inner = call.inner();
         inner.state = CallState::Connected(pair);
+        if let Some(bridge) = &inner.bridge {
+            bridge.set_toward_app(true);
+            return;
+        }
         let previous = inner.local_channel.take();
         let local = match (&self.turn, pair.remote_type) {
             (Some(turn), CandidateType::Relay) => turn.lend_channel(pair.remote, pair.local),

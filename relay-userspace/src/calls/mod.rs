@@ -20,11 +20,13 @@ use std::{
 
 use tokio::{net::UdpSocket, task::JoinHandle};
 
+mod bridge;
 pub mod config;
 mod connect;
 pub mod events;
 mod flows;
 mod media;
+pub mod security;
 #[cfg(test)]
 mod tests;
 
@@ -32,12 +34,15 @@ pub use events::{CallError, CallEvent, CallState, EndReason, Notify, Requester, 
 use flows::CallFlows;
 pub use flows::{Directions, Traffic};
 use media::{LanSockets, remove_flows_of_earlier_calls};
+use security::MediaPlan;
 
 use crate::{
     calls::config::CallsConfig,
+    calls::config::{AppMedia, PbxMedia},
     datapath::table::FlowTable,
     ice::leg::{IceLeg, IcePort, LocalIce, RemoteCandidates},
-    session::sdp::{self, IceOffer},
+    media::{MediaTotals, dtls::DtlsIdentity},
+    session::sdp::{self, IceOffer, Secure},
     time::monotonic_ns,
     turn::driver::{LocalChannel, TurnService},
 };
@@ -66,6 +71,23 @@ pub struct CallInfo {
     pub bytes: u64,
     pub to_pbx: Traffic,
     pub to_app: Traffic,
+    /// Each leg's media security: `pass-through` (the kernel forwards what the sides
+    /// negotiated with each other), or what the relay terminates (`dtls-srtp`,
+    /// `sdes-srtp`, `rtp`).
+    pub app_security: &'static str,
+    pub pbx_security: &'static str,
+    /// What the relay carried and refused itself, for a bridged call.
+    pub bridged: Option<BridgeInfo>,
+}
+
+/// A bridged call's media as the relay carried it.
+#[derive(Debug, Clone)]
+pub struct BridgeInfo {
+    /// new, connecting, connected, failed (toward a DTLS-SRTP app); `-` for SDES or RTP.
+    pub dtls: &'static str,
+    /// The SRTP suite toward the app, once keyed.
+    pub suite: Option<&'static str>,
+    pub totals: MediaTotals,
 }
 
 /// A call a (re)connected session may act on, for its `welcome`.
@@ -96,6 +118,10 @@ pub struct Calls {
     next: AtomicU64,
     /// For the metrics: calls ended by reason, and the setup times of connected calls.
     tally: Mutex<Tally>,
+    /// The certificate of every DTLS-SRTP leg toward an app.
+    identity: Arc<DtlsIdentity>,
+    app_media: AppMedia,
+    pbx_media: PbxMedia,
 }
 
 /// What the metrics count of calls that came and went.
@@ -108,6 +134,8 @@ pub struct Tally {
     /// Setups by duration: how many took at most [`SETUP_BUCKETS`]`[i]` seconds (and more
     /// than the bucket before); the last counts those slower than every bound.
     pub setup_buckets: [u64; SETUP_BUCKETS.len() + 1],
+    /// What the relay carried and dropped of bridged calls that ended.
+    pub bridged: MediaTotals,
 }
 
 /// Upper bounds of the call setup time histogram, in seconds: ICE on a direct path takes
@@ -161,6 +189,15 @@ struct CallInner {
     app_sdp: String,
     /// An app's call: its ICE credentials, until the controller answers.
     app_ice: Option<(String, String)>,
+    /// Each leg's media security.
+    plan: MediaPlan,
+    /// The SDP the relay last sent each side, which their answers are checked against,
+    /// and the app's m-lines' mids (BUNDLE).
+    sent_to_app: String,
+    sent_to_pbx: String,
+    app_mids: Vec<String>,
+    /// A bridged call's media, once ICE has connected.
+    bridge: Option<Arc<bridge::Bridge>>,
     /// Installed flow ids, and what replaced ones carried.
     flows: CallFlows,
     /// A TURN-only app: the channel of its allocation on this relay that its media comes
@@ -211,6 +248,8 @@ impl Calls {
             }
         };
         let ice = IcePort::new(socket)?;
+        let identity = DtlsIdentity::generate()?;
+        tracing::info!(fingerprint = %identity.fingerprint(), "calls: the DTLS certificate toward apps");
         tracing::info!(ice = %ice_address, lan = %settings.lan_address, ports = %settings.port_range, "calls: ready");
         Ok(Calls {
             ice,
@@ -227,6 +266,9 @@ impl Calls {
             calls: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             tally: Mutex::new(Tally::default()),
+            identity: Arc::new(identity),
+            app_media: settings.app_media,
+            pbx_media: settings.pbx_media,
         })
     }
 
@@ -234,9 +276,19 @@ impl Calls {
         self.calls.lock().expect("calls poisoned")
     }
 
-    /// Ended calls by reason and setup times, for the metrics.
+    /// Ended calls by reason and setup times, for the metrics; `bridged` also counts the
+    /// calls in progress.
     pub fn tally(&self) -> Tally {
-        self.tally.lock().expect("calls tally").clone()
+        let mut tally = self.tally.lock().expect("calls tally").clone();
+        let bridges: Vec<Arc<bridge::Bridge>> = self
+            .calls()
+            .values()
+            .filter_map(|call| call.inner().bridge.clone())
+            .collect();
+        for bridge in bridges {
+            tally.bridged.add(&bridge.counters.read());
+        }
+        tally
     }
 
     /// The ICE port every call's app leg shares.
@@ -265,6 +317,7 @@ impl Calls {
         };
         let pbx_endpoint = sdp::audio(pbx_offer)?;
         let pbx = pbx_endpoint.rtp;
+        let plan = MediaPlan::for_pbx_offer(&pbx_endpoint, self.app_media)?;
         if !self.notify.is_online(tenant, user) {
             return Err(CallError::Offline(format!(
                 "user {user} has no session connected"
@@ -274,7 +327,12 @@ impl Calls {
         let (leg, local) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(ice_busy)?;
-        let app_offer = self.toward_app(pbx_offer, local)?;
+        let mids = sdp::mids(pbx_offer)?;
+        let app_offer = self.toward_app(
+            pbx_offer,
+            local,
+            plan.toward_app(self.identity.fingerprint(), &mids),
+        )?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let call = Call::offered(
             id,
@@ -288,6 +346,8 @@ impl Calls {
             let mut inner = call.inner();
             inner.set_pbx(&pbx_endpoint);
             inner.pbx_sdp = pbx_offer.to_owned();
+            inner.sent_to_app = app_offer.clone();
+            inner.plan = plan;
         }
         let call = Arc::new(call);
         self.calls().insert(id, call.clone());
@@ -317,12 +377,15 @@ impl Calls {
             ));
         };
         let endpoint = sdp::audio(app_offer)?;
-        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
+        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag.clone(), endpoint.ice_pwd.clone())
+        else {
             return Err(no_ice_credentials("offer"));
         };
+        let plan = MediaPlan::for_app_offer(&endpoint, self.pbx_media)?;
+        let mids = sdp::mids(app_offer)?;
         let (lan_sockets, lan) = self.bind_lan_port().await?;
         // RTCP on its own port toward the PBX: what every PBX trunk takes.
-        let pbx_offer = sdp::toward_pbx(app_offer, lan, false)?;
+        let pbx_offer = sdp::toward_pbx(app_offer, lan, false, plan.toward_pbx())?;
         let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(ice_busy)?;
@@ -335,7 +398,7 @@ impl Calls {
         let incoming = CallEvent::Incoming {
             call: id,
             user: Some(user.clone()),
-            sdp: pbx_offer,
+            sdp: pbx_offer.clone(),
         };
         if !self.notify.to_controller(tenant, &incoming) {
             return Err(CallError::Offline(format!(
@@ -354,6 +417,9 @@ impl Calls {
             let mut inner = call.inner();
             inner.app_sdp = app_offer.to_owned();
             inner.app_ice = Some((ufrag, pwd));
+            inner.sent_to_pbx = pbx_offer;
+            inner.app_mids = mids;
+            inner.plan = plan;
         }
         let call = Arc::new(call);
         self.calls().insert(id, call);
@@ -386,20 +452,29 @@ impl Calls {
         pbx_answer: &str,
     ) -> Result<(), CallError> {
         let pbx_endpoint = sdp::audio(pbx_answer)?;
-        let (ufrag, pwd) = {
+        let (ufrag, pwd, plan, mids) = {
             let mut inner = call.inner();
-            let Some(credentials) = inner.app_ice.take() else {
+            if inner.app_ice.is_none() {
                 return Err(CallError::BadRequest("the call is already answered".into()));
-            };
+            }
+            sdp::check_answer(&sdp::audio(&inner.sent_to_pbx)?, &pbx_endpoint)?;
+            let mut plan = inner.plan.clone();
+            plan.pbx_answered(&pbx_endpoint)?;
+            let (ufrag, pwd) = inner.app_ice.take().expect("checked above");
             inner.set_pbx(&pbx_endpoint);
             inner.pbx_sdp = pbx_answer.to_owned();
-            credentials
+            inner.plan = plan.clone();
+            (ufrag, pwd, plan, inner.app_mids.clone())
         };
         let local = {
             let leg = call.leg.lock().await;
             leg.local()
         };
-        let app_answer = self.toward_app(pbx_answer, local)?;
+        let app_answer = self.toward_app(
+            pbx_answer,
+            local,
+            plan.toward_app(self.identity.fingerprint(), &mids),
+        )?;
         self.notify.to_app(
             &call.tenant,
             &call.user,
@@ -426,7 +501,8 @@ impl Calls {
     ) -> Result<(), CallError> {
         let id = call.id;
         let endpoint = sdp::audio(app_answer)?;
-        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
+        let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag.clone(), endpoint.ice_pwd.clone())
+        else {
             return Err(no_ice_credentials("answer"));
         };
         let pbx_answer = {
@@ -434,7 +510,17 @@ impl Calls {
             if inner.state != CallState::Offered {
                 return Err(CallError::BadRequest("the call is already answered".into()));
             }
-            let answer = sdp::toward_pbx(app_answer, call.lan, inner.pbx_rtcp.is_none())?;
+            sdp::check_answer(&sdp::audio(&inner.sent_to_app)?, &endpoint)?;
+            let mut plan = inner.plan.clone();
+            plan.app_answered(&endpoint)?;
+            let answer = sdp::toward_pbx(
+                app_answer,
+                call.lan,
+                inner.pbx_rtcp.is_none(),
+                plan.toward_pbx(),
+            )?;
+            inner.plan = plan;
+            inner.sent_to_pbx = answer.clone();
             inner.app_sdp = app_answer.to_owned();
             inner.state = CallState::Connecting;
             answer
@@ -481,7 +567,9 @@ impl Calls {
         let endpoint = sdp::audio(offer)?;
         let answer = match who {
             Requester::App { .. } => {
-                let (Some(ufrag), Some(pwd)) = (endpoint.ice_ufrag, endpoint.ice_pwd) else {
+                let (Some(ufrag), Some(pwd)) =
+                    (endpoint.ice_ufrag.clone(), endpoint.ice_pwd.clone())
+                else {
                     return Err(no_ice_credentials("offer"));
                 };
                 let local = {
@@ -490,8 +578,16 @@ impl Calls {
                         .await
                         .map_err(ice_busy)?
                 };
-                let pbx_sdp = call.inner().pbx_sdp.clone();
-                let answer = self.toward_app(&pbx_sdp, local)?;
+                let (pbx_sdp, plan) = {
+                    let inner = call.inner();
+                    (inner.pbx_sdp.clone(), inner.plan.clone())
+                };
+                let mids = sdp::mids(offer)?;
+                let answer = self.toward_app(
+                    &pbx_sdp,
+                    local,
+                    plan.toward_app(self.identity.fingerprint(), &mids),
+                )?;
                 call.inner().app_sdp = offer.to_owned();
                 tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
                 self.notify.to_controller(
@@ -506,7 +602,12 @@ impl Calls {
             Requester::Controller { .. } => {
                 let moved = {
                     let mut inner = call.inner();
-                    let answer = sdp::toward_pbx(&inner.app_sdp, call.lan, endpoint.rtcp_mux)?;
+                    let answer = sdp::toward_pbx(
+                        &inner.app_sdp,
+                        call.lan,
+                        endpoint.rtcp_mux,
+                        inner.plan.toward_pbx(),
+                    )?;
                     let old = (inner.pbx, inner.pbx_rtcp);
                     inner.set_pbx(&endpoint);
                     inner.pbx_sdp = offer.to_owned();
@@ -568,9 +669,12 @@ impl Calls {
         let mut list: Vec<CallInfo> = calls
             .iter()
             .map(|call| {
+                let traffic = self.traffic(call, now);
                 let inner = call.inner();
                 let pair = inner.state.pair();
-                let (flows, traffic) = (inner.flows.ids(), inner.flows.traffic(&self.table, now));
+                let flows = inner.flows.ids();
+                let (app_security, pbx_security) = inner.plan.names();
+                let bridged = inner.bridge.as_ref().map(|bridge| bridge.info());
                 CallInfo {
                     call: call.id,
                     tenant: call.tenant.clone(),
@@ -587,6 +691,9 @@ impl Calls {
                     bytes: traffic.total().bytes,
                     to_pbx: traffic.to_pbx,
                     to_app: traffic.to_app,
+                    app_security,
+                    pbx_security,
+                    bridged,
                 }
             })
             .collect();
@@ -657,6 +764,10 @@ impl Calls {
         let (channel, tasks) = {
             let mut inner = call.inner();
             inner.flows.remove_all(&self.table, monotonic_ns());
+            if let Some(bridge) = inner.bridge.take() {
+                let mut tally = self.tally.lock().expect("calls tally");
+                tally.bridged.add(&bridge.counters.read());
+            }
             (inner.local_channel.take(), std::mem::take(&mut inner.tasks))
         };
         if let (Some(turn), Some(channel)) = (&self.turn, channel) {
@@ -689,7 +800,12 @@ impl Calls {
     }
 
     /// The SDP the app gets: the PBX's, anchored at the ICE port, with the leg's ICE.
-    fn toward_app(&self, pbx_sdp: &str, local: LocalIce) -> Result<String, CallError> {
+    fn toward_app(
+        &self,
+        pbx_sdp: &str,
+        local: LocalIce,
+        secure: Secure,
+    ) -> Result<String, CallError> {
         sdp::toward_app(
             pbx_sdp,
             self.ice.address(),
@@ -698,6 +814,7 @@ impl Calls {
                 pwd: local.pwd,
                 candidates: local.candidates,
             },
+            secure,
         )
         .map_err(CallError::from)
     }

@@ -53,7 +53,16 @@ impl Notify for Recorder {
     }
 }
 
+/// Calls whose media passes through as each side wrote it, as the namespace tests' lab.
 async fn start(recorder: Recorder) -> (Arc<Calls>, Arc<Recorder>) {
+    start_with(recorder, config::AppMedia::AsPbx, config::PbxMedia::AsApp).await
+}
+
+async fn start_with(
+    recorder: Recorder,
+    app_media: config::AppMedia,
+    pbx_media: config::PbxMedia,
+) -> (Arc<Calls>, Arc<Recorder>) {
     let table = Arc::new(FlowTable::new(
         Box::new(Arc::new(Memory::default())),
         60,
@@ -65,6 +74,8 @@ async fn start(recorder: Recorder) -> (Arc<Calls>, Arc<Recorder>) {
         ice_listen: "127.0.0.1:0".into(),
         lan_address: "127.0.0.1".into(),
         port_range: "47000-47999".into(),
+        app_media,
+        pbx_media,
         ..config::CallsConfig::default()
     };
     let calls = Calls::new(&config, table, recorder.clone(), None)
@@ -233,6 +244,14 @@ async fn a_hangup_tells_the_other_side_and_counts_the_reason() {
     );
 }
 
+/// An app's answer to the PBX's plain offer passed through: plain RTP, with ICE.
+fn plain_app_answer() -> String {
+    PBX_OFFER.replace("10.20.0.5", "192.0.2.7").replace(
+        "a=sendrecv",
+        "a=sendrecv\r\na=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdefghijklmn",
+    )
+}
+
 #[tokio::test]
 async fn the_app_answers_and_the_controller_gets_the_answer_for_the_pbx() {
     let (calls, recorder) = start(acme()).await;
@@ -241,7 +260,7 @@ async fn the_app_answers_and_the_controller_gets_the_answer_for_the_pbx() {
         .await
         .unwrap();
     calls
-        .answer(&app("acme", "alice"), id, APP_OFFER)
+        .answer(&app("acme", "alice"), id, &plain_app_answer())
         .await
         .unwrap();
     assert_eq!(calls.list()[0].state, "connecting");
@@ -264,7 +283,9 @@ async fn the_app_answers_and_the_controller_gets_the_answer_for_the_pbx() {
         "no ICE toward the PBX: {answered}"
     );
     assert_eq!(
-        calls.answer(&app("acme", "alice"), id, APP_OFFER).await,
+        calls
+            .answer(&app("acme", "alice"), id, &plain_app_answer())
+            .await,
         Err(CallError::BadRequest("the call is already answered".into()))
     );
 }
@@ -350,4 +371,110 @@ async fn a_stopping_relay_ends_every_call_for_both_sides() {
         assert!(ended.contains(&(Some("alice".into()), call)), "{ended:?}");
     }
     assert_eq!(calls.tally().ended.get(&EndReason::RelayStopped), Some(&2));
+}
+
+/// The SDP of the last offer or answer to the controller, or to the app.
+fn sdp_of(recorder: &Recorder, to_controller: bool) -> String {
+    recorder
+        .events()
+        .into_iter()
+        .rev()
+        .find_map(|(_, to, event)| match event {
+            CallEvent::Incoming { sdp, .. } | CallEvent::Answered { sdp, .. }
+                if to.is_none() == to_controller =>
+            {
+                Some(sdp)
+            }
+            _ => None,
+        })
+        .expect("an SDP")
+}
+
+#[tokio::test]
+async fn a_webrtc_app_called_by_a_plain_pbx_gets_dtls_srtp_and_a_plain_answer_is_refused() {
+    let (calls, recorder) =
+        start_with(acme(), config::AppMedia::DtlsSrtp, config::PbxMedia::Rtp).await;
+    let id = calls
+        .create(&controller("acme"), "alice", PBX_OFFER)
+        .await
+        .unwrap();
+    let offer = sdp_of(&recorder, false);
+    let endpoint = sdp::audio(&offer).unwrap();
+    assert_eq!(endpoint.proto, "UDP/TLS/RTP/SAVPF", "{offer}");
+    assert_eq!(
+        endpoint.security,
+        Ok(crate::media::Security::Dtls {
+            fingerprint: calls.identity.fingerprint().clone(),
+            setup: crate::media::Setup::ActPass,
+        })
+    );
+    assert!(offer.contains("a=group:BUNDLE 0\r\n"), "{offer}");
+    // A plain answer to a DTLS offer would carry nothing: refused, the call still offered.
+    let err = calls
+        .answer(&app("acme", "alice"), id, &plain_app_answer())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("m=audio (m-line 1): the answer is RTP/AVP (rtp)"),
+        "{err}"
+    );
+    assert_eq!(calls.list()[0].state, "offered");
+    // The browser's answer: DTLS, active. The PBX gets plain RTP from the relay.
+    let browser_answer = APP_OFFER.replace("a=setup:actpass", "a=setup:active");
+    calls
+        .answer(&app("acme", "alice"), id, &browser_answer)
+        .await
+        .unwrap();
+    let toward_pbx = sdp_of(&recorder, true);
+    let pbx_side = sdp::audio(&toward_pbx).unwrap();
+    assert_eq!(pbx_side.proto, "RTP/AVP", "{toward_pbx}");
+    assert_eq!(pbx_side.security, Ok(crate::media::Security::Plain));
+    assert!(!toward_pbx.contains("a=fingerprint"), "{toward_pbx}");
+    let listed = &calls.list()[0];
+    assert_eq!(
+        (listed.app_security, listed.pbx_security),
+        ("dtls-srtp", "rtp")
+    );
+}
+
+#[tokio::test]
+async fn a_webrtc_app_calling_a_plain_pbx_is_answered_with_the_relays_dtls() {
+    let (calls, recorder) =
+        start_with(acme(), config::AppMedia::DtlsSrtp, config::PbxMedia::Rtp).await;
+    let id = calls
+        .create_from_app(&app("acme", "alice"), APP_OFFER)
+        .await
+        .unwrap();
+    let toward_pbx = sdp_of(&recorder, true);
+    assert!(toward_pbx.contains("m=audio "), "{toward_pbx}");
+    assert_eq!(sdp::audio(&toward_pbx).unwrap().proto, "RTP/AVP");
+    // The PBX answers with a profile the relay did not offer: refused, naming the line.
+    let sdes_answer = PBX_OFFER.replace("RTP/AVP", "RTP/SAVP");
+    let err = calls
+        .answer(&controller("acme"), id, &sdes_answer)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the answer is RTP/SAVP (sdes-srtp), the offer was RTP/AVP (rtp)"),
+        "{err}"
+    );
+    calls
+        .answer(&controller("acme"), id, PBX_OFFER)
+        .await
+        .unwrap();
+    let toward_app = sdp_of(&recorder, false);
+    let endpoint = sdp::audio(&toward_app).unwrap();
+    assert_eq!(
+        endpoint.security,
+        Ok(crate::media::Security::Dtls {
+            fingerprint: calls.identity.fingerprint().clone(),
+            setup: crate::media::Setup::Passive,
+        }),
+        "the relay is the DTLS server: {toward_app}"
+    );
+    assert!(toward_app.contains("a=mid:0\r\n"), "{toward_app}");
+    assert!(toward_app.contains("a=group:BUNDLE 0\r\n"), "{toward_app}");
+    assert_eq!(calls.list()[0].state, "connecting");
 }

@@ -187,6 +187,15 @@ impl From<CallInfo> for wire::CallInfo {
             bytes: call.bytes,
             to_pbx: call.to_pbx.into(),
             to_app: call.to_app.into(),
+            app_security: call.app_security.to_owned(),
+            pbx_security: call.pbx_security.to_owned(),
+            bridged: call.bridged.map(|bridged| wire::BridgedMedia {
+                dtls: bridged.dtls.to_owned(),
+                suite: bridged.suite.map(str::to_owned),
+                auth_failures: bridged.totals.auth_failures,
+                replays: bridged.totals.replays,
+                malformed: bridged.totals.malformed,
+            }),
         }
     }
 }

@@ -349,4 +349,27 @@ pub struct CallInfo {
     pub bytes: u64,
     pub to_pbx: Traffic,
     pub to_app: Traffic,
+    /// Each leg's media security: `pass-through` (the kernel forwards what the sides
+    /// negotiated with each other) or what the relay terminates (`dtls-srtp`, `sdes-srtp`,
+    /// `rtp`).
+    #[serde(default)]
+    pub app_security: String,
+    #[serde(default)]
+    pub pbx_security: String,
+    /// A bridged call's media, which the relay carries itself.
+    #[serde(default)]
+    pub bridged: Option<BridgedMedia>,
+}
+
+/// What the relay did with a bridged call's packets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgedMedia {
+    /// The app's DTLS handshake: `connecting`, `connected`, `failed`, or `-` (not DTLS).
+    pub dtls: String,
+    /// The SRTP suite toward the app, once keyed.
+    pub suite: Option<String>,
+    /// Dropped: SRTP whose tag did not verify, replays, packets neither RTP nor RTCP.
+    pub auth_failures: u64,
+    pub replays: u64,
+    pub malformed: u64,
 }

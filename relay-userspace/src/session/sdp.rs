@@ -5,10 +5,12 @@
 //! `m=` and `a=rtcp`, and every ICE attribute removed: the PBX sends plain RTP to the relay.
 //! Toward the app: the PBX's description with the relay's WAN address and ICE port, the
 //! relay's ICE credentials and candidates, and `a=rtcp-mux` (the app leg is one port).
-//! Codecs, `a=crypto` (SDES), `a=fingerprint`/`a=setup` (DTLS) and everything else pass
-//! through as they are: the relay never needs the media keys. Media other than the first
-//! audio stream is refused (port 0) in both directions: this version anchors one audio
-//! stream per call. Neither side learns the other's addresses.
+//! Media security is the caller's choice ([`Secure`]): passed through as the other side
+//! wrote it (the same keys both ways: the relay never needs them), or the relay's own,
+//! when it terminates each leg's security (DTLS-SRTP or SDES toward the app, plain RTP or
+//! SDES toward the PBX). Media other than the first audio stream is refused (port 0) in
+//! both directions: one audio stream per call is anchored. Neither side learns the other's
+//! addresses.
 
 use std::{
     io::Cursor,
@@ -22,6 +24,8 @@ use sdp::{
         media::MediaDescription,
     },
 };
+
+use crate::media::{Crypto, Fingerprint, Security, Setup};
 
 /// ICE attributes, at session or media level, that mean nothing to a plain-RTP PBX.
 const ICE_ATTRIBUTES: &[&str] = &[
@@ -46,7 +50,62 @@ pub enum SdpError {
     AudioRefused,
     #[error("the audio stream has no connection address (c=)")]
     NoAddress,
+    #[error("m=audio (m-line {line}): {proto} without a=fingerprint: DTLS-SRTP needs one")]
+    NoFingerprint { line: usize, proto: String },
+    #[error(
+        "m=audio (m-line {line}): {proto} with no a=crypto line the relay can use (suites: AEAD_AES_128_GCM, AES_CM_128_HMAC_SHA1_80, _32; no MKI, no session parameters)"
+    )]
+    NoUsableCrypto { line: usize, proto: String },
+    #[error(
+        "m=audio (m-line {line}): the answer is {answered} ({answered_security}), the offer was {offered} ({offered_security}): the relay cannot bridge that"
+    )]
+    ProfileMismatch {
+        line: usize,
+        offered: String,
+        offered_security: &'static str,
+        answered: String,
+        answered_security: &'static str,
+    },
+    #[error("m=audio (m-line {line}): a DTLS answer must say a=setup:active or a=setup:passive")]
+    BadSetup { line: usize },
 }
+
+/// What the relay writes about media security in the SDP it sends one side.
+#[derive(Debug, Clone, Copy)]
+pub enum Secure<'a> {
+    /// What the other side wrote, untouched: both legs share its keys.
+    AsIs,
+    /// `RTP/AVP`, no keys.
+    Plain,
+    /// `RTP/SAVP` (toward the PBX) or `RTP/SAVPF` (toward the app) with the relay's key.
+    Sdes(&'a Crypto),
+    /// `UDP/TLS/RTP/SAVPF` with the relay's certificate and role, one BUNDLE transport;
+    /// `mids` name the m-lines in order (the offer's, when answering it).
+    Dtls {
+        fingerprint: &'a Fingerprint,
+        setup: Setup,
+        mids: &'a [String],
+    },
+}
+
+/// Attributes of WebRTC transports and SRTP keying, which the relay writes itself when it
+/// terminates a leg's security (a plain-RTP PBX never sees them).
+const SECURITY_ATTRIBUTES: &[&str] = &[
+    "crypto",
+    "fingerprint",
+    "setup",
+    "tls-id",
+    "mid",
+    "group",
+    "msid-semantic",
+    "msid",
+    "extmap",
+    "extmap-allow-mixed",
+    "rtcp-fb",
+    "rtcp-rsize",
+    "ssrc",
+    "ssrc-group",
+];
 
 /// The relay's ICE side of a call, as the app gets it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +128,13 @@ pub struct AudioEndpoint {
     pub ice_ufrag: Option<String>,
     pub ice_pwd: Option<String>,
     pub candidates: Vec<String>,
+    /// The stream's transport profile (`RTP/AVP`, `UDP/TLS/RTP/SAVPF`...).
+    pub proto: String,
+    /// The keys or the DTLS certificate it sends with, or why the relay could not use them
+    /// (only an error where the relay terminates the leg's security).
+    pub security: Result<Security, SdpError>,
+    /// Which m-line it is (1 is the first), for errors that name it.
+    pub line: usize,
 }
 
 pub fn parse(text: &str) -> Result<SessionDescription, SdpError> {
@@ -99,6 +165,40 @@ pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
             .map(str::to_owned)
     };
     let rtp = SocketAddr::new(address, media.media_name.port.value as u16);
+    let line = index + 1;
+    let proto = media.media_name.protos.join("/");
+    let security = match profile_security(&proto) {
+        "dtls-srtp" => value("fingerprint")
+            .and_then(|f| Fingerprint::parse(&f))
+            .map(|fingerprint| Security::Dtls {
+                fingerprint,
+                // RFC 4145 section 4: no a=setup means active.
+                setup: value("setup")
+                    .and_then(|s| Setup::parse(&s))
+                    .unwrap_or(Setup::Active),
+            })
+            .ok_or_else(|| SdpError::NoFingerprint {
+                line,
+                proto: proto.clone(),
+            }),
+        "sdes-srtp" => {
+            let keys: Vec<Crypto> = media
+                .attributes
+                .iter()
+                .filter(|a| a.key == "crypto")
+                .filter_map(|a| a.value.as_deref().and_then(Crypto::parse))
+                .collect();
+            if keys.is_empty() {
+                Err(SdpError::NoUsableCrypto {
+                    line,
+                    proto: proto.clone(),
+                })
+            } else {
+                Ok(Security::Sdes(keys))
+            }
+        }
+        _ => Ok(Security::Plain),
+    };
     let rtcp_mux = media.has_attribute("rtcp-mux");
     let rtcp = if rtcp_mux {
         rtp
@@ -119,14 +219,77 @@ pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
             .filter(|a| a.is_ice_candidate())
             .filter_map(|a| a.value.clone())
             .collect(),
+        proto,
+        security,
+        line,
     })
+}
+
+/// The `a=mid` of every m-line in order (RFC 8843), or its index where it has none.
+pub fn mids(text: &str) -> Result<Vec<String>, SdpError> {
+    let description = parse(text)?;
+    Ok(description
+        .media_descriptions
+        .iter()
+        .enumerate()
+        .map(|(i, media)| {
+            media
+                .attribute("mid")
+                .flatten()
+                .map_or_else(|| i.to_string(), str::to_owned)
+        })
+        .collect())
+}
+
+/// Checks that an answer's audio stream has the kind of security its offer asked for
+/// (RFC 3264 section 6: the answer's profile is the offer's): a plain-RTP answer to a
+/// DTLS offer, or the reverse, would be a call that carries nothing.
+pub fn check_answer(offer: &AudioEndpoint, answer: &AudioEndpoint) -> Result<(), SdpError> {
+    let (offered, answered) = (
+        profile_security(&offer.proto),
+        profile_security(&answer.proto),
+    );
+    if offered != answered {
+        return Err(SdpError::ProfileMismatch {
+            line: answer.line,
+            offered: offer.proto.clone(),
+            offered_security: offered,
+            answered: answer.proto.clone(),
+            answered_security: answered,
+        });
+    }
+    if let Ok(Security::Dtls {
+        setup: Setup::ActPass,
+        ..
+    }) = answer.security
+    {
+        return Err(SdpError::BadSetup { line: answer.line });
+    }
+    Ok(())
+}
+
+/// The kind of security a transport profile means, as [`Security::name`] says it.
+fn profile_security(proto: &str) -> &'static str {
+    if proto.contains("TLS") {
+        "dtls-srtp"
+    } else if proto.contains("SAVP") {
+        "sdes-srtp"
+    } else {
+        "rtp"
+    }
 }
 
 /// The app's description as the PBX gets it: audio to `relay` (the relay's LAN address
 /// and the call's RTP port), no ICE. RTCP multiplexed only when `mux` (the PBX offered
 /// it); otherwise on the next port, where most PBX trunks want it.
-pub fn toward_pbx(app: &str, relay: SocketAddr, mux: bool) -> Result<String, SdpError> {
+pub fn toward_pbx(
+    app: &str,
+    relay: SocketAddr,
+    mux: bool,
+    secure: Secure,
+) -> Result<String, SdpError> {
     let mut description = parse(app)?;
+    secure_streams(&mut description, secure, "RTP/SAVP")?;
     let media = anchor(&mut description, relay)?;
     if !mux {
         media.attributes.retain(|a| a.key != "rtcp-mux");
@@ -143,8 +306,14 @@ pub fn toward_pbx(app: &str, relay: SocketAddr, mux: bool) -> Result<String, Sdp
 
 /// The PBX's description as the app gets it: audio to `relay` (the relay's WAN address and
 /// ICE port), the relay's ICE credentials and candidates, RTCP multiplexed.
-pub fn toward_app(pbx: &str, relay: SocketAddr, ice: &IceOffer) -> Result<String, SdpError> {
+pub fn toward_app(
+    pbx: &str,
+    relay: SocketAddr,
+    ice: &IceOffer,
+    secure: Secure,
+) -> Result<String, SdpError> {
     let mut description = parse(pbx)?;
+    secure_streams(&mut description, secure, "RTP/SAVPF")?;
     let media = anchor(&mut description, relay)?;
     set_rtcp(&mut media.attributes, relay.port(), relay.ip());
     if !media.has_attribute("rtcp-mux") {
@@ -167,6 +336,67 @@ pub fn toward_app(pbx: &str, relay: SocketAddr, ice: &IceOffer) -> Result<String
         .attributes
         .push(Attribute::new("end-of-candidates".into(), None));
     Ok(description.marshal())
+}
+
+/// The relay's own media security in place of the other side's: profiles, keys, and for
+/// DTLS the BUNDLE group of the audio stream (the only one anchored) and every m-line's mid.
+/// `sdes_proto` is the SDES profile this direction uses.
+fn secure_streams(
+    description: &mut SessionDescription,
+    secure: Secure,
+    sdes_proto: &str,
+) -> Result<(), SdpError> {
+    let index = usable_audio(description)?;
+    let proto = match secure {
+        Secure::AsIs => return Ok(()),
+        Secure::Plain => "RTP/AVP",
+        Secure::Sdes(_) => sdes_proto,
+        Secure::Dtls { .. } => "UDP/TLS/RTP/SAVPF",
+    };
+    let strip = |attributes: &mut Vec<Attribute>| {
+        attributes.retain(|a| !SECURITY_ATTRIBUTES.contains(&a.key.as_str()));
+    };
+    strip(&mut description.attributes);
+    for (i, media) in description.media_descriptions.iter_mut().enumerate() {
+        strip(&mut media.attributes);
+        media.media_name.protos = proto.split('/').map(str::to_owned).collect();
+        let attribute = |key: &str, value: String| Attribute::new(key.into(), Some(value));
+        match secure {
+            Secure::Sdes(crypto) if i == index => {
+                media
+                    .attributes
+                    .push(attribute("crypto", crypto.to_string()));
+            }
+            Secure::Dtls {
+                fingerprint,
+                setup,
+                mids,
+            } => {
+                let mid = mids.get(i).cloned().unwrap_or_else(|| i.to_string());
+                if i == index {
+                    media
+                        .attributes
+                        .push(attribute("fingerprint", fingerprint.to_string()));
+                    media
+                        .attributes
+                        .push(attribute("setup", setup.as_str().to_owned()));
+                }
+                media.attributes.push(attribute("mid", mid));
+            }
+            _ => {}
+        }
+    }
+    if let Secure::Dtls { mids, .. } = secure {
+        let mid = mids
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| index.to_string());
+        description.attributes.push(Attribute::new(
+            "group".into(),
+            Some(format!("BUNDLE {mid}")),
+        ));
+    }
+    Ok(())
 }
 
 /// What both directions do: the relay's address in `o=` and `c=`, every ICE attribute
@@ -273,7 +503,7 @@ mod tests {
     #[test]
     fn the_app_offer_reaches_the_pbx_without_ice_and_with_the_relays_address() {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
-        let rewritten = toward_pbx(WEBRTC_OFFER, relay, true).unwrap();
+        let rewritten = toward_pbx(WEBRTC_OFFER, relay, true, Secure::AsIs).unwrap();
         assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 10.30.0.1"]);
         assert_eq!(
             lines_with(&rewritten, "m="),
@@ -318,6 +548,15 @@ mod tests {
                 ice_ufrag: None,
                 ice_pwd: None,
                 candidates: vec![],
+                proto: "UDP/TLS/RTP/SAVPF".into(),
+                security: Ok(Security::Dtls {
+                    fingerprint: Fingerprint::parse(
+                        "sha-256 6B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08"
+                    )
+                    .unwrap(),
+                    setup: Setup::ActPass,
+                }),
+                line: 1,
             }
         );
     }
@@ -325,7 +564,7 @@ mod tests {
     #[test]
     fn toward_a_pbx_without_rtcp_mux_rtcp_is_on_the_next_port() {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
-        let rewritten = toward_pbx(WEBRTC_OFFER, relay, false).unwrap();
+        let rewritten = toward_pbx(WEBRTC_OFFER, relay, false, Secure::AsIs).unwrap();
         assert!(
             lines_with(&rewritten, "a=rtcp-mux").is_empty(),
             "{rewritten}"
@@ -344,7 +583,7 @@ mod tests {
             PBX_PLAIN.replace("a=sendrecv", "a=rtcp:5000 IN IP4 10.20.0.9\r\na=sendrecv");
         assert_eq!(
             audio(&elsewhere).unwrap().rtcp,
-            "10.20.0.9:5000".parse().unwrap(),
+            "10.20.0.9:5000".parse::<SocketAddr>().unwrap(),
             "{elsewhere}"
         );
     }
@@ -352,7 +591,7 @@ mod tests {
     #[test]
     fn the_pbx_offer_reaches_the_app_with_the_relays_ice() {
         let relay: SocketAddr = "198.51.100.1:3479".parse().unwrap();
-        let rewritten = toward_app(PBX_SRTP, relay, &ice()).unwrap();
+        let rewritten = toward_app(PBX_SRTP, relay, &ice(), Secure::AsIs).unwrap();
         assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 198.51.100.1"]);
         assert_eq!(
             lines_with(&rewritten, "m="),
@@ -380,7 +619,7 @@ mod tests {
         );
 
         // Plain RTP with a session-level c=: the same.
-        let rewritten = toward_app(PBX_PLAIN, relay, &ice()).unwrap();
+        let rewritten = toward_app(PBX_PLAIN, relay, &ice(), Secure::AsIs).unwrap();
         assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 198.51.100.1"]);
         assert_eq!(
             lines_with(&rewritten, "m="),
@@ -407,6 +646,9 @@ mod tests {
                 ice_ufrag: None,
                 ice_pwd: None,
                 candidates: vec![],
+                proto: "RTP/AVP".into(),
+                security: Ok(Security::Plain),
+                line: 1,
             }
         );
         let app = audio(WEBRTC_OFFER).unwrap();
@@ -419,30 +661,141 @@ mod tests {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
         let video_only = PBX_PLAIN.replace("m=audio", "m=video");
         assert_eq!(
-            toward_pbx(&video_only, relay, false),
+            toward_pbx(&video_only, relay, false, Secure::AsIs),
             Err(SdpError::NoAudio)
         );
         assert_eq!(audio(&video_only), Err(SdpError::NoAudio));
         let refused = PBX_PLAIN.replace("m=audio 16384", "m=audio 0");
         assert_eq!(
-            toward_app(&refused, relay, &ice()),
+            toward_app(&refused, relay, &ice(), Secure::AsIs),
             Err(SdpError::AudioRefused)
         );
         assert!(matches!(
-            toward_pbx("hello", relay, false),
+            toward_pbx("hello", relay, false, Secure::AsIs),
             Err(SdpError::Unparseable(_))
         ));
         assert!(matches!(
-            toward_pbx("", relay, false),
+            toward_pbx("", relay, false, Secure::AsIs),
             Err(SdpError::Unparseable(_)) | Err(SdpError::NoAudio)
         ));
         // A second stream (video) is refused toward the other side, audio kept.
         let with_video =
             format!("{PBX_PLAIN}m=video 16390 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n");
-        let rewritten = toward_app(&with_video, relay, &ice()).unwrap();
+        let rewritten = toward_app(&with_video, relay, &ice(), Secure::AsIs).unwrap();
         assert_eq!(
             lines_with(&rewritten, "m="),
             ["m=audio 40000 RTP/AVP 8 0 9 101", "m=video 0 RTP/AVP 96"]
+        );
+    }
+
+    #[test]
+    fn a_webrtc_app_gets_dtls_bundle_and_the_pbx_gets_plain_rtp() {
+        let relay: SocketAddr = "198.51.100.1:3479".parse().unwrap();
+        let fingerprint = Fingerprint::sha256(b"the relay's certificate");
+        let mids = vec!["audio0".to_owned(), "video1".to_owned()];
+        let with_video =
+            format!("{PBX_PLAIN}m=video 16390 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n");
+        let secure = Secure::Dtls {
+            fingerprint: &fingerprint,
+            setup: Setup::ActPass,
+            mids: &mids,
+        };
+        let offer = toward_app(&with_video, relay, &ice(), secure).unwrap();
+        assert_eq!(
+            lines_with(&offer, "m="),
+            [
+                "m=audio 3479 UDP/TLS/RTP/SAVPF 8 0 9 101",
+                "m=video 0 UDP/TLS/RTP/SAVPF 96"
+            ]
+        );
+        assert_eq!(lines_with(&offer, "a=group:"), ["a=group:BUNDLE audio0"]);
+        assert_eq!(
+            lines_with(&offer, "a=mid:"),
+            ["a=mid:audio0", "a=mid:video1"]
+        );
+        assert_eq!(lines_with(&offer, "a=setup:"), ["a=setup:actpass"]);
+        assert_eq!(
+            lines_with(&offer, "a=fingerprint:"),
+            [format!("a=fingerprint:{fingerprint}")]
+        );
+        let endpoint = audio(&offer).unwrap();
+        assert_eq!(
+            endpoint.security,
+            Ok(Security::Dtls {
+                fingerprint: fingerprint.clone(),
+                setup: Setup::ActPass
+            })
+        );
+        assert_eq!(mids_of(&offer), mids);
+
+        // The app's WebRTC offer toward a plain-RTP PBX: no DTLS, no BUNDLE, no WebRTC
+        // attributes, the codecs kept.
+        let lan: SocketAddr = "10.30.0.1:40000".parse().unwrap();
+        let plain = toward_pbx(WEBRTC_OFFER, lan, false, Secure::Plain).unwrap();
+        assert_eq!(
+            lines_with(&plain, "m="),
+            ["m=audio 40000 RTP/AVP 111 63 9 0 8 13 110 126"]
+        );
+        for gone in [
+            "a=fingerprint",
+            "a=setup",
+            "a=mid",
+            "a=group",
+            "a=ssrc",
+            "a=msid",
+            "a=extmap",
+            "a=rtcp-fb",
+            "a=rtcp-mux",
+        ] {
+            assert!(lines_with(&plain, gone).is_empty(), "{gone} in\n{plain}");
+        }
+        assert_eq!(
+            lines_with(&plain, "a=rtpmap"),
+            lines_with(WEBRTC_OFFER, "a=rtpmap")
+        );
+        assert_eq!(audio(&plain).unwrap().security, Ok(Security::Plain));
+        // A plain answer to that offer is what the relay asked for; a DTLS one is not.
+        check_answer(&audio(&plain).unwrap(), &audio(PBX_PLAIN).unwrap()).unwrap();
+        assert!(matches!(
+            check_answer(&audio(&plain).unwrap(), &audio(WEBRTC_OFFER).unwrap()),
+            Err(SdpError::ProfileMismatch { line: 1, .. })
+        ));
+    }
+
+    fn mids_of(text: &str) -> Vec<String> {
+        mids(text).unwrap()
+    }
+
+    #[test]
+    fn sdes_keys_are_the_relays_own_and_unusable_ones_are_named() {
+        let lan: SocketAddr = "10.30.0.1:40000".parse().unwrap();
+        let key = Crypto::generate(1, crate::media::Suite::AesCm128HmacSha1_80);
+        let offer = toward_pbx(WEBRTC_OFFER, lan, false, Secure::Sdes(&key)).unwrap();
+        assert_eq!(
+            lines_with(&offer, "m="),
+            ["m=audio 40000 RTP/SAVP 111 63 9 0 8 13 110 126"]
+        );
+        assert_eq!(lines_with(&offer, "a=crypto:"), [format!("a=crypto:{key}")]);
+        assert_eq!(
+            audio(&offer).unwrap().security,
+            Ok(Security::Sdes(vec![key]))
+        );
+        // The fixture's keys carry an MKI, which the relay does not implement: passing
+        // them through still works, terminating them is refused with the reason.
+        assert!(matches!(
+            audio(PBX_SRTP).unwrap().security,
+            Err(SdpError::NoUsableCrypto { line: 1, .. })
+        ));
+        let no_fingerprint = WEBRTC_OFFER.replace("a=fingerprint", "a=x-fingerprint");
+        assert!(matches!(
+            audio(&no_fingerprint).unwrap().security,
+            Err(SdpError::NoFingerprint { line: 1, .. })
+        ));
+        // A DTLS answer must choose a role.
+        let actpass = audio(WEBRTC_OFFER).unwrap();
+        assert_eq!(
+            check_answer(&actpass, &actpass),
+            Err(SdpError::BadSetup { line: 1 })
         );
     }
 }

@@ -77,7 +77,11 @@ pub fn event_message(event: &CallEvent) -> Outbound {
                     remote,
                     local_type,
                     remote_type,
+                    app_security,
+                    pbx_security,
                 } => {
+                    map.insert("app_security".into(), (*app_security).into());
+                    map.insert("pbx_security".into(), (*pbx_security).into());
                     map.insert("local".into(), local.to_string().into());
                     map.insert("remote".into(), remote.to_string().into());
                     map.insert("local_type".into(), local_type.to_string().into());

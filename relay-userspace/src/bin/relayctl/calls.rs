@@ -95,6 +95,20 @@ pub fn run(
                     or_dash(info.pbx)
                 );
                 println!(
+                    "security    app {}, pbx {}",
+                    info.app_security, info.pbx_security
+                );
+                if let Some(bridged) = &info.bridged {
+                    println!(
+                        "bridged     DTLS {}, SRTP {}; dropped: {} failed authentication, {} replayed, {} malformed",
+                        bridged.dtls,
+                        bridged.suite.as_deref().unwrap_or("-"),
+                        bridged.auth_failures,
+                        bridged.replays,
+                        bridged.malformed
+                    );
+                }
+                println!(
                     "to pbx      {} packets, {}",
                     output::count(info.to_pbx.packets),
                     output::bytes(info.to_pbx.bytes)

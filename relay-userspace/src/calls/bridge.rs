@@ -1,0 +1,281 @@
+//! A bridged call's media: the relay terminates each leg's security and carries every
+//! packet itself. SRTP from the app is unprotected (and protected again with the PBX
+//! leg's SDES key, when it has one) and sent to the PBX; the PBX's RTP goes the other way.
+//! DTLS records on the app's transport go to the leg's handshake (RFC 7983 demultiplexing).
+//! The kernel forwards none of it: a transcrypted packet needs the keys.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{
+    Call, Calls, EndReason,
+    security::{AppLeg, MediaPlan, PbxLeg},
+};
+use crate::{
+    ice::leg::IceConn,
+    media::{
+        MediaCounters, SrtpError, SrtpSession,
+        dtls::{self, Demux, DtlsError, demux},
+        srtp::is_rtcp,
+    },
+    time::monotonic_ns,
+};
+
+/// How long the app's DTLS handshake may take once ICE has connected.
+const DTLS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A DTLS-SRTP leg's handshake, for `relayctl calls show`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DtlsState {
+    /// The app leg is not DTLS.
+    None,
+    Connecting,
+    Connected,
+    Failed,
+}
+
+pub(super) struct Bridge {
+    /// The app leg's SRTP; None while a DTLS handshake runs, and for a plain leg.
+    app: Mutex<Option<SrtpSession>>,
+    /// Whether the app leg is secured: its packets wait for the keys until then.
+    app_secured: bool,
+    pbx: Mutex<Option<SrtpSession>>,
+    dtls: Mutex<DtlsState>,
+    /// Cleared while the app does not answer consent checks (RFC 7675): nothing is sent
+    /// toward it.
+    toward_app: AtomicBool,
+    pub(super) counters: MediaCounters,
+    /// The app's DTLS association, kept open for the call (it answers retransmitted
+    /// flights and alerts).
+    association: tokio::sync::Mutex<Option<::dtls::conn::DTLSConn>>,
+}
+
+impl Bridge {
+    pub(super) fn info(&self) -> super::BridgeInfo {
+        let suite = self
+            .app
+            .lock()
+            .expect("bridge app leg")
+            .as_ref()
+            .map(|srtp| srtp.suite().sdes_name());
+        super::BridgeInfo {
+            dtls: match *self.dtls.lock().expect("bridge dtls") {
+                DtlsState::None => "-",
+                DtlsState::Connecting => "connecting",
+                DtlsState::Connected => "connected",
+                DtlsState::Failed => "failed",
+            },
+            suite,
+            totals: self.counters.read(),
+        }
+    }
+
+    pub(super) fn set_toward_app(&self, on: bool) {
+        self.toward_app.store(on, Ordering::Relaxed);
+    }
+
+    /// A packet from the app for the PBX, or None when it is refused (counted) or waits
+    /// for keys.
+    fn app_to_pbx(&self, packet: &[u8]) -> Option<Bytes> {
+        let plain = match self.app.lock().expect("bridge app leg").as_mut() {
+            Some(srtp) => self.counted(srtp.unprotect(packet))?,
+            None if self.app_secured => return None,
+            None => Bytes::copy_from_slice(packet),
+        };
+        match self.pbx.lock().expect("bridge pbx leg").as_mut() {
+            Some(srtp) => self.counted(srtp.protect(&plain)),
+            None => Some(plain),
+        }
+    }
+
+    /// A packet from the PBX for the app.
+    fn pbx_to_app(&self, packet: &[u8]) -> Option<Bytes> {
+        if !self.toward_app.load(Ordering::Relaxed) {
+            return None;
+        }
+        let plain = match self.pbx.lock().expect("bridge pbx leg").as_mut() {
+            Some(srtp) => self.counted(srtp.unprotect(packet))?,
+            None => Bytes::copy_from_slice(packet),
+        };
+        match self.app.lock().expect("bridge app leg").as_mut() {
+            Some(srtp) => self.counted(srtp.protect(&plain)),
+            None if self.app_secured => None,
+            None => Some(plain),
+        }
+    }
+
+    fn counted(&self, result: Result<Bytes, SrtpError>) -> Option<Bytes> {
+        result.map_err(|why| self.counters.refused(why)).ok()
+    }
+}
+
+impl Calls {
+    /// Carries a bridged call's media from now on: the app's DTLS handshake first when its
+    /// leg is DTLS-SRTP. An error ends the call.
+    pub(super) async fn start_bridge(
+        &self,
+        call: &Arc<Call>,
+        conn: IceConn,
+    ) -> Result<(), EndReason> {
+        let MediaPlan::Bridged { app, pbx } = call.inner().plan.clone() else {
+            return Ok(());
+        };
+        let session = |own: &crate::media::Crypto, peer: &crate::media::Crypto| {
+            SrtpSession::new(
+                own.suite,
+                (peer.key(), peer.salt()),
+                (own.key(), own.salt()),
+            )
+            .map_err(|err| {
+                tracing::warn!(call = call.id, %err, "calls: SDES keys refused by SRTP");
+                EndReason::MediaSecurityFailed
+            })
+        };
+        let pbx_srtp = match &pbx {
+            PbxLeg::Plain => None,
+            PbxLeg::Sdes {
+                own,
+                peer: Some(peer),
+            } => Some(session(own, peer)?),
+            PbxLeg::Sdes { peer: None, .. } => return Err(EndReason::MediaSecurityFailed),
+        };
+        let (app_srtp, dtls_peer) = match &app {
+            AppLeg::Plain => (None, None),
+            AppLeg::Sdes {
+                own,
+                peer: Some(peer),
+            } => (Some(session(own, peer)?), None),
+            AppLeg::Dtls {
+                peer: Some(peer), ..
+            } => (None, Some(peer.clone())),
+            AppLeg::Sdes { peer: None, .. } | AppLeg::Dtls { peer: None, .. } => {
+                return Err(EndReason::MediaSecurityFailed);
+            }
+        };
+        let bridge = Arc::new(Bridge {
+            app: Mutex::new(app_srtp),
+            app_secured: !matches!(app, AppLeg::Plain),
+            pbx: Mutex::new(pbx_srtp),
+            dtls: Mutex::new(if dtls_peer.is_some() {
+                DtlsState::Connecting
+            } else {
+                DtlsState::None
+            }),
+            toward_app: AtomicBool::new(true),
+            counters: MediaCounters::default(),
+            association: tokio::sync::Mutex::new(None),
+        });
+        call.inner().bridge = Some(bridge.clone());
+        let (records, queue) = dtls::record_queue();
+        self.carry_bridged_media(call, &bridge, conn.clone(), records);
+        let Some((fingerprint, role)) = dtls_peer else {
+            return Ok(());
+        };
+        match dtls::handshake(
+            &self.identity,
+            conn,
+            queue,
+            role,
+            &fingerprint,
+            DTLS_TIMEOUT,
+        )
+        .await
+        {
+            Ok(leg) => {
+                tracing::info!(
+                    call = call.id,
+                    ?role,
+                    suite = leg.srtp.suite().sdes_name(),
+                    "calls: DTLS-SRTP with the app established"
+                );
+                *bridge.app.lock().expect("bridge app leg") = Some(leg.srtp);
+                *bridge.dtls.lock().expect("bridge dtls") = DtlsState::Connected;
+                *bridge.association.lock().await = Some(leg.conn);
+                Ok(())
+            }
+            Err(err) => {
+                *bridge.dtls.lock().expect("bridge dtls") = DtlsState::Failed;
+                tracing::info!(call = call.id, %err, "calls: DTLS with the app failed; the call ends");
+                Err(match err {
+                    DtlsError::Timeout(_) => EndReason::DtlsTimeout,
+                    _ => EndReason::DtlsFailed,
+                })
+            }
+        }
+    }
+
+    /// The tasks that carry a bridged call's packets both ways.
+    fn carry_bridged_media(
+        &self,
+        call: &Arc<Call>,
+        bridge: &Arc<Bridge>,
+        conn: IceConn,
+        records: mpsc::Sender<Vec<u8>>,
+    ) {
+        let from_app = {
+            let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok(n) = conn.recv(&mut buf).await {
+                    let packet = &buf[..n];
+                    match demux(packet) {
+                        Demux::Dtls => {
+                            // A full queue means a handshake that is not reading: dropped,
+                            // as the network might (DTLS retransmits).
+                            let _ = records.try_send(packet.to_vec());
+                        }
+                        Demux::Rtp => {
+                            let Some(out) = bridge.app_to_pbx(packet) else {
+                                continue;
+                            };
+                            let sent = match call.pbx_rtcp() {
+                                Some(rtcp) if is_rtcp(&out) => {
+                                    call.rtcp_socket.send_to(&out, rtcp).await
+                                }
+                                _ => call.lan_socket.send_to(&out, call.pbx()).await,
+                            };
+                            if sent.is_ok() {
+                                bridge.counters.to_pbx(out.len(), monotonic_ns());
+                            }
+                        }
+                        Demux::Other => bridge.counters.refused(SrtpError::Malformed),
+                    }
+                }
+            })
+        };
+        let from_pbx = |socket: Arc<tokio::net::UdpSocket>, rtcp: bool| {
+            let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                    // Strict source: only the PBX's RTP (or RTCP) address.
+                    let expected = if rtcp {
+                        call.pbx_rtcp()
+                    } else {
+                        Some(call.pbx())
+                    };
+                    if Some(from) != expected {
+                        continue;
+                    }
+                    let Some(out) = bridge.pbx_to_app(&buf[..n]) else {
+                        continue;
+                    };
+                    if conn.send(&out).await.is_ok() {
+                        bridge.counters.to_app(out.len(), monotonic_ns());
+                    }
+                }
+            })
+        };
+        let tasks = [
+            from_app,
+            from_pbx(call.lan_socket.clone(), false),
+            from_pbx(call.rtcp_socket.clone(), true),
+        ];
+        call.inner().tasks.extend(tasks);
+    }
+}

@@ -1,0 +1,237 @@
+//! Which media security each leg of a call gets (docs/calls-design.md, "Media security"),
+//! decided from the two sides' SDPs and `[calls]` policy, as rtpengine's
+//! `transport-protocol`, `DTLS` and `SDES` options do: sans-IO, one function per step of
+//! the offer/answer.
+
+use super::{CallError, config::AppMedia, config::PbxMedia};
+use crate::{
+    media::{Crypto, Fingerprint, Security, Setup, Suite, dtls::Role},
+    session::sdp::{AudioEndpoint, Secure},
+};
+
+/// How a call's media is secured, as negotiated so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MediaPlan {
+    /// Both legs carry what one side wrote (or nothing): the kernel forwards untouched.
+    #[default]
+    PassThrough,
+    /// The relay terminates each leg's security and carries the media itself.
+    Bridged { app: AppLeg, pbx: PbxLeg },
+}
+
+/// The app leg of a bridged call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppLeg {
+    Plain,
+    Sdes {
+        own: Crypto,
+        /// The app's key, once its SDP gave it.
+        peer: Option<Crypto>,
+    },
+    Dtls {
+        /// What the relay's SDP says: `actpass` in an offer, its role in an answer.
+        setup: Setup,
+        /// The app's certificate fingerprint and the relay's role, once its SDP gave them.
+        peer: Option<(Fingerprint, Role)>,
+    },
+}
+
+/// The PBX leg of a bridged call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PbxLeg {
+    Plain,
+    Sdes { own: Crypto, peer: Option<Crypto> },
+}
+
+impl MediaPlan {
+    /// The PBX calls: what the relay offers the app, from the PBX's offer and policy.
+    pub fn for_pbx_offer(pbx: &AudioEndpoint, policy: AppMedia) -> Result<MediaPlan, CallError> {
+        if policy == AppMedia::AsPbx {
+            return Ok(MediaPlan::PassThrough);
+        }
+        let pbx_leg = match pbx.security.clone()? {
+            Security::Plain => PbxLeg::Plain,
+            Security::Sdes(keys) => answer_keys(&keys),
+            Security::Dtls { .. } => {
+                return Err(CallError::BadRequest(format!(
+                    "sdp: m=audio (m-line {}): the PBX offers {} (DTLS-SRTP); the relay bridges DTLS only toward the app: set calls.app_media = \"as-pbx\" to pass it through",
+                    pbx.line, pbx.proto
+                )));
+            }
+        };
+        let app = match policy {
+            AppMedia::DtlsSrtp => AppLeg::Dtls {
+                setup: Setup::ActPass,
+                peer: None,
+            },
+            AppMedia::SdesSrtp => AppLeg::Sdes {
+                own: Crypto::generate(1, Suite::AesCm128HmacSha1_80),
+                peer: None,
+            },
+            AppMedia::AsPbx => unreachable!("returned above"),
+        };
+        Ok(MediaPlan::Bridged { app, pbx: pbx_leg })
+    }
+
+    /// The app calls: what the relay offers the PBX and answers the app, from the app's
+    /// offer and policy.
+    pub fn for_app_offer(app: &AudioEndpoint, policy: PbxMedia) -> Result<MediaPlan, CallError> {
+        if policy == PbxMedia::AsApp {
+            return Ok(MediaPlan::PassThrough);
+        }
+        let app_leg = match app.security.clone()? {
+            Security::Plain => AppLeg::Plain,
+            Security::Sdes(keys) => match answer_keys(&keys) {
+                PbxLeg::Sdes { own, peer } => AppLeg::Sdes { own, peer },
+                PbxLeg::Plain => unreachable!("answer_keys gives keys"),
+            },
+            Security::Dtls { fingerprint, setup } => {
+                // RFC 5763 section 5: the answerer of actpass should be active, but a
+                // relay behind which the app's peer sits is the server where it may be:
+                // the app then starts the handshake once ICE has connected.
+                let (setup, role) = match setup {
+                    Setup::Passive => (Setup::Active, Role::Client),
+                    Setup::Active | Setup::ActPass => (Setup::Passive, Role::Server),
+                };
+                AppLeg::Dtls {
+                    setup,
+                    peer: Some((fingerprint, role)),
+                }
+            }
+        };
+        let pbx = match policy {
+            PbxMedia::Rtp => PbxLeg::Plain,
+            PbxMedia::SdesSrtp => PbxLeg::Sdes {
+                own: Crypto::generate(1, Suite::AesCm128HmacSha1_80),
+                peer: None,
+            },
+            PbxMedia::AsApp => unreachable!("returned above"),
+        };
+        if (&app_leg, &pbx) == (&AppLeg::Plain, &PbxLeg::Plain) {
+            return Ok(MediaPlan::PassThrough);
+        }
+        Ok(MediaPlan::Bridged { app: app_leg, pbx })
+    }
+
+    /// The app's answer to the relay's offer: its key or its certificate and role.
+    pub fn app_answered(&mut self, answer: &AudioEndpoint) -> Result<(), CallError> {
+        let MediaPlan::Bridged { app, .. } = self else {
+            return Ok(());
+        };
+        match (app, answer.security.clone()?) {
+            (AppLeg::Sdes { own, peer }, Security::Sdes(keys)) => {
+                *peer = Some(matching_key(own, &keys, answer)?);
+            }
+            (AppLeg::Dtls { peer, .. }, Security::Dtls { fingerprint, setup }) => {
+                let role = match setup {
+                    Setup::Active => Role::Server,
+                    Setup::Passive => Role::Client,
+                    Setup::ActPass => {
+                        return Err(
+                            crate::session::sdp::SdpError::BadSetup { line: answer.line }.into(),
+                        );
+                    }
+                };
+                *peer = Some((fingerprint, role));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The PBX's answer to the relay's offer: its key.
+    pub fn pbx_answered(&mut self, answer: &AudioEndpoint) -> Result<(), CallError> {
+        let MediaPlan::Bridged {
+            pbx: PbxLeg::Sdes { own, peer },
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        let Security::Sdes(keys) = answer.security.clone()? else {
+            return Ok(());
+        };
+        *peer = Some(matching_key(own, &keys, answer)?);
+        Ok(())
+    }
+
+    /// What the relay writes toward the app; `mids` are the m-lines' (the app's offer's,
+    /// when answering it).
+    pub fn toward_app<'a>(
+        &'a self,
+        fingerprint: &'a Fingerprint,
+        mids: &'a [String],
+    ) -> Secure<'a> {
+        match self {
+            MediaPlan::PassThrough => Secure::AsIs,
+            MediaPlan::Bridged { app, .. } => match app {
+                AppLeg::Plain => Secure::Plain,
+                AppLeg::Sdes { own, .. } => Secure::Sdes(own),
+                AppLeg::Dtls { setup, .. } => Secure::Dtls {
+                    fingerprint,
+                    setup: *setup,
+                    mids,
+                },
+            },
+        }
+    }
+
+    /// What the relay writes toward the PBX.
+    pub fn toward_pbx(&self) -> Secure<'_> {
+        match self {
+            MediaPlan::PassThrough => Secure::AsIs,
+            MediaPlan::Bridged { pbx, .. } => match pbx {
+                PbxLeg::Plain => Secure::Plain,
+                PbxLeg::Sdes { own, .. } => Secure::Sdes(own),
+            },
+        }
+    }
+
+    /// Each leg's security as `call.state connected` and `relayctl calls` name it.
+    pub fn names(&self) -> (&'static str, &'static str) {
+        match self {
+            MediaPlan::PassThrough => ("pass-through", "pass-through"),
+            MediaPlan::Bridged { app, pbx } => (
+                match app {
+                    AppLeg::Plain => "rtp",
+                    AppLeg::Sdes { .. } => "sdes-srtp",
+                    AppLeg::Dtls { .. } => "dtls-srtp",
+                },
+                match pbx {
+                    PbxLeg::Plain => "rtp",
+                    PbxLeg::Sdes { .. } => "sdes-srtp",
+                },
+            ),
+        }
+    }
+}
+
+/// The relay's answer to offered SDES keys: the first one it implements (they are in the
+/// offerer's order of preference), and a fresh key of the same suite under the same tag
+/// (RFC 4568 section 7.1.2).
+fn answer_keys(offered: &[Crypto]) -> PbxLeg {
+    let peer = offered[0].clone();
+    PbxLeg::Sdes {
+        own: Crypto::generate(peer.tag, peer.suite),
+        peer: Some(peer),
+    }
+}
+
+/// The answer's key for the relay's offered one: same tag and suite.
+fn matching_key(
+    own: &Crypto,
+    keys: &[Crypto],
+    answer: &AudioEndpoint,
+) -> Result<Crypto, CallError> {
+    keys.iter()
+        .find(|key| key.tag == own.tag && key.suite == own.suite)
+        .cloned()
+        .ok_or_else(|| {
+            CallError::BadRequest(format!(
+                "sdp: m=audio (m-line {}): the answer has no a=crypto line for the offered tag {} ({})",
+                answer.line,
+                own.tag,
+                own.suite.sdes_name()
+            ))
+        })
+}
