@@ -1,0 +1,360 @@
+//! A real browser as the app: headless Chromium (Debian `chromium`) runs
+//! tests/browser/app.html in the app's network, behind the lab's NAT, and is called by the
+//! PBX, then calls it, through the relay's signalling. The browser's own WebRTC stack does
+//! ICE, DTLS-SRTP, BUNDLE and rtcp-mux with the relay; the PBX leg is plain RTP/AVP with
+//! RTCP on its own port. The relay terminates DTLS-SRTP and transcrypts each packet.
+//!
+//! The PBX end is an echo that sends every RTP packet back under another SSRC (a browser
+//! would take its own SSRC coming back for a loop): the browser hears its own fake
+//! microphone, so its `inbound-rtp` audio counts packets and energy above zero, and its
+//! transport is DTLS `connected` with the certificate whose fingerprint the relay put in
+//! its SDP.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use relay_tests::{
+    config_file::ConfigFile,
+    lab::{EdgeLab, anchor_config},
+    netns::{NetNs, PinDir},
+    process::Background,
+    relayd::Relayd,
+    require_root, runtime,
+    signalling_client::{Socket, mint_token, request, until_message},
+};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "acme-api-key-0123456789";
+/// The PBX end's RTP address (RTCP on the port above).
+const PBX_RTP: &str = "10.30.0.2:40000";
+
+/// The PBX's SDP: G.711 u-law only, RTCP on its own port (no rtcp-mux); with a refused
+/// video line when it answers an offer that had one.
+fn pbx_sdp(refused_video: bool) -> String {
+    let mut lines = vec![
+        "v=0",
+        "o=pbx 1 1 IN IP4 10.30.0.2",
+        "s=pbx",
+        "c=IN IP4 10.30.0.2",
+        "t=0 0",
+        "m=audio 40000 RTP/AVP 0",
+        "a=rtpmap:0 PCMU/8000",
+        "a=ptime:20",
+        "a=sendrecv",
+    ];
+    if refused_video {
+        lines.push("m=video 0 RTP/AVP 96");
+    }
+    lines.join("\r\n") + "\r\n"
+}
+
+/// The PBX end: RTP back to where it came from with the SSRC changed; RTCP taken and
+/// dropped. Counts what it echoed; stops when `stop` is set (or after two minutes).
+struct SsrcEcho {
+    echoed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SsrcEcho {
+    fn start(pbx: &NetNs) -> SsrcEcho {
+        let rtp = pbx.udp_socket(PBX_RTP.parse().unwrap());
+        let rtcp_address: SocketAddr = "10.30.0.2:40001".parse().unwrap();
+        let rtcp = pbx.udp_socket(rtcp_address);
+        let (echoed, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let thread = {
+            let (echoed, stop) = (echoed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let _rtcp: UdpSocket = rtcp;
+                rtp.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let Ok((n, from)) = rtp.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if n < 12 || buf[0] >> 6 != 2 {
+                        continue;
+                    }
+                    for byte in &mut buf[8..12] {
+                        *byte ^= 0x5a;
+                    }
+                    if rtp.send_to(&buf[..n], from).is_ok() {
+                        echoed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        SsrcEcho {
+            echoed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SsrcEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Headless Chromium on the test page, its log read for the page's reports.
+struct Chromium {
+    _process: Background,
+    log: PathBuf,
+    _profile: tempfile::TempDir,
+}
+
+impl Chromium {
+    fn open(ns: &NetNs, token: &str, mode: &str) -> Chromium {
+        let profile = tempfile::tempdir().expect("a profile directory");
+        let log = profile.path().join("chromium.log");
+        let page = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/app.html");
+        let url = format!(
+            "file://{page}#url=wss://{}/&token={token}&mode={mode}",
+            EdgeLab::SIGNALLING
+        );
+        let user_data = format!("--user-data-dir={}", profile.path().display());
+        let process = Background::spawn_with_output(
+            ns,
+            &[
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                // The relay's signalling certificate is self-signed in the lab.
+                "--ignore-certificate-errors",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+                "--autoplay-policy=no-user-gesture-required",
+                "--enable-logging=stderr",
+                "--v=0",
+                &user_data,
+                &url,
+            ],
+            &log,
+        );
+        Chromium {
+            _process: process,
+            log,
+            _profile: profile,
+        }
+    }
+
+    /// Every report the page made so far, in order.
+    fn reports(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.split("RELAYTEST:")
+            .skip(1)
+            .filter_map(|rest| rest.split_once(":END"))
+            .filter_map(|(encoded, _)| STANDARD.decode(encoded).ok())
+            .filter_map(|json| serde_json::from_slice(&json).ok())
+            .collect()
+    }
+
+    /// The first report for which `done` holds, within `limit`.
+    async fn until(&self, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(found) = self.reports().into_iter().find(&done) {
+                return found;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+                panic!(
+                    "the browser never reported {what}\nreports: {:?}\nlog (last lines, newest first):\n{tail}",
+                    self.reports()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The browser hears the PBX end: audio packets with energy (in a report that also has the
+/// transport's remote certificate: getStats may leave it out of a snapshot).
+fn hears(report: &Value) -> bool {
+    report["kind"] == "stats"
+        && report["remoteFingerprint"].is_string()
+        && report["audio"]["packetsReceived"].as_u64().unwrap_or(0) >= 100
+        && report["audio"]["totalAudioEnergy"].as_f64().unwrap_or(0.0) > 0.0
+}
+
+async fn next_event(controller: &mut Socket, name: &str) -> Value {
+    until_message(controller, Duration::from_secs(20), 20, name, |event| {
+        event["event"] == name
+    })
+    .await
+}
+
+/// What every call must show once the browser hears the PBX.
+fn assert_bridged(heard: &Value, relayd: &Relayd, call: u64) {
+    assert_eq!(heard["dtls"], "connected", "{heard}");
+    let relay_fingerprint = heard["relayFingerprint"]
+        .as_str()
+        .expect("the relay's a=fingerprint");
+    assert_eq!(
+        heard["remoteFingerprint"]
+            .as_str()
+            .map(str::to_ascii_lowercase),
+        Some(relay_fingerprint.to_ascii_lowercase()),
+        "the browser's DTLS peer is the certificate the relay's SDP named: {heard}"
+    );
+    assert!(
+        relayd
+            .log()
+            .contains(relay_fingerprint.split(' ').nth(1).unwrap()),
+        "relayd logged the fingerprint it offered"
+    );
+    let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
+    assert_eq!(
+        (
+            shown["app_security"].as_str(),
+            shown["pbx_security"].as_str()
+        ),
+        (Some("dtls-srtp"), Some("rtp")),
+        "{shown}"
+    );
+    assert_eq!(shown["bridged"]["dtls"], "connected", "{shown}");
+    assert!(
+        shown["to_pbx"]["packets"].as_u64().unwrap() >= 100,
+        "{shown}"
+    );
+    assert!(
+        shown["to_app"]["packets"].as_u64().unwrap() >= 100,
+        "{shown}"
+    );
+    assert_eq!(shown["bridged"]["auth_failures"], 0, "{shown}");
+    assert!(
+        shown["flows"].as_array().unwrap().is_empty(),
+        "a bridged call has no kernel flows: {shown}"
+    );
+}
+
+/// Waits until the browser hears the PBX end, checks the call was bridged, hangs it up.
+async fn hear_then_hang_up(browser: &Chromium, controller: &mut Socket, relayd: &Relayd, id: u64) {
+    let heard = browser
+        .until(Duration::from_secs(20), "audio from the PBX", hears)
+        .await;
+    assert_bridged(&heard, relayd, id);
+    let result = request(
+        controller,
+        json!({"type": "call.hangup", "id": 10 + id, "call": id}),
+    )
+    .await;
+    assert_eq!(result["type"], "result", "{result}");
+}
+
+#[test]
+fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let fingerprint = relayd.signalling_fingerprint();
+    let echo = SsrcEcho::start(&lab.pbx);
+    runtime().block_on(async {
+        let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+
+        // The PBX calls the browser.
+        let browser = Chromium::open(&lab.app, &token, "answer");
+        browser
+            .until(Duration::from_secs(30), "welcome", |r| {
+                r["kind"] == "signalling" && r["message"]["type"] == "welcome"
+            })
+            .await;
+        let created = request(
+            &mut controller,
+            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": pbx_sdp(false)}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let id = created["call"].as_u64().unwrap();
+        let answered = next_event(&mut controller, "call.answered").await;
+        let answer = answered["sdp"].as_str().unwrap();
+        assert!(answer.contains("m=audio 40000 RTP/AVP 0"), "{answer}");
+        assert!(
+            !answer.contains("a=fingerprint"),
+            "plain RTP toward the PBX: {answer}"
+        );
+        let connected = until_message(
+            &mut controller,
+            Duration::from_secs(20),
+            20,
+            "connected",
+            |e| e["event"] == "call.state" && e["state"] == "connected",
+        )
+        .await;
+        assert_eq!(
+            (&connected["app_security"], &connected["pbx_security"]),
+            (&json!("dtls-srtp"), &json!("rtp")),
+            "{connected}"
+        );
+        hear_then_hang_up(&browser, &mut controller, &relayd, id).await;
+        browser
+            .until(Duration::from_secs(10), "call.ended", |r| {
+                r["message"]["event"] == "call.ended"
+            })
+            .await;
+        drop(browser);
+
+        // The browser calls the PBX: audio and video offered, one BUNDLE transport; the
+        // PBX takes audio.
+        let browser = Chromium::open(&lab.app, &token, "call");
+        let incoming = next_event(&mut controller, "call.incoming").await;
+        let offer = incoming["sdp"].as_str().unwrap();
+        assert!(
+            offer.contains(" RTP/AVP "),
+            "plain RTP toward the PBX: {offer}"
+        );
+        assert!(
+            offer.contains("m=video 0 "),
+            "video refused toward the PBX: {offer}"
+        );
+        for webrtc in [
+            "a=fingerprint",
+            "a=setup",
+            "a=group",
+            "a=ice-ufrag",
+            "a=candidate",
+        ] {
+            assert!(!offer.contains(webrtc), "{webrtc} toward the PBX: {offer}");
+        }
+        let id = incoming["call"].as_u64().unwrap();
+        let answered = request(
+            &mut controller,
+            json!({"type": "call.answer", "id": 4, "call": id, "sdp": pbx_sdp(true)}),
+        )
+        .await;
+        assert_eq!(answered["type"], "result", "{answered}");
+        hear_then_hang_up(&browser, &mut controller, &relayd, id).await;
+    });
+    assert!(
+        echo.echoed.load(Ordering::Relaxed) >= 200,
+        "the PBX end echoed both calls"
+    );
+}
