@@ -26,9 +26,6 @@ use crate::{
     time::monotonic_ns,
 };
 
-/// How long the app's DTLS handshake may take once ICE has connected.
-const DTLS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A DTLS-SRTP leg's handshake, for `relayctl calls show`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DtlsState {
@@ -182,7 +179,7 @@ impl Calls {
             queue,
             role,
             &fingerprint,
-            DTLS_TIMEOUT,
+            self.dtls_timeout,
         )
         .await
         {

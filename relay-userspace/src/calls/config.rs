@@ -26,6 +26,8 @@ pub struct CallsConfig {
     /// Seconds between `call.stats` events to the controller (each call's traffic from the
     /// kernel counters); 0: none.
     pub stats_interval_secs: u64,
+    /// Seconds a DTLS-SRTP app has, once ICE has connected, to complete its handshake.
+    pub dtls_timeout_secs: u64,
     /// What the relay offers an app the PBX calls.
     pub app_media: AppMedia,
     /// What the relay offers the PBX an app calls.
@@ -71,6 +73,7 @@ impl Default for CallsConfig {
             consent_timeout_secs: 30,
             media_timeout_secs: 60,
             stats_interval_secs: 10,
+            dtls_timeout_secs: 10,
             app_media: AppMedia::default(),
             pbx_media: PbxMedia::default(),
         }
@@ -130,6 +133,13 @@ impl CallsConfig {
                 "calls.consent_timeout_secs",
                 self.consent_timeout_secs.to_string(),
                 "must be at least 6 (media toward the app already stops after 5 s without consent)",
+            );
+        }
+        if self.dtls_timeout_secs == 0 {
+            problem(
+                "calls.dtls_timeout_secs",
+                "0".to_owned(),
+                "must be at least 1",
             );
         }
         if self.media_timeout_secs == 0 {

@@ -105,6 +105,8 @@ pub struct Calls {
     lan_ip: IpAddr,
     ports: RangeInclusive<u16>,
     ice_timeout: Duration,
+    /// What a DTLS-SRTP app has for its handshake once ICE has connected.
+    dtls_timeout: Duration,
     consent_timeout: Duration,
     media_timeout: Duration,
     /// Between `call.stats` events; None: none.
@@ -256,6 +258,7 @@ impl Calls {
             lan_ip,
             ports,
             ice_timeout: Duration::from_secs(settings.ice_timeout_secs),
+            dtls_timeout: Duration::from_secs(settings.dtls_timeout_secs),
             consent_timeout: Duration::from_secs(settings.consent_timeout_secs),
             media_timeout: Duration::from_secs(settings.media_timeout_secs),
             stats_interval: (settings.stats_interval_secs > 0)

@@ -68,6 +68,14 @@ pub enum SdpError {
     },
     #[error("m=audio (m-line {line}): a DTLS answer must say a=setup:active or a=setup:passive")]
     BadSetup { line: usize },
+    #[error(
+        "m=audio (m-line {line}): no codec in common: the offer has payload types {offered}, the answer {answered}"
+    )]
+    NoCommonCodec {
+        line: usize,
+        offered: String,
+        answered: String,
+    },
 }
 
 /// What the relay writes about media security in the SDP it sends one side.
@@ -135,6 +143,8 @@ pub struct AudioEndpoint {
     pub security: Result<Security, SdpError>,
     /// Which m-line it is (1 is the first), for errors that name it.
     pub line: usize,
+    /// Its payload types (`m=` formats), in order of preference.
+    pub formats: Vec<String>,
 }
 
 pub fn parse(text: &str) -> Result<SessionDescription, SdpError> {
@@ -222,6 +232,7 @@ pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
         proto,
         security,
         line,
+        formats: media.media_name.formats.clone(),
     })
 }
 
@@ -242,8 +253,9 @@ pub fn mids(text: &str) -> Result<Vec<String>, SdpError> {
 }
 
 /// Checks that an answer's audio stream has the kind of security its offer asked for
-/// (RFC 3264 section 6: the answer's profile is the offer's): a plain-RTP answer to a
-/// DTLS offer, or the reverse, would be a call that carries nothing.
+/// (RFC 3264 section 6: the answer's profile is the offer's) and a codec of the offer's:
+/// a plain-RTP answer to a DTLS offer, or the reverse, or no codec in common, would be a
+/// call that carries nothing.
 pub fn check_answer(offer: &AudioEndpoint, answer: &AudioEndpoint) -> Result<(), SdpError> {
     let (offered, answered) = (
         profile_security(&offer.proto),
@@ -264,6 +276,15 @@ pub fn check_answer(offer: &AudioEndpoint, answer: &AudioEndpoint) -> Result<(),
     }) = answer.security
     {
         return Err(SdpError::BadSetup { line: answer.line });
+    }
+    // RFC 3264 section 6.1: the answer's formats are among the offer's, under the same
+    // payload types.
+    if !answer.formats.iter().any(|f| offer.formats.contains(f)) {
+        return Err(SdpError::NoCommonCodec {
+            line: answer.line,
+            offered: offer.formats.join(" "),
+            answered: answer.formats.join(" "),
+        });
     }
     Ok(())
 }
@@ -557,6 +578,9 @@ mod tests {
                     setup: Setup::ActPass,
                 }),
                 line: 1,
+                formats: ["111", "63", "9", "0", "8", "13", "110", "126"]
+                    .map(String::from)
+                    .to_vec(),
             }
         );
     }
@@ -649,6 +673,7 @@ mod tests {
                 proto: "RTP/AVP".into(),
                 security: Ok(Security::Plain),
                 line: 1,
+                formats: ["8", "0", "9", "101"].map(String::from).to_vec(),
             }
         );
         let app = audio(WEBRTC_OFFER).unwrap();
@@ -791,6 +816,15 @@ mod tests {
             audio(&no_fingerprint).unwrap().security,
             Err(SdpError::NoFingerprint { line: 1, .. })
         ));
+        // An answer with none of the offer's codecs carries nothing either.
+        let g729 = PBX_PLAIN
+            .replace("RTP/AVP 8 0 9 101", "RTP/AVP 18")
+            .replace("a=rtpmap:8 PCMA/8000", "a=rtpmap:18 G729/8000");
+        let err = check_answer(&audio(PBX_PLAIN).unwrap(), &audio(&g729).unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "m=audio (m-line 1): no codec in common: the offer has payload types 8 0 9 101, the answer 18"
+        );
         // A DTLS answer must choose a role.
         let actpass = audio(WEBRTC_OFFER).unwrap();
         assert_eq!(
