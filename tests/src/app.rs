@@ -179,18 +179,31 @@ impl App {
         let answered = self.next_within(Duration::from_secs(10)).await;
         assert_eq!(answered["event"], "call.answered", "{answered}");
         let answer = answered["sdp"].as_str().expect("an answer").to_owned();
-        let media = self.run_ice(agent, &answer, true, "connected").await;
+        let media = self.run_ice(agent, &answer, true, Some("connected")).await;
         (created["call"].clone(), media)
     }
 
     /// Answers a `call.incoming` with a fresh ICE agent and connects it (controlled);
     /// returns the media connection once the relay says `connected`.
     pub async fn answer(&mut self, incoming: &Value) -> Media {
+        self.answer_edited(incoming, |answer| answer, Some("connected"))
+            .await
+    }
+
+    /// [`App::answer`] with `edit` applied to the app's SDP answer (media security of its
+    /// own); returns the media connection once ICE has connected and, if `state` is given,
+    /// the relay has said it (a bridged call is `connected` only after its DTLS handshake).
+    pub async fn answer_edited(
+        &mut self,
+        incoming: &Value,
+        edit: impl FnOnce(String) -> String,
+        state: Option<&str>,
+    ) -> Media {
         assert_eq!(incoming["event"], "call.incoming", "{incoming}");
         let offer = incoming["sdp"].as_str().expect("an offer").to_owned();
         let (agent, ufrag, pwd, candidates, host) = self.agent().await;
         let in_sdp: &[String] = if self.trickle { &[] } else { &candidates };
-        let answer = answer_sdp(&offer, &ufrag, &pwd, in_sdp, host);
+        let answer = edit(answer_sdp(&offer, &ufrag, &pwd, in_sdp, host));
         let result = self
             .request(
                 json!({"type": "call.answer", "id": 1, "call": incoming["call"], "sdp": answer}),
@@ -205,7 +218,7 @@ impl App {
                 assert_eq!(result["type"], "result", "{result}");
             }
         }
-        self.run_ice(agent, &offer, false, "connected").await
+        self.run_ice(agent, &offer, false, state).await
     }
 
     /// The app moved to another network (its address is now `ip`): an ICE restart with a
@@ -226,19 +239,19 @@ impl App {
             .as_str()
             .expect("the relay's answer")
             .to_owned();
-        self.run_ice(agent, &answer, controlling, "route-changed")
+        self.run_ice(agent, &answer, controlling, Some("route-changed"))
             .await
     }
 
     /// Runs ICE with the relay's credentials and candidates from its SDP (`controlling`
     /// when the app made the first offer); returns the media connection once the relay
-    /// says `state` (connected, or route-changed after a restart).
+    /// says `state` (connected, or route-changed after a restart), or at once when None.
     async fn run_ice(
         &mut self,
         agent: Arc<Agent>,
         relay_sdp: &str,
         controlling: bool,
-        state: &str,
+        state: Option<&str>,
     ) -> Media {
         let remote = relay::session::sdp::audio(relay_sdp).expect("the relay's SDP");
         for candidate in &remote.candidates {
@@ -265,12 +278,14 @@ impl App {
             .await
             .expect("ICE connects through the NAT")
             .expect("ICE connects");
-        let said = self.next().await;
-        assert_eq!(
-            (&said["event"], &said["state"]),
-            (&json!("call.state"), &json!(state)),
-            "{said}"
-        );
+        if let Some(state) = state {
+            let said = self.next().await;
+            assert_eq!(
+                (&said["event"], &said["state"]),
+                (&json!("call.state"), &json!(state)),
+                "{said}"
+            );
+        }
         self.agents.push(agent);
         media
     }

@@ -15,6 +15,7 @@ pub mod packet;
 pub mod pbx;
 pub mod process;
 pub mod relayd;
+pub mod sdes;
 pub mod signalling_client;
 pub mod traffic;
 pub mod turn_client;

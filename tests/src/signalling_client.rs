@@ -227,3 +227,11 @@ pub async fn call(socket: &mut Socket, message: Value) -> Value {
     send(socket, message).await;
     receive(socket).await.expect("an answer")
 }
+
+/// The next `call.state` event with `state` (skipping others), within 20 s.
+pub async fn until_call_state(socket: &mut Socket, state: &str) -> Value {
+    until_message(socket, Duration::from_secs(20), 20, state, |event| {
+        event["event"] == "call.state" && event["state"] == state
+    })
+    .await
+}

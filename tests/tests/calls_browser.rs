@@ -8,7 +8,10 @@
 //! would take its own SSRC coming back for a loop): the browser hears its own fake
 //! microphone, so its `inbound-rtp` audio counts packets and energy above zero, and its
 //! transport is DTLS `connected` with the certificate whose fingerprint the relay put in
-//! its SDP.
+//! its SDP. In a third call the PBX offers SDES-SRTP (`RTP/SAVP`, `a=crypto`): the echo
+//! unprotects with the relay's key and protects with its own (webrtc-srtp's contexts, keys
+//! from the SDPs), so the browser hears it only if the relay bridged DTLS-SRTP to SDES-SRTP
+//! both ways; the echo counts the packets that failed authentication.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -27,10 +30,11 @@ use relay_tests::{
     netns::{NetNs, PinDir},
     process::Background,
     relayd::Relayd,
-    require_root, runtime,
-    signalling_client::{Socket, mint_token, request, until_message},
+    require_root, runtime, sdes,
+    signalling_client::{Socket, mint_token, request, until_call_state, until_message},
 };
 use serde_json::{Value, json};
+use webrtc_srtp::context::Context;
 
 const API_KEY: &str = "acme-api-key-0123456789";
 /// The PBX end's RTP address (RTCP on the port above).
@@ -39,19 +43,30 @@ const PBX_RTP: &str = "10.30.0.2:40000";
 /// The PBX's SDP: G.711 u-law only, RTCP on its own port (no rtcp-mux); with a refused
 /// video line when it answers an offer that had one.
 fn pbx_sdp(refused_video: bool) -> String {
+    pbx_sdp_with(refused_video, None)
+}
+
+/// [`pbx_sdp`], with SDES keys when `crypto` is given (`RTP/SAVP`).
+fn pbx_sdp_with(refused_video: bool, crypto: Option<&str>) -> String {
+    let profile = if crypto.is_some() {
+        "RTP/SAVP"
+    } else {
+        "RTP/AVP"
+    };
     let mut lines = vec![
-        "v=0",
-        "o=pbx 1 1 IN IP4 10.30.0.2",
-        "s=pbx",
-        "c=IN IP4 10.30.0.2",
-        "t=0 0",
-        "m=audio 40000 RTP/AVP 0",
-        "a=rtpmap:0 PCMU/8000",
-        "a=ptime:20",
-        "a=sendrecv",
+        "v=0".to_owned(),
+        "o=pbx 1 1 IN IP4 10.30.0.2".to_owned(),
+        "s=pbx".to_owned(),
+        "c=IN IP4 10.30.0.2".to_owned(),
+        "t=0 0".to_owned(),
+        format!("m=audio 40000 {profile} 0"),
+        "a=rtpmap:0 PCMU/8000".to_owned(),
+        "a=ptime:20".to_owned(),
+        "a=sendrecv".to_owned(),
     ];
+    lines.extend(crypto.map(|crypto| format!("a=crypto:{crypto}")));
     if refused_video {
-        lines.push("m=video 0 RTP/AVP 96");
+        lines.push("m=video 0 RTP/AVP 96".to_owned());
     }
     lines.join("\r\n") + "\r\n"
 }
@@ -61,6 +76,10 @@ fn pbx_sdp(refused_video: bool) -> String {
 struct SsrcEcho {
     echoed: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// With SDES toward the PBX: (the relay's packets, the PBX's own), set once the SDPs
+    /// are known; and the packets that failed to unprotect.
+    srtp: Arc<std::sync::Mutex<Option<(Context, Context)>>>,
+    failed: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -73,8 +92,11 @@ impl SsrcEcho {
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
+        let srtp: Arc<std::sync::Mutex<Option<(Context, Context)>>> = Arc::default();
+        let failed = Arc::new(AtomicU64::new(0));
         let thread = {
             let (echoed, stop) = (echoed.clone(), stop.clone());
+            let (srtp, failed) = (srtp.clone(), failed.clone());
             std::thread::spawn(move || {
                 let _rtcp: UdpSocket = rtcp;
                 rtp.set_read_timeout(Some(Duration::from_millis(100)))
@@ -88,10 +110,24 @@ impl SsrcEcho {
                     if n < 12 || buf[0] >> 6 != 2 {
                         continue;
                     }
-                    for byte in &mut buf[8..12] {
+                    let mut keys = srtp.lock().unwrap();
+                    let mut packet = match keys.as_mut() {
+                        None => buf[..n].to_vec(),
+                        Some((from_relay, _)) => match from_relay.decrypt_rtp(&buf[..n]) {
+                            Ok(plain) => plain.to_vec(),
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        },
+                    };
+                    for byte in &mut packet[8..12] {
                         *byte ^= 0x5a;
                     }
-                    if rtp.send_to(&buf[..n], from).is_ok() {
+                    if let Some((_, own)) = keys.as_mut() {
+                        packet = own.encrypt_rtp(&packet).expect("protects").to_vec();
+                    }
+                    if rtp.send_to(&packet, from).is_ok() {
                         echoed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -100,8 +136,15 @@ impl SsrcEcho {
         SsrcEcho {
             echoed,
             stop,
+            srtp,
+            failed,
             thread: Some(thread),
         }
+    }
+
+    /// SDES from now on: `own` is the PBX's `a=crypto` value, `relay` the relay's.
+    fn use_sdes(&self, own: &str, relay: &str) {
+        *self.srtp.lock().unwrap() = Some((sdes::context_of(relay), sdes::context_of(own)));
     }
 }
 
@@ -301,14 +344,7 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
             !answer.contains("a=fingerprint"),
             "plain RTP toward the PBX: {answer}"
         );
-        let connected = until_message(
-            &mut controller,
-            Duration::from_secs(20),
-            20,
-            "connected",
-            |e| e["event"] == "call.state" && e["state"] == "connected",
-        )
-        .await;
+        let connected = until_call_state(&mut controller, "connected").await;
         assert_eq!(
             (&connected["app_security"], &connected["pbx_security"]),
             (&json!("dtls-srtp"), &json!("rtp")),
@@ -352,6 +388,53 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
         .await;
         assert_eq!(answered["type"], "result", "{answered}");
         hear_then_hang_up(&browser, &mut controller, &relayd, id).await;
+        drop(browser);
+
+        // An SDES PBX calls the browser: DTLS-SRTP toward it, SDES-SRTP toward the PBX.
+        let browser = Chromium::open(&lab.app, &token, "answer");
+        browser
+            .until(Duration::from_secs(30), "welcome", |r| {
+                r["kind"] == "signalling" && r["message"]["type"] == "welcome"
+            })
+            .await;
+        let crypto = sdes::crypto_line(&[0x42; 30]);
+        let created = request(
+            &mut controller,
+            json!({"type": "call.create", "id": 6, "user": "alice", "sdp": pbx_sdp_with(false, Some(&crypto))}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let id = created["call"].as_u64().unwrap();
+        let answered = next_event(&mut controller, "call.answered").await;
+        let answer = answered["sdp"].as_str().unwrap();
+        assert!(answer.contains("m=audio 40000 RTP/SAVP 0"), "{answer}");
+        let relay_crypto = answer
+            .split("\r\n")
+            .find_map(|line| line.strip_prefix("a=crypto:"))
+            .unwrap_or_else(|| panic!("the relay's own key toward the PBX: {answer}"));
+        assert!(relay_crypto.starts_with("1 AES_CM_128_HMAC_SHA1_80 inline:"), "{answer}");
+        assert_ne!(relay_crypto, crypto, "the relay's key is its own");
+        echo.use_sdes(&crypto, relay_crypto);
+        let connected = until_call_state(&mut controller, "connected").await;
+        assert_eq!(connected["pbx_security"], "sdes-srtp", "{connected}");
+        let heard = browser
+            .until(Duration::from_secs(20), "audio from the SDES PBX", hears)
+            .await;
+        assert_eq!(heard["dtls"], "connected", "{heard}");
+        let shown = relayd.ctl_json(&["calls", "show", &id.to_string()]);
+        assert_eq!(shown["pbx_security"], "sdes-srtp", "{shown}");
+        assert_eq!(shown["bridged"]["auth_failures"], 0, "{shown}");
+        assert_eq!(
+            echo.failed.load(Ordering::Relaxed),
+            0,
+            "every packet the relay sent the PBX unprotected with its key"
+        );
+        let result = request(
+            &mut controller,
+            json!({"type": "call.hangup", "id": 7, "call": id}),
+        )
+        .await;
+        assert_eq!(result["type"], "result", "{result}");
     });
     assert!(
         echo.echoed.load(Ordering::Relaxed) >= 200,

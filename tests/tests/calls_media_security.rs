@@ -1,0 +1,432 @@
+//! Bad input on a bridged call's media security, in the edge lab: the app speaks
+//! DTLS-SRTP through the webrtc-rs `dtls` crate over its own ICE agent (a client that can
+//! misbehave on purpose), the PBX end is a plain-RTP socket that counts what reaches it.
+//!
+//! - a certificate that does not match the fingerprint in the app's SDP: the call ends
+//!   `dtls-failed`;
+//! - a handshake that never starts: the call ends `dtls-timeout` after
+//!   `calls.dtls_timeout_secs`;
+//! - SRTP with a damaged tag and replayed SRTP: counted (`relayctl calls show`, `/metrics`)
+//!   and dropped, the good packets reach the PBX as plain RTP, byte for byte;
+//! - an answer with no codec of the offer's: `bad_request` naming the m-line, the call
+//!   still offered.
+
+use std::{net::UdpSocket, time::Duration};
+
+use dtls::{
+    config::Config, conn::DTLSConn, crypto::Certificate,
+    extension::extension_use_srtp::SrtpProtectionProfile,
+};
+use relay_tests::{
+    app::{App, Media},
+    config_file::ConfigFile,
+    lab::{EdgeLab, anchor_config},
+    netns::{PinDir, enter_by_name},
+    relayd::{Relayd, http_get, metric},
+    require_root, runtime, sdes,
+    signalling_client::{Socket, mint_token, request, until_call_state, until_message},
+};
+use serde_json::{Value, json};
+use webrtc_srtp::{context::Context, protection_profile::ProtectionProfile};
+use webrtc_util::KeyingMaterialExporter;
+
+const API_KEY: &str = "acme-api-key-0123456789";
+const METRICS: &str = "10.30.0.1:9100";
+
+fn pbx_offer() -> String {
+    [
+        "v=0",
+        "o=pbx 1 1 IN IP4 10.30.0.2",
+        "s=pbx",
+        "c=IN IP4 10.30.0.2",
+        "t=0 0",
+        "m=audio 40000 RTP/AVP 0 8",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        "a=sendrecv",
+        "",
+    ]
+    .join("\r\n")
+}
+
+/// The app's answer to the relay's DTLS offer: its own fingerprint, the DTLS client.
+fn dtls_answer(answer: String, fingerprint: &str) -> String {
+    answer
+        .split("\r\n")
+        .map(|line| {
+            if line.starts_with("a=fingerprint:") {
+                format!("a=fingerprint:{fingerprint}")
+            } else if line.starts_with("a=setup:") {
+                "a=setup:active".to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// `sha-256 AB:CD:...` of a DER certificate.
+fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let hex: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+    format!("sha-256 {}", hex.join(":"))
+}
+
+/// The DTLS client on the app's media connection, and the SRTP context it sends with
+/// (the client write key and salt, RFC 5764 section 4.2).
+async fn handshake(media: Media, certificate: Certificate) -> Result<(DTLSConn, Context), String> {
+    let config = Config {
+        certificates: vec![certificate],
+        insecure_skip_verify: true,
+        srtp_protection_profiles: vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80],
+        ..Default::default()
+    };
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        DTLSConn::new(media, config, true, None),
+    )
+    .await
+    .map_err(|_| "DTLS handshake timed out".to_owned())?
+    .map_err(|err| err.to_string())?;
+    let material = conn
+        .connection_state()
+        .await
+        .export_keying_material("EXTRACTOR-dtls_srtp", &[], 60)
+        .await
+        .map_err(|err| err.to_string())?;
+    let context = Context::new(
+        &material[..16],
+        &material[32..46],
+        ProtectionProfile::Aes128CmHmacSha1_80,
+        None,
+        None,
+    )
+    .map_err(|err| err.to_string())?;
+    Ok((conn, context))
+}
+
+fn rtp(seq: u16) -> Vec<u8> {
+    let mut packet = vec![0x80, 0x00];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    packet.extend_from_slice(&0x0bad_cafe_u32.to_be_bytes());
+    packet.extend((0..160).map(|i| (i as u8) ^ (seq as u8)));
+    packet
+}
+
+async fn next_event(socket: &mut Socket, name: &str) -> Value {
+    until_message(socket, Duration::from_secs(20), 20, name, |e| {
+        e["event"] == name
+    })
+    .await
+}
+
+#[test]
+fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&anchor_config(
+        &pins.path,
+        "acme",
+        API_KEY,
+        "dtls_timeout_secs = 2",
+    ));
+    let relayd = Relayd::start(
+        Some(&lab.relay),
+        &["--config", config.path(), "--metrics-listen", METRICS],
+    );
+    let signalling_fingerprint = relayd.signalling_fingerprint();
+    let pbx: UdpSocket = lab.pbx.udp_socket("10.30.0.2:40000".parse().unwrap());
+    pbx.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let _pbx_rtcp = lab.pbx.udp_socket("10.30.0.2:40001".parse().unwrap());
+    runtime().block_on(async {
+        let mut controller = lab.controller(&signalling_fingerprint, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let app_ns = lab.app.name.clone();
+        let (to_app, mut from_test) = tokio::sync::mpsc::unbounded_channel::<(Value, &'static str)>();
+        let (to_test, mut from_app) = tokio::sync::mpsc::unbounded_channel::<Value>();
+        let fp = signalling_fingerprint.clone();
+        // The app, in its own namespace: answers each call the way the test says.
+        let app = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::in_edge_lab(&fp, &token).await;
+                to_test.send(json!("ready")).unwrap();
+                while let Some((_, how)) = from_test.recv().await {
+                    // The end of the call before (hung up by the controller) may come first.
+                    let incoming = loop {
+                        let event = app.next_within(Duration::from_secs(15)).await;
+                        if event["event"] == "call.incoming" {
+                            break event;
+                        }
+                    };
+                    let certificate = Certificate::generate_self_signed(vec!["app".to_owned()]).unwrap();
+                    let own = fingerprint(certificate.certificate[0].as_ref());
+                    let stranger = Certificate::generate_self_signed(vec!["someone".to_owned()]).unwrap();
+                    let claimed = match how {
+                        "wrong-fingerprint" => fingerprint(stranger.certificate[0].as_ref()),
+                        _ => own,
+                    };
+                    if how == "no-common-codec" {
+                        let offer = incoming["sdp"].as_str().unwrap();
+                        let answer = dtls_answer(offer.to_owned(), &claimed)
+                            .replace("RTP/SAVPF 0 8", "RTP/SAVPF 18")
+                            .replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:18 G729/8000");
+                        let refused = app
+                            .request(json!({"type": "call.answer", "id": 1, "call": incoming["call"], "sdp": answer}))
+                            .await;
+                        to_test.send(refused).unwrap();
+                        continue;
+                    }
+                    let media = app
+                        .answer_edited(&incoming, |answer| dtls_answer(answer, &claimed), None)
+                        .await;
+                    match how {
+                        "silent" => {
+                            let ended = app.next_within(Duration::from_secs(15)).await;
+                            to_test.send(ended).unwrap();
+                        }
+                        "wrong-fingerprint" => {
+                            let _ = handshake(media, certificate).await;
+                            let ended = app.next_within(Duration::from_secs(15)).await;
+                            to_test.send(ended).unwrap();
+                        }
+                        _ => {
+                            let (_dtls, mut srtp) = handshake(media.clone(), certificate)
+                                .await
+                                .expect("the relay completes the handshake");
+                            let mut sent = Vec::new();
+                            for seq in 1..=60u16 {
+                                let protected = srtp.encrypt_rtp(&rtp(seq)).unwrap().to_vec();
+                                match seq % 6 {
+                                    // A damaged tag: refused, counted.
+                                    0 => {
+                                        let mut damaged = protected.clone();
+                                        *damaged.last_mut().unwrap() ^= 0x01;
+                                        media.send(&damaged).await.unwrap();
+                                    }
+                                    // A replay of the packet before: refused, counted.
+                                    3 => {
+                                        media.send(&protected).await.unwrap();
+                                        media.send(&protected).await.unwrap();
+                                        sent.push(seq);
+                                    }
+                                    _ => {
+                                        media.send(&protected).await.unwrap();
+                                        sent.push(seq);
+                                    }
+                                }
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            to_test.send(json!(sent)).unwrap();
+                        }
+                    }
+                }
+                app.close().await;
+            })
+        });
+        assert_eq!(from_app.recv().await.unwrap(), json!("ready"));
+
+        // A certificate that is not the one the SDP named.
+        to_app.send((Value::Null, "wrong-fingerprint")).unwrap();
+        let created = request(&mut controller, json!({"type": "call.create", "id": 2, "user": "alice", "sdp": pbx_offer()})).await;
+        assert_eq!(created["type"], "result", "{created}");
+        let ended = next_event(&mut controller, "call.ended").await;
+        assert_eq!(ended["reason"], "dtls-failed", "{ended}\n{}", relayd.log());
+        let told = from_app.recv().await.unwrap();
+        assert_eq!(told["reason"], "dtls-failed", "the app is told too: {told}");
+
+        // A handshake that never starts.
+        to_app.send((Value::Null, "silent")).unwrap();
+        let created = request(&mut controller, json!({"type": "call.create", "id": 3, "user": "alice", "sdp": pbx_offer()})).await;
+        assert_eq!(created["type"], "result", "{created}");
+        let ended = next_event(&mut controller, "call.ended").await;
+        assert_eq!(ended["reason"], "dtls-timeout", "{ended}");
+        let _ = from_app.recv().await.unwrap();
+
+        // No codec in common: refused, the call stays offered.
+        to_app.send((Value::Null, "no-common-codec")).unwrap();
+        let created = request(&mut controller, json!({"type": "call.create", "id": 4, "user": "alice", "sdp": pbx_offer()})).await;
+        let refused = from_app.recv().await.unwrap();
+        assert_eq!(refused["code"], "bad_request", "{refused}");
+        let message = refused["message"].as_str().unwrap();
+        assert!(message.contains("m=audio (m-line 1): no codec in common"), "{message}");
+        let shown = relayd.ctl_json(&["calls", "show", &created["call"].to_string()]);
+        assert_eq!(shown["state"], "offered", "{shown}");
+        let result = request(&mut controller, json!({"type": "call.hangup", "id": 5, "call": created["call"]})).await;
+        assert_eq!(result["type"], "result", "{result}");
+
+        // Damaged and replayed SRTP among good packets.
+        to_app.send((Value::Null, "talk")).unwrap();
+        let created = request(&mut controller, json!({"type": "call.create", "id": 6, "user": "alice", "sdp": pbx_offer()})).await;
+        let id = created["call"].as_u64().unwrap();
+        let sent: Vec<u16> = serde_json::from_value(from_app.recv().await.unwrap()).unwrap();
+        assert_eq!(sent.len(), 50);
+        let mut received = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok((n, _)) = pbx.recv_from(&mut buf) {
+            let seq = u16::from_be_bytes([buf[2], buf[3]]);
+            assert_eq!(&buf[..n], &rtp(seq)[..], "plain RTP, byte for byte, at the PBX");
+            received.push(seq);
+        }
+        assert_eq!(received, sent, "every good packet once, in order");
+        let shown = relayd.ctl_json(&["calls", "show", &id.to_string()]);
+        assert_eq!(shown["bridged"]["auth_failures"], 10, "{shown}");
+        assert_eq!(shown["bridged"]["replays"], 10, "{shown}");
+        assert_eq!(shown["to_pbx"]["packets"], 50, "{shown}");
+        let metrics = http_get(&lab.relay, METRICS, "/metrics");
+        assert_eq!(
+            metric(&metrics, r#"relay_calls_bridged_dropped_packets_total{reason="authentication"}"#),
+            Some(10),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, r#"relay_calls_ended_total{reason="dtls-failed"}"#),
+            Some(1),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, r#"relay_calls_ended_total{reason="dtls-timeout"}"#),
+            Some(1),
+            "{metrics}"
+        );
+        let result = request(&mut controller, json!({"type": "call.hangup", "id": 7, "call": id})).await;
+        assert_eq!(result["type"], "result", "{result}");
+        drop(to_app);
+        tokio::task::spawn_blocking(move || app.join().unwrap()).await.unwrap();
+    });
+}
+
+/// With `calls.app_media = "as-pbx"` an SDES PBX's offer reaches the app with its keys and
+/// the app's answer reaches the PBX with the app's: both legs share the sides' own keys,
+/// so the relay needs none and XDP forwards the SRTP untouched. The app protects with the
+/// key of its answer; the PBX end unprotects with it, and the kernel counters carried it.
+#[test]
+fn sdes_keys_both_sides_share_stay_in_the_kernel() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&relay_tests::lab::calls_config(
+        &pins.path, "acme", API_KEY, "",
+    ));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let signalling_fingerprint = relayd.signalling_fingerprint();
+    let pbx: UdpSocket = lab.pbx.udp_socket("10.30.0.2:40000".parse().unwrap());
+    pbx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _pbx_rtcp = lab.pbx.udp_socket("10.30.0.2:40001".parse().unwrap());
+    let pbx_key = sdes::crypto_line(&[0x24; 30]);
+    let app_key = [0x35u8; 30];
+    const PACKETS: u16 = 100;
+    runtime().block_on(async {
+        let mut controller = lab
+            .controller(&signalling_fingerprint, "acme", API_KEY)
+            .await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let app_ns = lab.app.name.clone();
+        let fp = signalling_fingerprint.clone();
+        let expected_key = pbx_key.clone();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let app = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::in_edge_lab(&fp, &token).await;
+                ready_tx.send(()).unwrap();
+                let incoming = app.next_within(Duration::from_secs(15)).await;
+                let offer = incoming["sdp"].as_str().unwrap().to_owned();
+                assert!(offer.contains(" RTP/SAVP "), "the PBX's profile: {offer}");
+                assert!(
+                    offer.contains(&format!("a=crypto:{expected_key}")),
+                    "the PBX's key: {offer}"
+                );
+                let own = format!("a=crypto:{}", sdes::crypto_line(&app_key));
+                let media = app
+                    .answer_edited(
+                        &incoming,
+                        |answer| {
+                            answer
+                                .split("\r\n")
+                                .map(|l| {
+                                    if l.starts_with("a=crypto:") {
+                                        own.clone()
+                                    } else {
+                                        l.to_owned()
+                                    }
+                                })
+                                .collect::<Vec<_>>()
+                                .join("\r\n")
+                        },
+                        Some("connected"),
+                    )
+                    .await;
+                let mut srtp = sdes::context(&app_key);
+                for seq in 1..=PACKETS {
+                    let protected = srtp.encrypt_rtp(&rtp(seq)).unwrap();
+                    media.send(&protected).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let ended = app.next_within(Duration::from_secs(15)).await;
+                assert_eq!(ended["event"], "call.ended", "{ended}");
+                app.close().await;
+            })
+        });
+        ready.await.unwrap();
+        let offer = pbx_offer()
+            .replace("RTP/AVP 0 8", "RTP/SAVP 0 8")
+            .replace("a=sendrecv", &format!("a=sendrecv\r\na=crypto:{pbx_key}"));
+        let created = request(
+            &mut controller,
+            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": offer}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let answered = next_event(&mut controller, "call.answered").await;
+        let answer = answered["sdp"].as_str().unwrap();
+        assert!(answer.contains(" RTP/SAVP "), "{answer}");
+        let connected = until_call_state(&mut controller, "connected").await;
+        assert_eq!(connected["app_security"], "pass-through", "{connected}");
+        let mut srtp = sdes::context(&app_key);
+        let mut buf = [0u8; 2048];
+        let mut received = 0;
+        while received < PACKETS {
+            let Ok((n, _)) = pbx.recv_from(&mut buf) else {
+                break;
+            };
+            let plain = srtp
+                .decrypt_rtp(&buf[..n])
+                .expect("the app's own SRTP, untouched");
+            let seq = u16::from_be_bytes([plain[2], plain[3]]);
+            assert_eq!(&plain[..], &rtp(seq)[..]);
+            received += 1;
+        }
+        assert_eq!(
+            received,
+            PACKETS,
+            "every packet reached the PBX\n{}",
+            relayd.log()
+        );
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        let flows = flows["flows"].as_array().unwrap();
+        assert_eq!(flows.len(), 2, "{flows:?}");
+        let to_pbx: u64 = flows
+            .iter()
+            .map(|flow| flow["counters"]["xdp_packets"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert!(
+            to_pbx >= u64::from(PACKETS) - 10,
+            "the kernel carried the SRTP: {flows:?}"
+        );
+        let result = request(
+            &mut controller,
+            json!({"type": "call.hangup", "id": 3, "call": created["call"]}),
+        )
+        .await;
+        assert_eq!(result["type"], "result", "{result}");
+        tokio::task::spawn_blocking(move || app.join().unwrap())
+            .await
+            .unwrap();
+    });
+}
