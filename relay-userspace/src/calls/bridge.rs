@@ -119,7 +119,7 @@ impl Calls {
         call: &Arc<Call>,
         conn: IceConn,
     ) -> Result<(), EndReason> {
-        let MediaPlan::Bridged { app, pbx } = call.inner().plan.clone() else {
+        let MediaPlan::Bridged { app, pbx, .. } = call.inner().plan.clone() else {
             return Ok(());
         };
         let session = |own: &crate::media::Crypto, peer: &crate::media::Crypto| {

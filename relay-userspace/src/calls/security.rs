@@ -15,8 +15,15 @@ pub enum MediaPlan {
     /// Both legs carry what one side wrote (or nothing): the kernel forwards untouched.
     #[default]
     PassThrough,
-    /// The relay terminates each leg's security and carries the media itself.
-    Bridged { app: AppLeg, pbx: PbxLeg },
+    /// The relay terminates each leg's security and carries the media itself. The
+    /// profiles are what the relay writes toward each side: an answer's is the offer's
+    /// (RFC 3264 section 6).
+    Bridged {
+        app: AppLeg,
+        pbx: PbxLeg,
+        app_proto: String,
+        pbx_proto: String,
+    },
 }
 
 /// The app leg of a bridged call.
@@ -70,7 +77,16 @@ impl MediaPlan {
             },
             AppMedia::AsPbx => unreachable!("returned above"),
         };
-        Ok(MediaPlan::Bridged { app, pbx: pbx_leg })
+        let app_proto = match app {
+            AppLeg::Dtls { .. } => "UDP/TLS/RTP/SAVPF",
+            _ => "RTP/SAVPF",
+        };
+        Ok(MediaPlan::Bridged {
+            app,
+            pbx: pbx_leg,
+            app_proto: app_proto.to_owned(),
+            pbx_proto: pbx.proto.clone(),
+        })
     }
 
     /// The app calls: what the relay offers the PBX and answers the app, from the app's
@@ -110,7 +126,16 @@ impl MediaPlan {
         if (&app_leg, &pbx) == (&AppLeg::Plain, &PbxLeg::Plain) {
             return Ok(MediaPlan::PassThrough);
         }
-        Ok(MediaPlan::Bridged { app: app_leg, pbx })
+        let pbx_proto = match pbx {
+            PbxLeg::Plain => "RTP/AVP",
+            PbxLeg::Sdes { .. } => "RTP/SAVP",
+        };
+        Ok(MediaPlan::Bridged {
+            app: app_leg,
+            pbx,
+            app_proto: app.proto.clone(),
+            pbx_proto: pbx_proto.to_owned(),
+        })
     }
 
     /// The app's answer to the relay's offer: its key or its certificate and role.
@@ -164,10 +189,14 @@ impl MediaPlan {
     ) -> Secure<'a> {
         match self {
             MediaPlan::PassThrough => Secure::AsIs,
-            MediaPlan::Bridged { app, .. } => match app {
-                AppLeg::Plain => Secure::Plain,
-                AppLeg::Sdes { own, .. } => Secure::Sdes(own),
+            MediaPlan::Bridged { app, app_proto, .. } => match app {
+                AppLeg::Plain => Secure::Plain { proto: app_proto },
+                AppLeg::Sdes { own, .. } => Secure::Sdes {
+                    proto: app_proto,
+                    crypto: own,
+                },
                 AppLeg::Dtls { setup, .. } => Secure::Dtls {
+                    proto: app_proto,
                     fingerprint,
                     setup: *setup,
                     mids,
@@ -180,9 +209,12 @@ impl MediaPlan {
     pub fn toward_pbx(&self) -> Secure<'_> {
         match self {
             MediaPlan::PassThrough => Secure::AsIs,
-            MediaPlan::Bridged { pbx, .. } => match pbx {
-                PbxLeg::Plain => Secure::Plain,
-                PbxLeg::Sdes { own, .. } => Secure::Sdes(own),
+            MediaPlan::Bridged { pbx, pbx_proto, .. } => match pbx {
+                PbxLeg::Plain => Secure::Plain { proto: pbx_proto },
+                PbxLeg::Sdes { own, .. } => Secure::Sdes {
+                    proto: pbx_proto,
+                    crypto: own,
+                },
             },
         }
     }
@@ -191,7 +223,7 @@ impl MediaPlan {
     pub fn names(&self) -> (&'static str, &'static str) {
         match self {
             MediaPlan::PassThrough => ("pass-through", "pass-through"),
-            MediaPlan::Bridged { app, pbx } => (
+            MediaPlan::Bridged { app, pbx, .. } => (
                 match app {
                     AppLeg::Plain => "rtp",
                     AppLeg::Sdes { .. } => "sdes-srtp",

@@ -83,13 +83,14 @@ pub enum SdpError {
 pub enum Secure<'a> {
     /// What the other side wrote, untouched: both legs share its keys.
     AsIs,
-    /// `RTP/AVP`, no keys.
-    Plain,
-    /// `RTP/SAVP` (toward the PBX) or `RTP/SAVPF` (toward the app) with the relay's key.
-    Sdes(&'a Crypto),
-    /// `UDP/TLS/RTP/SAVPF` with the relay's certificate and role, one BUNDLE transport;
-    /// `mids` name the m-lines in order (the offer's, when answering it).
+    /// A plain profile (`RTP/AVP`), no keys.
+    Plain { proto: &'a str },
+    /// An SDES profile (`RTP/SAVP`, `RTP/SAVPF`) with the relay's key.
+    Sdes { proto: &'a str, crypto: &'a Crypto },
+    /// A DTLS profile (`UDP/TLS/RTP/SAVPF`) with the relay's certificate and role, one
+    /// BUNDLE transport; `mids` name the m-lines in order (the offer's, when answering it).
     Dtls {
+        proto: &'a str,
         fingerprint: &'a Fingerprint,
         setup: Setup,
         mids: &'a [String],
@@ -310,7 +311,7 @@ pub fn toward_pbx(
     secure: Secure,
 ) -> Result<String, SdpError> {
     let mut description = parse(app)?;
-    secure_streams(&mut description, secure, "RTP/SAVP")?;
+    secure_streams(&mut description, secure)?;
     let media = anchor(&mut description, relay)?;
     if !mux {
         media.attributes.retain(|a| a.key != "rtcp-mux");
@@ -334,7 +335,7 @@ pub fn toward_app(
     secure: Secure,
 ) -> Result<String, SdpError> {
     let mut description = parse(pbx)?;
-    secure_streams(&mut description, secure, "RTP/SAVPF")?;
+    secure_streams(&mut description, secure)?;
     let media = anchor(&mut description, relay)?;
     set_rtcp(&mut media.attributes, relay.port(), relay.ip());
     if !media.has_attribute("rtcp-mux") {
@@ -361,18 +362,11 @@ pub fn toward_app(
 
 /// The relay's own media security in place of the other side's: profiles, keys, and for
 /// DTLS the BUNDLE group of the audio stream (the only one anchored) and every m-line's mid.
-/// `sdes_proto` is the SDES profile this direction uses.
-fn secure_streams(
-    description: &mut SessionDescription,
-    secure: Secure,
-    sdes_proto: &str,
-) -> Result<(), SdpError> {
+fn secure_streams(description: &mut SessionDescription, secure: Secure) -> Result<(), SdpError> {
     let index = usable_audio(description)?;
     let proto = match secure {
         Secure::AsIs => return Ok(()),
-        Secure::Plain => "RTP/AVP",
-        Secure::Sdes(_) => sdes_proto,
-        Secure::Dtls { .. } => "UDP/TLS/RTP/SAVPF",
+        Secure::Plain { proto } | Secure::Sdes { proto, .. } | Secure::Dtls { proto, .. } => proto,
     };
     let strip = |attributes: &mut Vec<Attribute>| {
         attributes.retain(|a| !SECURITY_ATTRIBUTES.contains(&a.key.as_str()));
@@ -383,7 +377,7 @@ fn secure_streams(
         media.media_name.protos = proto.split('/').map(str::to_owned).collect();
         let attribute = |key: &str, value: String| Attribute::new(key.into(), Some(value));
         match secure {
-            Secure::Sdes(crypto) if i == index => {
+            Secure::Sdes { crypto, .. } if i == index => {
                 media
                     .attributes
                     .push(attribute("crypto", crypto.to_string()));
@@ -392,6 +386,7 @@ fn secure_streams(
                 fingerprint,
                 setup,
                 mids,
+                ..
             } => {
                 let mid = mids.get(i).cloned().unwrap_or_else(|| i.to_string());
                 if i == index {
@@ -721,6 +716,7 @@ mod tests {
         let with_video =
             format!("{PBX_PLAIN}m=video 16390 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n");
         let secure = Secure::Dtls {
+            proto: "UDP/TLS/RTP/SAVPF",
             fingerprint: &fingerprint,
             setup: Setup::ActPass,
             mids: &mids,
@@ -756,7 +752,8 @@ mod tests {
         // The app's WebRTC offer toward a plain-RTP PBX: no DTLS, no BUNDLE, no WebRTC
         // attributes, the codecs kept.
         let lan: SocketAddr = "10.30.0.1:40000".parse().unwrap();
-        let plain = toward_pbx(WEBRTC_OFFER, lan, false, Secure::Plain).unwrap();
+        let plain =
+            toward_pbx(WEBRTC_OFFER, lan, false, Secure::Plain { proto: "RTP/AVP" }).unwrap();
         assert_eq!(
             lines_with(&plain, "m="),
             ["m=audio 40000 RTP/AVP 111 63 9 0 8 13 110 126"]
@@ -795,7 +792,16 @@ mod tests {
     fn sdes_keys_are_the_relays_own_and_unusable_ones_are_named() {
         let lan: SocketAddr = "10.30.0.1:40000".parse().unwrap();
         let key = Crypto::generate(1, crate::media::Suite::AesCm128HmacSha1_80);
-        let offer = toward_pbx(WEBRTC_OFFER, lan, false, Secure::Sdes(&key)).unwrap();
+        let offer = toward_pbx(
+            WEBRTC_OFFER,
+            lan,
+            false,
+            Secure::Sdes {
+                proto: "RTP/SAVP",
+                crypto: &key,
+            },
+        )
+        .unwrap();
         assert_eq!(
             lines_with(&offer, "m="),
             ["m=audio 40000 RTP/SAVP 111 63 9 0 8 13 110 126"]

@@ -12,7 +12,8 @@ use crate::output;
 #[derive(Subcommand, Debug)]
 pub enum CallsCommand {
     /// Calls in progress: user, state, the app's address and how it is reached (VIA: host,
-    /// srflx/prflx through a NAT, relay through TURN), PBX and LAN legs, flows, traffic
+    /// srflx/prflx through a NAT, relay through TURN), PBX and LAN legs, each leg's media
+    /// security (MEDIA: app/pbx, or pass-through), flows, traffic
     List,
     /// One call in detail: the selected route, both legs, traffic each way
     Show {
@@ -40,8 +41,8 @@ pub fn run(
                 println!("no calls");
             } else {
                 let mut table = output::Table::new(&[
-                    "CALL", "TENANT", "USER", "STATE", "APP", "VIA", "PBX", "LAN", "FLOWS",
-                    "PACKETS", "BYTES",
+                    "CALL", "TENANT", "USER", "STATE", "APP", "VIA", "PBX", "LAN", "MEDIA",
+                    "FLOWS", "PACKETS", "BYTES",
                 ])
                 .right_aligned(&["CALL", "FLOWS", "PACKETS", "BYTES"]);
                 for call in &result.calls {
@@ -54,6 +55,7 @@ pub fn run(
                         call.app_candidate.clone().unwrap_or_else(|| "-".to_owned()),
                         call.pbx.map_or("-".to_owned(), |a| a.to_string()),
                         call.lan.to_string(),
+                        media_security(call),
                         call.flows.len().to_string(),
                         output::count(call.packets),
                         output::bytes(call.bytes),
@@ -143,4 +145,13 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// `dtls-srtp/rtp` (app leg / PBX leg, terminated by the relay), or `pass-through`.
+fn media_security(call: &CallInfo) -> String {
+    if call.bridged.is_none() && call.app_security == call.pbx_security {
+        call.app_security.clone()
+    } else {
+        format!("{}/{}", call.app_security, call.pbx_security)
+    }
 }
