@@ -168,8 +168,18 @@ impl App {
     /// Calls out (to the PBX) with an offer for PCMU and DTMF; returns the call's id and
     /// the media connection once ICE has connected (the app offered: it is controlling).
     pub async fn call_out(&mut self) -> (Value, Media) {
+        let (call, media, _) = self.call_out_edited(|offer| offer).await;
+        (call, media)
+    }
+
+    /// [`App::call_out`] with `edit` applied to the app's offer (media security of its
+    /// own); returns the relay's answer too.
+    pub async fn call_out_edited(
+        &mut self,
+        edit: impl FnOnce(String) -> String,
+    ) -> (Value, Media, String) {
         let (agent, ufrag, pwd, candidates, host) = self.agent().await;
-        let offer = offer_sdp(&ufrag, &pwd, &candidates, host);
+        let offer = edit(offer_sdp(&ufrag, &pwd, &candidates, host));
         let created = call(
             &mut self.signalling,
             json!({"type": "call.create", "id": 2, "sdp": offer}),
@@ -180,7 +190,7 @@ impl App {
         assert_eq!(answered["event"], "call.answered", "{answered}");
         let answer = answered["sdp"].as_str().expect("an answer").to_owned();
         let media = self.run_ice(agent, &answer, true, Some("connected")).await;
-        (created["call"].clone(), media)
+        (created["call"].clone(), media, answer)
     }
 
     /// Answers a `call.incoming` with a fresh ICE agent and connects it (controlled);

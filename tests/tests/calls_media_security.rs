@@ -430,3 +430,135 @@ fn sdes_keys_both_sides_share_stay_in_the_kernel() {
             .unwrap();
     });
 }
+
+/// An app that offers SDES (`RTP/SAVP` with its `a=crypto`) calls a plain-RTP PBX
+/// (`calls.pbx_media = "rtp"`): the relay answers the app with a key of its own under the
+/// same tag, unprotects the app's SRTP for the PBX and protects the PBX's RTP for the app.
+/// The PBX end echoes; the app unprotects the echo with the relay's key from the answer.
+#[test]
+fn an_sdes_app_calling_a_plain_pbx_is_bridged() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let signalling_fingerprint = relayd.signalling_fingerprint();
+    let pbx: UdpSocket = lab.pbx.udp_socket("10.30.0.2:40000".parse().unwrap());
+    pbx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _pbx_rtcp = lab.pbx.udp_socket("10.30.0.2:40001".parse().unwrap());
+    let app_key = [0x57u8; 30];
+    const PACKETS: u16 = 50;
+    runtime().block_on(async {
+        let mut controller = lab
+            .controller(&signalling_fingerprint, "acme", API_KEY)
+            .await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let app_ns = lab.app.name.clone();
+        let fp = signalling_fingerprint.clone();
+        let app = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::in_edge_lab(&fp, &token).await;
+                let (call, media, answer) = app
+                    .call_out_edited(|offer| {
+                        offer.replace(" RTP/AVP ", " RTP/SAVP ").replace(
+                            "a=sendrecv",
+                            &format!("a=sendrecv\r\na=crypto:{}", sdes::crypto_line(&app_key)),
+                        )
+                    })
+                    .await;
+                assert!(answer.contains(" RTP/SAVP "), "{answer}");
+                let relay_key = answer
+                    .split("\r\n")
+                    .find_map(|line| line.strip_prefix("a=crypto:"))
+                    .unwrap_or_else(|| panic!("the relay's key: {answer}"))
+                    .to_owned();
+                assert!(
+                    relay_key.starts_with("1 AES_CM_128_HMAC_SHA1_80 "),
+                    "{answer}"
+                );
+                let mut own = sdes::context(&app_key);
+                // Echoes counted by sequence number until two seconds without any.
+                let reader = {
+                    let (media, mut relays) = (media.clone(), sdes::context_of(&relay_key));
+                    tokio::spawn(async move {
+                        let mut seen = std::collections::BTreeSet::new();
+                        let mut buf = [0u8; 2048];
+                        while let Ok(Ok(n)) =
+                            tokio::time::timeout(Duration::from_secs(2), media.recv(&mut buf)).await
+                        {
+                            let plain = relays.decrypt_rtp(&buf[..n]).expect("the relay's SRTP");
+                            let seq = u16::from_be_bytes([plain[2], plain[3]]);
+                            assert_eq!(&plain[..], &rtp(seq)[..]);
+                            seen.insert(seq);
+                        }
+                        seen.len() as u32
+                    })
+                };
+                for seq in 1..=PACKETS {
+                    media
+                        .send(&own.encrypt_rtp(&rtp(seq)).unwrap())
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let echoed = reader.await.unwrap();
+                let result = app
+                    .request(json!({"type": "call.hangup", "id": 9, "call": call}))
+                    .await;
+                assert_eq!(result["type"], "result", "{result}");
+                app.close().await;
+                echoed
+            })
+        });
+        let incoming = next_event(&mut controller, "call.incoming").await;
+        let offer = incoming["sdp"].as_str().unwrap();
+        assert!(
+            offer.contains(" RTP/AVP "),
+            "plain RTP toward the PBX: {offer}"
+        );
+        assert!(
+            !offer.contains("a=crypto"),
+            "no keys toward a plain PBX: {offer}"
+        );
+        let answer = pbx_offer().replace("RTP/AVP 0 8", "RTP/AVP 0");
+        let answered = request(
+            &mut controller,
+            json!({"type": "call.answer", "id": 2, "call": incoming["call"], "sdp": answer}),
+        )
+        .await;
+        assert_eq!(answered["type"], "result", "{answered}");
+        let connected = until_call_state(&mut controller, "connected").await;
+        assert_eq!(
+            (&connected["app_security"], &connected["pbx_security"]),
+            (&json!("sdes-srtp"), &json!("rtp")),
+            "{connected}"
+        );
+        // The PBX end: plain RTP, byte for byte, echoed back.
+        let echo = tokio::task::spawn_blocking(move || {
+            let mut buf = [0u8; 2048];
+            let mut seen = 0;
+            while let Ok((n, from)) = pbx.recv_from(&mut buf) {
+                let seq = u16::from_be_bytes([buf[2], buf[3]]);
+                assert_eq!(&buf[..n], &rtp(seq)[..], "plain RTP at the PBX");
+                pbx.send_to(&buf[..n], from).unwrap();
+                seen += 1;
+            }
+            seen
+        });
+        let echoed = tokio::task::spawn_blocking(move || app.join().unwrap())
+            .await
+            .unwrap();
+        let seen = echo.await.unwrap();
+        assert_eq!(
+            seen,
+            u32::from(PACKETS),
+            "every packet reached the PBX\n{}",
+            relayd.log()
+        );
+        assert!(
+            echoed >= u32::from(PACKETS) - 2,
+            "the app unprotected the echoes: {echoed}"
+        );
+    });
+}
