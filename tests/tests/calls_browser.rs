@@ -271,6 +271,19 @@ fn assert_bridged(heard: &Value, relayd: &Relayd, call: u64) {
             .contains(relay_fingerprint.split(' ').nth(1).unwrap()),
         "relayd logged the fingerprint it offered"
     );
+    let status = relayd.ctl_json(&["status"]);
+    assert_eq!(
+        status["calls_media"]["dtls_fingerprint"].as_str(),
+        Some(relay_fingerprint),
+        "relayctl status names the certificate: {status}"
+    );
+    assert!(
+        relayd
+            .ctl_ok(&["status"])
+            .contains("media toward apps dtls-srtp, toward the PBX rtp"),
+        "{}",
+        relayd.ctl_ok(&["status"])
+    );
     let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
     assert_eq!(
         (

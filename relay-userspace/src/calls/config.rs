@@ -48,6 +48,17 @@ pub enum AppMedia {
     AsPbx,
 }
 
+impl AppMedia {
+    /// As the configuration writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AppMedia::DtlsSrtp => "dtls-srtp",
+            AppMedia::SdesSrtp => "sdes-srtp",
+            AppMedia::AsPbx => "as-pbx",
+        }
+    }
+}
+
 /// The PBX leg's media security when an app calls (when the PBX calls, its offer says).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -76,6 +87,17 @@ impl Default for CallsConfig {
             dtls_timeout_secs: 10,
             app_media: AppMedia::default(),
             pbx_media: PbxMedia::default(),
+        }
+    }
+}
+
+impl PbxMedia {
+    /// As the configuration writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PbxMedia::Rtp => "rtp",
+            PbxMedia::SdesSrtp => "sdes-srtp",
+            PbxMedia::AsApp => "as-app",
         }
     }
 }

@@ -299,6 +299,16 @@ impl Calls {
         self.ice.address()
     }
 
+    /// What the relay offers each side (`calls.app_media`, `calls.pbx_media`), and the
+    /// fingerprint of its DTLS certificate toward apps.
+    pub fn media_policy(&self) -> (&'static str, &'static str, String) {
+        (
+            self.app_media.name(),
+            self.pbx_media.name(),
+            self.identity.fingerprint().to_string(),
+        )
+    }
+
     /// Calls in progress.
     pub fn len(&self) -> usize {
         self.calls().len()

@@ -159,6 +159,18 @@ pub struct StatusResult {
     /// The ICE port every call's app leg shares, when calls are enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calls_ice: Option<SocketAddr>,
+    /// What the relay offers apps and the PBX (`calls.app_media`, `calls.pbx_media`) and
+    /// its DTLS certificate's fingerprint, when calls are enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls_media: Option<CallsMedia>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallsMedia {
+    pub app_media: String,
+    pub pbx_media: String,
+    /// `sha-256 AB:CD:...`, as the relay's SDP toward apps says it.
+    pub dtls_fingerprint: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,8 +18,8 @@ use tokio::{
 };
 
 use super::protocol::{
-    self as wire, CallIdParams, CallsListResult, ConfigReloadResult, ErrorBody, ErrorKind,
-    FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES,
+    self as wire, CallIdParams, CallsListResult, CallsMedia, ConfigReloadResult, ErrorBody,
+    ErrorKind, FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES,
     PROTOCOL_VERSION, Request, Response, StatsResult, StatusResult, TurnAllocationsResult,
     TurnRevokeParams, TurnRevokeResult, method,
 };
@@ -227,6 +227,14 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             signalling: services.signalling.as_ref().map(|s| s.status().into()),
             calls: services.calls.as_ref().map(|calls| calls.len()),
             calls_ice: services.calls.as_ref().map(|calls| calls.ice_address()),
+            calls_media: services.calls.as_ref().map(|calls| {
+                let (app_media, pbx_media, dtls_fingerprint) = calls.media_policy();
+                CallsMedia {
+                    app_media: app_media.to_owned(),
+                    pbx_media: pbx_media.to_owned(),
+                    dtls_fingerprint,
+                }
+            }),
         }),
         method::STATS => to_value(StatsResult {
             flows: table.len(),

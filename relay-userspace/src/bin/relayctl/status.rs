@@ -85,6 +85,13 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
         if let Some(ice) = status.calls_ice {
             println!("            ICE for the apps on {ice}");
         }
+        if let Some(media) = &status.calls_media {
+            println!(
+                "            media toward apps {}, toward the PBX {}",
+                media.app_media, media.pbx_media
+            );
+            println!("            DTLS certificate {}", media.dtls_fingerprint);
+        }
     }
     if !datapath.interfaces.is_empty() {
         println!();
