@@ -147,10 +147,10 @@ impl MediaPlan {
             (AppLeg::Sdes { own, peer }, Security::Sdes(keys)) => {
                 *peer = Some(matching_key(own, &keys, answer)?);
             }
-            (AppLeg::Dtls { peer, .. }, Security::Dtls { fingerprint, setup }) => {
-                let role = match setup {
-                    Setup::Active => Role::Server,
-                    Setup::Passive => Role::Client,
+            (AppLeg::Dtls { peer, setup: own }, Security::Dtls { fingerprint, setup }) => {
+                let (role, relay_setup) = match setup {
+                    Setup::Active => (Role::Server, Setup::Passive),
+                    Setup::Passive => (Role::Client, Setup::Active),
                     Setup::ActPass => {
                         return Err(
                             crate::session::sdp::SdpError::BadSetup { line: answer.line }.into(),
@@ -158,6 +158,8 @@ impl MediaPlan {
                     }
                 };
                 *peer = Some((fingerprint, role));
+                // What the relay's later answers (to the app's re-offers) say.
+                *own = relay_setup;
             }
             _ => {}
         }
@@ -266,4 +268,92 @@ fn matching_key(
                 own.suite.sdes_name()
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::sdp;
+
+    const PBX_OFFER: &str = include_str!("../../../fixtures/sdp/pbx-plain-rtp-offer.sdp");
+    const APP_OFFER: &str = include_str!("../../../fixtures/sdp/webrtc-client-offer.sdp");
+
+    fn setup_toward_app(plan: &MediaPlan) -> Option<Setup> {
+        let fingerprint = Fingerprint::sha256(b"relay");
+        match plan.toward_app(&fingerprint, &[]) {
+            Secure::Dtls { setup, .. } => Some(setup),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_relays_dtls_role_follows_the_offer_answer() {
+        // The PBX calls: the relay offers actpass; the browser answers active, so the
+        // relay is the server and says passive from then on (answers to re-offers).
+        let pbx = sdp::audio(PBX_OFFER).unwrap();
+        let mut plan = MediaPlan::for_pbx_offer(&pbx, AppMedia::DtlsSrtp).unwrap();
+        assert_eq!(setup_toward_app(&plan), Some(Setup::ActPass));
+        let answer = sdp::audio(&APP_OFFER.replace("a=setup:actpass", "a=setup:active")).unwrap();
+        plan.app_answered(&answer).unwrap();
+        assert_eq!(setup_toward_app(&plan), Some(Setup::Passive));
+        let MediaPlan::Bridged {
+            app:
+                AppLeg::Dtls {
+                    peer: Some((_, role)),
+                    ..
+                },
+            pbx_proto,
+            ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((*role, pbx_proto.as_str()), (Role::Server, "RTP/AVP"));
+
+        // The app calls with actpass: the relay answers passive (server); an app that
+        // insists on passive gets an active relay (client).
+        let app = sdp::audio(APP_OFFER).unwrap();
+        let plan = MediaPlan::for_app_offer(&app, PbxMedia::Rtp).unwrap();
+        assert_eq!(setup_toward_app(&plan), Some(Setup::Passive));
+        assert_eq!(plan.names(), ("dtls-srtp", "rtp"));
+        let passive = sdp::audio(&APP_OFFER.replace("a=setup:actpass", "a=setup:passive")).unwrap();
+        let plan = MediaPlan::for_app_offer(&passive, PbxMedia::Rtp).unwrap();
+        assert_eq!(setup_toward_app(&plan), Some(Setup::Active));
+    }
+
+    #[test]
+    fn pass_through_and_refusals() {
+        let pbx = sdp::audio(PBX_OFFER).unwrap();
+        assert_eq!(
+            MediaPlan::for_pbx_offer(&pbx, AppMedia::AsPbx).unwrap(),
+            MediaPlan::PassThrough
+        );
+        // A plain app and a plain PBX need nothing of the relay.
+        assert_eq!(
+            MediaPlan::for_app_offer(&pbx, PbxMedia::Rtp).unwrap(),
+            MediaPlan::PassThrough
+        );
+        // A DTLS PBX is not bridged to a DTLS app: the error names the setting.
+        let dtls_pbx = sdp::audio(APP_OFFER).unwrap();
+        let err = MediaPlan::for_pbx_offer(&dtls_pbx, AppMedia::DtlsSrtp).unwrap_err();
+        assert!(
+            err.to_string().contains("calls.app_media = \"as-pbx\""),
+            "{err}"
+        );
+        // An SDES answer must answer the relay's tag and suite.
+        let mut plan = MediaPlan::for_pbx_offer(&pbx, AppMedia::SdesSrtp).unwrap();
+        let wrong_tag = Crypto::generate(7, Suite::AesCm128HmacSha1_80);
+        let answer = sdp::audio(
+            &PBX_OFFER
+                .replace("RTP/AVP", "RTP/SAVPF")
+                .replace("a=sendrecv", &format!("a=sendrecv\r\na=crypto:{wrong_tag}")),
+        )
+        .unwrap();
+        let err = plan.app_answered(&answer).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no a=crypto line for the offered tag 1"),
+            "{err}"
+        );
+    }
 }
