@@ -424,15 +424,21 @@ fn anchor(
 ) -> Result<&mut MediaDescription, SdpError> {
     let index = usable_audio(description)?;
     readdress(description, relay.ip());
+    // a=rtcp is a media attribute (RFC 3605); at session level it is only the other side's
+    // address.
     description
         .attributes
-        .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()));
+        .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()) && a.key != "rtcp");
     for (i, media) in description.media_descriptions.iter_mut().enumerate() {
         media
             .attributes
             .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()));
         if i != index {
+            // Refused, and nothing of the other side's addresses left in it: its own c=
+            // and a=rtcp would name them (the session c= covers every m-line).
             media.media_name.port.value = 0;
+            media.connection_information = None;
+            media.attributes.retain(|a| a.key != "rtcp");
         }
     }
     let media = &mut description.media_descriptions[index];
@@ -485,13 +491,23 @@ fn rtcp_address(value: &str, media: IpAddr) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// `a=rtcp:<port> IN IP4 <ip>` in place of an existing one (RFC 3605); none is added.
-fn set_rtcp(attributes: &mut [Attribute], port: u16, ip: IpAddr) {
+/// `a=rtcp:<port> IN IP4 <ip>` in place of an existing one (RFC 3605); none is added, and
+/// any further `a=rtcp` (a media description has one at most) goes.
+fn set_rtcp(attributes: &mut Vec<Attribute>, port: u16, ip: IpAddr) {
     let address_type = if ip.is_ipv4() { "IP4" } else { "IP6" };
     let value = format!("{port} IN {address_type} {ip}");
-    if let Some(rtcp) = attributes.iter_mut().find(|a| a.key == "rtcp") {
-        rtcp.value = Some(value);
-    }
+    let mut seen = false;
+    attributes.retain_mut(|a| {
+        if a.key != "rtcp" {
+            return true;
+        }
+        if seen {
+            return false;
+        }
+        seen = true;
+        a.value = Some(value.clone());
+        true
+    });
 }
 
 #[cfg(test)]
@@ -786,6 +802,34 @@ mod tests {
 
     fn mids_of(text: &str) -> Vec<String> {
         mids(text).unwrap()
+    }
+
+    /// Found by the sdp_rewrite fuzz target: a refused second stream kept its own `c=`,
+    /// the other side's address.
+    #[test]
+    fn a_refused_stream_keeps_no_address_of_the_other_side() {
+        let relay: SocketAddr = "198.51.100.1:3479".parse().unwrap();
+        let with_video = format!(
+            "{PBX_PLAIN}m=video 16390 RTP/AVP 96\r\nc=IN IP4 10.20.0.6\r\na=rtcp:16391 IN IP4 10.20.0.6\r\na=rtpmap:96 H264/90000\r\n"
+        );
+        for secure in [Secure::AsIs, Secure::Plain { proto: "RTP/AVP" }] {
+            let rewritten = toward_app(&with_video, relay, &ice(), secure).unwrap();
+            assert!(!rewritten.contains("10.20.0."), "{rewritten}");
+            assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 198.51.100.1"]);
+        }
+        // Also found by it: a second a=rtcp in the anchored stream kept the PBX's address.
+        let twice = PBX_PLAIN.replace(
+            "a=sendrecv",
+            "a=rtcp:16385 IN IP4 10.20.0.5\r\na=rtcp:20001 IN IP4 10.20.0.7\r\na=sendrecv",
+        );
+        // And one at session level, where RFC 3605 has none.
+        let twice = twice.replace("t=0 0", "t=0 0\r\na=rtcp:9 IN IP4 10.20.0.8");
+        let rewritten = toward_app(&twice, relay, &ice(), Secure::AsIs).unwrap();
+        assert_eq!(
+            lines_with(&rewritten, "a=rtcp:"),
+            ["a=rtcp:3479 IN IP4 198.51.100.1"],
+            "{rewritten}"
+        );
     }
 
     #[test]
