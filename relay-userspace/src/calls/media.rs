@@ -16,6 +16,7 @@ use super::{Call, CallError, CallEvent, CallState, Calls};
 use crate::{
     datapath::{FlowSpec, flow::ChannelOp, table::FlowTable},
     ice::leg::{IceConn, SelectedPair},
+    media::srtp::is_rtcp,
     time::monotonic_ns,
 };
 
@@ -275,9 +276,4 @@ pub(super) fn remove_flows_of_earlier_calls(
 pub(super) struct LanSockets {
     pub(super) rtp: Arc<UdpSocket>,
     pub(super) rtcp: Arc<UdpSocket>,
-}
-
-/// RTCP among RTP on one port (RFC 5761 section 4): version 2, packet type 192..=223.
-pub(super) fn is_rtcp(packet: &[u8]) -> bool {
-    packet.len() >= 2 && packet[0] >> 6 == 2 && (192..=223).contains(&packet[1])
 }

@@ -155,9 +155,10 @@ fn is_rtp(packet: &[u8]) -> bool {
     packet.len() >= 12 && packet[0] >> 6 == 2
 }
 
-/// RTCP among RTP on one port (RFC 5761 section 4): version 2, packet type 192..=223.
+/// RTCP among RTP on one port (RFC 5761 section 4): version 2, packet type 192..=223. A
+/// packet too short to be RTCP is the SRTCP context's to refuse.
 pub fn is_rtcp(packet: &[u8]) -> bool {
-    packet.len() >= 8 && packet[0] >> 6 == 2 && (192..=223).contains(&packet[1])
+    packet.len() >= 2 && packet[0] >> 6 == 2 && (192..=223).contains(&packet[1])
 }
 
 #[cfg(test)]
