@@ -40,18 +40,7 @@ const MAINTAINER_SCRIPTS: &[&str] = &["postinst", "prerm", "postrm"];
 
 /// Builds the package; returns its path.
 pub fn build() -> anyhow::Result<PathBuf> {
-    util::cargo(
-        &[
-            "build",
-            "-p",
-            "relay-userspace",
-            "--bin",
-            "relayd",
-            "--bin",
-            "relayctl",
-        ],
-        true,
-    )?;
+    util::build_release_binaries()?;
     let root = util::workspace_root();
     let version = env!("CARGO_PKG_VERSION");
     let arch = util::output("dpkg", &["--print-architecture"])

@@ -18,18 +18,7 @@ const TENANT: &str = "trial";
 const TURN_USER: &str = "trial";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    util::cargo(
-        &[
-            "build",
-            "-p",
-            "relay-userspace",
-            "--bin",
-            "relayd",
-            "--bin",
-            "relayctl",
-        ],
-        true,
-    )?;
+    util::build_release_binaries()?;
     let root = util::workspace_root();
     let relayd = root.join("target/release/relayd");
     let mut args = args.to_vec();

@@ -39,6 +39,22 @@ pub fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Builds relayd and relayctl in release mode: what the package ships and the trial runs.
+pub fn build_release_binaries() -> anyhow::Result<()> {
+    cargo(
+        &[
+            "build",
+            "-p",
+            "relay-userspace",
+            "--bin",
+            "relayd",
+            "--bin",
+            "relayctl",
+        ],
+        true,
+    )
+}
+
 pub fn cargo(args: &[&str], release: bool) -> anyhow::Result<()> {
     let mut full: Vec<&str> = args.to_vec();
     if release {
