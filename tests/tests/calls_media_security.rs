@@ -122,31 +122,65 @@ async fn next_event(socket: &mut Socket, name: &str) -> Value {
     .await
 }
 
+/// The edge lab with relayd on a configuration made for its pin directory, and the PBX
+/// end's RTP and RTCP sockets (reads time out after `pbx_timeout`). Fields drop in order:
+/// relayd stops before its pins and namespaces go.
+struct Lab {
+    relayd: Relayd,
+    fingerprint: String,
+    pbx: UdpSocket,
+    _pbx_rtcp: UdpSocket,
+    _config: ConfigFile,
+    _pins: PinDir,
+    lab: EdgeLab,
+}
+
+impl Lab {
+    fn start(
+        config: impl FnOnce(&std::path::Path) -> String,
+        relayd_args: &[&str],
+        pbx_timeout: Duration,
+    ) -> Lab {
+        let lab = EdgeLab::new();
+        let pins = PinDir::new();
+        let config = ConfigFile::new(&config(&pins.path));
+        let mut args = vec!["--config", config.path()];
+        args.extend_from_slice(relayd_args);
+        let relayd = Relayd::start(Some(&lab.relay), &args);
+        let pbx = lab.pbx.udp_socket("10.30.0.2:40000".parse().unwrap());
+        pbx.set_read_timeout(Some(pbx_timeout)).unwrap();
+        Lab {
+            fingerprint: relayd.signalling_fingerprint(),
+            relayd,
+            pbx,
+            _pbx_rtcp: lab.pbx.udp_socket("10.30.0.2:40001".parse().unwrap()),
+            _config: config,
+            _pins: pins,
+            lab,
+        }
+    }
+}
+
 #[test]
 fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
     require_root();
-    let lab = EdgeLab::new();
-    let pins = PinDir::new();
-    let config = ConfigFile::new(&anchor_config(
-        &pins.path,
-        "acme",
-        API_KEY,
-        "dtls_timeout_secs = 2",
-    ));
-    let relayd = Relayd::start(
-        Some(&lab.relay),
-        &["--config", config.path(), "--metrics-listen", METRICS],
+    let started = Lab::start(
+        |pins| anchor_config(pins, "acme", API_KEY, "dtls_timeout_secs = 2"),
+        &["--metrics-listen", METRICS],
+        Duration::from_millis(200),
     );
-    let signalling_fingerprint = relayd.signalling_fingerprint();
-    let pbx: UdpSocket = lab.pbx.udp_socket("10.30.0.2:40000".parse().unwrap());
-    pbx.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let _pbx_rtcp = lab.pbx.udp_socket("10.30.0.2:40001".parse().unwrap());
+    let Lab {
+        relayd,
+        fingerprint: signalling_fingerprint,
+        pbx,
+        lab,
+        ..
+    } = &started;
     runtime().block_on(async {
-        let mut controller = lab.controller(&signalling_fingerprint, "acme", API_KEY).await;
+        let mut controller = lab.controller(signalling_fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
         let app_ns = lab.app.name.clone();
-        let (to_app, mut from_test) = tokio::sync::mpsc::unbounded_channel::<(Value, &'static str)>();
+        let (to_app, mut from_test) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
         let (to_test, mut from_app) = tokio::sync::mpsc::unbounded_channel::<Value>();
         let fp = signalling_fingerprint.clone();
         // The app, in its own namespace: answers each call the way the test says.
@@ -155,7 +189,7 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
             runtime().block_on(async move {
                 let mut app = App::in_edge_lab(&fp, &token).await;
                 to_test.send(json!("ready")).unwrap();
-                while let Some((_, how)) = from_test.recv().await {
+                while let Some(how) = from_test.recv().await {
                     // The end of the call before (hung up by the controller) may come first.
                     let incoming = loop {
                         let event = app.next_within(Duration::from_secs(15)).await;
@@ -231,7 +265,7 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
         assert_eq!(from_app.recv().await.unwrap(), json!("ready"));
 
         // A certificate that is not the one the SDP named.
-        to_app.send((Value::Null, "wrong-fingerprint")).unwrap();
+        to_app.send("wrong-fingerprint").unwrap();
         let created = request(&mut controller, json!({"type": "call.create", "id": 2, "user": "alice", "sdp": pbx_offer()})).await;
         assert_eq!(created["type"], "result", "{created}");
         let ended = next_event(&mut controller, "call.ended").await;
@@ -240,7 +274,7 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
         assert_eq!(told["reason"], "dtls-failed", "the app is told too: {told}");
 
         // A handshake that never starts.
-        to_app.send((Value::Null, "silent")).unwrap();
+        to_app.send("silent").unwrap();
         let created = request(&mut controller, json!({"type": "call.create", "id": 3, "user": "alice", "sdp": pbx_offer()})).await;
         assert_eq!(created["type"], "result", "{created}");
         let ended = next_event(&mut controller, "call.ended").await;
@@ -248,7 +282,7 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
         let _ = from_app.recv().await.unwrap();
 
         // No codec in common: refused, the call stays offered.
-        to_app.send((Value::Null, "no-common-codec")).unwrap();
+        to_app.send("no-common-codec").unwrap();
         let created = request(&mut controller, json!({"type": "call.create", "id": 4, "user": "alice", "sdp": pbx_offer()})).await;
         let refused = from_app.recv().await.unwrap();
         assert_eq!(refused["code"], "bad_request", "{refused}");
@@ -260,7 +294,7 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
         assert_eq!(result["type"], "result", "{result}");
 
         // Damaged and replayed SRTP among good packets.
-        to_app.send((Value::Null, "talk")).unwrap();
+        to_app.send("talk").unwrap();
         let created = request(&mut controller, json!({"type": "call.create", "id": 6, "user": "alice", "sdp": pbx_offer()})).await;
         let id = created["call"].as_u64().unwrap();
         let sent: Vec<u16> = serde_json::from_value(from_app.recv().await.unwrap()).unwrap();
@@ -307,22 +341,24 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
 #[test]
 fn sdes_keys_both_sides_share_stay_in_the_kernel() {
     require_root();
-    let lab = EdgeLab::new();
-    let pins = PinDir::new();
-    let config = ConfigFile::new(&relay_tests::lab::calls_config(
-        &pins.path, "acme", API_KEY, "",
-    ));
-    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let signalling_fingerprint = relayd.signalling_fingerprint();
-    let pbx: UdpSocket = lab.pbx.udp_socket("10.30.0.2:40000".parse().unwrap());
-    pbx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let _pbx_rtcp = lab.pbx.udp_socket("10.30.0.2:40001".parse().unwrap());
+    let started = Lab::start(
+        |pins| relay_tests::lab::calls_config(pins, "acme", API_KEY, ""),
+        &[],
+        Duration::from_secs(2),
+    );
+    let Lab {
+        relayd,
+        fingerprint: signalling_fingerprint,
+        pbx,
+        lab,
+        ..
+    } = &started;
     let pbx_key = sdes::crypto_line(&[0x24; 30]);
     let app_key = [0x35u8; 30];
     const PACKETS: u16 = 100;
     runtime().block_on(async {
         let mut controller = lab
-            .controller(&signalling_fingerprint, "acme", API_KEY)
+            .controller(signalling_fingerprint, "acme", API_KEY)
             .await;
         let token = mint_token(&mut controller, "alice", 300).await;
         let app_ns = lab.app.name.clone();
@@ -438,19 +474,23 @@ fn sdes_keys_both_sides_share_stay_in_the_kernel() {
 #[test]
 fn an_sdes_app_calling_a_plain_pbx_is_bridged() {
     require_root();
-    let lab = EdgeLab::new();
-    let pins = PinDir::new();
-    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
-    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let signalling_fingerprint = relayd.signalling_fingerprint();
-    let pbx: UdpSocket = lab.pbx.udp_socket("10.30.0.2:40000".parse().unwrap());
-    pbx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let _pbx_rtcp = lab.pbx.udp_socket("10.30.0.2:40001".parse().unwrap());
+    let started = Lab::start(
+        |pins| anchor_config(pins, "acme", API_KEY, ""),
+        &[],
+        Duration::from_secs(2),
+    );
+    let Lab {
+        relayd,
+        fingerprint: signalling_fingerprint,
+        pbx,
+        lab,
+        ..
+    } = &started;
     let app_key = [0x57u8; 30];
     const PACKETS: u16 = 50;
     runtime().block_on(async {
         let mut controller = lab
-            .controller(&signalling_fingerprint, "acme", API_KEY)
+            .controller(signalling_fingerprint, "acme", API_KEY)
             .await;
         let token = mint_token(&mut controller, "alice", 300).await;
         let app_ns = lab.app.name.clone();
@@ -535,6 +575,7 @@ fn an_sdes_app_calling_a_plain_pbx_is_bridged() {
             "{connected}"
         );
         // The PBX end: plain RTP, byte for byte, echoed back.
+        let pbx = pbx.try_clone().expect("the PBX socket");
         let echo = tokio::task::spawn_blocking(move || {
             let mut buf = [0u8; 2048];
             let mut seen = 0;
