@@ -166,3 +166,31 @@ fn a_call_whose_app_stops_answering_consent_ends() {
     assert_eq!(after["flows"]["flows"], json!([]), "{after}");
     assert_eq!(after["calls"]["calls"], json!([]), "{after}");
 }
+
+/// An app that keeps answering keeps its consent past `consent_timeout_secs` several times
+/// over: the relay's checks (sent by the ICE port once the leg is connected, its agent
+/// closed) are answered by the app's webrtc-ice agent, and the relay answers the agent's.
+/// Without media the call still ends, by the media timeout, never by consent.
+#[test]
+fn an_app_that_answers_consent_keeps_its_call_past_the_consent_timeout() {
+    require_root();
+    let (controller, app, after, log) = call_that_ends(
+        AppEnds::Silence,
+        "consent_timeout_secs = 6\nmedia_timeout_secs = 15",
+    );
+    assert_eq!(
+        states(&controller),
+        [
+            "call.answered ",
+            "call.state checking",
+            "call.state connected",
+            "call.ended media-timeout"
+        ],
+        "{log}"
+    );
+    assert_eq!(
+        (&app["event"], &app["reason"]),
+        (&json!("call.ended"), &json!("media-timeout"))
+    );
+    assert_eq!(after["calls"]["calls"], json!([]), "{after}");
+}

@@ -792,7 +792,7 @@ impl Calls {
                 task.abort();
             }
         }
-        if let Ok(leg) = call.leg.try_lock() {
+        if let Ok(mut leg) = call.leg.try_lock() {
             leg.close().await;
         }
         let ended = CallEvent::Ended {

@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use tokio::sync::{mpsc, watch};
+
+use super::consent::{Credentials, HandedConn, Handoff, Handoffs, PortSocket};
 use webrtc_ice::{
     agent::{Agent, agent_config::AgentConfig},
     candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
@@ -17,9 +19,11 @@ use webrtc_ice::{
     udp_network::UDPNetwork,
 };
 
-/// The relay's ICE port: one UDP socket on the WAN address for every call.
+/// The relay's ICE port: one UDP socket on the WAN address for every call. Legs that are
+/// connecting have their agent on the mux; connected legs are the port's own (`Handoffs`).
 pub struct IcePort {
     mux: Arc<UDPMuxDefault>,
+    handoffs: Arc<Handoffs>,
     address: SocketAddr,
 }
 
@@ -31,9 +35,14 @@ impl IcePort {
         if address.ip().is_unspecified() {
             bail!("the ICE port must be bound to a specific address: candidates carry it");
         }
-        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
+        let handoffs = Handoffs::new(socket.clone());
         Ok(IcePort {
-            mux: UDPMuxDefault::new(UDPMuxParams::new(socket)),
+            mux: UDPMuxDefault::new(UDPMuxParams::new(PortSocket {
+                socket,
+                handoffs: handoffs.clone(),
+            })),
+            handoffs,
             address,
         })
     }
@@ -76,11 +85,12 @@ impl SelectedPair {
 /// is not in the kernel yet).
 pub type IceConn = Arc<dyn webrtc_util::Conn + Send + Sync>;
 
-/// Adds the app's candidates to a leg's agent (trickle ICE, RFC 8838), without the leg:
-/// they arrive while the leg is busy connecting.
-#[derive(Clone)]
+/// Adds the app's candidates to the leg's agent checking them (trickle ICE, RFC 8838),
+/// without the leg: they arrive while the leg is busy connecting. Once the leg is connected
+/// no agent checks: a late candidate is parsed and left out.
+#[derive(Clone, Default)]
 pub struct RemoteCandidates {
-    agent: Arc<Agent>,
+    agent: Arc<std::sync::Mutex<Option<Arc<Agent>>>>,
 }
 
 impl RemoteCandidates {
@@ -90,95 +100,99 @@ impl RemoteCandidates {
         let parsed = unmarshal_candidate(text)
             .with_context(|| format!("not an ICE candidate: {candidate:?}"))?;
         let parsed: Arc<dyn Candidate + Send + Sync> = Arc::new(parsed);
-        self.agent.add_remote_candidate(&parsed)?;
+        let agent = self.agent.lock().expect("ICE candidates").clone();
+        match agent {
+            Some(agent) => agent.add_remote_candidate(&parsed)?,
+            None => tracing::debug!(candidate, "ice: a candidate after the leg connected"),
+        }
         Ok(())
+    }
+
+    fn check_with(&self, agent: Option<Arc<Agent>>) {
+        *self.agent.lock().expect("ICE candidates") = agent;
     }
 }
 
 pub struct IceLeg {
-    agent: Arc<Agent>,
+    /// The agent while checks run: until the leg connects, and during an ICE restart.
+    agent: Option<Arc<Agent>>,
+    /// The same agent, for trickled candidates.
+    candidates: RemoteCandidates,
     local: LocalIce,
-    conn: Option<IceConn>,
+    conn: Option<Arc<HandedConn>>,
+    handoffs: Arc<Handoffs>,
+    /// The leg's id among the port's connected legs.
+    handed: Option<u64>,
+    controlling: bool,
+    consent_timeout: Duration,
+    states_tx: watch::Sender<ConnectionState>,
     states: watch::Receiver<ConnectionState>,
-    /// Dropping it cancels a connect in progress.
+    pairs_tx: watch::Sender<Option<SelectedPair>>,
+    pairs: watch::Receiver<Option<SelectedPair>>,
+    /// Dropping it cancels the checks in progress (the first connect or a restart).
     _cancel: mpsc::Sender<()>,
     cancel_rx: Option<mpsc::Receiver<()>>,
-    pairs: watch::Receiver<Option<SelectedPair>>,
+    restarting: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// How long gathering the host candidate on the mux may take.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
+/// An ICE restart's checks may take as long as consent lasts after media toward the app
+/// stopped (what webrtc-ice allowed a restarting agent: disconnected + failed timeouts).
+const RESTART_GRACE: Duration = Duration::from_secs(5);
 
 impl IceLeg {
     /// A new agent on `port`, its candidates gathered: one host candidate, the port's.
-    /// Without answers to its consent checks the agent is Disconnected after 5 s and Failed
-    /// after `consent_timeout`.
+    /// Once connected, consent is checked by the port: media toward the app stops after
+    /// about 5 s without answers, and the leg fails after `consent_timeout`.
     pub async fn new(
         port: &IcePort,
         consent_timeout: Duration,
     ) -> anyhow::Result<(IceLeg, LocalIce)> {
-        let ip = port.address.ip();
-        let agent = Arc::new(
-            Agent::new(AgentConfig {
-                network_types: vec![if ip.is_ipv4() {
-                    NetworkType::Udp4
-                } else {
-                    NetworkType::Udp6
-                }],
-                candidate_types: vec![CandidateType::Host],
-                udp_network: UDPNetwork::Muxed(port.mux.clone()),
-                // The mux's address only: not every address of the host.
-                ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
-                // An ICE port on loopback (a trial on one machine) is a candidate too;
-                // webrtc-ice leaves loopback out unless told.
-                include_loopback: ip.is_loopback(),
-                failed_timeout: Some(consent_timeout),
-                // Apps reach the relay from the Internet: their working address is
-                // reflexive (a NAT's). Waiting for a better one only delays the media
-                // (1 s by default for prflx, measured on route changes); a TURN-relayed
-                // remote still waits its default 2 s, so direct routes win.
-                srflx_acceptance_min_wait: Some(Duration::ZERO),
-                // RFC 8445's pacing (Ta) is 50 ms; webrtc-ice's 200 ms default made every
-                // call setup and route change wait about 200 ms more (bench calls).
-                check_interval: Duration::from_millis(50),
-                prflx_acceptance_min_wait: Some(Duration::ZERO),
-                ..Default::default()
-            })
-            .await
-            .context("ICE agent")?,
-        );
+        let agent = new_agent(port, consent_timeout).await?;
         let (pairs_tx, pairs) = watch::channel(None);
+        let forward_pairs = pairs_tx.clone();
         agent.on_selected_candidate_pair_change(Box::new(move |local, remote| {
-            let _ = pairs_tx.send(Some(SelectedPair::of(&**local, &**remote)));
+            let _ = forward_pairs.send(Some(SelectedPair::of(&**local, &**remote)));
             Box::pin(async {})
         }));
         let (states_tx, states) = watch::channel(ConnectionState::New);
+        let forward_states = states_tx.clone();
         agent.on_connection_state_change(Box::new(move |state| {
-            let _ = states_tx.send(state);
+            let _ = forward_states.send(state);
             Box::pin(async {})
         }));
         let candidates = gather(&agent, port.address).await?;
         let (ufrag, pwd) = agent.get_local_user_credentials().await;
         let (cancel, cancel_rx) = mpsc::channel(1);
+        let local = LocalIce {
+            ufrag,
+            pwd,
+            candidates,
+        };
         Ok((
             IceLeg {
-                agent,
-                local: LocalIce {
-                    ufrag: ufrag.clone(),
-                    pwd: pwd.clone(),
-                    candidates: candidates.clone(),
+                candidates: {
+                    let candidates = RemoteCandidates::default();
+                    candidates.check_with(Some(agent.clone()));
+                    candidates
                 },
+                agent: Some(agent),
+                local: local.clone(),
                 conn: None,
+                handoffs: port.handoffs.clone(),
+                handed: None,
+                controlling: false,
+                consent_timeout,
+                states_tx,
                 states,
+                pairs_tx,
+                pairs,
                 _cancel: cancel,
                 cancel_rx: Some(cancel_rx),
-                pairs,
+                restarting: None,
             },
-            LocalIce {
-                ufrag,
-                pwd,
-                candidates,
-            },
+            local,
         ))
     }
 
@@ -189,18 +203,17 @@ impl IceLeg {
 
     /// A candidate of the app (an `a=candidate` value, or trickled).
     pub fn add_remote_candidate(&self, candidate: &str) -> anyhow::Result<()> {
-        self.remote_candidates().add(candidate)
+        self.candidates.add(candidate)
     }
 
     /// Where the app's trickled candidates go, usable while the leg is connecting.
     pub fn remote_candidates(&self) -> RemoteCandidates {
-        RemoteCandidates {
-            agent: self.agent.clone(),
-        }
+        self.candidates.clone()
     }
 
     /// Runs the checks with the app's credentials until a pair is selected; `controlling`
-    /// when the relay made the offer. Returns the selected pair.
+    /// when the relay made the offer. Then the agent is closed and the port keeps the leg's
+    /// consent. Returns the selected pair.
     pub async fn connect(
         &mut self,
         controlling: bool,
@@ -211,22 +224,47 @@ impl IceLeg {
             .cancel_rx
             .take()
             .context("this leg has already connected")?;
+        let agent = self.agent.clone().context("this leg is closed")?;
         let conn: IceConn = if controlling {
-            self.agent.dial(cancel, remote_ufrag, remote_pwd).await?
+            agent
+                .dial(cancel, remote_ufrag.clone(), remote_pwd.clone())
+                .await?
         } else {
-            self.agent.accept(cancel, remote_ufrag, remote_pwd).await?
+            agent
+                .accept(cancel, remote_ufrag.clone(), remote_pwd.clone())
+                .await?
         };
-        self.conn = Some(conn);
-        let pair = self
-            .agent
+        let selected = agent
             .get_selected_candidate_pair()
             .context("connected without a selected pair")?;
-        Ok(SelectedPair::of(&*pair.local, &*pair.remote))
+        let pair = SelectedPair::of(&*selected.local, &*selected.remote);
+        self.controlling = controlling;
+        let (id, handed) = self.handoffs.hand_off(Handoff {
+            credentials: Credentials {
+                local_ufrag: self.local.ufrag.clone(),
+                local_pwd: self.local.pwd.clone(),
+                remote_ufrag,
+                remote_pwd,
+            },
+            controlling,
+            priority: selected.local.priority(),
+            pair,
+            consent_timeout: self.consent_timeout,
+            states: self.states_tx.clone(),
+            pairs: self.pairs_tx.clone(),
+        });
+        self.handed = Some(id);
+        self.candidates.check_with(None);
+        retire(&agent, &conn, &handed).await;
+        self.agent = None;
+        self.conn = Some(handed);
+        Ok(pair)
     }
 
-    /// An ICE restart (RFC 8445 section 9; the app moved to another network): new local
-    /// credentials and candidates, the app's new ones, checks again from the start. The
-    /// connection stays the same; the new selected pair comes through `pairs`.
+    /// An ICE restart (RFC 8445 section 9; the app moved to another network): a new agent
+    /// with new local credentials and candidates runs the checks with the app's new ones,
+    /// in the leg's role. The connection stays the same; the new selected pair comes
+    /// through `pairs`, and a restart that does not complete fails the leg.
     pub async fn restart(
         &mut self,
         port: &IcePort,
@@ -234,22 +272,66 @@ impl IceLeg {
         remote_pwd: String,
         remote_candidates: &[String],
     ) -> anyhow::Result<LocalIce> {
-        // Empty: the agent draws new credentials.
-        self.agent
-            .restart(String::new(), String::new())
-            .await
-            .context("ICE restart")?;
-        let candidates = gather(&self.agent, port.address).await?;
-        self.agent
-            .set_remote_credentials(remote_ufrag, remote_pwd)
-            .await
-            .context("the app's ICE credentials")?;
+        let (Some(id), Some(conn)) = (self.handed, self.conn.clone()) else {
+            bail!("the leg has not connected: nothing to restart");
+        };
+        let agent = new_agent(port, self.consent_timeout).await?;
+        let candidates = gather(&agent, port.address).await?;
+        let restarting = RemoteCandidates::default();
+        restarting.check_with(Some(agent.clone()));
         for candidate in remote_candidates {
-            if let Err(err) = self.add_remote_candidate(candidate) {
+            if let Err(err) = restarting.add(candidate) {
                 tracing::debug!(%err, "ice: an app candidate skipped");
             }
         }
-        let (ufrag, pwd) = self.agent.get_local_user_credentials().await;
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        let restart = self
+            .handoffs
+            .restart(id)
+            .context("the leg's consent has expired")?;
+        self.stop_checks().await;
+        let (cancel, cancel_rx) = mpsc::channel(1);
+        self._cancel = cancel;
+        self.agent = Some(agent.clone());
+        self.candidates.check_with(Some(agent.clone()));
+        let candidates_of_leg = self.candidates.clone();
+        let credentials = Credentials {
+            local_ufrag: ufrag.clone(),
+            local_pwd: pwd.clone(),
+            remote_ufrag: remote_ufrag.clone(),
+            remote_pwd: remote_pwd.clone(),
+        };
+        let (handoffs, controlling) = (self.handoffs.clone(), self.controlling);
+        let limit = RESTART_GRACE + self.consent_timeout;
+        self.restarting = Some(tokio::spawn(async move {
+            let checks = async {
+                let conn: IceConn = if controlling {
+                    agent.dial(cancel_rx, remote_ufrag, remote_pwd).await?
+                } else {
+                    agent.accept(cancel_rx, remote_ufrag, remote_pwd).await?
+                };
+                Ok::<_, webrtc_ice::Error>(conn)
+            };
+            let selected = match tokio::time::timeout(limit, checks).await {
+                Ok(Ok(checked)) => agent
+                    .get_selected_candidate_pair()
+                    .map(|selected| (checked, selected)),
+                _ => None,
+            };
+            match selected {
+                Some((checked, selected)) => {
+                    let pair = SelectedPair::of(&*selected.local, &*selected.remote);
+                    handoffs.restarted(id, restart, credentials, selected.local.priority(), pair);
+                    candidates_of_leg.check_with(None);
+                    retire(&agent, &checked, &conn).await;
+                }
+                None => {
+                    candidates_of_leg.check_with(None);
+                    handoffs.restart_failed(id, restart);
+                    let _ = agent.close().await;
+                }
+            }
+        }));
         self.local = LocalIce {
             ufrag,
             pwd,
@@ -260,7 +342,7 @@ impl IceLeg {
 
     /// The connection once connected.
     pub fn conn(&self) -> Option<IceConn> {
-        self.conn.clone()
+        self.conn.clone().map(|conn| conn as IceConn)
     }
 
     /// The connection state as it changes (Disconnected/Failed: consent lost, RFC 7675).
@@ -273,9 +355,85 @@ impl IceLeg {
         self.pairs.clone()
     }
 
-    pub async fn close(&self) {
-        let _ = self.agent.close().await;
+    pub async fn close(&mut self) {
+        self.stop_checks().await;
+        if let Some(id) = self.handed.take() {
+            self.handoffs.remove(id);
+        }
     }
+
+    /// Stops the checks in progress (an agent, a restart's task), telling nobody.
+    async fn stop_checks(&mut self) {
+        if let Some(task) = self.restarting.take() {
+            task.abort();
+        }
+        self.candidates.check_with(None);
+        if let Some(agent) = self.agent.take() {
+            detach(&agent);
+            let _ = agent.close().await;
+        }
+    }
+}
+
+impl Drop for IceLeg {
+    fn drop(&mut self) {
+        if let Some(task) = self.restarting.take() {
+            task.abort();
+        }
+        if let Some(id) = self.handed.take() {
+            self.handoffs.remove(id);
+        }
+    }
+}
+
+/// A leg's agent on the port's mux.
+async fn new_agent(port: &IcePort, consent_timeout: Duration) -> anyhow::Result<Arc<Agent>> {
+    let ip = port.address.ip();
+    let agent = Agent::new(AgentConfig {
+        network_types: vec![if ip.is_ipv4() {
+            NetworkType::Udp4
+        } else {
+            NetworkType::Udp6
+        }],
+        candidate_types: vec![CandidateType::Host],
+        udp_network: UDPNetwork::Muxed(port.mux.clone()),
+        // The mux's address only: not every address of the host.
+        ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
+        // An ICE port on loopback (a trial on one machine) is a candidate too;
+        // webrtc-ice leaves loopback out unless told.
+        include_loopback: ip.is_loopback(),
+        failed_timeout: Some(consent_timeout),
+        // Apps reach the relay from the Internet: their working address is
+        // reflexive (a NAT's). Waiting for a better one only delays the media
+        // (1 s by default for prflx, measured on route changes); a TURN-relayed
+        // remote still waits its default 2 s, so direct routes win.
+        srflx_acceptance_min_wait: Some(Duration::ZERO),
+        // RFC 8445's pacing (Ta) is 50 ms; webrtc-ice's 200 ms default made every
+        // call setup and route change wait about 200 ms more (bench calls).
+        check_interval: Duration::from_millis(50),
+        prflx_acceptance_min_wait: Some(Duration::ZERO),
+        ..Default::default()
+    })
+    .await
+    .context("ICE agent")?;
+    Ok(Arc::new(agent))
+}
+
+/// The agent's handlers replaced by nothing: closing it says nothing to the leg.
+fn detach(agent: &Agent) {
+    agent.on_connection_state_change(Box::new(|_| Box::pin(async {})));
+    agent.on_selected_candidate_pair_change(Box::new(|_, _| Box::pin(async {})));
+}
+
+/// Closes an agent whose leg the port has taken over; what the agent had received and
+/// nobody had read yet (a DTLS ClientHello right after the nomination) goes to the leg.
+async fn retire(agent: &Agent, checked: &IceConn, leg: &HandedConn) {
+    detach(agent);
+    let mut buf = vec![0u8; 8192];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, checked.recv(&mut buf)).await {
+        leg.queue(buf[..n].to_vec());
+    }
+    let _ = agent.close().await;
 }
 
 /// Gathers the agent's candidates on the ICE port (one host candidate: the port's).
