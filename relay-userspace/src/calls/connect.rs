@@ -88,7 +88,7 @@ impl Calls {
                     if consent {
                         self.follow_local_channel(&call, current);
                     }
-                    if self.media_idle(&call) > self.media_timeout {
+                    if self.media_idle_sampled(&call) > self.media_timeout {
                         tracing::info!(call = call.id, timeout = ?self.media_timeout, "calls: no media in either direction; the call ends");
                         return self.end(&call, EndReason::MediaTimeout, true, true).await;
                     }

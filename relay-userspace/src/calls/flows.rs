@@ -126,6 +126,14 @@ impl CallFlows {
             .map(|flow| flow.counters.last_seen_ns)
             .max()
     }
+
+    /// The same as the flow table's last tick read it (up to a tick old, no syscall).
+    pub fn sampled_last_seen_ns(&self, table: &FlowTable) -> Option<u64> {
+        self.ids()
+            .into_iter()
+            .filter_map(|id| table.sampled_last_seen_ns(id).ok())
+            .max()
+    }
 }
 
 fn add(traffic: &mut Traffic, flow: Option<crate::datapath::table::FlowInfo>) {

@@ -57,11 +57,22 @@ impl Calls {
     /// How long since media last went through the call's flows (the kernel counters' last
     /// seen, the later of the two); zero before they exist.
     pub(super) fn media_idle(&self, call: &Call) -> Duration {
+        self.idle(call, false)
+    }
+
+    /// The same, from the flow table's last sample of the kernel counters (up to a second
+    /// older, without reading the kernel's counters per call).
+    pub(super) fn media_idle_sampled(&self, call: &Call) -> Duration {
+        self.idle(call, true)
+    }
+
+    fn idle(&self, call: &Call, sampled: bool) -> Duration {
         let now = monotonic_ns();
         let last = {
             let inner = call.inner();
             match &inner.bridge {
                 Some(bridge) => Some(bridge.counters.read().last_seen_ns).filter(|ns| *ns > 0),
+                None if sampled => inner.flows.sampled_last_seen_ns(&self.table),
                 None => inner.flows.last_seen_ns(&self.table, now),
             }
         };

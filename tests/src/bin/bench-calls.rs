@@ -53,8 +53,9 @@ fn max_calls() -> usize {
         .and_then(|n| n.parse().ok())
         .unwrap_or(CALLS)
 }
-/// Concurrent calls carrying media, 50 packets/s each way each.
-const STEPS: [usize; 5] = [50, 100, 250, 500, 1000];
+/// Concurrent calls carrying media, 50 packets/s each way each (0: every call connected and
+/// silent, what the calls cost the relay by themselves).
+const STEPS: [usize; 6] = [0, 50, 100, 250, 500, 1000];
 const STEP_SECS: u64 = 10;
 /// UDP length of the RTP packets (172-byte payload): what the counters match.
 const RTP_UDP_LENGTH: u32 = 180;
@@ -449,15 +450,20 @@ fn load_steps(lab: &EdgeLab, relayd: &Relayd, apps: &[SocketAddr], path: Path) -
         let stats_before = xdp.then(xdp_run_stats).flatten();
         let cpu_before = process_cpu_ns(relayd.pid());
         let host_before = host_busy_ns();
-        let sent = paced_udp(
-            &lab.app,
-            &flows,
-            &numbered(0),
-            pps,
-            Duration::from_secs(STEP_SECS),
-        );
-        thread::sleep(Duration::from_millis(500));
-        let elapsed = sent.elapsed_secs;
+        let elapsed = if flows.is_empty() {
+            thread::sleep(Duration::from_secs(STEP_SECS));
+            STEP_SECS as f64
+        } else {
+            let sent = paced_udp(
+                &lab.app,
+                &flows,
+                &numbered(0),
+                pps,
+                Duration::from_secs(STEP_SECS),
+            );
+            thread::sleep(Duration::from_millis(500));
+            sent.elapsed_secs
+        };
         let cpu = process_cpu_ns(relayd.pid()) - cpu_before;
         let host = host_busy_ns() - host_before;
         let to_relay = counter(&lab.nat, "to_relay") - before.0;
@@ -472,8 +478,8 @@ fn load_steps(lab: &EdgeLab, relayd: &Relayd, apps: &[SocketAddr], path: Path) -
         steps.push(Step {
             calls,
             offered_pps: to_relay as f64 / elapsed,
-            loss_to_pbx: 1.0 - at_pbx as f64 / to_relay.max(1) as f64,
-            loss_to_app: 1.0 - to_app as f64 / at_pbx.max(1) as f64,
+            loss_to_pbx: loss(to_relay, at_pbx),
+            loss_to_app: loss(at_pbx, to_app),
             relayd_cpu_percent: cpu as f64 / (elapsed * 1e9) * 100.0,
             host_cpu_percent: host as f64 / (elapsed * 1e9 * 2.0) * 100.0,
             xdp_ns_per_packet: xdp_ns,
@@ -483,6 +489,14 @@ fn load_steps(lab: &EdgeLab, relayd: &Relayd, apps: &[SocketAddr], path: Path) -
         sysctl_bpf_stats(false);
     }
     steps
+}
+
+/// The share of `sent` that did not arrive (none sent: none lost).
+fn loss(sent: u64, arrived: u64) -> f64 {
+    if sent == 0 {
+        return 0.0;
+    }
+    1.0 - arrived as f64 / sent as f64
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
