@@ -75,10 +75,8 @@ impl Calls {
         self.notify.to_app(&call.tenant, &call.user, &state);
         let mut current = pair;
         let mut consent = true;
-        let mut media_check = tokio::time::interval(Duration::from_secs(1));
-        let mut stats = self
-            .stats_interval
-            .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+        let mut media_check = aligned_interval(Duration::from_secs(1));
+        let mut stats = self.stats_interval.map(aligned_interval);
         loop {
             tokio::select! {
                 _ = async { stats.as_mut().expect("guarded").tick().await }, if stats.is_some() => {
@@ -142,4 +140,19 @@ impl Calls {
             }
         }
     }
+}
+
+/// An interval whose ticks fall on multiples of `every` since the process began, the first
+/// one `every` from now at the latest: every call's once-a-second check wakes relayd once a
+/// second in all, not once per call at its own phase (1,000 calls woke it 1,000 times).
+fn aligned_interval(every: Duration) -> tokio::time::Interval {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(tokio::time::Instant::now);
+    let now = tokio::time::Instant::now();
+    let every_ns = every.as_nanos().max(1);
+    let since = now.duration_since(epoch).as_nanos();
+    let next = epoch + Duration::from_nanos(((since / every_ns + 1) * every_ns) as u64);
+    let mut interval = tokio::time::interval_at(next, every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    interval
 }

@@ -239,14 +239,19 @@ impl Table {
 /// The connected legs of one ICE port.
 pub struct Handoffs {
     socket: Arc<UdpSocket>,
+    /// The same socket for the answers and checks sent under the table's lock: a
+    /// non-blocking send that needs no readiness from tokio's reactor.
+    sender: std::net::UdpSocket,
     table: Mutex<Table>,
 }
 
 impl Handoffs {
     /// The legs on `socket` (the port's), with their timer: it stops when the port goes.
-    pub fn new(socket: Arc<UdpSocket>) -> Arc<Handoffs> {
+    pub fn new(socket: Arc<UdpSocket>) -> std::io::Result<Arc<Handoffs>> {
+        let sender = socket2::SockRef::from(&*socket).try_clone()?.into();
         let handoffs = Arc::new(Handoffs {
             socket,
+            sender,
             table: Mutex::new(Table {
                 legs: HashMap::new(),
                 by_ufrag: HashMap::new(),
@@ -257,7 +262,7 @@ impl Handoffs {
         });
         let weak = Arc::downgrade(&handoffs);
         tokio::spawn(tick(weak));
-        handoffs
+        Ok(handoffs)
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -437,7 +442,7 @@ impl Handoffs {
             Box::new(FINGERPRINT),
         ]);
         if built.is_ok() {
-            let _ = self.socket.try_send_to(&response.raw, from);
+            let _ = self.sender.send_to(&response.raw, from);
         }
         // A controlling app nominating a pair from another address (its NAT mapping
         // changed under the same credentials): the media follows.
@@ -536,7 +541,7 @@ impl Handoffs {
         }
         leg.recent_checks[leg.next_slot] = Some(transaction);
         leg.next_slot = (leg.next_slot + 1) % RECENT_CHECKS;
-        let _ = self.socket.try_send_to(&request.raw, leg.pair.remote);
+        let _ = self.sender.send_to(&request.raw, leg.pair.remote);
     }
 }
 
@@ -800,5 +805,151 @@ mod tests {
             changes.is_empty() && checks.first() == Some(&8.0),
             "{checks:?}"
         );
+    }
+
+    /// A leg handed to a port on loopback, and the app's socket.
+    async fn handed_leg() -> (
+        Arc<Handoffs>,
+        Arc<HandedConn>,
+        UdpSocket,
+        watch::Receiver<ConnectionState>,
+    ) {
+        let port = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let app = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let handoffs = Handoffs::new(port.clone()).unwrap();
+        let (states, states_rx) = watch::channel(ConnectionState::Connected);
+        let (pairs, _) = watch::channel(None);
+        let (_, conn) = handoffs.hand_off(Handoff {
+            credentials: Credentials {
+                local_ufrag: "relay".into(),
+                local_pwd: "relay-password-0123456789".into(),
+                remote_ufrag: "app".into(),
+                remote_pwd: "app-password-0123456789".into(),
+            },
+            controlling: true,
+            priority: 1,
+            pair: SelectedPair {
+                local: port.local_addr().unwrap(),
+                remote: app.local_addr().unwrap(),
+                local_type: CandidateType::Host,
+                remote_type: CandidateType::PeerReflexive,
+            },
+            consent_timeout: TIMEOUT,
+            states,
+            pairs,
+        });
+        (handoffs, conn, app, states_rx)
+    }
+
+    fn binding_request(username: &str, password: &str) -> Message {
+        let mut request = Message::new();
+        request
+            .build(&[
+                Box::new(BINDING_REQUEST),
+                Box::new(TransactionId::new()),
+                Box::new(Username::new(ATTR_USERNAME, username.into())),
+                Box::new(MessageIntegrity::new_short_term_integrity(password.into())),
+                Box::new(FINGERPRINT),
+            ])
+            .unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn the_port_answers_a_connected_legs_checks_and_queues_its_other_packets() {
+        let (handoffs, conn, app, _states) = handed_leg().await;
+        let from = app.local_addr().unwrap();
+        let request = binding_request("relay:app", "relay-password-0123456789");
+        assert!(handoffs.take(&request.raw, from));
+        let mut buf = [0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_secs(2), app.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let mut response = Message::new();
+        response.unmarshal_binary(&buf[..n]).unwrap();
+        assert_eq!(response.typ, BINDING_SUCCESS);
+        assert_eq!(response.transaction_id, request.transaction_id);
+        MessageIntegrity::new_short_term_integrity("relay-password-0123456789".into())
+            .check(&mut response)
+            .unwrap();
+        let mut mapped = XorMappedAddress::default();
+        mapped.get_from(&response).unwrap();
+        assert_eq!(SocketAddr::new(mapped.ip, mapped.port), from);
+
+        // RTP (or DTLS) from the app's address goes to the leg's connection.
+        let rtp = [0x80u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7];
+        assert!(handoffs.take(&rtp, from));
+        let n = conn.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &rtp);
+        assert_eq!(conn.remote_addr(), Some(from));
+    }
+
+    #[tokio::test]
+    async fn checks_with_wrong_credentials_are_dropped_and_other_legs_go_to_the_mux() {
+        let (handoffs, _conn, app, _states) = handed_leg().await;
+        let from = app.local_addr().unwrap();
+        // This leg's, badly signed: taken, not answered.
+        let forged = binding_request("relay:app", "not-the-password");
+        assert!(handoffs.take(&forged.raw, from));
+        let mut buf = [0u8; 1500];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), app.recv(&mut buf))
+                .await
+                .is_err()
+        );
+        // Another leg's (still checking on the mux), and packets from anyone else.
+        let other = binding_request("other:app", "whatever-password");
+        assert!(!handoffs.take(&other.raw, from));
+        let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(!handoffs.take(&[0x80, 0, 0, 1], elsewhere));
+        // A response nobody asked for is the mux's (a checking agent's, same address).
+        let mut response = Message::new();
+        response
+            .build(&[Box::new(BINDING_SUCCESS), Box::new(TransactionId::new())])
+            .unwrap();
+        assert!(!handoffs.take(&response.raw, from));
+        // A removed leg's packets are nobody's.
+        handoffs.remove(0);
+        assert!(!handoffs.take(&[0x80, 0, 0, 1], from));
+    }
+
+    #[tokio::test]
+    async fn the_relays_check_is_answered_and_grants_consent() {
+        let (handoffs, _conn, app, _states) = handed_leg().await;
+        let from = app.local_addr().unwrap();
+        {
+            let mut table = handoffs.table();
+            let leg = table.legs.get_mut(&0).unwrap();
+            handoffs.check(leg);
+        }
+        let mut buf = [0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_secs(2), app.recv(&mut buf))
+            .await
+            .expect("a check")
+            .unwrap();
+        let mut check = Message::new();
+        check.unmarshal_binary(&buf[..n]).unwrap();
+        let mut username = Username::new(ATTR_USERNAME, String::new());
+        username.get_from(&check).unwrap();
+        assert_eq!(username.to_string(), "app:relay");
+        assert!(check.contains(stun::attributes::ATTR_ICE_CONTROLLING));
+        MessageIntegrity::new_short_term_integrity("app-password-0123456789".into())
+            .check(&mut check)
+            .unwrap();
+        let answered_before = handoffs.table().legs[&0].consent.last_answer;
+        let mut response = Message::new();
+        response
+            .build(&[
+                Box::new(check.clone()),
+                Box::new(BINDING_SUCCESS),
+                Box::new(MessageIntegrity::new_short_term_integrity(
+                    "app-password-0123456789".into(),
+                )),
+                Box::new(FINGERPRINT),
+            ])
+            .unwrap();
+        assert!(handoffs.take(&response.raw, from));
+        assert!(handoffs.table().legs[&0].consent.last_answer > answered_before);
     }
 }

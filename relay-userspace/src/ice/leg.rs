@@ -36,7 +36,7 @@ impl IcePort {
             bail!("the ICE port must be bound to a specific address: candidates carry it");
         }
         let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
-        let handoffs = Handoffs::new(socket.clone());
+        let handoffs = Handoffs::new(socket.clone())?;
         Ok(IcePort {
             mux: UDPMuxDefault::new(UDPMuxParams::new(PortSocket {
                 socket,
