@@ -318,15 +318,15 @@ impl IceLeg {
                     .map(|selected| (checked, selected)),
                 _ => None,
             };
+            // Whatever the outcome, no agent checks the leg's candidates any more.
+            candidates_of_leg.check_with(None);
             match selected {
                 Some((checked, selected)) => {
                     let pair = SelectedPair::of(&*selected.local, &*selected.remote);
                     handoffs.restarted(id, restart, credentials, selected.local.priority(), pair);
-                    candidates_of_leg.check_with(None);
                     retire(&agent, &checked, &conn).await;
                 }
                 None => {
-                    candidates_of_leg.check_with(None);
                     handoffs.restart_failed(id, restart);
                     let _ = agent.close().await;
                 }
