@@ -146,14 +146,20 @@ pub fn paced_udp(
     pps: u64,
     duration: std::time::Duration,
 ) -> Paced {
-    let datagrams: Vec<(Vec<u8>, std::net::SocketAddrV4)> = flows
-        .iter()
-        .map(|(src, dst)| {
-            let frame = crate::packet::Frame::udp((*src).into(), (*dst).into(), payload).bytes();
-            // The UDP header and payload: the kernel writes the IP header of a raw socket.
-            (frame[crate::packet::ETH_HEADER + 20..].to_vec(), *dst)
-        })
-        .collect();
+    let payload = payload.to_vec();
+    paced_udp_each(ns, flows, move |_| payload.clone(), pps, duration)
+}
+
+/// [`paced_udp`] with each packet's payload made by `payload(flow index)` when it is due
+/// (numbered or encrypted per flow).
+pub fn paced_udp_each(
+    ns: &NetNs,
+    flows: &[(std::net::SocketAddrV4, std::net::SocketAddrV4)],
+    mut payload: impl FnMut(usize) -> Vec<u8> + Send + 'static,
+    pps: u64,
+    duration: std::time::Duration,
+) -> Paced {
+    let flows = flows.to_vec();
     ns.enter(move || {
         // SAFETY: plain socket calls on a descriptor this function owns and closes.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) };
@@ -161,11 +167,16 @@ pub fn paced_udp(
         let started = Instant::now();
         let mut sent = 0u64;
         let mut next = 0usize;
-        while started.elapsed() < duration {
+        while started.elapsed() < duration && !flows.is_empty() {
             let due = (started.elapsed().as_secs_f64() * pps as f64) as u64;
             while sent < due {
-                let (datagram, dst) = &datagrams[next % datagrams.len()];
+                let index = next % flows.len();
+                let (src, dst) = flows[index];
                 next += 1;
+                let frame =
+                    crate::packet::Frame::udp(src.into(), dst.into(), &payload(index)).bytes();
+                // The UDP header and payload: the kernel writes the IP header of a raw socket.
+                let datagram = &frame[crate::packet::ETH_HEADER + 20..];
                 let address = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: 0,

@@ -6,11 +6,14 @@
 //! process is owned by a guard that removes it on drop, also when a test fails.
 
 pub mod app;
+pub mod bench;
 pub mod config_file;
+pub mod dtls_app;
 pub mod generator;
 pub mod lab;
 pub mod measure;
 pub mod netns;
+pub mod ng;
 pub mod packet;
 pub mod pbx;
 pub mod process;

@@ -13,6 +13,9 @@ pub enum Suite {
     /// Calls: setups per second through signalling and ICE, concurrent calls at 50 pps each
     /// way, media in XDP vs userspace
     Calls,
+    /// Bridged calls (SDES-SRTP toward the app, plain RTP toward the PBX), the relay
+    /// transcrypting, side by side with rtpengine in userspace
+    Anchor,
 }
 
 pub fn run(suite: Suite) -> anyhow::Result<()> {
@@ -20,6 +23,7 @@ pub fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::Fastpath => "bench-fastpath",
         Suite::Turn => "bench-turn",
         Suite::Calls => "bench-calls",
+        Suite::Anchor => "bench-anchor",
     };
     run_binary(binary)
 }

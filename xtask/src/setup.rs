@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     // sipp: the SIP user agent behind the PBX in the calls tests (answers, echoes RTP).
     ("sip-tester", "sipp"),
+    // rtpengine, the comparison in the anchor benchmark (in userspace mode, driven over ng).
+    ("rtpengine-daemon", "rtpengine"),
     // A real browser as the WebRTC app (DTLS-SRTP, BUNDLE) in the calls tests.
     ("chromium", "chromium"),
     // A clean Debian root to install the package into, and the unit's verifier.

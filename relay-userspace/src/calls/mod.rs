@@ -249,6 +249,8 @@ impl Calls {
                 Err(err) => anyhow::bail!("calls.ice_listen: {ice_address}: cannot listen: {err}"),
             }
         };
+        // One socket carries every call's ICE, and a bridged call's media from the app.
+        crate::datapath::userspace::enlarge_socket_buffers(&socket);
         let ice = IcePort::new(socket)?;
         let identity = DtlsIdentity::generate()?;
         tracing::info!(fingerprint = %identity.fingerprint(), "calls: the DTLS certificate toward apps");

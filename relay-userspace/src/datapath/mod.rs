@@ -1,6 +1,7 @@
 //! The flow-table API: one trait, two datapaths (`xdp`: the kernel maps; `userspace`: tokio
 //! sockets), chosen by `datapath.mode`.
 
+mod batch;
 pub mod config;
 pub mod flow;
 #[cfg(test)]
@@ -149,6 +150,11 @@ pub trait Datapath: Send + Sync {
     ) -> Result<(), DatapathError>;
     fn remove(&self, spec: &FlowSpec);
     fn counters(&self, spec: &FlowSpec) -> FlowCounters;
+    /// The counters of each of `specs`, in order: what the flow table's tick reads of
+    /// every flow at once (the XDP datapath reads its map in a few system calls).
+    fn counters_of(&self, specs: &[FlowSpec]) -> Vec<FlowCounters> {
+        specs.iter().map(|spec| self.counters(spec)).collect()
+    }
     fn stats(&self) -> DatapathStats;
     /// Flows found in the datapath at start-up (pinned kernel maps): `(id, generation, spec)`.
     fn installed(&self) -> Vec<(u32, u32, FlowSpec)>;

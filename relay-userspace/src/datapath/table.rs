@@ -278,10 +278,13 @@ impl FlowTable {
 
     pub fn list(&self, now_ns: u64) -> Vec<FlowInfo> {
         let state = self.state();
+        let specs: Vec<FlowSpec> = state.flows.values().map(|record| record.spec).collect();
+        let all = self.datapath.counters_of(&specs);
         state
             .flows
             .iter()
-            .map(|(id, record)| self.info(*id, record, now_ns))
+            .zip(all)
+            .map(|((id, record), counters)| info(*id, record, counters, now_ns))
             .collect()
     }
 
@@ -289,8 +292,9 @@ impl FlowTable {
     pub fn tick(&self, now_ns: u64) -> Vec<FlowInfo> {
         let mut state = self.state();
         let mut expired = Vec::new();
-        for (id, record) in state.flows.iter_mut() {
-            let counters = self.datapath.counters(&record.spec);
+        let specs: Vec<FlowSpec> = state.flows.values().map(|record| record.spec).collect();
+        let all = self.datapath.counters_of(&specs);
+        for ((id, record), counters) in state.flows.iter_mut().zip(all) {
             let packets = counters.packets();
             if record.rate.at_ns != 0 && now_ns > record.rate.at_ns {
                 let elapsed = (now_ns - record.rate.at_ns) as f64 / 1e9;
@@ -301,7 +305,7 @@ impl FlowTable {
             record.rate.last_seen_ns = counters.last_seen_ns;
             let last = counters.last_seen_ns.max(record.installed_ns);
             if now_ns.saturating_sub(last) > self.idle_timeout_ns {
-                expired.push(self.info(*id, record, now_ns));
+                expired.push(info(*id, record, counters, now_ns));
             }
         }
         for info in &expired {
@@ -319,20 +323,23 @@ impl FlowTable {
     }
 
     fn info(&self, id: u32, record: &FlowRecord, now_ns: u64) -> FlowInfo {
-        let counters = self.datapath.counters(&record.spec);
-        let last = counters.last_seen_ns.max(record.installed_ns);
-        FlowInfo {
-            id,
-            generation: record.generation,
-            spec: record.spec,
-            counters,
-            rate_pps: record.rate.pps,
-            idle_secs: now_ns.saturating_sub(last) as f64 / 1e9,
-        }
+        info(id, record, self.datapath.counters(&record.spec), now_ns)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("flow table poisoned")
+    }
+}
+
+fn info(id: u32, record: &FlowRecord, counters: FlowCounters, now_ns: u64) -> FlowInfo {
+    let last = counters.last_seen_ns.max(record.installed_ns);
+    FlowInfo {
+        id,
+        generation: record.generation,
+        spec: record.spec,
+        counters,
+        rate_pps: record.rate.pps,
+        idle_secs: now_ns.saturating_sub(last) as f64 / 1e9,
     }
 }
 

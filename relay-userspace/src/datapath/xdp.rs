@@ -4,8 +4,10 @@
 //! userspace socket path, so the first packet of a flow is never lost.
 
 use std::{
+    collections::HashMap as StdHashMap,
     ffi::CString,
     io,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -39,6 +41,19 @@ use crate::{
 /// The XDP program, built by build.rs from relay-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
 
+/// What the kernel counted of a flow, as the flow table reports it.
+fn of_kernel(counters: &KernelCounters) -> FlowCounters {
+    FlowCounters {
+        xdp_packets: counters.packets,
+        xdp_bytes: counters.bytes,
+        last_seen_ns: counters.last_seen_ns,
+        ..FlowCounters::default()
+    }
+}
+
+/// Flow map entries read per batch lookup.
+const BATCH_CHUNK: usize = 4096;
+
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -47,6 +62,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub struct KernelProgram {
     ebpf: Ebpf,
     flows: HashMap<MapData, FlowKey, FlowValue>,
+    /// The flow map's descriptor again, for batch lookups (aya keeps its own private).
+    flows_fd: OwnedFd,
     stats: PerCpuArray<MapData, StatCounter>,
     egress: DevMapHash<MapData>,
     vlans: HashMap<MapData, u32, VlanDevice>,
@@ -84,6 +101,11 @@ impl KernelProgram {
         };
         let flows_map = take_map(&mut ebpf, FLOWS_MAP)?;
         let pinned_capacity = map_data(&flows_map)?.info()?.max_entries();
+        let flows_fd = map_data(&flows_map)?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the flow map's descriptor")?;
         let flows = HashMap::try_from(flows_map).with_context(|| mismatch(FLOWS_MAP))?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, STATS_MAP)?)
             .with_context(|| mismatch(STATS_MAP))?;
@@ -102,6 +124,7 @@ impl KernelProgram {
         Ok(KernelProgram {
             ebpf,
             flows,
+            flows_fd,
             stats,
             egress,
             vlans,
@@ -195,14 +218,19 @@ impl KernelProgram {
 
     pub fn counters(&self, spec: &FlowSpec) -> FlowCounters {
         match self.flows.get(&spec.key(), 0) {
-            Ok(value) => FlowCounters {
-                xdp_packets: value.counters.packets,
-                xdp_bytes: value.counters.bytes,
-                last_seen_ns: value.counters.last_seen_ns,
-                ..FlowCounters::default()
-            },
+            Ok(value) => of_kernel(&value.counters),
             Err(_) => FlowCounters::default(),
         }
+    }
+
+    /// Every flow's counters, by key, in a few system calls (batch lookups).
+    pub fn all_counters(&self) -> io::Result<StdHashMap<FlowKey, FlowCounters>> {
+        let entries: Vec<(FlowKey, FlowValue)> =
+            super::batch::lookup_all(self.flows_fd.as_fd(), BATCH_CHUNK)?;
+        Ok(entries
+            .into_iter()
+            .map(|(key, value)| (key, of_kernel(&value.counters)))
+            .collect())
     }
 
     /// Counters by verdict, summed over CPUs, in [`Verdict::ALL`] order.
@@ -334,6 +362,28 @@ impl Datapath for XdpDatapath {
         self.kernel()
             .counters(spec)
             .merge(self.slow_path.counters(spec))
+    }
+
+    fn counters_of(&self, specs: &[FlowSpec]) -> Vec<FlowCounters> {
+        let kernel = self.kernel();
+        let all = match kernel.all_counters() {
+            Ok(all) => all,
+            Err(err) => {
+                tracing::warn!(%err, "XDP: batch lookup of the flow map failed; reading flow by flow");
+                StdHashMap::new()
+            }
+        };
+        specs
+            .iter()
+            .map(|spec| {
+                // A flow the batch did not see (installed meanwhile) is read by itself.
+                let in_kernel = match all.get(&spec.key()) {
+                    Some(counters) => *counters,
+                    None => kernel.counters(spec),
+                };
+                in_kernel.merge(self.slow_path.counters(spec))
+            })
+            .collect()
     }
 
     fn stats(&self) -> DatapathStats {

@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
@@ -27,11 +27,12 @@ use std::{
 
 use relay_tests::{
     app::{App, talk},
+    bench::{PbxEcho, add_counter, counter, loss, percentile},
     config_file::ConfigFile,
     generator::paced_udp,
     lab::{EdgeLab, calls_config},
     measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, xdp_run_stats},
-    netns::{NetNs, PinDir, enter_by_name},
+    netns::{PinDir, enter_by_name},
     relayd::Relayd,
     require_root,
     signalling_client::{Socket, controller, mint_token, receive_within, send},
@@ -40,7 +41,6 @@ use relay_tests::{
 use serde_json::json;
 
 const API_KEY: &str = "bench-api-key-0123456789";
-const PBX_RTP: &str = relay_tests::pbx::RTP;
 const PBX_OFFER: &str = relay_tests::pbx::SDP;
 /// Calls set up one at a time, then in waves of WAVE, up to CALLS in all.
 const SEQUENTIAL: usize = 20;
@@ -105,89 +105,6 @@ fn main() {
     print_tables(&results);
 }
 
-/// The PBX: echoes every packet, and notes when the first packet from each relay LAN port
-/// (each call) arrived.
-struct PbxEcho {
-    /// By relay LAN port: the first packet's arrival, and how many came.
-    first: Arc<Mutex<HashMap<u16, (Instant, u64)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl PbxEcho {
-    fn start(ns: &NetNs) -> PbxEcho {
-        let socket = ns.udp_socket(PBX_RTP.parse().unwrap());
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let first = Arc::new(Mutex::new(HashMap::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (first, stop) = (first.clone(), stop.clone());
-            thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                        first
-                            .lock()
-                            .unwrap()
-                            .entry(from.port())
-                            .or_insert_with(|| (Instant::now(), 0))
-                            .1 += 1;
-                        let _ = socket.send_to(&buf[..n], from);
-                    }
-                }
-            })
-        };
-        PbxEcho {
-            first,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn first_arrival(&self, lan_port: u16) -> Option<Instant> {
-        self.first.lock().unwrap().get(&lan_port).map(|(at, _)| *at)
-    }
-
-    fn packets_from(&self, lan_port: u16) -> u64 {
-        self.first
-            .lock()
-            .unwrap()
-            .get(&lan_port)
-            .map_or(0, |(_, n)| *n)
-    }
-}
-
-impl Drop for PbxEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// nftables counters of RTP-sized UDP packets: `name` counts what `rule` matches.
-fn add_counter(ns: &NetNs, hook: &str, name: &str, rule: &str) {
-    ns.exec(&[
-        "nft",
-        &format!(
-            "add table ip bench; add chain ip bench {hook} {{ type filter hook {hook} priority 0; }}; add counter ip bench {name}; add rule ip bench {hook} udp length {RTP_UDP_LENGTH} {rule} counter name {name}"
-        ),
-    ]);
-}
-
-fn counter(ns: &NetNs, name: &str) -> u64 {
-    let output = ns.exec(&["nft", "list", "counter", "ip", "bench", name]);
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.split_whitespace()
-        .skip_while(|word| *word != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 fn run(path: Path) -> (Setup, Vec<Step>) {
     let lab = EdgeLab::new();
     let pins = PinDir::new();
@@ -206,9 +123,24 @@ fn run(path: Path) -> (Setup, Vec<Step>) {
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
     let echo = PbxEcho::start(&lab.pbx);
-    add_counter(&lab.nat, "forward", "to_relay", "udp dport 3479");
-    add_counter(&lab.nat, "forward", "to_app", "udp sport 3479");
-    add_counter(&lab.pbx, "input", "at_pbx", "udp dport 40000");
+    add_counter(
+        &lab.nat,
+        "forward",
+        "to_relay",
+        &format!("udp length {RTP_UDP_LENGTH} udp dport 3479"),
+    );
+    add_counter(
+        &lab.nat,
+        "forward",
+        "to_app",
+        &format!("udp length {RTP_UDP_LENGTH} udp sport 3479"),
+    );
+    add_counter(
+        &lab.pbx,
+        "input",
+        "at_pbx",
+        &format!("udp length {RTP_UDP_LENGTH} udp dport 40000"),
+    );
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -493,23 +425,6 @@ fn load_steps(lab: &EdgeLab, relayd: &Relayd, apps: &[SocketAddr], path: Path) -
         sysctl_bpf_stats(false);
     }
     steps
-}
-
-/// The share of `sent` that did not arrive (none sent: none lost).
-fn loss(sent: u64, arrived: u64) -> f64 {
-    if sent == 0 {
-        return 0.0;
-    }
-    1.0 - arrived as f64 / sent as f64
-}
-
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn print_tables(results: &[(Path, (Setup, Vec<Step>))]) {
