@@ -8,7 +8,8 @@
 //! would take its own SSRC coming back for a loop): the browser hears its own fake
 //! microphone, so its `inbound-rtp` audio counts packets and energy above zero, and its
 //! transport is DTLS `connected` with the certificate whose fingerprint the relay put in
-//! its SDP. In a third call the PBX offers SDES-SRTP (`RTP/SAVP`, `a=crypto`): the echo
+//! its SDP. The first call lasts past the relay's consent timeout: consent checks answered
+//! both ways with the browser's own ICE stack keep the media going. In a third call the PBX offers SDES-SRTP (`RTP/SAVP`, `a=crypto`): the echo
 //! unprotects with the relay's key and protects with its own (webrtc-srtp's contexts, keys
 //! from the SDPs), so the browser hears it only if the relay bridged DTLS-SRTP to SDES-SRTP
 //! both ways; the echo counts the packets that failed authentication.
@@ -37,6 +38,11 @@ use serde_json::{Value, json};
 use webrtc_srtp::context::Context;
 
 const API_KEY: &str = "acme-api-key-0123456789";
+/// The first call lasts CONSENT_WINDOW past its first audio, longer than the relay's
+/// consent timeout and several rounds of consent checks each way (every 4-6 s from the
+/// relay, every 2.5 s or so from Chromium).
+const CONSENT_TIMEOUT_SECS: u64 = 6;
+const CONSENT_WINDOW: Duration = Duration::from_secs(12);
 /// The PBX end's RTP address (RTCP on the port above).
 const PBX_RTP: &str = "10.30.0.2:40000";
 
@@ -328,7 +334,12 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
     require_root();
     let lab = EdgeLab::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
+    let config = ConfigFile::new(&anchor_config(
+        &pins.path,
+        "acme",
+        API_KEY,
+        &format!("consent_timeout_secs = {CONSENT_TIMEOUT_SECS}"),
+    ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
     let echo = SsrcEcho::start(&lab.pbx);
@@ -363,12 +374,36 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
             (&json!("dtls-srtp"), &json!("rtp")),
             "{connected}"
         );
-        hear_then_hang_up(&browser, &mut controller, &relayd, id).await;
+        // Consent both ways with a real browser, past calls.consent_timeout_secs: the
+        // relay answers Chromium's checks (else Chromium's transport stops being writable
+        // and its media toward the PBX stops), Chromium answers the relay's (else the relay
+        // stops the media toward it, then ends the call).
         browser
+            .until(Duration::from_secs(20), "audio from the PBX", hears)
+            .await;
+        let before = relayd.ctl_json(&["calls", "show", &id.to_string()]);
+        tokio::time::sleep(CONSENT_WINDOW).await;
+        let after = relayd.ctl_json(&["calls", "show", &id.to_string()]);
+        let grew = |direction: &str| {
+            after[direction]["packets"].as_u64().unwrap_or(0)
+                - before[direction]["packets"].as_u64().unwrap_or(0)
+        };
+        let expected = CONSENT_WINDOW.as_secs() * 50 * 8 / 10;
+        assert!(
+            grew("to_pbx") >= expected && grew("to_app") >= expected,
+            "media went on both ways for {CONSENT_WINDOW:?} (at least {expected} packets each): {before}\n{after}\n{}",
+            relayd.log()
+        );
+        hear_then_hang_up(&browser, &mut controller, &relayd, id).await;
+        let ended = browser
             .until(Duration::from_secs(10), "call.ended", |r| {
                 r["message"]["event"] == "call.ended"
             })
             .await;
+        assert_eq!(
+            ended["message"]["reason"], "hangup",
+            "the call lasted until the hangup: {ended}"
+        );
         drop(browser);
 
         // The browser calls the PBX: audio and video offered, one BUNDLE transport; the
