@@ -67,7 +67,7 @@ users = [{{ name = "unused", password = "unused" }}]
 enabled = true
 listen = "{LISTEN}"
 token_secret = "a token secret of enough length"
-max_message_bytes = 4096
+max_message_bytes = 16384
 tenants = [{{ name = "acme", api_key = "{API_KEY}" }}, {{ name = "globex", api_key = "globex-api-key-0123456789" }}]
 "#
     ));
@@ -188,10 +188,20 @@ tenants = [{{ name = "acme", api_key = "{API_KEY}" }}, {{ name = "globex", api_k
         assert_eq!(answer["delivered"], 1, "the session survived: {answer}");
         assert_eq!(receive(&mut controller).await.unwrap()["body"], "still here");
 
+        // A message of several read buffers (4 KiB each) arrives whole.
+        let long = "y".repeat(12_000);
+        let answer = call(
+            &mut alice,
+            json!({"type": "send", "id": 20, "to": {"role": "controller"}, "body": long}),
+        )
+        .await;
+        assert_eq!(answer["delivered"], 1, "{answer}");
+        assert_eq!(receive(&mut controller).await.unwrap()["body"], long);
+
         // An oversized message closes that connection (1009), and only that one.
         send(
             &mut alice,
-            json!({"type": "send", "id": 17, "to": {"role": "controller"}, "body": "x".repeat(10_000)}),
+            json!({"type": "send", "id": 17, "to": {"role": "controller"}, "body": "x".repeat(20_000)}),
         )
         .await;
         assert_eq!(receive(&mut alice).await, Err(Some(CloseCode::Size)));

@@ -179,8 +179,36 @@ pub struct Handoff {
     pub pairs: watch::Sender<Option<SelectedPair>>,
 }
 
+/// What a leg's STUN messages need of its credentials, made once: each message would
+/// otherwise format a USERNAME and copy a password.
+struct Keys {
+    /// The USERNAME of the app's checks (`relay:app`, RFC 8445 7.2.2).
+    theirs: String,
+    /// The USERNAME of the relay's checks (`app:relay`).
+    ours: Username,
+    /// MESSAGE-INTEGRITY with the relay's password (the app's checks and their answers)
+    /// and with the app's (the relay's checks and their answers).
+    local: MessageIntegrity,
+    remote: MessageIntegrity,
+}
+
+impl Keys {
+    fn of(credentials: &Credentials) -> Keys {
+        Keys {
+            theirs: format!("{}:{}", credentials.local_ufrag, credentials.remote_ufrag),
+            ours: Username::new(
+                ATTR_USERNAME,
+                format!("{}:{}", credentials.remote_ufrag, credentials.local_ufrag),
+            ),
+            local: MessageIntegrity::new_short_term_integrity(credentials.local_pwd.clone()),
+            remote: MessageIntegrity::new_short_term_integrity(credentials.remote_pwd.clone()),
+        }
+    }
+}
+
 struct Handed {
     credentials: Credentials,
+    keys: Keys,
     controlling: bool,
     tie_breaker: u64,
     priority: u32,
@@ -286,6 +314,7 @@ impl Handoffs {
         table.legs.insert(
             id,
             Handed {
+                keys: Keys::of(&handoff.credentials),
                 credentials: handoff.credentials,
                 controlling: handoff.controlling,
                 tie_breaker,
@@ -341,6 +370,7 @@ impl Handoffs {
         if leg.restart != restart {
             return;
         }
+        leg.keys = Keys::of(&credentials);
         let old_ufrag = std::mem::replace(&mut leg.credentials, credentials);
         leg.priority = priority;
         leg.recent_checks = [None; RECENT_CHECKS];
@@ -412,33 +442,25 @@ impl Handoffs {
         if username.get_from(&request).is_err() {
             return false;
         }
-        let username = username.to_string();
-        let local_ufrag = username.split(':').next().unwrap_or_default();
+        let local_ufrag = username.text.split(':').next().unwrap_or_default();
         let mut table = self.table();
         let Some(&id) = table.by_ufrag.get(local_ufrag) else {
             return false;
         };
         let leg = table.legs.get(&id).expect("indexed legs exist");
-        let credentials = &leg.credentials;
-        if username != format!("{}:{}", credentials.local_ufrag, credentials.remote_ufrag)
-            || MessageIntegrity::new_short_term_integrity(credentials.local_pwd.clone())
-                .check(&mut request)
-                .is_err()
-        {
+        if username.text != leg.keys.theirs || leg.keys.local.check(&mut request).is_err() {
             tracing::debug!(%from, "ice: a check with wrong credentials for a connected leg dropped");
             return true;
         }
         let mut response = Message::new();
         let built = response.build(&[
-            Box::new(request.clone()),
+            Box::new(request.transaction_id),
             Box::new(BINDING_SUCCESS),
             Box::new(XorMappedAddress {
                 ip: from.ip(),
                 port: from.port(),
             }),
-            Box::new(MessageIntegrity::new_short_term_integrity(
-                credentials.local_pwd.clone(),
-            )),
+            Box::new(leg.keys.local.clone()),
             Box::new(FINGERPRINT),
         ]);
         if built.is_ok() {
@@ -471,9 +493,7 @@ impl Handoffs {
             return false;
         }
         if response.typ.class == CLASS_ERROR_RESPONSE
-            || MessageIntegrity::new_short_term_integrity(leg.credentials.remote_pwd.clone())
-                .check(&mut response)
-                .is_err()
+            || leg.keys.remote.check(&mut response).is_err()
         {
             return true;
         }
@@ -515,7 +535,6 @@ impl Handoffs {
     /// Sends the relay's consent check on the leg's pair (RFC 8445 7.1's attributes).
     fn check(&self, leg: &mut Handed) {
         let transaction = TransactionId::new();
-        let credentials = &leg.credentials;
         let role: Box<dyn Setter> = if leg.controlling {
             Box::new(AttrControlling(leg.tie_breaker))
         } else {
@@ -525,15 +544,10 @@ impl Handoffs {
         let built = request.build(&[
             Box::new(BINDING_REQUEST),
             Box::new(transaction),
-            Box::new(Username::new(
-                ATTR_USERNAME,
-                format!("{}:{}", credentials.remote_ufrag, credentials.local_ufrag),
-            )),
+            Box::new(leg.keys.ours.clone()),
             role,
             Box::new(PriorityAttr(leg.priority)),
-            Box::new(MessageIntegrity::new_short_term_integrity(
-                credentials.remote_pwd.clone(),
-            )),
+            Box::new(leg.keys.remote.clone()),
             Box::new(FINGERPRINT),
         ]);
         if built.is_err() {

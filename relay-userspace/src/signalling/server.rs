@@ -42,6 +42,8 @@ use crate::time::unix_now;
 
 /// TLS and WebSocket handshakes, and the `hello`, must each finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection's WebSocket read buffer; longer messages grow it as they arrive.
+const READ_BUFFER_BYTES: usize = 4096;
 
 /// How long relayd's exit waits for the connections to flush and close.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
@@ -203,9 +205,13 @@ async fn connection(
     }
     let tls = Prefixed::new(first, tls);
     let max = context.settings.max_message_bytes;
+    // Signalling frames are small and most connections idle (apps waiting for calls):
+    // tungstenite's default 128 KiB read buffer, zeroed up to its size before every read,
+    // cost 128 KiB per connection and a large memset per ping and pong.
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+        .max_frame_size(Some(max))
+        .read_buffer_size(READ_BUFFER_BYTES);
     let mut socket = match timeout(
         HANDSHAKE_TIMEOUT,
         tokio_tungstenite::accept_async_with_config(tls, Some(config)),
