@@ -1,7 +1,9 @@
-//! Developer tasks: `cargo xtask setup | build | run | test | bench | deb | demo | layers`.
+//! Developer tasks: `cargo xtask setup | build | run | test | bench | fuzz | deb | demo |
+//! layers`.
 
 mod bench;
 mod deb;
+mod fuzz;
 mod layers;
 mod run;
 mod setup;
@@ -38,10 +40,18 @@ enum Command {
     /// Run every test, including the XDP and network-namespace tests (needs root)
     Test,
     /// Measure: `fastpath` (XDP program cost, end-to-end packets per second XDP vs userspace),
-    /// `turn` (TURN relaying: offload, userspace, coturn)
+    /// `turn` (TURN relaying: offload, userspace, coturn), `calls` (setup, concurrent calls,
+    /// XDP vs userspace), `anchor` (bridged calls: relayd vs rtpengine, DTLS setup)
     Bench {
         #[arg(value_enum, default_value = "fastpath")]
         suite: bench::Suite,
+    },
+    /// Run the fuzz targets (fuzz/, cargo-fuzz on nightly) for --seconds each, all of them
+    /// or those named; prints executions, corpus and crashes per target
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        targets: Vec<String>,
     },
     /// Build the Debian package (target/deb/relay_<version>_<arch>.deb)
     Deb,
@@ -96,6 +106,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             setup::test_tools()?;
             bench::run(suite)
+        }
+        Command::Fuzz { seconds, targets } => {
+            // The fuzz targets link relay-userspace, which embeds the XDP program.
+            setup::run()?;
+            fuzz::run(seconds, &targets)
         }
         Command::Demo => {
             setup::run()?;
