@@ -11,7 +11,51 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::netns::NetNs;
+use crate::{
+    lab::EdgeLab,
+    netns::NetNs,
+    signalling_client::{Socket, controller, mint_token},
+};
+
+/// A benchmark's controller: connected from the PBX's namespace to relayd's signalling as
+/// tenant `acme`, with a token minted for each of its users (`{prefix}0`, `{prefix}1`, ...).
+/// The runtime drives its socket.
+pub struct Controller {
+    pub runtime: tokio::runtime::Runtime,
+    pub socket: Socket,
+    pub tokens: Vec<String>,
+}
+
+impl Controller {
+    pub fn connect(
+        lab: &EdgeLab,
+        fingerprint: &str,
+        api_key: &str,
+        prefix: &str,
+        users: usize,
+    ) -> Controller {
+        let runtime = crate::runtime();
+        let mut socket = runtime.block_on(controller(
+            &lab.pbx,
+            EdgeLab::SIGNALLING.parse().expect("address"),
+            fingerprint,
+            "acme",
+            api_key,
+        ));
+        let tokens = runtime.block_on(async {
+            let mut tokens = Vec::new();
+            for user in 0..users {
+                tokens.push(mint_token(&mut socket, &format!("{prefix}{user}"), 3600).await);
+            }
+            tokens
+        });
+        Controller {
+            runtime,
+            socket,
+            tokens,
+        }
+    }
+}
 
 /// The PBX: echoes every packet, and notes when the first packet from each relay LAN port
 /// (each call) arrived.

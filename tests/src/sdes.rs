@@ -36,3 +36,18 @@ pub fn crypto_line(key_salt: &[u8]) -> String {
         STANDARD.encode(key_salt)
     )
 }
+
+/// `sdp` with its `a=crypto` lines replaced by `a=crypto:{crypto}` (an answerer's own key
+/// under the offer's tag).
+pub fn with_crypto(sdp: &str, crypto: &str) -> String {
+    sdp.split("\r\n")
+        .map(|line| {
+            if line.starts_with("a=crypto:") {
+                format!("a=crypto:{crypto}")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}

@@ -316,23 +316,11 @@ fn sdes_keys_both_sides_share_stay_in_the_kernel() {
                     offer.contains(&format!("a=crypto:{expected_key}")),
                     "the PBX's key: {offer}"
                 );
-                let own = format!("a=crypto:{}", sdes::crypto_line(&app_key));
+                let own = sdes::crypto_line(&app_key);
                 let media = app
                     .answer_edited(
                         &incoming,
-                        |answer| {
-                            answer
-                                .split("\r\n")
-                                .map(|l| {
-                                    if l.starts_with("a=crypto:") {
-                                        own.clone()
-                                    } else {
-                                        l.to_owned()
-                                    }
-                                })
-                                .collect::<Vec<_>>()
-                                .join("\r\n")
-                        },
+                        |answer| sdes::with_crypto(&answer, &own),
                         Some("connected"),
                     )
                     .await;

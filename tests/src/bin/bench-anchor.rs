@@ -33,7 +33,7 @@ use std::{
 
 use relay_tests::{
     app::App,
-    bench::{PbxEcho, add_counter, counter, loss, percentile},
+    bench::{Controller, PbxEcho, add_counter, counter, loss, percentile},
     config_file::ConfigFile,
     dtls_app::{dtls_answer, fingerprint, handshake},
     generator::paced_udp_each,
@@ -44,7 +44,7 @@ use relay_tests::{
     process::Background,
     relayd::Relayd,
     require_root, sdes,
-    signalling_client::{controller, mint_token, receive_within, send},
+    signalling_client::{receive_within, send},
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::json;
@@ -185,36 +185,35 @@ fn run(relay: Relay) -> Run {
     }
 }
 
-/// relayd with `calls.app_media = "sdes-srtp"`: the PBX's plain offer reaches each app as
-/// RTP/SAVPF with a key of the relay's; the app answers with its own.
-fn run_ours(lab: &EdgeLab) -> Run {
-    let pins = PinDir::new();
+/// relayd's configuration for the edge lab with LAN ports for 2,000 calls, no stats events,
+/// and `extra` lines in `[calls]`.
+fn bench_config(pins: &PinDir, extra: &str) -> ConfigFile {
     let config = anchor_config(
         &pins.path,
         "acme",
         API_KEY,
-        "app_media = \"sdes-srtp\"\nport_range = \"40000-43999\"\nice_timeout_secs = 60\nmedia_timeout_secs = 600\nstats_interval_secs = 0",
+        &format!(
+            "port_range = \"40000-43999\"\nice_timeout_secs = 60\nstats_interval_secs = 0\n{extra}"
+        ),
     )
+    // Waves of calls send the controller bursts of results and events.
     .replace("[signalling]\n", "[signalling]\nqueue_length = 4096\n");
-    let config = ConfigFile::new(&config);
+    ConfigFile::new(&config)
+}
+
+/// relayd with `calls.app_media = "sdes-srtp"`: the PBX's plain offer reaches each app as
+/// RTP/SAVPF with a key of the relay's; the app answers with its own.
+fn run_ours(lab: &EdgeLab) -> Run {
+    let pins = PinDir::new();
+    let config = bench_config(&pins, "app_media = \"sdes-srtp\"\nmedia_timeout_secs = 600");
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
 
-    let runtime = relay_tests::runtime();
-    let mut controller = runtime.block_on(controller(
-        &lab.pbx,
-        EdgeLab::SIGNALLING.parse().unwrap(),
-        &fingerprint,
-        "acme",
-        API_KEY,
-    ));
-    let tokens: Vec<String> = runtime.block_on(async {
-        let mut tokens = Vec::new();
-        for user in 0..max_calls() {
-            tokens.push(mint_token(&mut controller, &format!("user{user}"), 3600).await);
-        }
-        tokens
-    });
+    let Controller {
+        runtime,
+        socket: mut controller,
+        tokens,
+    } = Controller::connect(lab, &fingerprint, API_KEY, "user", max_calls());
 
     // The apps, in their namespace on a thread of their own.
     let (calls_tx, calls_rx) = std::sync::mpsc::channel::<BridgedCall>();
@@ -310,23 +309,11 @@ async fn run_apps(
             let _ = ready.send(());
             let incoming = app.next_within(Duration::from_secs(600)).await;
             let key = random_key();
-            let own = format!("a=crypto:{}", sdes::crypto_line(&key));
+            let own = sdes::crypto_line(&key);
             let media = app
                 .answer_edited(
                     &incoming,
-                    |answer| {
-                        answer
-                            .split("\r\n")
-                            .map(|line| {
-                                if line.starts_with("a=crypto:") {
-                                    own.clone()
-                                } else {
-                                    line.to_owned()
-                                }
-                            })
-                            .collect::<Vec<_>>()
-                            .join("\r\n")
-                    },
+                    |answer| sdes::with_crypto(&answer, &own),
                     Some("connected"),
                 )
                 .await;
@@ -462,32 +449,15 @@ fn run_dtls_setup() -> DtlsSetup {
     let lab = EdgeLab::new();
     let _echo = PbxEcho::start(&lab.pbx);
     let pins = PinDir::new();
-    let config = anchor_config(
-        &pins.path,
-        "acme",
-        API_KEY,
-        "port_range = \"40000-43999\"\nice_timeout_secs = 60\nstats_interval_secs = 0",
-    )
-    .replace("[signalling]\n", "[signalling]\nqueue_length = 4096\n");
-    let config = ConfigFile::new(&config);
+    let config = bench_config(&pins, "");
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
     let users = DTLS_SEQUENTIAL + DTLS_WAVE;
-    let runtime = relay_tests::runtime();
-    let mut controller = runtime.block_on(controller(
-        &lab.pbx,
-        EdgeLab::SIGNALLING.parse().unwrap(),
-        &fingerprint,
-        "acme",
-        API_KEY,
-    ));
-    let tokens: Vec<String> = runtime.block_on(async {
-        let mut tokens = Vec::new();
-        for user in 0..users {
-            tokens.push(mint_token(&mut controller, &format!("dtls{user}"), 3600).await);
-        }
-        tokens
-    });
+    let Controller {
+        runtime,
+        socket: mut controller,
+        tokens,
+    } = Controller::connect(&lab, &fingerprint, API_KEY, "dtls", users);
     // Each app reports its handshake's duration and when its keys were there (or that it
     // failed).
     let (keys_tx, keys_rx) = std::sync::mpsc::channel::<Option<(Duration, Instant)>>();

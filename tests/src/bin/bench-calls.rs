@@ -27,7 +27,7 @@ use std::{
 
 use relay_tests::{
     app::{App, talk},
-    bench::{PbxEcho, add_counter, counter, loss, percentile},
+    bench::{Controller, PbxEcho, add_counter, counter, loss, percentile},
     config_file::ConfigFile,
     generator::paced_udp,
     lab::{EdgeLab, calls_config},
@@ -35,7 +35,7 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     relayd::Relayd,
     require_root,
-    signalling_client::{Socket, controller, mint_token, receive_within, send},
+    signalling_client::{Socket, receive_within, send},
     traffic::numbered,
 };
 use serde_json::json;
@@ -142,24 +142,11 @@ fn run(path: Path) -> (Setup, Vec<Step>) {
         &format!("udp length {RTP_UDP_LENGTH} udp dport 40000"),
     );
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut controller = runtime.block_on(controller(
-        &lab.pbx,
-        EdgeLab::SIGNALLING.parse().unwrap(),
-        &fingerprint,
-        "acme",
-        API_KEY,
-    ));
-    let tokens: Vec<String> = runtime.block_on(async {
-        let mut tokens = Vec::new();
-        for user in 0..max_calls() {
-            tokens.push(mint_token(&mut controller, &format!("user{user}"), 3600).await);
-        }
-        tokens
-    });
+    let Controller {
+        runtime,
+        socket: mut controller,
+        tokens,
+    } = Controller::connect(&lab, &fingerprint, API_KEY, "user", max_calls());
 
     // The apps, in their namespace on a thread of their own: connected and waiting.
     let (addresses_tx, addresses) = std::sync::mpsc::channel::<SocketAddr>();
