@@ -43,7 +43,9 @@ use webrtc_util::Conn;
 
 use super::leg::SelectedPair;
 
-/// The basic period between consent checks (RFC 7675 section 5.1), randomized ±20 %.
+/// The basic period between consent checks (RFC 7675 section 5.1), randomized ±20 %; a
+/// third of the consent timeout when that is shorter, so that a short timeout still sees
+/// several checks (a 6 s timeout and a 6 s period would expire before the first answer).
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// A check unanswered this long is followed by another (a new transaction) every as long,
 /// until one is answered.
@@ -62,6 +64,8 @@ const RECENT_CHECKS: usize = 4;
 #[derive(Debug)]
 struct Consent {
     timeout: Duration,
+    /// The basic period between checks for this timeout.
+    every: Duration,
     last_answer: Instant,
     /// The first check sent since the last answer.
     unanswered_since: Option<Instant>,
@@ -90,11 +94,13 @@ enum Change {
 impl Consent {
     /// Consent just granted (the pair's checks succeeded): the next check after a period.
     fn new(now: Instant, timeout: Duration, spread: f64) -> Consent {
+        let every = CHECK_EVERY.min(timeout / 3);
         Consent {
             timeout,
+            every,
             last_answer: now,
             unanswered_since: None,
-            next_check: now + period(spread),
+            next_check: now + period(every, spread),
             in_doubt: false,
             restarting: None,
         }
@@ -137,7 +143,7 @@ impl Consent {
     fn answered(&mut self, now: Instant, spread: f64) -> bool {
         self.last_answer = now;
         self.unanswered_since = None;
-        self.next_check = now + period(spread);
+        self.next_check = now + period(self.every, spread);
         std::mem::replace(&mut self.in_doubt, false)
     }
 
@@ -153,8 +159,8 @@ impl Consent {
 }
 
 /// `spread` in [0, 1): 0.8 to 1.2 times the basic period.
-fn period(spread: f64) -> Duration {
-    CHECK_EVERY.mul_f64(0.8 + 0.4 * spread.clamp(0.0, 1.0))
+fn period(every: Duration, spread: f64) -> Duration {
+    every.mul_f64(0.8 + 0.4 * spread.clamp(0.0, 1.0))
 }
 
 /// A leg's ICE credentials: the relay's (`local`) and the app's.
@@ -754,9 +760,22 @@ mod tests {
 
     #[test]
     fn the_period_is_randomized_between_four_and_six_seconds() {
-        assert_eq!(period(0.0), secs(4.0));
-        assert_eq!(period(0.5), secs(5.0));
-        assert_eq!(period(1.0), secs(6.0));
+        assert_eq!(period(CHECK_EVERY, 0.0), secs(4.0));
+        assert_eq!(period(CHECK_EVERY, 0.5), secs(5.0));
+        assert_eq!(period(CHECK_EVERY, 1.0), secs(6.0));
+    }
+
+    #[test]
+    fn a_short_timeout_is_checked_every_third_of_it_and_never_expires_when_answered() {
+        let start = Instant::now();
+        // The longest period: a 6 s timeout used to expire before its first check.
+        let mut consent = Consent::new(start, secs(6.0), 1.0);
+        let (checks, changes) = run(&mut consent, start, 0.0, 30.0, |_| true);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert!(checks[0] <= 2.5, "{checks:?}");
+        for pair in checks.windows(2) {
+            assert!(pair[1] - pair[0] <= 2.5, "{checks:?}");
+        }
     }
 
     #[test]
