@@ -11,6 +11,7 @@ use crate::{
     calls::config::CallsConfig,
     datapath::config::{DatapathConfig, FlowsConfig},
     metrics::MetricsConfig,
+    ng::config::NgConfig,
     paths,
     signalling::config::SignallingConfig,
     state::StateConfig,
@@ -27,6 +28,7 @@ pub struct Config {
     pub turn: TurnConfig,
     pub signalling: SignallingConfig,
     pub calls: CallsConfig,
+    pub ng: NgConfig,
     pub state: StateConfig,
     pub log: LogConfig,
 }
@@ -113,6 +115,7 @@ impl Config {
         key("state.path", self.state != new.state, false);
         key("signalling", self.signalling != new.signalling, false);
         key("calls", self.calls != new.calls, false);
+        key("ng", self.ng != new.ng, false);
         key("metrics", self.metrics != new.metrics, false);
         key("turn.enabled", old_turn.enabled != new_turn.enabled, false);
         key("turn.listen", old_turn.listen != new_turn.listen, false);
@@ -275,6 +278,7 @@ impl Config {
         self.turn.problems(&mut problem);
         self.signalling.problems(&mut problem);
         self.calls.problems(self.signalling.enabled, &mut problem);
+        self.ng.problems(&mut problem);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problem(
                 "log.level",

@@ -86,6 +86,24 @@ pub async fn run(
     } else {
         None
     };
+    let ng = match config.ng.address() {
+        Some(address) => {
+            let calls = Arc::new(crate::ng::calls::NgCalls::new(&config.ng, table.clone()));
+            let stats = Arc::new(crate::ng::server::NgStats::default());
+            let server =
+                crate::ng::server::NgServer::bind(address, calls.clone(), stats.clone()).await?;
+            let interfaces: Vec<String> = config
+                .ng
+                .interface_addresses()
+                .iter()
+                .map(|(name, ip)| format!("{name}={ip}"))
+                .collect();
+            tracing::info!(%address, interfaces = %interfaces.join(", "), ports = %config.ng.port_range, "ng: listening for rtpengine's ng protocol (UDP)");
+            let task = tokio::spawn(server.serve(stopped.clone()));
+            Some((calls, stats, task))
+        }
+        None => None,
+    };
     let metrics = match config.metrics.address() {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
@@ -101,6 +119,9 @@ pub async fn run(
                         .as_ref()
                         .map(|(listening, _)| listening.hub.clone()),
                     calls: calls.clone(),
+                    ng: ng
+                        .as_ref()
+                        .map(|(calls, stats, _)| (calls.clone(), stats.clone())),
                 },
                 stopped.clone(),
             )))
@@ -139,6 +160,10 @@ pub async fn run(
     }
     if let Some(metrics) = metrics {
         let _ = metrics.await;
+    }
+    if let Some((_, _, task)) = ng {
+        // It deletes its calls as it stops: their flows leave the kernel.
+        let _ = task.await;
     }
     if status.kind == datapath::DatapathKind::Xdp {
         tracing::info!(

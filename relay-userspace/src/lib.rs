@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod ice;
 pub mod media;
 pub mod metrics;
+pub mod ng;
 pub mod paths;
 pub mod reload;
 pub mod session;

@@ -27,6 +27,10 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     calls::{Calls, EndReason, SETUP_BUCKETS},
     datapath::{DatapathKind, table::FlowTable},
+    ng::{
+        calls::{Ended, NgCalls},
+        server::NgStats,
+    },
     signalling::hub::Hub,
     turn::driver::TurnService,
 };
@@ -65,6 +69,8 @@ pub struct Sources {
     pub turn: Option<Arc<TurnService>>,
     pub signalling: Option<Arc<Hub>>,
     pub calls: Option<Arc<Calls>>,
+    /// ng calls and the ng commands served.
+    pub ng: Option<(Arc<NgCalls>, Arc<NgStats>)>,
 }
 
 impl fmt::Debug for Sources {
@@ -327,6 +333,45 @@ impl Collector for Sources {
                     None,
                 )?;
         }
+        if let Some((calls, stats)) = &self.ng {
+            single(
+                &mut encoder,
+                "relay_ng_calls",
+                "ng calls in progress (offered or answered).",
+                gauge(calls.len() as u64),
+            )?;
+            let totals = calls.totals();
+            family(
+                &mut encoder,
+                "relay_ng_calls_ended",
+                "ng calls ended, by reason (deleted by the SIP proxy or at relayd's stop, no answer, no media).",
+                MetricType::Counter,
+                [
+                    ("deleted", Ended::Deleted),
+                    ("no-answer", Ended::NoAnswer),
+                    ("media-timeout", Ended::MediaTimeout),
+                ]
+                .map(|(reason, ended)| {
+                    let count = totals.ended.get(&ended).copied().unwrap_or(0);
+                    ([("reason", reason)], ConstCounter::new(count))
+                }),
+            )?;
+            family(
+                &mut encoder,
+                "relay_ng_commands",
+                "ng commands served, by command and result (ok or error; command none: not parsed).",
+                MetricType::Counter,
+                stats
+                    .counts()
+                    .into_iter()
+                    .map(|((command, result), count)| {
+                        (
+                            [("command", command), ("result", result)],
+                            ConstCounter::new(count),
+                        )
+                    }),
+            )?;
+        }
         if let Some(hub) = &self.signalling {
             let (controllers, clients) = hub.counts();
             family(
@@ -415,6 +460,7 @@ mod tests {
             turn: None,
             signalling: None,
             calls: None,
+            ng: None,
         };
         let serving = tokio::spawn(serve(listener, sources, stopped));
         let response = get(address, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;

@@ -28,7 +28,7 @@ use sdp::{
 use crate::media::{Crypto, Fingerprint, Security, Setup};
 
 /// ICE attributes, at session or media level, that mean nothing to a plain-RTP PBX.
-const ICE_ATTRIBUTES: &[&str] = &[
+pub(super) const ICE_ATTRIBUTES: &[&str] = &[
     "candidate",
     "end-of-candidates",
     "ice-ufrag",
@@ -50,6 +50,11 @@ pub enum SdpError {
     AudioRefused,
     #[error("the audio stream has no connection address (c=)")]
     NoAddress,
+    #[error("the description has no media stream (m=)")]
+    NoMedia,
+    #[error("m-line {line} has no connection address (c=, at media or session level)")]
+    NoStreamAddress { line: usize },
+
     #[error("m=audio (m-line {line}): {proto} without a=fingerprint: DTLS-SRTP needs one")]
     NoFingerprint { line: usize, proto: String },
     #[error(
@@ -481,7 +486,7 @@ fn readdress(description: &mut SessionDescription, ip: IpAddr) {
 }
 
 /// `a=rtcp:<port> [IN IP4 <ip>]` (RFC 3605): the address, the media's when not given.
-fn rtcp_address(value: &str, media: IpAddr) -> Option<SocketAddr> {
+pub(super) fn rtcp_address(value: &str, media: IpAddr) -> Option<SocketAddr> {
     let mut words = value.split_whitespace();
     let port = words.next()?.parse().ok()?;
     let ip = match (words.next(), words.next(), words.next()) {
@@ -493,7 +498,7 @@ fn rtcp_address(value: &str, media: IpAddr) -> Option<SocketAddr> {
 
 /// `a=rtcp:<port> IN IP4 <ip>` in place of an existing one (RFC 3605); none is added, and
 /// any further `a=rtcp` (a media description has one at most) goes.
-fn set_rtcp(attributes: &mut Vec<Attribute>, port: u16, ip: IpAddr) {
+pub(super) fn set_rtcp(attributes: &mut Vec<Attribute>, port: u16, ip: IpAddr) {
     let address_type = if ip.is_ipv4() { "IP4" } else { "IP6" };
     let value = format!("{port} IN {address_type} {ip}");
     let mut seen = false;

@@ -1,0 +1,613 @@
+//! ng calls: one per `call-id`, two sides (the caller's `from-tag`, the callee's `to-tag`),
+//! each stream anchored on a port pair per side. `offer` and `answer` give a side's SDP
+//! and get back the SDP for the other side; `delete` ends the call (or the branch its
+//! `to-tag` names); calls nobody deletes end when their media stops.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use super::{
+    bencode::Value,
+    config::NgConfig,
+    media::{Peer, PortPool, StreamMedia},
+    protocol::{Ice, NgError, Options, RtcpMuxOption, Signal, Target},
+};
+use crate::{
+    datapath::table::FlowTable,
+    session::streams::{self, Anchor, RtcpMux},
+    time::monotonic_ns,
+};
+
+/// Why an ng call ended, for the log and the totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ended {
+    Deleted,
+    NoAnswer,
+    MediaTimeout,
+}
+
+pub struct NgCalls {
+    interfaces: Vec<(String, IpAddr)>,
+    pool: PortPool,
+    table: Arc<FlowTable>,
+    media_timeout: Duration,
+    answer_timeout: Duration,
+    calls: Mutex<HashMap<String, NgCall>>,
+    totals: Mutex<Totals>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Totals {
+    pub created: u64,
+    pub ended: std::collections::BTreeMap<Ended, u64>,
+}
+
+struct NgCall {
+    created: SystemTime,
+    created_at: Instant,
+    last_signal: SystemTime,
+    /// The side's tag, the caller's first.
+    tags: [String; 2],
+    answered_at: Option<Instant>,
+    /// The relay's interface toward each side.
+    ips: [IpAddr; 2],
+    streams: Vec<Arc<StreamMedia>>,
+}
+
+/// One ng call as `list` and the control API show it.
+#[derive(Debug, Clone)]
+pub struct NgCallInfo {
+    pub call_id: String,
+    pub tags: [String; 2],
+    pub answered: bool,
+    pub since_secs: u64,
+    pub streams: usize,
+    pub flows: Vec<u32>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn unix(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl NgCalls {
+    pub fn new(config: &NgConfig, table: Arc<FlowTable>) -> NgCalls {
+        NgCalls {
+            interfaces: config.interface_addresses(),
+            pool: PortPool::new(config.ports().unwrap_or(30000..=39999)),
+            table,
+            media_timeout: Duration::from_secs(config.media_timeout_secs),
+            answer_timeout: Duration::from_secs(config.answer_timeout_secs),
+            calls: Mutex::new(HashMap::new()),
+            totals: Mutex::new(Totals::default()),
+        }
+    }
+
+    fn calls(&self) -> MutexGuard<'_, HashMap<String, NgCall>> {
+        self.calls.lock().expect("ng calls poisoned")
+    }
+
+    pub fn totals(&self) -> Totals {
+        self.totals.lock().expect("ng totals poisoned").clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.calls().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The relay's addresses toward the sender and toward the other side.
+    fn interfaces_for(&self, options: &Options) -> Result<[IpAddr; 2], NgError> {
+        let find = |name: Option<&String>| -> Result<IpAddr, NgError> {
+            match name {
+                None => Ok(self.interfaces[0].1),
+                Some(name) => self
+                    .interfaces
+                    .iter()
+                    .find(|(known, _)| known == name)
+                    .map(|(_, ip)| *ip)
+                    .ok_or_else(|| {
+                        let known: Vec<&str> =
+                            self.interfaces.iter().map(|(n, _)| n.as_str()).collect();
+                        NgError::new(format!(
+                            "direction={name}: no such interface (ng.interfaces: {})",
+                            known.join(", ")
+                        ))
+                    }),
+            }
+        };
+        let sender = find(options.direction.first())?;
+        let other = find(options.direction.get(1).or(options.direction.first()))?;
+        Ok([sender, other])
+    }
+
+    /// What the relay cannot do for a side, refused before anything changes.
+    fn check_supported(options: &Options, parsed: &[streams::Stream]) -> Result<(), NgError> {
+        if options.ice == Ice::Force {
+            return Err(NgError::new(
+                "ICE=force: this relay's ng legs are plain UDP (no ICE agent toward an ng side); use ICE=remove",
+            ));
+        }
+        if let Some(mode) = &options.dtls {
+            return Err(NgError::new(format!(
+                "DTLS={mode}: this relay passes DTLS-SRTP between the sides as is on ng calls, it does not terminate it; use DTLS=off"
+            )));
+        }
+        if let Some(wanted) = &options.transport_protocol
+            && let Some(stream) = parsed
+                .iter()
+                .find(|s| s.endpoint.is_some() && &s.proto != wanted)
+        {
+            return Err(NgError::new(format!(
+                "transport-protocol={wanted}: the {} stream is {}; this relay forwards each stream's profile as is on ng calls (no transcrypting between profiles)",
+                stream.media, stream.proto
+            )));
+        }
+        Ok(())
+    }
+
+    fn address_override(options: &Options) -> Option<IpAddr> {
+        options
+            .received_from
+            .filter(|_| options.sip_source_address && !options.trust_address)
+    }
+
+    fn peers(options: &Options, parsed: &[streams::Stream]) -> Vec<Option<Peer>> {
+        parsed
+            .iter()
+            .map(|stream| {
+                stream.endpoint.map(|endpoint| Peer {
+                    endpoint,
+                    learn: !options.asymmetric,
+                    learned: false,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn offer(&self, signal: &Signal) -> Result<String, NgError> {
+        let parsed = streams::streams(&signal.sdp, Self::address_override(&signal.options))
+            .map_err(|err| NgError::new(format!("sdp: {err}")))?;
+        Self::check_supported(&signal.options, &parsed)?;
+        let existing = {
+            let calls = self.calls();
+            calls.get(&signal.call_id).map(|call| {
+                let sender = call.tags.iter().position(|t| *t == signal.from_tag);
+                (sender, call.ips, call.streams.clone())
+            })
+        };
+        let (sender, ips, mut media) = match existing {
+            Some((Some(sender), ips, media)) => (sender, ips, media),
+            Some((None, _, _)) => {
+                return Err(NgError::new(format!(
+                    "call {}: from-tag {} is neither side of the call",
+                    signal.call_id, signal.from_tag
+                )));
+            }
+            None => {
+                let [here, there] = self.interfaces_for(&signal.options)?;
+                (0, [here, there], Vec::new())
+            }
+        };
+        // Streams the offer adds (a new call's, or a re-offer's new m-lines).
+        let mut added = Vec::new();
+        for (index, stream) in parsed.iter().enumerate().skip(media.len()) {
+            let mut pair = Vec::new();
+            for ip in ips {
+                match self.pool.bind(ip).await {
+                    Some(ports) => pair.push(ports),
+                    None => {
+                        return Err(NgError::new(format!(
+                            "no free port pair left in ng.port_range on {ip}"
+                        )));
+                    }
+                }
+            }
+            let (b, a) = (pair.pop().expect("two"), pair.pop().expect("two"));
+            let stream =
+                StreamMedia::new(index, stream.media.clone(), stream.proto.clone(), [a, b]);
+            stream.start(self.table.clone());
+            added.push(stream.clone());
+            media.push(stream);
+        }
+        let other = 1 - sender;
+        let ports: Vec<Option<u16>> = parsed
+            .iter()
+            .zip(&media)
+            .map(|(stream, m)| stream.endpoint.map(|_| m.ports[other].address.port()))
+            .collect();
+        let sdp = streams::anchor_streams(
+            &signal.sdp,
+            Anchor {
+                ip: ips[other],
+                ports: &ports,
+                rtcp_mux: match signal.options.rtcp_mux {
+                    RtcpMuxOption::AsIs => RtcpMux::AsIs,
+                    RtcpMuxOption::Offer => RtcpMux::Offer,
+                    RtcpMuxOption::Demux => RtcpMux::Demux,
+                },
+                origin: signal.options.replace_origin,
+            },
+        );
+        let sdp = match sdp {
+            Ok(sdp) => sdp,
+            Err(err) => {
+                for stream in &added {
+                    stream.close(&self.table);
+                }
+                return Err(NgError::new(format!("sdp: {err}")));
+            }
+        };
+        for (stream, peer) in media.iter().zip(Self::peers(&signal.options, &parsed)) {
+            stream.set_peer(&self.table, sender, peer);
+        }
+        let now = SystemTime::now();
+        let mut calls = self.calls();
+        let new = !calls.contains_key(&signal.call_id);
+        let call = calls
+            .entry(signal.call_id.clone())
+            .or_insert_with(|| NgCall {
+                created: now,
+                created_at: Instant::now(),
+                last_signal: now,
+                tags: [signal.from_tag.clone(), String::new()],
+                answered_at: None,
+                ips,
+                streams: Vec::new(),
+            });
+        call.last_signal = now;
+        call.streams = media;
+        if let Some(to_tag) = &signal.to_tag
+            && sender == 0
+            && call.tags[1].is_empty()
+        {
+            call.tags[1] = to_tag.clone();
+        }
+        drop(calls);
+        if new {
+            self.totals.lock().expect("ng totals poisoned").created += 1;
+            tracing::info!(call_id = %signal.call_id, from_tag = %signal.from_tag, streams = parsed.len(), "ng: call offered");
+        }
+        Ok(sdp)
+    }
+
+    pub fn answer(&self, signal: &Signal) -> Result<String, NgError> {
+        let to_tag = signal.to_tag.clone().unwrap_or_default();
+        let (answerer, ips, media) = {
+            let mut calls = self.calls();
+            let call = calls
+                .get_mut(&signal.call_id)
+                .ok_or_else(|| NgError::new(format!("unknown call-id {:?}", signal.call_id)))?;
+            // The answerer is the side the offer went to: the to-tag's (a re-INVITE from the
+            // callee is answered by the caller, whose tag is then the to-tag).
+            let answerer = match call.tags.iter().position(|t| *t == to_tag) {
+                Some(side) => side,
+                None if call.tags[0] == signal.from_tag => {
+                    // The first answer, or another branch of a forked call taking over.
+                    if !call.tags[1].is_empty() {
+                        tracing::info!(call_id = %signal.call_id, from = %call.tags[1], to = %to_tag, "ng: another branch answers the call");
+                    }
+                    call.tags[1] = to_tag.clone();
+                    1
+                }
+                None => {
+                    return Err(NgError::new(format!(
+                        "call {}: neither from-tag {} nor to-tag {} is a side of the call",
+                        signal.call_id, signal.from_tag, to_tag
+                    )));
+                }
+            };
+            (answerer, call.ips, call.streams.clone())
+        };
+        let parsed = streams::streams(&signal.sdp, Self::address_override(&signal.options))
+            .map_err(|err| NgError::new(format!("sdp: {err}")))?;
+        Self::check_supported(&signal.options, &parsed)?;
+        if parsed.len() != media.len() {
+            return Err(NgError::new(format!(
+                "sdp: the answer has {} m-lines, the offer had {} (RFC 3264: one for each)",
+                parsed.len(),
+                media.len()
+            )));
+        }
+        let offerer = 1 - answerer;
+        let ports: Vec<Option<u16>> = parsed
+            .iter()
+            .zip(&media)
+            .map(|(stream, m)| {
+                (stream.endpoint.is_some() && m.peer(offerer).is_some())
+                    .then(|| m.ports[offerer].address.port())
+            })
+            .collect();
+        let sdp = streams::anchor_streams(
+            &signal.sdp,
+            Anchor {
+                ip: ips[offerer],
+                ports: &ports,
+                rtcp_mux: match signal.options.rtcp_mux {
+                    RtcpMuxOption::Demux => RtcpMux::Demux,
+                    _ => RtcpMux::AsIs,
+                },
+                origin: signal.options.replace_origin,
+            },
+        )
+        .map_err(|err| NgError::new(format!("sdp: {err}")))?;
+        for (stream, peer) in media.iter().zip(Self::peers(&signal.options, &parsed)) {
+            stream.set_peer(&self.table, answerer, peer);
+        }
+        let mut calls = self.calls();
+        if let Some(call) = calls.get_mut(&signal.call_id) {
+            call.last_signal = SystemTime::now();
+            if call.answered_at.is_none() {
+                call.answered_at = Some(Instant::now());
+                tracing::info!(call_id = %signal.call_id, to_tag = %to_tag, flows = media.iter().map(|m| m.flow_ids().len()).sum::<usize>(), "ng: call answered; media flows installed");
+            }
+        }
+        Ok(sdp)
+    }
+
+    /// `delete`: the whole call, or with a `to-tag` that is not the answering side's, nothing
+    /// (a branch that never answered); the call's totals in the reply.
+    pub fn delete(&self, target: &Target) -> Result<Value, NgError> {
+        let mut calls = self.calls();
+        let call = calls
+            .get(&target.call_id)
+            .ok_or_else(|| NgError::new(format!("unknown call-id {:?}", target.call_id)))?;
+        if let Some(to_tag) = &target.to_tag
+            && !call.tags.contains(to_tag)
+        {
+            return Err(NgError::new(format!(
+                "call {}: no branch with to-tag {to_tag}",
+                target.call_id
+            )));
+        }
+        let reply = self.report(&target.call_id, call);
+        let call = calls.remove(&target.call_id).expect("just found");
+        drop(calls);
+        self.end(&target.call_id, call, Ended::Deleted);
+        Ok(reply)
+    }
+
+    pub fn query(&self, target: &Target) -> Result<Value, NgError> {
+        let calls = self.calls();
+        let call = calls
+            .get(&target.call_id)
+            .ok_or_else(|| NgError::new(format!("unknown call-id {:?}", target.call_id)))?;
+        Ok(self.report(&target.call_id, call))
+    }
+
+    pub fn list(&self, limit: usize) -> Vec<String> {
+        let mut ids: Vec<String> = self.calls().keys().cloned().collect();
+        ids.sort();
+        ids.truncate(limit);
+        ids
+    }
+
+    pub fn infos(&self) -> Vec<NgCallInfo> {
+        let calls = self.calls();
+        let mut infos: Vec<NgCallInfo> = calls
+            .iter()
+            .map(|(id, call)| {
+                let (mut packets, mut bytes) = (0, 0);
+                for stream in &call.streams {
+                    for side in 0..2 {
+                        let r = stream.received(&self.table, side);
+                        packets += r.rtp_packets + r.rtcp_packets;
+                        bytes += r.rtp_bytes + r.rtcp_bytes;
+                    }
+                }
+                NgCallInfo {
+                    call_id: id.clone(),
+                    tags: call.tags.clone(),
+                    answered: call.answered_at.is_some(),
+                    since_secs: call.created_at.elapsed().as_secs(),
+                    streams: call.streams.len(),
+                    flows: call.streams.iter().flat_map(|s| s.flow_ids()).collect(),
+                    packets,
+                    bytes,
+                }
+            })
+            .collect();
+        infos.sort_by(|a, b| a.call_id.cmp(&b.call_id));
+        infos
+    }
+
+    /// Ends unanswered and silent calls; run every second.
+    pub fn expire(&self) {
+        let now_ns = monotonic_ns();
+        let mut ended = Vec::new();
+        {
+            let mut calls = self.calls();
+            calls.retain(|id, call| {
+                let why = match call.answered_at {
+                    None if call.created_at.elapsed() > self.answer_timeout => Ended::NoAnswer,
+                    None => return true,
+                    Some(answered) => {
+                        let last = call
+                            .streams
+                            .iter()
+                            .map(|s| s.last_packet_ns(&self.table))
+                            .max()
+                            .unwrap_or(0);
+                        let idle = if last == 0 {
+                            answered.elapsed()
+                        } else {
+                            Duration::from_nanos(now_ns.saturating_sub(last))
+                                .min(answered.elapsed())
+                        };
+                        if idle <= self.media_timeout {
+                            return true;
+                        }
+                        Ended::MediaTimeout
+                    }
+                };
+                ended.push((
+                    id.clone(),
+                    std::mem::replace(&mut call.streams, Vec::new()),
+                    why,
+                ));
+                false
+            });
+        }
+        for (id, streams, why) in ended {
+            for stream in &streams {
+                stream.close(&self.table);
+            }
+            self.tally(why);
+            match why {
+                Ended::NoAnswer => {
+                    tracing::info!(call_id = %id, timeout_secs = self.answer_timeout.as_secs(), "ng: call deleted: no answer within ng.answer_timeout_secs")
+                }
+                _ => {
+                    tracing::info!(call_id = %id, timeout_secs = self.media_timeout.as_secs(), "ng: call deleted: no media for ng.media_timeout_secs (the SIP proxy never deleted it)")
+                }
+            }
+        }
+    }
+
+    /// Ends every call (relayd stopping): flows out of the kernel.
+    pub fn stop(&self) {
+        let calls: Vec<(String, NgCall)> = self.calls().drain().collect();
+        for (id, call) in calls {
+            self.end(&id, call, Ended::Deleted);
+        }
+    }
+
+    fn tally(&self, why: Ended) {
+        *self
+            .totals
+            .lock()
+            .expect("ng totals poisoned")
+            .ended
+            .entry(why)
+            .or_default() += 1;
+    }
+
+    fn end(&self, id: &str, call: NgCall, why: Ended) {
+        for stream in &call.streams {
+            stream.close(&self.table);
+        }
+        self.tally(why);
+        tracing::info!(call_id = %id, secs = call.created_at.elapsed().as_secs(), "ng: call deleted; its flows are removed");
+    }
+
+    /// A call as `query` and `delete` report it (rtpengine's shape, which Kamailio's
+    /// `rtpengine_query` and `$rtpstat` read): per tag its medias and streams with what was
+    /// received from that side, and the totals.
+    fn report(&self, _id: &str, call: &NgCall) -> Value {
+        let int = |n: u64| Value::Int(n.min(i64::MAX as u64) as i64);
+        let mut totals = [[0u64; 3]; 2];
+        let mut tags = Vec::new();
+        for side in 0..2 {
+            let tag = &call.tags[side];
+            if tag.is_empty() {
+                continue;
+            }
+            let medias: Vec<Value> = call
+                .streams
+                .iter()
+                .map(|stream| {
+                    let received = stream.received(&self.table, side);
+                    totals[0][0] += received.rtp_packets;
+                    totals[0][1] += received.rtp_bytes;
+                    totals[0][2] += received.refused;
+                    totals[1][0] += received.rtcp_packets;
+                    totals[1][1] += received.rtcp_bytes;
+                    let peer = stream.peer(side);
+                    let endpoint = |address: Option<std::net::SocketAddr>| match address {
+                        Some(address) => Value::dict([
+                            (
+                                "family",
+                                Value::bytes(if address.is_ipv4() { "IPv4" } else { "IPv6" }),
+                            ),
+                            ("address", Value::bytes(address.ip().to_string())),
+                            ("port", int(address.port().into())),
+                        ]),
+                        None => Value::dict([]),
+                    };
+                    let ports = &stream.ports[side];
+                    let rtp = Value::dict([
+                        ("local port", int(ports.address.port().into())),
+                        ("endpoint", endpoint(peer.map(|p| p.endpoint.rtp))),
+                        (
+                            "stats",
+                            Value::dict([
+                                ("packets", int(received.rtp_packets)),
+                                ("bytes", int(received.rtp_bytes)),
+                                ("errors", int(received.refused)),
+                            ]),
+                        ),
+                    ]);
+                    let rtcp = Value::dict([
+                        ("local port", int(ports.rtcp_address().port().into())),
+                        ("endpoint", endpoint(peer.map(|p| p.endpoint.rtcp))),
+                        (
+                            "stats",
+                            Value::dict([
+                                ("packets", int(received.rtcp_packets)),
+                                ("bytes", int(received.rtcp_bytes)),
+                                ("errors", int(0)),
+                            ]),
+                        ),
+                    ]);
+                    let mut flags = Vec::new();
+                    if peer.is_some_and(|p| p.endpoint.rtcp_mux) {
+                        flags.push(Value::bytes("RTCP-mux"));
+                    }
+                    if peer.is_some_and(|p| p.learned) {
+                        flags.push(Value::bytes("learned address"));
+                    }
+                    Value::dict([
+                        ("index", int(stream.index as u64 + 1)),
+                        ("type", Value::bytes(stream.media.clone())),
+                        ("protocol", Value::bytes(stream.proto.clone())),
+                        ("streams", Value::List(vec![rtp, rtcp])),
+                        ("flags", Value::List(flags)),
+                    ])
+                })
+                .collect();
+            let other = &call.tags[1 - side];
+            tags.push((
+                tag.clone(),
+                Value::dict([
+                    ("tag", Value::bytes(tag.clone())),
+                    ("in dialogue with", Value::bytes(other.clone())),
+                    ("medias", Value::List(medias)),
+                ]),
+            ));
+        }
+        let total = |t: [u64; 3]| {
+            Value::dict([
+                ("packets", int(t[0])),
+                ("bytes", int(t[1])),
+                ("errors", int(t[2])),
+            ])
+        };
+        Value::dict([
+            ("result", Value::bytes("ok")),
+            ("created", Value::Int(unix(call.created))),
+            ("last signal", Value::Int(unix(call.last_signal))),
+            (
+                "tags",
+                Value::Dict(
+                    tags.into_iter()
+                        .map(|(tag, value)| (tag.into_bytes(), value))
+                        .collect(),
+                ),
+            ),
+            (
+                "totals",
+                Value::dict([("RTP", total(totals[0])), ("RTCP", total(totals[1]))]),
+            ),
+        ])
+    }
+}

@@ -1,0 +1,287 @@
+//! SDP for calls a SIP proxy sets up over ng: every media stream (audio, video, ...) is
+//! anchored, each on a port pair of its own on the relay's interface toward the side that
+//! gets the description. Profiles, codecs and keys pass through untouched: both sides
+//! share them and the relay forwards what they send (plain RTP, SRTP, DTLS) as is.
+
+use std::net::{IpAddr, SocketAddr};
+
+use sdp::description::common::{Address, Attribute, ConnectionInformation};
+
+use super::sdp::{ICE_ATTRIBUTES, SdpError, parse, rtcp_address};
+
+/// Where one side sends and wants one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEndpoint {
+    pub rtp: SocketAddr,
+    /// The RTP address when multiplexed (RFC 5761), else `a=rtcp` (RFC 3605) or port + 1.
+    pub rtcp: SocketAddr,
+    pub rtcp_mux: bool,
+}
+
+/// One m-line as a side described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stream {
+    /// `audio`, `video`...
+    pub media: String,
+    pub proto: String,
+    /// None where the stream is refused (port 0).
+    pub endpoint: Option<StreamEndpoint>,
+}
+
+/// Every m-line of a description, in order. `address` takes the place of the description's
+/// connection address (the SIP source address, when the proxy says the SDP's is not to be
+/// trusted).
+pub fn streams(text: &str, address: Option<IpAddr>) -> Result<Vec<Stream>, SdpError> {
+    let description = parse(text)?;
+    if description.media_descriptions.is_empty() {
+        return Err(SdpError::NoMedia);
+    }
+    let session_address = description
+        .connection_information
+        .as_ref()
+        .and_then(|c| c.address.as_ref());
+    description
+        .media_descriptions
+        .iter()
+        .enumerate()
+        .map(|(i, media)| {
+            let port = media.media_name.port.value;
+            let endpoint = if port == 0 {
+                None
+            } else {
+                let port = u16::try_from(port)
+                    .map_err(|_| SdpError::Unparseable(format!("m-line {}: port {port}", i + 1)))?;
+                let ip = match address {
+                    Some(ip) => ip,
+                    None => media
+                        .connection_information
+                        .as_ref()
+                        .and_then(|c| c.address.as_ref())
+                        .or(session_address)
+                        .and_then(|a| a.address.parse::<IpAddr>().ok())
+                        .ok_or(SdpError::NoStreamAddress { line: i + 1 })?,
+                };
+                let rtp = SocketAddr::new(ip, port);
+                let rtcp_mux = media.has_attribute("rtcp-mux");
+                let rtcp = if rtcp_mux {
+                    rtp
+                } else {
+                    media
+                        .attribute("rtcp")
+                        .flatten()
+                        .and_then(|value| rtcp_address(value, ip))
+                        .map(|rtcp| match address {
+                            // The SIP source stands for every address the SDP names.
+                            Some(_) => SocketAddr::new(ip, rtcp.port()),
+                            None => rtcp,
+                        })
+                        .unwrap_or_else(|| SocketAddr::new(ip, port.wrapping_add(1)))
+                };
+                Some(StreamEndpoint {
+                    rtp,
+                    rtcp,
+                    rtcp_mux,
+                })
+            };
+            Ok(Stream {
+                media: media.media_name.media.clone(),
+                proto: media.media_name.protos.join("/"),
+                endpoint,
+            })
+        })
+        .collect()
+}
+
+/// How the description the relay writes treats rtcp-mux.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RtcpMux {
+    /// As the other side wrote it.
+    #[default]
+    AsIs,
+    /// `a=rtcp-mux` added (rtpengine's `rtcp-mux-offer`): the relay takes either.
+    Offer,
+    /// `a=rtcp-mux` removed (`rtcp-mux-demux`): RTCP on its own port.
+    Demux,
+}
+
+/// What the relay changes in a description it passes on.
+#[derive(Debug, Clone, Copy)]
+pub struct Anchor<'a> {
+    /// The relay's address on the interface toward the side that gets the description.
+    pub ip: IpAddr,
+    /// The relay's RTP port of each m-line (None: refused, port 0); RTCP is the one above.
+    pub ports: &'a [Option<u16>],
+    pub rtcp_mux: RtcpMux,
+    /// `o=`'s address too (rtpengine's `replace-origin`).
+    pub origin: bool,
+}
+
+/// The description with the relay in every address: the session and media `c=`, each
+/// m-line's port and `a=rtcp`, `o=` when asked; ICE attributes removed (the relay's legs
+/// toward an ng side are plain UDP).
+pub fn anchor_streams(text: &str, anchor: Anchor) -> Result<String, SdpError> {
+    let mut description = parse(text)?;
+    if anchor.ports.len() != description.media_descriptions.len() {
+        return Err(SdpError::NoMedia);
+    }
+    let address_type = if anchor.ip.is_ipv4() { "IP4" } else { "IP6" };
+    let connection = ConnectionInformation {
+        network_type: "IN".to_owned(),
+        address_type: address_type.to_owned(),
+        address: Some(Address {
+            address: anchor.ip.to_string(),
+            ttl: None,
+            range: None,
+        }),
+    };
+    if anchor.origin {
+        description.origin.unicast_address = anchor.ip.to_string();
+        description.origin.address_type = address_type.to_owned();
+    }
+    description.connection_information = Some(connection);
+    description
+        .attributes
+        .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()) && a.key != "rtcp");
+    for (media, port) in description.media_descriptions.iter_mut().zip(anchor.ports) {
+        media
+            .attributes
+            .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()) && a.key != "rtcp");
+        media.connection_information = None;
+        let Some(port) = *port else {
+            media.media_name.port.value = 0;
+            continue;
+        };
+        media.media_name.port.value = port as isize;
+        match anchor.rtcp_mux {
+            RtcpMux::AsIs => {}
+            RtcpMux::Offer if !media.has_attribute("rtcp-mux") => media
+                .attributes
+                .push(Attribute::new("rtcp-mux".into(), None)),
+            RtcpMux::Offer => {}
+            RtcpMux::Demux => media.attributes.retain(|a| a.key != "rtcp-mux"),
+        }
+        // RFC 3605: where RTCP goes when it is not multiplexed (and a fallback when it is).
+        let rtcp = if media.has_attribute("rtcp-mux") {
+            port
+        } else {
+            port + 1
+        };
+        media.attributes.push(Attribute::new(
+            "rtcp".into(),
+            Some(format!("{rtcp} IN {address_type} {}", anchor.ip)),
+        ));
+    }
+    Ok(description.marshal())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIPP: &str = "v=0\r\no=user1 53655765 2353687637 IN IP4 10.40.0.2\r\ns=-\r\nc=IN IP4 10.40.0.2\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+    const VIDEO: &str = "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\nm=audio 5004 RTP/AVP 0\r\na=rtcp:5009\r\na=candidate:1 1 udp 1 192.0.2.10 5004 typ host\r\nm=video 5006 RTP/AVP 96\r\nc=IN IP4 192.0.2.11\r\na=rtcp-mux\r\na=rtpmap:96 VP8/90000\r\nm=text 0 RTP/AVP 98\r\n";
+
+    #[test]
+    fn every_stream_and_its_rtcp() {
+        let streams = streams(VIDEO, None).unwrap();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            streams[0].endpoint,
+            Some(StreamEndpoint {
+                rtp: addr("192.0.2.10:5004"),
+                rtcp: addr("192.0.2.10:5009"),
+                rtcp_mux: false
+            })
+        );
+        assert_eq!(
+            streams[1].endpoint,
+            Some(StreamEndpoint {
+                rtp: addr("192.0.2.11:5006"),
+                rtcp: addr("192.0.2.11:5006"),
+                rtcp_mux: true
+            })
+        );
+        assert_eq!(
+            (streams[2].media.as_str(), streams[2].endpoint),
+            ("text", None)
+        );
+        let trusted = super::streams(SIPP, Some("203.0.113.7".parse().unwrap())).unwrap();
+        assert_eq!(trusted[0].endpoint.unwrap().rtp, addr("203.0.113.7:6000"));
+    }
+
+    #[test]
+    fn the_relay_takes_every_address_and_nothing_of_the_other_side_is_left() {
+        let ip: IpAddr = "10.30.0.1".parse().unwrap();
+        let out = anchor_streams(
+            VIDEO,
+            Anchor {
+                ip,
+                ports: &[Some(30000), Some(30002), None],
+                rtcp_mux: RtcpMux::AsIs,
+                origin: true,
+            },
+        )
+        .unwrap();
+        assert!(!out.contains("192.0.2."), "{out}");
+        assert!(!out.contains("candidate"), "{out}");
+        assert!(out.contains("m=audio 30000 RTP/AVP 0\r\n"), "{out}");
+        assert!(out.contains("a=rtcp:30001 IN IP4 10.30.0.1\r\n"), "{out}");
+        assert!(out.contains("m=video 30002 RTP/AVP 96\r\n"), "{out}");
+        assert!(out.contains("a=rtcp:30002 IN IP4 10.30.0.1\r\n"), "{out}");
+        assert!(out.contains("m=text 0 RTP/AVP 98\r\n"), "{out}");
+        // Parses again, with the relay's addresses.
+        let again = streams(&out, None).unwrap();
+        assert_eq!(again[0].endpoint.unwrap().rtcp.port(), 30001);
+        assert_eq!(again[1].endpoint.unwrap().rtp.ip(), ip);
+    }
+
+    #[test]
+    fn rtcp_mux_offered_or_removed_and_the_origin_kept_unless_asked() {
+        let ip: IpAddr = "10.30.0.1".parse().unwrap();
+        let anchor = |rtcp_mux, origin| {
+            anchor_streams(
+                SIPP,
+                Anchor {
+                    ip,
+                    ports: &[Some(30010)],
+                    rtcp_mux,
+                    origin,
+                },
+            )
+            .unwrap()
+        };
+        let offered = anchor(RtcpMux::Offer, false);
+        assert!(offered.contains("a=rtcp-mux\r\n"), "{offered}");
+        assert!(offered.contains("a=rtcp:30010 "), "{offered}");
+        assert!(
+            offered.contains("o=user1 53655765 2353687637 IN IP4 10.40.0.2"),
+            "{offered}"
+        );
+        let demuxed = anchor_streams(
+            VIDEO,
+            Anchor {
+                ip,
+                ports: &[Some(30000), Some(30002), None],
+                rtcp_mux: RtcpMux::Demux,
+                origin: false,
+            },
+        )
+        .unwrap();
+        assert!(!demuxed.contains("a=rtcp-mux"), "{demuxed}");
+        assert!(demuxed.contains("a=rtcp:30003 "), "{demuxed}");
+    }
+
+    #[test]
+    fn a_description_without_media_or_with_a_bad_port_is_refused() {
+        let none = "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n";
+        assert_eq!(streams(none, None), Err(SdpError::NoMedia));
+        let no_address =
+            "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nt=0 0\r\nm=audio 5004 RTP/AVP 0\r\n";
+        assert_eq!(
+            streams(no_address, None),
+            Err(SdpError::NoStreamAddress { line: 1 })
+        );
+        let big = "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\nm=audio 70000 RTP/AVP 0\r\n";
+        assert!(matches!(streams(big, None), Err(SdpError::Unparseable(_))));
+    }
+}
