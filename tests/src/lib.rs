@@ -10,6 +10,7 @@ pub mod bench;
 pub mod config_file;
 pub mod dtls_app;
 pub mod generator;
+pub mod kamailio;
 pub mod lab;
 pub mod measure;
 pub mod netns;

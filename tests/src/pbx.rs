@@ -71,6 +71,39 @@ impl Sipp {
         }
     }
 
+    /// sipp as the calling user agent: its `uac_pcap` scenario calls `remote` from `sip`
+    /// with its SDP (PCMA and DTMF on `media`'s address), plays 8 s of G.711 audio and a
+    /// DTMF digit as RTP (the recordings Debian ships) and hangs up; `calls` calls.
+    pub fn uac_pcap(
+        ns: &crate::netns::NetNs,
+        sip: std::net::SocketAddr,
+        media: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+        calls: u32,
+    ) -> Sipp {
+        let output = std::env::temp_dir().join(crate::unique("relay-sipp-"));
+        // The scenario plays pcap/<name>.pcap relative to its working directory.
+        let dir = std::env::temp_dir().join(crate::unique("relay-sipp-uac-"));
+        std::fs::create_dir_all(&dir).expect("sipp dir");
+        let _ = std::os::unix::fs::symlink("/usr/share/sip-tester", dir.join("pcap"));
+        let command = format!(
+            "cd {} && exec sipp -sn uac_pcap {remote} -i {} -p {} -mi {} -mp {} -m {calls} -nostdin",
+            dir.display(),
+            sip.ip(),
+            sip.port(),
+            media.ip(),
+            media.port(),
+        );
+        let process =
+            crate::process::Background::spawn_with_output(ns, &["sh", "-c", &command], &output);
+        Sipp {
+            process,
+            output,
+            sip,
+            media,
+        }
+    }
+
     /// Waits for sipp to finish its calls; its final screen.
     pub fn finish(&mut self) -> String {
         let exited = self.process.wait_exit(std::time::Duration::from_secs(15));

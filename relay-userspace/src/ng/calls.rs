@@ -34,6 +34,8 @@ pub struct NgCalls {
     interfaces: Vec<(String, IpAddr)>,
     pool: PortPool,
     table: Arc<FlowTable>,
+    /// The flow table forwards in the kernel (XDP).
+    offload: bool,
     media_timeout: Duration,
     answer_timeout: Duration,
     calls: Mutex<HashMap<String, NgCall>>,
@@ -82,6 +84,7 @@ impl NgCalls {
         NgCalls {
             interfaces: config.interface_addresses(),
             pool: PortPool::new(config.ports().unwrap_or(30000..=39999)),
+            offload: table.status().kind == crate::datapath::DatapathKind::Xdp,
             table,
             media_timeout: Duration::from_secs(config.media_timeout_secs),
             answer_timeout: Duration::from_secs(config.answer_timeout_secs),
@@ -214,8 +217,13 @@ impl NgCalls {
                 }
             }
             let (b, a) = (pair.pop().expect("two"), pair.pop().expect("two"));
-            let stream =
-                StreamMedia::new(index, stream.media.clone(), stream.proto.clone(), [a, b]);
+            let stream = StreamMedia::new(
+                index,
+                stream.media.clone(),
+                stream.proto.clone(),
+                [a, b],
+                self.offload,
+            );
             stream.start(self.table.clone());
             added.push(stream.clone());
             media.push(stream);

@@ -14,7 +14,7 @@ pub struct NgConfig {
     pub listen: String,
     /// The relay's interfaces by the names `direction=` uses (rtpengine's
     /// `--interface=NAME/ADDRESS`), e.g. `{ lan = "10.0.0.1", wan = "198.51.100.1" }`.
-    /// Without `direction=` both sides of a call use the first name in order.
+    /// Without `direction=` both sides of a call use the first name in alphabetical order.
     pub interfaces: BTreeMap<String, String>,
     /// "FIRST-LAST" ports for ng calls' media: RTP on an even port, RTCP on the one above.
     pub port_range: String,

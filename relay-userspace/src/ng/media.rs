@@ -98,6 +98,9 @@ pub struct StreamMedia {
     pub proto: String,
     /// Side 0: the first offer's sender (the caller); side 1: the answerer.
     pub ports: [Ports; 2],
+    /// Flows go into the kernel (XDP); with the userspace datapath the forwarders carry
+    /// everything.
+    offload: bool,
     peers: Mutex<[Option<Peer>; 2]>,
     flows: Mutex<Flows>,
     /// Received in userspace from each side, by kind.
@@ -116,12 +119,19 @@ fn kind_index(kind: Kind) -> usize {
 }
 
 impl StreamMedia {
-    pub fn new(index: usize, media: String, proto: String, ports: [Ports; 2]) -> Arc<StreamMedia> {
+    pub fn new(
+        index: usize,
+        media: String,
+        proto: String,
+        ports: [Ports; 2],
+        offload: bool,
+    ) -> Arc<StreamMedia> {
         Arc::new(StreamMedia {
             index,
             media,
             proto,
             ports,
+            offload,
             peers: Mutex::new([None, None]),
             flows: Mutex::new(Flows {
                 installed: Vec::new(),
@@ -269,6 +279,9 @@ impl StreamMedia {
             }
         }
         let [Some(a), Some(b)] = peers else { return };
+        if !self.offload {
+            return;
+        }
         let mut specs = Vec::new();
         for (side, from, to) in [(0, a.endpoint, b.endpoint), (1, b.endpoint, a.endpoint)] {
             let (here, there) = (&self.ports[side], &self.ports[1 - side]);

@@ -1,0 +1,275 @@
+//! The relay under a SIP proxy over rtpengine's ng protocol: Kamailio (Debian `kamailio`,
+//! its `rtpengine` module) between two sipps (Debian `sip-tester`), the caller on the
+//! relay's WAN side and the callee on its LAN side. Kamailio offers, answers and deletes
+//! through the relay's ng socket; the caller plays G.711 audio, the callee echoes it; the
+//! media goes both ways in XDP, and the BYE removes every flow. Bad ng requests get an
+//! error reply with a reason and change nothing.
+
+use std::{net::SocketAddr, time::Duration};
+
+use relay_tests::{
+    config_file::ConfigFile,
+    kamailio::Kamailio,
+    lab::ThreeHosts,
+    netns::{NetNs, PinDir},
+    ng::NgClient,
+    pbx::{Sipp, sipp_successful_calls},
+    relayd::Relayd,
+    require_root,
+};
+use serde_json::{Value, json};
+
+const NG: &str = "127.0.0.1:2223";
+
+fn ng_config(pins: &std::path::Path) -> String {
+    format!(
+        r#"
+[datapath]
+mode = "xdp"
+interfaces = ["rc", "rp"]
+xdp_mode = "generic"
+pin_dir = "{}"
+[ng]
+listen = "{NG}"
+interfaces = {{ wan = "10.10.1.1", lan = "10.10.2.1" }}
+media_timeout_secs = 30
+"#,
+        pins.display()
+    )
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("address")
+}
+
+/// The flows whose packets come from `ip`, RTP (even relay port) first.
+fn flows_from(flows: &Value, ip: &str) -> Vec<Value> {
+    flows["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|flow| flow["src"].as_str().unwrap().starts_with(&format!("{ip}:")))
+        .cloned()
+        .collect()
+}
+
+fn xdp_packets(flow: &Value) -> u64 {
+    flow["counters"]["xdp_packets"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn kamailio_puts_a_call_between_two_sipps_through_the_relay_and_its_media_in_xdp() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&ng_config(&pins.path));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let kamailio = Kamailio::start(
+        &lab.relay,
+        &[addr("10.10.1.1:5060"), addr("10.10.2.1:5060")],
+        addr(NG),
+        addr("10.10.2.2:5060"),
+        "replace-origin ICE=remove direction=wan direction=lan",
+    );
+    let mut callee = Sipp::uas(&lab.peer, addr("10.10.2.2:5060"), addr("10.10.2.2:6000"), 1);
+    let mut caller = Sipp::uac_pcap(
+        &lab.client,
+        addr("10.10.1.2:5060"),
+        addr("10.10.1.2:6000"),
+        addr("10.10.1.1:5060"),
+        1,
+    );
+
+    // Both directions of RTP in the kernel while the caller plays its audio.
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let (to_callee, to_caller) = loop {
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        let (from_caller, from_callee) = (
+            flows_from(&flows, "10.10.1.2"),
+            flows_from(&flows, "10.10.2.2"),
+        );
+        let most = |flows: &[Value]| flows.iter().map(xdp_packets).max().unwrap_or(0);
+        if most(&from_caller) >= 100 && most(&from_callee) >= 100 {
+            break (from_caller, from_callee);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RTP both ways in XDP: {flows}\n{}\n{}",
+            relayd.log(),
+            kamailio.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // RTP and RTCP each way: sipp keeps RTCP on the port above.
+    assert_eq!(
+        (to_callee.len(), to_caller.len()),
+        (2, 2),
+        "{to_callee:?} {to_caller:?}"
+    );
+    for flow in to_callee.iter().chain(&to_caller) {
+        assert!(
+            flow["dst"].as_str().unwrap().starts_with("10.10.1.1:")
+                || flow["dst"].as_str().unwrap().starts_with("10.10.2.1:"),
+            "{flow}"
+        );
+    }
+    // The callee sees the relay's LAN address, the caller its WAN address.
+    assert!(
+        to_callee
+            .iter()
+            .all(|f| f["new_src"].as_str().unwrap().starts_with("10.10.2.1:"))
+    );
+    assert!(
+        to_caller
+            .iter()
+            .all(|f| f["new_src"].as_str().unwrap().starts_with("10.10.1.1:"))
+    );
+
+    // The call as ng reports it to the proxy.
+    let mut ng = NgClient::new(&lab.relay, addr(NG));
+    let list = ng.request(&json!({"command": "list"})).unwrap();
+    let calls = list["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{list}");
+    let query = ng
+        .request(&json!({"command": "query", "call-id": calls[0]}))
+        .unwrap();
+    assert_eq!(query["tags"].as_object().unwrap().len(), 2, "{query}");
+    assert!(
+        query["totals"]["RTP"]["packets"].as_u64().unwrap() >= 200,
+        "{query}"
+    );
+
+    // The caller hangs up: Kamailio deletes the call, its flows go.
+    let screen = caller.finish();
+    assert_eq!(
+        sipp_successful_calls(&screen),
+        Some(1),
+        "the caller's call went through\n{screen}\n{}",
+        kamailio.log()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        if flows["flows"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the BYE removed every flow: {flows}\n{}",
+            relayd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = ng.request(&json!({"command": "list"})).unwrap();
+    assert_eq!(list["calls"], json!([]), "{list}");
+    let screen = callee.finish();
+    assert_eq!(sipp_successful_calls(&screen), Some(1), "{screen}");
+    let log = relayd.log();
+    assert!(
+        log.contains("ng: call answered; media flows installed"),
+        "{log}"
+    );
+    drop(kamailio);
+}
+
+/// Sends one datagram to the ng socket and returns the reply, whole.
+fn raw(ns: &NetNs, datagram: &[u8]) -> String {
+    let socket = ns.udp_socket(addr("127.0.0.1:0"));
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    socket.send_to(datagram, addr(NG)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = socket.recv_from(&mut buf).expect("a reply");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+const OFFER_SDP: &str = "v=0\r\no=- 1 1 IN IP4 10.10.1.2\r\ns=-\r\nc=IN IP4 10.10.1.2\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+
+#[test]
+fn bad_ng_requests_get_a_reason_and_change_nothing() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&ng_config(&pins.path));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let mut ng = NgClient::new(&lab.relay, addr(NG));
+    assert_eq!(
+        ng.request(&json!({"command": "ping"})).unwrap()["result"],
+        "pong"
+    );
+    let offered = ng
+        .request(&json!({"command": "offer", "call-id": "good", "from-tag": "a", "sdp": OFFER_SDP}))
+        .unwrap();
+    assert!(
+        // No direction=: the first interface by name (lan) on both sides.
+        offered["sdp"]
+            .as_str()
+            .unwrap()
+            .contains("c=IN IP4 10.10.2.1"),
+        "{offered}"
+    );
+
+    for (datagram, reason) in [
+        (
+            &b"c1 not bencode"[..],
+            "bencode: unexpected byte 'n' at byte 0",
+        ),
+        (b"c2 d4:call1:xe", "no command in the message"),
+        (b"c3 d7:command7:unknowne", "unknown command \"unknown\""),
+    ] {
+        let reply = raw(&lab.relay, datagram);
+        let cookie = std::str::from_utf8(&datagram[..2]).unwrap();
+        assert!(reply.starts_with(&format!("{cookie} d")), "{reply}");
+        assert!(reply.contains("6:result5:error"), "{reply}");
+        assert!(
+            reply.contains(&format!("{}:{reason}", reason.len())),
+            "{reply} names {reason:?}"
+        );
+    }
+    let oversize = [b"c4 ".to_vec(), vec![b'x'; 40_000]].concat();
+    assert!(raw(&lab.relay, &oversize).contains("more than 32768"));
+    for (request, reason) in [
+        (
+            json!({"command": "answer", "call-id": "nobody", "from-tag": "a", "to-tag": "b", "sdp": OFFER_SDP}),
+            "unknown call-id \"nobody\"",
+        ),
+        (
+            json!({"command": "offer", "call-id": "empty", "from-tag": "a", "sdp": "v=0\r\no=- 1 1 IN IP4 10.10.1.2\r\ns=-\r\nt=0 0\r\n"}),
+            "sdp: the description has no media stream (m=)",
+        ),
+        (
+            json!({"command": "offer", "call-id": "where", "from-tag": "a", "sdp": OFFER_SDP, "direction": ["moon"]}),
+            "direction=moon: no such interface (ng.interfaces: lan, wan)",
+        ),
+        (
+            json!({"command": "offer", "call-id": "ice", "from-tag": "a", "sdp": OFFER_SDP, "ICE": "force"}),
+            "ICE=force",
+        ),
+        (
+            json!({"command": "delete", "call-id": "nobody"}),
+            "unknown call-id \"nobody\"",
+        ),
+    ] {
+        let err = ng.request(&request).unwrap_err().to_string();
+        assert!(err.contains(reason), "{request}: {err}");
+    }
+    // The same cookie twice: the reply already sent, the work not done again.
+    let offer = b"same d7:call-id5:twice7:command5:offer8:from-tag1:a3:sdp87:v=0\r\no=- 1 1 IN IP4 10.10.1.2\r\ns=-\r\nc=IN IP4 10.10.1.2\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\ne";
+    let (first, again) = (raw(&lab.relay, offer), raw(&lab.relay, offer));
+    assert!(first.contains("6:result2:ok"), "{first}");
+    assert_eq!(first, again);
+
+    // Nothing else changed: the good call and the retransmitted one, nothing of the rest.
+    let list = ng.request(&json!({"command": "list"})).unwrap();
+    assert_eq!(list["calls"], json!(["good", "twice"]), "{list}");
+    assert_eq!(
+        ng.request(&json!({"command": "ping"})).unwrap()["result"],
+        "pong"
+    );
+    let deleted = ng
+        .request(&json!({"command": "delete", "call-id": "good", "from-tag": "a"}))
+        .unwrap();
+    assert_eq!(deleted["result"], "ok", "{deleted}");
+    assert!(relayd.log().contains("ng: request refused"));
+}
