@@ -25,6 +25,7 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("sdp_rewrite", &["fixtures/sdp"]),
     ("signalling_parse", &["fuzz/seeds/signalling_parse"]),
     ("config_parse", &["fuzz/seeds/config_parse"]),
+    ("ng_request", &["fuzz/seeds/ng_request"]),
 ];
 
 struct Outcome {

@@ -105,3 +105,41 @@ impl NgConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(config: &NgConfig) -> Vec<(&'static str, String)> {
+        let mut found = Vec::new();
+        config.problems(&mut |key, value, _reason: &str| found.push((key, value)));
+        found
+    }
+
+    #[test]
+    fn off_by_default_and_each_bad_value_names_its_key() {
+        assert!(!NgConfig::default().enabled());
+        assert!(problems(&NgConfig::default()).is_empty());
+        let config = NgConfig {
+            listen: "localhost".into(),
+            interfaces: [("lan".to_owned(), "0.0.0.0".to_owned())].into(),
+            port_range: "40-40".into(),
+            media_timeout_secs: 0,
+            ..NgConfig::default()
+        };
+        assert_eq!(
+            problems(&config),
+            [
+                ("ng.listen", "\"localhost\"".to_owned()),
+                ("ng.interfaces", "lan = \"0.0.0.0\"".to_owned()),
+                ("ng.port_range", "\"40-40\"".to_owned()),
+                ("ng.media_timeout_secs", "0".to_owned()),
+            ]
+        );
+        let none = NgConfig {
+            listen: "127.0.0.1:2223".into(),
+            ..NgConfig::default()
+        };
+        assert_eq!(problems(&none), [("ng.interfaces", "{}".to_owned())]);
+    }
+}
