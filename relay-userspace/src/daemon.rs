@@ -133,11 +133,15 @@ pub async fn run(
     tracing::info!(socket = %config.control.socket.display(), "control API listening");
     let reloader = Arc::new(Reloader::new(config, reload, turn.clone()));
     let serving = tokio::spawn(server.serve(
-        table.clone(),
-        turn.clone(),
-        signalling.as_ref().map(|(listening, _)| listening.clone()),
-        calls.clone(),
-        reloader.clone(),
+        crate::control::server::Services {
+            table: table.clone(),
+            turn: turn.clone(),
+            signalling: signalling.as_ref().map(|(listening, _)| listening.clone()),
+            calls: calls.clone(),
+            ng: ng.as_ref().map(|(calls, _, _)| calls.clone()),
+            reloader: reloader.clone(),
+            started: std::time::Instant::now(),
+        },
         stopped.clone(),
     ));
     let expiring = tokio::spawn(expire_idle_flows(table.clone(), stopped.clone()));

@@ -139,6 +139,26 @@ fn kamailio_puts_a_call_between_two_sipps_through_the_relay_and_its_media_in_xdp
         "{query}"
     );
 
+    // The operator sees it too.
+    let listed = relayd.ctl_json(&["calls", "list"]);
+    let ng_calls = listed["ng_calls"].as_array().unwrap();
+    assert_eq!(ng_calls.len(), 1, "{listed}");
+    assert_eq!(
+        (&ng_calls[0]["call_id"], &ng_calls[0]["state"]),
+        (&calls[0], &json!("answered")),
+        "{listed}"
+    );
+    assert_eq!(
+        ng_calls[0]["flows"].as_array().unwrap().len(),
+        4,
+        "{listed}"
+    );
+    let table = relayd.ctl_ok(&["calls", "list"]);
+    assert!(
+        table.contains("NG CALL-ID") && table.contains("answered"),
+        "{table}"
+    );
+
     // The caller hangs up: Kamailio deletes the call, its flows go.
     let screen = caller.finish();
     assert_eq!(

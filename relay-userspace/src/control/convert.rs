@@ -199,3 +199,18 @@ impl From<CallInfo> for wire::CallInfo {
         }
     }
 }
+
+impl From<crate::ng::calls::NgCallInfo> for wire::NgCallListed {
+    fn from(call: crate::ng::calls::NgCallInfo) -> Self {
+        wire::NgCallListed {
+            call_id: call.call_id,
+            tags: call.tags,
+            state: if call.answered { "answered" } else { "offered" }.to_owned(),
+            since_secs: call.since_secs,
+            streams: call.streams,
+            flows: call.flows,
+            packets: call.packets,
+            bytes: call.bytes,
+        }
+    }
+}

@@ -114,6 +114,25 @@ pub struct TurnAllocationsResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallsListResult {
     pub calls: Vec<CallInfo>,
+    /// Calls a SIP proxy set up over ng.
+    #[serde(default)]
+    pub ng_calls: Vec<NgCallListed>,
+}
+
+/// An ng call in `calls.list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NgCallListed {
+    pub call_id: String,
+    /// The caller's tag (`from-tag`), then the callee's (`to-tag`, empty until answered).
+    pub tags: [String; 2],
+    /// offered, answered.
+    pub state: String,
+    pub since_secs: u64,
+    pub streams: usize,
+    pub flows: Vec<u32>,
+    /// Received from both sides, kernel and relayd's sockets.
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// `calls.show`, `calls.hangup`: one call by its number.

@@ -65,24 +65,8 @@ impl ControlServer {
         })
     }
 
-    pub async fn serve(
-        self,
-        table: Arc<FlowTable>,
-        turn: Option<Arc<TurnService>>,
-        signalling: Option<Arc<crate::signalling::server::Listening>>,
-        calls: Option<Arc<crate::calls::Calls>>,
-        reloader: Arc<Reloader>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let started = Instant::now();
-        let services = Arc::new(Services {
-            table,
-            turn,
-            signalling,
-            calls,
-            reloader,
-            started,
-        });
+    pub async fn serve(self, services: Services, mut shutdown: watch::Receiver<bool>) {
+        let services = Arc::new(services);
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -99,13 +83,15 @@ impl ControlServer {
 }
 
 /// What requests act on.
-struct Services {
-    table: Arc<FlowTable>,
-    turn: Option<Arc<TurnService>>,
-    signalling: Option<Arc<crate::signalling::server::Listening>>,
-    calls: Option<Arc<crate::calls::Calls>>,
-    reloader: Arc<Reloader>,
-    started: Instant,
+pub struct Services {
+    pub table: Arc<FlowTable>,
+    pub turn: Option<Arc<TurnService>>,
+    pub signalling: Option<Arc<crate::signalling::server::Listening>>,
+    pub calls: Option<Arc<crate::calls::Calls>>,
+    pub ng: Option<Arc<crate::ng::calls::NgCalls>>,
+    pub reloader: Arc<Reloader>,
+    /// When relayd started (its uptime in `status`).
+    pub started: Instant,
 }
 
 async fn connection(
@@ -305,10 +291,26 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             to_value(TurnRevokeResult { revoked })
         }
         method::CALLS_LIST => {
-            let calls = calls_service(services)?;
-            to_value(CallsListResult {
-                calls: calls.list().into_iter().map(Into::into).collect(),
-            })
+            // App calls and ng calls side by side; an error only when neither is on.
+            let calls = match (&services.calls, &services.ng) {
+                (Some(calls), _) => calls.list().into_iter().map(Into::into).collect(),
+                (None, Some(_)) => Vec::new(),
+                (None, None) => {
+                    return Err(body(
+                        ErrorKind::NotFound,
+                        None,
+                        "neither calls nor ng are enabled ([calls] enabled, [ng] listen)"
+                            .to_owned(),
+                    ));
+                }
+            };
+            let ng_calls = services
+                .ng
+                .iter()
+                .flat_map(|ng| ng.infos())
+                .map(Into::into)
+                .collect();
+            to_value(CallsListResult { calls, ng_calls })
         }
         method::CALLS_SHOW => {
             let params: CallIdParams = params(request)?;

@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use relay::control::{
     client::{ClientError, ControlClient},
-    protocol::{CallIdParams, CallInfo, CallsListResult, method},
+    protocol::{CallIdParams, CallInfo, CallsListResult, NgCallListed, method},
 };
 use serde_json::Value;
 
@@ -13,7 +13,8 @@ use crate::output;
 pub enum CallsCommand {
     /// Calls in progress: user, state, the app's address and how it is reached (VIA: host,
     /// srflx/prflx through a NAT, relay through TURN), PBX and LAN legs, each leg's media
-    /// security (MEDIA: app/pbx, or pass-through), flows, traffic
+    /// security (MEDIA: app/pbx, or pass-through), flows, traffic; then the calls SIP
+    /// proxies set up over ng (call-id, tags, streams, flows, traffic)
     List,
     /// One call in detail: the selected route, both legs, traffic each way
     Show {
@@ -37,31 +38,18 @@ pub fn run(
             let result: CallsListResult = client.call_as(method::CALLS_LIST, Value::Null)?;
             if json {
                 output::json(&result);
-            } else if result.calls.is_empty() {
+            } else if result.calls.is_empty() && result.ng_calls.is_empty() {
                 println!("no calls");
             } else {
-                let mut table = output::Table::new(&[
-                    "CALL", "TENANT", "USER", "STATE", "APP", "VIA", "PBX", "LAN", "MEDIA",
-                    "FLOWS", "PACKETS", "BYTES",
-                ])
-                .right_aligned(&["CALL", "FLOWS", "PACKETS", "BYTES"]);
-                for call in &result.calls {
-                    table.row(vec![
-                        call.call.to_string(),
-                        call.tenant.clone(),
-                        call.user.clone(),
-                        call.state.clone(),
-                        call.app.map_or("-".to_owned(), |a| a.to_string()),
-                        call.app_candidate.clone().unwrap_or_else(|| "-".to_owned()),
-                        call.pbx.map_or("-".to_owned(), |a| a.to_string()),
-                        call.lan.to_string(),
-                        media_security(call),
-                        call.flows.len().to_string(),
-                        output::count(call.packets),
-                        output::bytes(call.bytes),
-                    ]);
+                if !result.calls.is_empty() {
+                    app_calls(&result.calls);
                 }
-                table.print();
+                if !result.ng_calls.is_empty() {
+                    if !result.calls.is_empty() {
+                        println!();
+                    }
+                    ng_calls(&result.ng_calls);
+                }
             }
         }
         CallsCommand::Show { call } => {
@@ -145,6 +133,68 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+fn app_calls(calls: &[CallInfo]) {
+    let mut table = output::Table::new(&[
+        "CALL", "TENANT", "USER", "STATE", "APP", "VIA", "PBX", "LAN", "MEDIA", "FLOWS", "PACKETS",
+        "BYTES",
+    ])
+    .right_aligned(&["CALL", "FLOWS", "PACKETS", "BYTES"]);
+    for call in calls {
+        table.row(vec![
+            call.call.to_string(),
+            call.tenant.clone(),
+            call.user.clone(),
+            call.state.clone(),
+            call.app.map_or("-".to_owned(), |a| a.to_string()),
+            call.app_candidate.clone().unwrap_or_else(|| "-".to_owned()),
+            call.pbx.map_or("-".to_owned(), |a| a.to_string()),
+            call.lan.to_string(),
+            media_security(call),
+            call.flows.len().to_string(),
+            output::count(call.packets),
+            output::bytes(call.bytes),
+        ]);
+    }
+    table.print();
+}
+
+/// Calls a SIP proxy set up over ng, under their own header.
+fn ng_calls(calls: &[NgCallListed]) {
+    let mut table = output::Table::new(&[
+        "NG CALL-ID",
+        "FROM-TAG",
+        "TO-TAG",
+        "STATE",
+        "AGE",
+        "STREAMS",
+        "FLOWS",
+        "PACKETS",
+        "BYTES",
+    ])
+    .right_aligned(&["STREAMS", "FLOWS", "PACKETS", "BYTES"]);
+    for call in calls {
+        let tag = |tag: &str| {
+            if tag.is_empty() {
+                "-".to_owned()
+            } else {
+                tag.to_owned()
+            }
+        };
+        table.row(vec![
+            call.call_id.clone(),
+            tag(&call.tags[0]),
+            tag(&call.tags[1]),
+            call.state.clone(),
+            output::duration(call.since_secs as f64),
+            call.streams.to_string(),
+            call.flows.len().to_string(),
+            output::count(call.packets),
+            output::bytes(call.bytes),
+        ]);
+    }
+    table.print();
 }
 
 /// `dtls-srtp/rtp` (app leg / PBX leg, terminated by the relay), or `pass-through`.
