@@ -44,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
                 ports: &ports,
                 rtcp_mux,
                 origin: true,
+                full_rtcp: true,
             },
         ) else {
             continue;

@@ -22,6 +22,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("sip-tester", "sipp"),
     // rtpengine, the comparison in the anchor benchmark (in userspace mode, driven over ng).
     ("rtpengine-daemon", "rtpengine"),
+    // rtpengine's Perl ng client: a second ng client, the relay's replies beside rtpengine's.
+    ("rtpengine-utils", "rtpengine-ng-client"),
     // Kamailio and its rtpengine module: the SIP proxy driving the relay over ng.
     ("kamailio", "kamailio"),
     // A real browser as the WebRTC app (DTLS-SRTP, BUNDLE) in the calls tests.

@@ -171,6 +171,7 @@ impl NgCalls {
             .map(|stream| {
                 stream.endpoint.map(|endpoint| Peer {
                     endpoint,
+                    advertised: endpoint,
                     learn: !options.asymmetric,
                     learned: false,
                 })
@@ -245,6 +246,7 @@ impl NgCalls {
                     RtcpMuxOption::Demux => RtcpMux::Demux,
                 },
                 origin: signal.options.replace_origin,
+                full_rtcp: signal.options.full_rtcp_attribute,
             },
         );
         let sdp = match sdp {
@@ -346,6 +348,7 @@ impl NgCalls {
                     _ => RtcpMux::AsIs,
                 },
                 origin: signal.options.replace_origin,
+                full_rtcp: signal.options.full_rtcp_attribute,
             },
         )
         .map_err(|err| NgError::new(format!("sdp: {err}")))?;
@@ -378,7 +381,7 @@ impl NgCalls {
                 target.call_id
             )));
         }
-        let reply = self.report(&target.call_id, call);
+        let reply = self.report(call);
         let call = calls.remove(&target.call_id).expect("just found");
         drop(calls);
         self.end(&target.call_id, call, Ended::Deleted);
@@ -390,7 +393,7 @@ impl NgCalls {
         let call = calls
             .get(&target.call_id)
             .ok_or_else(|| NgError::new(format!("unknown call-id {:?}", target.call_id)))?;
-        Ok(self.report(&target.call_id, call))
+        Ok(self.report(call))
     }
 
     pub fn list(&self, limit: usize) -> Vec<String> {
@@ -443,7 +446,7 @@ impl NgCalls {
                         let last = call
                             .streams
                             .iter()
-                            .map(|s| s.last_packet_ns(&self.table))
+                            .map(|s| s.last_packet_ns(&self.table, None))
                             .max()
                             .unwrap_or(0);
                         let idle = if last == 0 {
@@ -508,11 +511,39 @@ impl NgCalls {
         tracing::info!(call_id = %id, secs = call.created_at.elapsed().as_secs(), "ng: call deleted; its flows are removed");
     }
 
-    /// A call as `query` and `delete` report it (rtpengine's shape, which Kamailio's
-    /// `rtpengine_query` and `$rtpstat` read): per tag its medias and streams with what was
-    /// received from that side, and the totals.
-    fn report(&self, _id: &str, call: &NgCall) -> Value {
+    /// A call as `query` and `delete` report it, in rtpengine's shape (which Kamailio's
+    /// `rtpengine_query` and `$rtpstat` read): per tag its medias and their RTP and RTCP
+    /// streams, with what was received from that side, and the totals.
+    fn report(&self, call: &NgCall) -> Value {
         let int = |n: u64| Value::Int(n.min(i64::MAX as u64) as i64);
+        let text = |s: &str| Value::bytes(s);
+        let (now_ns, now_unix) = (monotonic_ns(), unix(SystemTime::now()));
+        // A monotonic instant as Unix seconds; none yet: the call's creation.
+        let unix_of = |ns: u64| match ns {
+            0 => Value::Int(unix(call.created)),
+            ns => Value::Int(now_unix - (now_ns.saturating_sub(ns) / 1_000_000_000) as i64),
+        };
+        let address = |address: std::net::SocketAddr| {
+            Value::dict([
+                (
+                    "family",
+                    text(if address.is_ipv4() { "IPv4" } else { "IPv6" }),
+                ),
+                ("address", Value::bytes(address.ip().to_string())),
+                ("port", int(address.port().into())),
+            ])
+        };
+        let or_empty = |endpoint: Option<std::net::SocketAddr>| {
+            endpoint.map_or_else(|| Value::dict([]), address)
+        };
+        let stats = |packets: u64, bytes: u64, errors: u64| {
+            Value::dict([
+                ("packets", int(packets)),
+                ("bytes", int(bytes)),
+                ("errors", int(errors)),
+            ])
+        };
+        let created = call.created.duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut totals = [[0u64; 3]; 2];
         let mut tags = Vec::new();
         for side in 0..2 {
@@ -520,6 +551,7 @@ impl NgCalls {
             if tag.is_empty() {
                 continue;
             }
+            let other = &call.tags[1 - side];
             let medias: Vec<Value> = call
                 .streams
                 .iter()
@@ -531,48 +563,49 @@ impl NgCalls {
                     totals[1][0] += received.rtcp_packets;
                     totals[1][1] += received.rtcp_bytes;
                     let peer = stream.peer(side);
-                    let endpoint = |address: Option<std::net::SocketAddr>| match address {
-                        Some(address) => Value::dict([
-                            (
-                                "family",
-                                Value::bytes(if address.is_ipv4() { "IPv4" } else { "IPv6" }),
-                            ),
-                            ("address", Value::bytes(address.ip().to_string())),
-                            ("port", int(address.port().into())),
-                        ]),
-                        None => Value::dict([]),
-                    };
                     let ports = &stream.ports[side];
-                    let rtp = Value::dict([
-                        ("local port", int(ports.address.port().into())),
-                        ("endpoint", endpoint(peer.map(|p| p.endpoint.rtp))),
-                        (
-                            "stats",
+                    let last = unix_of(stream.last_packet_ns(&self.table, Some(side)));
+                    let family = text(if ports.address.is_ipv4() {
+                        "IPv4"
+                    } else {
+                        "IPv6"
+                    });
+                    let one =
+                        |kind: &str, local: std::net::SocketAddr, endpoint, advertised, stats| {
                             Value::dict([
-                                ("packets", int(received.rtp_packets)),
-                                ("bytes", int(received.rtp_bytes)),
-                                ("errors", int(received.refused)),
-                            ]),
-                        ),
-                    ]);
-                    let rtcp = Value::dict([
-                        ("local port", int(ports.rtcp_address().port().into())),
-                        ("endpoint", endpoint(peer.map(|p| p.endpoint.rtcp))),
-                        (
-                            "stats",
-                            Value::dict([
-                                ("packets", int(received.rtcp_packets)),
-                                ("bytes", int(received.rtcp_bytes)),
-                                ("errors", int(0)),
-                            ]),
-                        ),
-                    ]);
+                                ("local address", Value::bytes(local.ip().to_string())),
+                                ("local port", int(local.port().into())),
+                                ("family", family.clone()),
+                                ("endpoint", or_empty(endpoint)),
+                                ("advertised endpoint", or_empty(advertised)),
+                                ("last packet", last.clone()),
+                                ("stats", stats),
+                                ("flags", Value::List(vec![text(kind)])),
+                            ])
+                        };
+                    let rtp = one(
+                        "RTP",
+                        ports.address,
+                        peer.map(|p| p.endpoint.rtp),
+                        peer.map(|p| p.advertised.rtp),
+                        stats(received.rtp_packets, received.rtp_bytes, received.refused),
+                    );
+                    let rtcp = one(
+                        "RTCP",
+                        ports.rtcp_address(),
+                        peer.map(|p| p.endpoint.rtcp),
+                        peer.map(|p| p.advertised.rtcp),
+                        stats(received.rtcp_packets, received.rtcp_bytes, 0),
+                    );
                     let mut flags = Vec::new();
+                    if peer.is_some() {
+                        flags.push(text("initialized"));
+                    }
                     if peer.is_some_and(|p| p.endpoint.rtcp_mux) {
-                        flags.push(Value::bytes("RTCP-mux"));
+                        flags.push(text("RTCP-mux"));
                     }
                     if peer.is_some_and(|p| p.learned) {
-                        flags.push(Value::bytes("learned address"));
+                        flags.push(text("learned address"));
                     }
                     Value::dict([
                         ("index", int(stream.index as u64 + 1)),
@@ -583,27 +616,36 @@ impl NgCalls {
                     ])
                 })
                 .collect();
-            let other = &call.tags[1 - side];
+            let peers = || {
+                let list = if other.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Value::dict([
+                        ("tag", Value::bytes(other.clone())),
+                        ("type", text("offer/answer")),
+                    ])]
+                };
+                Value::List(list)
+            };
             tags.push((
                 tag.clone(),
                 Value::dict([
                     ("tag", Value::bytes(tag.clone())),
+                    ("created", Value::Int(created.as_secs() as i64)),
                     ("in dialogue with", Value::bytes(other.clone())),
                     ("medias", Value::List(medias)),
+                    ("subscribers", peers()),
+                    ("subscriptions", peers()),
                 ]),
             ));
         }
-        let total = |t: [u64; 3]| {
-            Value::dict([
-                ("packets", int(t[0])),
-                ("bytes", int(t[1])),
-                ("errors", int(t[2])),
-            ])
-        };
         Value::dict([
-            ("result", Value::bytes("ok")),
-            ("created", Value::Int(unix(call.created))),
+            ("result", text("ok")),
+            ("created", Value::Int(created.as_secs() as i64)),
+            ("created_us", int(created.subsec_micros().into())),
             ("last signal", Value::Int(unix(call.last_signal))),
+            // The relay does not look into RTP: no SSRCs to report.
+            ("SSRC", Value::dict([])),
             (
                 "tags",
                 Value::Dict(
@@ -614,7 +656,10 @@ impl NgCalls {
             ),
             (
                 "totals",
-                Value::dict([("RTP", total(totals[0])), ("RTCP", total(totals[1]))]),
+                Value::dict([
+                    ("RTP", stats(totals[0][0], totals[0][1], totals[0][2])),
+                    ("RTCP", stats(totals[1][0], totals[1][1], totals[1][2])),
+                ]),
             ),
         ])
     }

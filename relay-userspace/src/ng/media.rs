@@ -55,6 +55,8 @@ impl Ports {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     pub endpoint: StreamEndpoint,
+    /// As its SDP said.
+    pub advertised: StreamEndpoint,
     /// May still take its address from its first packet.
     pub learn: bool,
     /// Its address was taken from its media, not its SDP.
@@ -106,8 +108,8 @@ pub struct StreamMedia {
     /// Received in userspace from each side, by kind.
     counted: [[Counter; 2]; 2],
     refused: [AtomicU64; 2],
-    /// CLOCK_MONOTONIC ns of the last packet in userspace.
-    last_packet_ns: AtomicU64,
+    /// CLOCK_MONOTONIC ns of the last packet in userspace, from each side.
+    last_packet_ns: [AtomicU64; 2],
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -139,7 +141,7 @@ impl StreamMedia {
             }),
             counted: Default::default(),
             refused: Default::default(),
-            last_packet_ns: AtomicU64::new(0),
+            last_packet_ns: Default::default(),
             tasks: Mutex::new(Vec::new()),
         })
     }
@@ -181,7 +183,7 @@ impl StreamMedia {
                 continue;
             };
             self.counted[side][kind_index(kind)].add(n);
-            self.last_packet_ns.store(monotonic_ns(), Ordering::Relaxed);
+            self.last_packet_ns[side].store(monotonic_ns(), Ordering::Relaxed);
             let Some(to) = target else { continue };
             // RTCP from a multiplexing side to one that is not goes to its RTCP port.
             let out_kind = match kind {
@@ -356,15 +358,21 @@ impl StreamMedia {
         }
     }
 
-    /// CLOCK_MONOTONIC ns of the last packet either way (the flow table's last sample of
-    /// the kernel's last-seen, or userspace's), 0 when none.
-    pub fn last_packet_ns(&self, table: &FlowTable) -> u64 {
+    /// CLOCK_MONOTONIC ns of the last packet from `side` (None: either way): the flow
+    /// table's last sample of the kernel's last-seen, or userspace's; 0 when none.
+    pub fn last_packet_ns(&self, table: &FlowTable, side: Option<usize>) -> u64 {
         let flows = self.flows.lock().expect("ng stream poisoned");
+        let of_side = |from: usize| side.is_none_or(|side| side == from);
         flows
             .installed
             .iter()
+            .filter(|(_, from, _)| of_side(*from))
             .filter_map(|(id, _, _)| table.sampled_last_seen_ns(*id).ok())
-            .chain([self.last_packet_ns.load(Ordering::Relaxed)])
+            .chain(
+                (0..2)
+                    .filter(|from| of_side(*from))
+                    .map(|from| self.last_packet_ns[from].load(Ordering::Relaxed)),
+            )
             .max()
             .unwrap_or(0)
     }

@@ -90,6 +90,8 @@ pub struct Options {
     pub sip_source_address: bool,
     /// `asymmetric`: never learn a side's address from its media.
     pub asymmetric: bool,
+    /// `full-rtcp-attribute`: `a=rtcp:PORT IN IP4 ADDRESS` rather than `a=rtcp:PORT`.
+    pub full_rtcp_attribute: bool,
     pub rtcp_mux: RtcpMuxOption,
     /// Options this relay does not know, as the proxy wrote them.
     pub unknown: Vec<String>,
@@ -120,13 +122,25 @@ const IGNORED: &[&str] = &[
     "strict-source",
     "media-handover",
     "rtcp-mux-accept",
-    "SDES-off",
-    "DTLS=off",
-    "ICE=default",
+    "sdes-off",
+    "dtls=off",
+    "ice=default",
     "codec-strip-all",
     "generate-mid",
-    "full-rtcp-attribute",
 ];
+
+/// An option's name as rtpengine compares them: `trust address`, `trust_address` and
+/// `Trust-Address` are one option (the Perl client writes spaces, Kamailio dashes).
+fn normal(name: &str) -> String {
+    name.replace([' ', '_'], "-").to_ascii_lowercase()
+}
+
+/// A dictionary key, written with dashes or with spaces.
+fn key<'a>(message: &'a Value, name: &str) -> Option<&'a Value> {
+    message
+        .get(name)
+        .or_else(|| message.get(&name.replace('-', " ")))
+}
 
 pub fn parse(message: &Value) -> Result<Request, NgError> {
     let Value::Dict(_) = message else {
@@ -199,7 +213,7 @@ pub fn parse(message: &Value) -> Result<Request, NgError> {
 fn options(message: &Value) -> Result<Options, NgError> {
     let mut words: Vec<(String, Option<String>)> = Vec::new();
     let list = |key: &str| -> Result<Vec<String>, NgError> {
-        match message.get(key) {
+        match self::key(message, key) {
             None => Ok(Vec::new()),
             Some(Value::List(items)) => items
                 .iter()
@@ -232,7 +246,7 @@ fn options(message: &Value) -> Result<Options, NgError> {
         }
     }
     for key in ["ICE", "DTLS", "transport-protocol"] {
-        if let Some(value) = message.get(key) {
+        if let Some(value) = self::key(message, key) {
             let value = value
                 .as_str()
                 .ok_or_else(|| NgError::new(format!("{key}: expected a string")))?;
@@ -243,7 +257,7 @@ fn options(message: &Value) -> Result<Options, NgError> {
         direction: list("direction")?,
         ..Options::default()
     };
-    if let Some(from) = message.get("received-from") {
+    if let Some(from) = self::key(message, "received-from") {
         let parts = list("received-from").ok().filter(|parts| parts.len() == 2);
         let address = parts
             .and_then(|parts| parts[1].parse::<IpAddr>().ok())
@@ -260,34 +274,35 @@ fn options(message: &Value) -> Result<Options, NgError> {
             Some(value) => format!("{key}={value}"),
             None => key.clone(),
         };
-        if IGNORED.contains(&word.as_str()) {
+        let name = normal(&key);
+        let lowered = value.as_deref().map(str::to_ascii_lowercase);
+        if IGNORED.contains(&normal(&word).as_str()) {
             continue;
         }
-        match (key.as_str(), value.as_deref()) {
-            ("ICE", Some("remove")) => options.ice = Ice::Remove,
-            ("ICE", Some("force" | "force-relay")) => options.ice = Ice::Force,
-            ("ICE", Some(other)) => {
+        match (name.as_str(), lowered.as_deref()) {
+            ("ice", Some("remove")) => options.ice = Ice::Remove,
+            ("ice", Some("force" | "force-relay")) => options.ice = Ice::Force,
+            ("ice", Some(other)) => {
                 return Err(NgError::new(format!(
                     "ICE={other}: expected remove, force or default"
                 )));
             }
-            ("DTLS", Some(mode @ ("passive" | "active"))) => options.dtls = Some(mode.to_owned()),
-            ("transport-protocol", Some(profile)) => {
-                options.transport_protocol = Some(profile.to_owned())
-            }
+            ("dtls", Some(mode @ ("passive" | "active"))) => options.dtls = Some(mode.to_owned()),
+            ("transport-protocol", Some(_)) => options.transport_protocol = value.clone(),
             (
-                profile @ ("RTP/AVP" | "RTP/SAVP" | "RTP/AVPF" | "RTP/SAVPF" | "UDP/TLS/RTP/SAVP"
-                | "UDP/TLS/RTP/SAVPF"),
+                "rtp/avp" | "rtp/savp" | "rtp/avpf" | "rtp/savpf" | "udp/tls/rtp/savp"
+                | "udp/tls/rtp/savpf",
                 None,
-            ) => options.transport_protocol = Some(profile.to_owned()),
-            ("direction", Some(name)) => options.direction.push(name.to_owned()),
+            ) => options.transport_protocol = Some(key.to_ascii_uppercase()),
+            ("direction", Some(_)) => options.direction.extend(value.clone()),
             ("replace-origin", None) => options.replace_origin = true,
             ("trust-address", None) => options.trust_address = true,
-            ("SIP-source-address", None) => options.sip_source_address = true,
+            ("sip-source-address", None) => options.sip_source_address = true,
             ("asymmetric", None) => options.asymmetric = true,
+            ("full-rtcp-attribute", None) => options.full_rtcp_attribute = true,
             ("rtcp-mux-offer", None) => options.rtcp_mux = RtcpMuxOption::Offer,
             ("rtcp-mux-demux", None) => options.rtcp_mux = RtcpMuxOption::Demux,
-            _ if key.starts_with("SDES-") => {}
+            _ if name.starts_with("sdes-") => {}
             _ => options.unknown.push(word),
         }
     }
@@ -332,6 +347,18 @@ mod tests {
         assert_eq!(options.ice, Ice::Force);
         assert_eq!(options.direction, ["lan"]);
         assert_eq!(options.rtcp_mux, RtcpMuxOption::Offer);
+        assert_eq!(options.transport_protocol.as_deref(), Some("RTP/SAVP"));
+        assert!(options.unknown.is_empty(), "{:?}", options.unknown);
+    }
+
+    #[test]
+    fn the_perl_clients_spaces_are_kamailios_dashes() {
+        let offer = "d7:call-id1:c7:command5:offer5:flagsl13:trust address18:SIP source address19:full rtcp attributee8:from-tag1:f7:replacel18:session connectione3:sdp3:v=018:transport protocol8:RTP/SAVPe";
+        let Request::Offer(signal) = request(offer).unwrap() else {
+            panic!("an offer")
+        };
+        let options = signal.options;
+        assert!(options.trust_address && options.sip_source_address && options.full_rtcp_attribute);
         assert_eq!(options.transport_protocol.as_deref(), Some("RTP/SAVP"));
         assert!(options.unknown.is_empty(), "{:?}", options.unknown);
     }

@@ -114,6 +114,9 @@ pub struct Anchor<'a> {
     pub rtcp_mux: RtcpMux,
     /// `o=`'s address too (rtpengine's `replace-origin`).
     pub origin: bool,
+    /// `a=rtcp:PORT IN IP4 ADDRESS`; otherwise `a=rtcp:PORT` (the address is `c=`'s), as
+    /// rtpengine writes it unless told `full-rtcp-attribute`.
+    pub full_rtcp: bool,
 }
 
 /// The description with the relay in every address: the session and media `c=`, each
@@ -166,10 +169,14 @@ pub fn anchor_streams(text: &str, anchor: Anchor) -> Result<String, SdpError> {
         } else {
             port + 1
         };
-        media.attributes.push(Attribute::new(
-            "rtcp".into(),
-            Some(format!("{rtcp} IN {address_type} {}", anchor.ip)),
-        ));
+        let value = if anchor.full_rtcp {
+            format!("{rtcp} IN {address_type} {}", anchor.ip)
+        } else {
+            rtcp.to_string()
+        };
+        media
+            .attributes
+            .push(Attribute::new("rtcp".into(), Some(value)));
     }
     Ok(description.marshal())
 }
@@ -219,6 +226,7 @@ mod tests {
                 ports: &[Some(30000), Some(30002), None],
                 rtcp_mux: RtcpMux::AsIs,
                 origin: true,
+                full_rtcp: true,
             },
         )
         .unwrap();
@@ -246,13 +254,14 @@ mod tests {
                     ports: &[Some(30010)],
                     rtcp_mux,
                     origin,
+                    full_rtcp: false,
                 },
             )
             .unwrap()
         };
         let offered = anchor(RtcpMux::Offer, false);
         assert!(offered.contains("a=rtcp-mux\r\n"), "{offered}");
-        assert!(offered.contains("a=rtcp:30010 "), "{offered}");
+        assert!(offered.contains("a=rtcp:30010\r\n"), "{offered}");
         assert!(
             offered.contains("o=user1 53655765 2353687637 IN IP4 10.40.0.2"),
             "{offered}"
@@ -264,6 +273,7 @@ mod tests {
                 ports: &[Some(30000), Some(30002), None],
                 rtcp_mux: RtcpMux::Demux,
                 origin: false,
+                full_rtcp: true,
             },
         )
         .unwrap();
