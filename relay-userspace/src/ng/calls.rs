@@ -461,11 +461,7 @@ impl NgCalls {
                         Ended::MediaTimeout
                     }
                 };
-                ended.push((
-                    id.clone(),
-                    std::mem::replace(&mut call.streams, Vec::new()),
-                    why,
-                ));
+                ended.push((id.clone(), std::mem::take(&mut call.streams), why));
                 false
             });
         }

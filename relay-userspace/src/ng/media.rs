@@ -333,12 +333,14 @@ impl StreamMedia {
     pub fn received(&self, table: &FlowTable, side: usize) -> Received {
         let now = monotonic_ns();
         let flows = self.flows.lock().expect("ng stream poisoned");
-        let mut totals = [[0u64; 2]; 2];
-        for kind in 0..2 {
-            let counter = &self.counted[side][kind];
-            totals[kind][0] = flows.retired[side][kind].0 + counter.packets.load(Ordering::Relaxed);
-            totals[kind][1] = flows.retired[side][kind].1 + counter.bytes.load(Ordering::Relaxed);
-        }
+        // [kind][packets, bytes]: what removed flows and userspace carried, then the flows.
+        let mut totals = [0, 1].map(|kind| {
+            let (counter, retired) = (&self.counted[side][kind], flows.retired[side][kind]);
+            [
+                retired.0 + counter.packets.load(Ordering::Relaxed),
+                retired.1 + counter.bytes.load(Ordering::Relaxed),
+            ]
+        });
         for (id, from, kind) in &flows.installed {
             if *from != side {
                 continue;
