@@ -320,3 +320,23 @@ impl Default for EdgeLab {
         EdgeLab::new()
     }
 }
+
+/// relayd configuration for the three-host lab as a SIP proxy's media relay: XDP on both
+/// relay interfaces, ng on `ng` with the client side named `wan` (10.10.1.1) and the peer
+/// side `lan` (10.10.2.1). `extra` lines go into `[ng]`, and may open further tables.
+pub fn ng_config(pin_dir: &std::path::Path, ng: &str, extra: &str) -> String {
+    format!(
+        r#"
+[datapath]
+mode = "xdp"
+interfaces = ["rc", "rp"]
+xdp_mode = "generic"
+pin_dir = "{}"
+[ng]
+listen = "{ng}"
+interfaces = {{ wan = "10.10.1.1", lan = "10.10.2.1" }}
+{extra}
+"#,
+        pin_dir.display()
+    )
+}

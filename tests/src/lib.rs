@@ -19,6 +19,7 @@ pub mod packet;
 pub mod pbx;
 pub mod process;
 pub mod relayd;
+pub mod rtpengine;
 pub mod sdes;
 pub mod signalling_client;
 pub mod traffic;

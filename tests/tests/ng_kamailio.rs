@@ -10,7 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 use relay_tests::{
     config_file::ConfigFile,
     kamailio::Kamailio,
-    lab::ThreeHosts,
+    lab::{ThreeHosts, ng_config},
     netns::{NetNs, PinDir},
     ng::NgClient,
     pbx::{Sipp, sipp_successful_calls},
@@ -20,23 +20,6 @@ use relay_tests::{
 use serde_json::{Value, json};
 
 const NG: &str = "127.0.0.1:2223";
-
-fn ng_config(pins: &std::path::Path) -> String {
-    format!(
-        r#"
-[datapath]
-mode = "xdp"
-interfaces = ["rc", "rp"]
-xdp_mode = "generic"
-pin_dir = "{}"
-[ng]
-listen = "{NG}"
-interfaces = {{ wan = "10.10.1.1", lan = "10.10.2.1" }}
-media_timeout_secs = 30
-"#,
-        pins.display()
-    )
-}
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("address")
@@ -62,7 +45,7 @@ fn kamailio_puts_a_call_between_two_sipps_through_the_relay_and_its_media_in_xdp
     require_root();
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&ng_config(&pins.path));
+    let config = ConfigFile::new(&ng_config(&pins.path, NG, "media_timeout_secs = 30"));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let kamailio = Kamailio::start(
         &lab.relay,
@@ -211,7 +194,7 @@ fn bad_ng_requests_get_a_reason_and_change_nothing() {
     require_root();
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&ng_config(&pins.path));
+    let config = ConfigFile::new(&ng_config(&pins.path, NG, "media_timeout_secs = 30"));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let mut ng = NgClient::new(&lab.relay, addr(NG));
     assert_eq!(

@@ -3,16 +3,15 @@
 //! the same offer, answer, query and delete: the SDP the relay writes is rtpengine's apart
 //! from the media ports, and its query and delete replies carry every key rtpengine's do.
 
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use std::collections::BTreeSet;
 
 use relay_tests::{
     config_file::ConfigFile,
-    lab::ThreeHosts,
+    lab::{ThreeHosts, ng_config},
     netns::{NetNs, PinDir},
-    ng::NgClient,
-    process::Background,
     relayd::Relayd,
     require_root,
+    rtpengine::Rtpengine,
 };
 use serde_json::{Value, json};
 
@@ -140,46 +139,15 @@ fn the_perl_ng_client_gets_from_the_relay_what_rtpengine_answers() {
     require_root();
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
-    let config = ConfigFile::new(&format!(
-        r#"
-[datapath]
-mode = "xdp"
-interfaces = ["rc", "rp"]
-xdp_mode = "generic"
-pin_dir = "{}"
-[ng]
-listen = "{RELAY_NG}"
-interfaces = {{ wan = "10.10.1.1", lan = "10.10.2.1" }}
-"#,
-        pins.path.display()
-    ));
+    let config = ConfigFile::new(&ng_config(&pins.path, RELAY_NG, ""));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let _rtpengine = Background::spawn_with_output(
+    let _rtpengine = Rtpengine::start(
         &lab.relay,
-        &[
-            "rtpengine",
-            "--config-file=none",
-            "--foreground",
-            "--table=-1",
-            "--interface=wan/10.10.1.1",
-            "--interface=lan/10.10.2.1",
-            &format!("--listen-ng={RTPENGINE_NG}"),
-            "--port-min=32000",
-            "--port-max=32999",
-            "--log-stderr",
-        ],
-        log.path(),
+        &["wan/10.10.1.1", "lan/10.10.2.1"],
+        RTPENGINE_NG,
+        (32000, 32999),
+        &[],
     );
-    let mut ping = NgClient::new(&lab.relay, RTPENGINE_NG.parse::<SocketAddr>().unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while ping.request(&json!({"command": "ping"})).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rtpengine answers pings:\n{}",
-            std::fs::read_to_string(log.path()).unwrap_or_default()
-        );
-    }
 
     let mut replies = Vec::new();
     for server in [RELAY_NG, RTPENGINE_NG] {

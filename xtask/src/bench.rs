@@ -16,6 +16,9 @@ pub enum Suite {
     /// Bridged calls (SDES-SRTP toward the app, plain RTP toward the PBX), the relay
     /// transcrypting, side by side with rtpengine in userspace
     Anchor,
+    /// The relay under Kamailio over ng: call setup rate through Kamailio, concurrent calls
+    /// at 50 pps each way, side by side with rtpengine in userspace
+    Ng,
 }
 
 pub fn run(suite: Suite) -> anyhow::Result<()> {
@@ -24,6 +27,7 @@ pub fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::Turn => "bench-turn",
         Suite::Calls => "bench-calls",
         Suite::Anchor => "bench-anchor",
+        Suite::Ng => "bench-ng",
     };
     run_binary(binary)
 }

@@ -41,7 +41,8 @@ enum Command {
     Test,
     /// Measure: `fastpath` (XDP program cost, end-to-end packets per second XDP vs userspace),
     /// `turn` (TURN relaying: offload, userspace, coturn), `calls` (setup, concurrent calls,
-    /// XDP vs userspace), `anchor` (bridged calls: relayd vs rtpengine, DTLS setup)
+    /// XDP vs userspace), `anchor` (bridged calls: relayd vs rtpengine, DTLS setup), `ng`
+    /// (under Kamailio over ng: setup rate, concurrent calls, relayd vs rtpengine)
     Bench {
         #[arg(value_enum, default_value = "fastpath")]
         suite: bench::Suite,

@@ -41,9 +41,10 @@ use relay_tests::{
     measure::{host_busy_ns, process_cpu_ns},
     netns::{PinDir, enter_by_name},
     ng::NgClient,
-    process::Background,
     relayd::Relayd,
-    require_root, sdes,
+    require_root,
+    rtpengine::Rtpengine,
+    sdes,
     signalling_client::{receive_within, send},
 };
 use ring::rand::{SecureRandom, SystemRandom};
@@ -338,37 +339,23 @@ async fn run_apps(
 /// rtpengine in the relay's namespace, in userspace (no kernel table), one interface on
 /// each side; each call an ng offer from the PBX side and the app's SDES answer.
 fn run_rtpengine(lab: &EdgeLab) -> Run {
-    let log = tempfile::NamedTempFile::new().expect("a log file");
-    let rtpengine = Background::spawn_with_output(
+    let rtpengine = Rtpengine::start(
         &lab.relay,
         &[
-            "rtpengine",
-            "--config-file=none",
-            "--foreground",
-            "--table=-1",
-            &format!("--interface=wan/{}", EdgeLab::RELAY_WAN),
-            &format!("--interface=lan/{}", EdgeLab::RELAY_LAN),
-            &format!("--listen-ng={RTPENGINE_NG}"),
-            "--port-min=30000",
-            "--port-max=39999",
-            // Calls idle for the steps they are not in are not timed out.
+            &format!("wan/{}", EdgeLab::RELAY_WAN),
+            &format!("lan/{}", EdgeLab::RELAY_LAN),
+        ],
+        RTPENGINE_NG,
+        (30000, 39999),
+        // Calls idle for the steps they are not in are not timed out.
+        &[
             "--timeout=600",
             "--silent-timeout=600",
             "--offer-timeout=600",
-            "--log-stderr",
             "--log-level=5",
         ],
-        log.path(),
     );
     let mut ng = NgClient::new(&lab.relay, RTPENGINE_NG.parse().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ng.request(&json!({"command": "ping"})).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "rtpengine does not answer ng pings:\n{}",
-            std::fs::read_to_string(log.path()).unwrap_or_default()
-        );
-    }
     let started = Instant::now();
     let mut calls = Vec::new();
     for n in 0..max_calls() {
