@@ -18,7 +18,6 @@ use crate::netns::NetNs;
 pub struct NgClient {
     socket: UdpSocket,
     server: SocketAddr,
-    next_cookie: u64,
 }
 
 /// How long one try waits for its reply, and how many tries (ng over UDP is retransmitted
@@ -37,18 +36,15 @@ impl NgClient {
         socket
             .set_read_timeout(Some(REPLY_WAIT))
             .expect("read timeout");
-        NgClient {
-            socket,
-            server,
-            next_cookie: 1,
-        }
+        NgClient { socket, server }
     }
 
     /// Sends `request` (a JSON object with a `command`) and returns the reply dictionary;
     /// an `error` result is an error with the server's `error-reason`.
     pub fn request(&mut self, request: &Value) -> anyhow::Result<Value> {
-        let cookie = format!("{}_{}", std::process::id(), self.next_cookie);
-        self.next_cookie += 1;
+        // Unique in the process, not only in this client: rtpengine caches its replies by
+        // cookie alone, so a second client's cookie 1 would get the first one's reply.
+        let cookie = crate::unique("c");
         let mut message = format!("{cookie} ").into_bytes();
         message.extend(serde_bencode::to_bytes(&to_bencode(request)?)?);
         let mut buf = vec![0u8; 65536];

@@ -39,8 +39,8 @@ use relay_tests::{
 use serde_json::json;
 
 const NG: &str = "127.0.0.1:2223";
-const SETUP_CALLS: u32 = 500;
-const SETUP_RATE: u32 = 100;
+const SETUP_CALLS: u32 = 2000;
+const SETUP_RATE: u32 = 400;
 const STEPS: [usize; 4] = [100, 250, 500, 1000];
 const STEP_SECS: u64 = 10;
 /// 160 bytes of PCMU and the 12-byte RTP header; 180 bytes of UDP.
@@ -77,6 +77,8 @@ struct Step {
     loss_to_caller: f64,
     relay_cpu_percent: f64,
     relay_ns_per_packet: f64,
+    /// Of which the XDP program's run time (relayd only).
+    xdp_ns_per_packet: f64,
 }
 
 /// `bench-ng N`: at most N concurrent calls.
@@ -89,7 +91,12 @@ fn max_calls() -> usize {
 
 /// The relay under test in the lab's relay namespace; its pid.
 enum Running {
-    Ours(Relayd, PinDir, ConfigFile),
+    /// The pin directory and configuration live as long as relayd.
+    Ours(
+        Relayd,
+        #[allow(dead_code)] PinDir,
+        #[allow(dead_code)] ConfigFile,
+    ),
     Rtpengine(Rtpengine),
 }
 
@@ -232,13 +239,16 @@ fn sdp(ip: &str, port: u16) -> String {
     )
 }
 
-/// The relay's port in an SDP it wrote.
-fn relay_port(sdp: &str) -> u16 {
-    sdp.lines()
+/// The relay's port in the SDP of its reply.
+fn relay_port(reply: &serde_json::Value) -> anyhow::Result<u16> {
+    reply["sdp"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
         .find_map(|l| l.strip_prefix("m=audio "))
         .and_then(|rest| rest.split(' ').next())
         .and_then(|port| port.parse().ok())
-        .expect("an m=audio port")
+        .ok_or_else(|| anyhow::anyhow!("no m=audio port in the reply {reply}"))
 }
 
 fn concurrent(relay: Relay, lab: &ThreeHosts, running: &Running) -> Vec<Step> {
@@ -260,16 +270,13 @@ fn concurrent(relay: Relay, lab: &ThreeHosts, running: &Running) -> Vec<Step> {
                 "flags": ["trust-address"], "replace": ["origin"],
             }));
             let answer = offer.and_then(|offer| {
-                let to_callee = relay_port(offer["sdp"].as_str().unwrap_or_default());
+                let to_callee = relay_port(&offer)?;
                 let answer = ng.request(&json!({
                     "command": "answer", "call-id": call_id, "from-tag": "caller",
                     "to-tag": "callee", "sdp": sdp("10.10.2.2", port),
                     "flags": ["trust-address"], "replace": ["origin"],
                 }))?;
-                Ok((
-                    to_callee,
-                    relay_port(answer["sdp"].as_str().unwrap_or_default()),
-                ))
+                Ok((to_callee, relay_port(&answer)?))
             });
             match answer {
                 Ok((lan_port, wan_port)) => {
@@ -309,12 +316,12 @@ fn concurrent(relay: Relay, lab: &ThreeHosts, running: &Running) -> Vec<Step> {
         thread::sleep(Duration::from_millis(300));
         let at_callee = counter(&lab.peer, "arrived") - before.0;
         let at_caller = counter(&lab.client, "arrived") - before.1;
-        let relay_ns = process_cpu_ns(running.pid()) - before.2
-            + if relay == Relay::Ours {
-                xdp_run_stats().map_or(0, |(ns, _)| ns) - before.3
-            } else {
-                0
-            };
+        let xdp_ns = if relay == Relay::Ours {
+            xdp_run_stats().map_or(0, |(ns, _)| ns) - before.3
+        } else {
+            0
+        };
+        let relay_ns = process_cpu_ns(running.pid()) - before.2 + xdp_ns;
         let relayed = (at_callee + at_caller).max(1);
         let step = Step {
             calls: n,
@@ -323,6 +330,7 @@ fn concurrent(relay: Relay, lab: &ThreeHosts, running: &Running) -> Vec<Step> {
             loss_to_caller: loss(sent_b, at_caller),
             relay_cpu_percent: relay_ns as f64 / 1e9 / elapsed * 100.0,
             relay_ns_per_packet: relay_ns as f64 / relayed as f64,
+            xdp_ns_per_packet: xdp_ns as f64 / relayed as f64,
         };
         eprintln!(
             "bench ng: {}: {n} calls: loss {:.2}% / {:.2}%, {:.0} ns per packet",
@@ -362,9 +370,9 @@ fn print_tables(results: &[(Relay, Setup, Vec<Step>)]) {
         "Concurrent ng calls: plain RTP, 50 packets/s each way per call, {STEP_SECS} s per step; CPU per relayed packet (relayd + XDP program, or rtpengine)"
     );
     println!(
-        "| calls | offered pps | relay | loss to callee | loss to caller | relay CPU | ns/packet |"
+        "| calls | offered pps | relay | loss to callee | loss to caller | relay CPU | ns/packet | of which XDP |"
     );
-    println!("|---:|---:|---|---:|---:|---:|---:|");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
     let rows = results
         .iter()
         .map(|(_, _, steps)| steps.len())
@@ -374,14 +382,19 @@ fn print_tables(results: &[(Relay, Setup, Vec<Step>)]) {
         for (relay, _, steps) in results {
             if let Some(step) = steps.get(row) {
                 println!(
-                    "| {} | {:.0} | {} | {:.2}% | {:.2}% | {:.1}% | {:.0} |",
+                    "| {} | {:.0} | {} | {:.2}% | {:.2}% | {:.1}% | {:.0} | {} |",
                     step.calls,
                     step.offered_pps,
                     relay.name(),
                     step.loss_to_callee * 100.0,
                     step.loss_to_caller * 100.0,
                     step.relay_cpu_percent,
-                    step.relay_ns_per_packet
+                    step.relay_ns_per_packet,
+                    if *relay == Relay::Ours {
+                        format!("{:.0}", step.xdp_ns_per_packet)
+                    } else {
+                        "-".to_owned()
+                    }
                 );
             }
         }
