@@ -3,7 +3,8 @@
 //! relay's WAN side and the callee on its LAN side. Kamailio offers, answers and deletes
 //! through the relay's ng socket; the caller plays G.711 audio, the callee echoes it; the
 //! media goes both ways in XDP, and the BYE removes every flow. Bad ng requests get an
-//! error reply with a reason and change nothing.
+//! error reply with a reason and change nothing. A side behind a NAT is followed from its
+//! first packet, then held to that source.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -275,4 +276,109 @@ fn bad_ng_requests_get_a_reason_and_change_nothing() {
         .unwrap();
     assert_eq!(deleted["result"], "ok", "{deleted}");
     assert!(relayd.log().contains("ng: request refused"));
+}
+
+/// A side behind a NAT: its SDP names one port, its media comes from another. The relay
+/// follows the first packet's source (flows replaced, `learned address` in `query`), then
+/// refuses any other source (counted as errors); with `asymmetric` it never follows.
+#[test]
+fn a_natted_sides_address_is_learned_from_its_first_packet_then_held() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&ng_config(&pins.path, NG, ""));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let mut ng = NgClient::new(&lab.relay, addr(NG));
+    let sdp = |ip: &str, port: u16| {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtcp-mux\r\n"
+        )
+    };
+    let port_of = |reply: &Value| -> u16 {
+        let sdp = reply["sdp"].as_str().unwrap();
+        let line = sdp.lines().find(|l| l.starts_with("m=audio ")).unwrap();
+        line.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    let callee = lab.peer.udp_socket(addr("10.10.2.2:7000"));
+    callee
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    for (call, flags, follows) in [
+        ("nat", json!([]), true),
+        ("strict", json!(["asymmetric"]), false),
+    ] {
+        let offer = ng
+            .request(
+                &json!({"command": "offer", "call-id": call, "from-tag": "a",
+                "sdp": sdp("10.10.1.2", 7000), "direction": ["wan", "lan"], "flags": flags}),
+            )
+            .unwrap();
+        let answer = ng
+            .request(
+                &json!({"command": "answer", "call-id": call, "from-tag": "a", "to-tag": "b",
+                "sdp": sdp("10.10.2.2", 7000), "flags": flags}),
+            )
+            .unwrap();
+        let (_, wan_port) = (port_of(&offer), port_of(&answer));
+        let relay_wan = addr(&format!("10.10.1.1:{wan_port}"));
+        // The caller's NAT mapped its port 7000 to 7100.
+        let natted = lab.client.udp_socket(addr("10.10.1.2:7100"));
+        let rtp = [0x80u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xaa];
+        natted.send_to(&rtp, relay_wan).unwrap();
+        let arrived = callee.recv_from(&mut buf).ok();
+        assert_eq!(
+            arrived.is_some(),
+            follows,
+            "{call}: the first packet from the NAT's port reached the callee: {arrived:?}\n{}",
+            relayd.log()
+        );
+        let query = ng
+            .request(&json!({"command": "query", "call-id": call}))
+            .unwrap();
+        let stream = &query["tags"]["a"]["medias"][0];
+        let endpoint = &stream["streams"][0]["endpoint"]["port"];
+        if follows {
+            assert_eq!(endpoint, &json!(7100), "{query}");
+            assert!(
+                stream["flags"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!("learned address")),
+                "{query}"
+            );
+            // The kernel carries it from there: the flow starts at the learned source.
+            let flows = relayd.ctl_json(&["flow", "list"]);
+            assert!(
+                flows["flows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["src"] == "10.10.1.2:7100"),
+                "{flows}"
+            );
+            for _ in 0..5 {
+                natted.send_to(&rtp, relay_wan).unwrap();
+                callee
+                    .recv_from(&mut buf)
+                    .expect("media through the learned flow");
+            }
+        } else {
+            assert_eq!(endpoint, &json!(7000), "{query}");
+        }
+        // Anyone else on the caller's relay port is refused and counted.
+        let stranger = lab.client.udp_socket(addr("10.10.1.2:7200"));
+        stranger.send_to(&rtp, relay_wan).unwrap();
+        assert!(
+            callee.recv_from(&mut buf).is_err(),
+            "{call}: a stranger's packet was forwarded"
+        );
+        let query = ng
+            .request(&json!({"command": "query", "call-id": call}))
+            .unwrap();
+        let refused = query["totals"]["RTP"]["errors"].as_u64().unwrap();
+        assert_eq!(refused, if follows { 1 } else { 2 }, "{call}: {query}");
+        ng.request(&json!({"command": "delete", "call-id": call}))
+            .unwrap();
+    }
 }
