@@ -26,6 +26,7 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("signalling_parse", &["fuzz/seeds/signalling_parse"]),
     ("config_parse", &["fuzz/seeds/config_parse"]),
     ("ng_request", &["fuzz/seeds/ng_request"]),
+    ("control_request", &["fuzz/seeds/control_request"]),
 ];
 
 struct Outcome {

@@ -148,7 +148,7 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response)
 }
 
 /// Answers one request line.
-fn handle_line(line: &[u8], services: &Services) -> Response {
+pub fn handle_line(line: &[u8], services: &Services) -> Response {
     let value: Value = match serde_json::from_slice(line) {
         Ok(value) => value,
         Err(err) => {

@@ -4,7 +4,8 @@
 mod batch;
 pub mod config;
 pub mod flow;
-#[cfg(test)]
+// For unit tests and the fuzz targets (cargo-fuzz builds with `--cfg fuzzing`).
+#[cfg(any(test, fuzzing))]
 pub mod memory;
 pub mod table;
 pub mod userspace;
