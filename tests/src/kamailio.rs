@@ -144,6 +144,20 @@ impl Kamailio {
         kamailio
     }
 
+    /// Kamailio in the three-host lab's relay namespace, on both relay addresses, sending
+    /// every INVITE to the peer side's sipp at 10.10.2.2:5060, the caller on the `wan`
+    /// interface and the callee on `lan`.
+    pub fn in_three_hosts(lab: &crate::lab::ThreeHosts, ng: SocketAddr) -> Kamailio {
+        let address = |text: &str| text.parse().expect("address");
+        Kamailio::start(
+            &lab.relay,
+            &[address("10.10.1.1:5060"), address("10.10.2.1:5060")],
+            ng,
+            address("10.10.2.2:5060"),
+            "replace-origin ICE=remove direction=wan direction=lan",
+        )
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("output")).unwrap_or_default()
     }

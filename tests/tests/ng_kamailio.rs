@@ -48,13 +48,7 @@ fn kamailio_puts_a_call_between_two_sipps_through_the_relay_and_its_media_in_xdp
     let pins = PinDir::new();
     let config = ConfigFile::new(&ng_config(&pins.path, NG, "media_timeout_secs = 30"));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let kamailio = Kamailio::start(
-        &lab.relay,
-        &[addr("10.10.1.1:5060"), addr("10.10.2.1:5060")],
-        addr(NG),
-        addr("10.10.2.2:5060"),
-        "replace-origin ICE=remove direction=wan direction=lan",
-    );
+    let kamailio = Kamailio::in_three_hosts(&lab, addr(NG));
     let mut callee = Sipp::uas(&lab.peer, addr("10.10.2.2:5060"), addr("10.10.2.2:6000"), 1);
     let mut caller = Sipp::uac_pcap(
         &lab.client,

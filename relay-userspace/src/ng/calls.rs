@@ -14,7 +14,7 @@ use super::{
     bencode::Value,
     config::NgConfig,
     media::{Peer, PortPool, StreamMedia},
-    protocol::{Ice, NgError, Options, RtcpMuxOption, Signal, Target},
+    protocol::{Ice, NgError, Options, Signal, Target},
 };
 use crate::{
     datapath::table::FlowTable,
@@ -240,11 +240,7 @@ impl NgCalls {
             Anchor {
                 ip: ips[other],
                 ports: &ports,
-                rtcp_mux: match signal.options.rtcp_mux {
-                    RtcpMuxOption::AsIs => RtcpMux::AsIs,
-                    RtcpMuxOption::Offer => RtcpMux::Offer,
-                    RtcpMuxOption::Demux => RtcpMux::Demux,
-                },
+                rtcp_mux: signal.options.rtcp_mux,
                 origin: signal.options.replace_origin,
                 full_rtcp: signal.options.full_rtcp_attribute,
             },
@@ -343,8 +339,9 @@ impl NgCalls {
             Anchor {
                 ip: ips[offerer],
                 ports: &ports,
+                // An answer takes what the offer had; it can only refuse multiplexing.
                 rtcp_mux: match signal.options.rtcp_mux {
-                    RtcpMuxOption::Demux => RtcpMux::Demux,
+                    RtcpMux::Demux => RtcpMux::Demux,
                     _ => RtcpMux::AsIs,
                 },
                 origin: signal.options.replace_origin,

@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 
 use super::bencode::Value;
+use crate::session::streams::RtcpMux;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -62,16 +63,6 @@ pub enum Ice {
     Force,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RtcpMuxOption {
-    #[default]
-    AsIs,
-    /// `rtcp-mux-offer`: offer multiplexed RTCP to the other side.
-    Offer,
-    /// `rtcp-mux-demux`: RTCP on its own port toward the other side.
-    Demux,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Options {
     pub ice: Ice,
@@ -92,7 +83,8 @@ pub struct Options {
     pub asymmetric: bool,
     /// `full-rtcp-attribute`: `a=rtcp:PORT IN IP4 ADDRESS` rather than `a=rtcp:PORT`.
     pub full_rtcp_attribute: bool,
-    pub rtcp_mux: RtcpMuxOption,
+    /// `rtcp-mux-offer` / `rtcp-mux-demux`: add or remove a=rtcp-mux toward the other side.
+    pub rtcp_mux: RtcpMux,
     /// Options this relay does not know, as the proxy wrote them.
     pub unknown: Vec<String>,
 }
@@ -300,8 +292,8 @@ fn options(message: &Value) -> Result<Options, NgError> {
             ("sip-source-address", None) => options.sip_source_address = true,
             ("asymmetric", None) => options.asymmetric = true,
             ("full-rtcp-attribute", None) => options.full_rtcp_attribute = true,
-            ("rtcp-mux-offer", None) => options.rtcp_mux = RtcpMuxOption::Offer,
-            ("rtcp-mux-demux", None) => options.rtcp_mux = RtcpMuxOption::Demux,
+            ("rtcp-mux-offer", None) => options.rtcp_mux = RtcpMux::Offer,
+            ("rtcp-mux-demux", None) => options.rtcp_mux = RtcpMux::Demux,
             _ if name.starts_with("sdes-") => {}
             _ => options.unknown.push(word),
         }
@@ -333,7 +325,7 @@ mod tests {
         assert_eq!(options.ice, Ice::Remove);
         assert!(options.trust_address && options.replace_origin);
         assert_eq!(options.transport_protocol.as_deref(), Some("RTP/AVP"));
-        assert_eq!(options.rtcp_mux, RtcpMuxOption::Demux);
+        assert_eq!(options.rtcp_mux, RtcpMux::Demux);
         assert_eq!(options.unknown, ["bogus=1"]);
     }
 
@@ -346,7 +338,7 @@ mod tests {
         let options = signal.options;
         assert_eq!(options.ice, Ice::Force);
         assert_eq!(options.direction, ["lan"]);
-        assert_eq!(options.rtcp_mux, RtcpMuxOption::Offer);
+        assert_eq!(options.rtcp_mux, RtcpMux::Offer);
         assert_eq!(options.transport_protocol.as_deref(), Some("RTP/SAVP"));
         assert!(options.unknown.is_empty(), "{:?}", options.unknown);
     }

@@ -164,13 +164,7 @@ fn addr(text: &str) -> SocketAddr {
 }
 
 fn setup_rate(lab: &ThreeHosts) -> Setup {
-    let kamailio = Kamailio::start(
-        &lab.relay,
-        &[addr("10.10.1.1:5060"), addr("10.10.2.1:5060")],
-        addr(NG),
-        addr("10.10.2.2:5060"),
-        "replace-origin ICE=remove direction=wan direction=lan",
-    );
+    let kamailio = Kamailio::in_three_hosts(lab, addr(NG));
     let mut callee = Sipp::uas(
         &lab.peer,
         addr("10.10.2.2:5060"),
