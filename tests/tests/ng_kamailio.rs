@@ -376,3 +376,82 @@ fn a_natted_sides_address_is_learned_from_its_first_packet_then_held() {
             .unwrap();
     }
 }
+
+/// A call silent for longer than flows.idle_timeout_secs (on hold) loses its flows to the
+/// table's expiry; its next packet goes through relayd, which puts the flows back.
+#[test]
+fn flows_expired_during_a_silence_come_back_with_the_media() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&ng_config(
+        &pins.path,
+        NG,
+        "media_timeout_secs = 60\n[flows]\nidle_timeout_secs = 1",
+    ));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let mut ng = NgClient::new(&lab.relay, addr(NG));
+    let sdp = |ip: &str| {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\na=rtcp-mux\r\n"
+        )
+    };
+    ng.request(
+        &json!({"command": "offer", "call-id": "hold", "from-tag": "a",
+        "sdp": sdp("10.10.1.2"), "direction": ["wan", "lan"]}),
+    )
+    .unwrap();
+    let answer = ng
+        .request(
+            &json!({"command": "answer", "call-id": "hold", "from-tag": "a", "to-tag": "b",
+            "sdp": sdp("10.10.2.2")}),
+        )
+        .unwrap();
+    let sdp_text = answer["sdp"].as_str().unwrap();
+    let line = sdp_text
+        .lines()
+        .find(|l| l.starts_with("m=audio "))
+        .unwrap();
+    let relay_wan = addr(&format!("10.10.1.1:{}", line.split(' ').nth(1).unwrap()));
+    let flows = |relayd: &Relayd| {
+        relayd.ctl_json(&["flow", "list"])["flows"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(flows(&relayd), 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while flows(&relayd) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent call's flows expire"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let caller = lab.client.udp_socket(addr("10.10.1.2:7000"));
+    let callee = lab.peer.udp_socket(addr("10.10.2.2:7000"));
+    callee
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let rtp = [0x80u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xaa];
+    let mut buf = [0u8; 64];
+    caller.send_to(&rtp, relay_wan).unwrap();
+    callee
+        .recv_from(&mut buf)
+        .expect("the first packet after the silence, through relayd");
+    assert_eq!(flows(&relayd), 2, "the flows are back\n{}", relayd.log());
+    for _ in 0..5 {
+        caller.send_to(&rtp, relay_wan).unwrap();
+        callee
+            .recv_from(&mut buf)
+            .expect("media through the kernel again");
+    }
+    let listed = relayd.ctl_json(&["flow", "list"]);
+    let xdp: u64 = listed["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["counters"]["xdp_packets"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(xdp >= 4, "the kernel forwards again: {listed}");
+}

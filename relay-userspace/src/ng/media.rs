@@ -249,10 +249,27 @@ impl StreamMedia {
         peers[side] = Some(peer);
         let to = peers[1 - side].map(|peer| peer.endpoint);
         drop(peers);
-        if changed {
+        // A new address, or flows the table expired while the stream was silent longer
+        // than flows.idle_timeout_secs (a call on hold): the kernel takes over again.
+        if changed || (to.is_some() && self.flows_gone(table)) {
             self.install(table);
         }
         Some(to)
+    }
+
+    /// Whether flows should be in the kernel and some are not (expired idle).
+    fn flows_gone(&self, table: &FlowTable) -> bool {
+        if !self.offload {
+            return false;
+        }
+        let flows = self.flows.lock().expect("ng stream poisoned");
+        let now = monotonic_ns();
+        // Only flows once installed: a table that refused them (full) is not asked again
+        // for every packet.
+        flows
+            .installed
+            .iter()
+            .any(|(id, _, _)| table.get(*id, now).is_err())
     }
 
     /// Whether the kernel already forwarded packets from `source` on this side.
