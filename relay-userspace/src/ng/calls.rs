@@ -203,6 +203,13 @@ impl NgCalls {
                 (0, [here, there], Vec::new())
             }
         };
+        if parsed.len() < media.len() {
+            return Err(NgError::new(format!(
+                "sdp: the re-offer has {} m-lines, the call has {} (RFC 3264: m-lines are never removed, a refused one keeps its place with port 0)",
+                parsed.len(),
+                media.len()
+            )));
+        }
         // Streams the offer adds (a new call's, or a re-offer's new m-lines).
         let mut added = Vec::new();
         for (index, stream) in parsed.iter().enumerate().skip(media.len()) {
@@ -655,5 +662,116 @@ impl NgCalls {
                 ]),
             ),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        datapath::memory::Memory,
+        ng::protocol::{Options, Signal},
+    };
+
+    fn signal(call_id: &str, from_tag: &str, to_tag: Option<&str>, sdp: String) -> Signal {
+        Signal {
+            call_id: call_id.to_owned(),
+            from_tag: from_tag.to_owned(),
+            to_tag: to_tag.map(str::to_owned),
+            via_branch: None,
+            sdp,
+            options: Options::default(),
+        }
+    }
+
+    fn sdp(ip: &str, media: &[(&str, u16)]) -> String {
+        let mut text = format!("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n");
+        for (kind, port) in media {
+            text.push_str(&format!("m={kind} {port} RTP/AVP 0\r\n"));
+        }
+        text
+    }
+
+    fn calls() -> NgCalls {
+        let config = NgConfig {
+            listen: "127.0.0.1:0".into(),
+            interfaces: [("lo".to_owned(), "127.0.0.1".to_owned())].into(),
+            port_range: "47000-47099".into(),
+            ..NgConfig::default()
+        };
+        let table = Arc::new(FlowTable::new(Box::new(Arc::new(Memory::default())), 60, 1));
+        NgCalls::new(&config, table)
+    }
+
+    #[tokio::test]
+    async fn a_reoffer_keeps_its_ports_may_add_streams_and_may_not_remove_them() {
+        let calls = calls();
+        let first = calls
+            .offer(&signal(
+                "c",
+                "a",
+                None,
+                sdp("127.0.0.2", &[("audio", 5000)]),
+            ))
+            .await
+            .unwrap();
+        calls
+            .answer(&signal(
+                "c",
+                "a",
+                Some("b"),
+                sdp("127.0.0.3", &[("audio", 6000)]),
+            ))
+            .unwrap();
+        // The caller re-offers with video added: audio keeps its relay port.
+        let again = calls
+            .offer(&signal(
+                "c",
+                "a",
+                Some("b"),
+                sdp("127.0.0.2", &[("audio", 5000), ("video", 5002)]),
+            ))
+            .await
+            .unwrap();
+        let port = |text: &str, kind: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("m={kind} ")))
+                .map(|rest| rest.split(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(port(&first, "audio"), port(&again, "audio"));
+        assert!(port(&again, "video").is_some_and(|p| p != "0"), "{again}");
+        // The callee re-offers (its re-INVITE): it is the sender now.
+        calls
+            .offer(&signal(
+                "c",
+                "b",
+                Some("a"),
+                sdp("127.0.0.3", &[("audio", 6000), ("video", 0)]),
+            ))
+            .await
+            .unwrap();
+        let fewer = calls
+            .offer(&signal(
+                "c",
+                "a",
+                Some("b"),
+                sdp("127.0.0.2", &[("audio", 5000)]),
+            ))
+            .await
+            .unwrap_err();
+        assert!(fewer.0.contains("m-lines are never removed"), "{fewer}");
+        let stranger = calls
+            .offer(&signal(
+                "c",
+                "x",
+                None,
+                sdp("127.0.0.2", &[("audio", 5000)]),
+            ))
+            .await
+            .unwrap_err();
+        assert!(stranger.0.contains("neither side"), "{stranger}");
+        assert_eq!(calls.len(), 1);
+        calls.stop();
+        assert!(calls.is_empty());
     }
 }
