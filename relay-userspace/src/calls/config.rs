@@ -104,9 +104,7 @@ impl PbxMedia {
 
 impl CallsConfig {
     pub fn ports(&self) -> Option<std::ops::RangeInclusive<u16>> {
-        let (first, last) = self.port_range.split_once('-')?;
-        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-        (first > 0 && first <= last).then_some(first..=last)
+        crate::datapath::config::port_range(&self.port_range)
     }
 
     pub fn problems(&self, signalling: bool, problem: &mut impl FnMut(&'static str, String, &str)) {

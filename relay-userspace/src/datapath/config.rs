@@ -7,6 +7,14 @@ use serde::Deserialize;
 
 use crate::paths;
 
+/// A `port_range` value, "FIRST-LAST" with 1 <= FIRST <= LAST (the relay's ports for TURN
+/// allocations, calls and ng calls).
+pub fn port_range(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    let (first, last) = text.split_once('-')?;
+    let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    (first > 0 && first <= last).then_some(first..=last)
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathMode {

@@ -47,9 +47,9 @@ impl NgConfig {
     }
 
     pub fn ports(&self) -> Option<RangeInclusive<u16>> {
-        let (first, last) = self.port_range.split_once('-')?;
-        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-        (first > 0 && first < last).then_some(first..=last)
+        // At least two ports: RTP and RTCP.
+        crate::datapath::config::port_range(&self.port_range)
+            .filter(|ports| ports.start() < ports.end())
     }
 
     /// The interfaces with their addresses, those that parse.

@@ -85,9 +85,7 @@ impl TurnConfig {
 
     /// The relay ports, when `port_range` is valid.
     pub fn ports(&self) -> Option<std::ops::RangeInclusive<u16>> {
-        let (first, last) = self.port_range.split_once('-')?;
-        let (first, last): (u16, u16) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-        (first > 0 && first <= last).then_some(first..=last)
+        crate::datapath::config::port_range(&self.port_range)
     }
 
     /// The relay addresses: configured, or the listening addresses' IPs.
