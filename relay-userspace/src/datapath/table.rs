@@ -258,6 +258,11 @@ impl FlowTable {
         self.state().by_key.get(&key).copied()
     }
 
+    /// Whether flow `id` is in the table (no read of its kernel counters).
+    pub fn contains(&self, id: u32) -> bool {
+        self.state().flows.contains_key(&id)
+    }
+
     pub fn get(&self, id: u32, now_ns: u64) -> Result<FlowInfo, FlowError> {
         let state = self.state();
         let record = state.flows.get(&id).ok_or(FlowError::UnknownFlow(id))?;

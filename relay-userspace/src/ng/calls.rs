@@ -517,7 +517,7 @@ impl NgCalls {
     fn report(&self, call: &NgCall) -> Value {
         let int = |n: u64| Value::Int(n.min(i64::MAX as u64) as i64);
         let text = |s: &str| Value::bytes(s);
-        let (now_ns, now_unix) = (monotonic_ns(), unix(SystemTime::now()));
+        let (now_ns, now_unix) = (monotonic_ns(), crate::time::unix_now() as i64);
         // A monotonic instant as Unix seconds; none yet: the call's creation.
         let unix_of = |ns: u64| match ns {
             0 => Value::Int(unix(call.created)),

@@ -263,13 +263,12 @@ impl StreamMedia {
             return false;
         }
         let flows = self.flows.lock().expect("ng stream poisoned");
-        let now = monotonic_ns();
         // Only flows once installed: a table that refused them (full) is not asked again
         // for every packet.
         flows
             .installed
             .iter()
-            .any(|(id, _, _)| table.get(*id, now).is_err())
+            .any(|(id, _, _)| !table.contains(*id))
     }
 
     /// Whether the kernel already forwarded packets from `source` on this side.
