@@ -127,42 +127,14 @@ impl App {
     /// A fresh ICE agent with its host candidate gathered: (agent, ufrag, pwd, candidates,
     /// the candidate's address).
     async fn agent(&self) -> (Arc<Agent>, String, String, Vec<String>, SocketAddr) {
-        let ip = self.ip;
-        let agent = Arc::new(
-            Agent::new(AgentConfig {
-                network_types: vec![NetworkType::Udp4],
-                candidate_types: if self.turn.is_some() {
-                    vec![CandidateType::Host, CandidateType::Relay]
-                } else {
-                    vec![CandidateType::Host]
-                },
-                urls: self.turn.iter().cloned().collect(),
-                udp_network: UDPNetwork::Ephemeral(Default::default()),
-                ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
-                ..Default::default()
-            })
-            .await
-            .expect("ICE agent"),
-        );
-        let (gathered_tx, mut gathered) = tokio::sync::mpsc::unbounded_channel();
-        agent.on_candidate(Box::new(move |candidate| {
-            let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
-            Box::pin(async {})
-        }));
-        agent.gather_candidates().expect("gathering");
-        let mut candidates = Vec::new();
-        while let Some(Some(candidate)) = gathered.recv().await {
-            candidates.push(candidate);
-        }
-        let (ufrag, pwd) = agent.get_local_user_credentials().await;
-        // The address the SDP's c= and m= lines name: the host candidate's.
-        let host = candidates
-            .iter()
-            .filter_map(|candidate| unmarshal_candidate(candidate).ok())
-            .find(|candidate| candidate.candidate_type() == CandidateType::Host)
-            .expect("a host candidate")
-            .addr();
-        (agent, ufrag, pwd, candidates, host)
+        let agent = IceAgent::gather(self.ip, self.turn.clone()).await;
+        (
+            agent.agent,
+            agent.ufrag,
+            agent.pwd,
+            agent.candidates,
+            agent.host,
+        )
     }
 
     /// Calls out (to the PBX) with an offer for PCMU and DTMF; returns the call's id and
@@ -264,30 +236,14 @@ impl App {
         state: Option<&str>,
     ) -> Media {
         let remote = relay::session::sdp::audio(relay_sdp).expect("the relay's SDP");
-        for candidate in &remote.candidates {
-            let candidate: Arc<dyn Candidate + Send + Sync> =
-                Arc::new(unmarshal_candidate(candidate).expect("the relay's candidate"));
-            agent.add_remote_candidate(&candidate).expect("candidate");
-        }
-        let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
-        let (ufrag, pwd) = (
+        let media = connect_ice(
+            &agent,
             remote.ice_ufrag.expect("ICE in the relay's SDP"),
             remote.ice_pwd.expect("ICE in the relay's SDP"),
-        );
-        let connecting = async {
-            if controlling {
-                agent.dial(cancel_rx, ufrag, pwd).await.map(|c| c as Media)
-            } else {
-                agent
-                    .accept(cancel_rx, ufrag, pwd)
-                    .await
-                    .map(|c| c as Media)
-            }
-        };
-        let media = tokio::time::timeout(Duration::from_secs(10), connecting)
-            .await
-            .expect("ICE connects through the NAT")
-            .expect("ICE connects");
+            &remote.candidates,
+            controlling,
+        )
+        .await;
         if let Some(state) = state {
             let said = self.next().await;
             assert_eq!(
@@ -322,6 +278,94 @@ async fn hello(address: SocketAddr, fingerprint: &str, token: &str) -> (Socket, 
     .await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     (signalling, welcome)
+}
+
+/// A webrtc-ice agent with its candidates gathered on `ip` (and a TURN server's relayed
+/// one when given).
+pub struct IceAgent {
+    pub agent: Arc<Agent>,
+    pub ufrag: String,
+    pub pwd: String,
+    pub candidates: Vec<String>,
+    /// The host candidate's address: what the SDP's c= and m= lines name.
+    pub host: SocketAddr,
+}
+
+impl IceAgent {
+    pub async fn gather(ip: IpAddr, turn: Option<Url>) -> IceAgent {
+        let agent = Arc::new(
+            Agent::new(AgentConfig {
+                network_types: vec![NetworkType::Udp4],
+                candidate_types: if turn.is_some() {
+                    vec![CandidateType::Host, CandidateType::Relay]
+                } else {
+                    vec![CandidateType::Host]
+                },
+                urls: turn.into_iter().collect(),
+                udp_network: UDPNetwork::Ephemeral(Default::default()),
+                ip_filter: Arc::new(Some(Box::new(move |candidate: IpAddr| candidate == ip))),
+                ..Default::default()
+            })
+            .await
+            .expect("ICE agent"),
+        );
+        let (gathered_tx, mut gathered) = tokio::sync::mpsc::unbounded_channel();
+        agent.on_candidate(Box::new(move |candidate| {
+            let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
+            Box::pin(async {})
+        }));
+        agent.gather_candidates().expect("gathering");
+        let mut candidates = Vec::new();
+        while let Some(Some(candidate)) = gathered.recv().await {
+            candidates.push(candidate);
+        }
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        let host = candidates
+            .iter()
+            .filter_map(|candidate| unmarshal_candidate(candidate).ok())
+            .find(|candidate| candidate.candidate_type() == CandidateType::Host)
+            .expect("a host candidate")
+            .addr();
+        IceAgent {
+            agent,
+            ufrag,
+            pwd,
+            candidates,
+            host,
+        }
+    }
+}
+
+/// Runs `agent`'s checks against the relay's credentials and candidates (`controlling`
+/// when the agent's side made the offer); the media connection once connected (10 s at
+/// most).
+pub async fn connect_ice(
+    agent: &Agent,
+    ufrag: String,
+    pwd: String,
+    candidates: &[String],
+    controlling: bool,
+) -> Media {
+    for candidate in candidates {
+        let candidate: Arc<dyn Candidate + Send + Sync> =
+            Arc::new(unmarshal_candidate(candidate).expect("the relay's candidate"));
+        agent.add_remote_candidate(&candidate).expect("candidate");
+    }
+    let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
+    let connecting = async {
+        if controlling {
+            agent.dial(cancel_rx, ufrag, pwd).await.map(|c| c as Media)
+        } else {
+            agent
+                .accept(cancel_rx, ufrag, pwd)
+                .await
+                .map(|c| c as Media)
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .expect("ICE connects in time")
+        .expect("ICE connects")
 }
 
 /// What came back of a stretch of [`talk`].

@@ -42,7 +42,7 @@ use crate::{
     datapath::table::FlowTable,
     ice::leg::{IceLeg, IcePort, LocalIce, RemoteCandidates},
     media::{MediaTotals, dtls::DtlsIdentity},
-    session::sdp::{self, IceOffer, Secure},
+    session::sdp::{self, Secure},
     time::monotonic_ns,
     turn::driver::{LocalChannel, TurnService},
 };
@@ -821,17 +821,7 @@ impl Calls {
         local: LocalIce,
         secure: Secure,
     ) -> Result<String, CallError> {
-        sdp::toward_app(
-            pbx_sdp,
-            self.ice.address(),
-            &IceOffer {
-                ufrag: local.ufrag,
-                pwd: local.pwd,
-                candidates: local.candidates,
-            },
-            secure,
-        )
-        .map_err(CallError::from)
+        sdp::toward_app(pbx_sdp, self.ice.address(), &local.into(), secure).map_err(CallError::from)
     }
 }
 

@@ -9,13 +9,15 @@ use std::{
 use anyhow::{Context, bail};
 use tokio::sync::{mpsc, watch};
 
+use crate::session::sdp::IceLines;
+
 use super::consent::{Credentials, HandedConn, Handoff, Handoffs, PortSocket};
 use webrtc_ice::{
     agent::{Agent, agent_config::AgentConfig},
     candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
     network_type::NetworkType,
     state::ConnectionState,
-    udp_mux::{UDPMuxDefault, UDPMuxParams},
+    udp_mux::{UDPMux, UDPMuxDefault, UDPMuxParams},
     udp_network::UDPNetwork,
 };
 
@@ -31,11 +33,17 @@ impl IcePort {
     /// Serves ICE on `socket` (bound to the WAN address and the ICE port).
     pub fn new(socket: std::net::UdpSocket) -> anyhow::Result<IcePort> {
         socket.set_nonblocking(true)?;
+        IcePort::on(Arc::new(tokio::net::UdpSocket::from_std(socket)?))
+    }
+
+    /// Serves ICE on a socket of the runtime's, bound to a specific address: one stream's
+    /// own port (an ng side the relay speaks ICE toward). The port reads the socket from
+    /// now on; sending on it stays possible.
+    pub fn on(socket: Arc<tokio::net::UdpSocket>) -> anyhow::Result<IcePort> {
         let address = socket.local_addr()?;
         if address.ip().is_unspecified() {
             bail!("the ICE port must be bound to a specific address: candidates carry it");
         }
-        let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
         let handoffs = Handoffs::new(socket.clone())?;
         Ok(IcePort {
             mux: UDPMuxDefault::new(UDPMuxParams::new(PortSocket {
@@ -50,6 +58,12 @@ impl IcePort {
     pub fn address(&self) -> SocketAddr {
         self.address
     }
+
+    /// Stops reading the socket (its legs closed before): the socket closes with its last
+    /// owner.
+    pub async fn close(&self) {
+        let _ = self.mux.close().await;
+    }
 }
 
 /// What the app gets in the relay's SDP: credentials and candidates (`a=candidate` values).
@@ -58,6 +72,16 @@ pub struct LocalIce {
     pub ufrag: String,
     pub pwd: String,
     pub candidates: Vec<String>,
+}
+
+impl From<LocalIce> for IceLines {
+    fn from(local: LocalIce) -> IceLines {
+        IceLines {
+            ufrag: local.ufrag,
+            pwd: local.pwd,
+            candidates: local.candidates,
+        }
+    }
 }
 
 /// The pair ICE selected: the relay's address and the app's, with their candidate types

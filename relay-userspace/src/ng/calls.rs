@@ -18,7 +18,10 @@ use super::{
 };
 use crate::{
     datapath::table::FlowTable,
-    session::streams::{self, Anchor, RtcpMux},
+    session::{
+        sdp::IceLines,
+        streams::{self, Anchor, RtcpMux},
+    },
     time::monotonic_ns,
 };
 
@@ -136,11 +139,6 @@ impl NgCalls {
 
     /// What the relay cannot do for a side, refused before anything changes.
     fn check_supported(options: &Options, parsed: &[streams::Stream]) -> Result<(), NgError> {
-        if options.ice == Ice::Force {
-            return Err(NgError::new(
-                "ICE=force: this relay's ng legs are plain UDP (no ICE agent toward an ng side); use ICE=remove",
-            ));
-        }
         if let Some(mode) = &options.dtls {
             return Err(NgError::new(format!(
                 "DTLS={mode}: this relay passes DTLS-SRTP between the sides as is on ng calls, it does not terminate it; use DTLS=off"
@@ -242,14 +240,29 @@ impl NgCalls {
             .zip(&media)
             .map(|(stream, m)| stream.endpoint.map(|_| m.ports[other].address.port()))
             .collect();
+        let force = signal.options.ice == Ice::Force;
+        let ice = match self.speak_ice(&media, &ports, other, force, true).await {
+            Ok(ice) => ice,
+            Err(err) => {
+                for stream in &added {
+                    stream.close(&self.table);
+                }
+                return Err(err);
+            }
+        };
         let sdp = streams::anchor_streams(
             &signal.sdp,
             Anchor {
                 ip: ips[other],
                 ports: &ports,
-                rtcp_mux: signal.options.rtcp_mux,
+                // ICE checks one component: RTCP multiplexed unless the proxy says not.
+                rtcp_mux: match signal.options.rtcp_mux {
+                    RtcpMux::AsIs if force => RtcpMux::Offer,
+                    mux => mux,
+                },
                 origin: signal.options.replace_origin,
                 full_rtcp: signal.options.full_rtcp_attribute,
+                ice: &ice,
             },
         );
         let sdp = match sdp {
@@ -261,8 +274,13 @@ impl NgCalls {
                 return Err(NgError::new(format!("sdp: {err}")));
             }
         };
-        for (stream, peer) in media.iter().zip(Self::peers(&signal.options, &parsed)) {
+        for ((stream, peer), parsed) in media
+            .iter()
+            .zip(Self::peers(&signal.options, &parsed))
+            .zip(&parsed)
+        {
             stream.set_peer(&self.table, sender, peer);
+            stream.remote_ice(&self.table, sender, parsed.ice.clone());
         }
         let now = SystemTime::now();
         let mut calls = self.calls();
@@ -294,7 +312,7 @@ impl NgCalls {
         Ok(sdp)
     }
 
-    pub fn answer(&self, signal: &Signal) -> Result<String, NgError> {
+    pub async fn answer(&self, signal: &Signal) -> Result<String, NgError> {
         let to_tag = signal.to_tag.clone().unwrap_or_default();
         let (answerer, ips, media) = {
             let mut calls = self.calls();
@@ -337,27 +355,50 @@ impl NgCalls {
             .iter()
             .zip(&media)
             .map(|(stream, m)| {
-                (stream.endpoint.is_some() && m.peer(offerer).is_some())
+                (stream.endpoint.is_some() && m.described(offerer))
                     .then(|| m.ports[offerer].address.port())
             })
             .collect();
+        // ICE toward the offerer only where its offer had ICE (RFC 8839 section 4.2.1: an
+        // answer has ICE only if the offer did).
+        let force = signal.options.ice == Ice::Force;
+        let ports_with_ice: Vec<Option<u16>> = ports
+            .iter()
+            .zip(&media)
+            .map(|(port, m)| port.filter(|_| !force || m.remote_ice_known(offerer)))
+            .collect();
+        let ice = self
+            .speak_ice(&media, &ports_with_ice, offerer, force, false)
+            .await?;
+        let speaks_ice = ice.iter().any(Option::is_some);
         let sdp = streams::anchor_streams(
             &signal.sdp,
             Anchor {
                 ip: ips[offerer],
                 ports: &ports,
-                // An answer takes what the offer had; it can only refuse multiplexing.
+                // An answer takes what the offer had; it can only refuse multiplexing. An
+                // ICE offerer multiplexes (RFC 8829 5.1.3): the relay's one component.
                 rtcp_mux: match signal.options.rtcp_mux {
                     RtcpMux::Demux => RtcpMux::Demux,
+                    _ if speaks_ice => RtcpMux::Offer,
                     _ => RtcpMux::AsIs,
                 },
                 origin: signal.options.replace_origin,
                 full_rtcp: signal.options.full_rtcp_attribute,
+                ice: &ice,
             },
         )
         .map_err(|err| NgError::new(format!("sdp: {err}")))?;
-        for (stream, peer) in media.iter().zip(Self::peers(&signal.options, &parsed)) {
+        for ((stream, peer), parsed) in media
+            .iter()
+            .zip(Self::peers(&signal.options, &parsed))
+            .zip(&parsed)
+        {
+            if parsed.ice.is_none() && stream.plain_again(&self.table, answerer) {
+                tracing::warn!(call_id = %signal.call_id, stream = stream.index, "ng: the answer has no ICE for the relay's ICE offer: that side is plain UDP at its SDP's address");
+            }
             stream.set_peer(&self.table, answerer, peer);
+            stream.remote_ice(&self.table, answerer, parsed.ice.clone());
         }
         let mut calls = self.calls();
         if let Some(call) = calls.get_mut(&signal.call_id) {
@@ -368,6 +409,32 @@ impl NgCalls {
             }
         }
         Ok(sdp)
+    }
+
+    /// The relay's ICE toward `side` for each m-line the SDP toward it keeps (`ports`):
+    /// where it already speaks ICE, or everywhere when `force`d; `offer` when that SDP is an
+    /// offer (the relay is then the controlling agent).
+    async fn speak_ice(
+        &self,
+        media: &[Arc<StreamMedia>],
+        ports: &[Option<u16>],
+        side: usize,
+        force: bool,
+        offer: bool,
+    ) -> Result<Vec<Option<IceLines>>, NgError> {
+        let mut lines = Vec::new();
+        for (stream, port) in media.iter().zip(ports) {
+            lines.push(match port {
+                Some(_) if force || stream.speaks_ice(side) => Some(
+                    stream
+                        .speak_ice(&self.table, side, offer)
+                        .await
+                        .map_err(|err| NgError::new(format!("ICE: {err:#}")))?,
+                ),
+                _ => None,
+            });
+        }
+        Ok(lines)
     }
 
     /// `delete`: the whole call, or with a `to-tag` that is not the answering side's, nothing
@@ -722,6 +789,7 @@ mod tests {
                 Some("b"),
                 sdp("127.0.0.3", &[("audio", 6000)]),
             ))
+            .await
             .unwrap();
         // The caller re-offers with video added: audio keeps its relay port.
         let again = calls

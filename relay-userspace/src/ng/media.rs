@@ -4,7 +4,8 @@
 //! are known, DTLS, RTCP between a multiplexing side and one that is not, the userspace
 //! datapath). A side's address is learned from its first packet when it differs from its
 //! SDP's (NAT), unless the proxy said `asymmetric`; from then on only that source counts
-//! (strict source: no RTP bleed, no injection).
+//! (strict source: no RTP bleed, no injection). A side the relay speaks ICE toward has an
+//! agent on its RTP port instead (`IceSide`): its address is the selected pair's.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -16,11 +17,14 @@ use std::{
 };
 
 use tokio::{net::UdpSocket, task::JoinHandle};
+use webrtc_ice::state::ConnectionState;
 
+use super::ice::{CONNECT_TIMEOUT, CONSENT_TIMEOUT, IceSide};
 use crate::{
     datapath::{FlowSpec, table::FlowTable},
+    ice::leg::SelectedPair,
     media::srtp::is_rtcp,
-    session::streams::StreamEndpoint,
+    session::{sdp::IceLines, streams::StreamEndpoint},
     time::monotonic_ns,
 };
 
@@ -110,8 +114,16 @@ pub struct StreamMedia {
     refused: [AtomicU64; 2],
     /// CLOCK_MONOTONIC ns of the last packet in userspace, from each side.
     last_packet_ns: [AtomicU64; 2],
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The relay's ICE agent toward a side, on its RTP port.
+    ice: Mutex<[Option<Arc<IceSide>>; 2]>,
+    /// Each side's ICE as its latest SDP had it.
+    remote_ice: Mutex<[Option<IceLines>; 2]>,
+    /// The forwarders (with the socket each reads) and the ICE sides' tasks.
+    tasks: Mutex<Vec<(Option<Socket>, JoinHandle<()>)>>,
 }
+
+/// One of a stream's four sockets: (side, kind).
+type Socket = (usize, Kind);
 
 fn kind_index(kind: Kind) -> usize {
     match kind {
@@ -142,6 +154,8 @@ impl StreamMedia {
             counted: Default::default(),
             refused: Default::default(),
             last_packet_ns: Default::default(),
+            ice: Mutex::new([None, None]),
+            remote_ice: Mutex::new([None, None]),
             tasks: Mutex::new(Vec::new()),
         })
     }
@@ -154,10 +168,199 @@ impl StreamMedia {
         self.peers()[side]
     }
 
-    /// A side's endpoint from its SDP (None: it refused the stream); the flows follow.
+    fn ice_side(&self, side: usize) -> Option<Arc<IceSide>> {
+        self.ice.lock().expect("ng stream poisoned")[side].clone()
+    }
+
+    /// The side's SDP kept the stream (an endpoint, wherever ICE finds it).
+    pub fn described(&self, side: usize) -> bool {
+        match self.ice_side(side) {
+            Some(ice) => ice.sdp().is_some(),
+            None => self.peer(side).is_some(),
+        }
+    }
+
+    /// The side's SDP had ICE credentials.
+    pub fn remote_ice_known(&self, side: usize) -> bool {
+        self.remote_ice.lock().expect("ng stream poisoned")[side].is_some()
+    }
+
+    /// The relay speaks ICE toward the side.
+    pub fn speaks_ice(&self, side: usize) -> bool {
+        self.ice_side(side).is_some()
+    }
+
+    /// A side's endpoint from its SDP (None: it refused the stream); the flows follow. A
+    /// side the relay speaks ICE toward is where ICE found it, with its SDP's RTCP.
     pub fn set_peer(&self, table: &FlowTable, side: usize, peer: Option<Peer>) {
+        let peer = match self.ice_side(side) {
+            Some(ice) => {
+                ice.set_sdp(peer);
+                ice.peer()
+            }
+            None => peer,
+        };
         self.peers()[side] = peer;
         self.install(table);
+    }
+
+    /// The relay's ICE toward `side` (an agent on its RTP port, made on the first call):
+    /// what the SDP toward the side carries. `controlling` when that SDP is an offer.
+    pub async fn speak_ice(
+        self: &Arc<Self>,
+        table: &Arc<FlowTable>,
+        side: usize,
+        controlling: bool,
+    ) -> anyhow::Result<IceLines> {
+        if let Some(ice) = self.ice_side(side) {
+            return Ok(ice.local.clone());
+        }
+        // The agent reads the RTP socket from now on, in place of its forwarder.
+        {
+            let mut tasks = self.tasks.lock().expect("ng stream poisoned");
+            tasks.retain(|(socket, task)| {
+                let reads = *socket == Some((side, Kind::Rtp));
+                if reads {
+                    task.abort();
+                }
+                !reads
+            });
+        }
+        let ice = Arc::new(IceSide::new(self.ports[side].rtp.clone(), controlling).await?);
+        let sdp = self.peers()[side].take();
+        ice.set_sdp(sdp);
+        self.ice.lock().expect("ng stream poisoned")[side] = Some(ice.clone());
+        // No flows toward the side's SDP address: media waits for the selected pair.
+        self.install(table);
+        // The side's credentials may be known already (the relay answers its offer).
+        self.start_ice(table, side);
+        Ok(ice.local.clone())
+    }
+
+    /// The ICE a side's SDP carries (kept: the relay may speak ICE toward the side later,
+    /// in the answer to its offer). With a relay agent toward the side and the side's
+    /// credentials known, the checks start (once).
+    pub fn remote_ice(
+        self: &Arc<Self>,
+        table: &Arc<FlowTable>,
+        side: usize,
+        remote: Option<IceLines>,
+    ) {
+        if remote.is_some() {
+            self.remote_ice.lock().expect("ng stream poisoned")[side] = remote;
+        }
+        self.start_ice(table, side);
+    }
+
+    fn start_ice(self: &Arc<Self>, table: &Arc<FlowTable>, side: usize) {
+        let Some(ice) = self.ice_side(side) else {
+            return;
+        };
+        let remote = self.remote_ice.lock().expect("ng stream poisoned")[side].clone();
+        let Some(remote) = ice.set_remote(remote) else {
+            return;
+        };
+        let (stream, table) = (self.clone(), table.clone());
+        let task = tokio::spawn(async move { stream.run_ice(&table, side, ice, remote).await });
+        self.tasks
+            .lock()
+            .expect("ng stream poisoned")
+            .push((None, task));
+    }
+
+    /// A side that answered the relay's ICE without any (RFC 8445 section 5.1.3: then
+    /// neither side uses ICE): the relay's agent goes, the side is plain UDP at its SDP's
+    /// address. False when the relay does not speak ICE toward it or it gave credentials.
+    pub fn plain_again(self: &Arc<Self>, table: &Arc<FlowTable>, side: usize) -> bool {
+        let ice = {
+            let mut agents = self.ice.lock().expect("ng stream poisoned");
+            match &agents[side] {
+                Some(ice) if !ice.has_remote() => agents[side].take(),
+                _ => None,
+            }
+        };
+        let Some(ice) = ice else {
+            return false;
+        };
+        let peer = ice.sdp();
+        close_ice(ice);
+        let (stream, forwarding) = (self.clone(), table.clone());
+        let task = tokio::spawn(async move { stream.forward(&forwarding, side, Kind::Rtp).await });
+        self.tasks
+            .lock()
+            .expect("ng stream poisoned")
+            .push((Some((side, Kind::Rtp)), task));
+        self.peers()[side] = peer;
+        self.install(table);
+        true
+    }
+
+    /// Checks until a pair is selected, then follows it (the side may nominate another)
+    /// and its consent; the side's media that reaches userspace comes through the leg.
+    async fn run_ice(&self, table: &FlowTable, side: usize, ice: Arc<IceSide>, remote: IceLines) {
+        let (pair, conn, mut pairs, mut states) = {
+            let mut leg = ice.leg.lock().await;
+            for candidate in &remote.candidates {
+                if let Err(err) = leg.add_remote_candidate(candidate) {
+                    tracing::debug!(stream = self.index, %err, "ng: an ICE candidate skipped");
+                }
+            }
+            let connect = leg.connect(ice.controlling, remote.ufrag, remote.pwd);
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(Ok(pair)) => (pair, leg.conn(), leg.pairs(), leg.states()),
+                Ok(Err(err)) => {
+                    tracing::warn!(stream = self.index, side, %err, "ng: ICE toward a side failed: no media to or from it");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        stream = self.index,
+                        side,
+                        timeout_secs = CONNECT_TIMEOUT.as_secs(),
+                        "ng: ICE toward a side found no working pair in time: no media to or from it"
+                    );
+                    return;
+                }
+            }
+        };
+        tracing::info!(stream = self.index, side, local = %pair.local, remote = %pair.remote, "ng: ICE connected");
+        let follow = |selected: Option<SelectedPair>| {
+            ice.select(selected);
+            self.peers()[side] = ice.peer();
+            self.install(table);
+        };
+        follow(Some(pair));
+        let Some(conn) = conn else { return };
+        let mut buf = vec![0u8; 2048];
+        loop {
+            tokio::select! {
+                received = conn.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => self.relay(table, side, Kind::Rtp, &buf[..n], from).await,
+                    Err(_) => return,
+                },
+                changed = pairs.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let selected = *pairs.borrow_and_update();
+                    if let Some(pair) = selected {
+                        tracing::info!(stream = self.index, side, remote = %pair.remote, "ng: ICE selected another pair: media follows it");
+                        follow(Some(pair));
+                    }
+                }
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let state = *states.borrow_and_update();
+                    if state == ConnectionState::Failed {
+                        tracing::warn!(stream = self.index, side, consent_timeout_secs = CONSENT_TIMEOUT.as_secs(), "ng: ICE consent toward a side expired: media to and from it stops");
+                        follow(None);
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Starts the forwarders of both sides' sockets.
@@ -166,40 +369,52 @@ impl StreamMedia {
         for side in 0..2 {
             for kind in [Kind::Rtp, Kind::Rtcp] {
                 let (stream, table) = (self.clone(), table.clone());
-                tasks.push(tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     stream.forward(&table, side, kind).await;
-                }));
+                });
+                tasks.push((Some((side, kind)), task));
             }
         }
     }
 
     async fn forward(&self, table: &FlowTable, side: usize, kind: Kind) {
         let socket = self.ports[side].socket(kind).clone();
-        let other = 1 - side;
         let mut buf = vec![0u8; 2048];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let packet = &buf[..n];
-            let Some(target) = self.accept(table, side, kind, from) else {
-                continue;
-            };
-            self.counted[side][kind_index(kind)].add(n);
-            self.last_packet_ns[side].store(monotonic_ns(), Ordering::Relaxed);
-            let Some(to) = target else { continue };
-            // RTCP from a multiplexing side to one that is not goes to its RTCP port.
-            let out_kind = match kind {
-                Kind::Rtp if is_rtcp(packet) && !to.rtcp_mux => Kind::Rtcp,
-                Kind::Rtcp if to.rtcp_mux => Kind::Rtp,
-                kind => kind,
-            };
-            let destination = match out_kind {
-                Kind::Rtp => to.rtp,
-                Kind::Rtcp => to.rtcp,
-            };
-            let _ = self.ports[other]
-                .socket(out_kind)
-                .send_to(packet, destination)
-                .await;
+            self.relay(table, side, kind, &buf[..n], from).await;
         }
+    }
+
+    /// A packet from a side's socket (or its ICE leg), to the other side when it is the
+    /// side's and the other is known.
+    async fn relay(
+        &self,
+        table: &FlowTable,
+        side: usize,
+        kind: Kind,
+        packet: &[u8],
+        from: SocketAddr,
+    ) {
+        let Some(target) = self.accept(table, side, kind, from) else {
+            return;
+        };
+        self.counted[side][kind_index(kind)].add(packet.len());
+        self.last_packet_ns[side].store(monotonic_ns(), Ordering::Relaxed);
+        let Some(to) = target else { return };
+        // RTCP from a multiplexing side to one that is not goes to its RTCP port.
+        let out_kind = match kind {
+            Kind::Rtp if is_rtcp(packet) && !to.rtcp_mux => Kind::Rtcp,
+            Kind::Rtcp if to.rtcp_mux => Kind::Rtp,
+            kind => kind,
+        };
+        let destination = match out_kind {
+            Kind::Rtp => to.rtp,
+            Kind::Rtcp => to.rtcp,
+        };
+        let _ = self.ports[1 - side]
+            .socket(out_kind)
+            .send_to(packet, destination)
+            .await;
     }
 
     /// Whether a packet from `from` on a side's socket is that side's (learning its address
@@ -405,9 +620,22 @@ impl StreamMedia {
         self.peers()[0] = None;
         self.peers()[1] = None;
         self.install(table);
-        for task in self.tasks.lock().expect("ng stream poisoned").drain(..) {
+        for (_, task) in self.tasks.lock().expect("ng stream poisoned").drain(..) {
             task.abort();
         }
+        let agents = std::mem::take(&mut *self.ice.lock().expect("ng stream poisoned"));
+        agents.into_iter().flatten().for_each(close_ice);
+    }
+}
+
+/// Ends an agent's checks and its port's reading of the socket (its tasks were aborted or
+/// never started).
+fn close_ice(ice: Arc<IceSide>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            ice.leg.lock().await.close().await;
+            ice.port.close().await;
+        });
     }
 }
 

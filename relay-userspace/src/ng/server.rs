@@ -178,6 +178,7 @@ impl NgServer {
             Request::Answer(signal) => self
                 .calls
                 .answer(signal)
+                .await
                 .map(|sdp| ok_sdp(sdp, &signal.options.unknown)),
             Request::Delete(target) => self.calls.delete(target),
             Request::Query(target) => self.calls.query(target),

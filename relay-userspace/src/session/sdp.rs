@@ -121,9 +121,10 @@ const SECURITY_ATTRIBUTES: &[&str] = &[
     "ssrc-group",
 ];
 
-/// The relay's ICE side of a call, as the app gets it.
+/// One side's ICE in a description: its credentials and candidates (the relay's toward an
+/// app or an ng side, or what a side offered).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IceOffer {
+pub struct IceLines {
     pub ufrag: String,
     pub pwd: String,
     /// `a=candidate` values, e.g. "1 1 udp 2130706431 198.51.100.1 3479 typ host".
@@ -336,7 +337,7 @@ pub fn toward_pbx(
 pub fn toward_app(
     pbx: &str,
     relay: SocketAddr,
-    ice: &IceOffer,
+    ice: &IceLines,
     secure: Secure,
 ) -> Result<String, SdpError> {
     let mut description = parse(pbx)?;
@@ -529,8 +530,8 @@ mod tests {
             .collect()
     }
 
-    fn ice() -> IceOffer {
-        IceOffer {
+    fn ice() -> IceLines {
+        IceLines {
             ufrag: "Rl4y".into(),
             pwd: "relaypassword0123456789".into(),
             candidates: vec!["1 1 udp 2130706431 198.51.100.1 3479 typ host".into()],

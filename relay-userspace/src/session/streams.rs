@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use sdp::description::common::{Address, Attribute, ConnectionInformation};
 
-use super::sdp::{ICE_ATTRIBUTES, SdpError, parse, rtcp_address};
+use super::sdp::{ICE_ATTRIBUTES, IceLines, SdpError, parse, rtcp_address};
 
 /// Where one side sends and wants one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +26,10 @@ pub struct Stream {
     pub proto: String,
     /// None where the stream is refused (port 0).
     pub endpoint: Option<StreamEndpoint>,
+    /// The side's ICE for the stream when it speaks ICE (credentials at media or session
+    /// level): only component 1's candidates, the one the relay's agents check (RTP, and
+    /// RTCP when multiplexed).
+    pub ice: Option<IceLines>,
 }
 
 /// Every m-line of a description, in order. `address` takes the place of the description's
@@ -83,10 +87,32 @@ pub fn streams(text: &str, address: Option<IpAddr>) -> Result<Vec<Stream>, SdpEr
                     rtcp_mux,
                 })
             };
+            let value = |key: &str| {
+                media
+                    .attribute(key)
+                    .flatten()
+                    .or_else(|| description.attribute(key).map(String::as_str))
+                    .map(str::to_owned)
+            };
+            let ice = match (value("ice-ufrag"), value("ice-pwd")) {
+                (Some(ufrag), Some(pwd)) => Some(IceLines {
+                    ufrag,
+                    pwd,
+                    candidates: media
+                        .attributes
+                        .iter()
+                        .filter(|a| a.is_ice_candidate())
+                        .filter_map(|a| a.value.clone())
+                        .filter(|c| c.split_whitespace().nth(1) == Some("1"))
+                        .collect(),
+                }),
+                _ => None,
+            };
             Ok(Stream {
                 media: media.media_name.media.clone(),
                 proto: media.media_name.protos.join("/"),
                 endpoint,
+                ice,
             })
         })
         .collect()
@@ -117,11 +143,13 @@ pub struct Anchor<'a> {
     /// `a=rtcp:PORT IN IP4 ADDRESS`; otherwise `a=rtcp:PORT` (the address is `c=`'s), as
     /// rtpengine writes it unless told `full-rtcp-attribute`.
     pub full_rtcp: bool,
+    /// The relay's ICE toward the side, by m-line (missing or None: that stream is plain).
+    pub ice: &'a [Option<IceLines>],
 }
 
 /// The description with the relay in every address: the session and media `c=`, each
-/// m-line's port and `a=rtcp`, `o=` when asked; ICE attributes removed (the relay's legs
-/// toward an ng side are plain UDP).
+/// m-line's port and `a=rtcp`, `o=` when asked; the other side's ICE attributes removed,
+/// the relay's own written where it speaks ICE toward the side that gets the description.
 pub fn anchor_streams(text: &str, anchor: Anchor) -> Result<String, SdpError> {
     let mut description = parse(text)?;
     if anchor.ports.len() != description.media_descriptions.len() {
@@ -145,7 +173,12 @@ pub fn anchor_streams(text: &str, anchor: Anchor) -> Result<String, SdpError> {
     description
         .attributes
         .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()) && a.key != "rtcp");
-    for (media, port) in description.media_descriptions.iter_mut().zip(anchor.ports) {
+    for (index, (media, port)) in description
+        .media_descriptions
+        .iter_mut()
+        .zip(anchor.ports)
+        .enumerate()
+    {
         media
             .attributes
             .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()) && a.key != "rtcp");
@@ -177,6 +210,17 @@ pub fn anchor_streams(text: &str, anchor: Anchor) -> Result<String, SdpError> {
         media
             .attributes
             .push(Attribute::new("rtcp".into(), Some(value)));
+        if let Some(Some(ice)) = anchor.ice.get(index) {
+            let mut push = |key: &str, value: Option<String>| {
+                media.attributes.push(Attribute::new(key.into(), value))
+            };
+            push("ice-ufrag", Some(ice.ufrag.clone()));
+            push("ice-pwd", Some(ice.pwd.clone()));
+            for candidate in &ice.candidates {
+                push("candidate", Some(candidate.clone()));
+            }
+            push("end-of-candidates", None);
+        }
     }
     Ok(description.marshal())
 }
@@ -227,6 +271,7 @@ mod tests {
                 rtcp_mux: RtcpMux::AsIs,
                 origin: true,
                 full_rtcp: true,
+                ice: &[],
             },
         )
         .unwrap();
@@ -255,6 +300,7 @@ mod tests {
                     rtcp_mux,
                     origin,
                     full_rtcp: false,
+                    ice: &[],
                 },
             )
             .unwrap()
@@ -274,11 +320,53 @@ mod tests {
                 rtcp_mux: RtcpMux::Demux,
                 origin: false,
                 full_rtcp: true,
+                ice: &[],
             },
         )
         .unwrap();
         assert!(!demuxed.contains("a=rtcp-mux"), "{demuxed}");
         assert!(demuxed.contains("a=rtcp:30003 "), "{demuxed}");
+    }
+
+    #[test]
+    fn a_sides_ice_is_read_and_the_relays_own_written_where_it_speaks_ice() {
+        const AGENT: &str = "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\na=ice-ufrag:Sess\r\na=ice-pwd:sessionpassword0123456789\r\nm=audio 5004 RTP/AVP 0\r\na=candidate:1 1 udp 2130706431 192.0.2.10 5004 typ host\r\na=candidate:1 2 udp 2130706430 192.0.2.10 5005 typ host\r\nm=video 5006 RTP/AVP 96\r\na=ice-ufrag:Vid0\r\na=ice-pwd:videopassword0123456789012\r\n";
+        let parsed = streams(AGENT, None).unwrap();
+        let audio = parsed[0].ice.as_ref().unwrap();
+        assert_eq!(audio.ufrag, "Sess");
+        // Component 1 only: the relay's agents check RTP (RTCP multiplexed or plain).
+        assert_eq!(
+            audio.candidates,
+            ["1 1 udp 2130706431 192.0.2.10 5004 typ host"]
+        );
+        assert_eq!(parsed[1].ice.as_ref().unwrap().ufrag, "Vid0");
+        assert_eq!(streams(SIPP, None).unwrap()[0].ice, None);
+
+        let relay = IceLines {
+            ufrag: "rLay".into(),
+            pwd: "relaypassword012345678901".into(),
+            candidates: vec!["9 1 udp 2130706431 10.30.0.1 30000 typ host".into()],
+        };
+        let out = anchor_streams(
+            AGENT,
+            Anchor {
+                ip: "10.30.0.1".parse().unwrap(),
+                ports: &[Some(30000), Some(30002)],
+                rtcp_mux: RtcpMux::Offer,
+                origin: false,
+                full_rtcp: false,
+                ice: &[Some(relay.clone())],
+            },
+        )
+        .unwrap();
+        assert!(
+            !out.contains("Sess") && !out.contains("192.0.2.10 5004"),
+            "{out}"
+        );
+        let again = streams(&out, None).unwrap();
+        assert_eq!(again[0].ice, Some(relay), "{out}");
+        assert_eq!(again[1].ice, None, "{out}");
+        assert_eq!(out.matches("a=end-of-candidates").count(), 1, "{out}");
     }
 
     #[test]

@@ -1,0 +1,118 @@
+//! The relay as an ICE agent toward one side of an ng stream (`ICE=force`): a webrtc-ice
+//! agent on the side's own RTP port (the candidate the relay's SDP gives), run until a pair
+//! is selected; then the port answers and sends consent checks (RFC 7675) and the stream's
+//! flows go between the selected pair's remote and the other side. ICE checks component 1:
+//! RTP, and RTCP when the side multiplexes it; RTCP on its own port stays plain UDP.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::net::UdpSocket;
+
+use super::media::Peer;
+use crate::{
+    ice::leg::{IceLeg, IcePort, SelectedPair},
+    session::{sdp::IceLines, streams::StreamEndpoint},
+};
+
+/// How long consent lasts without answers (RFC 7675's 30 s).
+pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the first checks may take once both sides' credentials are known.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct IceSide {
+    pub port: IcePort,
+    pub leg: tokio::sync::Mutex<IceLeg>,
+    pub local: IceLines,
+    /// The relay's ICE went out in an offer: it is the controlling agent (RFC 8445 6.1.1).
+    pub controlling: bool,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The side's endpoint as its SDP said (its RTCP port and whether it multiplexes).
+    sdp: Option<Peer>,
+    /// The side's credentials and candidates, from its SDP.
+    remote: Option<IceLines>,
+    /// The checks were started.
+    started: bool,
+    /// The selected pair's remote: where the side's media comes from and goes to.
+    selected: Option<SocketAddr>,
+}
+
+impl IceSide {
+    /// An agent on `socket` (the side's RTP port), its host candidate gathered.
+    pub async fn new(socket: Arc<UdpSocket>, controlling: bool) -> anyhow::Result<IceSide> {
+        let port = IcePort::on(socket)?;
+        let (leg, local) = IceLeg::new(&port, CONSENT_TIMEOUT).await?;
+        Ok(IceSide {
+            port,
+            leg: tokio::sync::Mutex::new(leg),
+            local: local.into(),
+            controlling,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("ng ICE side poisoned")
+    }
+
+    /// The side's SDP endpoint (None: it refused the stream).
+    pub fn set_sdp(&self, peer: Option<Peer>) {
+        self.state().sdp = peer;
+    }
+
+    pub fn sdp(&self) -> Option<Peer> {
+        self.state().sdp
+    }
+
+    /// The side's ICE from its latest SDP; the credentials to check with when they are new
+    /// and the checks have not started yet.
+    pub fn set_remote(&self, remote: Option<IceLines>) -> Option<IceLines> {
+        let mut state = self.state();
+        if remote.is_some() {
+            state.remote = remote;
+        }
+        if state.started || state.remote.is_none() {
+            return None;
+        }
+        state.started = true;
+        state.remote.clone()
+    }
+
+    /// The pair ICE selected, or None when consent was lost.
+    pub fn select(&self, pair: Option<SelectedPair>) {
+        self.state().selected = pair.map(|pair| pair.remote);
+    }
+
+    pub fn has_remote(&self) -> bool {
+        self.state().remote.is_some()
+    }
+
+    /// The side as the relay forwards to it: at the selected pair's remote, with the RTCP
+    /// its SDP asked for; None until a pair is selected.
+    pub fn peer(&self) -> Option<Peer> {
+        let state = self.state();
+        let (sdp, selected) = (state.sdp?, state.selected?);
+        Some(Peer {
+            endpoint: StreamEndpoint {
+                rtp: selected,
+                rtcp: if sdp.endpoint.rtcp_mux {
+                    selected
+                } else {
+                    sdp.endpoint.rtcp
+                },
+                rtcp_mux: sdp.endpoint.rtcp_mux,
+            },
+            advertised: sdp.advertised,
+            // ICE checked the address: nothing to learn.
+            learn: false,
+            learned: selected != sdp.advertised.rtp,
+        })
+    }
+}
