@@ -241,8 +241,8 @@ fn bad_ng_requests_get_a_reason_and_change_nothing() {
             "direction=moon: no such interface (ng.interfaces: lan, wan)",
         ),
         (
-            json!({"command": "offer", "call-id": "ice", "from-tag": "a", "sdp": OFFER_SDP, "ICE": "force"}),
-            "ICE=force",
+            json!({"command": "offer", "call-id": "dtls", "from-tag": "a", "sdp": OFFER_SDP, "DTLS": "passive"}),
+            "DTLS=passive",
         ),
         (
             json!({"command": "delete", "call-id": "nobody"}),

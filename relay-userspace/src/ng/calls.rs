@@ -842,4 +842,142 @@ mod tests {
         calls.stop();
         assert!(calls.is_empty());
     }
+
+    /// `ICE=force` in the offer: the callee is a webrtc-ice agent (controlled), the relay
+    /// checks as the controlling agent from the stream's own port, and the media goes both
+    /// ways between the caller's plain socket and the agent's selected pair (through the
+    /// forwarders and the ICE leg: the in-memory datapath forwards nothing itself).
+    #[tokio::test]
+    async fn ice_forced_toward_a_callee_agent_connects_and_carries_the_media() {
+        use webrtc_ice::{
+            agent::{Agent, agent_config::AgentConfig},
+            candidate::CandidateType,
+            candidate::{Candidate, candidate_base::unmarshal_candidate},
+            network_type::NetworkType,
+            udp_network::UDPNetwork,
+        };
+        use webrtc_util::Conn;
+        let calls = calls();
+        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let caller_port = caller.local_addr().unwrap().port();
+        let mut offer = signal(
+            "ice",
+            "a",
+            None,
+            sdp("127.0.0.1", &[("audio", caller_port)]),
+        );
+        offer.options.ice = Ice::Force;
+        let toward_callee = calls.offer(&offer).await.unwrap();
+        let relay = streams::streams(&toward_callee, None).unwrap();
+        let relay_ice = relay[0].ice.clone().expect("the relay's ICE");
+        let relay_rtp = relay[0].endpoint.unwrap().rtp;
+        assert!(toward_callee.contains("a=rtcp-mux\r\n"), "{toward_callee}");
+        assert!(
+            relay_ice.candidates[0].contains(&format!("127.0.0.1 {} typ host", relay_rtp.port())),
+            "{toward_callee}"
+        );
+
+        let agent = Agent::new(AgentConfig {
+            network_types: vec![NetworkType::Udp4],
+            candidate_types: vec![CandidateType::Host],
+            udp_network: UDPNetwork::Ephemeral(Default::default()),
+            ip_filter: Arc::new(Some(Box::new(|ip: IpAddr| ip.is_loopback()))),
+            include_loopback: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let (gathered_tx, mut gathered) = tokio::sync::mpsc::unbounded_channel();
+        agent.on_candidate(Box::new(move |candidate| {
+            let _ = gathered_tx.send(candidate.map(|c| c.marshal()));
+            Box::pin(async {})
+        }));
+        agent.gather_candidates().unwrap();
+        let mut candidates = Vec::new();
+        while let Some(Some(candidate)) = gathered.recv().await {
+            candidates.push(candidate);
+        }
+        let host = unmarshal_candidate(&candidates[0]).unwrap().addr();
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        let mut answer_sdp = sdp("127.0.0.1", &[("audio", host.port())]);
+        answer_sdp.push_str(&format!(
+            "a=rtcp-mux\r\na=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\n"
+        ));
+        for candidate in &candidates {
+            answer_sdp.push_str(&format!("a=candidate:{candidate}\r\n"));
+        }
+        let toward_caller = calls
+            .answer(&signal("ice", "a", Some("b"), answer_sdp))
+            .await
+            .unwrap();
+        // The caller's side is plain: no ICE toward it.
+        assert!(!toward_caller.contains("ice-ufrag"), "{toward_caller}");
+        let relay_for_caller = streams::streams(&toward_caller, None).unwrap()[0]
+            .endpoint
+            .unwrap()
+            .rtp;
+
+        for candidate in &relay_ice.candidates {
+            let candidate: Arc<dyn Candidate + Send + Sync> =
+                Arc::new(unmarshal_candidate(candidate).unwrap());
+            agent.add_remote_candidate(&candidate).unwrap();
+        }
+        let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            agent.accept(cancel_rx, relay_ice.ufrag, relay_ice.pwd),
+        )
+        .await
+        .expect("ICE in time")
+        .expect("ICE connects");
+
+        // Caller -> relay -> agent, then agent -> relay -> caller, until both arrive (the
+        // relay installs the agent's pair once its own side has selected it).
+        let mut buf = [0u8; 1500];
+        let rtp = [0x80u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xab];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let to_agent = loop {
+            caller.send_to(&rtp, relay_for_caller).await.unwrap();
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(100), conn.recv(&mut buf)).await
+            {
+                break buf[..n].to_vec();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no media to the agent"
+            );
+        };
+        assert_eq!(to_agent, rtp);
+        let back = loop {
+            conn.send(&rtp).await.unwrap();
+            if let Ok(Ok((n, from))) =
+                tokio::time::timeout(Duration::from_millis(100), caller.recv_from(&mut buf)).await
+            {
+                break (buf[..n].to_vec(), from);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no media to the caller"
+            );
+        };
+        assert_eq!(back, (rtp.to_vec(), relay_for_caller));
+        let report = calls
+            .query(&Target {
+                call_id: "ice".into(),
+                from_tag: None,
+                to_tag: None,
+            })
+            .unwrap();
+        let rtp_in = report
+            .get("totals")
+            .and_then(|t| t.get("RTP"))
+            .and_then(|r| r.get("packets"));
+        assert!(
+            matches!(rtp_in, Some(Value::Int(n)) if *n >= 2),
+            "{report:?}"
+        );
+        let _ = agent.close().await;
+        calls.stop();
+    }
 }

@@ -56,10 +56,10 @@ pub struct Target {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ice {
-    /// ICE attributes removed (the relay's ng legs are plain UDP).
+    /// ICE attributes removed: the side is plain UDP.
     #[default]
     Remove,
-    /// `ICE=force`: the relay as an ICE agent toward that side.
+    /// `ICE=force`: the relay as an ICE agent toward the side that gets the SDP.
     Force,
 }
 
