@@ -3,7 +3,9 @@
 //! recurses without bound, what it decodes encodes back to a value that decodes the same,
 //! and the request parser either names what is wrong or gives a request. An offer's SDP is
 //! anchored as the relay would: what it writes parses again with every stream at the relay
-//! and none of the sender's addresses in `c=`, `o=` or `a=rtcp`. Seeds: fuzz/seeds/ng_request.
+//! and none of the sender's addresses in `c=`, `o=` or `a=rtcp`; with the relay's ICE on
+//! every other stream, each stream's ICE is the relay's or none (never the sender's).
+//! Seeds: fuzz/seeds/ng_request.
 
 use libfuzzer_sys::fuzz_target;
 use relay::{
@@ -11,7 +13,10 @@ use relay::{
         bencode,
         protocol::{self, Request},
     },
-    session::streams::{self, Anchor, RtcpMux},
+    session::{
+        sdp::IceLines,
+        streams::{self, Anchor, RtcpMux},
+    },
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -36,6 +41,14 @@ fuzz_target!(|data: &[u8]| {
         .enumerate()
         .map(|(i, s)| s.endpoint.map(|_| 30000 + 2 * i as u16))
         .collect();
+    let relay_ice = IceLines {
+        ufrag: "rLay".into(),
+        pwd: "relaypassword012345678901".into(),
+        candidates: vec!["1 1 udp 2130706431 10.99.0.1 30000 typ host".into()],
+    };
+    let ice: Vec<Option<IceLines>> = (0..parsed.len())
+        .map(|i| (i % 2 == 0).then(|| relay_ice.clone()))
+        .collect();
     for rtcp_mux in [RtcpMux::AsIs, RtcpMux::Offer, RtcpMux::Demux] {
         let Ok(written) = streams::anchor_streams(
             &signal.sdp,
@@ -45,18 +58,23 @@ fuzz_target!(|data: &[u8]| {
                 rtcp_mux,
                 origin: true,
                 full_rtcp: true,
+                ice: &ice,
             },
         ) else {
             continue;
         };
         let again = streams::streams(&written, None).expect("what the relay writes parses again");
         assert_eq!(again.len(), parsed.len(), "{written}");
-        for (stream, port) in again.iter().zip(&ports) {
+        for ((stream, port), ice) in again.iter().zip(&ports).zip(&ice) {
             assert_eq!(
                 stream.endpoint.map(|e| (e.rtp.ip(), e.rtp.port())),
                 port.map(|p| (ip, p)),
                 "each stream at the relay:\n{written}"
             );
+            // The relay's ICE where it speaks ICE on a kept stream; nobody's elsewhere
+            // (session-level credentials of the sender are gone too).
+            let expected = ice.as_ref().filter(|_| port.is_some());
+            assert_eq!(stream.ice.as_ref(), expected, "each stream's ICE:\n{written}");
         }
         for other in parsed.iter().filter_map(|s| s.endpoint) {
             let other = other.rtp.ip().to_string();

@@ -166,12 +166,10 @@ fn rewritten(input: &Frame, flow: &FlowSpec, smac: [u8; 6], dmac: [u8; 6]) -> Fr
     }
 }
 
-#[test]
-fn xdp_program_fixtures() {
-    require_root();
-    let lab = lab();
-    let pins = PinDir::new();
-
+/// The flows installed in the lab: (IPv4, IPv6, hairpin, no neighbour, no egress, small
+/// MTU, no route, VLAN, TURN strip v4 and v6, their ways back, ChannelData added toward a
+/// small MTU, RTCP apart plain and TURN).
+fn lab_flows() -> [FlowSpec; 15] {
     let v4 = flow(
         "198.51.100.7:4000",
         "10.1.0.1:20000",
@@ -272,7 +270,7 @@ fn xdp_program_fixtures() {
             "10.4.0.2:5004",
         )
     };
-    let flows = [
+    [
         v4,
         v6,
         hairpin,
@@ -288,7 +286,57 @@ fn xdp_program_fixtures() {
         add_small_mtu,
         rtcp_apart,
         rtcp_apart_turn,
-    ];
+    ]
+}
+
+/// The XDP program loaded in the lab's namespace (the calling thread must be in it), its
+/// interfaces prepared for forwarding and `flows` installed with ids from 1.
+fn load_with(pin_dir: &std::path::Path, flows: &[FlowSpec]) -> KernelProgram {
+    let mut kernel = KernelProgram::load(pin_dir, 1024).expect("load the XDP program");
+    let index = |name: &str| relay::datapath::xdp::ifindex(name).unwrap();
+    let managed: Vec<(String, u32)> = ["wan", "lan", "small", "vl"]
+        .iter()
+        .map(|name| (name.to_string(), index(name)))
+        .collect();
+    kernel
+        .prepare_forwarding(&managed)
+        .expect("prepare forwarding");
+    // This kernel has no 802.1Q support, so "vl" stands in for a VLAN device on itself.
+    kernel
+        .register_vlan_device(index("vl"), index("vl"), 100)
+        .expect("register VLAN device");
+    for (id, spec) in flows.iter().enumerate() {
+        kernel
+            .install(id as u32 + 1, 1, spec)
+            .expect("install flow");
+    }
+    kernel
+}
+
+#[test]
+fn xdp_program_fixtures() {
+    require_root();
+    let lab = lab();
+    let pins = PinDir::new();
+
+    let flows = lab_flows();
+    let [
+        v4,
+        v6,
+        hairpin,
+        no_neighbour,
+        no_egress,
+        small_mtu,
+        no_route,
+        vlan,
+        turn4,
+        turn6,
+        turn4_back,
+        turn6_back,
+        add_small_mtu,
+        rtcp_apart,
+        rtcp_apart_turn,
+    ] = flows;
 
     let rtp = rtp_payload(1);
     let v4_in = Frame::udp(v4.src, v4.dst, &rtp);
@@ -723,24 +771,8 @@ fn xdp_program_fixtures() {
     let ns_name = lab.ns.name.clone();
     let pin_dir = pins.path.clone();
     let failures = lab.ns.enter(move || {
-        let mut kernel = KernelProgram::load(&pin_dir, 1024).expect("load the XDP program");
+        let mut kernel = load_with(&pin_dir, &flows);
         let index = |name: &str| relay::datapath::xdp::ifindex(name).unwrap();
-        let managed: Vec<(String, u32)> = ["wan", "lan", "small", "vl"]
-            .iter()
-            .map(|name| (name.to_string(), index(name)))
-            .collect();
-        kernel
-            .prepare_forwarding(&managed)
-            .expect("prepare forwarding");
-        // This kernel has no 802.1Q support, so "vl" stands in for a VLAN device on itself.
-        kernel
-            .register_vlan_device(index("vl"), index("vl"), 100)
-            .expect("register VLAN device");
-        for (id, spec) in flows.iter().enumerate() {
-            kernel
-                .install(id as u32 + 1, 1, spec)
-                .expect("install flow");
-        }
         let mut failures = Vec::new();
         for fixture in &fixtures {
             let before = kernel.verdicts();
@@ -879,4 +911,402 @@ fn batch_lookup_reads_every_flow_of_a_large_map() {
         mismatches.len(),
         mismatches.first()
     );
+}
+
+/// xorshift64*: a small deterministic generator, so that a failing case is replayed from
+/// its seed (`RELAY_XDP_SEED`).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+}
+
+/// A UDP datagram as a frame carries it: addresses, UDP length field, the IP header's
+/// range, and whether its checksums are right when computed from scratch (IPv4 header, and
+/// UDP over the pseudo-header; an IPv4 UDP checksum of 0 means none).
+#[derive(Debug)]
+struct Datagram {
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: Vec<u8>,
+    checksums_valid: bool,
+}
+
+/// Reads a frame the way a receiver would check it: Ethernet (one 802.1Q tag at most),
+/// IPv4 without fragments or IPv6 without extension headers, UDP; None when it is not such a
+/// datagram or its lengths disagree.
+fn datagram(frame: &[u8]) -> Option<Datagram> {
+    let mut offset = 12;
+    let mut ether_type = u16::from_be_bytes(frame.get(offset..offset + 2)?.try_into().ok()?);
+    offset += 2;
+    if ether_type == 0x8100 {
+        ether_type = u16::from_be_bytes(frame.get(offset + 2..offset + 4)?.try_into().ok()?);
+        offset += 4;
+    }
+    let be16 = |at: usize| -> Option<u16> {
+        Some(u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?))
+    };
+    let (src_ip, dst_ip, udp_at, udp_len, header_ok, pseudo): (
+        std::net::IpAddr,
+        std::net::IpAddr,
+        usize,
+        usize,
+        bool,
+        Vec<u8>,
+    ) = match ether_type {
+        0x0800 => {
+            let header_len = usize::from(frame.get(offset)? & 0x0f) * 4;
+            let header = frame.get(offset..offset + header_len)?;
+            if header[0] >> 4 != 4 || header_len < 20 || header[9] != 17 {
+                return None;
+            }
+            let total = usize::from(be16(offset + 2)?);
+            if total < header_len || frame.len() < offset + total {
+                return None;
+            }
+            let src: [u8; 4] = header[12..16].try_into().ok()?;
+            let dst: [u8; 4] = header[16..20].try_into().ok()?;
+            let udp_len = udp_length(be16(offset + header_len + 4)?, total - header_len)?;
+            let mut pseudo = header[12..20].to_vec();
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+            (
+                src.into(),
+                dst.into(),
+                offset + header_len,
+                udp_len,
+                internet_checksum(header) == 0,
+                pseudo,
+            )
+        }
+        0x86dd => {
+            let header = frame.get(offset..offset + 40)?;
+            if header[0] >> 4 != 6 || header[6] != 17 {
+                return None;
+            }
+            let payload_len = usize::from(be16(offset + 4)?);
+            if frame.len() < offset + 40 + payload_len {
+                return None;
+            }
+            let udp_len = udp_length(be16(offset + 40 + 4)?, payload_len)?;
+            let src: [u8; 16] = header[8..24].try_into().ok()?;
+            let dst: [u8; 16] = header[24..40].try_into().ok()?;
+            let mut pseudo = header[8..40].to_vec();
+            pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 17]);
+            (src.into(), dst.into(), offset + 40, udp_len, true, pseudo)
+        }
+        _ => return None,
+    };
+    let udp = frame.get(udp_at..udp_at + udp_len)?;
+    let udp_checksum = be16(udp_at + 6)?;
+    let udp_ok = (src_ip.is_ipv4() && udp_checksum == 0) || {
+        let mut data = pseudo;
+        data.extend_from_slice(udp);
+        internet_checksum(&data) == 0
+    };
+    Some(Datagram {
+        src: SocketAddr::new(src_ip, be16(udp_at)?),
+        dst: SocketAddr::new(dst_ip, be16(udp_at + 2)?),
+        payload: udp[8..].to_vec(),
+        checksums_valid: header_ok && udp_ok,
+    })
+}
+
+/// The UDP length field when it fits the IP payload (`room`): a receiver trims what is
+/// beyond it (Linux's udp_rcv); None for a length under 8 or beyond the payload.
+fn udp_length(field: u16, room: usize) -> Option<usize> {
+    let length = usize::from(field);
+    (8..=room).contains(&length).then_some(length)
+}
+
+/// Mutates a seed frame: bytes flipped or set (mostly in the headers), cut or grown, length
+/// fields rewritten, addresses and ports swapped for another flow's, a ChannelData number
+/// changed; then, most of the time, checksums repaired so that the program's rewrite is
+/// checked on datagrams a receiver would take.
+fn mutate(rng: &mut Rng, seed: &Frame, flows: &[FlowSpec]) -> Vec<u8> {
+    let mut frame = seed.clone();
+    if rng.below(4) == 0 {
+        // Another flow's addresses: some of these are installed 4-tuples.
+        let other = flows[rng.below(flows.len())];
+        if other.src.is_ipv4() == frame.src.is_ipv4() {
+            if rng.below(2) == 0 {
+                frame.src = other.src;
+            }
+            if rng.below(2) == 0 {
+                frame.dst = other.dst;
+            }
+        }
+    }
+    match rng.below(8) {
+        0 => frame.ttl = rng.byte() % 3,
+        1 => frame.vlan_tci = Some(rng.next() as u16),
+        2 => frame.zero_udp_checksum = true,
+        3 => frame.ipv4_frag = rng.next() as u16,
+        4 => frame.payload.truncate(rng.below(frame.payload.len() + 1)),
+        5 => {
+            let n = rng.below(64);
+            frame.payload.extend((0..n).map(|_| rng.byte()));
+        }
+        6 if frame.payload.len() >= 4 => {
+            // ChannelData: a channel number and a length that may lie.
+            frame.payload[0] = 0x40 | (rng.byte() & 0x3f);
+            frame.payload[1] = rng.byte();
+            if rng.below(2) == 0 {
+                frame.payload[2] = rng.byte();
+                frame.payload[3] = rng.byte();
+            }
+        }
+        _ => {}
+    }
+    let mut bytes = frame.bytes();
+    let ip = frame.ip_offset();
+    for _ in 0..rng.below(4) {
+        let at = if rng.below(4) == 0 {
+            rng.below(bytes.len())
+        } else {
+            // The headers, and the start of the payload (ChannelData, RTP, STUN).
+            (rng.below(ip + 48 + 8)).min(bytes.len().saturating_sub(1))
+        };
+        if let Some(byte) = bytes.get_mut(at) {
+            *byte = if rng.below(2) == 0 {
+                rng.byte()
+            } else {
+                *byte ^ (1 << rng.below(8))
+            };
+        }
+    }
+    match rng.below(6) {
+        0 => bytes.truncate(rng.below(bytes.len() + 1)),
+        1 => {
+            let n = rng.below(32);
+            bytes.extend((0..n).map(|_| rng.byte()));
+        }
+        _ => {}
+    }
+    if rng.below(4) != 0 {
+        repair_checksums(&mut bytes);
+    }
+    bytes
+}
+
+/// Recomputes the IPv4 header and UDP checksums of a frame that still parses as Ethernet,
+/// IP and UDP with consistent lengths; leaves anything else as it is.
+fn repair_checksums(frame: &mut [u8]) {
+    let mut offset = 14;
+    if frame.get(12..14) == Some(&[0x81, 0x00]) {
+        offset += 4;
+    }
+    let Some(ether_type) = frame.get(offset - 2..offset) else {
+        return;
+    };
+    let v4 = match ether_type {
+        [0x08, 0x00] => true,
+        [0x86, 0xdd] => false,
+        _ => return,
+    };
+    let (header_len, udp_len) = if v4 {
+        let Some(&first) = frame.get(offset) else {
+            return;
+        };
+        let header_len = usize::from(first & 0x0f) * 4;
+        let Some(total) = frame.get(offset + 2..offset + 4) else {
+            return;
+        };
+        let total = usize::from(u16::from_be_bytes([total[0], total[1]]));
+        if header_len < 20 || total < header_len || frame.len() < offset + total {
+            return;
+        }
+        frame[offset + 10..offset + 12].copy_from_slice(&[0, 0]);
+        let check = internet_checksum(&frame[offset..offset + header_len]);
+        frame[offset + 10..offset + 12].copy_from_slice(&check.to_be_bytes());
+        (header_len, total - header_len)
+    } else {
+        let Some(length) = frame.get(offset + 4..offset + 6) else {
+            return;
+        };
+        let payload_len = usize::from(u16::from_be_bytes([length[0], length[1]]));
+        if frame.len() < offset + 40 + payload_len {
+            return;
+        }
+        (40, payload_len)
+    };
+    let udp_at = offset + header_len;
+    let Some(field) = frame.get(udp_at + 4..udp_at + 6) else {
+        return;
+    };
+    let Some(udp_len) = udp_length(u16::from_be_bytes([field[0], field[1]]), udp_len) else {
+        return;
+    };
+    if v4 && frame[udp_at + 6..udp_at + 8] == [0, 0] {
+        return;
+    }
+    let mut pseudo = if v4 {
+        let mut pseudo = frame[offset + 12..offset + 20].to_vec();
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        pseudo
+    } else {
+        let mut pseudo = frame[offset + 8..offset + 40].to_vec();
+        pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        pseudo
+    };
+    frame[udp_at + 6..udp_at + 8].copy_from_slice(&[0, 0]);
+    pseudo.extend_from_slice(&frame[udp_at..udp_at + udp_len]);
+    let check = match internet_checksum(&pseudo) {
+        0 => 0xffff,
+        check => check,
+    };
+    frame[udp_at + 6..udp_at + 8].copy_from_slice(&check.to_be_bytes());
+}
+
+/// The program on mutated fixture packets: never XDP_ABORTED; what it passes up is the
+/// packet as it came; what it forwards came from an installed flow's 4-tuple (and channel)
+/// and leaves with that flow's new addresses, its checksums right from scratch whenever the
+/// input's were. Bounded: 300,000 cases or 60 s, whichever ends first.
+#[test]
+fn xdp_program_under_random_input() {
+    require_root();
+    let lab = lab();
+    let pins = PinDir::new();
+    let flows = lab_flows();
+    let seed = std::env::var("RELAY_XDP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let ns_name = lab.ns.name.clone();
+    let pin_dir = pins.path.clone();
+    let (cases, forwarded, failures) = lab.ns.enter(move || {
+        let mut kernel = load_with(&pin_dir, &flows);
+        let wan = relay::datapath::xdp::ifindex("wan").unwrap();
+        // Seeds: each flow's own datagram (RTP, ChannelData where the flow strips it), STUN,
+        // IPv4 options, a VLAN tag.
+        let mut seeds = Vec::new();
+        for spec in &flows {
+            let payload = match spec.channel {
+                Some(ChannelOp::Strip(number)) => channel_data(number, &rtp_payload(7)),
+                _ => rtp_payload(7),
+            };
+            seeds.push(Frame::udp(spec.src, spec.dst, &payload));
+            seeds.push(Frame::udp(spec.src, spec.dst, &stun_binding_request()));
+            if spec.src.is_ipv4() {
+                seeds.push(Frame {
+                    ipv4_options: vec![1, 1, 1, 0],
+                    ..Frame::udp(spec.src, spec.dst, &payload)
+                });
+            }
+            seeds.push(Frame {
+                vlan_tci: Some(100),
+                ..Frame::udp(spec.src, spec.dst, &payload)
+            });
+        }
+        let mut rng = Rng(seed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let (mut cases, mut forwarded) = (0u64, 0u64);
+        let mut failures = Vec::new();
+        while cases < 300_000 && std::time::Instant::now() < deadline && failures.len() < 10 {
+            cases += 1;
+            let seed_frame = &seeds[rng.below(seeds.len())];
+            let input = mutate(&mut rng, seed_frame, &flows);
+            let mut out = vec![0u8; input.len() + 256];
+            let mut ctx = [0u8; 24];
+            let from_wan = rng.below(2) == 0;
+            if from_wan {
+                ctx[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+                ctx[12..16].copy_from_slice(&wan.to_ne_bytes());
+            }
+            let result =
+                match kernel
+                    .program_mut(XDP_RELAY_PROGRAM)
+                    .unwrap()
+                    .test_run(TestRunOptions {
+                        data_in: Some(&input),
+                        data_out: Some(&mut out),
+                        ctx_in: from_wan.then_some(&ctx[..]),
+                        ..TestRunOptions::default()
+                    }) {
+                    Ok(result) => result,
+                    // The kernel refuses frames shorter than an Ethernet header before the
+                    // program runs.
+                    Err(_) if input.len() < 14 => continue,
+                    Err(err) => {
+                        failures.push(format!("test run of {}: {err}", hex(&input)));
+                        continue;
+                    }
+                };
+            out.truncate(result.data_size_out as usize);
+            let problem = match result.return_value {
+                XDP_PASS if out != input => Some("passed up changed".to_owned()),
+                XDP_PASS => None,
+                XDP_TX | XDP_REDIRECT => {
+                    forwarded += 1;
+                    check_forwarded(&input, &out, &flows).err()
+                }
+                other => Some(format!("action {other}")),
+            };
+            if let Some(problem) = problem {
+                failures.push(format!(
+                    "{problem}\n  in  {}\n  out {}",
+                    hex(&input),
+                    hex(&out)
+                ));
+            }
+        }
+        (cases, forwarded, failures)
+    });
+    println!("{cases} random cases, {forwarded} forwarded (seed {seed})");
+    assert!(
+        failures.is_empty(),
+        "RELAY_XDP_SEED={seed}: {} case(s) failed in namespace {ns_name}:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The mutations keep enough datagrams whole that the forwarding path is exercised.
+    assert!(forwarded * 20 > cases, "{forwarded} of {cases} forwarded");
+}
+
+/// What the program forwarded: from a flow's 4-tuple (and channel, for a flow that strips
+/// ChannelData), out with its new addresses; checksums right when the input's were.
+fn check_forwarded(input: &[u8], out: &[u8], flows: &[FlowSpec]) -> Result<(), String> {
+    let sent = datagram(input).ok_or("forwarded a frame that is no whole UDP datagram")?;
+    let left = datagram(out).ok_or("the forwarded frame is no whole UDP datagram")?;
+    let spec = flows
+        .iter()
+        .find(|spec| spec.src == sent.src && spec.dst == sent.dst)
+        .ok_or_else(|| format!("no flow from {} to {}", sent.src, sent.dst))?;
+    if let Some(ChannelOp::Strip(number)) = spec.channel
+        && sent.payload.get(..2) != Some(&number.to_be_bytes()[..])
+    {
+        return Err(format!("forwarded without channel {number:#x}"));
+    }
+    if (left.src, left.dst) != (spec.new_src, spec.new_dst) {
+        return Err(format!(
+            "left as {} -> {}, the flow says {} -> {}",
+            left.src, left.dst, spec.new_src, spec.new_dst
+        ));
+    }
+    if sent.checksums_valid && !left.checksums_valid {
+        return Err("checksums wrong after the rewrite".to_owned());
+    }
+    Ok(())
 }

@@ -425,12 +425,14 @@ impl NgCalls {
         let mut lines = Vec::new();
         for (stream, port) in media.iter().zip(ports) {
             lines.push(match port {
-                Some(_) if force || stream.speaks_ice(side) => Some(
-                    stream
-                        .speak_ice(&self.table, side, offer)
-                        .await
-                        .map_err(|err| NgError::new(format!("ICE: {err:#}")))?,
-                ),
+                Some(_) if (force && !stream.declined_ice(side)) || stream.speaks_ice(side) => {
+                    Some(
+                        stream
+                            .speak_ice(&self.table, side, offer)
+                            .await
+                            .map_err(|err| NgError::new(format!("ICE: {err:#}")))?,
+                    )
+                }
                 _ => None,
             });
         }
@@ -841,6 +843,42 @@ mod tests {
         assert_eq!(calls.len(), 1);
         calls.stop();
         assert!(calls.is_empty());
+    }
+
+    /// A callee that answers the relay's forced ICE without any is plain from then on: a
+    /// re-offer does not offer it ICE again, and its stream keeps its port.
+    #[tokio::test]
+    async fn a_side_that_declined_ice_is_not_offered_it_again() {
+        let calls = calls();
+        let forced = |sdp: String, to_tag: Option<&str>| {
+            let mut offer = signal("declined", "a", to_tag, sdp);
+            offer.options.ice = Ice::Force;
+            offer
+        };
+        let first = calls
+            .offer(&forced(sdp("127.0.0.2", &[("audio", 5000)]), None))
+            .await
+            .unwrap();
+        assert!(first.contains("a=ice-ufrag:"), "{first}");
+        let answer = signal(
+            "declined",
+            "a",
+            Some("b"),
+            sdp("127.0.0.3", &[("audio", 6000)]),
+        );
+        calls.answer(&answer).await.unwrap();
+        let again = calls
+            .offer(&forced(sdp("127.0.0.2", &[("audio", 5000)]), Some("b")))
+            .await
+            .unwrap();
+        assert!(!again.contains("a=ice-ufrag:"), "{again}");
+        let port = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("m=audio"))
+                .map(str::to_owned)
+        };
+        assert_eq!(port(&first), port(&again));
+        calls.stop();
     }
 
     /// `ICE=force` in the offer: the callee is a webrtc-ice agent (controlled), the relay

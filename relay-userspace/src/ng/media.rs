@@ -118,6 +118,8 @@ pub struct StreamMedia {
     ice: Mutex<[Option<Arc<IceSide>>; 2]>,
     /// Each side's ICE as its latest SDP had it.
     remote_ice: Mutex<[Option<IceLines>; 2]>,
+    /// The side answered the relay's ICE without any: it is not offered ICE again.
+    declined_ice: [std::sync::atomic::AtomicBool; 2],
     /// The forwarders (with the socket each reads) and the ICE sides' tasks.
     tasks: Mutex<Vec<(Option<Socket>, JoinHandle<()>)>>,
 }
@@ -156,6 +158,7 @@ impl StreamMedia {
             last_packet_ns: Default::default(),
             ice: Mutex::new([None, None]),
             remote_ice: Mutex::new([None, None]),
+            declined_ice: Default::default(),
             tasks: Mutex::new(Vec::new()),
         })
     }
@@ -183,6 +186,12 @@ impl StreamMedia {
     /// The side's SDP had ICE credentials.
     pub fn remote_ice_known(&self, side: usize) -> bool {
         self.remote_ice.lock().expect("ng stream poisoned")[side].is_some()
+    }
+
+    /// The side answered the relay's ICE without any (a re-offer does not try again: the
+    /// side's media would stop until its answer).
+    pub fn declined_ice(&self, side: usize) -> bool {
+        self.declined_ice[side].load(Ordering::Relaxed)
     }
 
     /// The relay speaks ICE toward the side.
@@ -282,6 +291,7 @@ impl StreamMedia {
         let Some(ice) = ice else {
             return false;
         };
+        self.declined_ice[side].store(true, Ordering::Relaxed);
         let peer = ice.sdp();
         close_ice(ice);
         let (stream, forwarding) = (self.clone(), table.clone());
