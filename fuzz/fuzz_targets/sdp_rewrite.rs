@@ -6,7 +6,7 @@
 //! cargo +nightly fuzz run sdp_rewrite corpus/sdp_rewrite -- -max_total_time=600`.
 
 use libfuzzer_sys::fuzz_target;
-use relay::session::sdp::{self, IceOffer, Secure};
+use relay::session::sdp::{self, IceLines, Secure};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let wan = "198.18.0.1:3479".parse().unwrap();
     let _ = sdp::mids(text);
     let _ = sdp::check_answer(&endpoint, &endpoint);
-    let ice = IceOffer {
+    let ice = IceLines {
         ufrag: "fuzz".into(),
         pwd: "fuzzfuzzfuzzfuzzfuzzfuzz".into(),
         candidates: vec!["1 1 udp 2130706431 198.18.0.1 3479 typ host".into()],

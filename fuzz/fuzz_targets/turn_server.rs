@@ -3,7 +3,9 @@
 //! datagrams (each a one-byte sender choice and a two-byte length, then the bytes) from
 //! two clients to the listening address, with a fixed clock and a fixed random source.
 //! No panic; every datagram gets at most one datagram back, always to its sender and from
-//! the address it was sent to (no reflection toward a third party, no multiplication);
+//! the address it was sent to (no reflection toward a third party, no multiplication), and
+//! no larger than the datagram or than the smallest 401 RFC 8656 allows (REALM and NONCE
+//! with a bare error code and FINGERPRINT: 84 bytes for this realm), whichever is larger;
 //! nothing is allocated, offloaded or relayed for a client that never authenticated (the
 //! fuzzer cannot sign with a password it does not know). Seeds: fuzz/seeds/turn_server.
 
@@ -18,6 +20,9 @@ use relay::turn::{
 };
 
 const NOW: u64 = 1_700_000_000;
+/// Header 20, ERROR-CODE 8, REALM 4 + 16 ("relay.example" padded), NONCE 4 + 24,
+/// FINGERPRINT 8.
+const CHALLENGE: usize = 84;
 
 fn server() -> TurnServer {
     let config = ServerConfig {
@@ -68,8 +73,14 @@ fuzz_target!(|data: &[u8]| {
         let mut replies = 0;
         for action in &actions {
             match action {
-                Action::Send { from, to, .. } => {
+                Action::Send { from, to, bytes } => {
                     assert_eq!((*from, *to), (listener, client), "{actions:?}");
+                    assert!(
+                        bytes.len() <= datagram.len().max(CHALLENGE),
+                        "a {}-byte datagram got a {}-byte answer",
+                        datagram.len(),
+                        bytes.len()
+                    );
                     replies += 1;
                 }
                 other => panic!("unauthenticated input made the server act: {other:?}"),

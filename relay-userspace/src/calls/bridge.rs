@@ -50,7 +50,13 @@ pub(super) struct Bridge {
     /// The app's DTLS association, kept open for the call (it answers retransmitted
     /// flights and alerts).
     association: tokio::sync::Mutex<Option<::dtls::conn::DTLSConn>>,
+    /// Told when the app leg's keys are in place.
+    keyed: tokio::sync::Notify,
 }
+
+/// SRTP from the app held while the relay finishes its side of the DTLS handshake (as DTLS
+/// client it derives the keys after the app, which may send at once); more are dropped.
+const EARLY_SRTP: usize = 32;
 
 impl Bridge {
     pub(super) fn info(&self) -> super::BridgeInfo {
@@ -74,6 +80,11 @@ impl Bridge {
 
     pub(super) fn set_toward_app(&self, on: bool) {
         self.toward_app.store(on, Ordering::Relaxed);
+    }
+
+    /// A secured app leg whose keys are not there yet.
+    fn waits_for_keys(&self) -> bool {
+        self.app_secured && self.app.lock().expect("bridge app leg").is_none()
     }
 
     /// A packet from the app for the PBX, or None when it is refused (counted) or waits
@@ -166,6 +177,7 @@ impl Calls {
             toward_app: AtomicBool::new(true),
             counters: MediaCounters::default(),
             association: tokio::sync::Mutex::new(None),
+            keyed: tokio::sync::Notify::new(),
         });
         call.inner().bridge = Some(bridge.clone());
         let (records, queue) = dtls::record_queue();
@@ -191,6 +203,7 @@ impl Calls {
                     "calls: DTLS-SRTP with the app established"
                 );
                 *bridge.app.lock().expect("bridge app leg") = Some(leg.srtp);
+                bridge.keyed.notify_one();
                 *bridge.dtls.lock().expect("bridge dtls") = DtlsState::Connected;
                 *bridge.association.lock().await = Some(leg.conn);
                 Ok(())
@@ -218,7 +231,20 @@ impl Calls {
             let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
-                while let Ok(n) = conn.recv(&mut buf).await {
+                let mut early: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let n = tokio::select! {
+                        received = conn.recv(&mut buf) => match received {
+                            Ok(n) => n,
+                            Err(_) => return,
+                        },
+                        _ = bridge.keyed.notified(), if !early.is_empty() => {
+                            for packet in std::mem::take(&mut early) {
+                                to_pbx(&call, &bridge, &packet).await;
+                            }
+                            continue;
+                        }
+                    };
                     let packet = &buf[..n];
                     match demux(packet) {
                         Demux::Dtls => {
@@ -226,19 +252,17 @@ impl Calls {
                             // as the network might (DTLS retransmits).
                             let _ = records.try_send(packet.to_vec());
                         }
-                        Demux::Rtp => {
-                            let Some(out) = bridge.app_to_pbx(packet) else {
-                                continue;
-                            };
-                            let sent = match call.pbx_rtcp() {
-                                Some(rtcp) if is_rtcp(&out) => {
-                                    call.rtcp_socket.send_to(&out, rtcp).await
-                                }
-                                _ => call.lan_socket.send_to(&out, call.pbx()).await,
-                            };
-                            if sent.is_ok() {
-                                bridge.counters.to_pbx(out.len(), monotonic_ns());
+                        Demux::Rtp if bridge.waits_for_keys() => {
+                            if early.len() < EARLY_SRTP {
+                                early.push(packet.to_vec());
                             }
+                        }
+                        Demux::Rtp => {
+                            // Keys that came between two packets: what waited goes first.
+                            for packet in std::mem::take(&mut early) {
+                                to_pbx(&call, &bridge, &packet).await;
+                            }
+                            to_pbx(&call, &bridge, packet).await;
                         }
                         Demux::Other => bridge.counters.refused(SrtpError::Malformed),
                     }
@@ -274,5 +298,20 @@ impl Calls {
             from_pbx(call.rtcp_socket.clone(), true),
         ];
         call.inner().tasks.extend(tasks);
+    }
+}
+
+/// An app packet to the PBX, unprotected (and protected again) as the legs need; RTCP to
+/// the PBX's RTCP port when it keeps one.
+async fn to_pbx(call: &Call, bridge: &Bridge, packet: &[u8]) {
+    let Some(out) = bridge.app_to_pbx(packet) else {
+        return;
+    };
+    let sent = match call.pbx_rtcp() {
+        Some(rtcp) if is_rtcp(&out) => call.rtcp_socket.send_to(&out, rtcp).await,
+        _ => call.lan_socket.send_to(&out, call.pbx()).await,
+    };
+    if sent.is_ok() {
+        bridge.counters.to_pbx(out.len(), monotonic_ns());
     }
 }

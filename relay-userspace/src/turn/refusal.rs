@@ -77,9 +77,17 @@ impl Refusal {
         }
     }
 
-    /// The ERROR-CODE attribute of a response refusing with this.
+    /// The ERROR-CODE attribute of a response refusing an authenticated request.
     pub fn error_code(self) -> stun_codec::rfc5389::attributes::ErrorCode {
         stun_codec::rfc5389::attributes::ErrorCode::new(self.code(), self.reason().to_owned())
             .expect("a valid code and reason")
+    }
+
+    /// The ERROR-CODE attribute toward a client that has not authenticated: the code
+    /// without a reason phrase (RFC 8489 14.8 allows an empty one), so that an answer to a
+    /// stranger's datagram is as small as RFC 8656 lets it be.
+    pub fn bare_error_code(self) -> stun_codec::rfc5389::attributes::ErrorCode {
+        stun_codec::rfc5389::attributes::ErrorCode::new(self.code(), String::new())
+            .expect("a valid code")
     }
 }

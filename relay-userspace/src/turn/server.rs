@@ -288,7 +288,7 @@ impl TurnServer {
                     broken.transaction_id(),
                     MessageClass::ErrorResponse,
                 );
-                response.add_attribute(Refusal::BadRequest.error_code());
+                response.add_attribute(Refusal::BadRequest.bare_error_code());
                 vec![self.respond(server, client, response, None)]
             }
             Some(Incoming::Broken(_)) => Vec::new(),
@@ -406,7 +406,7 @@ impl TurnServer {
         let unknown = request::unknown_attributes(message);
         if !unknown.is_empty() {
             self.refused(now, client, "", Refusal::UnknownAttribute);
-            let mut response = error_response(message, Refusal::UnknownAttribute);
+            let mut response = bare_error_response(message, Refusal::UnknownAttribute);
             response.add_attribute(UnknownAttributes::new(unknown));
             return vec![self.respond(server, client, response, None)];
         }
@@ -421,7 +421,7 @@ impl TurnServer {
         }
         if !request::is_authenticated_method(method) {
             self.refused(now, client, "", Refusal::BadRequest);
-            let response = error_response(message, Refusal::BadRequest);
+            let response = bare_error_response(message, Refusal::BadRequest);
             return vec![self.respond(server, client, response, None)];
         }
         let verifier = Verifier {
@@ -498,7 +498,7 @@ impl TurnServer {
                 .to_owned();
             self.refused(now, client, &username, refusal);
         }
-        let mut response = error_response(message, refusal);
+        let mut response = bare_error_response(message, refusal);
         if challenge {
             response.add_attribute(Realm::new(self.config.realm.clone()).expect("valid realm"));
             response
@@ -830,8 +830,11 @@ impl TurnServer {
             .clamp(self.config.default_lifetime, self.config.max_lifetime)
     }
 
-    /// A message on its way out: SOFTWARE, the signature of an authenticated request's
-    /// credentials (RFC 8489 9.2.4: the response is signed as the request was), FINGERPRINT.
+    /// A message on its way out: for an authenticated request's response SOFTWARE and the
+    /// signature of its credentials (RFC 8489 9.2.4: the response is signed as the request
+    /// was); FINGERPRINT on every message. Answers to strangers and Data indications carry
+    /// no SOFTWARE (it is optional, RFC 8489 14.14): the smaller an unauthenticated answer,
+    /// the less a spoofed request amplifies.
     fn respond(
         &self,
         from: SocketAddr,
@@ -839,8 +842,10 @@ impl TurnServer {
         mut message: TurnMessage,
         signer: Option<&Authenticated>,
     ) -> Action {
-        message.add_attribute(Software::new(self.config.software.clone()).expect("valid software"));
         if let Some(signer) = signer {
+            message.add_attribute(
+                Software::new(self.config.software.clone()).expect("valid software"),
+            );
             signer.sign(&mut message);
         }
         if let Ok(fingerprint) = Fingerprint::new(&message) {
@@ -925,5 +930,16 @@ fn error_response(request: &TurnMessage, refusal: Refusal) -> TurnMessage {
         MessageClass::ErrorResponse,
     );
     response.add_attribute(refusal.error_code());
+    response
+}
+
+/// An error response to a request that did not authenticate: no reason phrase.
+fn bare_error_response(request: &TurnMessage, refusal: Refusal) -> TurnMessage {
+    let mut response = message::response_to(
+        request.method(),
+        request.transaction_id(),
+        MessageClass::ErrorResponse,
+    );
+    response.add_attribute(refusal.bare_error_code());
     response
 }

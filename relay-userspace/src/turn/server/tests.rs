@@ -1231,3 +1231,68 @@ fn relay_ports_are_drawn_at_random_within_the_range() {
     // A scan from the bottom would have given 49152, 49153, 49154, 49155.
     assert!(ports.iter().any(|port| *port > 49152 + 100), "{ports:?}");
 }
+
+/// Amplification: what a spoofed source gets back for each request a stranger can send
+/// (no credentials), as bytes answered per byte received. A 20-byte request's 401 must
+/// carry ERROR-CODE, REALM and NONCE (RFC 8489 9.2.4); the relay adds only FINGERPRINT,
+/// with no reason phrase and no SOFTWARE, so the worst case is 84 bytes for 20 with this
+/// realm (4.2x; coturn answered 5.4x on the same probes).
+#[test]
+fn unauthenticated_answers_are_the_smallest_rfc_8656_allows() {
+    let mut server = server();
+    let stranger = Client::new(ALICE, "", "");
+    let mut unknown = stranger.request(REFRESH, vec![]);
+    // A comprehension-required attribute nobody knows (0x7777) with 4 bytes of value.
+    unknown.extend_from_slice(&[0x77, 0x77, 0, 4, 1, 2, 3, 4]);
+    unknown[3] += 8;
+    let probes: Vec<(&str, Vec<u8>)> = vec![
+        ("Binding", stranger.request(BINDING, vec![])),
+        ("Refresh", stranger.request(REFRESH, vec![])),
+        (
+            "Allocate",
+            stranger.request(ALLOCATE, vec![RequestedTransport::new(UDP).into()]),
+        ),
+        (
+            "CreatePermission",
+            stranger.request(CREATE_PERMISSION, vec![peer(PEER)]),
+        ),
+        (
+            "ChannelBind",
+            stranger.request(CHANNEL_BIND, vec![ChannelNumber(0x4001).into(), peer(PEER)]),
+        ),
+        ("unknown method", {
+            // Method 0x00b, class request: no TURN method.
+            let mut bytes = stranger.request(BINDING, vec![]);
+            bytes[1] = 0x0b;
+            bytes
+        }),
+        ("unknown attribute", unknown),
+    ];
+    let mut worst: f64 = 0.0;
+    for (name, request) in &probes {
+        let actions = server.from_client(T0, addr(LISTENER), addr(ALICE), request);
+        let answered: usize = actions
+            .iter()
+            .map(|action| match action {
+                Action::Send { bytes, .. } => bytes.len(),
+                other => panic!("{name}: {other:?}"),
+            })
+            .sum();
+        let ratio = answered as f64 / request.len() as f64;
+        println!(
+            "{name:<18} {:>3} bytes -> {answered:>3} bytes  {ratio:.1}x",
+            request.len()
+        );
+        worst = worst.max(ratio);
+        if let Some(Action::Send { bytes, .. }) = actions.first() {
+            let answer = decode(bytes);
+            assert!(answer.get_attribute::<Software>().is_none(), "{name}");
+        }
+    }
+    assert!(worst <= 4.2, "the worst answer is {worst:.1}x its request");
+    // The challenge still has what a client needs to authenticate.
+    let (challenge, _) = stranger.send(&mut server, T0, REFRESH, vec![]);
+    assert_eq!(code(&challenge), 401);
+    assert!(challenge.get_attribute::<Realm>().is_some());
+    assert!(challenge.get_attribute::<Nonce>().is_some());
+}
