@@ -420,6 +420,18 @@ fn flows_expired_during_a_silence_come_back_with_the_media() {
             .len()
     };
     assert_eq!(flows(&relayd), 2);
+    let caller = lab.client.udp_socket(addr("10.10.1.2:7000"));
+    let callee = lab.peer.udp_socket(addr("10.10.2.2:7000"));
+    callee
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let rtp = [0x80u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xaa];
+    let mut buf = [0u8; 64];
+    // Talk, then hold: the flows that carried the talk expire with what they counted.
+    for _ in 0..5 {
+        caller.send_to(&rtp, relay_wan).unwrap();
+        callee.recv_from(&mut buf).expect("media before the hold");
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while flows(&relayd) != 0 {
         assert!(
@@ -428,13 +440,6 @@ fn flows_expired_during_a_silence_come_back_with_the_media() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let caller = lab.client.udp_socket(addr("10.10.1.2:7000"));
-    let callee = lab.peer.udp_socket(addr("10.10.2.2:7000"));
-    callee
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .unwrap();
-    let rtp = [0x80u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xaa];
-    let mut buf = [0u8; 64];
     caller.send_to(&rtp, relay_wan).unwrap();
     callee
         .recv_from(&mut buf)
@@ -454,4 +459,9 @@ fn flows_expired_during_a_silence_come_back_with_the_media() {
         .map(|f| f["counters"]["xdp_packets"].as_u64().unwrap_or(0))
         .sum();
     assert!(xdp >= 4, "the kernel forwards again: {listed}");
+    // The call's totals have it all: before the hold, the packet after it, and since.
+    let query = ng
+        .request(&json!({"command": "query", "call-id": "hold"}))
+        .unwrap();
+    assert_eq!(query["totals"]["RTP"]["packets"], 11, "{query}");
 }

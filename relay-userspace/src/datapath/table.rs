@@ -78,7 +78,14 @@ struct State {
     by_key: HashMap<FlowId, u32>,
     next_id: u32,
     expired_total: u64,
+    /// The final counters of the latest expired flows, for their owners' totals (ids are
+    /// not reused); the oldest go first.
+    expired: HashMap<u32, FlowCounters>,
+    expired_order: std::collections::VecDeque<u32>,
 }
+
+/// How many expired flows' final counters are kept.
+const EXPIRED_KEPT: usize = 16_384;
 
 pub struct FlowTable {
     datapath: Box<dyn Datapath>,
@@ -316,8 +323,21 @@ impl FlowTable {
         for info in &expired {
             self.forget(&mut state, info.id);
             state.expired_total += 1;
+            state.expired.insert(info.id, info.counters);
+            state.expired_order.push_back(info.id);
+            if state.expired_order.len() > EXPIRED_KEPT
+                && let Some(oldest) = state.expired_order.pop_front()
+            {
+                state.expired.remove(&oldest);
+            }
         }
         expired
+    }
+
+    /// What flow `id` had counted when the table expired it (one of the latest
+    /// 16,384 expiries).
+    pub fn expired_counters(&self, id: u32) -> Option<FlowCounters> {
+        self.state().expired.get(&id).copied()
     }
 
     fn forget(&self, state: &mut State, id: u32) {
@@ -466,6 +486,9 @@ mod tests {
         );
         assert_eq!(table.expired_total(), 1);
         assert_eq!(kernel(&fake).len(), 1);
+        // Its final counters stay for its owner; a flow that did not expire has none.
+        assert_eq!(table.expired_counters(ids[0]), Some(expired[0].counters));
+        assert_eq!(table.expired_counters(ids[1]), None);
         let busy = table.get(ids[1], 62 * SECOND).unwrap();
         assert_eq!(busy.counters.xdp_packets, 500);
         // 500 packets between the two samples, 32 s apart.

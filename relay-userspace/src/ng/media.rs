@@ -515,10 +515,16 @@ impl StreamMedia {
         let now = monotonic_ns();
         let mut flows = self.flows.lock().expect("ng stream poisoned");
         for (id, side, kind) in std::mem::take(&mut flows.installed) {
-            if let Ok(flow) = table.remove(id, now) {
+            // Removed now, or expired idle by the table before (a silence on hold).
+            let counted = table
+                .remove(id, now)
+                .map(|flow| flow.counters)
+                .ok()
+                .or_else(|| table.expired_counters(id));
+            if let Some(counters) = counted {
                 let retired = &mut flows.retired[side][kind_index(kind)];
-                retired.0 += flow.counters.packets();
-                retired.1 += flow.counters.bytes();
+                retired.0 += counters.packets();
+                retired.1 += counters.bytes();
             }
         }
         let [Some(a), Some(b)] = peers else { return };
@@ -586,10 +592,15 @@ impl StreamMedia {
             if *from != side {
                 continue;
             }
-            if let Ok(flow) = table.get(*id, now) {
+            let counted = table
+                .get(*id, now)
+                .map(|flow| flow.counters)
+                .ok()
+                .or_else(|| table.expired_counters(*id));
+            if let Some(counters) = counted {
                 let total = &mut totals[kind_index(*kind)];
-                total[0] += flow.counters.packets();
-                total[1] += flow.counters.bytes();
+                total[0] += counters.packets();
+                total[1] += counters.bytes();
             }
         }
         Received {
