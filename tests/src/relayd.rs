@@ -156,6 +156,27 @@ impl Relayd {
         serde_json::from_str(&self.ctl_ok(&full)).expect("relayctl --json prints JSON")
     }
 
+    /// Waits until the flow table is empty (a call's end removed its flows), at most
+    /// `within`; panics naming `what` with the flows left and the log.
+    pub fn wait_for_no_flows(&self, within: std::time::Duration, what: &str) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let flows = self.ctl_json(&["flow", "list"]);
+            if flows["flows"]
+                .as_array()
+                .is_some_and(|flows| flows.is_empty())
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {flows}\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// Flows, stats and log, for a failing test's message.
     pub fn diagnostics(&self) -> String {
         format!(

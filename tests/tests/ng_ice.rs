@@ -130,19 +130,7 @@ fn a_webrtc_ice_caller_through_kamailio_gets_the_relays_ice_and_its_media_goes_i
     });
 
     // The BYE deleted the call: no flow is left.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let flows = relayd.ctl_json(&["flow", "list"]);
-        if flows["flows"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the BYE removed every flow: {flows}\n{}",
-            relayd.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    relayd.wait_for_no_flows(Duration::from_secs(5), "the BYE removed every flow");
     let screen = callee.finish();
     assert_eq!(
         sipp_successful_calls(&screen),

@@ -145,19 +145,7 @@ fn kamailio_puts_a_call_between_two_sipps_through_the_relay_and_its_media_in_xdp
         "the caller's call went through\n{screen}\n{}",
         kamailio.log()
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let flows = relayd.ctl_json(&["flow", "list"]);
-        if flows["flows"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the BYE removed every flow: {flows}\n{}",
-            relayd.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    relayd.wait_for_no_flows(Duration::from_secs(5), "the BYE removed every flow");
     let list = ng.request(&json!({"command": "list"})).unwrap();
     assert_eq!(list["calls"], json!([]), "{list}");
     let screen = callee.finish();
