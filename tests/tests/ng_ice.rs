@@ -118,6 +118,14 @@ fn a_webrtc_ice_caller_through_kamailio_gets_the_relays_ice_and_its_media_goes_i
                         xdp_packets_from(&flows, "10.10.2.2:6000") >= 200,
                         "the echo in XDP: {flows}"
                     );
+                    // The operator sees the call's ICE.
+                    let listed = relayd.ctl_json(&["calls", "list"]);
+                    assert_eq!(listed["ng_calls"][0]["ice"], "connected", "{listed}");
+                    let table = relayd.ctl_ok(&["calls", "list"]);
+                    assert!(
+                        table.contains(" ICE ") && table.contains("connected"),
+                        "{table}"
+                    );
 
                     tokio::task::spawn_blocking(move || dialog.bye())
                         .await

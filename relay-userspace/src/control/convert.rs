@@ -211,6 +211,7 @@ impl From<crate::ng::calls::NgCallInfo> for wire::NgCallListed {
             flows: call.flows,
             packets: call.packets,
             bytes: call.bytes,
+            ice: call.ice.map(|ice| ice.as_str().to_owned()),
         }
     }
 }

@@ -133,6 +133,10 @@ pub struct NgCallListed {
     /// Received from both sides, kernel and relayd's sockets.
     pub packets: u64,
     pub bytes: u64,
+    /// The relay's ICE toward the sides (`ICE=force`), the worst stream's: waiting,
+    /// checking, connected, failed; absent without ICE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ice: Option<String>,
 }
 
 /// `calls.show`, `calls.hangup`: one call by its number.

@@ -13,6 +13,7 @@ use std::{
 use super::{
     bencode::Value,
     config::NgConfig,
+    ice::IceProgress,
     media::{Peer, PortPool, StreamMedia},
     protocol::{Ice, NgError, Options, Signal, Target},
 };
@@ -74,6 +75,8 @@ pub struct NgCallInfo {
     pub flows: Vec<u32>,
     pub packets: u64,
     pub bytes: u64,
+    /// The relay's ICE toward the sides, the worst stream's; None without ICE.
+    pub ice: Option<IceProgress>,
 }
 
 fn unix(time: SystemTime) -> i64 {
@@ -498,6 +501,7 @@ impl NgCalls {
                     flows: call.streams.iter().flat_map(|s| s.flow_ids()).collect(),
                     packets,
                     bytes,
+                    ice: call.streams.iter().filter_map(|s| s.ice_progress()).min(),
                 }
             })
             .collect();
@@ -860,6 +864,7 @@ mod tests {
             .await
             .unwrap();
         assert!(first.contains("a=ice-ufrag:"), "{first}");
+        assert_eq!(calls.infos()[0].ice, Some(IceProgress::Waiting));
         let answer = signal(
             "declined",
             "a",
@@ -872,6 +877,7 @@ mod tests {
             .await
             .unwrap();
         assert!(!again.contains("a=ice-ufrag:"), "{again}");
+        assert_eq!(calls.infos()[0].ice, None, "plain again");
         let port = |text: &str| {
             text.lines()
                 .find(|l| l.starts_with("m=audio"))
@@ -1015,6 +1021,7 @@ mod tests {
             matches!(rtp_in, Some(Value::Int(n)) if *n >= 2),
             "{report:?}"
         );
+        assert_eq!(calls.infos()[0].ice, Some(IceProgress::Connected));
         let _ = agent.close().await;
         calls.stop();
     }

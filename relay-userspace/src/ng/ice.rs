@@ -23,6 +23,29 @@ pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the first checks may take once both sides' credentials are known.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How far the relay's ICE toward a side has come, for `relayctl calls list`. Ordered from
+/// the worst: a call shows the worst of its sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IceProgress {
+    /// No working pair in time, or consent lost: no media to or from the side.
+    Failed,
+    /// The side's SDP has not given its credentials yet.
+    Waiting,
+    Checking,
+    Connected,
+}
+
+impl IceProgress {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IceProgress::Failed => "failed",
+            IceProgress::Waiting => "waiting",
+            IceProgress::Checking => "checking",
+            IceProgress::Connected => "connected",
+        }
+    }
+}
+
 pub struct IceSide {
     pub port: IcePort,
     pub leg: tokio::sync::Mutex<IceLeg>,
@@ -32,8 +55,8 @@ pub struct IceSide {
     state: Mutex<State>,
 }
 
-#[derive(Default)]
 struct State {
+    progress: IceProgress,
     /// The side's endpoint as its SDP said (its RTCP port and whether it multiplexes).
     sdp: Option<Peer>,
     /// The side's credentials and candidates, from its SDP.
@@ -54,7 +77,13 @@ impl IceSide {
             leg: tokio::sync::Mutex::new(leg),
             local: local.into(),
             controlling,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                progress: IceProgress::Waiting,
+                sdp: None,
+                remote: None,
+                started: false,
+                selected: None,
+            }),
         })
     }
 
@@ -82,12 +111,28 @@ impl IceSide {
             return None;
         }
         state.started = true;
+        state.progress = IceProgress::Checking;
         state.remote.clone()
     }
 
     /// The pair ICE selected, or None when consent was lost.
     pub fn select(&self, pair: Option<SelectedPair>) {
-        self.state().selected = pair.map(|pair| pair.remote);
+        let mut state = self.state();
+        state.selected = pair.map(|pair| pair.remote);
+        state.progress = if pair.is_some() {
+            IceProgress::Connected
+        } else {
+            IceProgress::Failed
+        };
+    }
+
+    /// The checks found no working pair.
+    pub fn failed(&self) {
+        self.state().progress = IceProgress::Failed;
+    }
+
+    pub fn progress(&self) -> IceProgress {
+        self.state().progress
     }
 
     pub fn has_remote(&self) -> bool {

@@ -19,7 +19,7 @@ use std::{
 use tokio::{net::UdpSocket, task::JoinHandle};
 use webrtc_ice::state::ConnectionState;
 
-use super::ice::{CONNECT_TIMEOUT, CONSENT_TIMEOUT, IceSide};
+use super::ice::{CONNECT_TIMEOUT, CONSENT_TIMEOUT, IceProgress, IceSide};
 use crate::{
     datapath::{FlowSpec, table::FlowTable},
     ice::leg::SelectedPair,
@@ -188,6 +188,13 @@ impl StreamMedia {
         self.remote_ice.lock().expect("ng stream poisoned")[side].is_some()
     }
 
+    /// How far the relay's ICE has come toward the stream's sides: the worst of them;
+    /// None when it speaks ICE toward neither.
+    pub fn ice_progress(&self) -> Option<IceProgress> {
+        let agents = self.ice.lock().expect("ng stream poisoned");
+        agents.iter().flatten().map(|ice| ice.progress()).min()
+    }
+
     /// The side answered the relay's ICE without any (a re-offer does not try again: the
     /// side's media would stop until its answer).
     pub fn declined_ice(&self, side: usize) -> bool {
@@ -319,10 +326,12 @@ impl StreamMedia {
             match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(pair)) => (pair, leg.conn(), leg.pairs(), leg.states()),
                 Ok(Err(err)) => {
+                    ice.failed();
                     tracing::warn!(stream = self.index, side, %err, "ng: ICE toward a side failed: no media to or from it");
                     return;
                 }
                 Err(_) => {
+                    ice.failed();
                     tracing::warn!(
                         stream = self.index,
                         side,
