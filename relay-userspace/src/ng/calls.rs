@@ -243,8 +243,19 @@ impl NgCalls {
             .zip(&media)
             .map(|(stream, m)| stream.endpoint.map(|_| m.ports[other].address.port()))
             .collect();
+        // ICE is forced on a stream the other side has not described yet: a side already
+        // plain is not moved to ICE in the middle of a call (its media would stop until
+        // its answer); one that speaks ICE keeps it.
         let force = signal.options.ice == Ice::Force;
-        let ice = match self.speak_ice(&media, &ports, other, force, true).await {
+        let ports_with_ice: Vec<Option<u16>> = ports
+            .iter()
+            .zip(&media)
+            .map(|(port, m)| port.filter(|_| !force || !m.described(other) || m.speaks_ice(other)))
+            .collect();
+        let ice = match self
+            .speak_ice(&media, &ports_with_ice, other, force, true)
+            .await
+        {
             Ok(ice) => ice,
             Err(err) => {
                 for stream in &added {
@@ -283,7 +294,9 @@ impl NgCalls {
             .zip(&parsed)
         {
             stream.set_peer(&self.table, sender, peer);
-            stream.remote_ice(&self.table, sender, parsed.ice.clone());
+            stream
+                .remote_ice(&self.table, sender, parsed.ice.clone(), true)
+                .await;
         }
         let now = SystemTime::now();
         let mut calls = self.calls();
@@ -401,7 +414,9 @@ impl NgCalls {
                 tracing::warn!(call_id = %signal.call_id, stream = stream.index, "ng: the answer has no ICE for the relay's ICE offer: that side is plain UDP at its SDP's address");
             }
             stream.set_peer(&self.table, answerer, peer);
-            stream.remote_ice(&self.table, answerer, parsed.ice.clone());
+            stream
+                .remote_ice(&self.table, answerer, parsed.ice.clone(), false)
+                .await;
         }
         let mut calls = self.calls();
         if let Some(call) = calls.get_mut(&signal.call_id) {
@@ -887,40 +902,15 @@ mod tests {
         calls.stop();
     }
 
-    /// `ICE=force` in the offer: the callee is a webrtc-ice agent (controlled), the relay
-    /// checks as the controlling agent from the stream's own port, and the media goes both
-    /// ways between the caller's plain socket and the agent's selected pair (through the
-    /// forwarders and the ICE leg: the in-memory datapath forwards nothing itself).
-    #[tokio::test]
-    async fn ice_forced_toward_a_callee_agent_connects_and_carries_the_media() {
+    /// A webrtc-ice agent on loopback with its host candidate gathered, and the SDP a
+    /// callee with it would answer or offer (PCMU, rtcp-mux, its ICE).
+    async fn loopback_agent() -> (webrtc_ice::agent::Agent, String) {
         use webrtc_ice::{
             agent::{Agent, agent_config::AgentConfig},
-            candidate::CandidateType,
-            candidate::{Candidate, candidate_base::unmarshal_candidate},
+            candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
             network_type::NetworkType,
             udp_network::UDPNetwork,
         };
-        use webrtc_util::Conn;
-        let calls = calls();
-        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let caller_port = caller.local_addr().unwrap().port();
-        let mut offer = signal(
-            "ice",
-            "a",
-            None,
-            sdp("127.0.0.1", &[("audio", caller_port)]),
-        );
-        offer.options.ice = Ice::Force;
-        let toward_callee = calls.offer(&offer).await.unwrap();
-        let relay = streams::streams(&toward_callee, None).unwrap();
-        let relay_ice = relay[0].ice.clone().expect("the relay's ICE");
-        let relay_rtp = relay[0].endpoint.unwrap().rtp;
-        assert!(toward_callee.contains("a=rtcp-mux\r\n"), "{toward_callee}");
-        assert!(
-            relay_ice.candidates[0].contains(&format!("127.0.0.1 {} typ host", relay_rtp.port())),
-            "{toward_callee}"
-        );
-
         let agent = Agent::new(AgentConfig {
             network_types: vec![NetworkType::Udp4],
             candidate_types: vec![CandidateType::Host],
@@ -943,40 +933,44 @@ mod tests {
         }
         let host = unmarshal_candidate(&candidates[0]).unwrap().addr();
         let (ufrag, pwd) = agent.get_local_user_credentials().await;
-        let mut answer_sdp = sdp("127.0.0.1", &[("audio", host.port())]);
-        answer_sdp.push_str(&format!(
+        let mut text = sdp("127.0.0.1", &[("audio", host.port())]);
+        text.push_str(&format!(
             "a=rtcp-mux\r\na=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\n"
         ));
         for candidate in &candidates {
-            answer_sdp.push_str(&format!("a=candidate:{candidate}\r\n"));
+            text.push_str(&format!("a=candidate:{candidate}\r\n"));
         }
-        let toward_caller = calls
-            .answer(&signal("ice", "a", Some("b"), answer_sdp))
-            .await
-            .unwrap();
-        // The caller's side is plain: no ICE toward it.
-        assert!(!toward_caller.contains("ice-ufrag"), "{toward_caller}");
-        let relay_for_caller = streams::streams(&toward_caller, None).unwrap()[0]
-            .endpoint
-            .unwrap()
-            .rtp;
+        (agent, text)
+    }
 
-        for candidate in &relay_ice.candidates {
+    /// The agent's checks (controlled) against the relay's ICE; its connection.
+    async fn accept(
+        agent: &webrtc_ice::agent::Agent,
+        relay: IceLines,
+    ) -> Arc<impl webrtc_util::Conn> {
+        use webrtc_ice::candidate::{Candidate, candidate_base::unmarshal_candidate};
+        for candidate in &relay.candidates {
             let candidate: Arc<dyn Candidate + Send + Sync> =
                 Arc::new(unmarshal_candidate(candidate).unwrap());
             agent.add_remote_candidate(&candidate).unwrap();
         }
         let (_cancel, cancel_rx) = tokio::sync::mpsc::channel(1);
-        let conn = tokio::time::timeout(
+        tokio::time::timeout(
             Duration::from_secs(10),
-            agent.accept(cancel_rx, relay_ice.ufrag, relay_ice.pwd),
+            agent.accept(cancel_rx, relay.ufrag, relay.pwd),
         )
         .await
         .expect("ICE in time")
-        .expect("ICE connects");
+        .expect("ICE connects")
+    }
 
-        // Caller -> relay -> agent, then agent -> relay -> caller, until both arrive (the
-        // relay installs the agent's pair once its own side has selected it).
+    /// Caller -> relay -> agent, then agent -> relay -> caller, each sent until it arrives
+    /// (the relay moves its flows once its own side has selected the pair).
+    async fn media_both_ways(
+        caller: &tokio::net::UdpSocket,
+        relay_for_caller: std::net::SocketAddr,
+        conn: &impl webrtc_util::Conn,
+    ) {
         let mut buf = [0u8; 1500];
         let rtp = [0x80u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xab];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -1006,6 +1000,51 @@ mod tests {
             );
         };
         assert_eq!(back, (rtp.to_vec(), relay_for_caller));
+    }
+
+    /// `ICE=force` in the offer: the callee is a webrtc-ice agent (controlled), the relay
+    /// checks as the controlling agent from the stream's own port, and the media goes both
+    /// ways between the caller's plain socket and the agent's selected pair (through the
+    /// forwarders and the ICE leg: the in-memory datapath forwards nothing itself). Then
+    /// the callee moves (a re-INVITE with a new agent's credentials): the relay restarts
+    /// ICE, answers with new credentials of its own, and the media follows.
+    #[tokio::test]
+    async fn ice_forced_toward_a_callee_agent_connects_carries_the_media_and_restarts() {
+        let calls = calls();
+        let caller = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let caller_port = caller.local_addr().unwrap().port();
+        let forced = |from: &str, to: Option<&str>, sdp: String| {
+            let mut signal = signal("ice", from, to, sdp);
+            signal.options.ice = Ice::Force;
+            signal
+        };
+        let caller_sdp = sdp("127.0.0.1", &[("audio", caller_port)]);
+        let toward_callee = calls
+            .offer(&forced("a", None, caller_sdp.clone()))
+            .await
+            .unwrap();
+        let relay = streams::streams(&toward_callee, None).unwrap();
+        let relay_ice = relay[0].ice.clone().expect("the relay's ICE");
+        let relay_rtp = relay[0].endpoint.unwrap().rtp;
+        assert!(toward_callee.contains("a=rtcp-mux\r\n"), "{toward_callee}");
+        assert!(
+            relay_ice.candidates[0].contains(&format!("127.0.0.1 {} typ host", relay_rtp.port())),
+            "{toward_callee}"
+        );
+
+        let (agent, agent_sdp) = loopback_agent().await;
+        let toward_caller = calls
+            .answer(&forced("a", Some("b"), agent_sdp))
+            .await
+            .unwrap();
+        // The caller's side is plain: no ICE toward it.
+        assert!(!toward_caller.contains("ice-ufrag"), "{toward_caller}");
+        let relay_for_caller = streams::streams(&toward_caller, None).unwrap()[0]
+            .endpoint
+            .unwrap()
+            .rtp;
+        let conn = accept(&agent, relay_ice.clone()).await;
+        media_both_ways(&caller, relay_for_caller, &*conn).await;
         let report = calls
             .query(&Target {
                 call_id: "ice".into(),
@@ -1022,7 +1061,36 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(calls.infos()[0].ice, Some(IceProgress::Connected));
+
+        // The callee moves: its re-INVITE carries a new agent's credentials.
         let _ = agent.close().await;
+        let (moved, moved_sdp) = loopback_agent().await;
+        let toward_caller_again = calls
+            .offer(&forced("b", Some("a"), moved_sdp))
+            .await
+            .unwrap();
+        // The plain caller is not moved to ICE in the middle of the call.
+        assert!(
+            !toward_caller_again.contains("ice-ufrag"),
+            "{toward_caller_again}"
+        );
+        let toward_moved = calls
+            .answer(&forced("b", Some("a"), caller_sdp))
+            .await
+            .unwrap();
+        let restarted = streams::streams(&toward_moved, None).unwrap()[0]
+            .ice
+            .clone()
+            .expect("the relay's ICE in the answer");
+        assert_ne!(
+            restarted.ufrag, relay_ice.ufrag,
+            "new credentials for the restart"
+        );
+        assert_eq!(restarted.candidates, relay_ice.candidates, "the same port");
+        let conn = accept(&moved, restarted).await;
+        media_both_ways(&caller, relay_for_caller, &*conn).await;
+        assert_eq!(calls.infos()[0].ice, Some(IceProgress::Connected));
+        let _ = moved.close().await;
         calls.stop();
     }
 }

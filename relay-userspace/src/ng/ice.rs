@@ -49,7 +49,8 @@ impl IceProgress {
 pub struct IceSide {
     pub port: IcePort,
     pub leg: tokio::sync::Mutex<IceLeg>,
-    pub local: IceLines,
+    /// The relay's credentials and candidate: new ones after an ICE restart.
+    local: Mutex<IceLines>,
     /// The relay's ICE went out in an offer: it is the controlling agent (RFC 8445 6.1.1).
     pub controlling: bool,
     state: Mutex<State>,
@@ -75,7 +76,7 @@ impl IceSide {
         Ok(IceSide {
             port,
             leg: tokio::sync::Mutex::new(leg),
-            local: local.into(),
+            local: Mutex::new(local.into()),
             controlling,
             state: Mutex::new(State {
                 progress: IceProgress::Waiting,
@@ -98,6 +99,40 @@ impl IceSide {
 
     pub fn sdp(&self) -> Option<Peer> {
         self.state().sdp
+    }
+
+    pub fn local(&self) -> IceLines {
+        self.local.lock().expect("ng ICE side poisoned").clone()
+    }
+
+    /// The side offered new credentials (RFC 8445 section 9: it restarts ICE, having moved
+    /// to another network): the leg runs new checks with them, in its role, and the relay's
+    /// answer carries its new credentials. Only a connected side restarts; the others keep
+    /// their checks.
+    pub async fn restart(&self, remote: &IceLines) -> anyhow::Result<bool> {
+        {
+            let mut state = self.state();
+            let same = state
+                .remote
+                .as_ref()
+                .is_some_and(|known| (&known.ufrag, &known.pwd) == (&remote.ufrag, &remote.pwd));
+            if same || state.progress != IceProgress::Connected {
+                return Ok(false);
+            }
+            state.remote = Some(remote.clone());
+            state.progress = IceProgress::Checking;
+        }
+        let mut leg = self.leg.lock().await;
+        let local = leg
+            .restart(
+                &self.port,
+                remote.ufrag.clone(),
+                remote.pwd.clone(),
+                &remote.candidates,
+            )
+            .await?;
+        *self.local.lock().expect("ng ICE side poisoned") = local.into();
+        Ok(true)
     }
 
     /// The side's ICE from its latest SDP; the credentials to check with when they are new

@@ -229,7 +229,7 @@ impl StreamMedia {
         controlling: bool,
     ) -> anyhow::Result<IceLines> {
         if let Some(ice) = self.ice_side(side) {
-            return Ok(ice.local.clone());
+            return Ok(ice.local());
         }
         // The agent reads the RTP socket from now on, in place of its forwarder.
         {
@@ -250,18 +250,35 @@ impl StreamMedia {
         self.install(table);
         // The side's credentials may be known already (the relay answers its offer).
         self.start_ice(table, side);
-        Ok(ice.local.clone())
+        Ok(ice.local())
     }
 
     /// The ICE a side's SDP carries (kept: the relay may speak ICE toward the side later,
     /// in the answer to its offer). With a relay agent toward the side and the side's
-    /// credentials known, the checks start (once).
-    pub fn remote_ice(
+    /// credentials known, the checks start (once). New credentials in the side's `offer`
+    /// restart ICE toward a connected side.
+    pub async fn remote_ice(
         self: &Arc<Self>,
         table: &Arc<FlowTable>,
         side: usize,
         remote: Option<IceLines>,
+        offer: bool,
     ) {
+        if let (true, Some(ice), Some(lines)) = (offer, self.ice_side(side), remote.as_ref()) {
+            match ice.restart(lines).await {
+                Ok(true) => {
+                    tracing::info!(
+                        stream = self.index,
+                        side,
+                        "ng: the side restarts ICE (new credentials): the relay checks again with new ones of its own"
+                    )
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(stream = self.index, side, %err, "ng: an ICE restart could not start; the pair in use stays")
+                }
+            }
+        }
         if remote.is_some() {
             self.remote_ice.lock().expect("ng stream poisoned")[side] = remote;
         }
