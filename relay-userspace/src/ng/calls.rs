@@ -405,6 +405,14 @@ impl NgCalls {
             },
         )
         .map_err(|err| NgError::new(format!("sdp: {err}")))?;
+        // Where the answer the offerer gets refuses rtcp-mux, its RTCP goes apart.
+        let written = streams::streams(&sdp, None)
+            .map_err(|err| NgError::new(format!("sdp: the relay's own answer: {err}")))?;
+        for (stream, written) in media.iter().zip(&written) {
+            if written.endpoint.is_some_and(|e| !e.rtcp_mux) {
+                stream.refuse_rtcp_mux(&self.table, offerer);
+            }
+        }
         for ((stream, peer), parsed) in media
             .iter()
             .zip(Self::peers(&signal.options, &parsed))
@@ -862,6 +870,39 @@ mod tests {
         assert_eq!(calls.len(), 1);
         calls.stop();
         assert!(calls.is_empty());
+    }
+
+    /// A caller that offers rtcp-mux (with its RTCP port for the fallback) and a callee that
+    /// does not multiplex: the answer the caller gets has no rtcp-mux, and the relay takes
+    /// and sends the caller's RTCP on its RTCP port.
+    #[tokio::test]
+    async fn an_offerer_whose_rtcp_mux_is_refused_keeps_rtcp_apart() {
+        let calls = calls();
+        let mut offer = sdp("127.0.0.2", &[("audio", 5000)]);
+        offer.push_str("a=rtcp-mux\r\na=rtcp:5009\r\n");
+        calls.offer(&signal("mux", "a", None, offer)).await.unwrap();
+        let answer = calls
+            .answer(&signal(
+                "mux",
+                "a",
+                Some("b"),
+                sdp("127.0.0.3", &[("audio", 6000)]),
+            ))
+            .await
+            .unwrap();
+        assert!(!answer.contains("a=rtcp-mux"), "{answer}");
+        let stream = calls.calls()["mux"].streams[0].clone();
+        let caller = stream.peer(0).unwrap().endpoint;
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(
+            (caller.rtcp_mux, caller.rtcp),
+            (false, addr("127.0.0.2:5009"))
+        );
+        assert_eq!(
+            stream.peer(1).unwrap().endpoint.rtcp,
+            addr("127.0.0.3:6001")
+        );
+        calls.stop();
     }
 
     /// A callee that answers the relay's forced ICE without any is plain from then on: a

@@ -188,6 +188,7 @@ impl IceSide {
                     sdp.endpoint.rtcp
                 },
                 rtcp_mux: sdp.endpoint.rtcp_mux,
+                rtcp_apart: sdp.endpoint.rtcp_apart,
             },
             advertised: sdp.advertised,
             // ICE checked the address: nothing to learn.

@@ -175,6 +175,33 @@ impl StreamMedia {
         self.ice.lock().expect("ng stream poisoned")[side].clone()
     }
 
+    /// The answer toward `side` has no rtcp-mux: a side that offered it sends RTCP to the
+    /// relay's RTCP port from its own (RFC 5761 section 5.1.1), and gets it there.
+    pub fn refuse_rtcp_mux(&self, table: &FlowTable, side: usize) {
+        let demux = |peer: Peer| Peer {
+            endpoint: peer.endpoint.demuxed(),
+            advertised: peer.advertised.demuxed(),
+            ..peer
+        };
+        match self.ice_side(side) {
+            Some(ice) => match ice.sdp() {
+                Some(sdp) if sdp.endpoint.rtcp_mux => {
+                    ice.set_sdp(Some(demux(sdp)));
+                    self.peers()[side] = ice.peer();
+                }
+                _ => return,
+            },
+            None => {
+                let mut peers = self.peers();
+                match peers[side] {
+                    Some(peer) if peer.endpoint.rtcp_mux => peers[side] = Some(demux(peer)),
+                    _ => return,
+                }
+            }
+        }
+        self.install(table);
+    }
+
     /// The side's SDP kept the stream (an endpoint, wherever ICE finds it).
     pub fn described(&self, side: usize) -> bool {
         match self.ice_side(side) {

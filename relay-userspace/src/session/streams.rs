@@ -13,9 +13,24 @@ use super::sdp::{ICE_ATTRIBUTES, IceLines, SdpError, parse, rtcp_address};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamEndpoint {
     pub rtp: SocketAddr,
-    /// The RTP address when multiplexed (RFC 5761), else `a=rtcp` (RFC 3605) or port + 1.
+    /// The RTP address when multiplexed (RFC 5761), else `rtcp_apart`.
     pub rtcp: SocketAddr,
     pub rtcp_mux: bool,
+    /// Where RTCP goes when it is not multiplexed: `a=rtcp` (RFC 3605) or port + 1. A side
+    /// that offered rtcp-mux falls back to it when the answer refuses multiplexing.
+    pub rtcp_apart: SocketAddr,
+}
+
+impl StreamEndpoint {
+    /// The endpoint with RTCP on its own port (RFC 5761 section 5.1.1: the answer did not
+    /// accept rtcp-mux).
+    pub fn demuxed(self) -> StreamEndpoint {
+        StreamEndpoint {
+            rtcp: self.rtcp_apart,
+            rtcp_mux: false,
+            ..self
+        }
+    }
 }
 
 /// One m-line as a side described it.
@@ -67,24 +82,21 @@ pub fn streams(text: &str, address: Option<IpAddr>) -> Result<Vec<Stream>, SdpEr
                 };
                 let rtp = SocketAddr::new(ip, port);
                 let rtcp_mux = media.has_attribute("rtcp-mux");
-                let rtcp = if rtcp_mux {
-                    rtp
-                } else {
-                    media
-                        .attribute("rtcp")
-                        .flatten()
-                        .and_then(|value| rtcp_address(value, ip))
-                        .map(|rtcp| match address {
-                            // The SIP source stands for every address the SDP names.
-                            Some(_) => SocketAddr::new(ip, rtcp.port()),
-                            None => rtcp,
-                        })
-                        .unwrap_or_else(|| SocketAddr::new(ip, port.wrapping_add(1)))
-                };
+                let rtcp_apart = media
+                    .attribute("rtcp")
+                    .flatten()
+                    .and_then(|value| rtcp_address(value, ip))
+                    .map(|rtcp| match address {
+                        // The SIP source stands for every address the SDP names.
+                        Some(_) => SocketAddr::new(ip, rtcp.port()),
+                        None => rtcp,
+                    })
+                    .unwrap_or_else(|| SocketAddr::new(ip, port.wrapping_add(1)));
                 Some(StreamEndpoint {
                     rtp,
-                    rtcp,
+                    rtcp: if rtcp_mux { rtp } else { rtcp_apart },
                     rtcp_mux,
+                    rtcp_apart,
                 })
             };
             let value = |key: &str| {
@@ -241,7 +253,8 @@ mod tests {
             Some(StreamEndpoint {
                 rtp: addr("192.0.2.10:5004"),
                 rtcp: addr("192.0.2.10:5009"),
-                rtcp_mux: false
+                rtcp_mux: false,
+                rtcp_apart: addr("192.0.2.10:5009"),
             })
         );
         assert_eq!(
@@ -249,7 +262,8 @@ mod tests {
             Some(StreamEndpoint {
                 rtp: addr("192.0.2.11:5006"),
                 rtcp: addr("192.0.2.11:5006"),
-                rtcp_mux: true
+                rtcp_mux: true,
+                rtcp_apart: addr("192.0.2.11:5007"),
             })
         );
         assert_eq!(
