@@ -42,6 +42,7 @@ pub struct NgCalls {
     offload: bool,
     media_timeout: Duration,
     answer_timeout: Duration,
+    consent_timeout: Duration,
     calls: Mutex<HashMap<String, NgCall>>,
     totals: Mutex<Totals>,
 }
@@ -94,6 +95,7 @@ impl NgCalls {
             table,
             media_timeout: Duration::from_secs(config.media_timeout_secs),
             answer_timeout: Duration::from_secs(config.answer_timeout_secs),
+            consent_timeout: Duration::from_secs(config.ice_consent_timeout_secs),
             calls: Mutex::new(HashMap::new()),
             totals: Mutex::new(Totals::default()),
         }
@@ -454,7 +456,7 @@ impl NgCalls {
                 Some(_) if (force && !stream.declined_ice(side)) || stream.speaks_ice(side) => {
                     Some(
                         stream
-                            .speak_ice(&self.table, side, offer)
+                            .speak_ice(&self.table, side, offer, self.consent_timeout)
                             .await
                             .map_err(|err| NgError::new(format!("ICE: {err:#}")))?,
                     )
@@ -793,6 +795,7 @@ mod tests {
             listen: "127.0.0.1:0".into(),
             interfaces: [("lo".to_owned(), "127.0.0.1".to_owned())].into(),
             port_range: "47000-47099".into(),
+            ice_consent_timeout_secs: 3,
             ..NgConfig::default()
         };
         let table = Arc::new(FlowTable::new(Box::new(Arc::new(Memory::default())), 60, 1));
@@ -902,6 +905,44 @@ mod tests {
             stream.peer(1).unwrap().endpoint.rtcp,
             addr("127.0.0.3:6001")
         );
+        calls.stop();
+    }
+
+    /// A callee agent that stops answering the relay's consent checks: after
+    /// `ng.ice_consent_timeout_secs` (3 s here) its side fails and the relay forwards
+    /// nothing toward it.
+    #[tokio::test]
+    async fn a_side_that_stops_answering_consent_checks_loses_its_media() {
+        let calls = calls();
+        let mut offer = signal("consent", "a", None, sdp("127.0.0.2", &[("audio", 5000)]));
+        offer.options.ice = Ice::Force;
+        let toward_callee = calls.offer(&offer).await.unwrap();
+        let relay_ice = streams::streams(&toward_callee, None).unwrap()[0]
+            .ice
+            .clone()
+            .unwrap();
+        let (agent, agent_sdp) = loopback_agent().await;
+        calls
+            .answer(&signal("consent", "a", Some("b"), agent_sdp))
+            .await
+            .unwrap();
+        let _conn = accept(&agent, relay_ice).await;
+        let stream = calls.calls()["consent"].streams[0].clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while stream.peer(1).is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay selects the pair"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = agent.close().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+        while calls.infos()[0].ice != Some(IceProgress::Failed) {
+            assert!(tokio::time::Instant::now() < deadline, "consent expires");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(stream.peer(1), None, "nothing goes toward the side");
         calls.stop();
     }
 

@@ -23,6 +23,9 @@ pub struct NgConfig {
     pub media_timeout_secs: u64,
     /// Seconds an offer may wait for its answer before the call is deleted.
     pub answer_timeout_secs: u64,
+    /// Seconds without answers to the relay's consent checks (RFC 7675) after which a side
+    /// the relay speaks ICE toward (`ICE=force`) loses its flows.
+    pub ice_consent_timeout_secs: u64,
 }
 
 impl Default for NgConfig {
@@ -33,6 +36,7 @@ impl Default for NgConfig {
             port_range: "30000-39999".to_owned(),
             media_timeout_secs: 60,
             answer_timeout_secs: 120,
+            ice_consent_timeout_secs: 30,
         }
     }
 }
@@ -98,6 +102,7 @@ impl NgConfig {
         for (key, value) in [
             ("ng.media_timeout_secs", self.media_timeout_secs),
             ("ng.answer_timeout_secs", self.answer_timeout_secs),
+            ("ng.ice_consent_timeout_secs", self.ice_consent_timeout_secs),
         ] {
             if value == 0 {
                 problem(key, "0".to_owned(), "must be at least 1");
@@ -125,6 +130,7 @@ mod tests {
             interfaces: [("lan".to_owned(), "0.0.0.0".to_owned())].into(),
             port_range: "40-40".into(),
             media_timeout_secs: 0,
+            ice_consent_timeout_secs: 0,
             ..NgConfig::default()
         };
         assert_eq!(
@@ -134,6 +140,7 @@ mod tests {
                 ("ng.interfaces", "lan = \"0.0.0.0\"".to_owned()),
                 ("ng.port_range", "\"40-40\"".to_owned()),
                 ("ng.media_timeout_secs", "0".to_owned()),
+                ("ng.ice_consent_timeout_secs", "0".to_owned()),
             ]
         );
         let none = NgConfig {

@@ -18,8 +18,6 @@ use crate::{
     session::{sdp::IceLines, streams::StreamEndpoint},
 };
 
-/// How long consent lasts without answers (RFC 7675's 30 s).
-pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the first checks may take once both sides' credentials are known.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -69,10 +67,15 @@ struct State {
 }
 
 impl IceSide {
-    /// An agent on `socket` (the side's RTP port), its host candidate gathered.
-    pub async fn new(socket: Arc<UdpSocket>, controlling: bool) -> anyhow::Result<IceSide> {
+    /// An agent on `socket` (the side's RTP port), its host candidate gathered; consent
+    /// lasts `consent_timeout` without answers (`ng.ice_consent_timeout_secs`).
+    pub async fn new(
+        socket: Arc<UdpSocket>,
+        controlling: bool,
+        consent_timeout: Duration,
+    ) -> anyhow::Result<IceSide> {
         let port = IcePort::on(socket)?;
-        let (leg, local) = IceLeg::new(&port, CONSENT_TIMEOUT).await?;
+        let (leg, local) = IceLeg::new(&port, consent_timeout).await?;
         Ok(IceSide {
             port,
             leg: tokio::sync::Mutex::new(leg),

@@ -19,7 +19,7 @@ use std::{
 use tokio::{net::UdpSocket, task::JoinHandle};
 use webrtc_ice::state::ConnectionState;
 
-use super::ice::{CONNECT_TIMEOUT, CONSENT_TIMEOUT, IceProgress, IceSide};
+use super::ice::{CONNECT_TIMEOUT, IceProgress, IceSide};
 use crate::{
     datapath::{FlowSpec, table::FlowTable},
     ice::leg::SelectedPair,
@@ -254,6 +254,7 @@ impl StreamMedia {
         table: &Arc<FlowTable>,
         side: usize,
         controlling: bool,
+        consent_timeout: std::time::Duration,
     ) -> anyhow::Result<IceLines> {
         if let Some(ice) = self.ice_side(side) {
             return Ok(ice.local());
@@ -269,7 +270,9 @@ impl StreamMedia {
                 !reads
             });
         }
-        let ice = Arc::new(IceSide::new(self.ports[side].rtp.clone(), controlling).await?);
+        let ice = Arc::new(
+            IceSide::new(self.ports[side].rtp.clone(), controlling, consent_timeout).await?,
+        );
         let sdp = self.peers()[side].take();
         ice.set_sdp(sdp);
         self.ice.lock().expect("ng stream poisoned")[side] = Some(ice.clone());
@@ -395,11 +398,26 @@ impl StreamMedia {
         follow(Some(pair));
         let Some(conn) = conn else { return };
         let mut buf = vec![0u8; 2048];
+        let consent_lost = || {
+            tracing::warn!(
+                stream = self.index,
+                side,
+                "ng: ICE consent toward a side expired (ng.ice_consent_timeout_secs without answers): media to and from it stops"
+            );
+            follow(None);
+        };
         loop {
             tokio::select! {
                 received = conn.recv_from(&mut buf) => match received {
                     Ok((n, from)) => self.relay(table, side, Kind::Rtp, &buf[..n], from).await,
-                    Err(_) => return,
+                    // The port let go of the leg: its consent expired (the state may not
+                    // have been looked at yet).
+                    Err(_) => {
+                        if *states.borrow() == ConnectionState::Failed {
+                            consent_lost();
+                        }
+                        return;
+                    }
                 },
                 changed = pairs.changed() => {
                     if changed.is_err() {
@@ -417,8 +435,7 @@ impl StreamMedia {
                     }
                     let state = *states.borrow_and_update();
                     if state == ConnectionState::Failed {
-                        tracing::warn!(stream = self.index, side, consent_timeout_secs = CONSENT_TIMEOUT.as_secs(), "ng: ICE consent toward a side expired: media to and from it stops");
-                        follow(None);
+                        consent_lost();
                         return;
                     }
                 }
