@@ -37,7 +37,7 @@ impl NonceIssuer {
 
     /// A nonce for `client`, issued at `now` (Unix seconds).
     pub fn issue(&self, client: SocketAddr, now: u64) -> String {
-        // The issue time as 8 hex digits (32-bit Unix seconds, good until 2106).
+        // When it was issued, as 8 hex digits (32-bit Unix seconds, good until 2106).
         let issued = now & u64::from(u32::MAX);
         format!("{issued:08x}{}", self.tag(client, issued))
     }
