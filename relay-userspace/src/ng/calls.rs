@@ -1174,5 +1174,14 @@ mod tests {
         assert_eq!(calls.infos()[0].ice, Some(IceProgress::Connected));
         let _ = moved.close().await;
         calls.stop();
+        // The ICE port lets go of the stream's socket: the port can be bound again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while std::net::UdpSocket::bind(relay_rtp).is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{relay_rtp} still bound"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
