@@ -453,14 +453,12 @@ impl NgCalls {
         let mut lines = Vec::new();
         for (stream, port) in media.iter().zip(ports) {
             lines.push(match port {
-                Some(_) if (force && !stream.declined_ice(side)) || stream.speaks_ice(side) => {
-                    Some(
-                        stream
-                            .speak_ice(&self.table, side, offer, self.consent_timeout)
-                            .await
-                            .map_err(|err| NgError::new(format!("ICE: {err:#}")))?,
-                    )
-                }
+                Some(_) if force || stream.speaks_ice(side) => Some(
+                    stream
+                        .speak_ice(&self.table, side, offer, self.consent_timeout)
+                        .await
+                        .map_err(|err| NgError::new(format!("ICE: {err:#}")))?,
+                ),
                 _ => None,
             });
         }

@@ -118,8 +118,6 @@ pub struct StreamMedia {
     ice: Mutex<[Option<Arc<IceSide>>; 2]>,
     /// Each side's ICE as its latest SDP had it.
     remote_ice: Mutex<[Option<IceLines>; 2]>,
-    /// The side answered the relay's ICE without any: it is not offered ICE again.
-    declined_ice: [std::sync::atomic::AtomicBool; 2],
     /// The forwarders (with the socket each reads) and the ICE sides' tasks.
     tasks: Mutex<Vec<(Option<Socket>, JoinHandle<()>)>>,
 }
@@ -158,7 +156,6 @@ impl StreamMedia {
             last_packet_ns: Default::default(),
             ice: Mutex::new([None, None]),
             remote_ice: Mutex::new([None, None]),
-            declined_ice: Default::default(),
             tasks: Mutex::new(Vec::new()),
         })
     }
@@ -220,12 +217,6 @@ impl StreamMedia {
     pub fn ice_progress(&self) -> Option<IceProgress> {
         let agents = self.ice.lock().expect("ng stream poisoned");
         agents.iter().flatten().map(|ice| ice.progress()).min()
-    }
-
-    /// The side answered the relay's ICE without any (a re-offer does not try again: the
-    /// side's media would stop until its answer).
-    pub fn declined_ice(&self, side: usize) -> bool {
-        self.declined_ice[side].load(Ordering::Relaxed)
     }
 
     /// The relay speaks ICE toward the side.
@@ -345,7 +336,6 @@ impl StreamMedia {
         let Some(ice) = ice else {
             return false;
         };
-        self.declined_ice[side].store(true, Ordering::Relaxed);
         let peer = ice.sdp();
         close_ice(ice);
         let (stream, forwarding) = (self.clone(), table.clone());

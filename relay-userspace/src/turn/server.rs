@@ -406,7 +406,7 @@ impl TurnServer {
         let unknown = request::unknown_attributes(message);
         if !unknown.is_empty() {
             self.refused(now, client, "", Refusal::UnknownAttribute);
-            let mut response = bare_error_response(message, Refusal::UnknownAttribute);
+            let mut response = error_response(message, Refusal::UnknownAttribute.bare_error_code());
             response.add_attribute(UnknownAttributes::new(unknown));
             return vec![self.respond(server, client, response, None)];
         }
@@ -421,7 +421,7 @@ impl TurnServer {
         }
         if !request::is_authenticated_method(method) {
             self.refused(now, client, "", Refusal::BadRequest);
-            let response = bare_error_response(message, Refusal::BadRequest);
+            let response = error_response(message, Refusal::BadRequest.bare_error_code());
             return vec![self.respond(server, client, response, None)];
         }
         let verifier = Verifier {
@@ -470,7 +470,7 @@ impl TurnServer {
             Err(refusal) => {
                 tracing::debug!(%client, %username, method = ?method, code = refusal.code(), reason = refusal.reason(), "turn: request refused");
                 self.refused(now, client, &username, refusal);
-                error_response(message, refusal)
+                error_response(message, refusal.error_code())
             }
         };
         actions.push(self.respond(server, client, response, Some(&signed)));
@@ -498,7 +498,7 @@ impl TurnServer {
                 .to_owned();
             self.refused(now, client, &username, refusal);
         }
-        let mut response = bare_error_response(message, refusal);
+        let mut response = error_response(message, refusal.bare_error_code());
         if challenge {
             response.add_attribute(Realm::new(self.config.realm.clone()).expect("valid realm"));
             response
@@ -923,23 +923,17 @@ fn check_peer(
     Ok(relay)
 }
 
-fn error_response(request: &TurnMessage, refusal: Refusal) -> TurnMessage {
+/// An error response to `request`: `refusal.error_code()` for an authenticated request,
+/// `refusal.bare_error_code()` (no reason phrase) for one that did not authenticate.
+fn error_response(
+    request: &TurnMessage,
+    code: stun_codec::rfc5389::attributes::ErrorCode,
+) -> TurnMessage {
     let mut response = message::response_to(
         request.method(),
         request.transaction_id(),
         MessageClass::ErrorResponse,
     );
-    response.add_attribute(refusal.error_code());
-    response
-}
-
-/// An error response to a request that did not authenticate: no reason phrase.
-fn bare_error_response(request: &TurnMessage, refusal: Refusal) -> TurnMessage {
-    let mut response = message::response_to(
-        request.method(),
-        request.transaction_id(),
-        MessageClass::ErrorResponse,
-    );
-    response.add_attribute(refusal.bare_error_code());
+    response.add_attribute(code);
     response
 }
