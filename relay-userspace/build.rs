@@ -3,15 +3,15 @@
 //! relay-common changed, so the object is not rebuilt needlessly.
 
 fn main() -> anyhow::Result<()> {
-    let ebpf_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../relay-ebpf");
-    println!(
-        "cargo:rerun-if-changed={}",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../relay-common")
-    );
+    // Read when the script runs, not when it was compiled: two checkouts sharing one target
+    // directory share this script's binary, and each must build its own relay-ebpf.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let ebpf_dir = format!("{manifest_dir}/../relay-ebpf");
+    println!("cargo:rerun-if-changed={manifest_dir}/../relay-common");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "relay-ebpf",
-            root_dir: ebpf_dir,
+            root_dir: &ebpf_dir,
             no_default_features: false,
             features: &[],
         }],
