@@ -838,7 +838,12 @@ fn xdp_program_fixtures() {
             }
         }
         // What the flow table's tick reads in one batch is what each flow's own lookup says.
-        let all = kernel.all_counters().expect("batch lookup of the flow map");
+        let all: std::collections::HashMap<_, _> = kernel
+            .counters_by_id()
+            .expect("batch lookup of the flow map")
+            .into_iter()
+            .map(|(_, key, counters)| (key, counters))
+            .collect();
         for spec in &flows {
             if all.get(&spec.key()) != Some(&kernel.counters(spec)) {
                 failures.push(format!(
@@ -871,7 +876,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The flow table's tick reads every flow's counters with batch lookups: in a map of
 /// 10,000 flows (several batches of 4,096, buckets of any size) it finds each flow once,
-/// with the counters and last-seen time its own lookup reads.
+/// with its id and the counters and last-seen time its own lookup reads, in id order.
 #[test]
 fn batch_lookup_reads_every_flow_of_a_large_map() {
     require_root();
@@ -894,12 +899,24 @@ fn batch_lookup_reads_every_flow_of_a_large_map() {
                 .install(id as u32 + 1, 1, spec)
                 .expect("install flow");
         }
-        let all = kernel.all_counters().expect("batch lookup of the flow map");
+        let by_id = kernel
+            .counters_by_id()
+            .expect("batch lookup of the flow map");
+        let all: std::collections::HashMap<_, _> = by_id
+            .iter()
+            .map(|(id, key, counters)| (*key, (*id, *counters)))
+            .collect();
         let mut mismatches: Vec<String> = flows
             .iter()
-            .filter(|spec| all.get(&spec.key()) != Some(&kernel.counters(spec)))
-            .map(|spec| format!("{spec:?}"))
+            .enumerate()
+            .filter(|(index, spec)| {
+                all.get(&spec.key()) != Some(&(*index as u32 + 1, kernel.counters(spec)))
+            })
+            .map(|(_, spec)| format!("{spec:?}"))
             .collect();
+        if !by_id.is_sorted_by_key(|(id, _, _)| *id) {
+            mismatches.push("entries not in id order".to_owned());
+        }
         if all.len() != flows.len() {
             mismatches.push(format!("{} entries for {} flows", all.len(), flows.len()));
         }

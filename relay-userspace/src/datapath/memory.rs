@@ -20,6 +20,8 @@ pub struct Memory {
     pub counters: Mutex<HashMap<FlowId, FlowCounters>>,
     pub pinned: Vec<(u32, u32, FlowSpec)>,
     pub refuse: Option<FlowSpec>,
+    /// The capacity it reports; 4 when not set.
+    pub capacity: Option<u32>,
 }
 
 impl Datapath for Arc<Memory> {
@@ -27,7 +29,7 @@ impl Datapath for Arc<Memory> {
         DatapathStatus {
             kind: DatapathKind::Userspace,
             interfaces: Vec::new(),
-            capacity: 4,
+            capacity: self.capacity.unwrap_or(4),
             fallback_reason: None,
             pin_dir: None,
         }

@@ -5,7 +5,7 @@
 //! `sendto` makes the kernel resolve the next hop's neighbour entry).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     net::SocketAddr,
     sync::{
@@ -37,6 +37,10 @@ pub struct SocketForwarder {
 struct Shared {
     /// (src, dst) -> where to send.
     routes: RwLock<HashMap<FlowId, Arc<Route>>>,
+    /// The routes that have relayed a packet: counters are read only for these. Beside XDP
+    /// few do (a flow's packets go to userspace only until the kernel knows its next hop,
+    /// or for RTCP kept apart), and the tick asks for every flow's counters each time.
+    used: Mutex<HashSet<FlowId>>,
     forwarded_packets: AtomicU64,
     forwarded_bytes: AtomicU64,
     unknown_source_packets: AtomicU64,
@@ -118,19 +122,40 @@ impl SocketForwarder {
             release(&mut sockets, spec.dst);
             release(&mut sockets, spec.new_src);
         }
+        self.shared
+            .used
+            .lock()
+            .expect("used routes poisoned")
+            .remove(&spec.id());
     }
 
     pub fn counters(&self, spec: &FlowSpec) -> FlowCounters {
-        let routes = self.shared.routes.read().expect("route table poisoned");
-        match routes.get(&spec.id()) {
-            Some(route) => FlowCounters {
-                userspace_packets: route.packets.load(Ordering::Relaxed),
-                userspace_bytes: route.bytes.load(Ordering::Relaxed),
-                last_seen_ns: route.last_seen_ns.load(Ordering::Relaxed),
-                ..FlowCounters::default()
-            },
-            None => FlowCounters::default(),
+        self.counters_of(std::iter::once(spec))
+            .pop()
+            .expect("one spec")
+    }
+
+    /// The counters of each of `specs`, in order, under one read of the route table.
+    pub fn counters_of<'a>(&self, specs: impl Iterator<Item = &'a FlowSpec>) -> Vec<FlowCounters> {
+        let used = self.shared.used.lock().expect("used routes poisoned");
+        if used.is_empty() {
+            return specs.map(|_| FlowCounters::default()).collect();
         }
+        let routes = self.shared.routes.read().expect("route table poisoned");
+        specs
+            .map(|spec| spec.id())
+            .map(
+                |key| match used.contains(&key).then(|| routes.get(&key)).flatten() {
+                    Some(route) => FlowCounters {
+                        userspace_packets: route.packets.load(Ordering::Relaxed),
+                        userspace_bytes: route.bytes.load(Ordering::Relaxed),
+                        last_seen_ns: route.last_seen_ns.load(Ordering::Relaxed),
+                        ..FlowCounters::default()
+                    },
+                    None => FlowCounters::default(),
+                },
+            )
+            .collect()
     }
 
     pub fn stats(&self) -> SocketStats {
@@ -302,11 +327,11 @@ fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, buf: &mut [u8
     let route = {
         let routes = shared.routes.read().expect("route table poisoned");
         routes
-            .get(&(from, local, channel))
-            .or_else(|| routes.get(&(from, local, 0)))
-            .cloned()
+            .get_key_value(&(from, local, channel))
+            .or_else(|| routes.get_key_value(&(from, local, 0)))
+            .map(|(key, route)| (*key, route.clone()))
     };
-    let Some(route) = route else {
+    let Some((key, route)) = route else {
         // Strict source: only the registered sender is relayed.
         shared
             .unknown_source_packets
@@ -339,7 +364,13 @@ fn relay_one(shared: &Shared, local: SocketAddr, from: SocketAddr, buf: &mut [u8
     // saturated and the packet is dropped, as the kernel would drop it.
     match send_now(&route.out, out, route.new_dst) {
         Ok(_) => {
-            route.packets.fetch_add(1, Ordering::Relaxed);
+            if route.packets.fetch_add(1, Ordering::Relaxed) == 0 {
+                shared
+                    .used
+                    .lock()
+                    .expect("used routes poisoned")
+                    .insert(key);
+            }
             route.bytes.fetch_add(ip_len, Ordering::Relaxed);
             route.last_seen_ns.store(monotonic_ns(), Ordering::Relaxed);
             shared.forwarded_packets.fetch_add(1, Ordering::Relaxed);

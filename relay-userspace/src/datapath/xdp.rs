@@ -4,7 +4,6 @@
 //! userspace socket path, so the first packet of a flow is never lost.
 
 use std::{
-    collections::HashMap as StdHashMap,
     ffi::CString,
     io,
     os::fd::{AsFd, OwnedFd},
@@ -30,7 +29,7 @@ use tokio::runtime::Handle;
 
 use super::{
     Datapath, DatapathError, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
-    InterfaceStatus, SlowPath, VerdictCount, userspace::SocketForwarder,
+    InterfaceStatus, SlowPath, VerdictCount, batch::BatchReader, userspace::SocketForwarder,
 };
 use crate::{
     datapath::config::{DatapathConfig, XdpModeChoice},
@@ -64,6 +63,9 @@ pub struct KernelProgram {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     /// The flow map's descriptor again, for batch lookups (aya keeps its own private).
     flows_fd: OwnedFd,
+    batch: BatchReader<FlowKey, FlowValue>,
+    /// Entries the last batch read found: the next one's starting capacity.
+    flows_len_hint: usize,
     stats: PerCpuArray<MapData, StatCounter>,
     egress: DevMapHash<MapData>,
     vlans: HashMap<MapData, u32, VlanDevice>,
@@ -125,6 +127,8 @@ impl KernelProgram {
             ebpf,
             flows,
             flows_fd,
+            batch: BatchReader::new(BATCH_CHUNK),
+            flows_len_hint: 0,
             stats,
             egress,
             vlans,
@@ -223,13 +227,26 @@ impl KernelProgram {
         }
     }
 
-    /// Every flow's counters, by key, in a few system calls (batch lookups).
-    pub fn all_counters(&self) -> io::Result<StdHashMap<FlowKey, FlowCounters>> {
-        let entries: Vec<(FlowKey, FlowValue)> =
-            super::batch::lookup_all(self.flows_fd.as_fd(), BATCH_CHUNK)?;
-        Ok(entries
+    /// Every flow's counters in a few system calls (batch lookups): `(id, key, counters)`
+    /// in increasing id order (two entries may share an id for a moment while a flow
+    /// changes key).
+    pub fn counters_by_id(&mut self) -> io::Result<Vec<(u32, FlowKey, FlowCounters)>> {
+        let mut read = Vec::with_capacity(self.flows_len_hint);
+        self.batch.read_all(self.flows_fd.as_fd(), |key, value| {
+            read.push((value.action.flow_id, *key, of_kernel(&value.counters)))
+        })?;
+        self.flows_len_hint = read.len();
+        // Sorting (id, index) pairs and gathering once moves far fewer bytes than sorting
+        // the entries themselves.
+        let mut order: Vec<(u32, u32)> = read
+            .iter()
+            .enumerate()
+            .map(|(index, (id, _, _))| (*id, index as u32))
+            .collect();
+        order.sort_unstable();
+        Ok(order
             .into_iter()
-            .map(|(key, value)| (key, of_kernel(&value.counters)))
+            .map(|(_, index)| read[index as usize])
             .collect())
     }
 
@@ -364,24 +381,38 @@ impl Datapath for XdpDatapath {
             .merge(self.slow_path.counters(spec))
     }
 
-    fn counters_of(&self, specs: &[FlowSpec]) -> Vec<FlowCounters> {
-        let kernel = self.kernel();
-        let all = match kernel.all_counters() {
+    fn counters_of(&self, flows: &[(u32, FlowSpec)]) -> Vec<FlowCounters> {
+        let mut kernel = self.kernel();
+        let all = match kernel.counters_by_id() {
             Ok(all) => all,
             Err(err) => {
                 tracing::warn!(%err, "XDP: batch lookup of the flow map failed; reading flow by flow");
-                StdHashMap::new()
+                Vec::new()
             }
         };
-        specs
+        let slow_path = self
+            .slow_path
+            .counters_of(flows.iter().map(|(_, spec)| spec));
+        // Both in id order: one pass, no hashing.
+        let mut next = 0;
+        flows
             .iter()
-            .map(|spec| {
+            .zip(slow_path)
+            .map(|((id, spec), slow_path)| {
+                while next < all.len() && all[next].0 < *id {
+                    next += 1;
+                }
+                let key = spec.key();
+                let batched = all[next..]
+                    .iter()
+                    .take_while(|(other, _, _)| other == id)
+                    .find(|(_, other, _)| *other == key);
                 // A flow the batch did not see (installed meanwhile) is read by itself.
-                let in_kernel = match all.get(&spec.key()) {
-                    Some(counters) => *counters,
+                let in_kernel = match batched {
+                    Some((_, _, counters)) => *counters,
                     None => kernel.counters(spec),
                 };
-                in_kernel.merge(self.slow_path.counters(spec))
+                in_kernel.merge(slow_path)
             })
             .collect()
     }
