@@ -54,7 +54,22 @@ impl Sent {
 /// Runs trafgen in `ns` on `dev` with the packet configuration in `config` for about
 /// `secs` seconds of `load`; bounded by a 30 s timeout.
 pub fn trafgen(ns: &NetNs, dev: &str, config: &Path, load: Load, secs: u64) -> Sent {
-    let mut args: Vec<String> = ["--dev", dev, "--no-sock-mem", "-P", "1", "-n"]
+    trafgen_on_cpus(ns, dev, config, load, secs, 1)
+}
+
+/// [`trafgen`] with `processes` trafgen processes, one per CPU (`-P`): with 2, both CPUs
+/// send, and on veth each CPU also runs the receiving side's XDP for what it sent. `load`
+/// is the total, split between them.
+pub fn trafgen_on_cpus(
+    ns: &NetNs,
+    dev: &str,
+    config: &Path,
+    load: Load,
+    secs: u64,
+    processes: u32,
+) -> Sent {
+    let processes = processes.to_string();
+    let mut args: Vec<String> = ["--dev", dev, "--no-sock-mem", "-P", &processes, "-n"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -112,18 +127,46 @@ pub fn udp_frame(
     (src, dst): (std::net::SocketAddrV4, std::net::SocketAddrV4),
     payload: &str,
 ) -> String {
+    udp_frames(
+        ns,
+        dev,
+        peer_ns,
+        peer_dev,
+        (*src.ip(), src.port()..=src.port()),
+        (*dst.ip(), dst.port()..=dst.port()),
+        payload,
+    )
+}
+
+/// [`udp_frame`] with source and destination ports that trafgen steps through: each frame
+/// takes the next port of both ranges (`dinc`), so ranges of coprime lengths a and b give
+/// a x b distinct 4-tuples before any repeats.
+pub fn udp_frames(
+    ns: &NetNs,
+    dev: &str,
+    peer_ns: &NetNs,
+    peer_dev: &str,
+    (src, src_ports): (std::net::Ipv4Addr, std::ops::RangeInclusive<u16>),
+    (dst, dst_ports): (std::net::Ipv4Addr, std::ops::RangeInclusive<u16>),
+    payload: &str,
+) -> String {
     let mac = |ns: &NetNs, dev: &str| {
         let output = ns.exec(&["cat", &format!("/sys/class/net/{dev}/address")]);
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     };
+    let ports = |range: std::ops::RangeInclusive<u16>| {
+        if range.start() == range.end() {
+            range.start().to_string()
+        } else {
+            format!("dinc({}, {}, 1)", range.start(), range.end())
+        }
+    };
     format!(
-        "{{ eth(da={}, sa={}), ipv4(saddr={}, daddr={}, ttl=64), udp(sp={}, dp={}), {payload} }}\n",
+        "{{ eth(da={}, sa={}), ipv4(saddr={src}, daddr={dst}, ttl=64), udp(sp={}, dp={}), {payload} }}\n",
         mac(peer_ns, peer_dev),
         mac(ns, dev),
-        src.ip(),
-        dst.ip(),
-        src.port(),
-        dst.port()
+        ports(src_ports),
+        ports(dst_ports),
     )
 }
 

@@ -21,7 +21,7 @@ pub enum Suite {
     Ng,
 }
 
-pub fn run(suite: Suite) -> anyhow::Result<()> {
+pub fn run(suite: Suite, parts: &[String]) -> anyhow::Result<()> {
     let binary = match suite {
         Suite::Fastpath => "bench-fastpath",
         Suite::Turn => "bench-turn",
@@ -29,12 +29,15 @@ pub fn run(suite: Suite) -> anyhow::Result<()> {
         Suite::Anchor => "bench-anchor",
         Suite::Ng => "bench-ng",
     };
-    run_binary(binary)
+    if !parts.is_empty() && !matches!(suite, Suite::Fastpath) {
+        anyhow::bail!("only the fastpath suite has parts to choose from");
+    }
+    run_binary(binary, parts)
 }
 
 /// Builds relayd, relayctl and the tests crate's binaries in release mode, and runs
-/// `binary` (a benchmark, or the demo).
-pub fn run_binary(binary: &str) -> anyhow::Result<()> {
+/// `binary` (a benchmark, or the demo) with `args`.
+pub fn run_binary(binary: &str, args: &[String]) -> anyhow::Result<()> {
     util::cargo(
         &[
             "build",
@@ -48,5 +51,6 @@ pub fn run_binary(binary: &str) -> anyhow::Result<()> {
     )?;
     let path = util::workspace_root().join("target/release").join(binary);
     util::step(&format!("running {}", path.display()));
-    util::run(path.to_str().expect("utf-8 path"), &[])
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    util::run(path.to_str().expect("utf-8 path"), &args)
 }

@@ -46,6 +46,8 @@ enum Command {
     Bench {
         #[arg(value_enum, default_value = "fastpath")]
         suite: bench::Suite,
+        /// Parts of the suite to run (fastpath: cost, matrix, end-to-end); all when none
+        parts: Vec<String>,
     },
     /// Run the fuzz targets (fuzz/, cargo-fuzz on nightly) for --seconds each, all of them
     /// or those named; prints executions, corpus and crashes per target
@@ -103,10 +105,10 @@ fn main() -> anyhow::Result<()> {
                 false,
             )
         }
-        Command::Bench { suite } => {
+        Command::Bench { suite, parts } => {
             setup::run()?;
             setup::test_tools()?;
-            bench::run(suite)
+            bench::run(suite, &parts)
         }
         Command::Fuzz { seconds, targets } => {
             // The fuzz targets link relay-userspace, which embeds the XDP program.
@@ -116,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => {
             setup::run()?;
             setup::test_tools()?;
-            bench::run_binary("demo")
+            bench::run_binary("demo", &[])
         }
         Command::Layers => layers::run(),
         Command::Deb => {

@@ -1,7 +1,11 @@
-//! `cargo xtask bench fastpath`: the cost of the XDP program per packet (BPF_PROG_TEST_RUN with
-//! repeat, flow table nearly empty and holding 1,000,000 flows), and packets per second
-//! forwarded end to end through a relay namespace by the XDP and the userspace datapaths with
-//! the same generator (trafgen), side by side. Needs root.
+//! `cargo xtask bench fastpath [cost] [matrix] [end-to-end]`: the cost of the XDP program per
+//! packet (BPF_PROG_TEST_RUN with repeat, flow table nearly empty and holding 1,000,000
+//! flows); the program under real traffic by table size and load (`matrix.rs`); and packets
+//! per second forwarded end to end through a relay namespace by the XDP and the userspace
+//! datapaths with the same generator (trafgen), side by side. Without arguments, all three.
+//! Needs root.
+
+mod matrix;
 
 use std::{
     net::SocketAddr,
@@ -30,15 +34,41 @@ const REPEAT: u32 = 200;
 const ROUNDS: usize = 2_000;
 const TABLE_FLOWS: u32 = 1_000_000;
 
+/// The parts, in the order they run.
+const SECTIONS: [(&str, fn()); 3] = [
+    ("cost", program_cost),
+    ("matrix", matrix::run),
+    ("end-to-end", end_to_end),
+];
+
 fn main() {
     require_root();
+    let chosen: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(unknown) = chosen
+        .iter()
+        .find(|name| !SECTIONS.iter().any(|(section, _)| section == name))
+    {
+        let names: Vec<&str> = SECTIONS.iter().map(|(name, _)| *name).collect();
+        eprintln!(
+            "bench-fastpath: unknown part {unknown:?}; the parts are {}",
+            names.join(", ")
+        );
+        std::process::exit(2);
+    }
     println!(
         "relay fast path benchmark ({} CPUs)\n",
         thread::available_parallelism().map_or(0, |n| n.get())
     );
-    program_cost();
-    println!();
-    end_to_end();
+    let mut first = true;
+    for (name, section) in SECTIONS {
+        if chosen.is_empty() || chosen.iter().any(|c| c == name) {
+            if !first {
+                println!();
+            }
+            first = false;
+            section();
+        }
+    }
 }
 
 fn program_cost() {
@@ -209,7 +239,7 @@ fn measure(
 
 /// The shared lab, with a permanent neighbour entry for the peer so that no run starts with
 /// neighbour resolution.
-fn lab() -> ThreeHosts {
+pub fn lab() -> ThreeHosts {
     let lab = ThreeHosts::new();
     let p0 = lab.peer.mac("p0");
     let p0: Vec<String> = p0.iter().map(|b| format!("{b:02x}")).collect();
