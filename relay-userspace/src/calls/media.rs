@@ -61,7 +61,8 @@ impl Calls {
     }
 
     /// The same, from the flow table's last sample of the kernel counters (up to a second
-    /// older, without reading the kernel's counters per call).
+    /// older, or a few seconds beyond 10,000 flows: `FlowTable::tick`), without reading the
+    /// kernel's counters per call.
     pub(super) fn media_idle_sampled(&self, call: &Call) -> Duration {
         self.idle(call, true)
     }
