@@ -105,7 +105,8 @@ pub struct FlowCounters {
     pub packets: u64,
     /// IP-layer bytes (IP header included, Ethernet excluded) as received.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, or of installation.
+    /// CLOCK_MONOTONIC of the last packet as of the kernel's last timer tick
+    /// (`bpf_ktime_get_coarse_ns()`, up to a tick behind), or of installation.
     pub last_seen_ns: u64,
 }
 
@@ -116,7 +117,7 @@ pub struct FlowCounters {
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHopCache {
-    /// `bpf_ktime_get_ns()` when resolved; 0: not resolved.
+    /// `bpf_ktime_get_coarse_ns()` when resolved; 0: not resolved.
     pub resolved_ns: u64,
     /// Interface to send on (the parent, for a VLAN device).
     pub ifindex: u32,

@@ -121,8 +121,10 @@ fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
         ),
         _ => (Edit::None, packet.ip_len),
     };
+    // CLOCK_MONOTONIC as of the last timer tick: the clock userspace compares last-seen
+    // times with, a few milliseconds coarse, without reading the TSC for every packet.
     // SAFETY: no preconditions.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
     let next_hop = nexthop::of_flow(
         ctx,
         packet.family(),
