@@ -30,6 +30,7 @@ fn services() -> &'static Services {
             },
             None,
         )),
+        admission: relay::admission::Admission::new(&Default::default(), 1024),
         started: std::time::Instant::now(),
     })
 }

@@ -8,6 +8,7 @@ use std::{fmt, path::PathBuf};
 use serde::Deserialize;
 
 use crate::{
+    admission::ConnectionsConfig,
     calls::config::CallsConfig,
     datapath::config::{DatapathConfig, FlowsConfig},
     metrics::MetricsConfig,
@@ -25,6 +26,7 @@ pub struct Config {
     pub flows: FlowsConfig,
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
+    pub connections: ConnectionsConfig,
     pub turn: TurnConfig,
     pub signalling: SignallingConfig,
     pub calls: CallsConfig,
@@ -49,6 +51,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// The filter `log.level` says, with field values matched as plain text: tracing's
+/// default reads them as regular expressions, and a pattern can take seconds and gigabytes
+/// to compile (the config fuzz target found one).
+pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(level)
+        .map_err(|err| err.to_string())
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -64,12 +76,16 @@ impl Default for LogConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ControlConfig {
     pub socket: std::path::PathBuf,
+    /// The group the socket belongs to (mode 0660): its members, root and relayd's own user
+    /// may use the API. Empty: relayd's own group (the unit runs it as relay:relay).
+    pub group: String,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             socket: std::path::PathBuf::from(crate::paths::CONTROL_SOCKET),
+            group: String::new(),
         }
     }
 }
@@ -117,6 +133,7 @@ impl Config {
         key("calls", self.calls != new.calls, false);
         key("ng", self.ng != new.ng, false);
         key("metrics", self.metrics != new.metrics, false);
+        key("connections", self.connections != new.connections, false);
         key("turn.enabled", old_turn.enabled != new_turn.enabled, false);
         key("turn.listen", old_turn.listen != new_turn.listen, false);
         key("turn.realm", old_turn.realm != new_turn.realm, false);
@@ -279,7 +296,8 @@ impl Config {
         self.signalling.problems(&mut problem);
         self.calls.problems(self.signalling.enabled, &mut problem);
         self.ng.problems(&mut problem);
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        self.connections.problems(&mut problem);
+        if log_filter(&self.log.level).is_err() {
             problem(
                 "log.level",
                 format!("{:?}", self.log.level),
@@ -305,6 +323,32 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inputs the config fuzz target found taking seconds (and one more than 2 GB) while
+    /// tracing compiled a field filter as a regular expression: now read as plain text, at
+    /// once.
+    #[test]
+    fn a_log_filter_with_field_patterns_is_read_at_once() {
+        for seed in [
+            "log-level-regex-oom.toml",
+            "log-level-regex-slow-1.toml",
+            "log-level-regex-slow-2.toml",
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/seeds/config_parse")
+                .join(seed);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let started = std::time::Instant::now();
+            if let Ok(config) = Config::parse(&text, seed) {
+                let _ = config.validate(seed);
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_millis(500),
+                "{seed}: {:?}",
+                started.elapsed()
+            );
+        }
+    }
 
     #[test]
     fn embedded_default_parses_to_the_defaults() {

@@ -43,6 +43,23 @@ pub async fn run(
         "datapath ready"
     );
 
+    let open_files = match crate::admission::raise_open_files_limit() {
+        Ok((before, after)) => {
+            if after > before {
+                tracing::info!(
+                    before,
+                    after,
+                    "open files: soft limit raised to the hard limit"
+                );
+            }
+            after
+        }
+        Err(err) => {
+            tracing::warn!(%err, "open files: cannot read or raise the limit; assuming 1024");
+            1024
+        }
+    };
+    let admission = crate::admission::Admission::new(&config.connections, open_files);
     let (stop, stopped) = watch::channel(false);
     let turn = if config.turn.enabled {
         Some(
@@ -50,6 +67,7 @@ pub async fn run(
                 &config.turn,
                 table.clone(),
                 open_state_store(&config),
+                admission.clone(),
                 stopped.clone(),
             )
             .await?,
@@ -79,6 +97,7 @@ pub async fn run(
             hub.clone(),
             calls.clone(),
             turn.clone().filter(|_| config.turn.tcp),
+            admission.clone(),
             stopped.clone(),
         )
         .await?;
@@ -111,9 +130,10 @@ pub async fn run(
                 .with_context(|| format!("metrics.listen: {address}: cannot listen"))?;
             tracing::info!(%address, "metrics: serving Prometheus metrics at /metrics");
             Some(tokio::spawn(crate::metrics::serve(
-                listener,
+                crate::admission::Listener::new(listener, "metrics", admission.clone()),
                 crate::metrics::Sources {
                     table: table.clone(),
+                    admission: admission.clone(),
                     turn: turn.clone(),
                     signalling: signalling
                         .as_ref()
@@ -129,7 +149,7 @@ pub async fn run(
         None => None,
     };
     // Last: once relayctl can connect, everything else is up.
-    let server = ControlServer::bind(&config.control.socket)?;
+    let server = ControlServer::bind(&config.control.socket, &config.control.group)?;
     tracing::info!(socket = %config.control.socket.display(), "control API listening");
     let reloader = Arc::new(Reloader::new(config, reload, turn.clone()));
     let serving = tokio::spawn(server.serve(
@@ -140,6 +160,7 @@ pub async fn run(
             calls: calls.clone(),
             ng: ng.as_ref().map(|(calls, _, _)| calls.clone()),
             reloader: reloader.clone(),
+            admission,
             started: std::time::Instant::now(),
         },
         stopped.clone(),

@@ -1,5 +1,6 @@
 //! The relay's control plane as a library; `relayd` and `relayctl` are thin binaries over it.
 
+pub mod admission;
 pub mod calls;
 pub mod cli_docs;
 pub mod config;

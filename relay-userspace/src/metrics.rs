@@ -22,9 +22,10 @@ use prometheus_client::{
     registry::Registry,
 };
 use relay_common::Verdict;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 
 use crate::{
+    admission::{Admission, Listener, Refused},
     calls::{Calls, EndReason, SETUP_BUCKETS},
     datapath::{DatapathKind, table::FlowTable},
     ng::{
@@ -66,6 +67,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the metrics are read from.
 pub struct Sources {
     pub table: Arc<FlowTable>,
+    pub admission: Arc<Admission>,
     pub turn: Option<Arc<TurnService>>,
     pub signalling: Option<Arc<Hub>>,
     pub calls: Option<Arc<Calls>>,
@@ -83,14 +85,13 @@ impl fmt::Debug for Sources {
     }
 }
 
-pub async fn serve(listener: TcpListener, sources: Sources, mut stopped: watch::Receiver<bool>) {
+pub async fn serve(mut listener: Listener, sources: Sources, mut stopped: watch::Receiver<bool>) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Arc::new(sources)));
     let registry = Arc::new(registry);
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            (stream, _, admitted) = listener.accept() => {
                     let registry = registry.clone();
                     let service = service_fn(move |request| {
                         let response = respond(&request, &registry);
@@ -105,9 +106,8 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut stopped: watch::
                         .serve_connection(TokioIo::new(stream), service);
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(2 * REQUEST_TIMEOUT, connection).await;
+                        drop(admitted);
                     });
-                }
-                Err(err) => tracing::warn!(%err, "metrics: accept failed"),
             },
             _ = stopped.changed() => return,
         }
@@ -206,6 +206,35 @@ impl Collector for Sources {
             "relay_flows_capacity",
             "Flows the table can hold.",
             gauge(u64::from(status.capacity)),
+        )?;
+        let connections = self.admission.status();
+        single(
+            &mut encoder,
+            "relay_connections_open",
+            "TCP connections held (signalling, TURN over TCP and TLS, metrics).",
+            gauge(u64::from(connections.open)),
+        )?;
+        family(
+            &mut encoder,
+            "relay_connections_refused",
+            "TCP connections closed as soon as accepted, by the limit they met (connections.max_per_source, connections.max_total).",
+            MetricType::Counter,
+            [
+                (
+                    [("limit", Refused::PerSource.label())],
+                    ConstCounter::new(connections.refused_per_source),
+                ),
+                (
+                    [("limit", Refused::Total.label())],
+                    ConstCounter::new(connections.refused_total),
+                ),
+            ],
+        )?;
+        single(
+            &mut encoder,
+            "relay_connections_accept_failures",
+            "Accepts that failed on the TCP listeners (out of file descriptors, mostly).",
+            ConstCounter::new(connections.accept_failures),
         )?;
         single(
             &mut encoder,
@@ -452,11 +481,17 @@ mod tests {
             rtcp_to_userspace: false,
         };
         table.add(&[spec, spec.reverse()], monotonic_ns()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admission = Admission::new(&Default::default(), 1024);
+        let listener = Listener::new(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            "metrics",
+            admission.clone(),
+        );
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = watch::channel(false);
         let sources = Sources {
             table,
+            admission,
             turn: None,
             signalling: None,
             calls: None,
@@ -472,6 +507,8 @@ mod tests {
         for line in [
             "relay_flows 2\n",
             "relay_flows_capacity 4\n",
+            "relay_connections_open 1\n",
+            "relay_connections_refused_total{limit=\"per_source\"} 0\n",
             "relay_datapath_info{datapath=\"userspace\"} 1\n",
             "relay_forwarded_packets_total{path=\"xdp\"} 0\n",
             "# TYPE relay_flows_expired counter\n",

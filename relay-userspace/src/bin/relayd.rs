@@ -186,17 +186,17 @@ fn main() -> ExitCode {
 /// Logs to stderr (the journal under systemd) as text or JSON lines, with a filter a reload
 /// can change; returns the function that changes it.
 fn init_logging(log: &relay::config::LogConfig) -> relay::reload::SetLogLevel {
-    use tracing_subscriber::{
-        EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt,
-    };
-    let (filter, handle) = reload::Layer::new(EnvFilter::new(&log.level));
+    use tracing_subscriber::{fmt, layer::SubscriberExt, reload, util::SubscriberInitExt};
+    // Validated before this is called.
+    let filter = relay::config::log_filter(&log.level).unwrap_or_default();
+    let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     match log.format {
         relay::config::LogFormat::Text => registry.with(fmt::layer()).init(),
         relay::config::LogFormat::Json => registry.with(fmt::layer().json()).init(),
     }
     Box::new(move |level: &str| {
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let filter = relay::config::log_filter(level)?;
         handle.reload(filter).map_err(|e| e.to_string())
     })
 }

@@ -14,7 +14,7 @@ use super::protocol::{ErrorBody, PROTOCOL_VERSION, Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to relayd at {path}: {source} (is relayd running? see --socket)")]
+    #[error("cannot connect to relayd at {path}: {source} ({})", connect_hint(.source))]
     Connect { path: PathBuf, source: io::Error },
     #[error("talking to relayd: {0}")]
     Io(#[from] io::Error),
@@ -23,6 +23,14 @@ pub enum ClientError {
     /// relayd refused the request; the body says why.
     #[error("{}", .0.message)]
     Refused(ErrorBody),
+}
+
+fn connect_hint(error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::PermissionDenied {
+        "run relayctl as root or as a member of the socket's group, control.group"
+    } else {
+        "is relayd running? see --socket"
+    }
 }
 
 pub struct ControlClient {
@@ -66,6 +74,12 @@ impl ControlClient {
         }
         let response: Response =
             serde_json::from_str(&answer).map_err(|err| ClientError::Protocol(err.to_string()))?;
+        // Id 0: about the connection, not a request (a caller refused, a line too long).
+        if response.id == 0
+            && let Some(error) = response.error
+        {
+            return Err(ClientError::Refused(error));
+        }
         if response.id != id {
             return Err(ClientError::Protocol(format!(
                 "answer to request {} while waiting for {id}",

@@ -3,6 +3,7 @@
 
 use super::protocol as wire;
 use crate::{
+    admission::ConnectionsStatus,
     calls::{CallInfo, Traffic},
     datapath::{
         ChannelOp, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
@@ -212,6 +213,19 @@ impl From<crate::ng::calls::NgCallInfo> for wire::NgCallListed {
             packets: call.packets,
             bytes: call.bytes,
             ice: call.ice.map(|ice| ice.as_str().to_owned()),
+        }
+    }
+}
+
+impl From<ConnectionsStatus> for wire::ConnectionsStatus {
+    fn from(status: ConnectionsStatus) -> Self {
+        wire::ConnectionsStatus {
+            open: status.open,
+            max_total: status.max_total,
+            max_per_source: status.max_per_source,
+            refused_per_source: status.refused_per_source,
+            refused_total: status.refused_total,
+            accept_failures: status.accept_failures,
         }
     }
 }

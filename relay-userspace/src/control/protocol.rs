@@ -47,6 +47,8 @@ pub enum ErrorKind {
     NotFound,
     AlreadyExists,
     TableFull,
+    /// The caller is not root, relayd's user or a member of the control socket's group.
+    PermissionDenied,
     Internal,
 }
 
@@ -186,6 +188,22 @@ pub struct StatusResult {
     /// its DTLS certificate's fingerprint, when calls are enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calls_media: Option<CallsMedia>,
+    /// The TCP connections held, their limits and the refusals since the start.
+    #[serde(default)]
+    pub connections: ConnectionsStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionsStatus {
+    pub open: u32,
+    pub max_total: u32,
+    pub max_per_source: u32,
+    /// Closed at once: their source held `connections.max_per_source`.
+    pub refused_per_source: u64,
+    /// Closed at once: relayd held its total.
+    pub refused_total: u64,
+    /// Accepts that failed (out of file descriptors, mostly).
+    pub accept_failures: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

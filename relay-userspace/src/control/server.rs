@@ -36,11 +36,14 @@ use crate::{
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
+    /// Who may use the API besides root and relayd's own user: the socket's group.
+    access: Arc<Access>,
 }
 
 impl ControlServer {
-    /// Binds the socket, replacing a stale socket file but refusing to steal a live one.
-    pub fn bind(path: &Path) -> anyhow::Result<ControlServer> {
+    /// Binds the socket, replacing a stale socket file but refusing to steal a live one,
+    /// mode 0660 in `group` (empty: relayd's own).
+    pub fn bind(path: &Path, group: &str) -> anyhow::Result<ControlServer> {
         use anyhow::Context;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -59,9 +62,28 @@ impl ControlServer {
             .with_context(|| format!("control.socket: {}: cannot listen", path.display()))?;
         // Owner and group only: the API changes what the relay forwards.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        let gid = if group.is_empty() {
+            // SAFETY: getegid has no preconditions.
+            unsafe { libc::getegid() }
+        } else {
+            let gid = group_id(group)
+                .with_context(|| format!("control.group: {group:?}: cannot look it up"))?
+                .with_context(|| format!("control.group: {group:?}: no such group"))?;
+            std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+                format!(
+                    "control.group: {group:?}: cannot give {} to it",
+                    path.display()
+                )
+            })?;
+            gid
+        };
         Ok(ControlServer {
             listener,
             path: path.to_owned(),
+            access: Arc::new(Access {
+                gid,
+                group: group.to_owned(),
+            }),
         })
     }
 
@@ -71,9 +93,14 @@ impl ControlServer {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(connection(stream, services.clone(), shutdown.clone()));
+                        let access = self.access.clone();
+                        tokio::spawn(connection(stream, services.clone(), access, shutdown.clone()));
                     }
-                    Err(err) => tracing::warn!(%err, "control API: accept failed"),
+                    Err(err) => {
+                        // Out of descriptors, mostly: trying again at once would spin.
+                        tracing::warn!(%err, "control API: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
                 },
                 _ = shutdown.changed() => break,
             }
@@ -90,16 +117,106 @@ pub struct Services {
     pub calls: Option<Arc<crate::calls::Calls>>,
     pub ng: Option<Arc<crate::ng::calls::NgCalls>>,
     pub reloader: Arc<Reloader>,
+    pub admission: Arc<crate::admission::Admission>,
     /// When relayd started (its uptime in `status`).
     pub started: Instant,
+}
+
+/// The group whose members may use the API.
+struct Access {
+    gid: u32,
+    /// As configured (empty: relayd's own group), for the refusal's message.
+    group: String,
+}
+
+impl Access {
+    /// Whether the process at the other end of `stream` may use the API: root, relayd's
+    /// own user, or a member of the socket's group. The socket's mode keeps others out
+    /// already; this holds even when someone loosens it.
+    fn check(&self, stream: &UnixStream) -> Result<(), String> {
+        let credentials = stream
+            .peer_cred()
+            .map_err(|err| format!("cannot read the caller's credentials: {err}"))?;
+        let uid = credentials.uid();
+        // SAFETY: geteuid has no preconditions.
+        if uid == 0 || uid == unsafe { libc::geteuid() } || credentials.gid() == self.gid {
+            return Ok(());
+        }
+        if peer_groups(stream).contains(&self.gid) {
+            return Ok(());
+        }
+        let group = if self.group.is_empty() {
+            format!("gid {} (relayd's group)", self.gid)
+        } else {
+            format!("{:?} (gid {})", self.group, self.gid)
+        };
+        Err(format!(
+            "permission denied: uid {uid} is not root, relayd's user or a member of the control socket's group {group}"
+        ))
+    }
+}
+
+/// The supplementary groups of the process at the other end (SO_PEERGROUPS).
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0 as libc::gid_t; 1024];
+    let mut length = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: the buffer and its length are given together; the kernel writes at most
+    // `length` bytes and sets it to what it wrote.
+    let read = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut length,
+        )
+    };
+    if read != 0 {
+        return Vec::new();
+    }
+    groups.truncate(length as usize / std::mem::size_of::<libc::gid_t>());
+    groups
+}
+
+/// The id of group `name`, None when there is no such group.
+fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the name"))?;
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is to memory of the length given, alive for the call;
+    // getgrnam_r writes only there.
+    let error = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    if error != 0 {
+        return Err(io::Error::from_raw_os_error(error));
+    }
+    Ok((!found.is_null()).then_some(group.gr_gid))
 }
 
 async fn connection(
     stream: UnixStream,
     services: Arc<Services>,
+    access: Arc<Access>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let refusal = access.check(&stream).err();
     let (read, mut write) = stream.into_split();
+    if let Some(reason) = refusal {
+        tracing::warn!(%reason, "control API: a connection refused");
+        let response = error_response(0, ErrorKind::PermissionDenied, None, reason);
+        let _ = send(&mut write, &response).await;
+        return;
+    }
     let mut lines = BufReader::new(read);
     let mut line = Vec::new();
     loop {
@@ -221,6 +338,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                     dtls_fingerprint,
                 }
             }),
+            connections: services.admission.status().into(),
         }),
         method::STATS => to_value(StatsResult {
             flows: table.len(),

@@ -56,7 +56,9 @@ impl Tokens {
         format!("{claims}:{}", hex::encode(tag))
     }
 
-    /// The (tenant, user) a token names, if it is ours and alive at `now`.
+    /// The (tenant, user) a token names, if it is ours and alive at `now`. Its names must
+    /// follow the rules a controller's `token.mint` follows ([`valid_name`]), whoever signed
+    /// it: a token made with the secret outside the relay gets no more than one minted here.
     pub fn verify(&self, token: &str, now: u64) -> Result<(String, String), TokenError> {
         let mut parts = token.split(':');
         let (Some(tenant), Some(user), Some(expires), Some(tag), None) = (
@@ -68,6 +70,9 @@ impl Tokens {
         ) else {
             return Err(TokenError::Malformed);
         };
+        if !valid_name(tenant) || !valid_name(user) {
+            return Err(TokenError::Malformed);
+        }
         let expires: u64 = expires.parse().map_err(|_| TokenError::Malformed)?;
         let tag = hex::decode(tag).map_err(|_| TokenError::Malformed)?;
         let claims = format!("{tenant}:{user}:{expires}");
@@ -112,6 +117,27 @@ mod tests {
                 "{malformed}"
             );
         }
+    }
+
+    #[test]
+    fn a_signed_token_for_a_name_mint_would_refuse_is_refused() {
+        let tokens = Tokens::new("a secret of some length");
+        for (tenant, user) in [
+            ("acme", &"x".repeat(65)[..]),
+            ("acme", ""),
+            ("acme", "with space"),
+            ("", "alice"),
+        ] {
+            let token = tokens.mint(tenant, user, 1_000);
+            assert_eq!(
+                tokens.verify(&token, 999),
+                Err(TokenError::Malformed),
+                "{tenant:?} {user:?}"
+            );
+        }
+        let longest = "x".repeat(64);
+        let token = tokens.mint("acme", &longest, 1_000);
+        assert_eq!(tokens.verify(&token, 999), Ok(("acme".to_owned(), longest)));
     }
 
     #[test]

@@ -38,7 +38,10 @@ use super::{
     protocol::{ErrorCode, Inbound, Outbound, PROTOCOL_VERSION, Role, parse},
     tls,
 };
-use crate::time::unix_now;
+use crate::{
+    admission::{Admission, Admitted, Listener},
+    time::unix_now,
+};
 
 /// TLS and WebSocket handshakes, and the `hello`, must each finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,6 +114,7 @@ pub async fn start(
     hub: Arc<Hub>,
     calls: Option<Arc<crate::calls::Calls>>,
     turn: Option<Arc<crate::turn::driver::TurnService>>,
+    admission: Arc<Admission>,
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<(Listening, JoinHandle<()>)> {
     let certificate = tls::certificate(settings, state_dir)?;
@@ -131,6 +135,7 @@ pub async fn start(
         turn_over_tls: turn.is_some(),
         hub: hub.clone(),
     };
+    let mut listener = Listener::new(listener, "signalling", admission);
     let acceptor = TlsAcceptor::from(certificate.config);
     let context = Arc::new(Shared {
         hub,
@@ -144,12 +149,9 @@ pub async fn start(
         let mut connections = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        connections.spawn(connection(tcp, peer, acceptor.clone(), context.clone(), stopped.clone()));
-                    }
-                    Err(err) => tracing::warn!(%err, "signalling: accept failed"),
-                },
+                (tcp, peer, admitted) = listener.accept() => {
+                    connections.spawn(connection(tcp, peer, admitted, acceptor.clone(), context.clone(), stopped.clone()));
+                }
                 // Reap the connections that ended.
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 _ = stopped.changed() => break,
@@ -168,6 +170,8 @@ pub async fn start(
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    // Counted in while the connection lasts.
+    _admitted: Admitted,
     acceptor: TlsAcceptor,
     context: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,

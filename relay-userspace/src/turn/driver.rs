@@ -129,6 +129,7 @@ impl TurnService {
         settings: &TurnConfig,
         table: Arc<FlowTable>,
         store: Option<StateStore>,
+        admission: Arc<crate::admission::Admission>,
         mut stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<TurnService>> {
         let config = server_config(settings)?;
@@ -170,6 +171,8 @@ impl TurnService {
                     .with_context(|| {
                         format!("turn.listen: {address}: cannot listen on TCP (turn.tcp)")
                     })?;
+                let listener =
+                    crate::admission::Listener::new(listener, "turn-tcp", admission.clone());
                 tokio::spawn(service.clone().serve_tcp(listener, address));
                 tracing::info!(%address, "turn: listening on TCP (relayed in userspace)");
             }

@@ -9,11 +9,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpListener,
     sync::mpsc,
+    time::Instant,
 };
 
 use super::{driver::TurnService, server::RevokeTarget};
+use crate::admission::Listener;
 
 /// Bytes a connection may have waiting that make no whole message: one maximal STUN
 /// message or ChannelData and a bit.
@@ -25,6 +26,9 @@ const QUEUE: usize = 1024;
 /// checks consent far more often, so two hours of silence mean it is gone.
 const FIRST_MESSAGE_LIMIT: Duration = Duration::from_secs(10);
 const IDLE_LIMIT: Duration = Duration::from_secs(7200);
+/// A message begun must be whole within this: a client sending one byte at a time (or one
+/// byte and then nothing) would otherwise hold its connection for the idle limit.
+const FRAME_LIMIT: Duration = Duration::from_secs(10);
 
 /// The length of the first message in `buf` and how many bytes it takes on the stream
 /// (ChannelData is padded to 4): Ok(None) until enough bytes are there; Err for a first
@@ -53,24 +57,17 @@ pub fn frame(buf: &[u8]) -> Result<Option<(usize, usize)>, u8> {
 
 impl TurnService {
     /// Accepts TURN clients over TCP on `local` (a listening address).
-    pub(super) async fn serve_tcp(self: Arc<Self>, listener: TcpListener, local: SocketAddr) {
+    pub(super) async fn serve_tcp(self: Arc<Self>, mut listener: Listener, local: SocketAddr) {
         loop {
-            match listener.accept().await {
-                Ok((stream, client)) => {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(self.clone().stream_client(
-                        stream,
-                        Vec::new(),
-                        client,
-                        local,
-                        "tcp",
-                    ));
-                }
-                Err(err) => {
-                    tracing::warn!(%local, %err, "turn: TCP accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+            let (stream, client, admitted) = listener.accept().await;
+            let _ = stream.set_nodelay(true);
+            let service = self.clone();
+            tokio::spawn(async move {
+                service
+                    .stream_client(stream, Vec::new(), client, local, "tcp")
+                    .await;
+                drop(admitted);
+            });
         }
     }
 
@@ -99,6 +96,8 @@ impl TurnService {
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         buf.extend_from_slice(&first);
         let mut heard = !first.is_empty();
+        // When the first byte of a message not yet whole arrived.
+        let mut partial_since: Option<Instant> = None;
         let why = loop {
             // Every whole message in the buffer first (`first` may hold some already).
             let mut stop = None;
@@ -129,14 +128,26 @@ impl TurnService {
             if buf.len() > MAX_PENDING {
                 break "a message longer than STUN allows".to_owned();
             }
-            // A connection that says nothing holds a socket for nothing.
-            let limit = if heard {
-                IDLE_LIMIT
+            // A connection that says nothing holds a socket for nothing; one that began a
+            // message has a deadline for all of it.
+            let now = Instant::now();
+            partial_since = if buf.is_empty() {
+                None
             } else {
-                FIRST_MESSAGE_LIMIT
+                Some(partial_since.unwrap_or(now))
             };
-            match tokio::time::timeout(limit, reader.read_buf(&mut buf)).await {
-                Err(_) => break format!("nothing received for {limit:?}"),
+            let (deadline, silence) = match partial_since {
+                Some(since) => (since + FRAME_LIMIT, "a message not whole"),
+                None if heard => (now + IDLE_LIMIT, "nothing received"),
+                None => (now + FIRST_MESSAGE_LIMIT, "nothing received"),
+            };
+            match tokio::time::timeout_at(deadline, reader.read_buf(&mut buf)).await {
+                Err(_) => {
+                    break format!(
+                        "{silence} for {:?}",
+                        deadline - partial_since.unwrap_or(now)
+                    );
+                }
                 Ok(Ok(0)) => break "closed by the client".to_owned(),
                 Ok(Ok(_)) => heard = true,
                 Ok(Err(err)) => break format!("{err}"),

@@ -93,6 +93,18 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
             println!("            DTLS certificate {}", media.dtls_fingerprint);
         }
     }
+    let connections = &status.connections;
+    println!(
+        "connections {} TCP open, at most {} ({} per source)",
+        connections.open, connections.max_total, connections.max_per_source
+    );
+    let refused = connections.refused_per_source + connections.refused_total;
+    if refused > 0 || connections.accept_failures > 0 {
+        println!(
+            "            refused {refused} ({} at the per-source limit, {} at the total); {} accepts failed",
+            connections.refused_per_source, connections.refused_total, connections.accept_failures
+        );
+    }
     if !datapath.interfaces.is_empty() {
         println!();
         let mut table =
