@@ -211,14 +211,21 @@ async fn connection(
 ) {
     let refusal = access.check(&stream).err();
     let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = Vec::new();
     if let Some(reason) = refusal {
         tracing::warn!(%reason, "control API: a connection refused");
+        // The answer comes after the caller's request, which it is sending: closing
+        // before reading it would break its write, not tell it why.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_line(&mut lines, &mut line),
+        )
+        .await;
         let response = error_response(0, ErrorKind::PermissionDenied, None, reason);
         let _ = send(&mut write, &response).await;
         return;
     }
-    let mut lines = BufReader::new(read);
-    let mut line = Vec::new();
     loop {
         line.clear();
         let read = tokio::select! {
