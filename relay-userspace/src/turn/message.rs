@@ -403,9 +403,40 @@ pub fn decode(bytes: &[u8]) -> Option<Incoming> {
 }
 
 pub fn encode(message: TurnMessage) -> Vec<u8> {
-    MessageEncoder::new()
+    let (method, class) = (message.method().as_u16(), message.class());
+    let mut bytes = MessageEncoder::new()
         .encode_into_bytes(message)
-        .expect("messages built by the server encode")
+        .expect("messages built by the server encode");
+    // stun_codec 0.4 writes a method's bits 4-11 in the wrong places (shifted by 5 and 9,
+    // where RFC 8489 5 puts them 1 and 2 up; it reads them right). Every method the
+    // server knows is below 0x10; an error response to an unknown one gets its type
+    // written again, and its FINGERPRINT, which covers the type, with it. Such answers
+    // are never signed (the request did not authenticate).
+    if method > 0x000f {
+        let class = match class {
+            MessageClass::Request => 0x0000,
+            MessageClass::Indication => 0x0010,
+            MessageClass::SuccessResponse => 0x0100,
+            MessageClass::ErrorResponse => 0x0110,
+        };
+        bytes[..2].copy_from_slice(&message_type(method, class).to_be_bytes());
+        let length = bytes.len();
+        if length >= 28 && bytes[length - 8..length - 6] == FINGERPRINT_TYPE.to_be_bytes() {
+            let crc = crc32fast::hash(&bytes[..length - 8]) ^ FINGERPRINT_XOR;
+            bytes[length - 4..].copy_from_slice(&crc.to_be_bytes());
+        }
+    }
+    bytes
+}
+
+const FINGERPRINT_TYPE: u16 = 0x8028;
+/// RFC 8489 14.7: the CRC-32 XORed with "STUN".
+const FINGERPRINT_XOR: u32 = 0x5354_554e;
+
+/// A STUN message type (RFC 8489 5): the method's 12 bits around the class's two
+/// (`class` already in place: 0x0000, 0x0010, 0x0100 or 0x0110).
+pub fn message_type(method: u16, class: u16) -> u16 {
+    (method & 0x000f) | ((method & 0x0070) << 1) | ((method & 0x0f80) << 2) | class
 }
 
 /// A ChannelData message, unpadded (allowed over UDP).

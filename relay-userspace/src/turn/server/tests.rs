@@ -1296,3 +1296,34 @@ fn unauthenticated_answers_are_the_smallest_rfc_8656_allows() {
     assert!(challenge.get_attribute::<Realm>().is_some());
     assert!(challenge.get_attribute::<Nonce>().is_some());
 }
+
+/// A request of a method no TURN server knows gets a 400 error response of that same
+/// method (and transaction): every method bit where the request had it.
+#[test]
+fn an_unknown_method_is_answered_in_its_own_method() {
+    use crate::turn::message::message_type;
+    let mut server = server();
+    for method in [0x00b_u16, 0x010, 0x07f, 0x0ff] {
+        let mut request = vec![0u8; 20];
+        request[..2].copy_from_slice(&message_type(method, 0x0000).to_be_bytes());
+        request[4..8].copy_from_slice(&0x2112_a442_u32.to_be_bytes());
+        request[8..20].copy_from_slice(&[7; 12]);
+        let actions = server.from_client(T0, addr(LISTENER), addr(ALICE), &request);
+        let [Action::Send { bytes, .. }] = &actions[..] else {
+            panic!("method {method:#05x}: {actions:?}");
+        };
+        assert_eq!(
+            u16::from_be_bytes([bytes[0], bytes[1]]),
+            message_type(method, 0x0110),
+            "method {method:#05x}: an error response of the same method"
+        );
+        assert_eq!(&bytes[8..20], &[7; 12]);
+        // ERROR-CODE 400 with no reason, then a FINGERPRINT over the header as sent (not
+        // stun_codec's check: it recomputes the CRC over its own encoding of the type).
+        assert_eq!(&bytes[20..28], &[0x00, 0x09, 0x00, 0x04, 0, 0, 4, 0]);
+        let length = bytes.len();
+        assert_eq!(&bytes[length - 8..length - 4], &[0x80, 0x28, 0x00, 0x04]);
+        let crc = crc32fast::hash(&bytes[..length - 8]) ^ 0x5354_554e;
+        assert_eq!(&bytes[length - 4..], &crc.to_be_bytes());
+    }
+}
