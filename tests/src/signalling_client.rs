@@ -152,6 +152,17 @@ pub async fn send_raw(socket: &mut Socket, text: &str) {
     socket.send(Message::text(text)).await.expect("send");
 }
 
+/// A text frame whose payload is not UTF-8 (tungstenite checks its own text messages, so
+/// the frame is built by hand).
+pub async fn send_invalid_utf8(socket: &mut Socket) {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    socket.send(Message::Frame(frame)).await.expect("send");
+}
+
 /// The next JSON message (pings skipped), or what ended the connection: Err(close code).
 pub async fn receive(socket: &mut Socket) -> Result<Value, Option<CloseCode>> {
     receive_within(socket, Duration::from_secs(5)).await

@@ -12,7 +12,7 @@ use relay_tests::{
     lab::ThreeHosts,
     relayd::{Relayd, binary, http_get, metric},
     require_root,
-    signalling_client::{call, connect, receive, send, send_raw},
+    signalling_client::{call, connect, receive, send, send_invalid_utf8, send_raw},
     unique,
 };
 use serde_json::{Value, json};
@@ -217,6 +217,17 @@ tenants = [{{ name = "acme", api_key = "{API_KEY}" }}, {{ name = "globex", api_k
         )
         .await;
         assert_eq!(answer["type"], "result", "the controller is untouched: {answer}");
+
+        // A text frame that is not UTF-8 closes that connection with 1007 (RFC 6455 8.1).
+        let mut garbler = connect(&lab.client, address, &fingerprint).await;
+        let welcome = call(
+            &mut garbler,
+            json!({"type": "hello", "v": 1, "role": "controller", "tenant": "globex", "api_key": "globex-api-key-0123456789"}),
+        )
+        .await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        send_invalid_utf8(&mut garbler).await;
+        assert_eq!(receive(&mut garbler).await, Err(Some(CloseCode::Invalid)));
 
         let metrics = http_get(&lab.relay, METRICS, "/metrics");
         assert_eq!(

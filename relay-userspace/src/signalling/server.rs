@@ -325,6 +325,11 @@ async fn serve(
                     close(socket, CloseCode::Size, &reason).await;
                     return reason;
                 }
+                Some(Err(tungstenite::Error::Utf8(err))) => {
+                    let reason = format!("a text message that is not UTF-8: {err}");
+                    close(socket, CloseCode::Invalid, &reason).await;
+                    return reason;
+                }
                 Some(Err(err)) => return format!("connection error: {err}"),
             },
             outgoing = queue.recv() => match outgoing {
