@@ -441,6 +441,12 @@ impl Collector for Sources {
                     )
                 }),
             )?;
+            single(
+                &mut encoder,
+                "relay_turn_relay_bind_failures",
+                "TURN relay ports that could not be bound because another socket on the host held them (turn.port_range overlaps another service or the ephemeral ports); each is left out for a minute and the Allocate tried on another port.",
+                ConstCounter::new(summary.relay_bind_failures),
+            )?;
         }
         Ok(())
     }

@@ -224,19 +224,22 @@ impl Drop for Relayd {
 
 /// `GET path` from `addr` inside `ns`: the response body, or a panic saying what failed.
 pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
     let addr = addr.to_owned();
     let path = path.to_owned();
-    ns.enter(move || {
-        let mut stream = std::net::TcpStream::connect(&addr)
-            .unwrap_or_else(|err| panic!("connect {addr}: {err}"));
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-        body.to_owned()
-    })
+    ns.enter(move || http_get_here(&addr, &path))
+}
+
+/// `GET path` from `addr` in the test's own network namespace (loopback).
+pub fn http_get_here(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|err| panic!("connect {addr}: {err}"));
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_owned()
 }
 
 /// The value of the sample `series` (name and labels, as printed) in Prometheus text.

@@ -17,7 +17,7 @@ use std::{
 
 use relay_tests::{
     config_file::ConfigFile,
-    relayd::{Relayd, binary},
+    relayd::{Relayd, binary, http_get_here, metric},
     require_root,
 };
 use serde_json::Value;
@@ -106,6 +106,13 @@ fn closed_within(mut stream: TcpStream, limit: Duration) -> Option<Duration> {
 }
 
 fn allocate_over_udp(relayd: &Relayd) -> SocketAddr {
+    try_allocate_over_udp(relayd, TURN)
+        .unwrap_or_else(|err| panic!("allocate: {err}\n{}", relayd.log()))
+}
+
+/// An allocation by alice through the TURN server on `turn`: its relayed address, or the
+/// client's error.
+fn try_allocate_over_udp(relayd: &Relayd, turn: &str) -> Result<SocketAddr, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -113,8 +120,8 @@ fn allocate_over_udp(relayd: &Relayd) -> SocketAddr {
     runtime.block_on(async {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let client = Client::new(ClientConfig {
-            stun_serv_addr: TURN.into(),
-            turn_serv_addr: TURN.into(),
+            stun_serv_addr: turn.into(),
+            turn_serv_addr: turn.into(),
             username: "alice".into(),
             password: "alice-password".into(),
             realm: String::new(),
@@ -128,9 +135,10 @@ fn allocate_over_udp(relayd: &Relayd) -> SocketAddr {
         client.listen().await.expect("listen");
         let relay = tokio::time::timeout(Duration::from_secs(10), client.allocate())
             .await
-            .unwrap_or_else(|_| panic!("no allocation within 10 s\n{}", relayd.log()))
-            .unwrap_or_else(|err| panic!("allocate: {err}\n{}", relayd.log()));
-        let address = webrtc_util::Conn::local_addr(&relay).unwrap();
+            .unwrap_or_else(|_| panic!("no answer to Allocate within 10 s\n{}", relayd.log()));
+        let address = relay
+            .map(|relay| webrtc_util::Conn::local_addr(&relay).unwrap())
+            .map_err(|err| err.to_string());
         client.close().await.unwrap();
         address
     })
@@ -290,4 +298,94 @@ group = "nogroup"
         "{stderr}"
     );
     assert!(relayd.log().contains("control API: a connection refused"));
+}
+
+/// relayd with TURN on loopback, relaying on `ports`, and the metrics it serves.
+fn turn_relayd(turn: &str, metrics: &str, ports: &str) -> (ConfigFile, Relayd) {
+    let config = ConfigFile::new(&format!(
+        r#"
+[datapath]
+mode = "userspace"
+[metrics]
+listen = "{metrics}"
+[turn]
+enabled = true
+listen = ["{turn}"]
+relay_addresses = ["127.0.0.1"]
+port_range = "{ports}"
+users = [{{ name = "alice", password = "alice-password" }}]
+"#
+    ));
+    let relayd = Relayd::start(None, &["--config", config.path()]);
+    (config, relayd)
+}
+
+/// UDP sockets of this test on 127.0.0.1 `ports`, as another service would hold them.
+fn hold(ports: std::ops::RangeInclusive<u16>) -> Vec<std::net::UdpSocket> {
+    ports
+        .map(|port| std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap())
+        .collect()
+}
+
+/// Ports of the relay range that another process holds: the server's books say they are
+/// free, the bind says no. Each such port is left out and the Allocate tried on another
+/// (at most four), so a client gets a port while one is free; never a success for an
+/// allocation that carries nothing. Counted, and logged with what to do.
+#[test]
+fn relay_ports_another_process_holds_are_skipped_then_answered_508() {
+    require_root();
+    const TURN: &str = "127.0.0.1:13578";
+    const METRICS: &str = "127.0.0.1:19577";
+    let bind_failures = "relay_turn_relay_bind_failures_total";
+    // Two of three ports held: the Allocate gets the third, whichever it tried first;
+    // the next finds no free port.
+    let _held = hold(41200..=41201);
+    let (_config, relayd) = turn_relayd(TURN, METRICS, "41200-41202");
+    let relayed = try_allocate_over_udp(&relayd, TURN)
+        .unwrap_or_else(|err| panic!("allocate: {err}\n{}", relayd.log()));
+    assert_eq!(relayed, SocketAddr::from(([127, 0, 0, 1], 41202)));
+    let err = try_allocate_over_udp(&relayd, TURN).expect_err("no port left");
+    assert!(err.contains("508"), "{err}\n{}", relayd.log());
+    let metrics = http_get_here(METRICS, "/metrics");
+    assert_eq!(metric(&metrics, bind_failures), Some(2), "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"relay_turn_refusals_total{code="508",reason="Insufficient Capacity"}"#
+        ),
+        Some(1),
+        "{metrics}"
+    );
+    let log = relayd.log();
+    assert!(
+        log.contains("cannot open a relay socket") && log.contains("turn.port_range"),
+        "{log}"
+    );
+    drop(relayd);
+
+    // Every port held: four tried, then 508 with its own reason, and nothing allocated.
+    let _held = hold(41210..=41213);
+    let (_config, relayd) = turn_relayd(TURN, METRICS, "41210-41213");
+    let err = try_allocate_over_udp(&relayd, TURN).expect_err("no port can be bound");
+    assert!(
+        err.contains("508: Relay Port in Use"),
+        "{err}\n{}",
+        relayd.log()
+    );
+    let allocations = relayd.ctl_json(&["turn", "allocations"]);
+    assert_eq!(
+        allocations["allocations"],
+        serde_json::json!([]),
+        "{allocations}"
+    );
+    let metrics = http_get_here(METRICS, "/metrics");
+    assert_eq!(metric(&metrics, bind_failures), Some(4), "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"relay_turn_refusals_total{code="508",reason="Relay Port in Use"}"#
+        ),
+        Some(1),
+        "{metrics}"
+    );
 }

@@ -31,6 +31,8 @@ use crate::{
 };
 
 const MAX_DATAGRAM: usize = 65_535;
+/// Relay ports tried for one Allocate before it is answered 508.
+const RELAY_BIND_TRIES: u32 = 4;
 
 pub struct TurnService {
     server: Mutex<TurnServer>,
@@ -109,6 +111,7 @@ pub struct TurnSummary {
     pub allocations: u64,
     pub channels: u64,
     pub refusals: Vec<(u16, &'static str, u64)>,
+    pub relay_bind_failures: u64,
 }
 
 struct Bound {
@@ -360,7 +363,8 @@ impl TurnService {
         }
     }
 
-    /// Counts for the metrics: allocations, channels, and refusals by (code, reason).
+    /// Counts for the metrics: allocations, channels, refusals by (code, reason), relay
+    /// sockets that could not be opened.
     pub fn summary(&self) -> TurnSummary {
         let server = self.server();
         let allocations = server.allocations();
@@ -368,6 +372,7 @@ impl TurnService {
             allocations: allocations.len() as u64,
             channels: allocations.iter().map(|a| a.channels.len() as u64).sum(),
             refusals: server.refusals(),
+            relay_bind_failures: server.relay_bind_failures(),
         }
     }
 
@@ -508,6 +513,7 @@ impl TurnService {
                         self.carry_out(actions);
                     }
                 }
+                Action::Allocate { .. } => self.open_allocation(action, 1),
                 Action::CloseRelay(relay) => {
                     if let Some(bound) = self
                         .sockets
@@ -572,6 +578,48 @@ impl TurnService {
                         let _ = self.table.remove(id, monotonic_ns());
                     }
                 }
+            }
+        }
+    }
+
+    /// Opens the relay sockets of a new allocation and sends its answer. A port another
+    /// socket on the host holds (the range overlaps the host's ephemeral ports or another
+    /// service) is left out and the Allocate handed in again, at most
+    /// [`RELAY_BIND_TRIES`] times; then it is answered 508.
+    fn open_allocation(self: &Arc<Self>, action: Action, attempt: u32) {
+        let Action::Allocate {
+            relays,
+            dont_fragment,
+            answer,
+            refusal,
+            client,
+            server,
+            request,
+        } = action
+        else {
+            return self.carry_out(vec![action]);
+        };
+        let failed = relays.iter().find_map(|&relay| {
+            self.bind(relay, Side::Peer, dont_fragment)
+                .err()
+                .map(|err| (relay, err))
+        });
+        let Some((relay, err)) = failed else {
+            return self.carry_out(vec![*answer]);
+        };
+        let retry = attempt < RELAY_BIND_TRIES;
+        tracing::warn!(%relay, %err, %client, attempt, retry, "turn: cannot open a relay socket: another socket on this host holds the port (keep turn.port_range clear of other services and of net.ipv4.ip_local_port_range); the port is left out for a minute");
+        let now = unix_now();
+        let closes = self.server().relay_unavailable(now, relay, retry);
+        self.carry_out(closes);
+        if !retry {
+            return self.carry_out(vec![*refusal]);
+        }
+        let again = self.server().from_client(now, server, client, &request);
+        for action in again {
+            match action {
+                Action::Allocate { .. } => self.open_allocation(action, attempt + 1),
+                other => self.carry_out(vec![other]),
             }
         }
     }

@@ -131,6 +131,16 @@ impl AllocationRate {
         window.1 <= limit
     }
 
+    /// Takes back a request counted at `now` that the server tries again itself (its relay
+    /// port could not be bound): a client is not limited for the host's ports.
+    pub fn refund(&mut self, source: IpAddr, now: u64) {
+        if let Some(window) = self.windows.get_mut(&source)
+            && window.0 == now
+        {
+            window.1 = window.1.saturating_sub(1);
+        }
+    }
+
     /// Forgets the windows that ended before `now`.
     pub fn expire(&mut self, now: u64) {
         self.windows.retain(|_, (second, _)| *second >= now);
@@ -226,6 +236,11 @@ mod tests {
         assert!(rate.admit(b, 10, 2), "another source has its own window");
         assert!(rate.admit(a, 11, 2), "a new second, a new window");
         assert!(rate.admit(a, 11, 0) && rate.admit(a, 11, 0), "0: no limit");
+        assert!(rate.admit(b, 10, 2));
+        rate.refund(b, 10);
+        assert!(rate.admit(b, 10, 2), "a request taken back");
+        rate.refund(b, 9);
+        assert!(!rate.admit(b, 10, 2), "only in its own second");
         rate.expire(12);
         assert!(rate.windows.is_empty());
     }

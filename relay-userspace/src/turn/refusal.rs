@@ -37,6 +37,10 @@ pub enum Refusal {
     AllocationRateLimitReached,
     /// `turn.max_allocations`, or no free relay port.
     InsufficientCapacity,
+    /// The relay port was free in the server's books but another socket on the host holds
+    /// it (the port range overlaps ephemeral ports or another service): 508 too, with its
+    /// own reason so that an operator sees the overlap in the metrics.
+    RelayPortInUse,
 }
 
 impl Refusal {
@@ -55,7 +59,9 @@ impl Refusal {
             Refusal::AllocationQuotaReached | Refusal::AllocationRateLimitReached => {
                 AllocationQuotaReached::CODEPOINT
             }
-            Refusal::InsufficientCapacity => InsufficientCapacity::CODEPOINT,
+            Refusal::InsufficientCapacity | Refusal::RelayPortInUse => {
+                InsufficientCapacity::CODEPOINT
+            }
         }
     }
 
@@ -74,6 +80,7 @@ impl Refusal {
             Refusal::AllocationQuotaReached => "Allocation Quota Reached",
             Refusal::AllocationRateLimitReached => "Allocation Rate Limit Reached",
             Refusal::InsufficientCapacity => "Insufficient Capacity",
+            Refusal::RelayPortInUse => "Relay Port in Use",
         }
     }
 

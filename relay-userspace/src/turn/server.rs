@@ -54,6 +54,9 @@ pub const CHANNEL_LIFETIME: u64 = 600;
 pub const RESERVATION_LIFETIME: u64 = 30;
 /// A refusal reason is logged at most once per this many seconds, with the count since.
 pub const REFUSAL_LOG_INTERVAL: u64 = 60;
+/// How long a relay port that another socket on the host held is left out of new
+/// allocations, in seconds.
+pub const HELD_ELSEWHERE_LIFETIME: u64 = 60;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -83,10 +86,26 @@ pub enum Action {
         to: SocketAddr,
         bytes: Vec<u8>,
     },
-    /// Open a relay socket; with DONT-FRAGMENT (RFC 8656 7.2) its datagrams carry the DF bit.
+    /// Open a relay socket of a restored allocation (and, inside the server, of a new
+    /// one before it becomes [`Action::Allocate`]); with DONT-FRAGMENT (RFC 8656 7.2) its
+    /// datagrams carry the DF bit.
     OpenRelay {
         relay: SocketAddr,
         dont_fragment: bool,
+    },
+    /// A new allocation: open its relay sockets (DONT-FRAGMENT as for `OpenRelay`), then
+    /// send `answer`. When one cannot be opened, call [`TurnServer::relay_unavailable`]
+    /// and hand `request` (the Allocate, from `client` to `server`) to the server again,
+    /// which picks other ports; when tries are over, send `refusal` (508). The client never
+    /// hears of an allocation that cannot carry anything.
+    Allocate {
+        relays: Vec<SocketAddr>,
+        dont_fragment: bool,
+        answer: Box<Action>,
+        refusal: Box<Action>,
+        client: SocketAddr,
+        server: SocketAddr,
+        request: Vec<u8>,
     },
     CloseRelay(SocketAddr),
     /// A channel was bound: client -> peer (strip) and peer -> client (add) may be forwarded
@@ -174,6 +193,11 @@ pub struct TurnServer {
     by_relay: HashMap<SocketAddr, FiveTuple>,
     /// RESERVATION-TOKEN -> (reserved relay address, expiry).
     reservations: HashMap<u64, (SocketAddr, u64)>,
+    /// Relay ports another socket on the host held when we tried them -> until when they
+    /// are left out.
+    held_elsewhere: HashMap<SocketAddr, u64>,
+    /// Relay sockets that could not be opened, since the start.
+    relay_bind_failures: u64,
     allocate_rate: AllocationRate,
     /// How many of each, for metrics and rate-limited logs.
     refusals: BTreeMap<Refusal, RefusalCount>,
@@ -198,6 +222,8 @@ impl TurnServer {
             allocations: HashMap::new(),
             by_relay: HashMap::new(),
             reservations: HashMap::new(),
+            held_elsewhere: HashMap::new(),
+            relay_bind_failures: 0,
             allocate_rate: AllocationRate::default(),
             refusals: BTreeMap::new(),
             random,
@@ -220,6 +246,12 @@ impl TurnServer {
             .collect();
         refusals.sort();
         refusals
+    }
+
+    /// Relay sockets that could not be opened since the start (another socket on the host
+    /// held the port), for metrics.
+    pub fn relay_bind_failures(&self) -> u64 {
+        self.relay_bind_failures
     }
 
     /// Counts a refusal, and logs it unless this reason was logged less than
@@ -294,7 +326,9 @@ impl TurnServer {
             Some(Incoming::Broken(_)) => Vec::new(),
             Some(Incoming::Stun(message)) => match (message.class(), message.method()) {
                 (MessageClass::Indication, SEND) => self.send_indication(now, five_tuple, &message),
-                (MessageClass::Request, method) => self.request(now, five_tuple, method, &message),
+                (MessageClass::Request, method) => {
+                    self.request(now, five_tuple, method, &message, bytes)
+                }
                 // Responses, and indications other than Send, are not for a server.
                 _ => Vec::new(),
             },
@@ -376,6 +410,7 @@ impl TurnServer {
             actions.extend(self.delete(five_tuple));
         }
         self.reservations.retain(|_, (_, expires)| *expires > now);
+        self.held_elsewhere.retain(|_, until| *until > now);
         self.allocate_rate.expire(now);
         for (&five_tuple, allocation) in &mut self.allocations {
             allocation.permissions.retain(|_, expires| *expires > now);
@@ -401,6 +436,7 @@ impl TurnServer {
         five_tuple: FiveTuple,
         method: stun_codec::Method,
         message: &TurnMessage,
+        bytes: &[u8],
     ) -> Vec<Action> {
         let (client, server) = five_tuple;
         let unknown = request::unknown_attributes(message);
@@ -473,8 +509,61 @@ impl TurnServer {
                 error_response(message, refusal.error_code())
             }
         };
-        actions.push(self.respond(server, client, response, Some(&signed)));
+        let answer = self.respond(server, client, response, Some(&signed));
+        let mut dont_fragment = false;
+        let opened: Vec<SocketAddr> = actions
+            .extract_if(.., |action| matches!(action, Action::OpenRelay { .. }))
+            .filter_map(|action| match action {
+                Action::OpenRelay {
+                    relay,
+                    dont_fragment: df,
+                } => {
+                    dont_fragment |= df;
+                    Some(relay)
+                }
+                _ => None,
+            })
+            .collect();
+        if opened.is_empty() {
+            actions.push(answer);
+        } else {
+            let refusal = error_response(message, Refusal::RelayPortInUse.error_code());
+            actions.push(Action::Allocate {
+                relays: opened,
+                dont_fragment,
+                answer: Box::new(answer),
+                refusal: Box::new(self.respond(server, client, refusal, Some(&signed))),
+                client,
+                server,
+                request: bytes.to_vec(),
+            });
+        }
         actions
+    }
+
+    /// The driver could not open `relay` for the allocation just made (another socket on
+    /// the host holds the port): the allocation goes, with its other relayed address, and
+    /// the port is left out of new allocations for [`HELD_ELSEWHERE_LIFETIME`]. With
+    /// `retry` the driver hands the Allocate in again, which the per-source rate does not
+    /// count twice; without, its 508 is counted and logged as a refusal.
+    pub fn relay_unavailable(&mut self, now: u64, relay: SocketAddr, retry: bool) -> Vec<Action> {
+        self.relay_bind_failures += 1;
+        self.held_elsewhere
+            .insert(relay, now + HELD_ELSEWHERE_LIFETIME);
+        let Some(&five_tuple) = self.by_relay.get(&relay) else {
+            return Vec::new();
+        };
+        let username = self
+            .allocations
+            .get(&five_tuple)
+            .map(|allocation| allocation.username.clone())
+            .unwrap_or_default();
+        if retry {
+            self.allocate_rate.refund(five_tuple.0.ip(), now);
+        } else {
+            self.refused(now, five_tuple.0, &username, Refusal::RelayPortInUse);
+        }
+        self.delete(five_tuple)
     }
 
     /// The error response to a request that did not authenticate: with a fresh REALM and
@@ -781,6 +870,7 @@ impl TurnServer {
     /// Whether a relay address is neither allocated nor reserved.
     fn is_free(&self, relay: SocketAddr) -> bool {
         !self.by_relay.contains_key(&relay)
+            && !self.held_elsewhere.contains_key(&relay)
             && !self
                 .reservations
                 .values()
