@@ -447,6 +447,16 @@ impl Collector for Sources {
                 "TURN relay ports that could not be bound because another socket on the host held them (turn.port_range overlaps another service or the ephemeral ports); each is left out for a minute and the Allocate tried on another port.",
                 ConstCounter::new(summary.relay_bind_failures),
             )?;
+            family(
+                &mut encoder,
+                "relay_turn_discarded",
+                "Datagrams on TURN's ports dropped without an answer, by reason: not TURN, undecodable STUN, ChannelData whose length lies, responses, no allocation, no channel, no permission.",
+                MetricType::Counter,
+                summary
+                    .discards
+                    .iter()
+                    .map(|(reason, count)| ([("reason", *reason)], ConstCounter::new(*count))),
+            )?;
         }
         Ok(())
     }

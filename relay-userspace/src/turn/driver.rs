@@ -112,6 +112,8 @@ pub struct TurnSummary {
     pub channels: u64,
     pub refusals: Vec<(u16, &'static str, u64)>,
     pub relay_bind_failures: u64,
+    /// Datagrams dropped without an answer, by reason.
+    pub discards: Vec<(&'static str, u64)>,
 }
 
 struct Bound {
@@ -363,8 +365,8 @@ impl TurnService {
         }
     }
 
-    /// Counts for the metrics: allocations, channels, refusals by (code, reason), relay
-    /// sockets that could not be opened.
+    /// Counts for the metrics: allocations, channels, refusals by (code, reason), discards
+    /// by reason, relay sockets that could not be opened.
     pub fn summary(&self) -> TurnSummary {
         let server = self.server();
         let allocations = server.allocations();
@@ -373,6 +375,7 @@ impl TurnService {
             channels: allocations.iter().map(|a| a.channels.len() as u64).sum(),
             refusals: server.refusals(),
             relay_bind_failures: server.relay_bind_failures(),
+            discards: server.discards(),
         }
     }
 

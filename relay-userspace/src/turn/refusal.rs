@@ -98,3 +98,46 @@ impl Refusal {
             .expect("a valid code")
     }
 }
+
+/// Why the TURN server dropped a datagram without an answer (RFC 8489 6.3 and RFC 8656
+/// answer none of these): a closed set, counted, whose labels are the discard metrics'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Discard {
+    /// Neither STUN nor ChannelData by its first byte (RFC 7983).
+    NotTurn,
+    /// A STUN header that does not decode, in a message that is not a request.
+    UndecodableStun,
+    /// ChannelData whose length field says more than the datagram holds.
+    ChannelDataLength,
+    /// A response, or an indication other than Send: nothing a server takes.
+    NotForServer,
+    /// A Send indication or ChannelData on a 5-tuple with no allocation.
+    NoAllocation,
+    /// ChannelData on a channel not bound (or expired), or a Send without a peer or data.
+    NoChannel,
+    /// Toward or from a peer without a permission (or of the other family).
+    NoPermission,
+}
+
+impl Discard {
+    pub fn label(self) -> &'static str {
+        match self {
+            Discard::NotTurn => "not_turn",
+            Discard::UndecodableStun => "undecodable_stun",
+            Discard::ChannelDataLength => "channel_data_length",
+            Discard::NotForServer => "not_for_server",
+            Discard::NoAllocation => "no_allocation",
+            Discard::NoChannel => "no_channel",
+            Discard::NoPermission => "no_permission",
+        }
+    }
+
+    /// Why `bytes`, which did not decode, was dropped.
+    pub fn undecodable(bytes: &[u8]) -> Discard {
+        match bytes.first() {
+            Some(0..=3) => Discard::UndecodableStun,
+            Some(0x40..=0x7f) => Discard::ChannelDataLength,
+            _ => Discard::NotTurn,
+        }
+    }
+}

@@ -31,7 +31,7 @@ use stun_codec::{
     rfc8656::attributes::AddressFamily,
 };
 
-pub use super::refusal::Refusal;
+pub use super::refusal::{Discard, Refusal};
 use super::{
     auth::{AuthFailure, Authenticated, Verifier},
     credentials::Credentials,
@@ -201,6 +201,7 @@ pub struct TurnServer {
     allocate_rate: AllocationRate,
     /// How many of each, for metrics and rate-limited logs.
     refusals: BTreeMap<Refusal, RefusalCount>,
+    discards: BTreeMap<Discard, u64>,
     random: Random,
 }
 
@@ -226,6 +227,7 @@ impl TurnServer {
             relay_bind_failures: 0,
             allocate_rate: AllocationRate::default(),
             refusals: BTreeMap::new(),
+            discards: BTreeMap::new(),
             random,
         }
     }
@@ -252,6 +254,20 @@ impl TurnServer {
     /// held the port), for metrics.
     pub fn relay_bind_failures(&self) -> u64 {
         self.relay_bind_failures
+    }
+
+    /// Datagrams dropped without an answer since the start, by reason, for metrics.
+    pub fn discards(&self) -> Vec<(&'static str, u64)> {
+        self.discards
+            .iter()
+            .map(|(discard, count)| (discard.label(), *count))
+            .collect()
+    }
+
+    /// Counts a datagram dropped without an answer; returns no action.
+    fn discard(&mut self, why: Discard) -> Vec<Action> {
+        *self.discards.entry(why).or_default() += 1;
+        Vec::new()
     }
 
     /// Counts a refusal, and logs it unless this reason was logged less than
@@ -308,7 +324,7 @@ impl TurnServer {
     ) -> Vec<Action> {
         let five_tuple = (client, server);
         match message::decode(bytes) {
-            None => Vec::new(),
+            None => self.discard(Discard::undecodable(bytes)),
             Some(Incoming::ChannelData { channel, data }) => {
                 self.channel_data_from_client(now, five_tuple, channel, data)
             }
@@ -323,14 +339,14 @@ impl TurnServer {
                 response.add_attribute(Refusal::BadRequest.bare_error_code());
                 vec![self.respond(server, client, response, None)]
             }
-            Some(Incoming::Broken(_)) => Vec::new(),
+            Some(Incoming::Broken(_)) => self.discard(Discard::UndecodableStun),
             Some(Incoming::Stun(message)) => match (message.class(), message.method()) {
                 (MessageClass::Indication, SEND) => self.send_indication(now, five_tuple, &message),
                 (MessageClass::Request, method) => {
                     self.request(now, five_tuple, method, &message, bytes)
                 }
                 // Responses, and indications other than Send, are not for a server.
-                _ => Vec::new(),
+                _ => self.discard(Discard::NotForServer),
             },
         }
     }
@@ -344,15 +360,15 @@ impl TurnServer {
         bytes: &[u8],
     ) -> Vec<Action> {
         let Some(&(client, server)) = self.by_relay.get(&relay) else {
-            return Vec::new();
+            return self.discard(Discard::NoAllocation);
         };
         let Some(allocation) = self.allocations.get(&(client, server)) else {
-            return Vec::new();
+            return self.discard(Discard::NoAllocation);
         };
         // RFC 8656 11.3: only peers with a permission get through, each on the relayed
         // address of its own family.
         if !allocation.permits(peer.ip(), now) || relay.is_ipv4() != peer.is_ipv4() {
-            return Vec::new();
+            return self.discard(Discard::NoPermission);
         }
         if let Some((number, _)) = allocation.channels.iter().find(|(_, channel)| {
             channel.peer == peer && channel.relay == relay && channel.expires > now
@@ -822,20 +838,22 @@ impl TurnServer {
         five_tuple: FiveTuple,
         message: &TurnMessage,
     ) -> Vec<Action> {
-        let (Some(allocation), Some(peer), Some(data)) = (
-            self.allocations.get(&five_tuple),
+        let Some(allocation) = self.allocations.get(&five_tuple) else {
+            return self.discard(Discard::NoAllocation);
+        };
+        let (Some(peer), Some(data)) = (
             message
                 .get_attribute::<XorPeerAddress>()
                 .map(|p| p.address()),
             message.get_attribute::<Data>(),
         ) else {
-            return Vec::new();
+            return self.discard(Discard::NoChannel);
         };
         let Some(relay) = allocation.relay_for(peer) else {
-            return Vec::new();
+            return self.discard(Discard::NoPermission);
         };
         if !allocation.permits(peer.ip(), now) {
-            return Vec::new();
+            return self.discard(Discard::NoPermission);
         }
         vec![Action::Send {
             from: relay,
@@ -852,13 +870,13 @@ impl TurnServer {
         data: Vec<u8>,
     ) -> Vec<Action> {
         let Some(allocation) = self.allocations.get(&five_tuple) else {
-            return Vec::new();
+            return self.discard(Discard::NoAllocation);
         };
         let Some(channel) = allocation.channels.get(&number).filter(|c| c.expires > now) else {
-            return Vec::new();
+            return self.discard(Discard::NoChannel);
         };
         if !allocation.permits(channel.peer.ip(), now) {
-            return Vec::new();
+            return self.discard(Discard::NoPermission);
         }
         vec![Action::Send {
             from: channel.relay,

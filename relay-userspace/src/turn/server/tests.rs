@@ -1432,3 +1432,40 @@ fn an_unknown_method_is_answered_in_its_own_method() {
         assert_eq!(&bytes[length - 4..], &crc.to_be_bytes());
     }
 }
+
+/// What is dropped without an answer is counted, by reason.
+#[test]
+fn datagrams_dropped_without_an_answer_are_counted_by_reason() {
+    let mut server = server();
+    let from_alice = |server: &mut TurnServer, bytes: &[u8]| {
+        let actions = server.from_client(T0, addr(LISTENER), addr(ALICE), bytes);
+        assert!(actions.is_empty(), "{bytes:02x?}: {actions:?}");
+    };
+    // RTP, DTLS, random bytes.
+    from_alice(&mut server, &[0x80, 0x00, 0x00, 0x01]);
+    from_alice(&mut server, &[22, 0xfe, 0xfd]);
+    // ChannelData saying 100 bytes and holding 4.
+    from_alice(&mut server, &[0x40, 0x01, 0x00, 100, 1, 2, 3, 4]);
+    // ChannelData and a Send indication with no allocation.
+    from_alice(&mut server, &[0x40, 0x01, 0x00, 4, 1, 2, 3, 4]);
+    // A Binding success response: not for a server.
+    let mut response = vec![0u8; 20];
+    response[..2].copy_from_slice(&0x0101_u16.to_be_bytes());
+    response[4..8].copy_from_slice(&0x2112_a442_u32.to_be_bytes());
+    from_alice(&mut server, &response);
+    // Nothing toward a relay address nobody holds.
+    assert!(
+        server
+            .from_peer(T0, addr("203.0.113.1:50000"), addr(PEER), b"x")
+            .is_empty()
+    );
+    assert_eq!(
+        server.discards(),
+        [
+            ("not_turn", 2),
+            ("channel_data_length", 1),
+            ("not_for_server", 1),
+            ("no_allocation", 2),
+        ]
+    );
+}
