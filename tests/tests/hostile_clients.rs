@@ -361,6 +361,21 @@ fn relay_ports_another_process_holds_are_skipped_then_answered_508() {
         log.contains("cannot open a relay socket") && log.contains("turn.port_range"),
         "{log}"
     );
+    // What is not TURN is dropped without an answer and counted, not logged.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for junk in [&[0x80u8, 0, 0, 1][..], &[22, 0xfe, 0xfd], &[0xff; 40]] {
+        stranger.send_to(junk, TURN).unwrap();
+    }
+    let not_turn = r#"relay_turn_discarded_total{reason="not_turn"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&http_get_here(METRICS, "/metrics"), not_turn) != Some(3)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = http_get_here(METRICS, "/metrics");
+    assert_eq!(metric(&metrics, not_turn), Some(3), "{metrics}");
+    assert_eq!(relayd.log().len(), log.len(), "{}", relayd.log());
     drop(relayd);
 
     // Every port held: four tried, then 508 with its own reason, and nothing allocated.
