@@ -41,6 +41,7 @@ fn server() -> TurnServer {
             denied: vec!["198.18.0.0/15".parse().unwrap()],
         },
         max_allocate_rate_per_source: 3,
+        max_request_rate_per_source: 50,
     };
     let random: Box<dyn RngCore + Send> = Box::new(StdRng::seed_from_u64(7));
     TurnServer::new(

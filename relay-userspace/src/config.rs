@@ -193,6 +193,11 @@ impl Config {
             old_turn.max_allocate_rate_per_source != new_turn.max_allocate_rate_per_source,
             true,
         );
+        key(
+            "turn.max_request_rate_per_source",
+            old_turn.max_request_rate_per_source != new_turn.max_request_rate_per_source,
+            true,
+        );
         key("log.level", self.log.level != new.log.level, true);
         key("log.format", self.log.format != new.log.format, false);
         changes
@@ -212,6 +217,7 @@ impl Config {
         turn.max_allocations = from.max_allocations;
         turn.max_allocations_per_user = from.max_allocations_per_user;
         turn.max_allocate_rate_per_source = from.max_allocate_rate_per_source;
+        turn.max_request_rate_per_source = from.max_request_rate_per_source;
         merged.log.level = new.log.level.clone();
         merged
     }

@@ -404,3 +404,45 @@ fn relay_ports_another_process_holds_are_skipped_then_answered_508() {
         "{metrics}"
     );
 }
+
+/// A burst of 1,000 Binding requests from one source: at most the default 200 a second are
+/// answered, the rest dropped unanswered, counted, and logged once.
+#[test]
+fn requests_over_the_per_source_rate_are_dropped_unanswered() {
+    require_root();
+    const TURN: &str = "127.0.0.1:13678";
+    const METRICS: &str = "127.0.0.1:19677";
+    let (_config, relayd) = turn_relayd(TURN, METRICS, "41220-41229");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    const SENT: u64 = 1000;
+    for n in 0..SENT as u32 {
+        let mut binding = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        binding.extend_from_slice(&[0; 8]);
+        binding.extend_from_slice(&n.to_be_bytes());
+        socket.send_to(&binding, TURN).unwrap();
+    }
+    let mut answered = 0u64;
+    let mut buf = [0u8; 1500];
+    while socket.recv_from(&mut buf).is_ok() {
+        answered += 1;
+    }
+    let metrics = http_get_here(METRICS, "/metrics");
+    let dropped = metric(
+        &metrics,
+        r#"relay_turn_discarded_total{reason="request_rate"}"#,
+    )
+    .unwrap_or(0);
+    println!("{SENT} Binding requests: {answered} answered, {dropped} dropped over the rate");
+    // Two one-second windows at most while the burst lasts.
+    assert!((1..=400).contains(&answered), "{answered} answered");
+    assert!(
+        dropped >= SENT - 400 && answered + dropped <= SENT,
+        "{dropped} dropped\n{metrics}"
+    );
+    let log = relayd.log();
+    let lines = log.matches("max_request_rate_per_source").count();
+    assert!((1..=2).contains(&lines), "{lines} lines:\n{log}");
+}

@@ -31,6 +31,9 @@ pub struct TurnConfig {
     pub denied_peers: Vec<String>,
     /// Allocate requests per client IP address and second; 0: no limit.
     pub max_allocate_rate_per_source: u32,
+    /// STUN requests of any method per client IP address and second, beyond which they
+    /// are dropped unanswered; 0: no limit.
+    pub max_request_rate_per_source: u32,
     /// Forward bound channels' ChannelData in the kernel (XDP datapath only).
     pub offload: bool,
     /// Also accept TURN over TCP on the `listen` addresses, and TURN over TLS on the
@@ -63,6 +66,7 @@ impl Default for TurnConfig {
             allowed_peers: Vec::new(),
             denied_peers: Vec::new(),
             max_allocate_rate_per_source: 20,
+            max_request_rate_per_source: 200,
             offload: true,
             tcp: true,
         }

@@ -279,6 +279,7 @@ fn server_config(settings: &TurnConfig) -> anyhow::Result<ServerConfig> {
         max_allocations_per_user: settings.max_allocations_per_user,
         peers: settings.peer_policy(),
         max_allocate_rate_per_source: settings.max_allocate_rate_per_source,
+        max_request_rate_per_source: settings.max_request_rate_per_source,
     })
 }
 

@@ -402,6 +402,16 @@ pub fn decode(bytes: &[u8]) -> Option<Incoming> {
     }
 }
 
+/// Whether `bytes` begins like a STUN request (first byte 0..=3, class bits 00), read
+/// from the header alone: what the per-source request rate counts before anything is
+/// decoded.
+pub fn looks_like_request(bytes: &[u8]) -> bool {
+    match bytes {
+        [first @ 0..=3, second, ..] => u16::from_be_bytes([*first, *second]) & 0x0110 == 0,
+        _ => false,
+    }
+}
+
 pub fn encode(message: TurnMessage) -> Vec<u8> {
     let (method, class) = (message.method().as_u16(), message.class());
     let mut bytes = MessageEncoder::new()

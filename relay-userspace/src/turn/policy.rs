@@ -108,15 +108,16 @@ fn is_special(ip: IpAddr) -> bool {
     }
 }
 
-/// Allocate requests per source IP address and second, counted in fixed one-second
-/// windows: enough to stop one address from churning through the port range, cheap to keep.
+/// Requests per source IP address and second, counted in fixed one-second windows: enough
+/// to stop one address from churning through the port range (Allocate) or keeping the
+/// server busy (every request), cheap to keep.
 #[derive(Debug, Default)]
-pub struct AllocationRate {
+pub struct SourceRate {
     /// Source -> (second, requests in it).
     windows: HashMap<IpAddr, (u64, u32)>,
 }
 
-impl AllocationRate {
+impl SourceRate {
     /// Counts a request from `source` at `now`; false when it is over `limit` in this second
     /// (0: no limit).
     pub fn admit(&mut self, source: IpAddr, now: u64, limit: u32) -> bool {
@@ -227,7 +228,7 @@ mod tests {
 
     #[test]
     fn allocation_rate_is_per_source_and_second() {
-        let mut rate = AllocationRate::default();
+        let mut rate = SourceRate::default();
         let a = ip("198.51.100.1");
         let b = ip("198.51.100.2");
         assert!(rate.admit(a, 10, 2));

@@ -117,6 +117,9 @@ pub enum Discard {
     NoChannel,
     /// Toward or from a peer without a permission (or of the other family).
     NoPermission,
+    /// A request over `turn.max_request_rate_per_source`: dropped unanswered, so that a
+    /// flood with spoofed sources reflects nothing; a real client retransmits.
+    RequestRate,
 }
 
 impl Discard {
@@ -129,6 +132,7 @@ impl Discard {
             Discard::NoAllocation => "no_allocation",
             Discard::NoChannel => "no_channel",
             Discard::NoPermission => "no_permission",
+            Discard::RequestRate => "request_rate",
         }
     }
 

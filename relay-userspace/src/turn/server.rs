@@ -37,7 +37,7 @@ use super::{
     credentials::Credentials,
     message::{self, AddressErrorCode, Incoming, MessageIntegritySha256, TurnMessage},
     nonce::NonceIssuer,
-    policy::{AllocationRate, PeerPolicy},
+    policy::{PeerPolicy, SourceRate},
     request::{self, Allocate, Request},
 };
 use crate::datapath::{ChannelOp, FlowSpec};
@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub peers: PeerPolicy,
     /// Allocate requests per source IP address and second (0: no limit).
     pub max_allocate_rate_per_source: u32,
+    /// STUN requests of any method per source IP address and second (0: no limit).
+    pub max_request_rate_per_source: u32,
 }
 
 /// What the driver must do.
@@ -198,7 +200,10 @@ pub struct TurnServer {
     held_elsewhere: HashMap<SocketAddr, u64>,
     /// Relay sockets that could not be opened, since the start.
     relay_bind_failures: u64,
-    allocate_rate: AllocationRate,
+    allocate_rate: SourceRate,
+    request_rate: SourceRate,
+    /// Requests dropped over the request rate, for a log line a minute.
+    request_rate_log: RefusalCount,
     /// How many of each, for metrics and rate-limited logs.
     refusals: BTreeMap<Refusal, RefusalCount>,
     discards: BTreeMap<Discard, u64>,
@@ -225,7 +230,9 @@ impl TurnServer {
             reservations: HashMap::new(),
             held_elsewhere: HashMap::new(),
             relay_bind_failures: 0,
-            allocate_rate: AllocationRate::default(),
+            allocate_rate: SourceRate::default(),
+            request_rate: SourceRate::default(),
+            request_rate_log: RefusalCount::default(),
             refusals: BTreeMap::new(),
             discards: BTreeMap::new(),
             random,
@@ -262,6 +269,27 @@ impl TurnServer {
             .iter()
             .map(|(discard, count)| (discard.label(), *count))
             .collect()
+    }
+
+    /// Whether a request from `client` is within `turn.max_request_rate_per_source`; the
+    /// ones beyond are logged once a minute with how many there were.
+    fn request_admitted(&mut self, now: u64, client: SocketAddr) -> bool {
+        let limit = self.config.max_request_rate_per_source;
+        if self.request_rate.admit(client.ip(), now, limit) {
+            return true;
+        }
+        let log = &mut self.request_rate_log;
+        log.total += 1;
+        log.unlogged += 1;
+        if log
+            .logged_at
+            .is_none_or(|at| now >= at + REFUSAL_LOG_INTERVAL)
+        {
+            tracing::warn!(%client, limit, dropped = log.unlogged, "turn: requests over turn.max_request_rate_per_source dropped unanswered (one line a minute; dropped = since the last)");
+            log.unlogged = 0;
+            log.logged_at = Some(now);
+        }
+        false
     }
 
     /// Counts a datagram dropped without an answer; returns no action.
@@ -323,6 +351,9 @@ impl TurnServer {
         bytes: &[u8],
     ) -> Vec<Action> {
         let five_tuple = (client, server);
+        if message::looks_like_request(bytes) && !self.request_admitted(now, client) {
+            return self.discard(Discard::RequestRate);
+        }
         match message::decode(bytes) {
             None => self.discard(Discard::undecodable(bytes)),
             Some(Incoming::ChannelData { channel, data }) => {
@@ -428,6 +459,7 @@ impl TurnServer {
         self.reservations.retain(|_, (_, expires)| *expires > now);
         self.held_elsewhere.retain(|_, until| *until > now);
         self.allocate_rate.expire(now);
+        self.request_rate.expire(now);
         for (&five_tuple, allocation) in &mut self.allocations {
             allocation.permissions.retain(|_, expires| *expires > now);
             allocation.channels.retain(|&number, channel| {
@@ -576,6 +608,7 @@ impl TurnServer {
             .unwrap_or_default();
         if retry {
             self.allocate_rate.refund(five_tuple.0.ip(), now);
+            self.request_rate.refund(five_tuple.0.ip(), now);
         } else {
             self.refused(now, five_tuple.0, &username, Refusal::RelayPortInUse);
         }

@@ -272,7 +272,7 @@ fn start_relay(lab: &ThreeHosts, pins: &PinDir, relay: Relay) -> (RelayGuard, u3
         &pins.path.to_string_lossy(),
         &format!(
             // uclient opens its sessions at once from one address: no per-source limit.
-            "max_allocations_per_user = 1000\nmax_allocate_rate_per_source = 0\noffload = {}",
+            "max_allocations_per_user = 1000\nmax_allocate_rate_per_source = 0\nmax_request_rate_per_source = 0\noffload = {}",
             relay == Relay::Offload
         ),
     ));

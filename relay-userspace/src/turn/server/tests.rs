@@ -66,6 +66,7 @@ fn server() -> TurnServer {
             denied: vec!["198.18.0.0/15".parse().unwrap()],
         },
         max_allocate_rate_per_source: 3,
+        max_request_rate_per_source: 0,
     };
     TurnServer::new(
         config,
@@ -1468,4 +1469,47 @@ fn datagrams_dropped_without_an_answer_are_counted_by_reason() {
             ("no_allocation", 2),
         ]
     );
+}
+
+/// Requests beyond `turn.max_request_rate_per_source` are dropped unanswered, counted;
+/// the next second lets them in again, and other sources are not touched.
+#[test]
+fn requests_over_the_per_source_rate_are_dropped_unanswered() {
+    let mut server = server();
+    server.config.max_request_rate_per_source = 5;
+    let binding = |server: &mut TurnServer, now: u64, from: &str| {
+        let client = Client::new(from, "alice", "wonderland");
+        server.from_client(
+            now,
+            addr(LISTENER),
+            addr(from),
+            &client.request(BINDING, vec![]),
+        )
+    };
+    for n in 0..5 {
+        assert_eq!(binding(&mut server, T0, ALICE).len(), 1, "request {n}");
+    }
+    assert!(binding(&mut server, T0, ALICE).is_empty());
+    assert!(
+        binding(&mut server, T0, "198.51.100.7:40000").is_empty(),
+        "same IP"
+    );
+    assert_eq!(binding(&mut server, T0, "198.51.100.9:40000").len(), 1);
+    // Media and indications are not requests.
+    assert!(
+        server
+            .from_client(
+                T0,
+                addr(LISTENER),
+                addr(ALICE),
+                &message::channel_data(0x4001, b"x")
+            )
+            .is_empty()
+    );
+    assert_eq!(
+        server.discards(),
+        [("no_allocation", 1), ("request_rate", 2)]
+    );
+    server.expire(T0 + 1);
+    assert_eq!(binding(&mut server, T0 + 1, ALICE).len(), 1);
 }
