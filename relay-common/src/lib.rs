@@ -51,6 +51,11 @@ pub const CHANNEL_OP_ADD: u8 = 2;
 /// userspace, which sends it to a peer that keeps RTCP on its own port (a PBX without
 /// rtcp-mux); RTP stays in the kernel.
 pub const FLOW_FLAG_RTCP_TO_USERSPACE: u8 = 1;
+/// [`FlowAction::flags`]: the payload is someone's data (a TURN channel's, both ways), not a
+/// demultiplexing point of the relay's: forwarded whatever its first byte. Without it, a
+/// payload that starts like STUN or DTLS (RFC 7983) goes to userspace, where the relay's
+/// own ICE agent and DTLS endpoint are.
+pub const FLOW_FLAG_OPAQUE_PAYLOAD: u8 = 2;
 
 /// One direction of one leg, as seen on the wire: a UDP packet from `src` to `dst`.
 ///

@@ -25,16 +25,20 @@ pub enum Edit {
 /// Checks that a packet can be stripped: ChannelData whose Length covers the rest of the
 /// UDP payload exactly. Padding after the data (allowed over UDP) would have to be trimmed
 /// from the tail; such packets go to userspace. So does STUN or DTLS inside the channel
-/// (RFC 7983 on the data's first byte): ICE checks and consent of a TURN-only app whose
-/// peer is a call in this relay must reach the relay's ICE agent, not the PBX; for other
-/// peers the TURN server relays them from userspace as well.
+/// (RFC 7983 on the data's first byte) unless the flow's payload is `opaque`: ICE checks
+/// and consent of a TURN-only app whose peer is a call in this relay must reach the relay's
+/// ICE agent, not the PBX; a plain TURN channel carries the client's data, whatever it is.
 #[inline(always)]
-pub fn check_strip(ctx: &XdpContext, packet: &UdpPacket) -> Result<ChannelHeader, Verdict> {
+pub fn check_strip(
+    ctx: &XdpContext,
+    packet: &UdpPacket,
+    opaque: bool,
+) -> Result<ChannelHeader, Verdict> {
     let channel = packet.channel.ok_or(Verdict::PassNoFlow)?;
     if 8 + HEADER_LEN + channel.length != packet.udp_len || !fills_ip_payload(packet) {
         return Err(Verdict::PassChannelLength);
     }
-    if channel.length > 0 {
+    if !opaque && channel.length > 0 {
         let first: *const u8 = ptr_at(ctx, packet.payload_offset() + usize::from(HEADER_LEN))
             .ok_or(Verdict::PassMalformed)?;
         // SAFETY: ptr_at checked that the byte is inside the packet.

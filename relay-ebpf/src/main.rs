@@ -28,8 +28,9 @@ use aya_ebpf::{
 };
 use channel_data::Edit;
 use relay_common::{
-    CHANNEL_OP_ADD, CHANNEL_OP_STRIP, EGRESS_CAPACITY, FLOW_FLAG_RTCP_TO_USERSPACE,
-    FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue, StatCounter, VLANS_CAPACITY, Verdict, VlanDevice,
+    CHANNEL_OP_ADD, CHANNEL_OP_STRIP, EGRESS_CAPACITY, FLOW_FLAG_OPAQUE_PAYLOAD,
+    FLOW_FLAG_RTCP_TO_USERSPACE, FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue, StatCounter,
+    VLANS_CAPACITY, Verdict, VlanDevice,
 };
 
 /// The flow table. Pinned by name so flows survive a restart of relayd.
@@ -95,24 +96,36 @@ impl From<()> for Fail {
 fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
     let packet = parse::parse(ctx)?;
     let key = flow_key(&packet);
+    let unknown = if packet.stun_dtls {
+        Verdict::PassStunDtls
+    } else {
+        Verdict::PassNoFlow
+    };
     let value = match FLOWS.get_ptr_mut(&key) {
         Some(value) => value,
         // A payload that merely looks like ChannelData (a peer's data sent to a relay
         // address starts with any byte) is looked up as plain data too.
         None if key.channel != 0 => FLOWS
             .get_ptr_mut(&FlowKey { channel: 0, ..key })
-            .ok_or(Verdict::PassNoFlow)?,
-        None => return Err(Verdict::PassNoFlow.into()),
+            .ok_or(unknown)?,
+        None => return Err(unknown.into()),
     };
     // SAFETY: a pointer into the flow table's value, valid while this program runs. Userspace
     // replaces values whole; a torn read at worst sends one packet with the old action.
     let action = unsafe { &(*value).action };
+    let opaque = action.flags & FLOW_FLAG_OPAQUE_PAYLOAD != 0;
+    // STUN or DTLS is the relay's own business where it is the ICE and DTLS endpoint, and on
+    // a TURN client's 5-tuple (its Refresh and ChannelBind arrive beside its ChannelData);
+    // a TURN peer's data toward a relayed address is forwarded whatever its first byte.
+    if packet.stun_dtls && (!opaque || action.channel_op == CHANNEL_OP_STRIP) {
+        return Err(Verdict::PassStunDtls.into());
+    }
     if action.flags & FLOW_FLAG_RTCP_TO_USERSPACE != 0 && parse::is_rtcp(ctx, &packet) {
         return Err(Verdict::PassRtcp.into());
     }
     let (edit, out_ip_len) = match action.channel_op {
         CHANNEL_OP_STRIP => (
-            Edit::Stripped(channel_data::check_strip(ctx, &packet)?),
+            Edit::Stripped(channel_data::check_strip(ctx, &packet, opaque)?),
             packet.ip_len - channel_data::HEADER_LEN,
         ),
         CHANNEL_OP_ADD => (

@@ -105,6 +105,9 @@ pub struct UdpPacket {
     pub udp_offset: usize,
     /// Present when the payload is ChannelData (first byte 64..=79, RFC 7983).
     pub channel: Option<ChannelHeader>,
+    /// The payload starts like STUN or DTLS (first byte 0..=3 or 20..=63, RFC 7983): for
+    /// userspace where the relay is itself the ICE and DTLS endpoint, data elsewhere.
+    pub stun_dtls: bool,
 }
 
 impl UdpPacket {
@@ -159,7 +162,7 @@ pub fn parse(ctx: &XdpContext) -> Result<UdpPacket, Verdict> {
         // A second tag (QinQ) lands here too.
         _ => return Err(Verdict::PassNotIp),
     };
-    let (udp, udp_len, channel) = parse_udp(ctx, offset, udp_offset, ip_len)?;
+    let (udp, udp_len, payload) = parse_udp(ctx, offset, udp_offset, ip_len)?;
     Ok(UdpPacket {
         eth,
         vlan,
@@ -169,7 +172,11 @@ pub fn parse(ctx: &XdpContext) -> Result<UdpPacket, Verdict> {
         udp_len,
         ip_offset: offset,
         udp_offset,
-        channel,
+        channel: match payload {
+            Payload::Channel(channel) => Some(channel),
+            _ => None,
+        },
+        stun_dtls: matches!(payload, Payload::StunDtls),
     })
 }
 
@@ -246,6 +253,13 @@ pub fn is_rtcp(ctx: &XdpContext, packet: &UdpPacket) -> bool {
     first >> 6 == 2 && (192..=223).contains(&second)
 }
 
+/// What a UDP payload's first byte says it is (RFC 7983).
+enum Payload {
+    StunDtls,
+    Channel(ChannelHeader),
+    Other,
+}
+
 /// Checks the UDP header and classifies the payload by its first byte (RFC 7983).
 #[inline(always)]
 fn parse_udp(
@@ -253,7 +267,7 @@ fn parse_udp(
     ip_offset: usize,
     udp_offset: usize,
     ip_len: u16,
-) -> Result<(*mut UdpHdr, u16, Option<ChannelHeader>), Verdict> {
+) -> Result<(*mut UdpHdr, u16, Payload), Verdict> {
     let udp: *mut UdpHdr = ptr_at(ctx, udp_offset).ok_or(Verdict::PassMalformed)?;
     // SAFETY: ptr_at checked that the header is inside the packet.
     let udp_len = u16::from_be(unsafe { (*udp).len });
@@ -268,8 +282,9 @@ fn parse_udp(
     let first: *const u8 = ptr_at(ctx, payload).ok_or(Verdict::PassMalformed)?;
     // SAFETY: ptr_at checked that the byte is inside the packet.
     match unsafe { *first } {
-        // STUN (ICE checks, consent, TURN control) and DTLS handshakes are for userspace.
-        0..=3 | 20..=63 => Err(Verdict::PassStunDtls),
+        // STUN (ICE checks, consent, TURN control) and DTLS handshakes: for userspace unless
+        // the flow says its payload is someone else's data.
+        0..=3 | 20..=63 => Ok((udp, udp_len, Payload::StunDtls)),
         // TURN ChannelData: channel number and length, 2 bytes each. RFC 7983 gives channels
         // 64..=79; RFC 5766 clients use numbers up to 0x7ffe (relay-common CHANNEL_MAX).
         64..=127 => {
@@ -280,8 +295,8 @@ fn parse_udp(
                 number: u16::from_be(number),
                 length: u16::from_be(length),
             };
-            Ok((udp, udp_len, Some(channel)))
+            Ok((udp, udp_len, Payload::Channel(channel)))
         }
-        _ => Ok((udp, udp_len, None)),
+        _ => Ok((udp, udp_len, Payload::Other)),
     }
 }

@@ -495,6 +495,7 @@ mod tests {
             new_dst: "10.0.0.5:5004".parse().unwrap(),
             channel: None,
             rtcp_to_userspace: false,
+            opaque_payload: false,
         };
         table.add(&[spec, spec.reverse()], monotonic_ns()).unwrap();
         let admission = Admission::new(&Default::default(), 1024);

@@ -39,6 +39,7 @@ fn flow(src: &str, dst: &str, new_src: &str, new_dst: &str) -> FlowSpec {
         new_dst: addr(new_dst),
         channel: None,
         rtcp_to_userspace: false,
+        opaque_payload: false,
     }
 }
 
@@ -168,8 +169,8 @@ fn rewritten(input: &Frame, flow: &FlowSpec, smac: [u8; 6], dmac: [u8; 6]) -> Fr
 
 /// The flows installed in the lab: (IPv4, IPv6, hairpin, no neighbour, no egress, small
 /// MTU, no route, VLAN, TURN strip v4 and v6, their ways back, ChannelData added toward a
-/// small MTU, RTCP apart plain and TURN).
-fn lab_flows() -> [FlowSpec; 15] {
+/// small MTU, RTCP apart plain and TURN, a plain TURN channel both ways).
+fn lab_flows() -> [FlowSpec; 17] {
     let v4 = flow(
         "198.51.100.7:4000",
         "10.1.0.1:20000",
@@ -261,6 +262,19 @@ fn lab_flows() -> [FlowSpec; 15] {
     };
     let turn4_back = turn4.reverse();
     let turn6_back = turn6.reverse();
+    // A TURN server's channel (client 0x4005 <-> peer): the payload is the client's data
+    // both ways, whatever its first byte. turn4 above is a call's TURN-only app instead.
+    let channel = FlowSpec {
+        channel: Some(ChannelOp::Strip(0x4005)),
+        opaque_payload: true,
+        ..flow(
+            "198.51.100.21:50000",
+            "10.1.0.1:3478",
+            "10.2.0.1:40020",
+            "10.2.0.2:6020",
+        )
+    };
+    let channel_back = channel.reverse();
     let add_small_mtu = FlowSpec {
         channel: Some(ChannelOp::Add(0x4002)),
         ..flow(
@@ -286,6 +300,8 @@ fn lab_flows() -> [FlowSpec; 15] {
         add_small_mtu,
         rtcp_apart,
         rtcp_apart_turn,
+        channel,
+        channel_back,
     ]
 }
 
@@ -336,6 +352,8 @@ fn xdp_program_fixtures() {
         add_small_mtu,
         rtcp_apart,
         rtcp_apart_turn,
+        channel,
+        channel_back,
     ] = flows;
 
     let rtp = rtp_payload(1);
@@ -629,6 +647,79 @@ fn xdp_program_fixtures() {
             verdict: Verdict::Redirect,
         });
     }
+    // A plain TURN channel relays the client's data whatever it is: STUN or DTLS inside
+    // ChannelData (the client's ICE or DTLS with its peer, RFC 7983 at their ends, not ours)
+    // and a peer's datagram that starts like STUN or DTLS stay in the kernel.
+    let dtls_record = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for (description, data) in [
+        (
+            "STUN inside a TURN channel's ChannelData: the client's data, stripped",
+            stun_binding_request(),
+        ),
+        (
+            "DTLS inside a TURN channel's ChannelData: the client's data, stripped",
+            dtls_record.to_vec(),
+        ),
+    ] {
+        let input = Frame::udp(channel.src, channel.dst, &channel_data(0x4005, &data));
+        fixtures.push(Fixture {
+            description,
+            output: Some(
+                Frame {
+                    payload: data,
+                    ..rewritten(&input, &channel, lan_mac, LAN_NEIGHBOUR_MAC)
+                }
+                .bytes(),
+            ),
+            input: input.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+        });
+    }
+    for (description, data) in [
+        (
+            "a peer's STUN-looking datagram to a relayed address: header added",
+            stun_binding_request(),
+        ),
+        (
+            "a peer's DTLS record to a relayed address: header added",
+            dtls_record.to_vec(),
+        ),
+        ("a peer's datagram starting with byte 0: header added", {
+            let mut data = rtp.clone();
+            data[0] = 0;
+            data
+        }),
+    ] {
+        let input = Frame::udp(channel_back.src, channel_back.dst, &data);
+        fixtures.push(Fixture {
+            description,
+            output: Some(
+                Frame {
+                    payload: channel_data(0x4005, &data),
+                    ..rewritten(&input, &channel_back, wan_mac, WAN_ROUTER_MAC)
+                }
+                .bytes(),
+            ),
+            input: input.bytes(),
+            ingress: None,
+            action: XDP_REDIRECT,
+            verdict: Verdict::Redirect,
+        });
+    }
+    fixtures.extend([
+        pass(
+            "a TURN client's own STUN (Refresh, ChannelBind) beside its channel: userspace",
+            Frame::udp(channel.src, channel.dst, &stun_binding_request()).bytes(),
+            Verdict::PassStunDtls,
+        ),
+        pass(
+            "STUN toward a port with no flow: counted as STUN, not as a miss",
+            Frame::udp(v4.src, addr("10.1.0.1:20099"), &stun_binding_request()).bytes(),
+            Verdict::PassStunDtls,
+        ),
+    ]);
     let padded = {
         let mut message = channel_data(0x4001, &rtp[..171]);
         message.push(0);

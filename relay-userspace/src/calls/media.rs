@@ -157,6 +157,7 @@ impl Calls {
                 new_dst: pbx,
                 channel: Some(ChannelOp::Strip(channel.number)),
                 rtcp_to_userspace: rtcp_apart,
+                opaque_payload: false,
             },
             None => FlowSpec {
                 src: pair.remote,
@@ -165,6 +166,7 @@ impl Calls {
                 new_dst: pbx,
                 channel: None,
                 rtcp_to_userspace: rtcp_apart,
+                opaque_payload: false,
             },
         };
         // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.

@@ -88,6 +88,7 @@ impl From<FlowSpec> for wire::FlowSpec {
             new_dst: spec.new_dst,
             channel: spec.channel.map(Into::into),
             rtcp_to_userspace: spec.rtcp_to_userspace,
+            opaque_payload: spec.opaque_payload,
         }
     }
 }

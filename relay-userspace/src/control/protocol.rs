@@ -299,6 +299,9 @@ pub struct FlowSpec {
     pub channel: Option<ChannelOp>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rtcp_to_userspace: bool,
+    /// The payload is someone's data (a TURN channel's), forwarded whatever its first byte.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opaque_payload: bool,
 }
 
 /// Packets forwarded by the XDP program and by the userspace path.

@@ -361,6 +361,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 new_dst: endpoint("new_dst", &params.new_dst)?,
                 channel: params.channel.map(Into::into),
                 rtcp_to_userspace: false,
+                opaque_payload: false,
             };
             let specs = if params.reverse {
                 vec![spec, spec.reverse()]

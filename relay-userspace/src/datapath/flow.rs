@@ -4,7 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use relay_common::{
     CHANNEL_MAX, CHANNEL_MIN, CHANNEL_OP_ADD, CHANNEL_OP_NONE, CHANNEL_OP_STRIP, FAMILY_IPV4,
-    FAMILY_IPV6, FLOW_FLAG_RTCP_TO_USERSPACE, FlowAction, FlowKey, address_octets, address_words,
+    FAMILY_IPV6, FLOW_FLAG_OPAQUE_PAYLOAD, FLOW_FLAG_RTCP_TO_USERSPACE, FlowAction, FlowKey,
+    address_octets, address_words,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +25,12 @@ pub struct FlowSpec {
     /// port sends it there.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rtcp_to_userspace: bool,
+    /// The payload is someone's data, not a demultiplexing point of the relay's own: a
+    /// TURN channel's, both ways. Its first byte is not read (RFC 7983 applies where the
+    /// relay is itself the ICE and DTLS endpoint), so STUN- or DTLS-looking data stays in
+    /// the kernel with the rest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opaque_payload: bool,
 }
 
 /// What a flow does with TURN ChannelData framing (RFC 8656 section 12).
@@ -70,6 +77,7 @@ impl FlowSpec {
                 ChannelOp::Add(number) => ChannelOp::Strip(number),
             }),
             rtcp_to_userspace: false,
+            opaque_payload: self.opaque_payload,
         }
     }
 
@@ -172,6 +180,10 @@ impl FlowSpec {
                 FLOW_FLAG_RTCP_TO_USERSPACE
             } else {
                 0
+            } | if self.opaque_payload {
+                FLOW_FLAG_OPAQUE_PAYLOAD
+            } else {
+                0
             },
         }
     }
@@ -198,6 +210,7 @@ impl FlowSpec {
                 _ => None,
             },
             rtcp_to_userspace: action.flags & FLOW_FLAG_RTCP_TO_USERSPACE != 0,
+            opaque_payload: action.flags & FLOW_FLAG_OPAQUE_PAYLOAD != 0,
         }
     }
 }
@@ -233,6 +246,7 @@ mod tests {
             new_dst: new_dst.parse().unwrap(),
             channel: None,
             rtcp_to_userspace: false,
+            opaque_payload: false,
         }
     }
 

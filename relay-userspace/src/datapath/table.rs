@@ -448,6 +448,7 @@ mod tests {
             new_dst: "10.0.0.5:5004".parse().unwrap(),
             channel: None,
             rtcp_to_userspace: false,
+            opaque_payload: false,
         }
     }
 

@@ -604,6 +604,7 @@ impl StreamMedia {
                     new_dst: to.rtp,
                     channel: None,
                     rtcp_to_userspace: from.rtcp_mux && !to.rtcp_mux,
+                    opaque_payload: false,
                 },
             ));
             if !from.rtcp_mux {
@@ -621,6 +622,7 @@ impl StreamMedia {
                         new_dst: to.rtcp,
                         channel: None,
                         rtcp_to_userspace: false,
+                        opaque_payload: false,
                     },
                 ));
             }

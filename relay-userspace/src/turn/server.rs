@@ -1044,6 +1044,9 @@ pub(crate) fn channel_flows(
         new_dst: peer,
         channel: Some(ChannelOp::Strip(number)),
         rtcp_to_userspace: false,
+        // The client's data both ways, whatever its first byte: the relay is no ICE or
+        // DTLS endpoint of a channel (a call that borrows one installs its own flows).
+        opaque_payload: true,
     };
     [to_peer, to_peer.reverse()]
 }

@@ -114,6 +114,7 @@ fn program_cost() {
             new_dst: a("10.2.0.2:5004"),
             channel: None,
             rtcp_to_userspace: false,
+            opaque_payload: false,
         };
         kernel.install(1, 1, &bench).unwrap();
         let hit = Frame {
@@ -142,6 +143,7 @@ fn program_cost() {
             new_dst: a("10.2.0.2:6000"),
             channel: Some(ChannelOp::Strip(0x4001)),
             rtcp_to_userspace: false,
+            opaque_payload: false,
         };
         kernel.install(2, 1, &turn).unwrap();
         // Its answers, sent back to a neighbour so that the bench needs no route.
@@ -176,6 +178,7 @@ fn program_cost() {
                 new_dst: SocketAddr::from(([10, 2, 0, 2], 5004)),
                 channel: None,
                 rtcp_to_userspace: false,
+                opaque_payload: false,
             };
             kernel.install(i + 4, 1, &spec).unwrap();
             if i % 100_000 == 99_999 {
