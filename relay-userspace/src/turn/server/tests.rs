@@ -738,7 +738,7 @@ fn channel_bind_offloads_and_relays_channel_data() {
         new_dst: addr(PEER),
         channel: Some(ChannelOp::Strip(0x4001)),
         rtcp_to_userspace: false,
-        opaque_payload: false,
+        opaque_payload: true,
     };
     assert_eq!(actions, [Action::Offload([to_peer, to_peer.reverse()])]);
     // Refreshing the binding offloads nothing new.
@@ -1278,7 +1278,7 @@ fn a_snapshot_restores_into_a_new_server() {
         new_dst: addr(PEER),
         channel: Some(ChannelOp::Strip(0x4001)),
         rtcp_to_userspace: false,
-        opaque_payload: false,
+        opaque_payload: true,
     };
     assert_eq!(
         actions,
