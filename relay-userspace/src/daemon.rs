@@ -61,12 +61,13 @@ pub async fn run(
     };
     let admission = crate::admission::Admission::new(&config.connections, open_files);
     let (stop, stopped) = watch::channel(false);
+    let store = open_state_store(&config);
     let turn = if config.turn.enabled {
         Some(
             crate::turn::driver::TurnService::start(
                 &config.turn,
                 table.clone(),
-                open_state_store(&config),
+                store.clone(),
                 admission.clone(),
                 stopped.clone(),
             )
@@ -86,10 +87,19 @@ pub async fn run(
             .parent()
             .filter(|_| !config.state.path.as_os_str().is_empty());
         if config.calls.enabled {
-            calls = Some(Arc::new(
-                crate::calls::Calls::new(&config.calls, table.clone(), hub.clone(), turn.clone())
-                    .await?,
-            ));
+            let kept = Arc::new(
+                crate::calls::Calls::new(
+                    &config.calls,
+                    table.clone(),
+                    hub.clone(),
+                    turn.clone(),
+                    store.clone(),
+                )
+                .await?,
+            );
+            kept.restore().await;
+            tokio::spawn(kept.clone().keep_recorded(stopped.clone()));
+            calls = Some(kept);
         }
         let (listening, task) = crate::signalling::server::start(
             &config.signalling,
@@ -201,17 +211,17 @@ pub async fn run(
 
 /// The state store, when configured and it opens; otherwise relayd runs without one and
 /// says what that means.
-fn open_state_store(config: &Config) -> Option<crate::state::StateStore> {
+fn open_state_store(config: &Config) -> Option<Arc<crate::state::StateStore>> {
     if config.state.path.as_os_str().is_empty() {
         return None;
     }
     match crate::state::StateStore::open(&config.state.path) {
         Ok(store) => {
-            tracing::info!(path = %config.state.path.display(), "state: allocations are kept across restarts");
-            Some(store)
+            tracing::info!(path = %config.state.path.display(), "state: TURN allocations and calls are kept across restarts");
+            Some(Arc::new(store))
         }
         Err(err) => {
-            tracing::warn!(%err, "state: no state store: TURN allocations will not survive a restart");
+            tracing::warn!(%err, "state: no state store: TURN allocations and calls will not survive a restart");
             None
         }
     }

@@ -1,14 +1,18 @@
 //! The state store: a small embedded database (redb) in the state directory with what a
 //! restarted relayd needs to rebuild its view of the world: the TURN allocations (their
-//! permissions, channels and relay addresses; the kernel flows themselves are pinned and
-//! adopted). Calls are not kept: a restart ends them. The store owns its record types; the
-//! TURN server maps its allocations onto them.
+//! permissions, channels and relay addresses) and the connected calls whose media the
+//! kernel forwards (their sides' SDP, ICE credentials and selected pair, LAN port); the
+//! kernel flows themselves are pinned and adopted. The store owns its record types; the TURN
+//! server and the calls map theirs onto them.
 //!
-//! Written as a whole snapshot, at most once a second and at shutdown: a few thousand
-//! allocations are a few hundred kilobytes, and a crash loses at most the last second.
+//! Each kind is written as a whole snapshot, at most once a second when it changed and at
+//! shutdown: a few thousand records are a few megabytes at most, and a crash loses at most
+//! the last second. ICE passwords and TURN usernames are in it, so the file is the
+//! owner's only (0600), as the TURN secrets are.
 
 use std::{
     net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
@@ -37,15 +41,63 @@ pub struct ChannelRecord {
     pub expires: u64,
 }
 
+/// A connected call as the store keeps it: what the next relayd needs to take it back
+/// without either side noticing (the app's consent checks answered with the same
+/// credentials, the PBX's RTP on the same LAN port, the flows adopted from the pins).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CallRecord {
+    pub call: u64,
+    pub tenant: String,
+    pub user: String,
+    /// Who called: the app (true) or the PBX.
+    pub from_app: bool,
+    /// Unix time of `call.create`.
+    pub created: u64,
+    /// The relay's LAN address for the call (RTP; RTCP on the port above).
+    pub lan: SocketAddr,
+    pub pbx: SocketAddr,
+    /// The PBX's RTCP address when not with its RTP (no rtcp-mux).
+    pub pbx_rtcp: Option<SocketAddr>,
+    /// The last SDP of each side, and what the relay last sent each (`call.update`
+    /// answers and checks are made from them).
+    pub pbx_sdp: String,
+    pub app_sdp: String,
+    pub sent_to_app: String,
+    pub sent_to_pbx: String,
+    pub app_mids: Vec<String>,
+    pub ice: IceRecord,
+}
+
+/// A connected ICE leg toward the app.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IceRecord {
+    pub local_ufrag: String,
+    pub local_pwd: String,
+    pub remote_ufrag: String,
+    pub remote_pwd: String,
+    /// The relay's `a=candidate` values.
+    pub candidates: Vec<String>,
+    pub controlling: bool,
+    /// The relay's candidate priority (its consent checks carry it).
+    pub priority: u32,
+    /// The selected pair and its candidate types (host, srflx, prflx, relay).
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub local_type: String,
+    pub remote_type: String,
+}
+
 /// "client|server" -> the allocation as JSON (readable with any redb tool, and free to grow
 /// fields: serde ignores none it does not know, but missing ones get defaults).
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("turn_allocations");
+/// The call id (decimal) -> the call as JSON.
+const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
 
 /// The `[state]` section: where relayd keeps what a restart needs (TURN allocations).
 #[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateConfig {
-    /// The state store file; empty: keep nothing (allocations end with relayd).
+    /// The state store file; empty: keep nothing (allocations and calls end with relayd).
     pub path: PathBuf,
 }
 
@@ -71,10 +123,13 @@ pub enum StateError {
 impl StateStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<StateStore, StateError> {
-        let db = Database::create(path).map_err(|err| StateError::Store {
+        let failed = |err: &dyn std::fmt::Display| StateError::Store {
             path: path.to_owned(),
             message: err.to_string(),
-        })?;
+        };
+        let db = Database::create(path).map_err(|err| failed(&err))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|err| failed(&err))?;
         Ok(StateStore {
             db,
             path: path.to_owned(),
@@ -94,40 +149,67 @@ impl StateStore {
 
     /// Replaces the stored allocations with `allocations`, in one transaction.
     pub fn save_allocations(&self, allocations: &[AllocationRecord]) -> Result<(), StateError> {
+        self.save(ALLOCATIONS, allocations, |allocation| {
+            format!("{}|{}", allocation.client, allocation.server)
+        })
+    }
+
+    /// The stored allocations; entries that do not parse are skipped with a warning.
+    pub fn load_allocations(&self) -> Result<Vec<AllocationRecord>, StateError> {
+        self.load(ALLOCATIONS)
+    }
+
+    /// Replaces the stored calls with `calls`, in one transaction.
+    pub fn save_calls(&self, calls: &[CallRecord]) -> Result<(), StateError> {
+        self.save(CALLS, calls, |call| call.call.to_string())
+    }
+
+    /// The stored calls; entries that do not parse are skipped with a warning.
+    pub fn load_calls(&self) -> Result<Vec<CallRecord>, StateError> {
+        self.load(CALLS)
+    }
+
+    fn save<T: serde::Serialize>(
+        &self,
+        definition: TableDefinition<&str, &[u8]>,
+        records: &[T],
+        key: impl Fn(&T) -> String,
+    ) -> Result<(), StateError> {
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
         {
-            let mut table = write.open_table(ALLOCATIONS).map_err(|e| self.error(e))?;
+            let mut table = write.open_table(definition).map_err(|e| self.error(e))?;
             table.retain(|_, _| false).map_err(|e| self.error(e))?;
-            for allocation in allocations {
-                let key = format!("{}|{}", allocation.client, allocation.server);
-                let value = serde_json::to_vec(allocation).map_err(|e| self.error(e))?;
+            for record in records {
+                let value = serde_json::to_vec(record).map_err(|e| self.error(e))?;
                 table
-                    .insert(key.as_str(), value.as_slice())
+                    .insert(key(record).as_str(), value.as_slice())
                     .map_err(|e| self.error(e))?;
             }
         }
         write.commit().map_err(|e| self.error(e))
     }
 
-    /// The stored allocations; entries that do not parse are skipped with a warning.
-    pub fn load_allocations(&self) -> Result<Vec<AllocationRecord>, StateError> {
+    fn load<T: serde::de::DeserializeOwned>(
+        &self,
+        definition: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StateError> {
         let read = self.db.begin_read().map_err(|e| self.error(e))?;
-        let table = match read.open_table(ALLOCATIONS) {
+        let table = match read.open_table(definition) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(err) => return Err(self.error(err)),
         };
-        let mut allocations = Vec::new();
+        let mut records = Vec::new();
         for entry in table.iter().map_err(|e| self.error(e))? {
             let (key, value) = entry.map_err(|e| self.error(e))?;
-            match serde_json::from_slice::<AllocationRecord>(value.value()) {
-                Ok(allocation) => allocations.push(allocation),
+            match serde_json::from_slice::<T>(value.value()) {
+                Ok(record) => records.push(record),
                 Err(err) => {
-                    tracing::warn!(key = key.value(), %err, "state: a stored allocation does not parse; skipped")
+                    tracing::warn!(table = %definition, key = key.value(), %err, "state: a stored record does not parse; skipped")
                 }
             }
         }
-        Ok(allocations)
+        Ok(records)
     }
 }
 
@@ -169,5 +251,51 @@ mod tests {
         // Reopened, as by the next relayd.
         let store = StateStore::open(&path).unwrap();
         assert_eq!(store.load_allocations().unwrap(), [allocation]);
+    }
+
+    #[test]
+    fn calls_round_trip_beside_the_allocations_and_the_file_is_the_owners_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let call = CallRecord {
+            call: 7,
+            tenant: "acme".into(),
+            user: "alice".into(),
+            from_app: false,
+            created: 1_700_000_000,
+            lan: "10.0.0.1:40000".parse().unwrap(),
+            pbx: "10.0.0.5:5004".parse().unwrap(),
+            pbx_rtcp: Some("10.0.0.5:5005".parse().unwrap()),
+            pbx_sdp: "v=0\r\n".into(),
+            app_sdp: "v=0\r\n".into(),
+            sent_to_app: "v=0\r\n".into(),
+            sent_to_pbx: "v=0\r\n".into(),
+            app_mids: vec!["0".into()],
+            ice: IceRecord {
+                local_ufrag: "relayufrag".into(),
+                local_pwd: "relaypassword0123456789".into(),
+                remote_ufrag: "appufrag".into(),
+                remote_pwd: "apppassword0123456789".into(),
+                candidates: vec!["1 1 udp 2130706431 203.0.113.1 3479 typ host".into()],
+                controlling: true,
+                priority: 2130706431,
+                local: "203.0.113.1:3479".parse().unwrap(),
+                remote: "198.51.100.7:50000".parse().unwrap(),
+                local_type: "host".into(),
+                remote_type: "prflx".into(),
+            },
+        };
+        {
+            let store = StateStore::open(&path).unwrap();
+            assert_eq!(store.load_calls().unwrap(), []);
+            store.save_calls(std::slice::from_ref(&call)).unwrap();
+            store.save_allocations(&[]).unwrap();
+        }
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "ICE passwords are in it");
+        let store = StateStore::open(&path).unwrap();
+        assert_eq!(store.load_calls().unwrap(), [call]);
+        store.save_calls(&[]).unwrap();
+        assert_eq!(store.load_calls().unwrap(), []);
     }
 }

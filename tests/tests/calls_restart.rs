@@ -1,9 +1,18 @@
-//! relayd stopping or dying with calls in progress. Stopped: every call ends
-//! (`relay-stopped`), both sides hear it, no flow is left. Killed: the next relayd finds the
-//! calls' flows adopted from the pinned table on its ICE and LAN ports, removes them (nobody
-//! could end those calls), and starts and takes calls again.
+//! relayd stopping or dying with calls in progress. Without a state store: stopped, every
+//! call ends (`relay-stopped`), both sides hear it, no flow is left; killed, the next relayd
+//! finds the calls' flows adopted from the pinned table on its ICE and LAN ports, removes
+//! them (nobody could end those calls), and starts and takes calls again. With a state
+//! store, stopped or killed, the next relayd takes the calls back and their media never
+//! stops.
 
-use std::{sync::mpsc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
 
 use relay_tests::{
     app::{App, talk},
@@ -155,4 +164,202 @@ fn after_a_crash_with_calls_relayd_starts_again_and_clears_their_flows() {
         let _ = tokio::task::spawn_blocking(move || app.join()).await;
         echo.abort();
     });
+}
+
+/// The state store file (and redb's lock beside it), removed on drop.
+struct StateFile(std::path::PathBuf);
+
+impl Drop for StateFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn start_with_store(lab: &EdgeLab, config: &ConfigFile, state: &StateFile) -> Relayd {
+    let mut command = std::process::Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{}", lab.relay.name))
+        .arg("--")
+        .arg(relay_tests::relayd::binary("relayd"))
+        .env("RELAY_STATE_PATH", &state.0);
+    Relayd::start_command(command, &["--config", config.path()])
+}
+
+/// The PBX's end: echoes every RTP packet and counts them.
+async fn counting_echo(socket: std::net::UdpSocket, received: Arc<AtomicU32>) {
+    socket.set_nonblocking(true).unwrap();
+    let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+    let mut buf = vec![0u8; 2048];
+    while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+        received.fetch_add(1, Ordering::Relaxed);
+        let _ = socket.send_to(&buf[..n], from).await;
+    }
+}
+
+/// What the app saw: echoes of the stretch across the restart and of the one after it,
+/// and the first event on a session it opened after the restart.
+struct AppSide {
+    across: u32,
+    after: u32,
+    restored: Value,
+}
+
+/// Packets the app sends while relayd restarts (3 s at 50/s), and after it: 8 s, longer
+/// than the 5 s in which the relay stops media toward an app whose consent it lost.
+const ACROSS: u32 = 150;
+const AFTER: u32 = 400;
+
+/// A connected call (pass-through, media in XDP) survives a restart of relayd: `kill`
+/// with SIGKILL (the store was written within a second of the call connecting), else
+/// stopped with SIGTERM as systemd does. Its flows stay pinned and are taken back, the PBX
+/// gets every packet, consent goes on with the same credentials, both sides hear
+/// `call.state restored` when they come back, and the call can be hung up as before.
+fn restart_keeps_the_call(kill: bool) {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let state = StateFile(std::env::temp_dir().join(relay_tests::unique("calls-state-")));
+    let config = ConfigFile::new(&calls_config(&pins.path, "acme", API_KEY, ""));
+    let mut relayd = start_with_store(&lab, &config, &state);
+    let at_pbx = Arc::new(AtomicU32::new(0));
+    let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    runtime().block_on(async {
+        let echo = tokio::spawn(counting_echo(echo_socket, at_pbx.clone()));
+        let fingerprint = relayd.signalling_fingerprint();
+        let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let (connected_tx, connected) = mpsc::channel();
+        let app_ns = lab.app.name.clone();
+        let app = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::in_edge_lab(&fingerprint, &token).await;
+                connected_tx.send(()).unwrap();
+                let incoming = app.next_within(Duration::from_secs(10)).await;
+                let media = app.answer(&incoming).await;
+                connected_tx.send(()).unwrap();
+                let across = talk(&media, 0, ACROSS).await.echoed;
+                let after = talk(&media, ACROSS, AFTER).await.echoed;
+                // The signalling session ended with the old relayd: a new one.
+                let mut again = App::in_edge_lab(&fingerprint, &token).await;
+                let restored = receive_within(&mut again.signalling, Duration::from_secs(5))
+                    .await
+                    .unwrap_or_default();
+                app.close().await;
+                again.close().await;
+                AppSide {
+                    across,
+                    after,
+                    restored,
+                }
+            })
+        });
+        let (_, connected) = recv_async(connected).await;
+        let created = request(
+            &mut controller,
+            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let call = created["call"].clone();
+        let (_, _connected) = recv_async(connected).await;
+        let flows_before = relayd.ctl_json(&["flow", "list"])["flows"].clone();
+        assert_eq!(flows_before.as_array().unwrap().len(), 2, "{}", relayd.log());
+        // The store is written within a second of the call connecting.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let old_log = if kill {
+            relayd.kill();
+            relayd.log()
+        } else {
+            assert!(relayd.stop(), "relayd stops cleanly:\n{}", relayd.log());
+            let log = relayd.log();
+            assert!(
+                log.contains("the connected calls are kept in the state store"),
+                "{log}"
+            );
+            log
+        };
+        drop(controller);
+        let started = std::time::Instant::now();
+        relayd = start_with_store(&lab, &config, &state);
+        let restart = started.elapsed();
+        assert!(
+            relayd.log().contains("call restored from the state store"),
+            "before:\n{old_log}\nafter:\n{}",
+            relayd.log()
+        );
+        // ICE passwords are in the store: the owner's only, as the TURN secrets are.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&state.0).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let calls = relayd.ctl_json(&["calls", "list"]);
+        assert_eq!(calls["calls"][0]["call"], call, "{calls}\n{}", relayd.log());
+        assert_eq!(calls["calls"][0]["state"], "connected", "{calls}");
+        let flows_after = relayd.ctl_json(&["flow", "list"])["flows"].clone();
+        let ids = |flows: &Value| -> Vec<Value> {
+            flows
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|flow| flow["id"].clone())
+                .collect()
+        };
+        assert_eq!(ids(&flows_after), ids(&flows_before), "{}", relayd.log());
+        // The controller comes back and hears of it.
+        let mut controller = lab
+            .controller(&relayd.signalling_fingerprint(), "acme", API_KEY)
+            .await;
+        let restored = receive_within(&mut controller, Duration::from_secs(5))
+            .await
+            .unwrap_or_default();
+        assert_eq!(
+            (&restored["event"], &restored["state"], &restored["call"]),
+            (&json!("call.state"), &json!("restored"), &call),
+            "{restored}\n{}",
+            relayd.log()
+        );
+        let app = tokio::task::spawn_blocking(move || app.join().unwrap())
+            .await
+            .unwrap();
+        let to_pbx = at_pbx.load(Ordering::Relaxed);
+        eprintln!(
+            "{}: relayd back in {restart:?}; the PBX got {to_pbx} of {} packets, the app {} of {ACROSS} echoes across the restart and {} of {AFTER} after it",
+            if kill { "killed" } else { "stopped" },
+            ACROSS + AFTER,
+            app.across,
+            app.after
+        );
+        assert_eq!(
+            (&app.restored["event"], &app.restored["state"]),
+            (&json!("call.state"), &json!("restored")),
+            "{}\n{}",
+            app.restored,
+            relayd.log()
+        );
+        // The media never left the kernel: nothing lost toward the PBX, and consent went
+        // on after the restart (media toward the app would stop 5 s after it failed).
+        assert_eq!(to_pbx, ACROSS + AFTER, "{}", relayd.log());
+        assert!(app.across >= ACROSS * 98 / 100, "{}", relayd.log());
+        assert!(app.after >= AFTER * 98 / 100, "{}", relayd.log());
+        // And it ends as any call does.
+        let hung_up = request(
+            &mut controller,
+            json!({"type": "call.hangup", "id": 3, "call": call}),
+        )
+        .await;
+        assert_eq!(hung_up["type"], "result", "{hung_up}");
+        assert_eq!(relayd.ctl_json(&["flow", "list"])["flows"], json!([]));
+        echo.abort();
+    });
+}
+
+#[test]
+fn a_stopped_and_started_relayd_keeps_the_calls_and_their_media() {
+    restart_keeps_the_call(false);
+}
+
+#[test]
+fn a_killed_relayd_keeps_the_calls_and_their_media() {
+    restart_keeps_the_call(true);
 }

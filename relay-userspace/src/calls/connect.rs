@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 use webrtc_ice::state::ConnectionState;
 
 use super::{Call, CallEvent, Calls, EndReason, StateChange, security::MediaPlan};
+use crate::ice::leg::SelectedPair;
 
 impl Calls {
     /// Runs ICE, then puts the media on the selected pair and follows its changes.
@@ -38,10 +39,7 @@ impl Calls {
                 return self.end(&call, EndReason::IceTimeout, true, true).await;
             }
         };
-        let (conn, mut pairs, mut states) = {
-            let leg = call.leg.lock().await;
-            (leg.conn(), leg.pairs(), leg.states())
-        };
+        let conn = call.leg.lock().await.conn();
         let Some(conn) = conn else {
             return self.end(&call, EndReason::IceFailed, true, true).await;
         };
@@ -73,6 +71,16 @@ impl Calls {
         };
         self.notify.to_controller(&call.tenant, &state);
         self.notify.to_app(&call.tenant, &call.user, &state);
+        self.follow(call, pair).await;
+    }
+
+    /// A connected call from `pair` on: follows pair changes, consent and silence, sends
+    /// stats, until the call ends.
+    pub(super) async fn follow(&self, call: Arc<Call>, pair: SelectedPair) {
+        let (mut pairs, mut states) = {
+            let leg = call.leg.lock().await;
+            (leg.pairs(), leg.states())
+        };
         let mut current = pair;
         let mut consent = true;
         let mut media_check = aligned_interval(Duration::from_secs(1));

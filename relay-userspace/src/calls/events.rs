@@ -76,10 +76,13 @@ pub enum EndReason {
     DtlsTimeout,
     /// The SDES keys the sides gave could not key SRTP.
     MediaSecurityFailed,
+    /// A call the state store kept could not be taken back by the restarted relayd (its
+    /// LAN port was taken meanwhile, its record no longer made sense).
+    RestoreFailed,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 10] = [
+    pub const ALL: [EndReason; 11] = [
         EndReason::Hangup,
         EndReason::Operator,
         EndReason::IceFailed,
@@ -90,6 +93,7 @@ impl EndReason {
         EndReason::DtlsFailed,
         EndReason::DtlsTimeout,
         EndReason::MediaSecurityFailed,
+        EndReason::RestoreFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +108,7 @@ impl EndReason {
             EndReason::DtlsFailed => "dtls-failed",
             EndReason::DtlsTimeout => "dtls-timeout",
             EndReason::MediaSecurityFailed => "media-security-failed",
+            EndReason::RestoreFailed => "restore-failed",
         }
     }
 }
@@ -133,6 +138,12 @@ pub enum StateChange {
     IceRestart,
     /// The app stopped answering consent checks: media toward it stopped.
     ConsentLost,
+    /// A restarted relayd took the call back from the state store: its media went on
+    /// in the kernel meanwhile, on this route.
+    Restored {
+        remote: SocketAddr,
+        remote_type: CandidateType,
+    },
 }
 
 impl StateChange {
@@ -143,6 +154,7 @@ impl StateChange {
             StateChange::RouteChanged { .. } => "route-changed",
             StateChange::IceRestart => "ice-restart",
             StateChange::ConsentLost => "consent-lost",
+            StateChange::Restored { .. } => "restored",
         }
     }
 }

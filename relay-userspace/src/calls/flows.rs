@@ -39,6 +39,13 @@ pub struct CallFlows {
 }
 
 impl CallFlows {
+    /// Flows a restored call takes back from the table (adopted from the pins), toward the
+    /// PBX first.
+    pub fn adopt(&mut self, [to_pbx, to_app]: [Option<u32>; 2]) {
+        self.to_pbx = to_pbx;
+        self.to_app = to_app;
+    }
+
     /// The installed flow ids, toward the PBX first.
     pub fn ids(&self) -> Vec<u32> {
         self.to_pbx

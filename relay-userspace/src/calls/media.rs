@@ -128,6 +128,7 @@ impl Calls {
     /// A bridged call has no flows: the relay carries its media (the ICE connection sends
     /// on the selected pair), and media toward the app resumes.
     pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut inner = call.inner();
         inner.state = CallState::Connected(pair);
         if let Some(bridge) = &inner.bridge {
@@ -253,14 +254,16 @@ impl Calls {
     }
 }
 
-/// Flows of calls a relayd left in the pinned table without ending them (killed, not
-/// stopped): the table adopted them and bound their relay addresses, which are the ICE port
-/// and the calls' LAN ports this relayd needs. Nobody could end those calls now; removed.
+/// Flows of calls a relayd left in the pinned table without ending them or keeping them in
+/// the state store (killed, not stopped; or no store): the table adopted them and bound
+/// their relay addresses, which are the ICE port and the calls' LAN ports this relayd needs.
+/// Nobody could end those calls now; removed. `kept`: the flows of the stored calls.
 pub(super) fn remove_flows_of_earlier_calls(
     table: &FlowTable,
     ice: SocketAddr,
     lan_ip: IpAddr,
     ports: &RangeInclusive<u16>,
+    kept: &std::collections::HashSet<u32>,
 ) -> bool {
     let ours = |address: SocketAddr| {
         address == ice || (address.ip() == lan_ip && ports.contains(&address.port()))
@@ -269,6 +272,7 @@ pub(super) fn remove_flows_of_earlier_calls(
     let stale: Vec<u32> = table
         .list(now)
         .into_iter()
+        .filter(|flow| !kept.contains(&flow.id))
         .filter(|flow| ours(flow.spec.dst) || ours(flow.spec.new_src))
         .map(|flow| flow.id)
         .collect();

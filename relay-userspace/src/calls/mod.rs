@@ -13,7 +13,7 @@ use std::{
     ops::RangeInclusive,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -26,6 +26,7 @@ mod connect;
 pub mod events;
 mod flows;
 mod media;
+mod restore;
 pub mod security;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use crate::{
     ice::leg::{IceLeg, IcePort, LocalIce, RemoteCandidates},
     media::{MediaTotals, dtls::DtlsIdentity},
     session::sdp::{self, Secure},
+    state::StateStore,
     time::monotonic_ns,
     turn::driver::{LocalChannel, TurnService},
 };
@@ -124,6 +126,12 @@ pub struct Calls {
     identity: Arc<DtlsIdentity>,
     app_media: AppMedia,
     pbx_media: PbxMedia,
+    /// Where connected calls are kept across a restart (`restore`), and whether they
+    /// changed since the last write.
+    store: Option<Arc<StateStore>>,
+    dirty: AtomicBool,
+    /// The calls the store kept, until `restore` takes them back.
+    stored: Mutex<Vec<restore::Stored>>,
 }
 
 /// What the metrics count of calls that came and went.
@@ -207,6 +215,9 @@ struct CallInner {
     local_channel: Option<LocalChannel>,
     /// Tasks carrying media in userspace, and the call's watcher.
     tasks: Vec<JoinHandle<()>>,
+    /// A call a restarted relayd took back: whether the app's session (0) and the
+    /// controller's (1) still have to hear `call.state restored`.
+    unannounced: [bool; 2],
 }
 
 impl CallInner {
@@ -230,15 +241,27 @@ impl Calls {
         table: Arc<FlowTable>,
         notify: Arc<dyn Notify>,
         turn: Option<Arc<TurnService>>,
+        store: Option<Arc<StateStore>>,
     ) -> anyhow::Result<Calls> {
         let ice_address: SocketAddr = settings.ice_listen.parse()?;
         let lan_ip: IpAddr = settings.lan_address.parse()?;
         let ports = settings
             .ports()
             .ok_or_else(|| anyhow::anyhow!("calls.port_range"))?;
-        let removed = remove_flows_of_earlier_calls(&table, ice_address, lan_ip, &ports);
-        // The removed flows' slow-path sockets close as their tasks end: a moment.
-        let mut attempts = if removed { 40 } else { 1 };
+        let records = match &store {
+            Some(store) => store.load_calls().unwrap_or_else(|err| {
+                tracing::error!(%err, "calls: cannot read the state store; the calls it kept end");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let stored = restore::take_back_flows(&table, records);
+        let kept: std::collections::HashSet<u32> =
+            stored.iter().flat_map(|call| call.flow_ids()).collect();
+        let removed = remove_flows_of_earlier_calls(&table, ice_address, lan_ip, &ports, &kept);
+        // The removed and taken-back flows' slow-path sockets close as their tasks end: a
+        // moment.
+        let mut attempts = if removed || !kept.is_empty() { 40 } else { 1 };
         let socket = loop {
             attempts -= 1;
             match std::net::UdpSocket::bind(ice_address) {
@@ -274,6 +297,9 @@ impl Calls {
             identity: Arc::new(identity),
             app_media: settings.app_media,
             pbx_media: settings.pbx_media,
+            store,
+            dirty: AtomicBool::new(false),
+            stored: Mutex::new(stored),
         })
     }
 
@@ -604,6 +630,7 @@ impl Calls {
                     plan.toward_app(self.identity.fingerprint(), &mids),
                 )?;
                 call.inner().app_sdp = offer.to_owned();
+                self.dirty.store(true, Ordering::Relaxed);
                 tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
                 self.notify.to_controller(
                     &call.tenant,
@@ -629,6 +656,7 @@ impl Calls {
                     (answer, old != (inner.pbx, inner.pbx_rtcp))
                 };
                 let (answer, moved) = moved;
+                self.dirty.store(true, Ordering::Relaxed);
                 if moved {
                     tracing::info!(call = id, to = %endpoint.rtp, "calls: the PBX's media moved; flows replaced");
                     self.install(&call, pair);
@@ -740,19 +768,46 @@ impl Calls {
         self.calls().contains_key(&id)
     }
 
-    /// relayd is stopping: every call ends (`relay-stopped`), both sides are told, and its
-    /// flows go. A restarted relayd does not know the calls (their ICE agents are gone),
-    /// so media left in the kernel would reach nobody who could end it.
+    /// relayd is stopping. With a state store, the calls it could record stay as they are
+    /// for the next relayd (their flows forward in the kernel meanwhile, nobody is told);
+    /// every other call ends (`relay-stopped`), both sides are told, and its flows go: a
+    /// restarted relayd would not know it, so media left in the kernel would reach nobody
+    /// who could end it.
     pub async fn stop(&self) {
+        let kept = self.keep_for_next_relayd().unwrap_or_default();
         let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
-        if !calls.is_empty() {
+        for call in &calls {
+            if kept.contains(&call.id) {
+                self.leave(call).await;
+            }
+        }
+        let ending: Vec<&Arc<Call>> = calls.iter().filter(|c| !kept.contains(&c.id)).collect();
+        if !kept.is_empty() {
             tracing::info!(
-                calls = calls.len(),
-                "calls: relayd is stopping; the calls in progress end"
+                calls = kept.len(),
+                "calls: relayd is stopping; the connected calls are kept in the state store for the next relayd, their media stays in the kernel"
             );
         }
-        for call in calls {
-            self.end(&call, EndReason::RelayStopped, true, true).await;
+        if !ending.is_empty() {
+            tracing::info!(
+                calls = ending.len(),
+                "calls: relayd is stopping; the calls in progress that cannot be kept end"
+            );
+        }
+        for call in ending {
+            self.end(call, EndReason::RelayStopped, true, true).await;
+        }
+    }
+
+    /// A kept call leaves this relayd: its tasks stop, its flows stay.
+    async fn leave(&self, call: &Call) {
+        self.calls().remove(&call.id);
+        let tasks = std::mem::take(&mut call.inner().tasks);
+        for task in tasks {
+            task.abort();
+        }
+        if let Ok(mut leg) = call.leg.try_lock() {
+            leg.close().await;
         }
     }
 
@@ -769,6 +824,7 @@ impl Calls {
         if self.calls().remove(&call.id).is_none() {
             return;
         }
+        self.dirty.store(true, Ordering::Relaxed);
         *self
             .tally
             .lock()

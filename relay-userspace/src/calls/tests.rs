@@ -78,7 +78,7 @@ async fn start_with(
         pbx_media,
         ..config::CallsConfig::default()
     };
-    let calls = Calls::new(&config, table, recorder.clone(), None)
+    let calls = Calls::new(&config, table, recorder.clone(), None, None)
         .await
         .expect("calls on loopback");
     (Arc::new(calls), recorder)

@@ -255,6 +255,21 @@ impl FlowTable {
         Ok(before)
     }
 
+    /// Flow `id`'s relay addresses are served by their owner from now on (a restored call
+    /// has its ICE port and LAN sockets): relayd's own sockets for it, bound when the flow
+    /// was adopted from the pins, close; the kernel entry stays as it is.
+    pub fn serve_externally(&self, id: u32) -> Result<(), FlowError> {
+        let mut state = self.state();
+        let record = state.flows.get_mut(&id).ok_or(FlowError::UnknownFlow(id))?;
+        if record.slow_path == SlowPath::External {
+            return Ok(());
+        }
+        self.datapath
+            .install(id, record.generation, &record.spec, SlowPath::External)?;
+        record.slow_path = SlowPath::External;
+        Ok(())
+    }
+
     pub fn remove(&self, id: u32, now_ns: u64) -> Result<FlowInfo, FlowError> {
         let mut state = self.state();
         let info = self.info(

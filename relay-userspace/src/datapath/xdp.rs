@@ -359,9 +359,11 @@ impl Datapath for XdpDatapath {
         slow_path: SlowPath,
     ) -> Result<(), DatapathError> {
         // Sockets first: a flow whose relay address cannot be bound is refused before the
-        // kernel sees it.
-        if slow_path == SlowPath::Sockets {
-            self.slow_path.install(spec)?;
+        // kernel sees it. A flow another component serves has none of relayd's (an adopted
+        // flow whose owner came back: the sockets it had are released).
+        match slow_path {
+            SlowPath::Sockets => self.slow_path.install(spec)?,
+            SlowPath::External => self.slow_path.remove(spec),
         }
         if let Err(err) = self.kernel().install(id, generation, spec) {
             self.slow_path.remove(spec);

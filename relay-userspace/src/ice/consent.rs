@@ -344,6 +344,19 @@ impl Handoffs {
         (id, conn)
     }
 
+    /// A connected leg as it is now (credentials, role, priority, pair), for the state
+    /// store: a leg handed off again with these goes on where it was.
+    pub fn leg(&self, id: u64) -> Option<(Credentials, bool, u32, SelectedPair)> {
+        let table = self.table();
+        let leg = table.legs.get(&id)?;
+        Some((
+            leg.credentials.clone(),
+            leg.controlling,
+            leg.priority,
+            leg.pair,
+        ))
+    }
+
     /// The leg is gone (its call ended): nothing more is sent or taken for it.
     pub fn remove(&self, id: u64) {
         self.table().remove(id);

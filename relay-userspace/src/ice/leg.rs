@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::session::sdp::IceLines;
 
-use super::consent::{Credentials, HandedConn, Handoff, Handoffs, PortSocket};
+pub use super::consent::Credentials;
+use super::consent::{HandedConn, Handoff, Handoffs, PortSocket};
 use webrtc_ice::{
     agent::{Agent, agent_config::AgentConfig},
     candidate::{Candidate, CandidateType, candidate_base::unmarshal_candidate},
@@ -103,6 +104,19 @@ impl SelectedPair {
             remote_type: remote.candidate_type(),
         }
     }
+}
+
+/// A connected leg as the state store keeps it: what a restarted relayd hands to the port
+/// again, with no agent and no checks (the app notices nothing: its consent checks are
+/// answered with the same credentials, on the same pair).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectedLeg {
+    pub credentials: Credentials,
+    /// The relay's candidates, as its SDP gave them.
+    pub candidates: Vec<String>,
+    pub controlling: bool,
+    pub priority: u32,
+    pub pair: SelectedPair,
 }
 
 /// The ICE connection: sends to and receives from the selected pair's remote (media that
@@ -218,6 +232,65 @@ impl IceLeg {
             },
             local,
         ))
+    }
+
+    /// A leg taken back from the state store: handed to the port as connected, consent
+    /// checks starting afresh.
+    pub fn restored(port: &IcePort, consent_timeout: Duration, leg: ConnectedLeg) -> IceLeg {
+        let (pairs_tx, pairs) = watch::channel(Some(leg.pair));
+        let (states_tx, states) = watch::channel(ConnectionState::Connected);
+        let local = LocalIce {
+            ufrag: leg.credentials.local_ufrag.clone(),
+            pwd: leg.credentials.local_pwd.clone(),
+            candidates: leg.candidates,
+        };
+        let (id, handed) = port.handoffs.hand_off(Handoff {
+            credentials: leg.credentials,
+            controlling: leg.controlling,
+            priority: leg.priority,
+            pair: leg.pair,
+            consent_timeout,
+            states: states_tx.clone(),
+            pairs: pairs_tx.clone(),
+        });
+        let (cancel, _) = mpsc::channel(1);
+        IceLeg {
+            agent: None,
+            candidates: RemoteCandidates::default(),
+            local,
+            conn: Some(handed),
+            handoffs: port.handoffs.clone(),
+            handed: Some(id),
+            controlling: leg.controlling,
+            consent_timeout,
+            states_tx,
+            states,
+            pairs_tx,
+            pairs,
+            _cancel: cancel,
+            cancel_rx: None,
+            restarting: None,
+        }
+    }
+
+    /// The leg as the port keeps it once connected (None before, or while an ICE restart
+    /// runs: its outcome is not known yet).
+    pub fn connected(&self) -> Option<ConnectedLeg> {
+        if self
+            .restarting
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+        {
+            return None;
+        }
+        let (credentials, controlling, priority, pair) = self.handoffs.leg(self.handed?)?;
+        Some(ConnectedLeg {
+            credentials,
+            candidates: self.local.candidates.clone(),
+            controlling,
+            priority,
+            pair,
+        })
     }
 
     /// The relay's credentials and candidates for this leg.

@@ -90,6 +90,10 @@ pub fn event_message(event: &CallEvent) -> Outbound {
                 StateChange::RouteChanged {
                     remote,
                     remote_type,
+                }
+                | StateChange::Restored {
+                    remote,
+                    remote_type,
                 } => {
                     map.insert("remote".into(), remote.to_string().into());
                     map.insert("remote_type".into(), remote_type.to_string().into());

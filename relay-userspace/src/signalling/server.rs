@@ -267,6 +267,10 @@ async fn connection(
             .unwrap_or_default(),
     };
     let ended = if send(&mut socket, &welcome).await.is_ok() {
+        // After the welcome, through the session's queue like every event.
+        if let Some(calls) = &context.calls {
+            calls.announce_restored(&requester(&identity));
+        }
         serve(
             &mut socket,
             &context,

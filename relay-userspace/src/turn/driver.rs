@@ -51,7 +51,7 @@ pub struct TurnService {
     tcp_clients: Mutex<TcpClients>,
     /// Where allocations are kept across restarts, and whether they changed since the
     /// last save.
-    store: Option<StateStore>,
+    store: Option<Arc<StateStore>>,
     dirty: AtomicBool,
 }
 
@@ -133,7 +133,7 @@ impl TurnService {
     pub async fn start(
         settings: &TurnConfig,
         table: Arc<FlowTable>,
-        store: Option<StateStore>,
+        store: Option<Arc<StateStore>>,
         admission: Arc<crate::admission::Admission>,
         mut stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<TurnService>> {

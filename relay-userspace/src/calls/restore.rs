@@ -1,0 +1,415 @@
+//! Calls across a restart of relayd. A connected call whose media goes as it is (pass-through
+//! or plain RTP both ways, in the kernel or through the call's own tasks) is recorded in the
+//! state store: its sides' SDP, its LAN port, its ICE leg as the port keeps it (credentials,
+//! role, selected pair). The next relayd takes its pinned flows back from the sockets the
+//! flow table adopted them with, binds the same LAN ports, hands the leg to the ICE port as
+//! connected and follows the call as before: the app's consent checks are answered with the
+//! same credentials, the PBX sees the same address, and the media never left the kernel.
+//! Bridged calls (the relay terminates DTLS-SRTP or SDES) are not recorded: their keys and
+//! rollover counters live in the relay's DTLS and SRTP contexts, which a restart loses.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{net::UdpSocket, sync::watch};
+use webrtc_ice::candidate::CandidateType;
+
+use super::{
+    Call, CallEvent, CallState, Calls, EndReason, Requester, StateChange, media::LanSockets,
+    security::MediaPlan,
+};
+use crate::{
+    datapath::{FlowSpec, table::FlowTable},
+    ice::leg::{ConnectedLeg, Credentials, IceLeg, SelectedPair},
+    state::{CallRecord, IceRecord},
+    time::monotonic_ns,
+};
+
+/// How long a restored call's LAN port may take to come free (the adopted flow's socket on
+/// it closes with its task).
+const LAN_PORT_WAIT: Duration = Duration::from_secs(2);
+
+/// A stored call and the ids of its flows that the table adopted from the pins (toward the
+/// PBX, toward the app; None: not pinned, e.g. media toward the app stopped for consent).
+pub(super) struct Stored {
+    record: CallRecord,
+    flows: [Option<u32>; 2],
+}
+
+/// Why a call is not recorded this time.
+enum NotRecorded {
+    /// It cannot be (not connected, bridged, a TURN-only app's channel).
+    Never,
+    /// Its leg is busy (connecting, an ICE restart running): next time.
+    Busy,
+}
+
+/// The flows a stored call left in the kernel: toward the PBX from the app's address on the
+/// selected pair, and back.
+fn flow_specs(record: &CallRecord) -> [FlowSpec; 2] {
+    let to_pbx = FlowSpec {
+        src: record.ice.remote,
+        dst: record.ice.local,
+        new_src: record.lan,
+        new_dst: record.pbx,
+        channel: None,
+        rtcp_to_userspace: record.pbx_rtcp.is_some(),
+        opaque_payload: false,
+    };
+    [to_pbx, to_pbx.reverse()]
+}
+
+/// Before the ICE port is bound: the stored calls' flows, which the table adopted with
+/// relayd's own sockets on the ICE and LAN ports, are served by the calls again (their
+/// sockets close). Returns the calls with the ids of their flows.
+pub(super) fn take_back_flows(table: &FlowTable, records: Vec<CallRecord>) -> Vec<Stored> {
+    records
+        .into_iter()
+        .map(|record| {
+            let flows = flow_specs(&record).map(|spec| {
+                let id = table.find(spec.id())?;
+                match table.serve_externally(id) {
+                    Ok(()) => Some(id),
+                    Err(err) => {
+                        tracing::warn!(call = record.call, id, %err, "calls: a stored call's flow cannot be taken back");
+                        None
+                    }
+                }
+            });
+            Stored { record, flows }
+        })
+        .collect()
+}
+
+impl Stored {
+    pub(super) fn flow_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.flows.iter().flatten().copied()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.as_secs())
+        .unwrap_or(0)
+}
+
+fn candidate_type(name: &str) -> Option<CandidateType> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+}
+
+impl Calls {
+    /// The state store's view of a call.
+    fn record(&self, call: &Call) -> Result<CallRecord, NotRecorded> {
+        let leg = call
+            .leg
+            .try_lock()
+            .map_err(|_| NotRecorded::Busy)?
+            .connected();
+        let inner = call.inner();
+        if inner.plan != MediaPlan::PassThrough
+            || inner.bridge.is_some()
+            || inner.local_channel.is_some()
+            || inner.state.pair().is_none()
+        {
+            return Err(NotRecorded::Never);
+        }
+        let pbx = inner.pbx.ok_or(NotRecorded::Never)?;
+        let leg = leg.ok_or(NotRecorded::Busy)?;
+        Ok(CallRecord {
+            call: call.id,
+            tenant: call.tenant.clone(),
+            user: call.user.clone(),
+            from_app: call.from_app,
+            created: unix_now().saturating_sub(call.created.elapsed().as_secs()),
+            lan: call.lan,
+            pbx,
+            pbx_rtcp: inner.pbx_rtcp,
+            pbx_sdp: inner.pbx_sdp.clone(),
+            app_sdp: inner.app_sdp.clone(),
+            sent_to_app: inner.sent_to_app.clone(),
+            sent_to_pbx: inner.sent_to_pbx.clone(),
+            app_mids: inner.app_mids.clone(),
+            ice: IceRecord {
+                local_ufrag: leg.credentials.local_ufrag,
+                local_pwd: leg.credentials.local_pwd,
+                remote_ufrag: leg.credentials.remote_ufrag,
+                remote_pwd: leg.credentials.remote_pwd,
+                candidates: leg.candidates,
+                controlling: leg.controlling,
+                priority: leg.priority,
+                local: leg.pair.local,
+                remote: leg.pair.remote,
+                local_type: leg.pair.local_type.to_string(),
+                remote_type: leg.pair.remote_type.to_string(),
+            },
+        })
+    }
+
+    /// Writes the recordable calls to the state store when they changed (or `always`);
+    /// returns the ids of the calls it wrote, None when it could not write.
+    pub(super) fn save(&self, always: bool) -> Option<Vec<u64>> {
+        let store = self.store.as_ref()?;
+        if !self.dirty.swap(false, Ordering::Relaxed) && !always {
+            return Some(Vec::new());
+        }
+        let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
+        let mut records = Vec::new();
+        for call in &calls {
+            match self.record(call) {
+                Ok(record) => records.push(record),
+                Err(NotRecorded::Busy) => self.dirty.store(true, Ordering::Relaxed),
+                Err(NotRecorded::Never) => {}
+            }
+        }
+        match store.save_calls(&records) {
+            Ok(()) => Some(records.iter().map(|record| record.call).collect()),
+            Err(err) => {
+                self.dirty.store(true, Ordering::Relaxed);
+                tracing::warn!(%err, "calls: cannot write the calls to the state store; a restart would end them");
+                None
+            }
+        }
+    }
+
+    /// Keeps the state store's calls up to date (once a second, when they changed) until
+    /// relayd stops; `stop` writes them a last time.
+    pub async fn keep_recorded(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        if self.store.is_none() {
+            return;
+        }
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    self.save(false);
+                }
+                _ = stopped.changed() => return,
+            }
+        }
+    }
+
+    /// Takes back the calls the state store kept (a restart). A call that cannot be taken
+    /// back ends (`restore-failed`): its flows go, nothing of it stays.
+    pub async fn restore(self: &Arc<Self>) {
+        let stored = std::mem::take(&mut *self.stored.lock().expect("stored calls"));
+        if stored.is_empty() {
+            return;
+        }
+        let found = stored.len();
+        let mut restored = 0;
+        for stored in stored {
+            let id = stored.record.call;
+            match self.restore_one(&stored).await {
+                Ok(()) => restored += 1,
+                Err(reason) => {
+                    tracing::warn!(
+                        call = id,
+                        reason,
+                        "calls: a stored call cannot be restored; it ends"
+                    );
+                    let now = monotonic_ns();
+                    for flow in stored.flow_ids() {
+                        let _ = self.table.remove(flow, now);
+                    }
+                    *self
+                        .tally
+                        .lock()
+                        .expect("calls tally")
+                        .ended
+                        .entry(EndReason::RestoreFailed)
+                        .or_default() += 1;
+                }
+            }
+        }
+        // What the store holds is what this relayd has now.
+        self.dirty.store(true, Ordering::Relaxed);
+        self.save(true);
+        tracing::info!(
+            restored,
+            stored = found,
+            "calls: calls restored from the state store; their media went on in the kernel"
+        );
+    }
+
+    async fn restore_one(self: &Arc<Self>, stored: &Stored) -> Result<(), String> {
+        let record = &stored.record;
+        if self.calls().contains_key(&record.call) {
+            return Err("a call with its id exists".into());
+        }
+        if record.ice.local != self.ice.address() {
+            return Err(format!(
+                "its ICE address {} is not this relay's ({})",
+                record.ice.local,
+                self.ice.address()
+            ));
+        }
+        if record.lan.ip() != self.lan_ip || !self.ports.contains(&record.lan.port()) {
+            return Err(format!(
+                "its LAN address {} is outside calls.lan_address and calls.port_range",
+                record.lan
+            ));
+        }
+        let (Some(local_type), Some(remote_type)) = (
+            candidate_type(&record.ice.local_type),
+            candidate_type(&record.ice.remote_type),
+        ) else {
+            return Err("its candidate types do not parse".into());
+        };
+        let pair = SelectedPair {
+            local: record.ice.local,
+            remote: record.ice.remote,
+            local_type,
+            remote_type,
+        };
+        let sockets = bind_lan_port_again(record.lan).await?;
+        let leg = IceLeg::restored(
+            &self.ice,
+            self.consent_timeout,
+            ConnectedLeg {
+                credentials: Credentials {
+                    local_ufrag: record.ice.local_ufrag.clone(),
+                    local_pwd: record.ice.local_pwd.clone(),
+                    remote_ufrag: record.ice.remote_ufrag.clone(),
+                    remote_pwd: record.ice.remote_pwd.clone(),
+                },
+                candidates: record.ice.candidates.clone(),
+                controlling: record.ice.controlling,
+                priority: record.ice.priority,
+                pair,
+            },
+        );
+        let conn = leg.conn().ok_or("its ICE leg has no connection")?;
+        let mut call = Call::offered(
+            record.call,
+            record.tenant.clone(),
+            record.user.clone(),
+            record.from_app,
+            (record.lan, sockets),
+            leg,
+        );
+        let age = Duration::from_secs(unix_now().saturating_sub(record.created));
+        call.created = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        {
+            let mut inner = call.inner();
+            inner.state = CallState::Connected(pair);
+            inner.pbx = Some(record.pbx);
+            inner.pbx_rtcp = record.pbx_rtcp;
+            inner.pbx_sdp = record.pbx_sdp.clone();
+            inner.app_sdp = record.app_sdp.clone();
+            inner.sent_to_app = record.sent_to_app.clone();
+            inner.sent_to_pbx = record.sent_to_pbx.clone();
+            inner.app_mids = record.app_mids.clone();
+            inner.plan = MediaPlan::PassThrough;
+            inner.flows.adopt(stored.flows);
+            inner.unannounced = [true, true];
+        }
+        let call = Arc::new(call);
+        self.calls().insert(record.call, call.clone());
+        self.next.fetch_max(record.call + 1, Ordering::Relaxed);
+        self.start_userspace_media(&call, conn);
+        let calls = self.clone();
+        let following = {
+            let call = call.clone();
+            tokio::spawn(async move { calls.follow(call, pair).await })
+        };
+        call.inner().tasks.push(following);
+        // A flow that was not pinned (media toward the app stopped for consent, the
+        // userspace datapath has none) is put in again: the call goes on where it was.
+        if stored.flows.iter().any(Option::is_none) {
+            self.install(&call, pair);
+        }
+        tracing::info!(call = record.call, tenant = %record.tenant, user = %record.user, app = %pair.remote, lan = %record.lan, pbx = %record.pbx, flows = ?stored.flows, "calls: call restored from the state store");
+        Ok(())
+    }
+
+    /// A session of `who` has joined: the calls a restart took back that it has not heard
+    /// of yet get `call.state restored`.
+    pub fn announce_restored(&self, who: &Requester) {
+        let calls: Vec<Arc<Call>> = self
+            .calls()
+            .values()
+            .filter(|call| call.belongs_to(who))
+            .cloned()
+            .collect();
+        let side = match who {
+            Requester::App { .. } => 0,
+            Requester::Controller { .. } => 1,
+        };
+        for call in calls {
+            let pair = {
+                let inner = call.inner();
+                if !inner.unannounced[side] {
+                    continue;
+                }
+                inner.state.pair()
+            };
+            let Some(pair) = pair else { continue };
+            let event = CallEvent::State {
+                call: call.id,
+                change: StateChange::Restored {
+                    remote: pair.remote,
+                    remote_type: pair.remote_type,
+                },
+            };
+            let delivered = match who {
+                Requester::App { .. } => self.notify.to_app(&call.tenant, &call.user, &event) > 0,
+                Requester::Controller { .. } => self.notify.to_controller(&call.tenant, &event),
+            };
+            if delivered {
+                call.inner().unannounced[side] = false;
+            }
+        }
+    }
+
+    /// relayd stops with a state store: the recorded calls are left as they are (flows in
+    /// the kernel, nobody told) for the next relayd; returns their ids. None: nothing could
+    /// be written, so every call ends.
+    pub(super) fn keep_for_next_relayd(&self) -> Option<Vec<u64>> {
+        self.store.as_ref()?;
+        self.save(true)
+    }
+}
+
+/// The call's LAN ports (RTP and the RTCP port above) bound again, waiting a moment for
+/// the adopted flow's socket on them to close.
+async fn bind_lan_port_again(lan: SocketAddr) -> Result<LanSockets, String> {
+    let rtcp = SocketAddr::new(lan.ip(), lan.port().saturating_add(1));
+    let deadline = Instant::now() + LAN_PORT_WAIT;
+    loop {
+        match (UdpSocket::bind(lan).await, UdpSocket::bind(rtcp).await) {
+            (Ok(rtp), Ok(rtcp)) => {
+                return Ok(LanSockets {
+                    rtp: Arc::new(rtp),
+                    rtcp: Arc::new(rtcp),
+                });
+            }
+            (Err(err), _) | (_, Err(err)) if Instant::now() >= deadline => {
+                return Err(format!("its LAN port {lan} cannot be bound again: {err}"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_types_read_back_as_written() {
+        for kind in [
+            CandidateType::Host,
+            CandidateType::ServerReflexive,
+            CandidateType::PeerReflexive,
+            CandidateType::Relay,
+        ] {
+            assert_eq!(candidate_type(&kind.to_string()), Some(kind));
+        }
+        assert_eq!(candidate_type("bogus"), None);
+    }
+}
