@@ -9,14 +9,15 @@ use std::{
     thread,
 };
 
-/// A network namespace (`ip netns add`), deleted with everything in it on drop.
+/// A network namespace (`ip netns add`), deleted with everything in it on drop. Its name
+/// starts with `rt-`: `cargo xtask test` removes those a killed test process left.
 pub struct NetNs {
     pub name: String,
 }
 
 impl NetNs {
     pub fn new(prefix: &str) -> NetNs {
-        let name = crate::unique(prefix);
+        let name = crate::unique(&format!("rt-{prefix}"));
         run(&["ip", "netns", "add", &name]);
         let ns = NetNs { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);

@@ -5,6 +5,7 @@ mod bench;
 mod deb;
 mod fuzz;
 mod layers;
+mod leftovers;
 mod run;
 mod setup;
 mod util;
@@ -80,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test => {
             setup::run()?;
             setup::test_tools()?;
+            leftovers::sweep(&leftovers::target_dir());
             // The default members: everything but relay-ebpf, which build.rs builds for BPF.
             util::cargo(&["build"], false)?;
             util::cargo(
