@@ -55,17 +55,44 @@ pub enum LogFormat {
 /// default reads them as regular expressions, and a pattern can take seconds and gigabytes
 /// to compile (the config fuzz target found one). Only printable ASCII is read: targets are
 /// Rust module paths, and tracing's directive parser panics on some multibyte text (it
-/// slices inside a character; the config fuzz target found that too).
+/// slices inside a character; the config fuzz target found that too). Each target, span
+/// and field filter is given once: which of two would count is anybody's guess, and two
+/// alike with a field value make tracing-subscriber 0.3.23 fail an invariant of its own in
+/// debug builds (its field values compare equal in order but not in equality; the fuzz
+/// target found it). Directives are split at commas, as tracing splits them.
 pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     if let Some(bad) = level.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
         return Err(format!(
             "{bad:?} is not allowed: a filter is printable ASCII (targets, levels, fields)"
         ));
     }
-    tracing_subscriber::EnvFilter::builder()
-        .with_regex(false)
-        .parse(level)
-        .map_err(|err| err.to_string())
+    let builder = tracing_subscriber::EnvFilter::builder().with_regex(false);
+    let mut selectors = std::collections::HashSet::new();
+    for directive in level.split(',').filter(|directive| !directive.is_empty()) {
+        let alone = builder.clone().parse(directive).map_err(|err| {
+            if level.contains(',') {
+                format!("{directive:?}: {err}")
+            } else {
+                err.to_string()
+            }
+        })?;
+        // As tracing writes it back: the selector, then `=level` (a level alone: no `=`).
+        let written = alone.to_string();
+        let selector = written
+            .rsplit_once('=')
+            .map_or("", |(selector, _)| selector);
+        if !selectors.insert(selector.to_owned()) {
+            return Err(format!(
+                "{directive:?}: {} has a level already: give each target, span and field filter once",
+                if selector.is_empty() {
+                    "the default"
+                } else {
+                    selector
+                }
+            ));
+        }
+    }
+    builder.parse(level).map_err(|err| err.to_string())
 }
 
 impl Default for LogConfig {
@@ -379,6 +406,33 @@ mod tests {
                 && messages[0].contains("'\u{664}' is not allowed"),
             "{messages:?}"
         );
+    }
+
+    #[test]
+    fn a_log_filter_that_gives_a_selector_twice_is_refused() {
+        for level in [
+            "info,relay=debug,relay=trace",
+            "warn,[{user=alice}]=debug,[{user=alice}]=info",
+            "info,debug",
+        ] {
+            let err = log_filter(level).err().unwrap_or_else(|| panic!("{level}"));
+            assert!(err.contains("give each target"), "{level}: {err}");
+        }
+        // The fuzz target's input (tracing-subscriber's invariant, in debug builds).
+        let found = include_str!("../../fuzz/seeds/config_parse/log-level-twice-invariant.toml");
+        let config = Config::parse(found, "test").unwrap();
+        let messages: Vec<String> = config.problems().iter().map(|p| p.to_string()).collect();
+        assert!(
+            messages.iter().any(|m| m.starts_with("log.level: ")),
+            "{messages:?}"
+        );
+        for level in [
+            "info",
+            "info,relay=debug,relay::turn=trace",
+            "relay[call]=debug",
+        ] {
+            assert!(log_filter(level).is_ok(), "{level}");
+        }
     }
 
     #[test]
