@@ -130,6 +130,9 @@ pub struct Calls {
     /// changed since the last write.
     store: Option<Arc<StateStore>>,
     dirty: AtomicBool,
+    /// relayd is stopping and the store holds the calls kept for the next relayd: the
+    /// calls leaving or ending now must not overwrite it.
+    handed_over: AtomicBool,
     /// The calls the store kept, until `restore` takes them back.
     stored: Mutex<Vec<restore::Stored>>,
 }
@@ -299,6 +302,7 @@ impl Calls {
             pbx_media: settings.pbx_media,
             store,
             dirty: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             stored: Mutex::new(stored),
         })
     }

@@ -153,7 +153,9 @@ impl Calls {
     /// returns the ids of the calls it wrote, None when it could not write.
     pub(super) fn save(&self, always: bool) -> Option<Vec<u64>> {
         let store = self.store.as_ref()?;
-        if !self.dirty.swap(false, Ordering::Relaxed) && !always {
+        if self.handed_over.load(Ordering::Relaxed)
+            || (!self.dirty.swap(false, Ordering::Relaxed) && !always)
+        {
             return Some(Vec::new());
         }
         let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
@@ -371,7 +373,9 @@ impl Calls {
     /// be written, so every call ends.
     pub(super) fn keep_for_next_relayd(&self) -> Option<Vec<u64>> {
         self.store.as_ref()?;
-        self.save(true)
+        let kept = self.save(true)?;
+        self.handed_over.store(true, Ordering::Relaxed);
+        Some(kept)
     }
 }
 
