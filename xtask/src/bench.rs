@@ -49,7 +49,7 @@ pub fn run_binary(binary: &str, args: &[String]) -> anyhow::Result<()> {
         ],
         true,
     )?;
-    let path = util::workspace_root().join("target/release").join(binary);
+    let path = util::target_dir().join("release").join(binary);
     util::step(&format!("running {}", path.display()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     util::run(path.to_str().expect("utf-8 path"), &args)

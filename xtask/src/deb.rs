@@ -13,10 +13,12 @@ use anyhow::{Context, bail};
 
 use crate::util::{self, step};
 
-/// Files of the package: (path in the package, mode), besides the generated ones.
+/// The binaries of the package, from the release build in the target directory.
+const BINARIES: &[&str] = &["relayd", "relayctl"];
+
+/// Files of the package from the workspace: (path in the package, mode), besides the
+/// binaries and the generated ones.
 const COPIED: &[(&str, &str, u32)] = &[
-    ("target/release/relayd", "usr/bin/relayd", 0o755),
-    ("target/release/relayctl", "usr/bin/relayctl", 0o755),
     (
         "packaging/relayd.service",
         "lib/systemd/system/relayd.service",
@@ -56,8 +58,16 @@ pub fn build() -> anyhow::Result<PathBuf> {
     for (from, to, mode) in COPIED {
         install(&root.join(from), &stage.join(to), *mode)?;
     }
-    let relayd = root.join("target/release/relayd");
-    let relayctl = root.join("target/release/relayctl");
+    let release = util::target_dir().join("release");
+    for binary in BINARIES {
+        install(
+            &release.join(binary),
+            &stage.join("usr/bin").join(binary),
+            0o755,
+        )?;
+    }
+    let relayd = release.join("relayd");
+    let relayctl = release.join("relayctl");
     generated(&relayd, &["--generate"], "relayd", "8", &stage)?;
     generated(&relayctl, &["generate"], "relayctl", "1", &stage)?;
 

@@ -26,13 +26,6 @@ fn executables() -> Vec<(u32, PathBuf)> {
         .collect()
 }
 
-/// The target directory the test binaries are built in.
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::util::workspace_root().join("target"))
-}
-
 /// Removes what killed test runs left, and says what it removed.
 pub fn sweep(target_dir: &Path) {
     let running = executables();

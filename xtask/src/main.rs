@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test => {
             setup::run()?;
             setup::test_tools()?;
-            leftovers::sweep(&leftovers::target_dir());
+            leftovers::sweep(&util::target_dir());
             // The default members: everything but relay-ebpf, which build.rs builds for BPF.
             util::cargo(&["build"], false)?;
             util::cargo(

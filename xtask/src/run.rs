@@ -20,7 +20,7 @@ const TURN_USER: &str = "trial";
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     util::build_release_binaries()?;
     let root = util::workspace_root();
-    let relayd = root.join("target/release/relayd");
+    let relayd = util::target_dir().join("release/relayd");
     let mut args = args.to_vec();
     if !args
         .iter()
@@ -72,7 +72,7 @@ lan_address = "127.0.0.1"
     );
     let path = dir.join("relay.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    let relayctl = util::workspace_root().join("target/release/relayctl");
+    let relayctl = util::target_dir().join("release/relayctl");
     eprintln!(
         "
 relayd runs with a trial configuration ({path}), everything on loopback:

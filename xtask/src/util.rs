@@ -11,6 +11,13 @@ pub fn step(message: &str) {
     eprintln!("\x1b[1m==>\x1b[0m {message}");
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR` when set, else the workspace's `target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
