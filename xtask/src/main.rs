@@ -57,6 +57,16 @@ enum Command {
         seconds: u64,
         targets: Vec<String>,
     },
+    /// Concurrent calls carrying media for --minutes while faults are injected on a printed
+    /// schedule (relayd killed and restarted, the LAN link flapped, 200 signalling
+    /// reconnects, a reload); prints loss per slice, RSS and open files, flows left and the
+    /// warnings (needs root)
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        #[arg(long, default_value_t = 1000)]
+        calls: u64,
+    },
     /// Build the Debian package (target/deb/relay_<version>_<arch>.deb)
     Deb,
     /// relay-userspace's modules in layers, lowest first; fails on an import cycle
@@ -116,6 +126,19 @@ fn main() -> anyhow::Result<()> {
             // The fuzz targets link relay-userspace, which embeds the XDP program.
             setup::run()?;
             fuzz::run(seconds, &targets)
+        }
+        Command::Soak { minutes, calls } => {
+            setup::run()?;
+            setup::test_tools()?;
+            bench::run_binary(
+                "soak",
+                &[
+                    "--minutes".into(),
+                    minutes.to_string(),
+                    "--calls".into(),
+                    calls.to_string(),
+                ],
+            )
         }
         Command::Demo => {
             setup::run()?;
