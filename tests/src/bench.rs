@@ -131,6 +131,32 @@ pub fn add_counter(ns: &NetNs, hook: &str, name: &str, rule: &str) {
     ]);
 }
 
+/// The counters of calls' RTP of `udp_length` in the edge lab: `to_relay` (from the apps
+/// to the relay's ICE port, at the NAT), `at_pbx` (into the PBX's RTP port) and `to_app`
+/// (from the ICE port back toward the apps, at the NAT).
+pub fn add_call_counters(lab: &EdgeLab, udp_length: u32) {
+    let ice_port = EdgeLab::ICE.rsplit_once(':').expect("ADDRESS:PORT").1;
+    let pbx_port = crate::pbx::RTP.rsplit_once(':').expect("ADDRESS:PORT").1;
+    add_counter(
+        &lab.nat,
+        "forward",
+        "to_relay",
+        &format!("udp length {udp_length} udp dport {ice_port}"),
+    );
+    add_counter(
+        &lab.nat,
+        "forward",
+        "to_app",
+        &format!("udp length {udp_length} udp sport {ice_port}"),
+    );
+    add_counter(
+        &lab.pbx,
+        "input",
+        "at_pbx",
+        &format!("udp length {udp_length} udp dport {pbx_port}"),
+    );
+}
+
 pub fn counter(ns: &NetNs, name: &str) -> u64 {
     let output = ns.exec(&["nft", "list", "counter", "ip", "bench", name]);
     let text = String::from_utf8_lossy(&output.stdout);

@@ -1,13 +1,28 @@
 //! relayd processes (stopped on drop) and relayctl invocations.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use crate::netns::NetNs;
+
+/// A state store file for a relayd under test, in the temporary directory; removed on drop.
+pub struct StateFile(pub PathBuf);
+
+impl StateFile {
+    pub fn new(prefix: &str) -> StateFile {
+        StateFile(std::env::temp_dir().join(format!("{}.redb", crate::unique(prefix))))
+    }
+}
+
+impl Drop for StateFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 /// Path of a binary of this workspace, in the profile directory the running executable was
 /// built into (tests run from its `deps/` subdirectory, benchmarks from the directory itself).
@@ -53,6 +68,18 @@ impl Relayd {
             }
             None => Command::new(binary("relayd")),
         };
+        Relayd::start_command(command, args)
+    }
+
+    /// Starts relayd in the network namespace named `ns` with `args`, keeping what a restart
+    /// needs in the state store file `state` (a name, so that a thread can restart it).
+    pub fn start_with_state(ns: &str, args: &[&str], state: &Path) -> Relayd {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(binary("relayd"))
+            .env("RELAY_STATE_PATH", state);
         Relayd::start_command(command, args)
     }
 

@@ -21,7 +21,7 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     recv_async,
-    relayd::Relayd,
+    relayd::{Relayd, StateFile},
     require_root, runtime,
     signalling_client::{Socket, mint_token, receive_within, request},
 };
@@ -166,23 +166,8 @@ fn after_a_crash_with_calls_relayd_starts_again_and_clears_their_flows() {
     });
 }
 
-/// The state store file (and redb's lock beside it), removed on drop.
-struct StateFile(std::path::PathBuf);
-
-impl Drop for StateFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn start_with_store(lab: &EdgeLab, config: &ConfigFile, state: &StateFile) -> Relayd {
-    let mut command = std::process::Command::new("nsenter");
-    command
-        .arg(format!("--net=/run/netns/{}", lab.relay.name))
-        .arg("--")
-        .arg(relay_tests::relayd::binary("relayd"))
-        .env("RELAY_STATE_PATH", &state.0);
-    Relayd::start_command(command, &["--config", config.path()])
+    Relayd::start_with_state(&lab.relay.name, &["--config", config.path()], &state.0)
 }
 
 /// The PBX's end: echoes every RTP packet and counts them.
@@ -218,7 +203,7 @@ fn restart_keeps_the_call(kill: bool) {
     require_root();
     let lab = EdgeLab::new();
     let pins = PinDir::new();
-    let state = StateFile(std::env::temp_dir().join(relay_tests::unique("calls-state-")));
+    let state = StateFile::new("calls-state-");
     let config = ConfigFile::new(&calls_config(&pins.path, "acme", API_KEY, ""));
     let mut relayd = start_with_store(&lab, &config, &state);
     let at_pbx = Arc::new(AtomicU32::new(0));

@@ -3,14 +3,14 @@
 //! reaching the peer meanwhile), and the next relayd restores the allocation from the store,
 //! adopts its flows with their counters, and manages it again (revoking it removes them).
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use relay_tests::{
     config_file::ConfigFile,
     lab::{ThreeHosts, turn_config},
     netns::PinDir,
-    relayd::{Relayd, binary},
-    require_root, unique,
+    relayd::{Relayd, StateFile},
+    require_root,
 };
 use tokio::{net::UdpSocket, time::timeout};
 use turn::client::{Client, ClientConfig};
@@ -20,23 +20,8 @@ const SERVER: &str = "10.10.1.1:3478";
 const PEER: &str = "10.10.2.2:5004";
 const BURST: usize = 200;
 
-/// The state store file, removed on drop.
-struct StateFile(PathBuf);
-
-impl Drop for StateFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn start(lab: &ThreeHosts, config: &ConfigFile, state: &StateFile) -> Relayd {
-    let mut command = Command::new("nsenter");
-    command
-        .arg(format!("--net=/run/netns/{}", lab.relay.name))
-        .arg("--")
-        .arg(binary("relayd"))
-        .env("RELAY_STATE_PATH", &state.0);
-    Relayd::start_command(command, &["--config", config.path()])
+    Relayd::start_with_state(&lab.relay.name, &["--config", config.path()], &state.0)
 }
 
 /// Sends `count` packets through the relayed connection, each waited for up to `wait`;
@@ -67,7 +52,7 @@ fn allocations_survive_a_restart_and_their_media_never_stops() {
     let lab = ThreeHosts::new();
     let pins = PinDir::new();
     let config = ConfigFile::new(&turn_config("xdp", &pins.path.to_string_lossy(), ""));
-    let state = StateFile(std::env::temp_dir().join(format!("{}.redb", unique("relay-state-"))));
+    let state = StateFile::new("relay-state-");
     let mut relayd = start(&lab, &config, &state);
 
     let runtime = tokio::runtime::Builder::new_current_thread()

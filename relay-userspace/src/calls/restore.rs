@@ -229,7 +229,6 @@ impl Calls {
             }
         }
         // What the store holds is what this relayd has now.
-        self.dirty.store(true, Ordering::Relaxed);
         self.save(true);
         tracing::info!(
             restored,

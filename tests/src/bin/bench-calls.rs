@@ -27,7 +27,7 @@ use std::{
 
 use relay_tests::{
     app::{App, talk},
-    bench::{Controller, PbxEcho, add_counter, counter, loss, percentile},
+    bench::{Controller, PbxEcho, add_call_counters, counter, loss, percentile},
     config_file::ConfigFile,
     generator::paced_udp,
     lab::{EdgeLab, calls_config},
@@ -123,24 +123,7 @@ fn run(path: Path) -> (Setup, Vec<Step>) {
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
     let echo = PbxEcho::start(&lab.pbx);
-    add_counter(
-        &lab.nat,
-        "forward",
-        "to_relay",
-        &format!("udp length {RTP_UDP_LENGTH} udp dport 3479"),
-    );
-    add_counter(
-        &lab.nat,
-        "forward",
-        "to_app",
-        &format!("udp length {RTP_UDP_LENGTH} udp sport 3479"),
-    );
-    add_counter(
-        &lab.pbx,
-        "input",
-        "at_pbx",
-        &format!("udp length {RTP_UDP_LENGTH} udp dport 40000"),
-    );
+    add_call_counters(&lab, RTP_UDP_LENGTH);
 
     let Controller {
         runtime,

@@ -25,12 +25,12 @@ use std::{
 
 use relay_tests::{
     app::{App, talk},
-    bench::{Controller, PbxEcho, add_counter, counter, loss},
+    bench::{Controller, PbxEcho, add_call_counters, counter, loss},
     config_file::ConfigFile,
     generator::paced_udp,
     lab::{EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
-    relayd::{Relayd, binary},
+    relayd::{Relayd, StateFile},
     require_root,
     signalling_client::{receive_within, send},
     traffic::numbered,
@@ -108,13 +108,7 @@ fn arg(name: &str, default: u64) -> u64 {
 
 /// relayd in the relay's namespace `relay_ns`, keeping its calls in `state`.
 fn start(relay_ns: &str, config: &str, state: &std::path::Path) -> Relayd {
-    let mut command = std::process::Command::new("nsenter");
-    command
-        .arg(format!("--net=/run/netns/{relay_ns}"))
-        .arg("--")
-        .arg(binary("relayd"))
-        .env("RELAY_STATE_PATH", state);
-    Relayd::start_command(command, &["--config", config])
+    Relayd::start_with_state(relay_ns, &["--config", config], state)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -167,7 +161,8 @@ fn main() {
 
     let lab = EdgeLab::new();
     let pins = PinDir::new();
-    let state = std::env::temp_dir().join(relay_tests::unique("soak-state-"));
+    let state_file = StateFile::new("soak-state-");
+    let state = state_file.0.clone();
     let config = ConfigFile::new(
         &calls_config(
             &pins.path,
@@ -181,24 +176,7 @@ fn main() {
     let mut logs = String::new();
     let fingerprint = relayd.signalling_fingerprint();
     let _echo = PbxEcho::start(&lab.pbx);
-    add_counter(
-        &lab.nat,
-        "forward",
-        "to_relay",
-        &format!("udp length {RTP_UDP_LENGTH} udp dport 3479"),
-    );
-    add_counter(
-        &lab.nat,
-        "forward",
-        "to_app",
-        &format!("udp length {RTP_UDP_LENGTH} udp sport 3479"),
-    );
-    add_counter(
-        &lab.pbx,
-        "input",
-        "at_pbx",
-        &format!("udp length {RTP_UDP_LENGTH} udp dport 40000"),
-    );
+    add_call_counters(&lab, RTP_UDP_LENGTH);
     let Controller {
         runtime,
         socket: mut controller,
@@ -418,7 +396,7 @@ fn main() {
         .map_or(0, Vec::len);
     logs.push_str(&relayd.log());
     drop(relayd);
-    let _ = std::fs::remove_file(&state);
+    drop(state_file);
 
     println!();
     println!(
