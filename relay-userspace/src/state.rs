@@ -93,6 +93,9 @@ const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("turn_all
 /// The call id (decimal) -> the call as JSON.
 const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
 
+/// A secret's name -> its bytes: keys relayd makes once and keeps across restarts.
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+
 /// The `[state]` section: where relayd keeps what a restart needs (TURN allocations).
 #[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -167,6 +170,34 @@ impl StateStore {
     /// The stored calls; entries that do not parse are skipped with a warning.
     pub fn load_calls(&self) -> Result<Vec<CallRecord>, StateError> {
         self.load(CALLS)
+    }
+
+    /// The secret `name` of `bytes` random bytes: the stored one, or one made now and
+    /// stored (a first start, or a store written before it was kept).
+    pub fn secret(&self, name: &str, bytes: usize) -> Result<Vec<u8>, StateError> {
+        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        let secret = {
+            let mut table = write.open_table(SECRETS).map_err(|e| self.error(e))?;
+            let stored = table
+                .get(name)
+                .map_err(|e| self.error(e))?
+                .map(|value| value.value().to_vec())
+                .filter(|stored| stored.len() == bytes);
+            match stored {
+                Some(stored) => stored,
+                None => {
+                    let mut secret = vec![0u8; bytes];
+                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                        .map_err(|_| self.error("the system random generator failed"))?;
+                    table
+                        .insert(name, secret.as_slice())
+                        .map_err(|e| self.error(e))?;
+                    secret
+                }
+            }
+        };
+        write.commit().map_err(|e| self.error(e))?;
+        Ok(secret)
     }
 
     fn save<T: serde::Serialize>(
@@ -251,6 +282,20 @@ mod tests {
         // Reopened, as by the next relayd.
         let store = StateStore::open(&path).unwrap();
         assert_eq!(store.load_allocations().unwrap(), [allocation]);
+    }
+
+    #[test]
+    fn a_secret_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let first = StateStore::open(&path).unwrap().secret("key", 32).unwrap();
+        assert_eq!(first.len(), 32);
+        assert_ne!(first, [0u8; 32]);
+        let store = StateStore::open(&path).unwrap();
+        assert_eq!(store.secret("key", 32).unwrap(), first);
+        assert_ne!(store.secret("other", 32).unwrap(), first);
+        // Asked for with another length (a new key size), it is made again.
+        assert_eq!(store.secret("key", 16).unwrap().len(), 16);
     }
 
     #[test]

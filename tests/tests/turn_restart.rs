@@ -1,7 +1,8 @@
 //! A restart keeps TURN media flowing and the allocations known: with a state store, a
 //! stopped relayd leaves its channels' flows in the kernel (the client's ChannelData keeps
 //! reaching the peer meanwhile), and the next relayd restores the allocation from the store,
-//! adopts its flows with their counters, and manages it again (revoking it removes them).
+//! adopts its flows with their counters, and manages it again: its client deletes it with
+//! the nonce it held from before, and an operator's revoke removes an allocation's flows.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -151,7 +152,63 @@ fn allocations_survive_a_restart_and_their_media_never_stops() {
         assert!(packets >= 2 * BURST as u64 - 10, "{allocations}");
         assert_eq!(burst(&relay, &peer).await, BURST, "media after the restart");
 
-        // The restored allocation is managed again: revoking it removes its flows.
+        // The restored allocation is managed again, by its client too: the nonce it holds
+        // from before the restart is still good (the nonce key is kept in the state store),
+        // so its delete (a Refresh with lifetime 0, which the turn crate sends once without
+        // waiting; a 401 there would leave the allocation) removes it and its flows.
+        relay.close().await.unwrap();
+        let deleted = std::time::Instant::now();
+        while relayd.ctl_json(&["status"])["turn"]["allocations"] != 0
+            && deleted.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            relayd.ctl_json(&["status"])["turn"]["allocations"],
+            0,
+            "{}",
+            relayd.log()
+        );
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
+        assert_eq!(
+            send(&relay, &peer, 20, Duration::from_millis(100)).await,
+            0,
+            "nothing after the delete"
+        );
+
+        // A revoke removes an allocation and its flows.
+        let second_socket = lab.client.udp_socket("10.10.1.2:0".parse().unwrap());
+        second_socket.set_nonblocking(true).unwrap();
+        let second = Client::new(ClientConfig {
+            stun_serv_addr: SERVER.into(),
+            turn_serv_addr: SERVER.into(),
+            username: "alice".into(),
+            password: "wonderland".into(),
+            realm: String::new(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn: Arc::new(UdpSocket::from_std(second_socket).unwrap()),
+            vnet: None,
+        })
+        .await
+        .unwrap();
+        second.listen().await.unwrap();
+        let relay = second.allocate().await.unwrap();
+        relay
+            .send_to(b"hello", PEER.parse().unwrap())
+            .await
+            .unwrap();
+        timeout(Duration::from_secs(3), peer.recv_from(&mut buf))
+            .await
+            .expect("hello")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            burst(&relay, &peer).await,
+            BURST,
+            "a new allocation's media"
+        );
         assert_eq!(relayd.ctl_json(&["turn", "revoke", "alice"])["revoked"], 1);
         let flows = relayd.ctl_json(&["flow", "list"]);
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
@@ -160,6 +217,7 @@ fn allocations_survive_a_restart_and_their_media_never_stops() {
             0,
             "nothing after the revoke"
         );
+        second.close().await.unwrap();
         client.close().await.unwrap();
     });
 }

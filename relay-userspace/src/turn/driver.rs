@@ -128,6 +128,9 @@ enum Side {
     Peer,
 }
 
+/// The state store's name for the key nonces are signed with.
+const NONCE_KEY: &str = "turn_nonce_key";
+
 impl TurnService {
     /// Binds the listening sockets and starts serving; stops when `stopped` changes.
     pub async fn start(
@@ -209,6 +212,12 @@ impl TurnService {
         let Some(store) = &self.store else {
             return;
         };
+        match store.secret(NONCE_KEY, super::nonce::KEY_BYTES) {
+            Ok(key) => self.server().keep_nonces(&key),
+            Err(err) => {
+                tracing::error!(%err, "turn: cannot keep the nonce key in the state store; clients of restored allocations will get 401 on their next request");
+            }
+        }
         let stored = match store.load_allocations() {
             Ok(stored) => stored,
             Err(err) => {

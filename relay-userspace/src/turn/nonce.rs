@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 use ring::{hmac, rand::SystemRandom};
 use subtle::ConstantTimeEq;
 
+/// Bytes of the nonces' HMAC key.
+pub const KEY_BYTES: usize = 32;
+
 /// Bytes of the HMAC kept in the nonce (hex-encoded: twice as many characters): 64 bits,
 /// beyond guessing within a nonce's lifetime, and a 401 that stays small.
 const TAG_BYTES: usize = 8;
@@ -27,12 +30,23 @@ pub struct NonceIssuer {
 }
 
 impl NonceIssuer {
-    /// A fresh random key: nonces issued before a restart become invalid, and clients get a
-    /// new one with their next 401.
+    /// A fresh random key: without [`NonceIssuer::with_key`] nonces issued before a restart
+    /// are unknown to the next relayd, which answers them 401 like a missing nonce.
     pub fn new(lifetime_secs: u64) -> NonceIssuer {
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
             .expect("the system random generator works");
         NonceIssuer { key, lifetime_secs }
+    }
+
+    /// Nonces under a key kept across restarts (the state store's): the clients of restored
+    /// allocations go on with the nonce they hold, until it is stale (438), as they would
+    /// have without the restart. Clients handle 438 on a Refresh; several (the `turn` crate,
+    /// libwebrtc) give the allocation up on a 401 there.
+    pub fn with_key(key: &[u8], lifetime_secs: u64) -> NonceIssuer {
+        NonceIssuer {
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+            lifetime_secs,
+        }
     }
 
     /// A nonce for `client`, issued at `now` (Unix seconds).
@@ -129,6 +143,25 @@ mod tests {
         // Another server (another key) does not accept it either.
         assert_eq!(
             NonceIssuer::new(600).check(&nonce, alice, T0),
+            NonceStatus::Invalid
+        );
+    }
+
+    #[test]
+    fn a_nonce_outlives_a_restart_under_the_same_key_only() {
+        let alice = client("203.0.113.5:40000");
+        let key = [7u8; KEY_BYTES];
+        let nonce = NonceIssuer::with_key(&key, 600).issue(alice, T0);
+        assert_eq!(
+            NonceIssuer::with_key(&key, 600).check(&nonce, alice, T0 + 10),
+            NonceStatus::Valid
+        );
+        assert_eq!(
+            NonceIssuer::with_key(&key, 600).check(&nonce, alice, T0 + 600),
+            NonceStatus::Stale
+        );
+        assert_eq!(
+            NonceIssuer::with_key(&[8u8; KEY_BYTES], 600).check(&nonce, alice, T0 + 10),
             NonceStatus::Invalid
         );
     }

@@ -239,6 +239,12 @@ impl TurnServer {
         }
     }
 
+    /// Issues and checks nonces under `key` from now on (the state store's, kept across
+    /// restarts).
+    pub fn keep_nonces(&mut self, key: &[u8]) {
+        self.nonces = NonceIssuer::with_key(key, self.config.nonce_lifetime);
+    }
+
     /// New configuration and credentials (a reload). Allocations, reservations and nonces
     /// stay: an allocation whose user is gone ends at its next Refresh (401) or expiry.
     pub fn reconfigure(&mut self, config: ServerConfig, credentials: Credentials) {

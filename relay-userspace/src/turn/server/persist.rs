@@ -42,8 +42,8 @@ impl TurnServer {
     /// Takes back allocations a previous relayd stored: those still alive at `now`, on
     /// relay addresses this configuration still serves, not clashing with one another.
     /// Returns the actions that bring them back (relay sockets, then channel flows) and how
-    /// many were restored. Their clients keep their 5-tuples and relayed addresses; the
-    /// nonces they hold are stale (438) and replaced at their next request.
+    /// many were restored. Their clients keep their 5-tuples and relayed addresses, and
+    /// the nonces they hold when the server keeps its nonce key ([`TurnServer::keep_nonces`]).
     pub fn restore(&mut self, stored: Vec<AllocationRecord>, now: u64) -> (Vec<Action>, usize) {
         let mut actions = Vec::new();
         let mut restored = 0;
