@@ -68,7 +68,12 @@ pub struct PbxEcho {
 
 impl PbxEcho {
     pub fn start(ns: &NetNs) -> PbxEcho {
-        let socket = ns.udp_socket(crate::pbx::RTP.parse().unwrap());
+        PbxEcho::start_on(ns, crate::pbx::RTP.parse().expect("address"))
+    }
+
+    /// An echo like the PBX's on another `address` of `ns`.
+    pub fn start_on(ns: &NetNs, address: std::net::SocketAddr) -> PbxEcho {
+        let socket = ns.udp_socket(address);
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();

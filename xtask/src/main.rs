@@ -57,15 +57,18 @@ enum Command {
         seconds: u64,
         targets: Vec<String>,
     },
-    /// Concurrent calls carrying media for --minutes while faults are injected on a printed
-    /// schedule (relayd killed and restarted, the LAN link flapped, 200 signalling
-    /// reconnects, a reload); prints loss per slice, RSS and open files, flows left and the
-    /// warnings (needs root)
+    /// Concurrent calls and TURN allocations carrying media for --minutes while faults are
+    /// injected on a printed schedule (relayd killed and restarted, the LAN link flapped,
+    /// 200 signalling reconnects, call and allocation churn, a reload); prints loss per
+    /// slice, the churn, RSS and open files, flows and allocations left and the warnings
+    /// (needs root)
     Soak {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
         #[arg(long, default_value_t = 1000)]
         calls: u64,
+        #[arg(long, default_value_t = 1000)]
+        allocations: u64,
     },
     /// Build the Debian package (target/deb/relay_<version>_<arch>.deb)
     Deb,
@@ -127,7 +130,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             fuzz::run(seconds, &targets)
         }
-        Command::Soak { minutes, calls } => {
+        Command::Soak {
+            minutes,
+            calls,
+            allocations,
+        } => {
             setup::run()?;
             setup::test_tools()?;
             bench::run_binary(
@@ -137,6 +144,8 @@ fn main() -> anyhow::Result<()> {
                     minutes.to_string(),
                     "--calls".into(),
                     calls.to_string(),
+                    "--allocations".into(),
+                    allocations.to_string(),
                 ],
             )
         }
