@@ -342,6 +342,16 @@ impl Collector for Sources {
                 ]
                 .map(|(reason, count)| ([("reason", reason)], ConstCounter::new(count))),
             )?;
+            family(
+                &mut encoder,
+                "relay_calls_ice_discarded_packets",
+                "Datagrams the calls' ICE port dropped before any call saw them, by reason (not STUN from a source no call talks to, STUN that does not parse, a connected call's queue full).",
+                MetricType::Counter,
+                crate::ice::consent::PortDiscard::ALL
+                    .into_iter()
+                    .zip(tally.ice_discards)
+                    .map(|(why, count)| ([("reason", why.name())], ConstCounter::new(count))),
+            )?;
             let buckets: Vec<(f64, u64)> = SETUP_BUCKETS
                 .iter()
                 .copied()

@@ -69,6 +69,10 @@ enum Command {
         calls: u64,
         #[arg(long, default_value_t = 1000)]
         allocations: u64,
+        /// Only these faults, comma-separated (kill, restart, link-flap, reconnects,
+        /// churn, reload), each after a quiet slice
+        #[arg(long)]
+        faults: Option<String>,
     },
     /// Build the Debian package (target/deb/relay_<version>_<arch>.deb)
     Deb,
@@ -134,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             minutes,
             calls,
             allocations,
+            faults,
         } => {
             setup::run()?;
             setup::test_tools()?;
@@ -146,7 +151,14 @@ fn main() -> anyhow::Result<()> {
                     calls.to_string(),
                     "--allocations".into(),
                     allocations.to_string(),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    faults
+                        .into_iter()
+                        .flat_map(|faults| ["--faults".into(), faults]),
+                )
+                .collect::<Vec<String>>(),
             )
         }
         Command::Demo => {

@@ -149,6 +149,9 @@ pub struct Tally {
     pub setup_buckets: [u64; SETUP_BUCKETS.len() + 1],
     /// What the relay carried and dropped of bridged calls that ended.
     pub bridged: MediaTotals,
+    /// What the shared ICE port dropped before any call saw it, by reason (in the order
+    /// of `PortDiscard::ALL`).
+    pub ice_discards: [u64; crate::ice::consent::PortDiscard::ALL.len()],
 }
 
 /// Upper bounds of the call setup time histogram, in seconds: ICE on a direct path takes
@@ -323,6 +326,7 @@ impl Calls {
         for bridge in bridges {
             tally.bridged.add(&bridge.counters.read());
         }
+        tally.ice_discards = self.ice.discards().map(|(_, count)| count);
         tally
     }
 

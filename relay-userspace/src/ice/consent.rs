@@ -11,7 +11,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -277,7 +280,45 @@ pub struct Handoffs {
     /// non-blocking send that needs no readiness from tokio's reactor.
     sender: std::net::UdpSocket,
     table: Mutex<Table>,
+    /// Where webrtc-ice's mux sent from this port, and when last: the mux knows a source
+    /// only once one of its agents sent to it, so anything but STUN from elsewhere is
+    /// dropped (here, and counted; the mux would drop it silently).
+    mux_sent_to: Mutex<HashMap<SocketAddr, Instant>>,
+    discards: [AtomicU64; PortDiscard::ALL.len()],
 }
+
+/// Why the ICE port dropped a datagram before any leg or agent saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortDiscard {
+    /// Not STUN, from a source no leg or agent talks to (a stranger's datagram).
+    UnknownSource,
+    /// Looks like STUN (RFC 7983 first byte, magic cookie) but does not parse.
+    MalformedStun,
+    /// For a connected leg whose reader is behind (its queue is full).
+    LegQueueFull,
+}
+
+impl PortDiscard {
+    pub const ALL: [PortDiscard; 3] = [
+        PortDiscard::UnknownSource,
+        PortDiscard::MalformedStun,
+        PortDiscard::LegQueueFull,
+    ];
+
+    /// Its metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            PortDiscard::UnknownSource => "unknown_source",
+            PortDiscard::MalformedStun => "malformed_stun",
+            PortDiscard::LegQueueFull => "leg_queue_full",
+        }
+    }
+}
+
+/// How long the port remembers where the mux sent: longer than any agent goes without
+/// sending to a pair it checks (connected legs are handed off, and their traffic never
+/// reaches the mux).
+const MUX_SENT_TO_MEMORY: Duration = Duration::from_secs(600);
 
 impl Handoffs {
     /// The legs on `socket` (the port's), with their timer: it stops when the port goes.
@@ -293,6 +334,8 @@ impl Handoffs {
                 next_id: 0,
                 rng: StdRng::from_os_rng(),
             }),
+            mux_sent_to: Mutex::new(HashMap::new()),
+            discards: Default::default(),
         });
         let weak = Arc::downgrade(&handoffs);
         tokio::spawn(tick(weak));
@@ -433,15 +476,22 @@ impl Handoffs {
         if packet.first().is_some_and(|&b| b > 3) || !stun::message::is_message(packet) {
             let table = self.table();
             let Some(leg) = table.by_remote.get(&from).and_then(|id| table.legs.get(id)) else {
-                return false;
+                drop(table);
+                if self.mux_knows(from) {
+                    return false;
+                }
+                self.discard(PortDiscard::UnknownSource);
+                return true;
             };
-            // A full queue: the leg's reader is behind; the packet is dropped.
-            let _ = leg.packets.try_send(packet.to_vec());
+            if leg.packets.try_send(packet.to_vec()).is_err() {
+                self.discard(PortDiscard::LegQueueFull);
+            }
             return true;
         }
         let mut message = Message::new();
         if message.unmarshal_binary(packet).is_err() {
-            return false;
+            self.discard(PortDiscard::MalformedStun);
+            return true;
         }
         if message.typ == BINDING_REQUEST {
             self.answer(message, from)
@@ -522,8 +572,35 @@ impl Handoffs {
         true
     }
 
+    fn discard(&self, why: PortDiscard) {
+        self.discards[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Datagrams the port dropped before any leg or agent saw them, by reason.
+    pub fn discards(&self) -> [(PortDiscard, u64); PortDiscard::ALL.len()] {
+        PortDiscard::ALL.map(|why| (why, self.discards[why as usize].load(Ordering::Relaxed)))
+    }
+
+    fn mux_sent(&self, to: SocketAddr) {
+        self.mux_sent_to
+            .lock()
+            .expect("mux destinations")
+            .insert(to, Instant::now());
+    }
+
+    fn mux_knows(&self, from: SocketAddr) -> bool {
+        self.mux_sent_to
+            .lock()
+            .expect("mux destinations")
+            .contains_key(&from)
+    }
+
     /// The port's timer: each leg's checks and consent.
     fn tick(&self, now: Instant) {
+        self.mux_sent_to
+            .lock()
+            .expect("mux destinations")
+            .retain(|_, at| now.duration_since(*at) < MUX_SENT_TO_MEMORY);
         let mut table = self.table();
         let mut expired = Vec::new();
         for (&id, leg) in table.legs.iter_mut() {
@@ -621,6 +698,7 @@ impl Conn for PortSocket {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        self.handoffs.mux_sent(target);
         Ok(self.socket.send_to(buf, target).await?)
     }
 
@@ -947,17 +1025,58 @@ mod tests {
         // Another leg's (still checking on the mux), and packets from anyone else.
         let other = binding_request("other:app", "whatever-password");
         assert!(!handoffs.take(&other.raw, from));
-        let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        assert!(!handoffs.take(&[0x80, 0, 0, 1], elsewhere));
         // A response nobody asked for is the mux's (a checking agent's, same address).
         let mut response = Message::new();
         response
             .build(&[Box::new(BINDING_SUCCESS), Box::new(TransactionId::new())])
             .unwrap();
         assert!(!handoffs.take(&response.raw, from));
-        // A removed leg's packets are nobody's.
+        // Media from where an agent of the mux sent its checks is the mux's.
+        let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        handoffs.mux_sent(elsewhere);
+        assert!(!handoffs.take(&[0x80, 0, 0, 1], elsewhere));
+        assert_eq!(handoffs.discards()[0], (PortDiscard::UnknownSource, 0));
+        // A removed leg's packets are nobody's: dropped and counted, as the mux would
+        // drop them unseen.
         handoffs.remove(0);
-        assert!(!handoffs.take(&[0x80, 0, 0, 1], from));
+        assert!(handoffs.take(&[0x80, 0, 0, 1], from));
+        assert_eq!(handoffs.discards()[0], (PortDiscard::UnknownSource, 1));
+    }
+
+    #[tokio::test]
+    async fn strangers_datagrams_are_dropped_and_counted_by_reason() {
+        let (handoffs, _conn, _app, _states) = handed_leg().await;
+        let stranger: SocketAddr = "127.0.0.1:7".parse().unwrap();
+        // Not STUN (RTP, DTLS, garbage, nothing at all), from a source nobody talks to.
+        for datagram in [
+            &[0x80u8, 0, 0, 1][..],
+            &[22, 254, 253],
+            b"GET / HTTP/1.1",
+            &[],
+        ] {
+            assert!(handoffs.take(datagram, stranger));
+        }
+        // STUN's first bytes and magic cookie, then attributes that do not parse.
+        let mut broken = binding_request("relay:app", "relay-password-0123456789").raw;
+        broken[2..4].copy_from_slice(&[0, 200]);
+        broken.truncate(40);
+        assert!(handoffs.take(&broken, stranger));
+        // A well-formed check for an agent still checking: the mux's to judge.
+        let check = binding_request("other:app", "whatever-password");
+        assert!(!handoffs.take(&check.raw, stranger));
+        assert_eq!(
+            handoffs.discards(),
+            [
+                (PortDiscard::UnknownSource, 4),
+                (PortDiscard::MalformedStun, 1),
+                (PortDiscard::LegQueueFull, 0),
+            ]
+        );
+        // Forgotten ten minutes after the mux last sent there.
+        handoffs.mux_sent(stranger);
+        assert!(!handoffs.take(&[0x80, 0, 0, 1], stranger));
+        handoffs.tick(Instant::now() + MUX_SENT_TO_MEMORY);
+        assert!(handoffs.take(&[0x80, 0, 0, 1], stranger));
     }
 
     #[tokio::test]

@@ -60,6 +60,13 @@ impl IcePort {
         self.address
     }
 
+    /// Datagrams the port dropped before any leg or agent saw them, by reason.
+    pub fn discards(
+        &self,
+    ) -> [(super::consent::PortDiscard, u64); super::consent::PortDiscard::ALL.len()] {
+        self.handoffs.discards()
+    }
+
     /// Stops reading the socket (its legs closed before): the socket closes with its last
     /// owner.
     pub async fn close(&self) {

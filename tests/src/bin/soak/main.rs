@@ -1,11 +1,12 @@
-//! `cargo xtask soak [--minutes N] [--calls N] [--allocations N]`: in the edge lab, calls
+//! `cargo xtask soak [--minutes N] [--calls N] [--allocations N] [--faults LIST]`: in the edge lab, calls
 //! carrying media at 50 packets/s each way and TURN allocations with a bound channel
 //! carrying media at the same rate, for N minutes (default 10; 1,000 calls and 1,000
 //! allocations), while faults are injected on a schedule printed at the start: relayd
 //! killed with SIGKILL and started again, relayd stopped and started (as `systemctl
 //! restart`), the LAN link down for a second, 200 apps' signalling sessions dropped and
 //! reconnected at once, churn (100 calls hung up and 100 new ones answered, 100 allocations
-//! made, used and deleted), a configuration reload (SIGHUP). relayd keeps its calls and
+//! made, used and deleted), a configuration reload (SIGHUP). `--faults churn,reload` keeps
+//! those only (names: kill, restart, link-flap, reconnects, churn, reload). relayd keeps its calls and
 //! allocations in a state store, so they survive its restarts.
 //!
 //! The steady media is one paced generator on the calls' and the allocations' own
@@ -66,6 +67,28 @@ enum Fault {
 }
 
 impl Fault {
+    const ALL: [Fault; 6] = [
+        Fault::Kill,
+        Fault::Restart,
+        Fault::LinkFlap,
+        Fault::Reconnects,
+        Fault::Churn,
+        Fault::Reload,
+    ];
+
+    /// Its name on the command line (`--faults`).
+    fn key(self) -> &'static str {
+        match self {
+            Fault::None => "none",
+            Fault::Kill => "kill",
+            Fault::Restart => "restart",
+            Fault::LinkFlap => "link-flap",
+            Fault::Reconnects => "reconnects",
+            Fault::Churn => "churn",
+            Fault::Reload => "reload",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Fault::None => "-",
@@ -80,7 +103,7 @@ impl Fault {
 }
 
 /// Every other slice is quiet, so that each fault's loss stands alone.
-const SCHEDULE: [Fault; 12] = [
+const DEFAULT_SCHEDULE: [Fault; 12] = [
     Fault::None,
     Fault::Kill,
     Fault::None,
@@ -141,6 +164,32 @@ struct Slice {
     open_files: usize,
     calls_alive: u64,
     allocations: u64,
+}
+
+/// The schedule: every fault, or those `--faults` names (comma-separated), each after a
+/// quiet slice. With one fault (`--faults churn`), it comes every other slice, without
+/// the restarts that would hide growth within one relayd's life.
+fn schedule() -> Vec<Fault> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(list) = args
+        .iter()
+        .position(|a| a == "--faults")
+        .and_then(|i| args.get(i + 1))
+    else {
+        return DEFAULT_SCHEDULE.to_vec();
+    };
+    let mut schedule = Vec::new();
+    for key in list.split(',') {
+        let fault = Fault::ALL
+            .into_iter()
+            .find(|fault| fault.key() == key)
+            .unwrap_or_else(|| {
+                let keys: Vec<_> = Fault::ALL.iter().map(|fault| fault.key()).collect();
+                panic!("--faults: {key:?} is not one of {}", keys.join(", "))
+            });
+        schedule.extend([Fault::None, fault]);
+    }
+    schedule
 }
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -317,10 +366,11 @@ fn main() {
     let calls = arg("--calls", 1000) as usize;
     let allocations = arg("--allocations", 1000) as usize;
     let slices = (minutes * 60).div_ceil(SLICE_SECS) as usize;
+    let schedule = schedule();
     println!(
         "soak: {calls} calls and {allocations} TURN allocations at 50 packets/s each way for {minutes} min, in slices of {SLICE_SECS} s; faults at the start of these slices:"
     );
-    for (index, fault) in SCHEDULE.iter().cycle().take(slices).enumerate() {
+    for (index, fault) in schedule.iter().cycle().take(slices).enumerate() {
         if *fault != Fault::None {
             println!("  {:>5} s  {}", index as u64 * SLICE_SECS, fault.name());
         }
@@ -459,7 +509,7 @@ fn main() {
     let started = Instant::now();
     let mut report = Vec::new();
     let mut churns = Vec::new();
-    for (index, fault) in SCHEDULE.iter().cycle().take(slices).enumerate() {
+    for (index, fault) in schedule.iter().cycle().take(slices).enumerate() {
         let at_secs = index as u64 * SLICE_SECS;
         let before = (
             Counted::read(&lab, CALL_COUNTERS),
