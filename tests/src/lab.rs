@@ -282,6 +282,11 @@ impl EdgeLab {
     }
 }
 
+/// `[connections]` for a lab whose many apps all come from the NAT's one public address
+/// (as behind a carrier-grade NAT): the default 256 connections per source would refuse
+/// all but the first 256 apps' signalling. To append to [`calls_config`]'s `extra`.
+pub const APPS_BEHIND_ONE_NAT: &str = "\n[connections]\nmax_per_source = 4096\n";
+
 /// `[turn]` for the edge lab, to append to [`calls_config`]'s `extra`: TURN on the relay's
 /// WAN address (:3478), relayed addresses there too, user `app`/`app-secret`, and the
 /// relay's own ICE address as an allowed peer (a documentation range here, which the

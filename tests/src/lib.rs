@@ -9,6 +9,7 @@ pub mod app;
 pub mod bench;
 pub mod config_file;
 pub mod dtls_app;
+pub mod fleet;
 pub mod generator;
 pub mod kamailio;
 pub mod lab;

@@ -37,7 +37,7 @@ use relay_tests::{
     config_file::ConfigFile,
     dtls_app::{dtls_answer, fingerprint, handshake},
     generator::paced_udp_each,
-    lab::{EdgeLab, anchor_config},
+    lab::{APPS_BEHIND_ONE_NAT, EdgeLab, anchor_config},
     measure::{host_busy_ns, process_cpu_ns},
     netns::{PinDir, enter_by_name},
     ng::NgClient,
@@ -194,7 +194,7 @@ fn bench_config(pins: &PinDir, extra: &str) -> ConfigFile {
         "acme",
         API_KEY,
         &format!(
-            "port_range = \"40000-43999\"\nice_timeout_secs = 60\nstats_interval_secs = 0\n{extra}"
+            "port_range = \"40000-43999\"\nice_timeout_secs = 60\nstats_interval_secs = 0\n{extra}{APPS_BEHIND_ONE_NAT}"
         ),
     )
     // Waves of calls send the controller bursts of results and events.

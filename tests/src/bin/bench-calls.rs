@@ -17,20 +17,17 @@
 use std::{
     collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use relay_tests::{
-    app::{App, talk},
     bench::{Controller, PbxEcho, add_call_counters, counter, loss, percentile},
     config_file::ConfigFile,
+    fleet::{self, Fleet},
     generator::paced_udp,
-    lab::{EdgeLab, calls_config},
+    lab::{APPS_BEHIND_ONE_NAT, EdgeLab, calls_config},
     measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, xdp_run_stats},
     netns::{PinDir, enter_by_name},
     relayd::Relayd,
@@ -112,7 +109,9 @@ fn run(path: Path) -> (Setup, Vec<Step>) {
         &pins.path,
         "acme",
         API_KEY,
-        "port_range = \"40000-43999\"\nice_timeout_secs = 60\nmedia_timeout_secs = 600\nstats_interval_secs = 0",
+        &format!(
+            "port_range = \"40000-43999\"\nice_timeout_secs = 60\nmedia_timeout_secs = 600\nstats_interval_secs = 0{APPS_BEHIND_ONE_NAT}"
+        ),
     )
     // Waves of calls send the controller bursts of results and events.
     .replace("[signalling]\n", "[signalling]\nqueue_length = 4096\n");
@@ -133,33 +132,31 @@ fn run(path: Path) -> (Setup, Vec<Step>) {
 
     // The apps, in their namespace on a thread of their own: connected and waiting.
     let (addresses_tx, addresses) = std::sync::mpsc::channel::<SocketAddr>();
-    let connected = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
+    let fleet = Arc::new(Fleet::default());
     let apps = {
-        let (app_ns, fingerprint, connected, done) = (
-            lab.app.name.clone(),
-            fingerprint.clone(),
-            connected.clone(),
-            done.clone(),
-        );
+        let (app_ns, fingerprint, fleet) =
+            (lab.app.name.clone(), fingerprint.clone(), fleet.clone());
         thread::spawn(move || {
             enter_by_name(&app_ns);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(run_apps(tokens, fingerprint, addresses_tx, connected, done))
+            let steady = tokens.len();
+            relay_tests::runtime().block_on(fleet::run(
+                tokens,
+                steady,
+                fingerprint,
+                addresses_tx,
+                fleet,
+            ))
         })
     };
     let waiting = Instant::now();
-    while connected.load(Ordering::Relaxed) < max_calls() as u64
+    while fleet.connected.load(Ordering::Relaxed) < max_calls() as u64
         && waiting.elapsed() < Duration::from_secs(120)
     {
         thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
         "bench calls: {} apps connected in {:.1} s",
-        connected.load(Ordering::Relaxed),
+        fleet.connected.load(Ordering::Relaxed),
         waiting.elapsed().as_secs_f64()
     );
 
@@ -177,52 +174,10 @@ fn run(path: Path) -> (Setup, Vec<Step>) {
     eprintln!("bench calls: {} calls up", app_addresses.len());
     let steps = load_steps(&lab, &relayd, &app_addresses, path);
 
-    done.store(true, Ordering::Relaxed);
+    fleet.done.store(true, Ordering::Relaxed);
     let _ = apps.join();
     drop(controller);
     (setup, steps)
-}
-
-/// Every app connects, answers the call it gets, talks for a second (50 packets), tells its
-/// address, and stays (ICE consent) until `done`.
-async fn run_apps(
-    tokens: Vec<String>,
-    fingerprint: String,
-    addresses: std::sync::mpsc::Sender<SocketAddr>,
-    connected: Arc<AtomicU64>,
-    done: Arc<AtomicBool>,
-) {
-    let connecting = Arc::new(tokio::sync::Semaphore::new(20));
-    let mut tasks = Vec::new();
-    for token in tokens {
-        let (fingerprint, addresses, connected, done, connecting) = (
-            fingerprint.clone(),
-            addresses.clone(),
-            connected.clone(),
-            done.clone(),
-            connecting.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut app = {
-                let _permit = connecting.acquire().await.unwrap();
-                App::in_edge_lab(&fingerprint, &token).await
-            };
-            connected.fetch_add(1, Ordering::Relaxed);
-            let incoming = app.next_within(Duration::from_secs(600)).await;
-            let media = app.answer(&incoming).await;
-            talk(&media, 0, 50).await;
-            if let Ok(local) = media.local_addr() {
-                let _ = addresses.send(local);
-            }
-            while !done.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            app.close().await;
-        }));
-    }
-    for task in tasks {
-        let _ = task.await;
-    }
 }
 
 /// Creates the calls: SEQUENTIAL one at a time, then waves; times each to its first RTP at

@@ -18,7 +18,6 @@
 //! none), and every log line at WARN or above, grouped; relayd's whole log is kept in a
 //! file whose path is printed.
 
-mod apps;
 mod turn;
 
 use std::{
@@ -32,8 +31,9 @@ use std::{
 use relay_tests::{
     bench::{Controller, PbxEcho, add_call_counters, add_counter, counter, loss},
     config_file::ConfigFile,
+    fleet,
     generator::paced_udp_each,
-    lab::{EdgeLab, calls_config},
+    lab::{APPS_BEHIND_ONE_NAT, EdgeLab, calls_config},
     netns::{PinDir, enter_by_name},
     relayd::{Relayd, StateFile},
     require_root,
@@ -264,8 +264,7 @@ fn config(pins: &PinDir) -> String {
     .replace("[signalling]\n", "[signalling]\nqueue_length = 4096\n")
         + &format!(
             r#"
-[connections]
-max_per_source = 4096
+{APPS_BEHIND_ONE_NAT}
 [turn]
 enabled = true
 listen = ["{TURN_SERVER}"]
@@ -422,12 +421,12 @@ fn main() {
     } = Controller::connect(&lab, &fingerprint, API_KEY, "user", calls + CHURN_CALLS);
 
     let (addresses_tx, addresses) = std::sync::mpsc::channel::<SocketAddr>();
-    let apps = Arc::new(apps::Apps::default());
+    let apps = Arc::new(fleet::Fleet::default());
     let apps_thread = {
         let (app_ns, fingerprint, apps) = (lab.app.name.clone(), fingerprint.clone(), apps.clone());
         thread::spawn(move || {
             enter_by_name(&app_ns);
-            relay_tests::runtime().block_on(apps::run(
+            relay_tests::runtime().block_on(fleet::run(
                 tokens,
                 calls,
                 fingerprint,

@@ -1,5 +1,5 @@
-//! The soak's apps, in the app's namespace behind the NAT: one signalling session and one
-//! call each. The steady apps answer their call, talk for a second, tell the soak their
+//! Many apps at once for the benchmarks and the soak, in the edge lab's app namespace
+//! behind the NAT: one signalling session and one call each. The steady apps answer their call, talk for a second, tell the soak their
 //! media address (the generator's flows) and stay; the first [`RECONNECTS`] of them open a
 //! new signalling session at each reconnect round. The churned apps take a new call at
 //! each churn round: they reconnect their signalling (their session may have gone with a
@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use relay_tests::{
+use crate::{
     app::{App, talk},
     signalling_client::receive_within,
 };
@@ -25,7 +25,7 @@ pub const RECONNECTS: usize = 200;
 
 /// Rounds the soak starts (reconnects, churn) and what the apps did.
 #[derive(Default)]
-pub struct Apps {
+pub struct Fleet {
     pub done: AtomicBool,
     /// Steady apps with a session.
     pub connected: AtomicU64,
@@ -40,13 +40,14 @@ pub struct Apps {
     pub churn_echoed: AtomicU64,
 }
 
-/// Runs `steady` apps with the first tokens and churned ones with the rest, until `done`.
+/// Runs `steady` apps with the first tokens and churned ones with the rest, until `done`;
+/// the calling thread is in the app's namespace.
 pub async fn run(
     tokens: Vec<String>,
     steady: usize,
     fingerprint: String,
     addresses: std::sync::mpsc::Sender<SocketAddr>,
-    apps: Arc<Apps>,
+    apps: Arc<Fleet>,
 ) {
     let connecting = Arc::new(tokio::sync::Semaphore::new(20));
     let mut tasks = Vec::new();
@@ -81,7 +82,7 @@ async fn steady_app(
     fingerprint: &str,
     token: &str,
     addresses: std::sync::mpsc::Sender<SocketAddr>,
-    apps: &Apps,
+    apps: &Fleet,
 ) {
     let incoming = app.next_within(Duration::from_secs(600)).await;
     let media = app.answer(&incoming).await;
@@ -103,7 +104,7 @@ async fn steady_app(
     app.close().await;
 }
 
-async fn churned_app(mut app: App, fingerprint: &str, token: &str, apps: &Apps) {
+async fn churned_app(mut app: App, fingerprint: &str, token: &str, apps: &Fleet) {
     // The first call is placed with the steady ones'.
     let mut round = 0;
     let mut ringing = true;
