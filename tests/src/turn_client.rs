@@ -22,6 +22,31 @@ pub struct BoundChannel {
     _socket: std::net::UdpSocket,
 }
 
+/// A client of `server` on `socket` with long-term credentials, listening (reading its
+/// socket); the realm is taken from the server's 401.
+pub async fn listening(
+    socket: tokio::net::UdpSocket,
+    server: SocketAddr,
+    username: &str,
+    password: &str,
+) -> Result<Client, String> {
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: username.into(),
+        password: password.into(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(socket),
+        vnet: None,
+    })
+    .await
+    .map_err(|e| format!("turn client: {e}"))?;
+    client.listen().await.map_err(|e| e.to_string())?;
+    Ok(client)
+}
+
 /// Allocates on `server` from `local` (port 0: any) in `ns` with long-term credentials, creates a permission and
 /// binds a channel to `peer` (the client's first datagram toward it does both), then stops
 /// the client without deleting the allocation: it lives its lifetime (10 minutes by
@@ -44,21 +69,7 @@ pub fn bind_channel(
     let client = socket.local_addr().map_err(|e| e.to_string())?;
     let relayed = runtime.block_on(async {
         let socket = tokio::net::UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
-        let client = Client::new(ClientConfig {
-            stun_serv_addr: server.to_string(),
-            turn_serv_addr: server.to_string(),
-            username: username.into(),
-            password: password.into(),
-            // Taken from the server's 401 answer.
-            realm: String::new(),
-            software: String::new(),
-            rto_in_ms: 0,
-            conn: Arc::new(socket),
-            vnet: None,
-        })
-        .await
-        .map_err(|e| format!("turn client: {e}"))?;
-        client.listen().await.map_err(|e| e.to_string())?;
+        let client = listening(socket, server, username, password).await?;
         let relay = client
             .allocate()
             .await

@@ -4,17 +4,16 @@
 //! adopts its flows with their counters, and manages it again: its client deletes it with
 //! the nonce it held from before, and an operator's revoke removes an allocation's flows.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use relay_tests::{
     config_file::ConfigFile,
     lab::{ThreeHosts, turn_config},
     netns::PinDir,
     relayd::{Relayd, StateFile},
-    require_root,
+    require_root, turn_client,
 };
 use tokio::{net::UdpSocket, time::timeout};
-use turn::client::{Client, ClientConfig};
 use webrtc_util::Conn;
 
 const SERVER: &str = "10.10.1.1:3478";
@@ -66,20 +65,14 @@ fn allocations_survive_a_restart_and_their_media_never_stops() {
         client_socket.set_nonblocking(true).unwrap();
         peer_socket.set_nonblocking(true).unwrap();
         let peer = UdpSocket::from_std(peer_socket).unwrap();
-        let client = Client::new(ClientConfig {
-            stun_serv_addr: SERVER.into(),
-            turn_serv_addr: SERVER.into(),
-            username: "alice".into(),
-            password: "wonderland".into(),
-            realm: String::new(),
-            software: String::new(),
-            rto_in_ms: 0,
-            conn: Arc::new(UdpSocket::from_std(client_socket).unwrap()),
-            vnet: None,
-        })
+        let client = turn_client::listening(
+            UdpSocket::from_std(client_socket).unwrap(),
+            SERVER.parse().unwrap(),
+            "alice",
+            "wonderland",
+        )
         .await
         .unwrap();
-        client.listen().await.unwrap();
         let relay = client.allocate().await.unwrap();
         let relayed = relay.local_addr().unwrap();
         // Permission and channel; then the channel's media goes through XDP.
@@ -180,20 +173,14 @@ fn allocations_survive_a_restart_and_their_media_never_stops() {
         // A revoke removes an allocation and its flows.
         let second_socket = lab.client.udp_socket("10.10.1.2:0".parse().unwrap());
         second_socket.set_nonblocking(true).unwrap();
-        let second = Client::new(ClientConfig {
-            stun_serv_addr: SERVER.into(),
-            turn_serv_addr: SERVER.into(),
-            username: "alice".into(),
-            password: "wonderland".into(),
-            realm: String::new(),
-            software: String::new(),
-            rto_in_ms: 0,
-            conn: Arc::new(UdpSocket::from_std(second_socket).unwrap()),
-            vnet: None,
-        })
+        let second = turn_client::listening(
+            UdpSocket::from_std(second_socket).unwrap(),
+            SERVER.parse().unwrap(),
+            "alice",
+            "wonderland",
+        )
         .await
         .unwrap();
-        second.listen().await.unwrap();
         let relay = second.allocate().await.unwrap();
         relay
             .send_to(b"hello", PEER.parse().unwrap())

@@ -17,7 +17,8 @@ use std::{
     time::Duration,
 };
 
-use turn::client::{Client, ClientConfig};
+use relay_tests::turn_client;
+use turn::client::Client;
 use webrtc_util::Conn;
 
 /// The TURN user of the soak's configuration.
@@ -61,20 +62,7 @@ async fn allocate(
         .await
         .map_err(|e| format!("bind: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: server.to_string(),
-        turn_serv_addr: server.to_string(),
-        username: USERNAME.into(),
-        password: PASSWORD.into(),
-        realm: String::new(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(socket),
-        vnet: None,
-    })
-    .await
-    .map_err(|e| format!("turn client: {e}"))?;
-    client.listen().await.map_err(|e| e.to_string())?;
+    let client = turn_client::listening(socket, server, USERNAME, PASSWORD).await?;
     let relay = client
         .allocate()
         .await
