@@ -66,6 +66,67 @@ pub struct CallRecord {
     pub sent_to_pbx: String,
     pub app_mids: Vec<String>,
     pub ice: IceRecord,
+    /// A bridged call's media security (None: the media goes as it is).
+    #[serde(default)]
+    pub media: Option<MediaRecord>,
+}
+
+/// The media security of a call whose legs the relay terminates: what each side was told
+/// and agreed to, and each SRTP leg's keys and how far its packets went. Keys are here:
+/// the file is the owner's only.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MediaRecord {
+    pub app_proto: String,
+    pub pbx_proto: String,
+    pub app: LegRecord,
+    pub pbx: LegRecord,
+}
+
+/// One leg's security as its SDP says it, and its SRTP once keyed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LegRecord {
+    pub security: LegSecurity,
+    pub srtp: Option<SrtpRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum LegSecurity {
+    Plain,
+    /// `a=crypto` values: the relay's and the side's.
+    Sdes {
+        own: String,
+        peer: Option<String>,
+    },
+    /// The relay's `a=setup` value, the side's `a=fingerprint` value and the relay's DTLS
+    /// role (`client` or `server`).
+    Dtls {
+        setup: String,
+        fingerprint: Option<String>,
+        role: Option<String>,
+    },
+}
+
+/// An SRTP leg: its suite (`a=crypto` name), master keys and salts (the side's and the
+/// relay's), and the indices each direction reached per SSRC.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SrtpRecord {
+    pub suite: String,
+    pub peer_key_salt: Vec<u8>,
+    pub own_key_salt: Vec<u8>,
+    /// What the side sent the relay.
+    pub inbound: Vec<SsrcRecord>,
+    /// What the relay sent the side.
+    pub outbound: Vec<SsrcRecord>,
+}
+
+/// The highest SRTP packet index (rollover counter and sequence number) and SRTCP index of
+/// one SSRC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SsrcRecord {
+    pub ssrc: u32,
+    pub rtp: Option<u64>,
+    pub rtcp: Option<u32>,
 }
 
 /// A connected ICE leg toward the app.
@@ -175,29 +236,47 @@ impl StateStore {
     /// The secret `name` of `bytes` random bytes: the stored one, or one made now and
     /// stored (a first start, or a store written before it was kept).
     pub fn secret(&self, name: &str, bytes: usize) -> Result<Vec<u8>, StateError> {
+        self.kept(
+            name,
+            |stored| stored.len() == bytes,
+            || {
+                let mut secret = vec![0u8; bytes];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                    .map_err(|_| "the system random generator failed".to_owned())?;
+                Ok(secret)
+            },
+        )
+    }
+
+    /// The value `name` (a secret, a certificate): the stored one when `valid` takes it,
+    /// else one `make` makes now, stored.
+    pub fn kept(
+        &self,
+        name: &str,
+        valid: impl FnOnce(&[u8]) -> bool,
+        make: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Result<Vec<u8>, StateError> {
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
-        let secret = {
+        let value = {
             let mut table = write.open_table(SECRETS).map_err(|e| self.error(e))?;
             let stored = table
                 .get(name)
                 .map_err(|e| self.error(e))?
                 .map(|value| value.value().to_vec())
-                .filter(|stored| stored.len() == bytes);
+                .filter(|stored| valid(stored));
             match stored {
                 Some(stored) => stored,
                 None => {
-                    let mut secret = vec![0u8; bytes];
-                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-                        .map_err(|_| self.error("the system random generator failed"))?;
+                    let value = make().map_err(|e| self.error(e))?;
                     table
-                        .insert(name, secret.as_slice())
+                        .insert(name, value.as_slice())
                         .map_err(|e| self.error(e))?;
-                    secret
+                    value
                 }
             }
         };
         write.commit().map_err(|e| self.error(e))?;
-        Ok(secret)
+        Ok(value)
     }
 
     fn save<T: serde::Serialize>(
@@ -329,6 +408,32 @@ mod tests {
                 local_type: "host".into(),
                 remote_type: "prflx".into(),
             },
+            media: Some(MediaRecord {
+                app_proto: "UDP/TLS/RTP/SAVPF".into(),
+                pbx_proto: "RTP/AVP".into(),
+                app: LegRecord {
+                    security: LegSecurity::Dtls {
+                        setup: "passive".into(),
+                        fingerprint: Some("sha-256 AB:CD".into()),
+                        role: Some("server".into()),
+                    },
+                    srtp: Some(SrtpRecord {
+                        suite: "AEAD_AES_128_GCM".into(),
+                        peer_key_salt: vec![1; 28],
+                        own_key_salt: vec![2; 28],
+                        inbound: vec![SsrcRecord {
+                            ssrc: 9,
+                            rtp: Some(0x1_0002),
+                            rtcp: Some(4),
+                        }],
+                        outbound: vec![],
+                    }),
+                },
+                pbx: LegRecord {
+                    security: LegSecurity::Plain,
+                    srtp: None,
+                },
+            }),
         };
         {
             let store = StateStore::open(&path).unwrap();

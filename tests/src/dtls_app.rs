@@ -2,14 +2,16 @@
 //! WebRTC app: the webrtc-rs `dtls` crate as the client on the app's ICE connection, the
 //! SRTP keys from its exporter, and the app's SDP answer naming its certificate.
 
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use async_trait::async_trait;
 use dtls::{
     config::Config, conn::DTLSConn, crypto::Certificate,
     extension::extension_use_srtp::SrtpProtectionProfile,
 };
+use tokio::sync::{Mutex, mpsc};
 use webrtc_srtp::{context::Context, protection_profile::ProtectionProfile};
-use webrtc_util::KeyingMaterialExporter;
+use webrtc_util::{Conn, KeyingMaterialExporter};
 
 use crate::app::Media;
 
@@ -43,6 +45,113 @@ pub async fn handshake(
     media: Media,
     certificate: Certificate,
 ) -> Result<(DTLSConn, Context), String> {
+    let both = handshake_both_ways(media, certificate).await?;
+    Ok((both.conn, both.send))
+}
+
+/// The app's DTLS-SRTP: the association, the context it sends with and the one it
+/// unprotects the relay's packets with (the server write key and salt), and the packets
+/// from the relay that are not DTLS.
+pub struct DtlsSrtp {
+    pub conn: DTLSConn,
+    pub send: Context,
+    pub receive: Context,
+    pub srtp: mpsc::Receiver<Vec<u8>>,
+}
+
+/// The app's media connection seen by its DTLS association: only DTLS records (first byte
+/// 20-63, RFC 7983); a task reading the connection puts the other packets on a queue of
+/// their own.
+struct DtlsRecords {
+    records: Mutex<mpsc::Receiver<Vec<u8>>>,
+    media: Media,
+}
+
+fn demultiplexed(media: Media) -> (DtlsRecords, mpsc::Receiver<Vec<u8>>) {
+    let (records_tx, records) = mpsc::channel(64);
+    let (srtp_tx, srtp) = mpsc::channel(1024);
+    let reader = media.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok(n) = reader.recv(&mut buf).await {
+            let queue = match buf.first() {
+                Some(20..=63) => &records_tx,
+                _ => &srtp_tx,
+            };
+            let _ = queue.try_send(buf[..n].to_vec());
+        }
+    });
+    (
+        DtlsRecords {
+            records: Mutex::new(records),
+            media,
+        },
+        srtp,
+    )
+}
+
+#[async_trait]
+impl Conn for DtlsRecords {
+    async fn connect(&self, _: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other("already connected".into()))
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        let record = self
+            .records
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(webrtc_util::Error::ErrClosedListener)?;
+        let n = record.len().min(buf.len());
+        buf[..n].copy_from_slice(&record[..n]);
+        Ok(n)
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let n = self.recv(buf).await?;
+        let from = self
+            .media
+            .remote_addr()
+            .ok_or(webrtc_util::Error::ErrClosedListener)?;
+        Ok((n, from))
+    }
+
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        self.media.send(buf).await
+    }
+
+    async fn send_to(&self, buf: &[u8], _: SocketAddr) -> webrtc_util::Result<usize> {
+        self.media.send(buf).await
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        self.media.local_addr()
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        self.media.remote_addr()
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        self.records.lock().await.close();
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// The DTLS client on the app's media connection and both SRTP contexts; the connection
+/// is read from now on by a task that keeps the relay's SRTP apart for [`talk_srtp`].
+pub async fn handshake_both_ways(
+    media: Media,
+    certificate: Certificate,
+) -> Result<DtlsSrtp, String> {
+    let (records, srtp) = demultiplexed(media);
+    let media: Media = Arc::new(records);
     let config = Config {
         certificates: vec![certificate],
         insecure_skip_verify: true,
@@ -62,13 +171,67 @@ pub async fn handshake(
         .export_keying_material("EXTRACTOR-dtls_srtp", &[], 60)
         .await
         .map_err(|err| err.to_string())?;
-    let context = Context::new(
-        &material[..16],
-        &material[32..46],
-        ProtectionProfile::Aes128CmHmacSha1_80,
-        None,
-        None,
-    )
-    .map_err(|err| err.to_string())?;
-    Ok((conn, context))
+    let context = |key: &[u8], salt: &[u8]| {
+        Context::new(
+            key,
+            salt,
+            ProtectionProfile::Aes128CmHmacSha1_80,
+            None,
+            None,
+        )
+        .map_err(|err| err.to_string())
+    };
+    Ok(DtlsSrtp {
+        send: context(&material[..16], &material[32..46])?,
+        receive: context(&material[16..32], &material[46..60])?,
+        conn,
+        srtp,
+    })
+}
+
+/// A numbered RTP packet (`traffic::numbered`) whose sequence number is the number's low
+/// 16 bits: a stream numbered from near 65,535 rolls its sequence numbers over.
+fn sequenced(number: u32) -> Vec<u8> {
+    let mut packet = crate::traffic::numbered(number);
+    packet[2..4].copy_from_slice(&(number as u16).to_be_bytes());
+    packet
+}
+
+/// Sends `count` numbered packets from `first` as SRTP at 50 per second and counts the
+/// echoes that unprotect and carry a number sent, over the exchange and a second after it.
+pub async fn talk_srtp(media: &Media, srtp: &mut DtlsSrtp, first: u32, count: u32) -> u32 {
+    let mut echoed = vec![false; count as usize];
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    let mut next = first;
+    let mut grace = None;
+    loop {
+        let grace_over = async {
+            match grace {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = pace.tick(), if grace.is_none() => {
+                let protected = srtp.send.encrypt_rtp(&sequenced(next)).expect("SRTP");
+                let _ = media.send(&protected).await;
+                next += 1;
+                if next == first + count {
+                    grace = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+            received = srtp.srtp.recv() => {
+                let Some(packet) = received else { break };
+                let Ok(plain) = srtp.receive.decrypt_rtp(&packet) else { continue };
+                if let Some(index) = crate::traffic::sequence_of(&plain)
+                    .and_then(|number| number.checked_sub(first))
+                    .filter(|index| *index < count)
+                {
+                    echoed[index as usize] = true;
+                }
+            }
+            _ = grace_over => break,
+        }
+    }
+    echoed.iter().filter(|echoed| **echoed).count() as u32
 }

@@ -14,10 +14,12 @@ use std::{
     time::Duration,
 };
 
+use dtls::crypto::Certificate;
 use relay_tests::{
     app::{App, talk},
     config_file::ConfigFile,
-    lab::{EdgeLab, calls_config},
+    dtls_app::{dtls_answer, fingerprint as dtls_fingerprint, handshake_both_ways, talk_srtp},
+    lab::{EdgeLab, anchor_config, calls_config},
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     recv_async,
@@ -347,4 +349,154 @@ fn a_stopped_and_started_relayd_keeps_the_calls_and_their_media() {
 #[test]
 fn a_killed_relayd_keeps_the_calls_and_their_media() {
     restart_keeps_the_call(true);
+}
+
+/// Numbers of the bridged call's packets: the app's SRTP sequence numbers (their low 16
+/// bits) roll over 1.3 s into the stretch across the restart, after the call's first record
+/// (within a second of connecting) and about when the kill comes (1.5 s): the next relayd
+/// infers the rollover counter from the recorded index (RFC 3711 appendix A).
+const BRIDGED_FIRST: u32 = 65_536 - 65;
+
+/// A bridged call (DTLS-SRTP toward the app, plain RTP toward the PBX; the relay carries
+/// every packet) survives relayd being killed: the store kept each leg's keys and how far
+/// its packets went, the next relayd unprotects the app's SRTP and protects the PBX's
+/// echoes with the same keys from there on, across a rollover of the sequence numbers
+/// the store did not see; the DTLS certificate (the fingerprint the app checked) is the
+/// same. Packets sent while no relayd ran are lost; counted.
+#[test]
+fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let state = StateFile::new("bridged-state-");
+    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
+    let mut relayd = start_with_store(&lab, &config, &state);
+    let at_pbx = Arc::new(AtomicU32::new(0));
+    let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    runtime().block_on(async {
+        let echo = tokio::spawn(counting_echo(echo_socket, at_pbx.clone()));
+        let fingerprint = relayd.signalling_fingerprint();
+        let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let (connected_tx, connected) = mpsc::channel();
+        let app_ns = lab.app.name.clone();
+        let app = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::in_edge_lab(&fingerprint, &token).await;
+                connected_tx.send(String::new()).unwrap();
+                let incoming = app.next_within(Duration::from_secs(10)).await;
+                let relay_fingerprint = incoming["sdp"]
+                    .as_str()
+                    .unwrap()
+                    .split("\r\n")
+                    .find_map(|line| line.strip_prefix("a=fingerprint:"))
+                    .unwrap()
+                    .to_owned();
+                let certificate = Certificate::generate_self_signed(vec!["app".to_owned()]).unwrap();
+                let own = dtls_fingerprint(certificate.certificate[0].as_ref());
+                let media = app
+                    .answer_edited(&incoming, |answer| dtls_answer(answer, &own), None)
+                    .await;
+                let mut srtp = handshake_both_ways(media.clone(), certificate)
+                    .await
+                    .expect("the relay completes the handshake");
+                connected_tx.send(relay_fingerprint).unwrap();
+                let across = talk_srtp(&media, &mut srtp, BRIDGED_FIRST, ACROSS).await;
+                let after = talk_srtp(&media, &mut srtp, BRIDGED_FIRST + ACROSS, AFTER).await;
+                let mut again = App::in_edge_lab(&fingerprint, &token).await;
+                let restored = receive_within(&mut again.signalling, Duration::from_secs(5))
+                    .await
+                    .unwrap_or_default();
+                app.close().await;
+                again.close().await;
+                AppSide {
+                    across,
+                    after,
+                    restored,
+                }
+            })
+        });
+        let (_, connected) = recv_async(connected).await;
+        let created = request(
+            &mut controller,
+            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let call = created["call"].clone();
+        let (relay_fingerprint, _connected) = recv_async(connected).await;
+        let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
+        assert_eq!(shown["bridged"]["dtls"], "connected", "{shown}");
+        // Written within a second of the call connecting; the rollover comes after it.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        relayd.kill();
+        let old_log = relayd.log();
+        drop(controller);
+        let started = std::time::Instant::now();
+        relayd = start_with_store(&lab, &config, &state);
+        let restart = started.elapsed();
+        assert!(
+            relayd.log().contains("call restored from the state store"),
+            "before:\n{old_log}\nafter:\n{}",
+            relayd.log()
+        );
+        assert!(
+            relayd.log().contains(&relay_fingerprint),
+            "the same DTLS certificate ({relay_fingerprint}):\n{}",
+            relayd.log()
+        );
+        let calls = relayd.ctl_json(&["calls", "list"]);
+        assert_eq!(calls["calls"][0]["call"], call, "{calls}\n{}", relayd.log());
+        assert_eq!(calls["calls"][0]["state"], "connected", "{calls}");
+        let mut controller = lab
+            .controller(&relayd.signalling_fingerprint(), "acme", API_KEY)
+            .await;
+        let restored = receive_within(&mut controller, Duration::from_secs(5))
+            .await
+            .unwrap_or_default();
+        assert_eq!(
+            (&restored["event"], &restored["state"], &restored["call"]),
+            (&json!("call.state"), &json!("restored"), &call),
+            "{restored}\n{}",
+            relayd.log()
+        );
+        let app = tokio::task::spawn_blocking(move || app.join().unwrap())
+            .await
+            .unwrap();
+        let to_pbx = at_pbx.load(Ordering::Relaxed);
+        let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
+        eprintln!(
+            "bridged, killed: relayd back in {restart:?}; the PBX got {to_pbx} of {} packets, the app {} of {ACROSS} echoes across the restart and {} of {AFTER} after it; after the restart: {}",
+            ACROSS + AFTER,
+            app.across,
+            app.after,
+            shown["bridged"]
+        );
+        assert_eq!(
+            (&app.restored["event"], &app.restored["state"]),
+            (&json!("call.state"), &json!("restored")),
+            "{}\n{}",
+            app.restored,
+            relayd.log()
+        );
+        // Only what was sent while no relayd ran is lost: the restart takes well under
+        // the 3 s of the stretch across it. After it, every packet both ways: the keys and
+        // rollover counters went on (a wrong rollover counter fails every tag).
+        assert!(app.across >= ACROSS / 2, "{}", relayd.log());
+        assert!(app.after >= AFTER * 98 / 100, "{}", relayd.log());
+        assert!(to_pbx >= app.across + app.after, "{}", relayd.log());
+        assert_eq!(shown["bridged"]["auth_failures"], 0, "{shown}");
+        // Keys are in the store, never in the log.
+        let store = std::fs::read(&state.0).unwrap();
+        assert!(!store.is_empty());
+        assert!(!relayd.log().contains("inline:"), "{}", relayd.log());
+        let hung_up = request(
+            &mut controller,
+            json!({"type": "call.hangup", "id": 3, "call": call}),
+        )
+        .await;
+        assert_eq!(hung_up["type"], "result", "{hung_up}");
+        echo.abort();
+    });
 }

@@ -21,8 +21,9 @@ use crate::{
     media::{
         MediaCounters, SrtpError, SrtpSession,
         dtls::{self, Demux, DtlsError, demux},
-        srtp::is_rtcp,
+        srtp::{RecordError, is_rtcp},
     },
+    state::SrtpRecord,
     time::monotonic_ns,
 };
 
@@ -52,13 +53,100 @@ pub(super) struct Bridge {
     association: tokio::sync::Mutex<Option<::dtls::conn::DTLSConn>>,
     /// Told when the app leg's keys are in place.
     keyed: tokio::sync::Notify,
+    /// The SRTP legs (app, PBX) as last handed to the state store.
+    recorded: Mutex<Option<LegRecords>>,
 }
+
+/// Each leg's SRTP as the state store keeps it: the app's, the PBX's.
+pub(super) type LegRecords = [Option<SrtpRecord>; 2];
 
 /// SRTP from the app held while the relay finishes its side of the DTLS handshake (as DTLS
 /// client it derives the keys after the app, which may send at once); more are dropped.
 const EARLY_SRTP: usize = 32;
 
 impl Bridge {
+    fn new(
+        app: Option<SrtpSession>,
+        app_secured: bool,
+        pbx: Option<SrtpSession>,
+        dtls: DtlsState,
+    ) -> Bridge {
+        Bridge {
+            app: Mutex::new(app),
+            app_secured,
+            pbx: Mutex::new(pbx),
+            dtls: Mutex::new(dtls),
+            toward_app: AtomicBool::new(true),
+            counters: MediaCounters::default(),
+            association: tokio::sync::Mutex::new(None),
+            keyed: tokio::sync::Notify::new(),
+            recorded: Mutex::new(None),
+        }
+    }
+
+    /// A bridge a restarted relayd takes back: its legs' SRTP from the state store, the
+    /// DTLS association (if any) left with the relayd that made it: the keys it gave are
+    /// all the media needs.
+    pub(super) fn restored(
+        plan: &MediaPlan,
+        [app, pbx]: &LegRecords,
+    ) -> Result<Bridge, RecordError> {
+        let MediaPlan::Bridged { app: app_leg, .. } = plan else {
+            return Ok(Bridge::new(None, false, None, DtlsState::None));
+        };
+        let session =
+            |record: &Option<SrtpRecord>| record.as_ref().map(SrtpSession::from_record).transpose();
+        let dtls = match app_leg {
+            AppLeg::Dtls { .. } => DtlsState::Connected,
+            _ => DtlsState::None,
+        };
+        let bridge = Bridge::new(
+            session(app)?,
+            !matches!(app_leg, AppLeg::Plain),
+            session(pbx)?,
+            dtls,
+        );
+        *bridge.recorded.lock().expect("bridge records") = Some([app.clone(), pbx.clone()]);
+        Ok(bridge)
+    }
+
+    /// The legs' SRTP for the state store, remembered as recorded; None while the app's
+    /// keys are not there yet.
+    pub(super) fn records(&self) -> Option<LegRecords> {
+        let app = self.app.lock().expect("bridge app leg");
+        if self.app_secured && app.is_none() {
+            return None;
+        }
+        let records = [
+            app.as_ref().map(SrtpSession::record),
+            self.pbx
+                .lock()
+                .expect("bridge pbx leg")
+                .as_ref()
+                .map(SrtpSession::record),
+        ];
+        *self.recorded.lock().expect("bridge records") = Some(records.clone());
+        Some(records)
+    }
+
+    /// Whether the legs' SRTP moved on from what the store holds far enough that a
+    /// restart from it could go wrong (`SrtpSession::drifted_from`), or was never recorded.
+    pub(super) fn drifted(&self) -> bool {
+        let recorded = self.recorded.lock().expect("bridge records");
+        let Some([app_record, pbx_record]) = recorded.as_ref() else {
+            return !self.waits_for_keys();
+        };
+        let moved = |session: &Mutex<Option<SrtpSession>>, record: &Option<SrtpRecord>| match (
+            session.lock().expect("bridge leg").as_ref(),
+            record,
+        ) {
+            (Some(session), Some(record)) => session.drifted_from(record),
+            (None, None) => false,
+            _ => true,
+        };
+        moved(&self.app, app_record) || moved(&self.pbx, pbx_record)
+    }
+
     pub(super) fn info(&self) -> super::BridgeInfo {
         let suite = self
             .app
@@ -139,8 +227,12 @@ impl Calls {
                 (peer.key(), peer.salt()),
                 (own.key(), own.salt()),
             )
-            .map_err(|err| {
-                tracing::warn!(call = call.id, %err, "calls: SDES keys refused by SRTP");
+            .ok_or_else(|| {
+                tracing::warn!(
+                    call = call.id,
+                    suite = own.suite.sdes_name(),
+                    "calls: SDES keys of the wrong length for their suite"
+                );
                 EndReason::MediaSecurityFailed
             })
         };
@@ -165,20 +257,16 @@ impl Calls {
                 return Err(EndReason::MediaSecurityFailed);
             }
         };
-        let bridge = Arc::new(Bridge {
-            app: Mutex::new(app_srtp),
-            app_secured: !matches!(app, AppLeg::Plain),
-            pbx: Mutex::new(pbx_srtp),
-            dtls: Mutex::new(if dtls_peer.is_some() {
+        let bridge = Arc::new(Bridge::new(
+            app_srtp,
+            !matches!(app, AppLeg::Plain),
+            pbx_srtp,
+            if dtls_peer.is_some() {
                 DtlsState::Connecting
             } else {
                 DtlsState::None
-            }),
-            toward_app: AtomicBool::new(true),
-            counters: MediaCounters::default(),
-            association: tokio::sync::Mutex::new(None),
-            keyed: tokio::sync::Notify::new(),
-        });
+            },
+        ));
         call.inner().bridge = Some(bridge.clone());
         let (records, queue) = dtls::record_queue();
         self.carry_bridged_media(call, &bridge, conn.clone(), records);
@@ -219,8 +307,9 @@ impl Calls {
         }
     }
 
-    /// The tasks that carry a bridged call's packets both ways.
-    fn carry_bridged_media(
+    /// The tasks that carry a bridged call's packets both ways; DTLS records from the app
+    /// go to `records`.
+    pub(super) fn carry_bridged_media(
         &self,
         call: &Arc<Call>,
         bridge: &Arc<Bridge>,

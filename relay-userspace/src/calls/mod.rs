@@ -281,8 +281,8 @@ impl Calls {
         // One socket carries every call's ICE, and a bridged call's media from the app.
         crate::datapath::userspace::enlarge_socket_buffers(&socket);
         let ice = IcePort::new(socket)?;
-        let identity = DtlsIdentity::generate()?;
-        tracing::info!(fingerprint = %identity.fingerprint(), "calls: the DTLS certificate toward apps");
+        let identity = dtls_identity(store.as_deref())?;
+        tracing::info!(fingerprint = %identity.fingerprint(), kept = store.is_some(), "calls: the DTLS certificate toward apps");
         tracing::info!(ice = %ice_address, lan = %settings.lan_address, ports = %settings.port_range, "calls: ready");
         Ok(Calls {
             ice,
@@ -887,6 +887,30 @@ impl Calls {
     ) -> Result<String, CallError> {
         sdp::toward_app(pbx_sdp, self.ice.address(), &local.into(), secure).map_err(CallError::from)
     }
+}
+
+/// The relay's DTLS certificate toward apps: with a state store the one it keeps (so a
+/// restored call's later answers carry the fingerprint its app has), else a new one.
+fn dtls_identity(store: Option<&StateStore>) -> anyhow::Result<DtlsIdentity> {
+    let Some(store) = store else {
+        return Ok(DtlsIdentity::generate()?);
+    };
+    let pem = store.kept(
+        "dtls-certificate",
+        |pem| {
+            std::str::from_utf8(pem)
+                .ok()
+                .is_some_and(|pem| DtlsIdentity::from_pem(pem).is_ok())
+        },
+        || {
+            DtlsIdentity::generate()
+                .map(|identity| identity.to_pem().into_bytes())
+                .map_err(|err| err.to_string())
+        },
+    )?;
+    let pem = String::from_utf8(pem)
+        .map_err(|_| anyhow::anyhow!("state store: the DTLS certificate is not PEM"))?;
+    Ok(DtlsIdentity::from_pem(&pem)?)
 }
 
 /// An SDP without the ICE credentials the relay's leg needs.

@@ -5,8 +5,14 @@
 //! flow table adopted them with, binds the same LAN ports, hands the leg to the ICE port as
 //! connected and follows the call as before: the app's consent checks are answered with the
 //! same credentials, the PBX sees the same address, and the media never left the kernel.
-//! Bridged calls (the relay terminates DTLS-SRTP or SDES) are not recorded: their keys and
-//! rollover counters live in the relay's DTLS and SRTP contexts, which a restart loses.
+//!
+//! A bridged call (the relay terminates DTLS-SRTP or SDES) is recorded with its media
+//! security: what each side's SDP said, each SRTP leg's master keys and the packet indices
+//! each direction reached per SSRC (its rollover counters), written again whenever they
+//! moved far enough that a restart could mistake them. The next relayd carries its media
+//! with the same keys from the same indices on; the DTLS association that made the keys
+//! stays with the relayd that ended (nothing in a call needs it again), and the DTLS
+//! certificate is the store's, so the relay's fingerprint in later answers is the same.
 
 use std::{
     net::SocketAddr,
@@ -18,13 +24,16 @@ use tokio::{net::UdpSocket, sync::watch};
 use webrtc_ice::candidate::CandidateType;
 
 use super::{
-    Call, CallEvent, CallState, Calls, EndReason, Requester, StateChange, media::LanSockets,
-    security::MediaPlan,
+    Call, CallEvent, CallState, Calls, EndReason, Requester, StateChange,
+    bridge::{Bridge, LegRecords},
+    media::LanSockets,
+    security::{AppLeg, MediaPlan, PbxLeg},
 };
 use crate::{
     datapath::{FlowSpec, table::FlowTable},
     ice::leg::{ConnectedLeg, Credentials, IceLeg, SelectedPair},
-    state::{CallRecord, IceRecord},
+    media::{Crypto, Fingerprint, Setup, dtls::Role},
+    state::{CallRecord, IceRecord, LegRecord, LegSecurity, MediaRecord},
     time::monotonic_ns,
 };
 
@@ -41,9 +50,10 @@ pub(super) struct Stored {
 
 /// Why a call is not recorded this time.
 enum NotRecorded {
-    /// It cannot be (not connected, bridged, a TURN-only app's channel).
+    /// It cannot be (not connected, a TURN-only app's channel).
     Never,
-    /// Its leg is busy (connecting, an ICE restart running): next time.
+    /// Its leg is busy (connecting, an ICE restart running) or its bridge waits for the
+    /// app's keys: next time.
     Busy,
 }
 
@@ -110,13 +120,17 @@ impl Calls {
             .map_err(|_| NotRecorded::Busy)?
             .connected();
         let inner = call.inner();
-        if inner.plan != MediaPlan::PassThrough
-            || inner.bridge.is_some()
-            || inner.local_channel.is_some()
-            || inner.state.pair().is_none()
-        {
+        if inner.local_channel.is_some() || inner.state.pair().is_none() {
             return Err(NotRecorded::Never);
         }
+        let media = match &inner.plan {
+            MediaPlan::PassThrough => None,
+            plan => {
+                let bridge = inner.bridge.as_ref().ok_or(NotRecorded::Busy)?;
+                let srtp = bridge.records().ok_or(NotRecorded::Busy)?;
+                media_record(plan, srtp)
+            }
+        };
         let pbx = inner.pbx.ok_or(NotRecorded::Never)?;
         let leg = leg.ok_or(NotRecorded::Busy)?;
         Ok(CallRecord {
@@ -146,7 +160,18 @@ impl Calls {
                 local_type: leg.pair.local_type.to_string(),
                 remote_type: leg.pair.remote_type.to_string(),
             },
+            media,
         })
+    }
+
+    /// Whether a bridged call's SRTP moved on since the store last got it.
+    fn srtp_drifted(&self) -> bool {
+        let bridges: Vec<Arc<Bridge>> = self
+            .calls()
+            .values()
+            .filter_map(|call| call.inner().bridge.clone())
+            .collect();
+        bridges.iter().any(|bridge| bridge.drifted())
     }
 
     /// Writes the recordable calls to the state store when they changed (or `always`);
@@ -188,6 +213,9 @@ impl Calls {
         loop {
             tokio::select! {
                 _ = interval.tick() => {
+                    if self.srtp_drifted() {
+                        self.dirty.store(true, Ordering::Relaxed);
+                    }
                     self.save(false);
                 }
                 _ = stopped.changed() => return,
@@ -267,6 +295,14 @@ impl Calls {
             local_type,
             remote_type,
         };
+        let bridged = match &record.media {
+            Some(media) => {
+                let (plan, srtp) = media_plan(media)?;
+                let bridge = Bridge::restored(&plan, &srtp).map_err(|err| err.to_string())?;
+                Some((plan, Arc::new(bridge)))
+            }
+            None => None,
+        };
         let sockets = bind_lan_port_again(record.lan).await?;
         let leg = IceLeg::restored(
             &self.ice,
@@ -305,14 +341,24 @@ impl Calls {
             inner.sent_to_app = record.sent_to_app.clone();
             inner.sent_to_pbx = record.sent_to_pbx.clone();
             inner.app_mids = record.app_mids.clone();
-            inner.plan = MediaPlan::PassThrough;
+            inner.plan = bridged
+                .as_ref()
+                .map_or(MediaPlan::PassThrough, |(plan, _)| plan.clone());
+            inner.bridge = bridged.as_ref().map(|(_, bridge)| bridge.clone());
             inner.flows.adopt(stored.flows);
             inner.unannounced = [true, true];
         }
         let call = Arc::new(call);
         self.calls().insert(record.call, call.clone());
         self.next.fetch_max(record.call + 1, Ordering::Relaxed);
-        self.start_userspace_media(&call, conn);
+        match &bridged {
+            Some((_, bridge)) => {
+                // No handshake reads the app's DTLS records now: they are dropped.
+                let (records, _) = crate::media::dtls::record_queue();
+                self.carry_bridged_media(&call, bridge, conn, records);
+            }
+            None => self.start_userspace_media(&call, conn),
+        }
         let calls = self.clone();
         let following = {
             let call = call.clone();
@@ -320,11 +366,13 @@ impl Calls {
         };
         call.inner().tasks.push(following);
         // A flow that was not pinned (media toward the app stopped for consent, the
-        // userspace datapath has none) is put in again: the call goes on where it was.
-        if stored.flows.iter().any(Option::is_none) {
+        // userspace datapath has none) is put in again: the call goes on where it was. A
+        // bridged call has none: its media goes toward the app again.
+        if bridged.is_some() || stored.flows.iter().any(Option::is_none) {
             self.install(&call, pair);
         }
-        tracing::info!(call = record.call, tenant = %record.tenant, user = %record.user, app = %pair.remote, lan = %record.lan, pbx = %record.pbx, flows = ?stored.flows, "calls: call restored from the state store");
+        let (app_security, pbx_security) = call.inner().plan.names();
+        tracing::info!(call = record.call, tenant = %record.tenant, user = %record.user, app = %pair.remote, lan = %record.lan, pbx = %record.pbx, flows = ?stored.flows, app_security, pbx_security, "calls: call restored from the state store");
         Ok(())
     }
 
@@ -376,6 +424,117 @@ impl Calls {
         self.handed_over.store(true, Ordering::Relaxed);
         Some(kept)
     }
+}
+
+/// The store's view of a bridged call's media security.
+fn media_record(plan: &MediaPlan, [app_srtp, pbx_srtp]: LegRecords) -> Option<MediaRecord> {
+    let MediaPlan::Bridged {
+        app,
+        pbx,
+        app_proto,
+        pbx_proto,
+    } = plan
+    else {
+        return None;
+    };
+    let sdes = |own: &Crypto, peer: &Option<Crypto>| LegSecurity::Sdes {
+        own: own.to_string(),
+        peer: peer.as_ref().map(Crypto::to_string),
+    };
+    let app = match app {
+        AppLeg::Plain => LegSecurity::Plain,
+        AppLeg::Sdes { own, peer } => sdes(own, peer),
+        AppLeg::Dtls { setup, peer } => LegSecurity::Dtls {
+            setup: setup.as_str().to_owned(),
+            fingerprint: peer
+                .as_ref()
+                .map(|(fingerprint, _)| fingerprint.to_string()),
+            role: peer.as_ref().map(|(_, role)| {
+                match role {
+                    Role::Client => "client",
+                    Role::Server => "server",
+                }
+                .to_owned()
+            }),
+        },
+    };
+    let pbx = match pbx {
+        PbxLeg::Plain => LegSecurity::Plain,
+        PbxLeg::Sdes { own, peer } => sdes(own, peer),
+    };
+    Some(MediaRecord {
+        app_proto: app_proto.clone(),
+        pbx_proto: pbx_proto.clone(),
+        app: LegRecord {
+            security: app,
+            srtp: app_srtp,
+        },
+        pbx: LegRecord {
+            security: pbx,
+            srtp: pbx_srtp,
+        },
+    })
+}
+
+/// A bridged call's media plan and SRTP legs from the store; an error names what does not
+/// read back.
+fn media_plan(record: &MediaRecord) -> Result<(MediaPlan, LegRecords), String> {
+    let crypto = |value: &str| {
+        Crypto::parse(value).ok_or_else(|| {
+            format!(
+                "its SDES key {:?} does not parse",
+                value.split(" inline:").next().unwrap_or("")
+            )
+        })
+    };
+    let peer_crypto = |value: &Option<String>| value.as_deref().map(crypto).transpose();
+    let app = match &record.app.security {
+        LegSecurity::Plain => AppLeg::Plain,
+        LegSecurity::Sdes { own, peer } => AppLeg::Sdes {
+            own: crypto(own)?,
+            peer: peer_crypto(peer)?,
+        },
+        LegSecurity::Dtls {
+            setup,
+            fingerprint,
+            role,
+        } => {
+            let setup = Setup::parse(setup)
+                .ok_or_else(|| format!("its a=setup {setup:?} does not parse"))?;
+            let peer = match (fingerprint, role.as_deref()) {
+                (Some(fingerprint), Some(role)) => {
+                    let fingerprint = Fingerprint::parse(fingerprint).ok_or_else(|| {
+                        format!("the app's fingerprint {fingerprint:?} does not parse")
+                    })?;
+                    let role = match role {
+                        "client" => Role::Client,
+                        "server" => Role::Server,
+                        other => return Err(format!("its DTLS role {other:?} is unknown")),
+                    };
+                    Some((fingerprint, role))
+                }
+                _ => None,
+            };
+            AppLeg::Dtls { setup, peer }
+        }
+    };
+    let pbx = match &record.pbx.security {
+        LegSecurity::Plain => PbxLeg::Plain,
+        LegSecurity::Sdes { own, peer } => PbxLeg::Sdes {
+            own: crypto(own)?,
+            peer: peer_crypto(peer)?,
+        },
+        LegSecurity::Dtls { .. } => {
+            return Err("its PBX leg is DTLS, which the relay does not bridge".into());
+        }
+    };
+    let plan = MediaPlan::Bridged {
+        app,
+        pbx,
+        app_proto: record.app_proto.clone(),
+        pbx_proto: record.pbx_proto.clone(),
+    };
+    Ok((plan, [record.app.srtp.clone(), record.pbx.srtp.clone()]))
 }
 
 /// The call's LAN ports (RTP and the RTCP port above) bound again, waiting a moment for

@@ -42,6 +42,25 @@ impl DtlsIdentity {
     }
 
     /// The `a=fingerprint` of the relay's certificate.
+    /// The certificate and its private key as PEM (PKCS#8), for the state store.
+    pub fn to_pem(&self) -> String {
+        self.certificate.serialize_pem()
+    }
+
+    pub fn from_pem(pem: &str) -> Result<DtlsIdentity, DtlsError> {
+        let certificate =
+            Certificate::from_pem(pem).map_err(|err| DtlsError::Certificate(err.to_string()))?;
+        let der = certificate
+            .certificate
+            .first()
+            .ok_or_else(|| DtlsError::Certificate("no certificate in the PEM".into()))?;
+        let fingerprint = Fingerprint::sha256(der.as_ref());
+        Ok(DtlsIdentity {
+            certificate,
+            fingerprint,
+        })
+    }
+
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
     }
@@ -138,8 +157,7 @@ pub async fn handshake(
         Role::Client => (server, client),
         Role::Server => (client, server),
     };
-    let srtp =
-        SrtpSession::new(suite, peer, own).map_err(|err| DtlsError::Handshake(err.to_string()))?;
+    let srtp = SrtpSession::new(suite, peer, own).ok_or(DtlsError::NoProfile)?;
     Ok(DtlsLeg { conn: dtls, srtp })
 }
 
