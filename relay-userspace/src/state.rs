@@ -1,14 +1,14 @@
 //! The state store: a small embedded database (redb) in the state directory with what a
 //! restarted relayd needs to rebuild its view of the world: the TURN allocations (their
-//! permissions, channels and relay addresses) and the connected calls whose media the
-//! kernel forwards (their sides' SDP, ICE credentials and selected pair, LAN port); the
-//! kernel flows themselves are pinned and adopted. The store owns its record types; the TURN
+//! permissions, channels and relay addresses) and the connected calls (their sides' SDP, ICE
+//! credentials and selected pair, LAN port; a bridged call's SRTP keys and indices); the
+//! kernel flows themselves are pinned and adopted, and the relay's DTLS certificate is kept. The store owns its record types; the TURN
 //! server and the calls map theirs onto them.
 //!
 //! Each kind is written as a whole snapshot, at most once a second when it changed and at
 //! shutdown: a few thousand records are a few megabytes at most, and a crash loses at most
-//! the last second. ICE passwords and TURN usernames are in it, so the file is the
-//! owner's only (0600), as the TURN secrets are.
+//! the last second. ICE passwords, SRTP keys and TURN usernames are in it, so the file is
+//! the owner's only (0600), as the TURN secrets are.
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -261,7 +261,7 @@ impl Calls {
         tracing::info!(
             restored,
             stored = found,
-            "calls: calls restored from the state store; their media went on in the kernel"
+            "calls: calls restored from the state store; their media goes on"
         );
     }
 
