@@ -2,16 +2,16 @@
 //! WebRTC app: the webrtc-rs `dtls` crate as the client on the app's ICE connection, the
 //! SRTP keys from its exporter, and the app's SDP answer naming its certificate.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use dtls::{
     config::Config, conn::DTLSConn, crypto::Certificate,
     extension::extension_use_srtp::SrtpProtectionProfile,
 };
-use tokio::sync::{Mutex, mpsc};
+use relay::media::dtls::{Demux, Records, demux, record_queue};
+use tokio::sync::mpsc;
 use webrtc_srtp::{context::Context, protection_profile::ProtectionProfile};
-use webrtc_util::{Conn, KeyingMaterialExporter};
+use webrtc_util::KeyingMaterialExporter;
 
 use crate::app::Media;
 
@@ -59,89 +59,24 @@ pub struct DtlsSrtp {
     pub srtp: mpsc::Receiver<Vec<u8>>,
 }
 
-/// The app's media connection seen by its DTLS association: only DTLS records (first byte
-/// 20-63, RFC 7983); a task reading the connection puts the other packets on a queue of
-/// their own.
-struct DtlsRecords {
-    records: Mutex<mpsc::Receiver<Vec<u8>>>,
-    media: Media,
-}
-
-fn demultiplexed(media: Media) -> (DtlsRecords, mpsc::Receiver<Vec<u8>>) {
-    let (records_tx, records) = mpsc::channel(64);
+/// The app's media connection seen by its DTLS association: only DTLS records (RFC 7983),
+/// as the relay's own legs see theirs; a task reading the connection puts the other
+/// packets on a queue of their own.
+fn demultiplexed(media: Media) -> (Records, mpsc::Receiver<Vec<u8>>) {
+    let (records_tx, records) = record_queue();
     let (srtp_tx, srtp) = mpsc::channel(1024);
     let reader = media.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         while let Ok(n) = reader.recv(&mut buf).await {
-            let queue = match buf.first() {
-                Some(20..=63) => &records_tx,
+            let queue = match demux(&buf[..n]) {
+                Demux::Dtls => &records_tx,
                 _ => &srtp_tx,
             };
             let _ = queue.try_send(buf[..n].to_vec());
         }
     });
-    (
-        DtlsRecords {
-            records: Mutex::new(records),
-            media,
-        },
-        srtp,
-    )
-}
-
-#[async_trait]
-impl Conn for DtlsRecords {
-    async fn connect(&self, _: SocketAddr) -> webrtc_util::Result<()> {
-        Err(webrtc_util::Error::Other("already connected".into()))
-    }
-
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        let record = self
-            .records
-            .lock()
-            .await
-            .recv()
-            .await
-            .ok_or(webrtc_util::Error::ErrClosedListener)?;
-        let n = record.len().min(buf.len());
-        buf[..n].copy_from_slice(&record[..n]);
-        Ok(n)
-    }
-
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let n = self.recv(buf).await?;
-        let from = self
-            .media
-            .remote_addr()
-            .ok_or(webrtc_util::Error::ErrClosedListener)?;
-        Ok((n, from))
-    }
-
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        self.media.send(buf).await
-    }
-
-    async fn send_to(&self, buf: &[u8], _: SocketAddr) -> webrtc_util::Result<usize> {
-        self.media.send(buf).await
-    }
-
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        self.media.local_addr()
-    }
-
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        self.media.remote_addr()
-    }
-
-    async fn close(&self) -> webrtc_util::Result<()> {
-        self.records.lock().await.close();
-        Ok(())
-    }
-
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
-    }
+    (Records::new(records, media), srtp)
 }
 
 /// The DTLS client on the app's media connection and both SRTP contexts; the connection

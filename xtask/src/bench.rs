@@ -29,8 +29,12 @@ pub fn run(suite: Suite, parts: &[String]) -> anyhow::Result<()> {
         Suite::Anchor => "bench-anchor",
         Suite::Ng => "bench-ng",
     };
-    if !parts.is_empty() && !matches!(suite, Suite::Fastpath) {
-        anyhow::bail!("only the fastpath suite has parts to choose from");
+    match (suite, parts) {
+        (Suite::Fastpath, _) | (_, []) => {}
+        (Suite::Anchor, [part]) if part == "crypto" => {}
+        _ => anyhow::bail!(
+            "only the fastpath suite has parts to choose from, and anchor its `crypto` alone"
+        ),
     }
     run_binary(binary, parts)
 }

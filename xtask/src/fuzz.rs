@@ -27,6 +27,7 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("config_parse", &["fuzz/seeds/config_parse"]),
     ("ng_request", &["fuzz/seeds/ng_request"]),
     ("control_request", &["fuzz/seeds/control_request"]),
+    ("srtp_unprotect", &["fuzz/seeds/srtp_unprotect"]),
 ];
 
 struct Outcome {

@@ -47,7 +47,8 @@ enum Command {
     Bench {
         #[arg(value_enum, default_value = "fastpath")]
         suite: bench::Suite,
-        /// Parts of the suite to run (fastpath: cost, matrix, end-to-end); all when none
+        /// Parts of the suite to run (fastpath: cost, matrix, end-to-end; anchor: crypto, the
+        /// SRTP transforms alone); all when none
         parts: Vec<String>,
     },
     /// Run the fuzz targets (fuzz/, cargo-fuzz on nightly) for --seconds each, all of them

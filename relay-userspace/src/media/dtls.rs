@@ -119,10 +119,7 @@ pub async fn handshake(
         extended_master_secret: ExtendedMasterSecretType::Request,
         ..Default::default()
     };
-    let transport = Arc::new(Records {
-        records: Mutex::new(records),
-        conn,
-    });
+    let transport = Arc::new(Records::new(records, conn));
     let dtls = tokio::time::timeout(
         timeout,
         DTLSConn::new(transport, config, role == Role::Client, None),
@@ -176,10 +173,20 @@ fn digest(hash: &str, der: &[u8]) -> Result<Vec<u8>, DtlsError> {
 }
 
 /// The DTLS side of an ICE connection: receives the records the call's demultiplexer
-/// queued, sends on the connection.
-struct Records {
+/// queued, sends on the connection. The tests' DTLS apps use it too.
+pub struct Records {
     records: Mutex<mpsc::Receiver<Vec<u8>>>,
     conn: Arc<dyn Conn + Send + Sync>,
+}
+
+impl Records {
+    /// `records` from a [`record_queue`] whose sender the demultiplexer has.
+    pub fn new(records: mpsc::Receiver<Vec<u8>>, conn: Arc<dyn Conn + Send + Sync>) -> Records {
+        Records {
+            records: Mutex::new(records),
+            conn,
+        }
+    }
 }
 
 #[async_trait]

@@ -5,6 +5,8 @@
 //! (`--table=-1`, Debian `rtpengine-daemon`) bridges the same calls, driven over its ng
 //! protocol as Kamailio drives it (`transport-protocol=RTP/SAVP`, SDES toward the app).
 //!
+//! 0. The SRTP transforms alone (`cargo xtask bench anchor crypto` runs only this): ns per
+//!    packet to protect and unprotect, each suite, the relay's beside webrtc-srtp's.
 //! 1. Calls: ours through signalling and ICE (each app a signalling session and a
 //!    webrtc-ice agent that answers with an SDES key of its own); rtpengine's with an ng
 //!    `offer` (the PBX's plain SDP) and `answer` (the app's SDES SDP) each.
@@ -133,6 +135,10 @@ struct DtlsSetup {
 }
 
 fn main() {
+    print_crypto();
+    if std::env::args().nth(1).as_deref() == Some("crypto") {
+        return;
+    }
     require_root();
     let mut results = Vec::new();
     for relay in [Relay::Ours, Relay::Rtpengine] {
@@ -143,6 +149,77 @@ fn main() {
     let dtls = run_dtls_setup();
     print_tables(&results);
     print_dtls(&dtls);
+}
+
+/// The SRTP transforms alone, on one core, no I/O: 172-byte RTP packets (20 ms of PCMU)
+/// protected, then the results unprotected, in each suite: the relay's own transforms
+/// beside webrtc-srtp's contexts (which the test apps use).
+fn print_crypto() {
+    use relay::media::{Crypto, SrtpSession, Suite};
+    use webrtc_srtp::protection_profile::ProtectionProfile;
+    const PACKETS: u32 = 200_000;
+    let packets: Vec<Vec<u8>> = (0..PACKETS)
+        .map(|n| {
+            let mut packet = relay_tests::traffic::numbered(n);
+            packet[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            packet
+        })
+        .collect();
+    let per_packet = |started: Instant| started.elapsed().as_nanos() / u128::from(PACKETS);
+    println!("\nSRTP crypto alone: ns per 172-byte RTP packet ({PACKETS} packets, one core)\n");
+    println!(
+        "| suite | relay protect | relay unprotect | webrtc-srtp protect | webrtc-srtp unprotect |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for suite in Suite::ALL {
+        let keys = Crypto::generate(1, suite);
+        let both = (keys.key(), keys.salt());
+        let (mut sender, mut receiver) = (
+            SrtpSession::new(suite, both, both).expect("keys"),
+            SrtpSession::new(suite, both, both).expect("keys"),
+        );
+        let started = Instant::now();
+        let protected: Vec<_> = packets
+            .iter()
+            .map(|packet| {
+                sender
+                    .protect(std::hint::black_box(packet))
+                    .expect("protect")
+            })
+            .collect();
+        let relay_protect = per_packet(started);
+        let started = Instant::now();
+        for packet in &protected {
+            std::hint::black_box(receiver.unprotect(packet).expect("unprotect"));
+        }
+        let relay_unprotect = per_packet(started);
+        let profile = match suite {
+            Suite::AeadAes128Gcm => ProtectionProfile::AeadAes128Gcm,
+            Suite::AesCm128HmacSha1_80 => ProtectionProfile::Aes128CmHmacSha1_80,
+            Suite::AesCm128HmacSha1_32 => ProtectionProfile::Aes128CmHmacSha1_32,
+        };
+        let context = || Context::new(keys.key(), keys.salt(), profile, None, None).expect("keys");
+        let (mut encrypt, mut decrypt) = (context(), context());
+        let started = Instant::now();
+        let protected: Vec<_> = packets
+            .iter()
+            .map(|packet| {
+                encrypt
+                    .encrypt_rtp(std::hint::black_box(packet))
+                    .expect("encrypt")
+            })
+            .collect();
+        let webrtc_protect = per_packet(started);
+        let started = Instant::now();
+        for packet in &protected {
+            std::hint::black_box(decrypt.decrypt_rtp(packet).expect("decrypt"));
+        }
+        let webrtc_unprotect = per_packet(started);
+        println!(
+            "| {} | {relay_protect} | {relay_unprotect} | {webrtc_protect} | {webrtc_unprotect} |",
+            suite.sdes_name()
+        );
+    }
 }
 
 fn run(relay: Relay) -> Run {
