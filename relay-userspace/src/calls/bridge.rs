@@ -9,7 +9,6 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
@@ -21,7 +20,7 @@ use crate::{
     media::{
         MediaCounters, SrtpError, SrtpSession,
         dtls::{self, Demux, DtlsError, demux},
-        srtp::{RecordError, is_rtcp},
+        srtp::{MAX_OVERHEAD, RecordError, is_rtcp},
     },
     state::SrtpRecord,
     time::monotonic_ns,
@@ -59,6 +58,9 @@ pub(super) struct Bridge {
 
 /// Each leg's SRTP as the state store keeps it: the app's, the PBX's.
 pub(super) type LegRecords = [Option<SrtpRecord>; 2];
+
+/// The largest packet a bridge reads (UDP on an Ethernet path fits well within it).
+const PACKET_ROOM: usize = 2048;
 
 /// SRTP from the app held while the relay finishes its side of the DTLS handshake (as DTLS
 /// client it derives the keys after the app, which may send at once); more are dropped.
@@ -175,37 +177,38 @@ impl Bridge {
         self.app_secured && self.app.lock().expect("bridge app leg").is_none()
     }
 
-    /// A packet from the app for the PBX, or None when it is refused (counted) or waits
-    /// for keys.
-    fn app_to_pbx(&self, packet: &[u8]) -> Option<Bytes> {
-        let plain = match self.app.lock().expect("bridge app leg").as_mut() {
-            Some(srtp) => self.counted(srtp.unprotect(packet))?,
+    /// The packet from the app in `buf[..len]` made what the PBX gets, where it is (`buf`
+    /// has room for `MAX_OVERHEAD` more); its length, or None when it is refused (counted)
+    /// or waits for keys.
+    fn app_to_pbx(&self, buf: &mut [u8], len: usize) -> Option<usize> {
+        let len = match self.app.lock().expect("bridge app leg").as_mut() {
+            Some(srtp) => self.counted(srtp.unprotect_in_place(buf, len))?,
             None if self.app_secured => return None,
-            None => Bytes::copy_from_slice(packet),
+            None => len,
         };
         match self.pbx.lock().expect("bridge pbx leg").as_mut() {
-            Some(srtp) => self.counted(srtp.protect(&plain)),
-            None => Some(plain),
+            Some(srtp) => self.counted(srtp.protect_in_place(buf, len)),
+            None => Some(len),
         }
     }
 
-    /// A packet from the PBX for the app.
-    fn pbx_to_app(&self, packet: &[u8]) -> Option<Bytes> {
+    /// The packet from the PBX in `buf[..len]` made what the app gets, where it is.
+    fn pbx_to_app(&self, buf: &mut [u8], len: usize) -> Option<usize> {
         if !self.toward_app.load(Ordering::Relaxed) {
             return None;
         }
-        let plain = match self.pbx.lock().expect("bridge pbx leg").as_mut() {
-            Some(srtp) => self.counted(srtp.unprotect(packet))?,
-            None => Bytes::copy_from_slice(packet),
+        let len = match self.pbx.lock().expect("bridge pbx leg").as_mut() {
+            Some(srtp) => self.counted(srtp.unprotect_in_place(buf, len))?,
+            None => len,
         };
         match self.app.lock().expect("bridge app leg").as_mut() {
-            Some(srtp) => self.counted(srtp.protect(&plain)),
+            Some(srtp) => self.counted(srtp.protect_in_place(buf, len)),
             None if self.app_secured => None,
-            None => Some(plain),
+            None => Some(len),
         }
     }
 
-    fn counted(&self, result: Result<Bytes, SrtpError>) -> Option<Bytes> {
+    fn counted(&self, result: Result<usize, SrtpError>) -> Option<usize> {
         result.map_err(|why| self.counters.refused(why)).ok()
     }
 }
@@ -319,39 +322,39 @@ impl Calls {
         let from_app = {
             let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                let mut early: Vec<Vec<u8>> = Vec::new();
+                // Room after what is read for what protection adds.
+                let mut buf = vec![0u8; PACKET_ROOM + MAX_OVERHEAD];
+                let mut early: Vec<(Vec<u8>, usize)> = Vec::new();
                 loop {
                     let n = tokio::select! {
-                        received = conn.recv(&mut buf) => match received {
+                        received = conn.recv(&mut buf[..PACKET_ROOM]) => match received {
                             Ok(n) => n,
                             Err(_) => return,
                         },
                         _ = bridge.keyed.notified(), if !early.is_empty() => {
-                            for packet in std::mem::take(&mut early) {
-                                to_pbx(&call, &bridge, &packet).await;
+                            for (mut packet, len) in std::mem::take(&mut early) {
+                                to_pbx(&call, &bridge, &mut packet, len).await;
                             }
                             continue;
                         }
                     };
-                    let packet = &buf[..n];
-                    match demux(packet) {
+                    match demux(&buf[..n]) {
                         Demux::Dtls => {
                             // A full queue means a handshake that is not reading: dropped,
                             // as the network might (DTLS retransmits).
-                            let _ = records.try_send(packet.to_vec());
+                            let _ = records.try_send(buf[..n].to_vec());
                         }
                         Demux::Rtp if bridge.waits_for_keys() => {
                             if early.len() < EARLY_SRTP {
-                                early.push(packet.to_vec());
+                                early.push((buf[..n + MAX_OVERHEAD].to_vec(), n));
                             }
                         }
                         Demux::Rtp => {
                             // Keys that came between two packets: what waited goes first.
-                            for packet in std::mem::take(&mut early) {
-                                to_pbx(&call, &bridge, &packet).await;
+                            for (mut packet, len) in std::mem::take(&mut early) {
+                                to_pbx(&call, &bridge, &mut packet, len).await;
                             }
-                            to_pbx(&call, &bridge, packet).await;
+                            to_pbx(&call, &bridge, &mut buf, n).await;
                         }
                         Demux::Other => bridge.counters.refused(SrtpError::Malformed),
                     }
@@ -361,8 +364,8 @@ impl Calls {
         let from_pbx = |socket: Arc<tokio::net::UdpSocket>, rtcp: bool| {
             let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let mut buf = vec![0u8; PACKET_ROOM + MAX_OVERHEAD];
+                while let Ok((n, from)) = socket.recv_from(&mut buf[..PACKET_ROOM]).await {
                     // Strict source: only the PBX's RTP (or RTCP) address.
                     let expected = if rtcp {
                         call.pbx_rtcp()
@@ -372,11 +375,11 @@ impl Calls {
                     if Some(from) != expected {
                         continue;
                     }
-                    let Some(out) = bridge.pbx_to_app(&buf[..n]) else {
+                    let Some(len) = bridge.pbx_to_app(&mut buf, n) else {
                         continue;
                     };
-                    if conn.send(&out).await.is_ok() {
-                        bridge.counters.to_app(out.len(), monotonic_ns());
+                    if conn.send(&buf[..len]).await.is_ok() {
+                        bridge.counters.to_app(len, monotonic_ns());
                     }
                 }
             })
@@ -390,17 +393,18 @@ impl Calls {
     }
 }
 
-/// An app packet to the PBX, unprotected (and protected again) as the legs need; RTCP to
-/// the PBX's RTCP port when it keeps one.
-async fn to_pbx(call: &Call, bridge: &Bridge, packet: &[u8]) {
-    let Some(out) = bridge.app_to_pbx(packet) else {
+/// An app packet (`buf[..len]`) to the PBX, unprotected (and protected again) as the legs
+/// need, where it is; RTCP to the PBX's RTCP port when it keeps one.
+async fn to_pbx(call: &Call, bridge: &Bridge, buf: &mut [u8], len: usize) {
+    let Some(len) = bridge.app_to_pbx(buf, len) else {
         return;
     };
+    let out = &buf[..len];
     let sent = match call.pbx_rtcp() {
-        Some(rtcp) if is_rtcp(&out) => call.rtcp_socket.send_to(&out, rtcp).await,
-        _ => call.lan_socket.send_to(&out, call.pbx()).await,
+        Some(rtcp) if is_rtcp(out) => call.rtcp_socket.send_to(out, rtcp).await,
+        _ => call.lan_socket.send_to(out, call.pbx()).await,
     };
     if sent.is_ok() {
-        bridge.counters.to_pbx(out.len(), monotonic_ns());
+        bridge.counters.to_pbx(len, monotonic_ns());
     }
 }

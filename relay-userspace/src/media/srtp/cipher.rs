@@ -31,6 +31,41 @@ pub(super) const GCM_TAG_LEN: usize = 16;
 /// The E flag and SRTCP index after an SRTCP packet's payload.
 pub(super) const SRTCP_INDEX_LEN: usize = 4;
 
+/// A packet in a buffer with room after it for what protection adds: `buf[..len]` is the
+/// packet. Made by the session, which checks the room first.
+pub(super) struct Frame<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> Frame<'a> {
+    pub(super) fn new(buf: &'a mut [u8], len: usize) -> Frame<'a> {
+        Frame { buf, len }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+
+    /// Appends `bytes`; the session made sure of the room.
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
 /// AES-CM keystream from a 16-byte initial counter block, XORed into `data`: blocks are
 /// encrypted in batches so AES-NI pipelines them.
 fn aes_cm_xor(aes: &Aes128, iv: u128, data: &mut [u8]) {
@@ -170,7 +205,7 @@ impl Cipher {
     /// `index`, appending the tag.
     pub(super) fn protect_rtp(
         &self,
-        packet: &mut Vec<u8>,
+        packet: &mut Frame<'_>,
         header_len: usize,
         ssrc: u32,
         index: u64,
@@ -181,22 +216,22 @@ impl Cipher {
                 aes_cm_xor(
                     &rtp.aes,
                     cm_iv(rtp.salt, ssrc, index),
-                    &mut packet[header_len..],
+                    &mut packet.data_mut()[header_len..],
                 );
                 let mut mac = rtp.auth.clone();
-                mac.update(packet);
+                mac.update(packet.data());
                 mac.update(&roc.to_be_bytes());
                 let tag = mac.finalize().into_bytes();
-                packet.extend_from_slice(&tag[..*tag_len]);
+                packet.push(&tag[..*tag_len]);
             }
             Keys::Gcm { rtp, .. } => {
                 let nonce = gcm_rtp_nonce(&rtp.salt, ssrc, index);
-                let (header, payload) = packet.split_at_mut(header_len);
+                let (header, payload) = packet.data_mut().split_at_mut(header_len);
                 let tag = rtp
                     .aead
                     .encrypt_in_place_detached(&nonce.into(), header, payload)
                     .map_err(|_| SrtpError::Malformed)?;
-                packet.extend_from_slice(&tag);
+                packet.push(&tag);
             }
         }
         Ok(())
@@ -206,7 +241,7 @@ impl Cipher {
     /// the plain RTP packet (the tag removed).
     pub(super) fn unprotect_rtp(
         &self,
-        packet: &mut Vec<u8>,
+        packet: &mut Frame<'_>,
         header_len: usize,
         ssrc: u32,
         index: u64,
@@ -220,20 +255,20 @@ impl Cipher {
         match &self.keys {
             Keys::AesCm { rtp, .. } => {
                 let mut mac = rtp.auth.clone();
-                mac.update(&packet[..body]);
+                mac.update(&packet.data()[..body]);
                 mac.update(&roc.to_be_bytes());
-                mac.verify_truncated_left(&packet[body..])
+                mac.verify_truncated_left(&packet.data()[body..])
                     .map_err(|_| SrtpError::Authentication)?;
                 packet.truncate(body);
                 aes_cm_xor(
                     &rtp.aes,
                     cm_iv(rtp.salt, ssrc, index),
-                    &mut packet[header_len..],
+                    &mut packet.data_mut()[header_len..],
                 );
             }
             Keys::Gcm { rtp, .. } => {
                 let nonce = gcm_rtp_nonce(&rtp.salt, ssrc, index);
-                let (rest, tag) = packet.split_at_mut(body);
+                let (rest, tag) = packet.data_mut().split_at_mut(body);
                 let (header, payload) = rest.split_at_mut(header_len);
                 rtp.aead
                     .decrypt_in_place_detached(&nonce.into(), header, payload, (&*tag).into())
@@ -246,32 +281,32 @@ impl Cipher {
 
     /// Protects the RTCP packet in `packet` (at least 8 bytes) with the 31-bit `index`,
     /// always encrypted (E set).
-    pub(super) fn protect_rtcp(&self, packet: &mut Vec<u8>, ssrc: u32, index: u32) {
+    pub(super) fn protect_rtcp(&self, packet: &mut Frame<'_>, ssrc: u32, index: u32) {
         let trailer = (0x8000_0000 | index).to_be_bytes();
         match &self.keys {
             Keys::AesCm { rtcp, .. } => {
                 aes_cm_xor(
                     &rtcp.aes,
                     cm_iv(rtcp.salt, ssrc, u64::from(index)),
-                    &mut packet[8..],
+                    &mut packet.data_mut()[8..],
                 );
-                packet.extend_from_slice(&trailer);
+                packet.push(&trailer);
                 let mut mac = rtcp.auth.clone();
-                mac.update(packet);
+                mac.update(packet.data());
                 let tag = mac.finalize().into_bytes();
-                packet.extend_from_slice(&tag[..SRTCP_TAG_LEN]);
+                packet.push(&tag[..SRTCP_TAG_LEN]);
             }
             Keys::Gcm { rtcp, .. } => {
                 let nonce = gcm_rtcp_nonce(&rtcp.salt, ssrc, index);
                 let mut aad = [0u8; 12];
-                aad[..8].copy_from_slice(&packet[..8]);
+                aad[..8].copy_from_slice(&packet.data()[..8]);
                 aad[8..].copy_from_slice(&trailer);
                 let tag = rtcp
                     .aead
-                    .encrypt_in_place_detached(&nonce.into(), &aad, &mut packet[8..])
+                    .encrypt_in_place_detached(&nonce.into(), &aad, &mut packet.data_mut()[8..])
                     .expect("an RTCP packet is far below GCM's limit");
-                packet.extend_from_slice(&tag);
-                packet.extend_from_slice(&trailer);
+                packet.push(&tag);
+                packet.push(&trailer);
             }
         }
     }
@@ -292,7 +327,7 @@ impl Cipher {
     /// Checks and (when E is set) decrypts an SRTCP packet, leaving the plain RTCP packet.
     pub(super) fn unprotect_rtcp(
         &self,
-        packet: &mut Vec<u8>,
+        packet: &mut Frame<'_>,
         ssrc: u32,
         index: u32,
         encrypted: bool,
@@ -302,23 +337,23 @@ impl Cipher {
             Keys::AesCm { rtcp, .. } => {
                 let tagged = packet.len() - SRTCP_TAG_LEN;
                 let mut mac = rtcp.auth.clone();
-                mac.update(&packet[..tagged]);
-                mac.verify_truncated_left(&packet[tagged..])
+                mac.update(&packet.data()[..tagged]);
+                mac.verify_truncated_left(&packet.data()[tagged..])
                     .map_err(|_| SrtpError::Authentication)?;
                 packet.truncate(body);
                 if encrypted {
                     aes_cm_xor(
                         &rtcp.aes,
                         cm_iv(rtcp.salt, ssrc, u64::from(index)),
-                        &mut packet[8..],
+                        &mut packet.data_mut()[8..],
                     );
                 }
             }
             Keys::Gcm { rtcp, .. } => {
                 let nonce = gcm_rtcp_nonce(&rtcp.salt, ssrc, index);
                 let trailer_at = packet.len() - SRTCP_INDEX_LEN;
-                let trailer: [u8; 4] = packet[trailer_at..].try_into().expect("4 bytes");
-                let (rest, tag) = packet[..trailer_at].split_at_mut(body);
+                let trailer: [u8; 4] = packet.data()[trailer_at..].try_into().expect("4 bytes");
+                let (rest, tag) = packet.data_mut()[..trailer_at].split_at_mut(body);
                 // Unencrypted SRTCP (RFC 7714 section 9.2): the whole packet is
                 // authenticated data, nothing is decrypted.
                 let mut aad = Vec::with_capacity(body + 4);
@@ -438,13 +473,15 @@ mod tests {
             "8040f17b8041f8d35501a0b247616c6c 696120657374206f6d6e697320646976
              69736120696e20706172746573207472 6573",
         );
-        let mut packet = plain.clone();
+        let mut buf = plain.clone();
+        buf.resize(plain.len() + GCM_TAG_LEN, 0);
+        let mut packet = Frame::new(&mut buf, plain.len());
         let index = 0xf17b; // ROC 0, SEQ 0xf17b
         cipher
             .protect_rtp(&mut packet, 12, 0x5501a0b2, index)
             .unwrap();
         assert_eq!(
-            packet,
+            packet.data(),
             bytes(
                 "8040f17b8041f8d35501a0b2f24de3a3 fb34de6cacba861c9d7e4bcabe633bd5
                  0d294e6f42a5f47a51c7d19b36de3adf 8833899d7f27beb16a9152cf765ee439
@@ -454,6 +491,6 @@ mod tests {
         cipher
             .unprotect_rtp(&mut packet, 12, 0x5501a0b2, index)
             .unwrap();
-        assert_eq!(packet, plain);
+        assert_eq!(packet.data(), plain);
     }
 }

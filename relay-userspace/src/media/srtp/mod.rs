@@ -10,7 +10,7 @@ mod context;
 use bytes::Bytes;
 
 use self::{
-    cipher::Cipher,
+    cipher::{Cipher, Frame},
     context::{Indices, Window},
 };
 use crate::state::{SrtpRecord, SsrcRecord};
@@ -84,6 +84,9 @@ pub enum RecordError {
     KeyLength(usize),
 }
 
+/// The most protection adds to a packet: SRTCP's index word and a GCM tag.
+pub const MAX_OVERHEAD: usize = cipher::SRTCP_INDEX_LEN + cipher::GCM_TAG_LEN;
+
 /// How many SRTCP packets the relay may have sent since a record was written: a restored
 /// leg starts its own SRTCP indices this far above the recorded ones, so none is used
 /// twice (the peer takes an index ahead of its window).
@@ -138,47 +141,72 @@ impl SrtpSession {
 
     /// SRTP or SRTCP from the peer to plain RTP or RTCP.
     pub fn unprotect(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
-        let Context { cipher, indices } = &mut self.inbound;
-        let mut out = packet.to_vec();
-        if is_rtcp(packet) {
-            let (index, encrypted) = cipher.rtcp_index(packet).ok_or(SrtpError::Malformed)?;
-            let ssrc = ssrc_at(packet, 4);
-            indices.rtcp_check(ssrc, index)?;
-            cipher.unprotect_rtcp(&mut out, ssrc, index, encrypted)?;
-            indices.rtcp_accept(ssrc, index);
-        } else {
-            let header_len = rtp_header_len(packet).ok_or(SrtpError::Malformed)?;
-            let ssrc = ssrc_at(packet, 8);
-            let index = indices.rtp_index(ssrc, sequence(packet), 0)?;
-            cipher.unprotect_rtp(&mut out, header_len, ssrc, index)?;
-            indices.rtp_accept(ssrc, index);
-        }
-        Ok(out.into())
+        let mut buf = packet.to_vec();
+        let len = self.unprotect_in_place(&mut buf, packet.len())?;
+        buf.truncate(len);
+        Ok(buf.into())
     }
 
     /// Plain RTP or RTCP to SRTP or SRTCP for the peer.
     pub fn protect(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        let mut buf = Vec::with_capacity(packet.len() + MAX_OVERHEAD);
+        buf.extend_from_slice(packet);
+        buf.resize(packet.len() + MAX_OVERHEAD, 0);
+        let len = self.protect_in_place(&mut buf, packet.len())?;
+        buf.truncate(len);
+        Ok(buf.into())
+    }
+
+    /// The SRTP or SRTCP packet `buf[..len]` from the peer, unprotected where it is;
+    /// returns the plain packet's length.
+    pub fn unprotect_in_place(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SrtpError> {
+        let Context { cipher, indices } = &mut self.inbound;
+        let packet = buf.get(..len).ok_or(SrtpError::Malformed)?;
+        if is_rtcp(packet) {
+            let (index, encrypted) = cipher.rtcp_index(packet).ok_or(SrtpError::Malformed)?;
+            let ssrc = ssrc_at(packet, 4);
+            indices.rtcp_check(ssrc, index)?;
+            let mut frame = Frame::new(buf, len);
+            cipher.unprotect_rtcp(&mut frame, ssrc, index, encrypted)?;
+            indices.rtcp_accept(ssrc, index);
+            Ok(frame.len())
+        } else {
+            let header_len = rtp_header_len(packet).ok_or(SrtpError::Malformed)?;
+            let ssrc = ssrc_at(packet, 8);
+            let index = indices.rtp_index(ssrc, sequence(packet), 0)?;
+            let mut frame = Frame::new(buf, len);
+            cipher.unprotect_rtp(&mut frame, header_len, ssrc, index)?;
+            indices.rtp_accept(ssrc, index);
+            Ok(frame.len())
+        }
+    }
+
+    /// The plain RTP or RTCP packet `buf[..len]` protected where it is, for the peer;
+    /// `buf` has room for [`MAX_OVERHEAD`] more bytes. Returns the protected length.
+    pub fn protect_in_place(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SrtpError> {
         let Context { cipher, indices } = &mut self.outbound;
-        let mut out;
+        if buf.len() < len + MAX_OVERHEAD {
+            return Err(SrtpError::Malformed);
+        }
+        let packet = &buf[..len];
         if is_rtcp(packet) {
             if packet.len() < 8 {
                 return Err(SrtpError::Malformed);
             }
             let ssrc = ssrc_at(packet, 4);
             let index = indices.rtcp_next(ssrc)?;
-            out = Vec::with_capacity(packet.len() + cipher.rtcp_overhead());
-            out.extend_from_slice(packet);
-            cipher.protect_rtcp(&mut out, ssrc, index);
+            let mut frame = Frame::new(buf, len);
+            cipher.protect_rtcp(&mut frame, ssrc, index);
+            Ok(frame.len())
         } else {
             let header_len = rtp_header_len(packet).ok_or(SrtpError::Malformed)?;
             let ssrc = ssrc_at(packet, 8);
             let index = indices.rtp_index(ssrc, sequence(packet), 0)?;
-            out = Vec::with_capacity(packet.len() + cipher.rtp_overhead());
-            out.extend_from_slice(packet);
-            cipher.protect_rtp(&mut out, header_len, ssrc, index)?;
+            let mut frame = Frame::new(buf, len);
+            cipher.protect_rtp(&mut frame, header_len, ssrc, index)?;
             indices.rtp_accept(ssrc, index);
+            Ok(frame.len())
         }
-        Ok(out.into())
     }
 
     /// The state store's view: keys and the indices reached.
