@@ -168,9 +168,9 @@ fn print_crypto() {
     let per_packet = |started: Instant| started.elapsed().as_nanos() / u128::from(PACKETS);
     println!("\nSRTP crypto alone: ns per 172-byte RTP packet ({PACKETS} packets, one core)\n");
     println!(
-        "| suite | relay protect | relay unprotect | webrtc-srtp protect | webrtc-srtp unprotect |"
+        "| suite | relay protect | relay unprotect | relay in place: protect | unprotect | webrtc-srtp protect | webrtc-srtp unprotect |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for suite in Suite::ALL {
         let keys = Crypto::generate(1, suite);
         let both = (keys.key(), keys.salt());
