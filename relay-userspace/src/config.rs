@@ -14,6 +14,7 @@ use crate::{
     metrics::MetricsConfig,
     ng::config::NgConfig,
     paths,
+    push::config::PushConfig,
     signalling::config::SignallingConfig,
     state::StateConfig,
     turn::config::TurnConfig,
@@ -31,6 +32,7 @@ pub struct Config {
     pub signalling: SignallingConfig,
     pub calls: CallsConfig,
     pub ng: NgConfig,
+    pub push: PushConfig,
     pub state: StateConfig,
     pub log: LogConfig,
 }
@@ -336,6 +338,7 @@ impl Config {
         self.signalling.problems(&mut problem);
         self.calls.problems(self.signalling.enabled, &mut problem);
         self.ng.problems(&mut problem);
+        self.push.problems(self.signalling.enabled, &mut problem);
         self.connections.problems(&mut problem);
         if let Err(reason) = log_filter(&self.log.level) {
             problem(

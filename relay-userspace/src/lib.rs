@@ -12,6 +12,7 @@ pub mod media;
 pub mod metrics;
 pub mod ng;
 pub mod paths;
+pub mod push;
 pub mod reload;
 pub mod session;
 pub mod signalling;

@@ -129,6 +129,18 @@ pub struct SsrcRecord {
     pub rtcp: Option<u32>,
 }
 
+/// A device an app registered for pushes: its provider (`webhook`) and token.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PushRecord {
+    pub tenant: String,
+    pub user: String,
+    pub provider: String,
+    pub token: String,
+    pub app_id: Option<String>,
+    /// Unix time.
+    pub registered: u64,
+}
+
 /// A connected ICE leg toward the app.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IceRecord {
@@ -156,6 +168,8 @@ const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
 
 /// A secret's name -> its bytes: keys relayd makes once and keeps across restarts.
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+/// Push registrations.
+const PUSH: TableDefinition<&str, &[u8]> = TableDefinition::new("push");
 
 /// The `[state]` section: where relayd keeps what a restart needs (TURN allocations).
 #[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
@@ -226,6 +240,17 @@ impl StateStore {
     /// Replaces the stored calls with `calls`, in one transaction.
     pub fn save_calls(&self, calls: &[CallRecord]) -> Result<(), StateError> {
         self.save(CALLS, calls, |call| call.call.to_string())
+    }
+
+    /// The push registrations, all of them (the previous ones replaced).
+    pub fn save_push(&self, devices: &[PushRecord]) -> Result<(), StateError> {
+        self.save(PUSH, devices, |device| {
+            format!("{}/{}/{}", device.tenant, device.user, device.token)
+        })
+    }
+
+    pub fn load_push(&self) -> Result<Vec<PushRecord>, StateError> {
+        self.load(PUSH)
     }
 
     /// The stored calls; entries that do not parse are skipped with a warning.

@@ -1,0 +1,96 @@
+//! The `[push]` section: waking a sleeping app for an incoming call through a push
+//! provider. The webhook provider posts the push to the operator's own gateway.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    pub enabled: bool,
+    /// How long a call to a user with no app connected waits for one of its devices to
+    /// wake and connect after the push (then it ends `no-answer`).
+    pub ring_secs: u64,
+    /// Each request to a provider, connection included, must be done within this.
+    pub timeout_secs: u64,
+    /// A PEM file of certificates to trust for the providers beside the public roots (a
+    /// gateway with a private CA).
+    pub ca_file: String,
+    pub webhook: WebhookConfig,
+}
+
+/// The operator's push gateway: a POST of the push's JSON to `url`, signed with
+/// HMAC-SHA256 of `secret` in `X-Relay-Signature`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `https://host[:port]/path`; empty: no webhook provider.
+    pub url: String,
+    pub secret: String,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: false,
+            ring_secs: 30,
+            timeout_secs: 5,
+            ca_file: String::new(),
+            webhook: WebhookConfig::default(),
+        }
+    }
+}
+
+/// The shortest webhook secret taken: HMAC-SHA256 keys shorter than this are guessable.
+const MIN_SECRET: usize = 16;
+
+impl PushConfig {
+    pub fn problems(&self, signalling: bool, problem: &mut impl FnMut(&'static str, String, &str)) {
+        if !self.enabled {
+            return;
+        }
+        if !signalling {
+            problem(
+                "push.enabled",
+                "true".into(),
+                "apps register for pushes over signalling: enable [signalling] too",
+            );
+        }
+        if self.ring_secs == 0 || self.ring_secs > 300 {
+            problem(
+                "push.ring_secs",
+                self.ring_secs.to_string(),
+                "must be 1 to 300",
+            );
+        }
+        if self.timeout_secs == 0 || self.timeout_secs > 60 {
+            problem(
+                "push.timeout_secs",
+                self.timeout_secs.to_string(),
+                "must be 1 to 60",
+            );
+        }
+        if !self.ca_file.is_empty()
+            && let Err(reason) = super::client::read_certificates(&self.ca_file)
+        {
+            problem("push.ca_file", self.ca_file.clone(), &reason);
+        }
+        if self.webhook.url.is_empty() {
+            problem(
+                "push.webhook.url",
+                String::new(),
+                "no provider is configured: set the webhook's URL",
+            );
+            return;
+        }
+        if let Err(reason) = super::client::Endpoint::parse(&self.webhook.url) {
+            problem("push.webhook.url", self.webhook.url.clone(), &reason);
+        }
+        if self.webhook.secret.len() < MIN_SECRET {
+            problem(
+                "push.webhook.secret",
+                "(hidden)".into(),
+                "at least 16 characters: the gateway checks the pushes' signatures with it",
+            );
+        }
+    }
+}
