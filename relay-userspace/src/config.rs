@@ -168,6 +168,7 @@ impl Config {
         key("signalling", self.signalling != new.signalling, false);
         key("calls", self.calls != new.calls, false);
         key("ng", self.ng != new.ng, false);
+        key("push", self.push != new.push, false);
         key("metrics", self.metrics != new.metrics, false);
         key("connections", self.connections != new.connections, false);
         key("turn.enabled", old_turn.enabled != new_turn.enabled, false);

@@ -78,8 +78,17 @@ pub async fn run(
     };
     let mut calls = None;
     let signalling = if config.signalling.enabled {
-        let hub = Arc::new(crate::signalling::hub::Hub::new(
+        let push = if config.push.enabled {
+            Some(Arc::new(crate::push::Push::new(
+                &config.push,
+                store.clone(),
+            )?))
+        } else {
+            None
+        };
+        let hub = Arc::new(crate::signalling::hub::Hub::with_push(
             config.signalling.queue_length,
+            push,
         ));
         let state_dir = config
             .state

@@ -79,10 +79,13 @@ pub enum EndReason {
     /// A call the state store kept could not be taken back by the restarted relayd (its
     /// LAN port was taken meanwhile, its record no longer made sense).
     RestoreFailed,
+    /// The user's devices were woken for the call (no app was connected) and none
+    /// answered within `push.ring_secs`.
+    NoAnswer,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 11] = [
+    pub const ALL: [EndReason; 12] = [
         EndReason::Hangup,
         EndReason::Operator,
         EndReason::IceFailed,
@@ -94,6 +97,7 @@ impl EndReason {
         EndReason::DtlsTimeout,
         EndReason::MediaSecurityFailed,
         EndReason::RestoreFailed,
+        EndReason::NoAnswer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,6 +113,7 @@ impl EndReason {
             EndReason::DtlsTimeout => "dtls-timeout",
             EndReason::MediaSecurityFailed => "media-security-failed",
             EndReason::RestoreFailed => "restore-failed",
+            EndReason::NoAnswer => "no-answer",
         }
     }
 }
@@ -144,6 +149,9 @@ pub enum StateChange {
         remote: SocketAddr,
         remote_type: CandidateType,
     },
+    /// No app of the user was connected: a push went to each of their `devices`, and the
+    /// call waits for one to connect (to the controller).
+    Ringing { devices: usize },
 }
 
 impl StateChange {
@@ -155,6 +163,7 @@ impl StateChange {
             StateChange::IceRestart => "ice-restart",
             StateChange::ConsentLost => "consent-lost",
             StateChange::Restored { .. } => "restored",
+            StateChange::Ringing { .. } => "ringing",
         }
     }
 }
@@ -220,4 +229,12 @@ pub trait Notify: Send + Sync {
     fn to_app(&self, tenant: &str, user: &str, event: &CallEvent) -> usize;
     /// Delivers to the tenant's controller; whether it took it.
     fn to_controller(&self, tenant: &str, event: &CallEvent) -> bool;
+    /// Wakes the user's registered devices for `call` (a push each); how many.
+    fn wake(&self, _tenant: &str, _user: &str, _call: u64) -> usize {
+        0
+    }
+    /// How long a call whose user was woken waits for an app; None: nobody is woken.
+    fn ring_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

@@ -224,6 +224,9 @@ struct CallInner {
     /// A call a restarted relayd took back: whether the app's session (0) and the
     /// controller's (1) still have to hear `call.state restored`.
     unannounced: [bool; 2],
+    /// Offered while no app of the user was connected: their devices were woken (a push),
+    /// and the first app session that joins gets `call.incoming`.
+    woken: bool,
 }
 
 impl CallInner {
@@ -356,7 +359,7 @@ impl Calls {
 
     /// `call.create` from a controller: the PBX's offer for `user`'s app.
     pub async fn create(
-        &self,
+        self: &Arc<Self>,
         controller: &Requester,
         user: &str,
         pbx_offer: &str,
@@ -367,7 +370,9 @@ impl Calls {
         let pbx_endpoint = sdp::audio(pbx_offer)?;
         let pbx = pbx_endpoint.rtp;
         let plan = MediaPlan::for_pbx_offer(&pbx_endpoint, self.app_media)?;
-        if !self.notify.is_online(tenant, user) {
+        let online = self.notify.is_online(tenant, user);
+        let ring_time = self.notify.ring_time();
+        if !online && ring_time.is_none() {
             return Err(CallError::Offline(format!(
                 "user {user} has no session connected"
             )));
@@ -400,6 +405,9 @@ impl Calls {
         }
         let call = Arc::new(call);
         self.calls().insert(id, call.clone());
+        if let (false, Some(ring_time)) = (online, ring_time) {
+            return self.wake(call, ring_time).await;
+        }
         let delivered = self.notify.to_app(
             &call.tenant,
             user,
@@ -411,6 +419,92 @@ impl Calls {
         );
         tracing::info!(call = id, tenant = %call.tenant, user, %pbx, %lan, delivered, "calls: call offered to the app");
         Ok(id)
+    }
+
+    /// A call offered while no app of its user is connected: their devices are woken (a
+    /// push each), the controller hears `call.state ringing`, and the call waits
+    /// `ring_time` for an app to connect and answer, then ends `no-answer`. With no device
+    /// registered, the call goes and the user is offline.
+    async fn wake(
+        self: &Arc<Self>,
+        call: Arc<Call>,
+        ring_time: Duration,
+    ) -> Result<u64, CallError> {
+        call.inner().woken = true;
+        let devices = self.notify.wake(&call.tenant, &call.user, call.id);
+        if devices == 0 {
+            self.calls().remove(&call.id);
+            call.leg.lock().await.close().await;
+            return Err(CallError::Offline(format!(
+                "user {} has no session connected and no device registered for pushes",
+                call.user
+            )));
+        }
+        self.notify.to_controller(
+            &call.tenant,
+            &CallEvent::State {
+                call: call.id,
+                change: StateChange::Ringing { devices },
+            },
+        );
+        let ringing = {
+            let (calls, call) = (Arc::downgrade(self), call.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(ring_time).await;
+                let Some(calls) = calls.upgrade() else { return };
+                if call.inner().state == CallState::Offered {
+                    tracing::info!(
+                        call = call.id,
+                        ?ring_time,
+                        "calls: no app answered the pushed call in time"
+                    );
+                    calls.end(&call, EndReason::NoAnswer, true, true).await;
+                }
+            })
+        };
+        call.inner().tasks.push(ringing);
+        tracing::info!(call = call.id, tenant = %call.tenant, user = %call.user, devices, ?ring_time, "calls: no app of the user connected; their devices were woken");
+        Ok(call.id)
+    }
+
+    /// A session of `who` has joined: an app gets `call.incoming` for the calls its
+    /// devices were woken for.
+    pub fn offer_woken(&self, who: &Requester) {
+        let Requester::App { tenant, user } = who else {
+            return;
+        };
+        let calls: Vec<Arc<Call>> = self
+            .calls()
+            .values()
+            .filter(|call| call.belongs_to(who))
+            .cloned()
+            .collect();
+        for call in calls {
+            let sdp = {
+                let mut inner = call.inner();
+                if !inner.woken || inner.state != CallState::Offered {
+                    continue;
+                }
+                inner.woken = false;
+                inner.sent_to_app.clone()
+            };
+            let delivered = self.notify.to_app(
+                tenant,
+                user,
+                &CallEvent::Incoming {
+                    call: call.id,
+                    user: None,
+                    sdp,
+                },
+            );
+            tracing::info!(
+                call = call.id,
+                tenant,
+                user,
+                delivered,
+                "calls: the woken app connected; call offered to it"
+            );
+        }
     }
 
     /// `call.create` from an app: it calls out with its SDP offer (with ICE). The

@@ -16,6 +16,9 @@ const APP_OFFER: &str = include_str!("../../../fixtures/sdp/webrtc-client-offer.
 struct Recorder {
     apps: Vec<(&'static str, &'static str)>,
     controllers: Vec<&'static str>,
+    /// Users with devices registered for pushes, and how long a pushed call rings.
+    devices: Vec<(&'static str, &'static str)>,
+    ring: Option<Duration>,
     events: Mutex<Vec<(String, Option<String>, CallEvent)>>,
 }
 
@@ -50,6 +53,14 @@ impl Notify for Recorder {
             .unwrap()
             .push((tenant.into(), None, event.clone()));
         true
+    }
+
+    fn wake(&self, tenant: &str, user: &str, _call: u64) -> usize {
+        usize::from(self.devices.contains(&(tenant, user)))
+    }
+
+    fn ring_time(&self) -> Option<Duration> {
+        self.ring
     }
 }
 
@@ -477,4 +488,52 @@ async fn a_webrtc_app_calling_a_plain_pbx_is_answered_with_the_relays_dtls() {
     assert!(toward_app.contains("a=mid:0\r\n"), "{toward_app}");
     assert!(toward_app.contains("a=group:BUNDLE 0\r\n"), "{toward_app}");
     assert_eq!(calls.list()[0].state, "connecting");
+}
+
+/// A call for a user with no app connected: with a device registered, the controller hears
+/// `ringing` and the call waits the ring time, then ends `no-answer`; without one the user
+/// is offline and nothing of the call stays.
+#[tokio::test]
+async fn a_call_for_a_sleeping_app_rings_its_devices_then_ends_unanswered() {
+    let (calls, recorder) = start(Recorder {
+        apps: vec![],
+        controllers: vec!["acme"],
+        devices: vec![("acme", "alice")],
+        ring: Some(Duration::from_millis(300)),
+        ..Recorder::default()
+    })
+    .await;
+    let id = calls
+        .create(&controller("acme"), "alice", PBX_OFFER)
+        .await
+        .unwrap();
+    assert_eq!(calls.len(), 1);
+    assert!(
+        matches!(
+            recorder.events().as_slice(),
+            [(_, None, CallEvent::State { change: StateChange::Ringing { devices: 1 }, call })] if *call == id
+        ),
+        "{:?}",
+        recorder.events()
+    );
+    let refused = calls.create(&controller("acme"), "carol", PBX_OFFER).await;
+    assert!(
+        matches!(&refused, Err(CallError::Offline(message)) if message.contains("no device registered")),
+        "{refused:?}"
+    );
+    assert_eq!(calls.len(), 1, "nothing of carol's call stays");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(calls.len(), 0);
+    assert!(
+        recorder.events().iter().any(|(_, to, event)| to.is_none()
+            && matches!(
+                event,
+                CallEvent::Ended {
+                    reason: EndReason::NoAnswer,
+                    ..
+                }
+            )),
+        "{:?}",
+        recorder.events()
+    );
 }

@@ -98,6 +98,10 @@ pub fn event_message(event: &CallEvent) -> Outbound {
                     map.insert("remote".into(), remote.to_string().into());
                     map.insert("remote_type".into(), remote_type.to_string().into());
                 }
+                StateChange::Ringing { devices } => {
+                    map.insert("via".into(), "push".into());
+                    map.insert("devices".into(), (*devices).into());
+                }
                 StateChange::Checking | StateChange::IceRestart | StateChange::ConsentLost => {}
             }
             ("call.state", *call, map)
@@ -142,6 +146,15 @@ impl Notify for Hub {
 
     fn to_controller(&self, tenant: &str, event: &CallEvent) -> bool {
         Hub::to_controller(self, tenant, &event_message(event))
+    }
+
+    fn wake(&self, tenant: &str, user: &str, call: u64) -> usize {
+        self.push()
+            .map_or(0, |push| push.wake(tenant, user, call, None))
+    }
+
+    fn ring_time(&self) -> Option<std::time::Duration> {
+        self.push().map(|push| push.ring_time())
     }
 }
 

@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::protocol::{ErrorCode, Outbound, Role, Sender, Target};
+use crate::push::Push;
 
 pub type SessionId = u64;
 
@@ -44,6 +45,9 @@ pub struct Hub {
     state: Mutex<State>,
     next: AtomicU64,
     queue_length: usize,
+    /// The push registrations and providers, when `[push]` is enabled: a call for a user
+    /// with no session wakes their devices.
+    push: Option<Arc<Push>>,
 }
 
 /// Why a message could not be routed.
@@ -55,11 +59,20 @@ pub struct RouteError {
 
 impl Hub {
     pub fn new(queue_length: usize) -> Hub {
+        Hub::with_push(queue_length, None)
+    }
+
+    pub fn with_push(queue_length: usize, push: Option<Arc<Push>>) -> Hub {
         Hub {
             state: Mutex::new(State::default()),
             next: AtomicU64::new(1),
             queue_length,
+            push,
         }
+    }
+
+    pub fn push(&self) -> Option<&Arc<Push>> {
+        self.push.as_ref()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

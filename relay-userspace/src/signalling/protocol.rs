@@ -61,6 +61,22 @@ pub enum Inbound {
     /// Either side: the call ends.
     #[serde(rename = "call.hangup")]
     CallHangup { id: u64, call: u64 },
+    /// Apps: this device's push target; a call while no app of the user is connected
+    /// wakes it (docs/push.md).
+    #[serde(rename = "push.register")]
+    PushRegister {
+        id: u64,
+        provider: String,
+        token: String,
+        #[serde(default)]
+        app_id: Option<String>,
+    },
+    /// Apps: the device no longer wants pushes.
+    #[serde(rename = "push.unregister")]
+    PushUnregister { id: u64, token: String },
+    /// Controllers: how many devices a user registered, by provider (never the tokens).
+    #[serde(rename = "push.devices")]
+    PushDevices { id: u64, user: String },
 }
 
 /// The `type`s a peer may send, for telling "unknown type" from "bad fields".
@@ -73,6 +89,9 @@ pub const INBOUND_TYPES: &[&str] = &[
     "call.update",
     "call.candidate",
     "call.hangup",
+    "push.register",
+    "push.unregister",
+    "push.devices",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -270,6 +270,7 @@ async fn connection(
         // After the welcome, through the session's queue like every event.
         if let Some(calls) = &context.calls {
             calls.announce_restored(&requester(&identity));
+            calls.offer_woken(&requester(&identity));
         }
         serve(
             &mut socket,
@@ -562,6 +563,84 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             let result = calls.hangup(&requester(identity), call).await;
             answer(id, result.map(|()| Map::new()))
         }
+        Ok(
+            request @ (Inbound::PushRegister { .. }
+            | Inbound::PushUnregister { .. }
+            | Inbound::PushDevices { .. }),
+        ) => handle_push(context, identity, request),
+    }
+}
+
+/// The push requests: apps register and unregister their own device, controllers count a
+/// user's.
+fn handle_push(context: &Shared, identity: &Identity, request: Inbound) -> Outbound {
+    let refuse = |id, code, message: &str| Outbound::Error {
+        id: Some(id),
+        code,
+        message: message.to_owned(),
+    };
+    let (id, client_only) = match &request {
+        Inbound::PushRegister { id, .. } | Inbound::PushUnregister { id, .. } => (*id, true),
+        Inbound::PushDevices { id, .. } => (*id, false),
+        _ => unreachable!("push requests only"),
+    };
+    let Some(push) = context.hub.push() else {
+        return refuse(
+            id,
+            ErrorCode::Forbidden,
+            "push is not enabled on this relay ([push] enabled)",
+        );
+    };
+    let user = match (client_only, identity.role, identity.user.as_deref()) {
+        (true, Role::Client, Some(user)) => user,
+        (true, _, _) => {
+            return refuse(id, ErrorCode::Forbidden, "only apps register their devices");
+        }
+        (false, Role::Controller, _) => "",
+        (false, _, _) => return refuse(id, ErrorCode::Forbidden, "only controllers list devices"),
+    };
+    match request {
+        Inbound::PushRegister {
+            provider,
+            token,
+            app_id,
+            ..
+        } => match push.register(&identity.tenant, user, &provider, &token, app_id.as_deref()) {
+            Ok(devices) => Outbound::Result {
+                id,
+                fields: fields([("devices", devices.into())]),
+            },
+            Err(err) => Outbound::Error {
+                id: Some(id),
+                code: ErrorCode::BadRequest,
+                message: format!("push.register: {err}"),
+            },
+        },
+        Inbound::PushUnregister { token, .. } => {
+            let removed = push.unregister(&identity.tenant, user, &token);
+            Outbound::Result {
+                id,
+                fields: fields([("removed", removed.into())]),
+            }
+        }
+        Inbound::PushDevices { user, .. } => {
+            if !valid_name(&user) {
+                return Outbound::Error {
+                    id: Some(id),
+                    code: ErrorCode::BadRequest,
+                    message: format!("user: {user:?}: 1 to 64 of A-Z a-z 0-9 . _ @ + -"),
+                };
+            }
+            let devices = push.devices(&identity.tenant, &user);
+            Outbound::Result {
+                id,
+                fields: fields([
+                    ("user", user.into()),
+                    ("devices", serde_json::to_value(devices).expect("JSON")),
+                ]),
+            }
+        }
+        _ => unreachable!("push requests only"),
     }
 }
 
