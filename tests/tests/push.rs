@@ -1,0 +1,291 @@
+//! Waking a sleeping app with a push, in the edge lab. The operator's push gateway is a
+//! stand-in in the test: HTTPS on the relay's loopback with a certificate of its own
+//! (trusted through `push.ca_file`), checking each push's HMAC signature and answering as
+//! the test scripts (200 for a live device, 410 for a dead one).
+//!
+//! The app registers two devices and disconnects; the controller calls its user: the
+//! controller hears `ringing`, the gateway gets a signed push per device without any SDP,
+//! the live device's app connects within the ring time, gets `call.incoming`, answers and
+//! the media flows through XDP; the dead device's registration is gone afterwards. A second
+//! call that no app takes ends `no-answer`. Bad registrations are refused naming the field.
+
+use std::{
+    io::{Read, Write},
+    sync::mpsc,
+    time::Duration,
+};
+
+use relay_tests::{
+    app::{App, talk},
+    config_file::ConfigFile,
+    lab::{EdgeLab, calls_config},
+    netns::{PinDir, enter_by_name},
+    pbx::rtp_echo,
+    relayd::Relayd,
+    require_root, runtime,
+    signalling_client::{Socket, mint_token, receive_within, request},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// The next thing a channel gets, within 20 s.
+async fn within<T>(rx: &mut UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("in time")
+        .expect("not closed")
+}
+
+const API_KEY: &str = "acme-api-key-0123456789";
+const SECRET: &str = "the gateway's shared secret";
+const GATEWAY: &str = "127.0.0.1:18444";
+const RING_SECS: u64 = 3;
+
+/// A push the gateway received: its body, and whether its signature was right.
+struct Received {
+    body: Value,
+    signed: bool,
+}
+
+/// The gateway, in the relay's namespace: one request per connection, as relayd sends.
+fn start_gateway(
+    relay_ns: String,
+    certificate: rcgen::CertifiedKey<rcgen::KeyPair>,
+) -> UnboundedReceiver<Received> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready) = mpsc::channel();
+    std::thread::spawn(move || {
+        enter_by_name(&relay_ns);
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![certificate.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(certificate.signing_key.serialize_der())
+                .unwrap(),
+        )
+        .unwrap();
+        let config = std::sync::Arc::new(config);
+        let listener = std::net::TcpListener::bind(GATEWAY).unwrap();
+        ready_tx.send(()).unwrap();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+        for stream in listener.incoming() {
+            let Ok(mut tcp) = stream else { continue };
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut connection = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+            let Some((headers, body)) = read_request(&mut tls) else {
+                continue;
+            };
+            let signature = headers
+                .lines()
+                .find_map(|line| line.strip_prefix("x-relay-signature: sha256="))
+                .and_then(|hex| {
+                    (0..hex.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                        .collect::<Option<Vec<u8>>>()
+                });
+            let signed = signature.is_some_and(|tag| ring::hmac::verify(&key, &body, &tag).is_ok());
+            let body: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let status = if body["device"] == "phone-gone" {
+                "410 Gone"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                tls,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+            let _ = tls.flush();
+            if tx.send(Received { body, signed }).is_err() {
+                return;
+            }
+        }
+    });
+    ready.recv().unwrap();
+    rx
+}
+
+/// An HTTP/1.1 request's header block (lower-cased names) and body.
+fn read_request(stream: &mut impl Read) -> Option<(String, Vec<u8>)> {
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        data.extend_from_slice(&chunk[..n]);
+        if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+    };
+    let headers = String::from_utf8_lossy(&data[..end]).to_lowercase();
+    let length: usize = headers
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = data[end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((headers, body))
+}
+
+async fn next_event(socket: &mut Socket, name: &str) -> Value {
+    loop {
+        let message = receive_within(socket, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|err| panic!("waiting for {name}: {err:?}"));
+        if message["event"] == name {
+            return message;
+        }
+    }
+}
+
+#[test]
+fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let certificate = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), certificate.cert.pem()).unwrap();
+    let mut pushes = start_gateway(lab.relay.name.clone(), certificate);
+    let config = ConfigFile::new(&format!(
+        "{}\n[push]\nenabled = true\nring_secs = {RING_SECS}\nca_file = \"{}\"\n[push.webhook]\nurl = \"https://{GATEWAY}/relay/push\"\nsecret = \"{SECRET}\"\n",
+        calls_config(&pins.path, "acme", API_KEY, ""),
+        ca.path().display()
+    ));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let echo_socket = lab.pbx.udp_socket(relay_tests::pbx::RTP.parse().unwrap());
+    runtime().block_on(async {
+        let echo = tokio::spawn(rtp_echo(echo_socket));
+        let fingerprint = relayd.signalling_fingerprint();
+        let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let (to_app, woken) = mpsc::channel::<()>();
+        let (to_test, mut from_app) = tokio::sync::mpsc::unbounded_channel::<Value>();
+        let app_ns = lab.app.name.clone();
+        let app = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                // The app registers its device (and a second one the provider will say is
+                // gone), then sleeps: no session.
+                let mut app = App::in_edge_lab(&fingerprint, &token).await;
+                for (id, provider, device) in [
+                    (1, "carrier-pigeon", "phone-1".to_owned()),
+                    (2, "webhook", "x".repeat(5000)),
+                    (3, "webhook", "phone-1".to_owned()),
+                    (4, "webhook", "phone-gone".to_owned()),
+                ] {
+                    let answer = app
+                        .request(json!({"type": "push.register", "id": id, "provider": provider, "token": device, "app_id": "com.example.softphone"}))
+                        .await;
+                    to_test.send(answer).unwrap();
+                }
+                app.close().await;
+                // Woken: it connects and takes the call.
+                woken.recv().unwrap();
+                let mut app = App::in_edge_lab(&fingerprint, &token).await;
+                let incoming = app.next_within(Duration::from_secs(5)).await;
+                to_test.send(incoming.clone()).unwrap();
+                let media = app.answer(&incoming).await;
+                let echoed = talk(&media, 0, 100).await.echoed;
+                to_test.send(json!(echoed)).unwrap();
+                // Hung up by the controller.
+                let ended = app.next_within(Duration::from_secs(10)).await;
+                app.close().await;
+                to_test.send(ended).unwrap();
+            })
+        });
+        let refused = within(&mut from_app).await;
+        assert_eq!(refused["code"], "bad_request", "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains("provider"), "{refused}");
+        let refused = within(&mut from_app).await;
+        assert_eq!(refused["code"], "bad_request", "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains("token: 5000 bytes"), "{refused}");
+        assert_eq!(within(&mut from_app).await["devices"], 1);
+        assert_eq!(within(&mut from_app).await["devices"], 2);
+        let devices = request(&mut controller, json!({"type": "push.devices", "id": 2, "user": "alice"})).await;
+        assert_eq!(devices["devices"], json!({"webhook": 2}), "{devices}");
+        // The app's session is gone before the call.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let created = request(&mut controller, json!({"type": "call.create", "id": 3, "user": "alice", "sdp": relay_tests::pbx::SDP})).await;
+        assert_eq!(created["type"], "result", "{created}\n{}", relayd.log());
+        let call = created["call"].clone();
+        let ringing = next_event(&mut controller, "call.state").await;
+        assert_eq!(
+            (&ringing["state"], &ringing["via"], &ringing["devices"], &ringing["call"]),
+            (&json!("ringing"), &json!("push"), &json!(2), &call),
+            "{ringing}"
+        );
+        let mut received: Vec<Received> = Vec::new();
+        for _ in 0..2 {
+            received.push(within(&mut pushes).await);
+        }
+        received.sort_by_key(|push| push.body["device"].as_str().unwrap_or_default().to_owned());
+        for push in &received {
+            assert!(push.signed, "signed with the shared secret: {}", push.body);
+            assert_eq!(push.body["call"], call, "{}", push.body);
+            assert_eq!((&push.body["tenant"], &push.body["user"]), (&json!("acme"), &json!("alice")));
+            assert_eq!(push.body["app_id"], "com.example.softphone");
+            assert!(push.body.get("sdp").is_none(), "no SDP in a push: {}", push.body);
+        }
+        assert_eq!(received[0].body["device"], "phone-1");
+        assert_eq!(received[1].body["device"], "phone-gone");
+        to_app.send(()).unwrap();
+        let incoming = within(&mut from_app).await;
+        assert_eq!((&incoming["event"], &incoming["call"]), (&json!("call.incoming"), &call), "{incoming}");
+        let connected = next_event(&mut controller, "call.state").await;
+        let connected = if connected["state"] == "checking" {
+            next_event(&mut controller, "call.state").await
+        } else {
+            connected
+        };
+        assert_eq!(connected["state"], "connected", "{connected}\n{}", relayd.log());
+        let echoed = within(&mut from_app).await;
+        assert!(echoed.as_u64().unwrap() >= 95, "echoed {echoed}\n{}", relayd.log());
+        let flows = relayd.ctl_json(&["flow", "list"]);
+        assert_eq!(flows["flows"].as_array().unwrap().len(), 2, "{flows}");
+        let hung_up = request(&mut controller, json!({"type": "call.hangup", "id": 4, "call": call})).await;
+        assert_eq!(hung_up["type"], "result", "{hung_up}");
+        let ended = within(&mut from_app).await;
+        assert_eq!(ended["event"], "call.ended", "{ended}");
+        tokio::task::spawn_blocking(move || app.join().unwrap()).await.unwrap();
+
+        // The provider said the second device is gone: its registration went.
+        let devices = request(&mut controller, json!({"type": "push.devices", "id": 5, "user": "alice"})).await;
+        assert_eq!(devices["devices"], json!({"webhook": 1}), "{devices}");
+
+        // Nobody takes the next call: it rings, then ends no-answer.
+        let created = request(&mut controller, json!({"type": "call.create", "id": 6, "user": "alice", "sdp": relay_tests::pbx::SDP})).await;
+        assert_eq!(created["type"], "result", "{created}");
+        let started = std::time::Instant::now();
+        let ringing = next_event(&mut controller, "call.state").await;
+        assert_eq!((&ringing["state"], &ringing["devices"]), (&json!("ringing"), &json!(1)), "{ringing}");
+        let push = within(&mut pushes).await;
+        assert_eq!(push.body["device"], "phone-1");
+        let ended = next_event(&mut controller, "call.ended").await;
+        assert_eq!((&ended["reason"], &ended["call"]), (&json!("no-answer"), &created["call"]), "{ended}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(RING_SECS - 1) && waited < Duration::from_secs(RING_SECS + 3),
+            "ended after {waited:?}"
+        );
+        assert_eq!(relayd.ctl_json(&["flow", "list"])["flows"], json!([]));
+        // Device tokens are not logged.
+        assert!(!relayd.log().contains("phone-1"), "{}", relayd.log());
+        echo.abort();
+    });
+}
