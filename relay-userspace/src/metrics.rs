@@ -411,6 +411,31 @@ impl Collector for Sources {
                     }),
             )?;
         }
+        if let Some(push) = self.signalling.as_ref().and_then(|hub| hub.push()) {
+            let outcomes = push.outcomes();
+            family(
+                &mut encoder,
+                "relay_push_total",
+                "Pushes to wake a sleeping app, by provider and outcome (sent, dead-token: the registration was removed, refused: a 4xx, failed: not delivered after the last try).",
+                MetricType::Counter,
+                crate::push::Outcome::ALL.map(|outcome| {
+                    let count = outcomes
+                        .get(&(crate::push::Provider::Webhook, outcome))
+                        .copied()
+                        .unwrap_or(0);
+                    (
+                        [("provider", "webhook"), ("outcome", outcome.name())],
+                        ConstCounter::new(count),
+                    )
+                }),
+            )?;
+            single(
+                &mut encoder,
+                "relay_push_devices",
+                "Devices registered for pushes.",
+                gauge(push.registered() as u64),
+            )?;
+        }
         if let Some(hub) = &self.signalling {
             let (controllers, clients) = hub.counts();
             family(

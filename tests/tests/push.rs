@@ -284,6 +284,21 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
             "ended after {waited:?}"
         );
         assert_eq!(relayd.ctl_json(&["flow", "list"])["flows"], json!([]));
+        let stats = relayd.ctl_json(&["push", "stats"]);
+        let count = |outcome: &str| {
+            stats["pushes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|push| push["provider"] == "webhook" && push["outcome"] == outcome)
+                .map(|push| push["count"].clone())
+        };
+        assert_eq!(stats["devices"], 1, "{stats}");
+        assert_eq!(
+            (count("sent"), count("dead-token"), count("failed")),
+            (Some(json!(2)), Some(json!(1)), Some(json!(0))),
+            "{stats}"
+        );
         // Device tokens are not logged.
         assert!(!relayd.log().contains("phone-1"), "{}", relayd.log());
         echo.abort();

@@ -74,6 +74,7 @@ pub mod method {
     pub const CALLS_LIST: &str = "calls.list";
     pub const CALLS_SHOW: &str = "calls.show";
     pub const CALLS_HANGUP: &str = "calls.hangup";
+    pub const PUSH_STATS: &str = "push.stats";
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +112,21 @@ pub struct TurnRevokeParams {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TurnAllocationsResult {
     pub allocations: Vec<Allocation>,
+}
+
+/// Pushes that woke sleeping apps, by provider and outcome, and the devices registered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushStatsResult {
+    pub devices: u64,
+    pub pushes: Vec<PushCount>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushCount {
+    pub provider: String,
+    /// `sent`, `dead-token`, `refused`, `failed`.
+    pub outcome: String,
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -20,8 +20,8 @@ use tokio::{
 use super::protocol::{
     self as wire, CallIdParams, CallsListResult, CallsMedia, ConfigReloadResult, ErrorBody,
     ErrorKind, FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES,
-    PROTOCOL_VERSION, Request, Response, StatsResult, StatusResult, TurnAllocationsResult,
-    TurnRevokeParams, TurnRevokeResult, method,
+    PROTOCOL_VERSION, PushCount, PushStatsResult, Request, Response, StatsResult, StatusResult,
+    TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult, method,
 };
 use crate::{
     datapath::{
@@ -391,6 +391,34 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             let params: FlowIdParams = params(request)?;
             let flow = table.get(params.id, now).map_err(flow_error)?;
             to_value(wire::FlowInfo::from(flow))
+        }
+        method::PUSH_STATS => {
+            let push = services
+                .signalling
+                .as_ref()
+                .and_then(|signalling| signalling.hub.push())
+                .ok_or_else(|| {
+                    body(
+                        ErrorKind::NotFound,
+                        None,
+                        "push is not enabled (push.enabled)".to_owned(),
+                    )
+                })?;
+            let outcomes = push.outcomes();
+            to_value(PushStatsResult {
+                devices: push.registered() as u64,
+                pushes: crate::push::Outcome::ALL
+                    .into_iter()
+                    .map(|outcome| PushCount {
+                        provider: crate::push::Provider::Webhook.name().to_owned(),
+                        outcome: outcome.name().to_owned(),
+                        count: outcomes
+                            .get(&(crate::push::Provider::Webhook, outcome))
+                            .copied()
+                            .unwrap_or(0),
+                    })
+                    .collect(),
+            })
         }
         method::TURN_ALLOCATIONS => to_value(TurnAllocationsResult {
             allocations: turn_service(turn)?

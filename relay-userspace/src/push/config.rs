@@ -94,3 +94,61 @@ impl PushConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(config: &PushConfig, signalling: bool) -> Vec<(&'static str, String)> {
+        let mut found = Vec::new();
+        config.problems(signalling, &mut |key, _, reason: &str| {
+            found.push((key, reason.to_owned()))
+        });
+        found
+    }
+
+    #[test]
+    fn a_bad_push_section_names_each_field() {
+        let good = PushConfig {
+            enabled: true,
+            webhook: WebhookConfig {
+                url: "https://push.example.com/relay".into(),
+                secret: "a secret of enough length".into(),
+            },
+            ..PushConfig::default()
+        };
+        assert_eq!(problems(&good, true), []);
+        assert_eq!(
+            problems(&PushConfig::default(), false),
+            [],
+            "off: nothing checked"
+        );
+        let bad = PushConfig {
+            enabled: true,
+            ring_secs: 0,
+            timeout_secs: 61,
+            ca_file: "/nonexistent/ca.pem".into(),
+            webhook: WebhookConfig {
+                url: "http://push.example.com/".into(),
+                secret: "short".into(),
+            },
+        };
+        let keys: Vec<&str> = problems(&bad, false).iter().map(|(key, _)| *key).collect();
+        assert_eq!(
+            keys,
+            [
+                "push.enabled",
+                "push.ring_secs",
+                "push.timeout_secs",
+                "push.ca_file",
+                "push.webhook.url",
+                "push.webhook.secret"
+            ]
+        );
+        let no_provider = PushConfig {
+            enabled: true,
+            ..PushConfig::default()
+        };
+        assert_eq!(problems(&no_provider, true)[0].0, "push.webhook.url");
+    }
+}

@@ -284,6 +284,11 @@ impl Push {
         counts
     }
 
+    /// Devices registered, all users.
+    pub fn registered(&self) -> usize {
+        self.devices_mut().values().map(Vec::len).sum()
+    }
+
     /// Pushes by provider and outcome since start.
     pub fn outcomes(&self) -> BTreeMap<(Provider, Outcome), u64> {
         self.outcomes.lock().expect("push outcomes").clone()

@@ -3,6 +3,7 @@
 mod calls;
 mod flow;
 mod output;
+mod push;
 mod reload;
 mod stats;
 mod status;
@@ -41,6 +42,9 @@ enum Command {
     /// Calls in progress
     #[command(subcommand)]
     Calls(calls::CallsCommand),
+    /// Pushes that wake sleeping apps
+    #[command(subcommand)]
+    Push(push::PushCommand),
     /// Make relayd read its configuration again; prints what it applied and what needs a
     /// restart
     Reload,
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         Command::Turn(command) => turn::run(&mut client, command, cli.json),
         Command::Reload => reload::run(&mut client, cli.json),
         Command::Calls(command) => calls::run(&mut client, command, cli.json),
+        Command::Push(command) => push::run(&mut client, command, cli.json),
         Command::Generate { .. } => unreachable!("handled before connecting"),
     };
     match result {
