@@ -221,7 +221,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         // The app's session is gone before the call.
         tokio::time::sleep(Duration::from_millis(300)).await;
 
-        let created = request(&mut controller, json!({"type": "call.create", "id": 3, "user": "alice", "sdp": relay_tests::pbx::SDP})).await;
+        let created = request(&mut controller, json!({"type": "call.create", "id": 3, "user": "alice", "sdp": relay_tests::pbx::SDP, "caller": "Reception <+49 30 1234>"})).await;
         assert_eq!(created["type"], "result", "{created}\n{}", relayd.log());
         let call = created["call"].clone();
         let ringing = next_event(&mut controller, "call.state").await;
@@ -240,6 +240,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
             assert_eq!(push.body["call"], call, "{}", push.body);
             assert_eq!((&push.body["tenant"], &push.body["user"]), (&json!("acme"), &json!("alice")));
             assert_eq!(push.body["app_id"], "com.example.softphone");
+            assert_eq!(push.body["caller"], "Reception <+49 30 1234>");
             assert!(push.body.get("sdp").is_none(), "no SDP in a push: {}", push.body);
         }
         assert_eq!(received[0].body["device"], "phone-1");
@@ -247,6 +248,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         to_app.send(()).unwrap();
         let incoming = within(&mut from_app).await;
         assert_eq!((&incoming["event"], &incoming["call"]), (&json!("call.incoming"), &call), "{incoming}");
+        assert_eq!(incoming["caller"], "Reception <+49 30 1234>", "{incoming}");
         let connected = next_event(&mut controller, "call.state").await;
         let connected = if connected["state"] == "checking" {
             next_event(&mut controller, "call.state").await

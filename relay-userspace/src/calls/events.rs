@@ -55,6 +55,13 @@ impl CallState {
     }
 }
 
+/// The devices woken for a call: how many, and word if none of the pushes was delivered
+/// (the last failure's reason); the sender dropped without a word: one was.
+pub struct Woken {
+    pub devices: usize,
+    pub undelivered: tokio::sync::oneshot::Receiver<String>,
+}
+
 /// Why a call ended; the names are what `call.ended` and the metrics say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EndReason {
@@ -82,10 +89,12 @@ pub enum EndReason {
     /// The user's devices were woken for the call (no app was connected) and none
     /// answered within `push.ring_secs`.
     NoAnswer,
+    /// No app of the user was connected and no push reached any of their devices.
+    Offline,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 12] = [
+    pub const ALL: [EndReason; 13] = [
         EndReason::Hangup,
         EndReason::Operator,
         EndReason::IceFailed,
@@ -98,6 +107,7 @@ impl EndReason {
         EndReason::MediaSecurityFailed,
         EndReason::RestoreFailed,
         EndReason::NoAnswer,
+        EndReason::Offline,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +124,7 @@ impl EndReason {
             EndReason::MediaSecurityFailed => "media-security-failed",
             EndReason::RestoreFailed => "restore-failed",
             EndReason::NoAnswer => "no-answer",
+            EndReason::Offline => "offline",
         }
     }
 }
@@ -176,6 +187,8 @@ pub enum CallEvent {
     Incoming {
         call: u64,
         user: Option<String>,
+        /// Who calls, as the controller named them (a PBX's call to an app).
+        caller: Option<String>,
         sdp: String,
     },
     /// The other side answered; the SDP is the one for this side.
@@ -229,9 +242,10 @@ pub trait Notify: Send + Sync {
     fn to_app(&self, tenant: &str, user: &str, event: &CallEvent) -> usize;
     /// Delivers to the tenant's controller; whether it took it.
     fn to_controller(&self, tenant: &str, event: &CallEvent) -> bool;
-    /// Wakes the user's registered devices for `call` (a push each); how many.
-    fn wake(&self, _tenant: &str, _user: &str, _call: u64) -> usize {
-        0
+    /// Wakes the user's registered devices for `call` (a push each); None when the user
+    /// has none.
+    fn wake(&self, _tenant: &str, _user: &str, _call: u64, _caller: Option<&str>) -> Option<Woken> {
+        None
     }
     /// How long a call whose user was woken waits for an app; None: nobody is woken.
     fn ring_time(&self) -> Option<std::time::Duration> {

@@ -31,7 +31,9 @@ pub mod security;
 #[cfg(test)]
 mod tests;
 
-pub use events::{CallError, CallEvent, CallState, EndReason, Notify, Requester, StateChange};
+pub use events::{
+    CallError, CallEvent, CallState, EndReason, Notify, Requester, StateChange, Woken,
+};
 use flows::CallFlows;
 pub use flows::{Directions, Traffic};
 use media::{LanSockets, remove_flows_of_earlier_calls};
@@ -187,6 +189,8 @@ struct Call {
     /// connects).
     remote_candidates: RemoteCandidates,
     created: std::time::Instant,
+    /// Who calls, as the controller named them (a PBX's call).
+    caller: Option<String>,
     /// Everything that changes during the call.
     inner: Mutex<CallInner>,
 }
@@ -363,10 +367,20 @@ impl Calls {
         controller: &Requester,
         user: &str,
         pbx_offer: &str,
+        caller: Option<&str>,
     ) -> Result<u64, CallError> {
         let Requester::Controller { tenant } = controller else {
             return Err(CallError::Forbidden("only controllers create calls".into()));
         };
+        if let Some(caller) = caller
+            && (caller.is_empty()
+                || caller.chars().count() > 128
+                || caller.chars().any(char::is_control))
+        {
+            return Err(CallError::BadRequest(
+                "caller: 1 to 128 characters, no control characters".into(),
+            ));
+        }
         let pbx_endpoint = sdp::audio(pbx_offer)?;
         let pbx = pbx_endpoint.rtp;
         let plan = MediaPlan::for_pbx_offer(&pbx_endpoint, self.app_media)?;
@@ -388,7 +402,7 @@ impl Calls {
             plan.toward_app(self.identity.fingerprint(), &mids),
         )?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let call = Call::offered(
+        let mut call = Call::offered(
             id,
             tenant.clone(),
             user.to_owned(),
@@ -396,6 +410,7 @@ impl Calls {
             (lan, lan_sockets),
             leg,
         );
+        call.caller = caller.map(str::to_owned);
         {
             let mut inner = call.inner();
             inner.set_pbx(&pbx_endpoint);
@@ -414,6 +429,7 @@ impl Calls {
             &CallEvent::Incoming {
                 call: id,
                 user: None,
+                caller: call.caller.clone(),
                 sdp: app_offer,
             },
         );
@@ -431,15 +447,21 @@ impl Calls {
         ring_time: Duration,
     ) -> Result<u64, CallError> {
         call.inner().woken = true;
-        let devices = self.notify.wake(&call.tenant, &call.user, call.id);
-        if devices == 0 {
+        let woken = self
+            .notify
+            .wake(&call.tenant, &call.user, call.id, call.caller.as_deref());
+        let Some(Woken {
+            devices,
+            undelivered,
+        }) = woken
+        else {
             self.calls().remove(&call.id);
             call.leg.lock().await.close().await;
             return Err(CallError::Offline(format!(
                 "user {} has no session connected and no device registered for pushes",
                 call.user
             )));
-        }
+        };
         self.notify.to_controller(
             &call.tenant,
             &CallEvent::State {
@@ -450,15 +472,23 @@ impl Calls {
         let ringing = {
             let (calls, call) = (Arc::downgrade(self), call.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(ring_time).await;
+                let reason = tokio::select! {
+                    _ = tokio::time::sleep(ring_time) => EndReason::NoAnswer,
+                    Ok(why) = undelivered => {
+                        tracing::warn!(call = call.id, user = %call.user, %why, "calls: no push reached the user's devices; the call ends offline");
+                        EndReason::Offline
+                    }
+                };
                 let Some(calls) = calls.upgrade() else { return };
                 if call.inner().state == CallState::Offered {
-                    tracing::info!(
-                        call = call.id,
-                        ?ring_time,
-                        "calls: no app answered the pushed call in time"
-                    );
-                    calls.end(&call, EndReason::NoAnswer, true, true).await;
+                    if reason == EndReason::NoAnswer {
+                        tracing::info!(
+                            call = call.id,
+                            ?ring_time,
+                            "calls: no app answered the pushed call in time"
+                        );
+                    }
+                    calls.end(&call, reason, true, true).await;
                 }
             })
         };
@@ -494,6 +524,7 @@ impl Calls {
                 &CallEvent::Incoming {
                     call: call.id,
                     user: None,
+                    caller: call.caller.clone(),
                     sdp,
                 },
             );
@@ -541,6 +572,7 @@ impl Calls {
         let incoming = CallEvent::Incoming {
             call: id,
             user: Some(user.clone()),
+            caller: None,
             sdp: pbx_offer.clone(),
         };
         if !self.notify.to_controller(tenant, &incoming) {
@@ -1041,6 +1073,7 @@ impl Call {
             remote_candidates: leg.remote_candidates(),
             leg: tokio::sync::Mutex::new(leg),
             created: std::time::Instant::now(),
+            caller: None,
             inner: Mutex::new(CallInner::default()),
         }
     }

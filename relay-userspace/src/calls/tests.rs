@@ -19,6 +19,10 @@ struct Recorder {
     /// Users with devices registered for pushes, and how long a pushed call rings.
     devices: Vec<(&'static str, &'static str)>,
     ring: Option<Duration>,
+    /// Every push fails.
+    undelivered: bool,
+    /// The pushes of calls that ring.
+    ringing: Mutex<Vec<tokio::sync::oneshot::Sender<String>>>,
     events: Mutex<Vec<(String, Option<String>, CallEvent)>>,
 }
 
@@ -55,8 +59,21 @@ impl Notify for Recorder {
         true
     }
 
-    fn wake(&self, tenant: &str, user: &str, _call: u64) -> usize {
-        usize::from(self.devices.contains(&(tenant, user)))
+    fn wake(&self, tenant: &str, user: &str, _call: u64, _caller: Option<&str>) -> Option<Woken> {
+        if !self.devices.contains(&(tenant, user)) {
+            return None;
+        }
+        let (tx, undelivered) = tokio::sync::oneshot::channel();
+        if self.undelivered {
+            let _ = tx.send("HTTP 503".to_owned());
+        } else {
+            // Kept: neither delivered nor failed while the call rings.
+            self.ringing.lock().unwrap().push(tx);
+        }
+        Some(Woken {
+            devices: 1,
+            undelivered,
+        })
     }
 
     fn ring_time(&self) -> Option<Duration> {
@@ -120,12 +137,19 @@ fn app(tenant: &str, user: &str) -> Requester {
 async fn the_pbx_calls_an_online_app_and_the_app_gets_the_relays_ice() {
     let (calls, recorder) = start(acme()).await;
     let id = calls
-        .create(&controller("acme"), "alice", PBX_OFFER)
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
         .await
         .unwrap();
     let events = recorder.events();
     assert_eq!(events.len(), 1, "{events:?}");
-    let (tenant, to, CallEvent::Incoming { call, user, sdp }) = &events[0] else {
+    let (
+        tenant,
+        to,
+        CallEvent::Incoming {
+            call, user, sdp, ..
+        },
+    ) = &events[0]
+    else {
         panic!("{events:?}")
     };
     assert_eq!(
@@ -164,21 +188,31 @@ async fn the_pbx_calls_an_online_app_and_the_app_gets_the_relays_ice() {
 async fn refused_requests_say_why_and_leave_the_call_as_it_was() {
     let (calls, recorder) = start(acme()).await;
     let id = calls
-        .create(&controller("acme"), "alice", PBX_OFFER)
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
         .await
         .unwrap();
     let refusals = [
         (
-            calls.create(&app("acme", "alice"), "bob", PBX_OFFER).await,
+            calls
+                .create(&app("acme", "alice"), "bob", PBX_OFFER, None)
+                .await,
             "only controllers create calls",
         ),
         (
-            calls.create(&controller("acme"), "carol", PBX_OFFER).await,
+            calls
+                .create(&controller("acme"), "carol", PBX_OFFER, None)
+                .await,
             "user carol has no session connected",
         ),
         (
             calls
-                .create(&controller("acme"), "alice", "v=0\r\nbroken")
+                .create(&controller("acme"), "alice", PBX_OFFER, Some("a\nb"))
+                .await,
+            "caller: 1 to 128 characters",
+        ),
+        (
+            calls
+                .create(&controller("acme"), "alice", "v=0\r\nbroken", None)
                 .await,
             "sdp: ",
         ),
@@ -229,7 +263,7 @@ async fn refused_requests_say_why_and_leave_the_call_as_it_was() {
 async fn a_hangup_tells_the_other_side_and_counts_the_reason() {
     let (calls, recorder) = start(acme()).await;
     let id = calls
-        .create(&controller("acme"), "alice", PBX_OFFER)
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
         .await
         .unwrap();
     calls.hangup(&controller("acme"), id).await.unwrap();
@@ -267,7 +301,7 @@ fn plain_app_answer() -> String {
 async fn the_app_answers_and_the_controller_gets_the_answer_for_the_pbx() {
     let (calls, recorder) = start(acme()).await;
     let id = calls
-        .create(&controller("acme"), "alice", PBX_OFFER)
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
         .await
         .unwrap();
     calls
@@ -309,7 +343,16 @@ async fn an_app_calls_out_and_the_controller_gets_the_offer_for_the_pbx() {
         .await
         .unwrap();
     let events = recorder.events();
-    let [(tenant, None, CallEvent::Incoming { call, user, sdp })] = &events[..] else {
+    let [
+        (
+            tenant,
+            None,
+            CallEvent::Incoming {
+                call, user, sdp, ..
+            },
+        ),
+    ] = &events[..]
+    else {
         panic!("{events:?}")
     };
     assert_eq!(
@@ -357,7 +400,7 @@ async fn an_app_calls_out_and_the_controller_gets_the_offer_for_the_pbx() {
 async fn a_stopping_relay_ends_every_call_for_both_sides() {
     let (calls, recorder) = start(acme()).await;
     let first = calls
-        .create(&controller("acme"), "alice", PBX_OFFER)
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
         .await
         .unwrap();
     let second = calls
@@ -406,7 +449,7 @@ async fn a_webrtc_app_called_by_a_plain_pbx_gets_dtls_srtp_and_a_plain_answer_is
     let (calls, recorder) =
         start_with(acme(), config::AppMedia::DtlsSrtp, config::PbxMedia::Rtp).await;
     let id = calls
-        .create(&controller("acme"), "alice", PBX_OFFER)
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
         .await
         .unwrap();
     let offer = sdp_of(&recorder, false);
@@ -504,7 +547,7 @@ async fn a_call_for_a_sleeping_app_rings_its_devices_then_ends_unanswered() {
     })
     .await;
     let id = calls
-        .create(&controller("acme"), "alice", PBX_OFFER)
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
         .await
         .unwrap();
     assert_eq!(calls.len(), 1);
@@ -516,7 +559,9 @@ async fn a_call_for_a_sleeping_app_rings_its_devices_then_ends_unanswered() {
         "{:?}",
         recorder.events()
     );
-    let refused = calls.create(&controller("acme"), "carol", PBX_OFFER).await;
+    let refused = calls
+        .create(&controller("acme"), "carol", PBX_OFFER, None)
+        .await;
     assert!(
         matches!(&refused, Err(CallError::Offline(message)) if message.contains("no device registered")),
         "{refused:?}"
@@ -530,6 +575,37 @@ async fn a_call_for_a_sleeping_app_rings_its_devices_then_ends_unanswered() {
                 event,
                 CallEvent::Ended {
                     reason: EndReason::NoAnswer,
+                    ..
+                }
+            )),
+        "{:?}",
+        recorder.events()
+    );
+}
+
+/// Pushes that reach none of the user's devices end the call `offline` at once.
+#[tokio::test]
+async fn a_call_whose_pushes_all_fail_ends_offline() {
+    let (calls, recorder) = start(Recorder {
+        controllers: vec!["acme"],
+        devices: vec![("acme", "alice")],
+        ring: Some(Duration::from_secs(30)),
+        undelivered: true,
+        ..Recorder::default()
+    })
+    .await;
+    calls
+        .create(&controller("acme"), "alice", PBX_OFFER, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(calls.len(), 0);
+    assert!(
+        recorder.events().iter().any(|(_, to, event)| to.is_none()
+            && matches!(
+                event,
+                CallEvent::Ended {
+                    reason: EndReason::Offline,
                     ..
                 }
             )),

@@ -20,7 +20,10 @@ use self::{
     client::{Endpoint, HttpsClient},
     config::PushConfig,
 };
-use crate::state::{PushRecord, StateStore};
+use crate::{
+    calls::Woken,
+    state::{PushRecord, StateStore},
+};
 
 /// The longest device token taken (FCM's are about 160 characters, APNs' 64).
 pub const MAX_TOKEN: usize = 4096;
@@ -303,31 +306,51 @@ impl Push {
     }
 
     /// A call for `user` while none of their apps is connected: a push to each of their
-    /// devices, sent by tasks of their own. Returns how many devices it went to.
+    /// devices, sent by tasks of their own. None when the user has no device; else how
+    /// many, and word when the last push ended if none was delivered.
     pub fn wake(
         self: &Arc<Self>,
         tenant: &str,
         user: &str,
         call: u64,
         caller: Option<&str>,
-    ) -> usize {
+    ) -> Option<Woken> {
         let devices: Vec<PushRecord> = self
             .devices_mut()
             .get(&(tenant.to_owned(), user.to_owned()))
             .cloned()
             .unwrap_or_default();
+        if devices.is_empty() {
+            return None;
+        }
+        let (tx, undelivered) = tokio::sync::oneshot::channel();
+        let pending = Arc::new(Pending {
+            left: Mutex::new((devices.len(), Some(tx))),
+        });
         for device in &devices {
-            let push = self.clone();
+            let (push, pending) = (self.clone(), pending.clone());
             let device = device.clone();
             let caller = caller.map(str::to_owned);
-            tokio::spawn(async move { push.send(device, call, caller).await });
+            tokio::spawn(async move {
+                let result = push.send(device, call, caller).await;
+                pending.done(result);
+            });
         }
-        devices.len()
+        Some(Woken {
+            devices: devices.len(),
+            undelivered,
+        })
     }
 
-    async fn send(&self, device: PushRecord, call: u64, caller: Option<String>) {
+    /// One push to one device, tried up to three times; Err: why it was not delivered.
+    async fn send(
+        &self,
+        device: PushRecord,
+        call: u64,
+        caller: Option<String>,
+    ) -> Result<(), String> {
         let Some(provider) = provider_named(&device.provider) else {
-            return;
+            return Err(format!("unknown provider {:?}", device.provider));
         };
         let body = serde_json::to_vec(&serde_json::json!({
             "type": "call.incoming",
@@ -384,13 +407,16 @@ impl Push {
         match outcome {
             Outcome::Sent => {
                 tracing::info!(call, tenant = %device.tenant, user = %device.user, provider = provider.name(), "push: sent");
+                Ok(())
             }
             Outcome::DeadToken => {
                 tracing::info!(call, tenant = %device.tenant, user = %device.user, provider = provider.name(), "push: the provider says the device's token is dead; its registration is removed");
                 self.unregister(&device.tenant, &device.user, &device.token);
+                Err(format!("{}: the device's token is dead", provider.name()))
             }
             Outcome::Refused | Outcome::Failed => {
                 tracing::warn!(call, tenant = %device.tenant, user = %device.user, provider = provider.name(), outcome = outcome.name(), %why, "push: not delivered; check the provider's configuration and reachability");
+                Err(format!("{}: {why}", provider.name()))
             }
         }
     }
@@ -406,6 +432,29 @@ impl Push {
                 body.to_vec(),
             )
             .await
+    }
+}
+
+/// A call's pushes still under way, and where to say that none was delivered.
+struct Pending {
+    left: Mutex<(usize, Option<tokio::sync::oneshot::Sender<String>>)>,
+}
+
+impl Pending {
+    /// One push ended: a delivered one drops the word; the last undelivered one sends its
+    /// reason.
+    fn done(&self, result: Result<(), String>) {
+        let mut left = self.left.lock().expect("push pending");
+        left.0 -= 1;
+        match result {
+            Ok(()) => left.1 = None,
+            Err(why) if left.0 == 0 => {
+                if let Some(tx) = left.1.take() {
+                    let _ = tx.send(why);
+                }
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -496,6 +545,43 @@ mod tests {
         assert_eq!(
             push.devices("acme", "alice"),
             BTreeMap::from([("webhook", 1)])
+        );
+    }
+
+    /// A gateway nobody listens for: each try fails at once, three tries, then the call
+    /// hears that nothing was delivered, with the reason; counted `failed`.
+    #[tokio::test]
+    async fn pushes_that_reach_nobody_say_so_after_the_last_try() {
+        let config = PushConfig {
+            enabled: true,
+            ring_secs: 1,
+            webhook: config::WebhookConfig {
+                url: "https://127.0.0.1:9/push".into(),
+                secret: "a webhook secret of length".into(),
+            },
+            ..PushConfig::default()
+        };
+        let push = Arc::new(Push::new(&config, None).unwrap());
+        assert!(push.wake("acme", "alice", 1, None).is_none(), "no device");
+        push.register("acme", "alice", "webhook", "device-1", None)
+            .unwrap();
+        let started = std::time::Instant::now();
+        let woken = push.wake("acme", "alice", 1, Some("Reception")).unwrap();
+        assert_eq!(woken.devices, 1);
+        let why = tokio::time::timeout(Duration::from_secs(10), woken.undelivered)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(why.contains("webhook: connect"), "{why}");
+        // Two waits of half the ring time between the tries.
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            push.outcomes().get(&(Provider::Webhook, Outcome::Failed)),
+            Some(&1)
         );
     }
 

@@ -8,7 +8,7 @@ use super::{
     hub::{Hub, Identity},
     protocol::{ErrorCode, Outbound, Role},
 };
-use crate::calls::{CallError, CallEvent, Notify, Requester, StateChange};
+use crate::calls::{CallError, CallEvent, Notify, Requester, StateChange, Woken};
 
 /// Who a session is, as calls see it.
 pub fn requester(identity: &Identity) -> Requester {
@@ -57,10 +57,18 @@ pub fn fields<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
 /// The `event` message of a call event.
 pub fn event_message(event: &CallEvent) -> Outbound {
     let (name, call, fields) = match event {
-        CallEvent::Incoming { call, user, sdp } => {
+        CallEvent::Incoming {
+            call,
+            user,
+            caller,
+            sdp,
+        } => {
             let mut map = fields([("sdp", sdp.clone().into())]);
             if let Some(user) = user {
                 map.insert("user".into(), user.clone().into());
+            }
+            if let Some(caller) = caller {
+                map.insert("caller".into(), caller.clone().into());
             }
             ("call.incoming", *call, map)
         }
@@ -148,9 +156,8 @@ impl Notify for Hub {
         Hub::to_controller(self, tenant, &event_message(event))
     }
 
-    fn wake(&self, tenant: &str, user: &str, call: u64) -> usize {
-        self.push()
-            .map_or(0, |push| push.wake(tenant, user, call, None))
+    fn wake(&self, tenant: &str, user: &str, call: u64, caller: Option<&str>) -> Option<Woken> {
+        self.push()?.wake(tenant, user, call, caller)
     }
 
     fn ring_time(&self) -> Option<std::time::Duration> {
@@ -170,6 +177,7 @@ mod tests {
             json(CallEvent::Incoming {
                 call: 3,
                 user: Some("alice".into()),
+                caller: None,
                 sdp: "v=0".into()
             }),
             serde_json::json!({"type": "event", "event": "call.incoming", "call": 3, "user": "alice", "sdp": "v=0"})

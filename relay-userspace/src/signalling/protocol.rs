@@ -43,6 +43,10 @@ pub enum Inbound {
         #[serde(default)]
         user: Option<String>,
         sdp: String,
+        /// Controllers: who calls, as the app should show it (in `call.incoming` and in
+        /// a push); at most 128 characters.
+        #[serde(default)]
+        caller: Option<String>,
     },
     /// Apps: the answer to a `call.incoming`.
     #[serde(rename = "call.answer")]

@@ -506,7 +506,12 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             }
             Err(err) => error(Some(id), err.code, err.message),
         },
-        Ok(Inbound::CallCreate { id, user, sdp }) => {
+        Ok(Inbound::CallCreate {
+            id,
+            user,
+            sdp,
+            caller,
+        }) => {
             let Some(calls) = &context.calls else {
                 return calls_disabled(id);
             };
@@ -514,8 +519,15 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             let created = |call: u64| fields([("call", call.into())]);
             match (identity.role, user) {
                 (Role::Controller, Some(user)) => {
-                    answer(id, calls.create(&who, &user, &sdp).await.map(created))
+                    let result = calls.create(&who, &user, &sdp, caller.as_deref()).await;
+                    answer(id, result.map(created))
                 }
+                (Role::Client, None) if caller.is_some() => error(
+                    Some(id),
+                    ErrorCode::BadRequest,
+                    "call.create: an app's call has no caller field (the controller says who calls)"
+                        .to_owned(),
+                ),
                 (Role::Client, None) => {
                     answer(id, calls.create_from_app(&who, &sdp).await.map(created))
                 }
