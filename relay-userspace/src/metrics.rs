@@ -418,16 +418,18 @@ impl Collector for Sources {
                 "relay_push_total",
                 "Pushes to wake a sleeping app, by provider and outcome (sent, dead-token: the registration was removed, refused: a 4xx, failed: not delivered after the last try).",
                 MetricType::Counter,
-                crate::push::Outcome::ALL.map(|outcome| {
-                    let count = outcomes
-                        .get(&(crate::push::Provider::Webhook, outcome))
-                        .copied()
-                        .unwrap_or(0);
-                    (
-                        [("provider", "webhook"), ("outcome", outcome.name())],
-                        ConstCounter::new(count),
-                    )
-                }),
+                crate::push::Provider::ALL
+                    .into_iter()
+                    .flat_map(|provider| {
+                        crate::push::Outcome::ALL.map(move |outcome| (provider, outcome))
+                    })
+                    .map(|(provider, outcome)| {
+                        let count = outcomes.get(&(provider, outcome)).copied().unwrap_or(0);
+                        (
+                            [("provider", provider.name()), ("outcome", outcome.name())],
+                            ConstCounter::new(count),
+                        )
+                    }),
             )?;
             single(
                 &mut encoder,

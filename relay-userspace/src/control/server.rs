@@ -407,15 +407,15 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             let outcomes = push.outcomes();
             to_value(PushStatsResult {
                 devices: push.registered() as u64,
-                pushes: crate::push::Outcome::ALL
+                pushes: crate::push::Provider::ALL
                     .into_iter()
-                    .map(|outcome| PushCount {
-                        provider: crate::push::Provider::Webhook.name().to_owned(),
+                    .flat_map(|provider| {
+                        crate::push::Outcome::ALL.map(move |outcome| (provider, outcome))
+                    })
+                    .map(|(provider, outcome)| PushCount {
+                        provider: provider.name().to_owned(),
                         outcome: outcome.name().to_owned(),
-                        count: outcomes
-                            .get(&(crate::push::Provider::Webhook, outcome))
-                            .copied()
-                            .unwrap_or(0),
+                        count: outcomes.get(&(provider, outcome)).copied().unwrap_or(0),
                     })
                     .collect(),
             })

@@ -1,12 +1,13 @@
 //! HTTPS to the push providers: one request per connection (pushes are rare: a call to a
-//! sleeping app), HTTP/1.1 over rustls with ring, the public roots (webpki-roots) and the
-//! operator's `push.ca_file`, everything within `push.timeout_secs`.
+//! sleeping app), HTTP/2 where the server takes it (ALPN; FCM and APNs do) else HTTP/1.1,
+//! over rustls with ring, the public roots (webpki-roots) and the operator's
+//! `push.ca_file`, everything within `push.timeout_secs`.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, body::Bytes};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::{
     ClientConfig, RootCertStore,
     pki_types::{CertificateDer, ServerName, pem::PemObject},
@@ -76,7 +77,12 @@ pub struct Answer {
     pub status: StatusCode,
     /// `Retry-After` in seconds, when given.
     pub retry_after: Option<Duration>,
+    /// At most `MAX_BODY` bytes of it.
+    pub body: Vec<u8>,
 }
+
+/// The most of an answer's body kept: providers answer with small JSON.
+const MAX_BODY: usize = 64 * 1024;
 
 pub struct HttpsClient {
     tls: TlsConnector,
@@ -94,33 +100,40 @@ impl HttpsClient {
                     .map_err(|err| format!("push.ca_file: {ca_file}: {err}"))?;
             }
         }
-        let config =
+        let mut config =
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .map_err(|err| err.to_string())?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
+        // HTTP/2 where the provider takes it (FCM and APNs do), else HTTP/1.1.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(HttpsClient {
             tls: TlsConnector::from(Arc::new(config)),
             timeout,
         })
     }
 
-    /// POSTs `body` (JSON) with `headers` to `endpoint`.
+    /// POSTs `body` of `content_type` with `headers` to `endpoint`.
     pub async fn post(
         &self,
         endpoint: &Endpoint,
+        content_type: &str,
         headers: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<Answer, String> {
-        tokio::time::timeout(self.timeout, self.post_now(endpoint, headers, body))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.timeout))?
+        tokio::time::timeout(
+            self.timeout,
+            self.post_now(endpoint, content_type, headers, body),
+        )
+        .await
+        .map_err(|_| format!("no answer within {:?}", self.timeout))?
     }
 
     async fn post_now(
         &self,
         endpoint: &Endpoint,
+        content_type: &str,
         headers: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<Answer, String> {
@@ -133,32 +146,49 @@ impl HttpsClient {
             .connect(name, tcp)
             .await
             .map_err(|err| format!("TLS: {err}"))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|err| format!("HTTP: {err}"))?;
-        let driver = tokio::spawn(connection);
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let authority = if endpoint.port == 443 {
             endpoint.host.clone()
         } else {
             format!("{}:{}", endpoint.host, endpoint.port)
         };
-        let mut request = Request::post(endpoint.path.as_str())
-            .header(hyper::header::HOST, authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(
-                hyper::header::USER_AGENT,
-                concat!("relayd/", env!("CARGO_PKG_VERSION")),
-            );
+        // HTTP/2 takes the scheme and authority from the URI; HTTP/1.1 the path and Host.
+        let mut request = if h2 {
+            Request::post(format!("https://{authority}{}", endpoint.path))
+        } else {
+            Request::post(endpoint.path.as_str()).header(hyper::header::HOST, authority)
+        }
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("relayd/", env!("CARGO_PKG_VERSION")),
+        );
         for (name, value) in headers {
             request = request.header(*name, value.as_str());
         }
         let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|err| err.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|err| format!("HTTP: {err}"))?;
+        let io = TokioIo::new(tls);
+        let (response, driver) = if h2 {
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|err| format!("HTTP/2: {err}"))?;
+            let driver = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (sender.send_request(request).await, driver)
+        } else {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|err| format!("HTTP: {err}"))?;
+            let driver = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (sender.send_request(request).await, driver)
+        };
+        let response = response.map_err(|err| format!("HTTP: {err}"))?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -166,12 +196,16 @@ impl HttpsClient {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().parse().ok())
             .map(Duration::from_secs);
-        // The body is not needed; read it so the connection ends cleanly.
-        let _ = response.into_body().collect().await;
+        let body = http_body_util::Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map(|body| body.to_bytes().to_vec())
+            .unwrap_or_default();
         driver.abort();
         Ok(Answer {
             status,
             retry_after,
+            body,
         })
     }
 }

@@ -16,6 +16,27 @@ pub struct PushConfig {
     /// gateway with a private CA).
     pub ca_file: String,
     pub webhook: WebhookConfig,
+    pub fcm: FcmConfig,
+}
+
+/// FCM HTTP v1 with a Google service account.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FcmConfig {
+    /// The service account's JSON key file (project_id, client_email, private_key,
+    /// token_uri); empty: no FCM.
+    pub service_account: String,
+    /// Where FCM's API is.
+    pub base_url: String,
+}
+
+impl Default for FcmConfig {
+    fn default() -> Self {
+        FcmConfig {
+            service_account: String::new(),
+            base_url: "https://fcm.googleapis.com".to_owned(),
+        }
+    }
 }
 
 /// The operator's push gateway: a POST of the push's JSON to `url`, signed with
@@ -36,6 +57,7 @@ impl Default for PushConfig {
             timeout_secs: 5,
             ca_file: String::new(),
             webhook: WebhookConfig::default(),
+            fcm: FcmConfig::default(),
         }
     }
 }
@@ -74,12 +96,24 @@ impl PushConfig {
         {
             problem("push.ca_file", self.ca_file.clone(), &reason);
         }
-        if self.webhook.url.is_empty() {
+        if !self.fcm.service_account.is_empty()
+            && let Err(reason) =
+                super::fcm::Fcm::load(&self.fcm.service_account, &self.fcm.base_url)
+        {
             problem(
-                "push.webhook.url",
-                String::new(),
-                "no provider is configured: set the webhook's URL",
+                "push.fcm.service_account",
+                self.fcm.service_account.clone(),
+                &reason,
             );
+        }
+        if self.webhook.url.is_empty() {
+            if self.fcm.service_account.is_empty() {
+                problem(
+                    "push.webhook.url",
+                    String::new(),
+                    "no provider is configured: set the webhook's URL or push.fcm.service_account",
+                );
+            }
             return;
         }
         if let Err(reason) = super::client::Endpoint::parse(&self.webhook.url) {
@@ -132,6 +166,10 @@ mod tests {
                 url: "http://push.example.com/".into(),
                 secret: "short".into(),
             },
+            fcm: FcmConfig {
+                service_account: "/nonexistent/fcm.json".into(),
+                ..FcmConfig::default()
+            },
         };
         let keys: Vec<&str> = problems(&bad, false).iter().map(|(key, _)| *key).collect();
         assert_eq!(
@@ -141,6 +179,7 @@ mod tests {
                 "push.ring_secs",
                 "push.timeout_secs",
                 "push.ca_file",
+                "push.fcm.service_account",
                 "push.webhook.url",
                 "push.webhook.secret"
             ]

@@ -5,10 +5,12 @@
 //! provider that says a token is dead (404, 410) removes it. Sends never block signalling:
 //! each push is a task of its own, retried on 429 and 5xx after `Retry-After` or a backoff.
 //!
-//! Providers: `webhook` (the operator's own gateway, a POST signed with HMAC-SHA256).
+//! Providers: `webhook` (the operator's own gateway, a POST signed with HMAC-SHA256) and
+//! `fcm` (FCM HTTP v1 with a service account).
 
 pub mod client;
 pub mod config;
+pub mod fcm;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -36,12 +38,16 @@ const TRIES: u32 = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Provider {
     Webhook,
+    Fcm,
 }
 
 impl Provider {
+    pub const ALL: [Provider; 2] = [Provider::Webhook, Provider::Fcm];
+
     pub fn name(self) -> &'static str {
         match self {
             Provider::Webhook => "webhook",
+            Provider::Fcm => "fcm",
         }
     }
 }
@@ -100,6 +106,7 @@ type User = (String, String);
 
 pub struct Push {
     webhook: Option<Webhook>,
+    fcm: Option<fcm::Fcm>,
     client: HttpsClient,
     ring: Duration,
     store: Option<Arc<StateStore>>,
@@ -132,6 +139,20 @@ impl Push {
                 ),
             })
         };
+        let fcm = if config.fcm.service_account.is_empty() {
+            None
+        } else {
+            Some(
+                fcm::Fcm::load(&config.fcm.service_account, &config.fcm.base_url).map_err(
+                    |err| {
+                        anyhow::anyhow!(
+                            "push.fcm.service_account: {}: {err}",
+                            config.fcm.service_account
+                        )
+                    },
+                )?,
+            )
+        };
         let mut devices: HashMap<User, Vec<PushRecord>> = HashMap::new();
         if let Some(store) = &store {
             match store.load_push() {
@@ -151,12 +172,14 @@ impl Push {
         let registered: usize = devices.values().map(Vec::len).sum();
         tracing::info!(
             webhook = config.webhook.url.as_str(),
+            fcm = fcm.is_some(),
             registered,
             ring_secs = config.ring_secs,
             "push: ready"
         );
         Ok(Push {
             webhook,
+            fcm,
             client,
             ring: Duration::from_secs(config.ring_secs),
             store,
@@ -177,6 +200,7 @@ impl Push {
     fn provider(&self, name: &str) -> Result<Provider, RegisterError> {
         match name {
             "webhook" if self.webhook.is_some() => Ok(Provider::Webhook),
+            "fcm" if self.fcm.is_some() => Ok(Provider::Fcm),
             "webhook" | "fcm" | "apns" => Err(refuse(
                 "provider",
                 format!("{name:?} is not configured on this relay"),
@@ -368,6 +392,7 @@ impl Push {
         for attempt in 1..=TRIES {
             let answer = match provider {
                 Provider::Webhook => self.send_webhook(&body).await,
+                Provider::Fcm => self.send_fcm(&device, call, caller.as_deref()).await,
             };
             let retry_in = match answer {
                 Ok(answer) if answer.status.is_success() => {
@@ -421,6 +446,27 @@ impl Push {
         }
     }
 
+    /// FCM's data message: the webhook's fields but the device token (FCM's own), all
+    /// strings.
+    async fn send_fcm(
+        &self,
+        device: &PushRecord,
+        call: u64,
+        caller: Option<&str>,
+    ) -> Result<client::Answer, String> {
+        let fcm = self.fcm.as_ref().ok_or("FCM is not configured")?;
+        let mut data = serde_json::Map::new();
+        data.insert("type".into(), "call.incoming".into());
+        data.insert("tenant".into(), device.tenant.clone().into());
+        data.insert("user".into(), device.user.clone().into());
+        data.insert("call".into(), call.to_string().into());
+        if let Some(caller) = caller {
+            data.insert("caller".into(), caller.into());
+        }
+        fcm.send(&self.client, &device.token, data, unix_now())
+            .await
+    }
+
     async fn send_webhook(&self, body: &[u8]) -> Result<client::Answer, String> {
         let webhook = self.webhook.as_ref().ok_or("no webhook configured")?;
         let signature = ring::hmac::sign(&webhook.key, body);
@@ -428,6 +474,7 @@ impl Push {
         self.client
             .post(
                 &webhook.endpoint,
+                "application/json",
                 &[("x-relay-signature", header)],
                 body.to_vec(),
             )
@@ -459,10 +506,9 @@ impl Pending {
 }
 
 fn provider_named(name: &str) -> Option<Provider> {
-    match name {
-        "webhook" => Some(Provider::Webhook),
-        _ => None,
-    }
+    Provider::ALL
+        .into_iter()
+        .find(|provider| provider.name() == name)
 }
 
 #[cfg(test)]
