@@ -206,12 +206,11 @@ mod tests {
     use std::{net::SocketAddr, sync::Arc};
 
     use http_body_util::{BodyExt, Full};
-    use hyper::{Request, Response, body::Bytes, service::service_fn};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper::{Request, Response, body::Bytes};
     use ring::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
 
     use super::*;
-    use crate::push::{Outcome, Provider, Push, config::PushConfig};
+    use crate::push::{Outcome, Provider, Push, config::PushConfig, fake};
 
     const ACCOUNT: &str = include_str!("../../../fixtures/push/fcm-test-service-account.json");
 
@@ -278,9 +277,10 @@ mod tests {
 
     async fn answer(
         request: Request<hyper::body::Incoming>,
-        audience: String,
+        address: SocketAddr,
         seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     ) -> Response<Full<Bytes>> {
+        let audience = format!("https://{address}/token");
         let h2 = request.version() == hyper::Version::HTTP_2;
         let path = request.uri().path().to_owned();
         let authorization = request
@@ -329,57 +329,7 @@ mod tests {
             _ => (404, json!({})),
         };
         seen.lock().unwrap().push(Seen { path, h2, problems });
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(reply.to_string())))
-            .unwrap()
-    }
-
-    /// A fake of Google's token endpoint and FCM's messages:send, HTTP/2 only over TLS on
-    /// loopback.
-    async fn fake_google(
-        certificate: &rcgen::CertifiedKey<rcgen::KeyPair>,
-    ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<Seen>>>) {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![certificate.cert.der().clone()],
-            PrivateKeyDer::try_from(certificate.signing_key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let audience = format!("https://{address}/token");
-        let recorded = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, audience, seen) =
-                    (acceptor.clone(), audience.clone(), recorded.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = service_fn(move |request| {
-                        let (audience, seen) = (audience.clone(), seen.clone());
-                        async move {
-                            Ok::<_, std::convert::Infallible>(answer(request, audience, seen).await)
-                        }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        (address, seen)
+        fake::json(status, reply)
     }
 
     /// Two devices of a user: FCM gets a push for each over HTTP/2 with one access token
@@ -387,11 +337,12 @@ mod tests {
     /// unregistered is dropped.
     #[tokio::test]
     async fn pushes_go_to_fcm_with_a_token_from_a_signed_jwt() {
-        let certificate = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-        let (address, seen) = fake_google(&certificate).await;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        let fake =
+            fake::serve(move |request, address| answer(request, address, recorded.clone())).await;
+        let address = fake.address;
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, certificate.cert.pem()).unwrap();
         let account = dir.path().join("fcm.json");
         std::fs::write(
             &account,
@@ -403,7 +354,7 @@ mod tests {
         .unwrap();
         let config = PushConfig {
             enabled: true,
-            ca_file: ca.display().to_string(),
+            ca_file: fake.ca_file.display().to_string(),
             fcm: crate::push::config::FcmConfig {
                 service_account: account.display().to_string(),
                 base_url: format!("https://{address}"),

@@ -10,6 +10,8 @@
 
 pub mod client;
 pub mod config;
+#[cfg(test)]
+mod fake;
 pub mod fcm;
 
 use std::{
