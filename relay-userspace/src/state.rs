@@ -137,6 +137,9 @@ pub struct PushRecord {
     pub provider: String,
     pub token: String,
     pub app_id: Option<String>,
+    /// An APNs VoIP push (PushKit) rather than an alert.
+    #[serde(default)]
+    pub voip: bool,
     /// Unix time.
     pub registered: u64,
 }

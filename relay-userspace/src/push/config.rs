@@ -17,6 +17,34 @@ pub struct PushConfig {
     pub ca_file: String,
     pub webhook: WebhookConfig,
     pub fcm: FcmConfig,
+    pub apns: ApnsConfig,
+}
+
+/// APNs with a provider token (token-based authentication).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApnsConfig {
+    /// The team's signing key (`AuthKey_<key id>.p8`); empty: no APNs.
+    pub key_file: String,
+    pub key_id: String,
+    pub team_id: String,
+    /// The app's bundle id, for registrations that give no `app_id`.
+    pub topic: String,
+    /// `https://api.push.apple.com`, or `https://api.sandbox.push.apple.com` for
+    /// development builds.
+    pub base_url: String,
+}
+
+impl Default for ApnsConfig {
+    fn default() -> Self {
+        ApnsConfig {
+            key_file: String::new(),
+            key_id: String::new(),
+            team_id: String::new(),
+            topic: String::new(),
+            base_url: "https://api.push.apple.com".to_owned(),
+        }
+    }
 }
 
 /// FCM HTTP v1 with a Google service account.
@@ -58,6 +86,7 @@ impl Default for PushConfig {
             ca_file: String::new(),
             webhook: WebhookConfig::default(),
             fcm: FcmConfig::default(),
+            apns: ApnsConfig::default(),
         }
     }
 }
@@ -106,12 +135,23 @@ impl PushConfig {
                 &reason,
             );
         }
+        if !self.apns.key_file.is_empty()
+            && let Err((key, reason)) = super::apns::Apns::load(&self.apns)
+        {
+            let value = match key {
+                "push.apns.key_file" => self.apns.key_file.clone(),
+                "push.apns.key_id" => self.apns.key_id.clone(),
+                "push.apns.team_id" => self.apns.team_id.clone(),
+                _ => self.apns.base_url.clone(),
+            };
+            problem(key, value, &reason);
+        }
         if self.webhook.url.is_empty() {
-            if self.fcm.service_account.is_empty() {
+            if self.fcm.service_account.is_empty() && self.apns.key_file.is_empty() {
                 problem(
                     "push.webhook.url",
                     String::new(),
-                    "no provider is configured: set the webhook's URL or push.fcm.service_account",
+                    "no provider is configured: set the webhook's URL, push.fcm.service_account or push.apns.key_file",
                 );
             }
             return;
@@ -170,6 +210,10 @@ mod tests {
                 service_account: "/nonexistent/fcm.json".into(),
                 ..FcmConfig::default()
             },
+            apns: ApnsConfig {
+                key_file: "/nonexistent/AuthKey.p8".into(),
+                ..ApnsConfig::default()
+            },
         };
         let keys: Vec<&str> = problems(&bad, false).iter().map(|(key, _)| *key).collect();
         assert_eq!(
@@ -180,6 +224,7 @@ mod tests {
                 "push.timeout_secs",
                 "push.ca_file",
                 "push.fcm.service_account",
+                "push.apns.key_file",
                 "push.webhook.url",
                 "push.webhook.secret"
             ]

@@ -5,9 +5,10 @@
 //! provider that says a token is dead (404, 410) removes it. Sends never block signalling:
 //! each push is a task of its own, retried on 429 and 5xx after `Retry-After` or a backoff.
 //!
-//! Providers: `webhook` (the operator's own gateway, a POST signed with HMAC-SHA256) and
-//! `fcm` (FCM HTTP v1 with a service account).
+//! Providers: `webhook` (the operator's own gateway, a POST signed with HMAC-SHA256),
+//! `fcm` (FCM HTTP v1 with a service account) and `apns` (APNs with a provider token).
 
+pub mod apns;
 pub mod client;
 pub mod config;
 #[cfg(test)]
@@ -41,15 +42,17 @@ const TRIES: u32 = 3;
 pub enum Provider {
     Webhook,
     Fcm,
+    Apns,
 }
 
 impl Provider {
-    pub const ALL: [Provider; 2] = [Provider::Webhook, Provider::Fcm];
+    pub const ALL: [Provider; 3] = [Provider::Webhook, Provider::Fcm, Provider::Apns];
 
     pub fn name(self) -> &'static str {
         match self {
             Provider::Webhook => "webhook",
             Provider::Fcm => "fcm",
+            Provider::Apns => "apns",
         }
     }
 }
@@ -109,6 +112,7 @@ type User = (String, String);
 pub struct Push {
     webhook: Option<Webhook>,
     fcm: Option<fcm::Fcm>,
+    apns: Option<apns::Apns>,
     client: HttpsClient,
     ring: Duration,
     store: Option<Arc<StateStore>>,
@@ -155,6 +159,14 @@ impl Push {
                 )?,
             )
         };
+        let apns = if config.apns.key_file.is_empty() {
+            None
+        } else {
+            Some(
+                apns::Apns::load(&config.apns)
+                    .map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?,
+            )
+        };
         let mut devices: HashMap<User, Vec<PushRecord>> = HashMap::new();
         if let Some(store) = &store {
             match store.load_push() {
@@ -175,6 +187,7 @@ impl Push {
         tracing::info!(
             webhook = config.webhook.url.as_str(),
             fcm = fcm.is_some(),
+            apns = apns.is_some(),
             registered,
             ring_secs = config.ring_secs,
             "push: ready"
@@ -182,6 +195,7 @@ impl Push {
         Ok(Push {
             webhook,
             fcm,
+            apns,
             client,
             ring: Duration::from_secs(config.ring_secs),
             store,
@@ -203,6 +217,7 @@ impl Push {
         match name {
             "webhook" if self.webhook.is_some() => Ok(Provider::Webhook),
             "fcm" if self.fcm.is_some() => Ok(Provider::Fcm),
+            "apns" if self.apns.is_some() => Ok(Provider::Apns),
             "webhook" | "fcm" | "apns" => Err(refuse(
                 "provider",
                 format!("{name:?} is not configured on this relay"),
@@ -223,8 +238,12 @@ impl Push {
         provider: &str,
         token: &str,
         app_id: Option<&str>,
+        voip: bool,
     ) -> Result<usize, RegisterError> {
         let provider = self.provider(provider)?;
+        if provider == Provider::Apns && !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(refuse("token", "an APNs device token is hexadecimal"));
+        }
         if token.is_empty() || token.len() > MAX_TOKEN {
             return Err(refuse(
                 "token",
@@ -259,6 +278,7 @@ impl Push {
                 provider: provider.name().to_owned(),
                 token: token.to_owned(),
                 app_id: app_id.map(str::to_owned),
+                voip,
                 registered: unix_now(),
             });
             list.len()
@@ -395,13 +415,17 @@ impl Push {
             let answer = match provider {
                 Provider::Webhook => self.send_webhook(&body).await,
                 Provider::Fcm => self.send_fcm(&device, call, caller.as_deref()).await,
+                Provider::Apns => self.send_apns(&device, call, caller.as_deref()).await,
             };
             let retry_in = match answer {
                 Ok(answer) if answer.status.is_success() => {
                     outcome = Outcome::Sent;
                     break;
                 }
-                Ok(answer) if matches!(answer.status.as_u16(), 404 | 410) => {
+                Ok(answer)
+                    if matches!(answer.status.as_u16(), 404 | 410)
+                        || (provider == Provider::Apns && apns::dead_token(&answer)) =>
+                {
                     outcome = Outcome::DeadToken;
                     break;
                 }
@@ -467,6 +491,31 @@ impl Push {
         }
         fcm.send(&self.client, &device.token, data, unix_now())
             .await
+    }
+
+    async fn send_apns(
+        &self,
+        device: &PushRecord,
+        call: u64,
+        caller: Option<&str>,
+    ) -> Result<client::Answer, String> {
+        let apns = self.apns.as_ref().ok_or("APNs is not configured")?;
+        let now = unix_now();
+        let notification = apns::Notification {
+            device: &device.token,
+            topic: device.app_id.as_deref(),
+            voip: device.voip,
+            fields: serde_json::json!({
+                "type": "call.incoming",
+                "tenant": device.tenant,
+                "user": device.user,
+                "call": call,
+                "caller": caller,
+            }),
+            caller,
+            expiration: now + self.ring.as_secs(),
+        };
+        apns.send(&self.client, notification, now).await
     }
 
     async fn send_webhook(&self, body: &[u8]) -> Result<client::Answer, String> {
@@ -536,41 +585,48 @@ mod tests {
         {
             let push = push(Some(Arc::new(StateStore::open(&path).unwrap())));
             assert_eq!(
-                push.register("acme", "alice", "webhook", "device-1", None),
+                push.register("acme", "alice", "webhook", "device-1", None, false),
                 Ok(1)
             );
             assert_eq!(
-                push.register("acme", "alice", "webhook", "device-2", Some("com.example")),
+                push.register(
+                    "acme",
+                    "alice",
+                    "webhook",
+                    "device-2",
+                    Some("com.example"),
+                    false
+                ),
                 Ok(2)
             );
             // The same token again replaces it.
             assert_eq!(
-                push.register("acme", "alice", "webhook", "device-1", None),
+                push.register("acme", "alice", "webhook", "device-1", None, false),
                 Ok(2)
             );
             let err = push
-                .register("acme", "alice", "carrier-pigeon", "x", None)
+                .register("acme", "alice", "carrier-pigeon", "x", None, false)
                 .unwrap_err();
             assert_eq!(err.field, "provider");
             let err = push
-                .register("acme", "alice", "fcm", "x", None)
+                .register("acme", "alice", "fcm", "x", None, false)
                 .unwrap_err();
             assert!(err.reason.contains("not configured"), "{err}");
             let long = "x".repeat(MAX_TOKEN + 1);
             assert_eq!(
-                push.register("acme", "alice", "webhook", &long, None)
+                push.register("acme", "alice", "webhook", &long, None, false)
                     .unwrap_err()
                     .field,
                 "token"
             );
             assert_eq!(
-                push.register("acme", "alice", "webhook", "a b", None)
+                push.register("acme", "alice", "webhook", "a b", None, false)
                     .unwrap_err()
                     .field,
                 "token"
             );
             assert_eq!(
-                push.register("acme", "alice", "webhook", "t", Some(""))
+                push.register("acme", "alice", "webhook", "t", Some(""), false)
                     .unwrap_err()
                     .field,
                 "app_id"
@@ -611,7 +667,7 @@ mod tests {
         };
         let push = Arc::new(Push::new(&config, None).unwrap());
         assert!(push.wake("acme", "alice", 1, None).is_none(), "no device");
-        push.register("acme", "alice", "webhook", "device-1", None)
+        push.register("acme", "alice", "webhook", "device-1", None, false)
             .unwrap();
         let started = std::time::Instant::now();
         let woken = push.wake("acme", "alice", 1, Some("Reception")).unwrap();
@@ -637,18 +693,18 @@ mod tests {
     fn a_user_has_at_most_ten_devices() {
         let push = push(None);
         for n in 0..MAX_DEVICES {
-            push.register("acme", "alice", "webhook", &format!("d{n}"), None)
+            push.register("acme", "alice", "webhook", &format!("d{n}"), None, false)
                 .unwrap();
         }
         assert_eq!(
-            push.register("acme", "alice", "webhook", "one-more", None)
+            push.register("acme", "alice", "webhook", "one-more", None, false)
                 .unwrap_err()
                 .field,
             "token"
         );
         // Replacing one still works.
         assert_eq!(
-            push.register("acme", "alice", "webhook", "d3", None),
+            push.register("acme", "alice", "webhook", "d3", None, false),
             Ok(MAX_DEVICES)
         );
     }

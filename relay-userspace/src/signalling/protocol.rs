@@ -74,6 +74,9 @@ pub enum Inbound {
         token: String,
         #[serde(default)]
         app_id: Option<String>,
+        /// APNs: a VoIP push (PushKit) rather than an alert.
+        #[serde(default)]
+        voip: bool,
     },
     /// Apps: the device no longer wants pushes.
     #[serde(rename = "push.unregister")]

@@ -616,8 +616,16 @@ fn handle_push(context: &Shared, identity: &Identity, request: Inbound) -> Outbo
             provider,
             token,
             app_id,
+            voip,
             ..
-        } => match push.register(&identity.tenant, user, &provider, &token, app_id.as_deref()) {
+        } => match push.register(
+            &identity.tenant,
+            user,
+            &provider,
+            &token,
+            app_id.as_deref(),
+            voip,
+        ) {
             Ok(devices) => Outbound::Result {
                 id,
                 fields: fields([("devices", devices.into())]),
