@@ -219,6 +219,8 @@ mod tests {
     #[derive(Debug, Clone)]
     struct Seen {
         path: String,
+        /// The device a push was for.
+        device: Option<String>,
         h2: bool,
         problems: Vec<String>,
     }
@@ -291,6 +293,8 @@ mod tests {
             .to_owned();
         let body = request.into_body().collect().await.unwrap().to_bytes();
         let mut problems = Vec::new();
+        let mut device = None;
+        let mut retry_after = None;
         let (status, reply) = match path.as_str() {
             "/token" => {
                 check_assertion(&String::from_utf8_lossy(&body), &audience, &mut problems);
@@ -314,27 +318,58 @@ mod tests {
                 {
                     problems.push(format!("message {message}"));
                 }
-                if message["token"] == "device-gone" {
-                    (
+                let token = message["token"].as_str().unwrap_or_default().to_owned();
+                let tries = seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|seen| seen.device.as_deref() == Some(token.as_str()))
+                    .count();
+                device = Some(token.clone());
+                match token.as_str() {
+                    "device-gone" => (
                         404,
                         json!({"error": {"code": 404, "status": "NOT_FOUND", "details": [{"errorCode": "UNREGISTERED"}]}}),
-                    )
-                } else {
-                    (
+                    ),
+                    // Busy once, then fine: tried again after its Retry-After.
+                    "device-busy" if tries == 0 => {
+                        retry_after = Some("1");
+                        (
+                            429,
+                            json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}),
+                        )
+                    }
+                    "device-down" => (
+                        503,
+                        json!({"error": {"code": 503, "status": "UNAVAILABLE"}}),
+                    ),
+                    _ => (
                         200,
                         json!({"name": "projects/relay-test-project/messages/1"}),
-                    )
+                    ),
                 }
             }
             _ => (404, json!({})),
         };
-        seen.lock().unwrap().push(Seen { path, h2, problems });
-        fake::json(status, reply)
+        seen.lock().unwrap().push(Seen {
+            path,
+            device,
+            h2,
+            problems,
+        });
+        let mut response = fake::json(status, reply);
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.parse().unwrap());
+        }
+        response
     }
 
-    /// Two devices of a user: FCM gets a push for each over HTTP/2 with one access token
+    /// Four devices of a user: FCM gets a push for each over HTTP/2 with one access token
     /// (asked for once, with a JWT signed by the account's key); the one FCM says is
-    /// unregistered is dropped.
+    /// unregistered is dropped, the busy one (429) is tried again after its Retry-After
+    /// and delivered, the one behind a 503 is tried three times and counted failed.
     #[tokio::test]
     async fn pushes_go_to_fcm_with_a_token_from_a_signed_jwt() {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -371,50 +406,63 @@ mod tests {
             push.register("acme", "alice", "fcm", "device-live", None, false),
             Ok(1)
         );
-        assert_eq!(
-            push.register("acme", "alice", "fcm", "device-gone", None, false),
-            Ok(2)
-        );
+        for (n, device) in ["device-gone", "device-busy", "device-down"]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                push.register("acme", "alice", "fcm", device, None, false),
+                Ok(n + 2)
+            );
+        }
         assert_eq!(
             push.register("acme", "alice", "webhook", "x", None, false)
                 .unwrap_err()
                 .field,
             "provider"
         );
+        let started = std::time::Instant::now();
         let woken = push.wake("acme", "alice", 7, Some("Reception")).unwrap();
-        assert_eq!(woken.devices, 2);
+        assert_eq!(woken.devices, 4);
         // One was delivered: no word of failure, the sender goes.
         let word = tokio::time::timeout(Duration::from_secs(10), woken.undelivered)
             .await
             .unwrap();
         assert!(word.is_err(), "{word:?}: {:?}", seen.lock().unwrap());
-        // The second push may end after the word about the first: both counted, and the
-        // dead device gone.
-        for _ in 0..100 {
-            if push.registered() == 1 && push.outcomes().values().sum::<u64>() == 2 {
+        // The other pushes end after the word about the first: all counted, and the dead
+        // device gone. The one behind a 503 waits 1 s and 2 s between its tries.
+        for _ in 0..300 {
+            if push.outcomes().values().sum::<u64>() == 4 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
         let outcomes = push.outcomes();
-        assert_eq!(outcomes.get(&(Provider::Fcm, Outcome::Sent)), Some(&1));
+        assert_eq!(outcomes.get(&(Provider::Fcm, Outcome::Sent)), Some(&2));
         assert_eq!(outcomes.get(&(Provider::Fcm, Outcome::DeadToken)), Some(&1));
-        // The dead device goes once its push has ended.
+        assert_eq!(outcomes.get(&(Provider::Fcm, Outcome::Failed)), Some(&1));
         assert_eq!(
             push.devices("acme", "alice"),
-            std::collections::BTreeMap::from([("fcm", 1)])
+            std::collections::BTreeMap::from([("fcm", 3)])
         );
         assert_eq!(push.fcm.as_ref().unwrap().token_requests(), 1);
         let seen = seen.lock().unwrap().clone();
-        let paths: Vec<&str> = seen.iter().map(|seen| seen.path.as_str()).collect();
+        let tries = |device: &str| {
+            seen.iter()
+                .filter(|seen| seen.device.as_deref() == Some(device))
+                .count()
+        };
+        assert_eq!(seen[0].path, "/token");
         assert_eq!(
-            paths,
-            [
-                "/token",
-                "/v1/projects/relay-test-project/messages:send",
-                "/v1/projects/relay-test-project/messages:send"
-            ]
+            ["device-live", "device-gone", "device-busy", "device-down"].map(tries),
+            [1, 1, 2, 3]
         );
+        assert_eq!(seen.len(), 1 + 7);
         for request in &seen {
             assert!(request.h2, "{request:?}");
             assert_eq!(request.problems, Vec::<String>::new(), "{request:?}");
