@@ -5,8 +5,9 @@
 //!
 //! The app registers two devices and disconnects; the controller calls its user: the
 //! controller hears `ringing`, the gateway gets a signed push per device without any SDP,
-//! the live device's app connects within the ring time, gets `call.incoming`, answers and
-//! the media flows through XDP; the dead device's registration is gone afterwards. A second
+//! two apps of the user connect within the ring time and both get `call.incoming`, the
+//! first answers and the media flows through XDP, the other is told `answered-elsewhere`;
+//! the device the gateway called dead is no longer registered afterwards. A second
 //! call that no app takes ends `no-answer`. Bad registrations are refused naming the field.
 
 use std::{
@@ -141,11 +142,28 @@ fn read_request(stream: &mut impl Read) -> Option<(String, Vec<u8>)> {
     Some((headers, body))
 }
 
-async fn next_event(socket: &mut Socket, name: &str) -> Value {
+/// Waits until relayd has seen every app session go (a closed session is noticed a moment
+/// after the app closes it).
+async fn no_app_connected(relayd: &Relayd) {
+    for _ in 0..100 {
+        if relayd.ctl_json(&["status"])["signalling"]["clients"] == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("an app session stays:\n{}", relayd.log());
+}
+
+/// The next event `name` on `socket`, within 10 s each message; relayd's log if none comes.
+async fn next_event(socket: &mut Socket, name: &str, relayd: &Relayd) -> Value {
     loop {
-        let message = receive_within(socket, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|err| panic!("waiting for {name}: {err:?}"));
+        let message = tokio::time::timeout(
+            Duration::from_secs(10),
+            receive_within(socket, Duration::from_secs(11)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no {name} within 10 s:\n{}", relayd.log()))
+        .unwrap_or_else(|err| panic!("waiting for {name}: {err:?}"));
         if message["event"] == name {
             return message;
         }
@@ -194,12 +212,17 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
                     to_test.send(answer).unwrap();
                 }
                 app.close().await;
-                // Woken: it connects and takes the call.
+                // Woken: two devices connect, both are offered the call, the first takes
+                // it and the other is told.
                 woken.recv().unwrap();
                 let mut app = App::in_edge_lab(&fingerprint, &token).await;
+                let mut other = App::in_edge_lab(&fingerprint, &token).await;
                 let incoming = app.next_within(Duration::from_secs(5)).await;
                 to_test.send(incoming.clone()).unwrap();
+                to_test.send(other.next_within(Duration::from_secs(5)).await).unwrap();
                 let media = app.answer(&incoming).await;
+                to_test.send(other.next_within(Duration::from_secs(5)).await).unwrap();
+                other.close().await;
                 let echoed = talk(&media, 0, 100).await.echoed;
                 to_test.send(json!(echoed)).unwrap();
                 // Hung up by the controller.
@@ -218,13 +241,12 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert_eq!(within(&mut from_app).await["devices"], 2);
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 2, "user": "alice"})).await;
         assert_eq!(devices["devices"], json!({"webhook": 2}), "{devices}");
-        // The app's session is gone before the call.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        no_app_connected(&relayd).await;
 
         let created = request(&mut controller, json!({"type": "call.create", "id": 3, "user": "alice", "sdp": relay_tests::pbx::SDP, "caller": "Reception <+49 30 1234>"})).await;
         assert_eq!(created["type"], "result", "{created}\n{}", relayd.log());
         let call = created["call"].clone();
-        let ringing = next_event(&mut controller, "call.state").await;
+        let ringing = next_event(&mut controller, "call.state", &relayd).await;
         assert_eq!(
             (&ringing["state"], &ringing["via"], &ringing["devices"], &ringing["call"]),
             (&json!("ringing"), &json!("push"), &json!(2), &call),
@@ -249,9 +271,21 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         let incoming = within(&mut from_app).await;
         assert_eq!((&incoming["event"], &incoming["call"]), (&json!("call.incoming"), &call), "{incoming}");
         assert_eq!(incoming["caller"], "Reception <+49 30 1234>", "{incoming}");
-        let connected = next_event(&mut controller, "call.state").await;
+        let offered_too = within(&mut from_app).await;
+        assert_eq!(
+            (&offered_too["event"], &offered_too["call"]),
+            (&json!("call.incoming"), &call),
+            "the second device is offered the call too: {offered_too}"
+        );
+        let told = within(&mut from_app).await;
+        assert_eq!(
+            (&told["event"], &told["call"], &told["reason"]),
+            (&json!("call.ended"), &call, &json!("answered-elsewhere")),
+            "{told}"
+        );
+        let connected = next_event(&mut controller, "call.state", &relayd).await;
         let connected = if connected["state"] == "checking" {
-            next_event(&mut controller, "call.state").await
+            next_event(&mut controller, "call.state", &relayd).await
         } else {
             connected
         };
@@ -271,14 +305,15 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert_eq!(devices["devices"], json!({"webhook": 1}), "{devices}");
 
         // Nobody takes the next call: it rings, then ends no-answer.
+        no_app_connected(&relayd).await;
         let created = request(&mut controller, json!({"type": "call.create", "id": 6, "user": "alice", "sdp": relay_tests::pbx::SDP})).await;
         assert_eq!(created["type"], "result", "{created}");
         let started = std::time::Instant::now();
-        let ringing = next_event(&mut controller, "call.state").await;
+        let ringing = next_event(&mut controller, "call.state", &relayd).await;
         assert_eq!((&ringing["state"], &ringing["devices"]), (&json!("ringing"), &json!(1)), "{ringing}");
         let push = within(&mut pushes).await;
         assert_eq!(push.body["device"], "phone-1");
-        let ended = next_event(&mut controller, "call.ended").await;
+        let ended = next_event(&mut controller, "call.ended", &relayd).await;
         assert_eq!((&ended["reason"], &ended["call"]), (&json!("no-answer"), &created["call"]), "{ended}");
         let waited = started.elapsed();
         assert!(

@@ -229,7 +229,7 @@ struct CallInner {
     /// controller's (1) still have to hear `call.state restored`.
     unannounced: [bool; 2],
     /// Offered while no app of the user was connected: their devices were woken (a push),
-    /// and the first app session that joins gets `call.incoming`.
+    /// and each app session that joins while it is offered gets `call.incoming`.
     woken: bool,
 }
 
@@ -497,11 +497,12 @@ impl Calls {
         Ok(call.id)
     }
 
-    /// A session of `who` has joined: an app gets `call.incoming` for the calls its
-    /// devices were woken for.
-    pub fn offer_woken(&self, who: &Requester) {
-        let Requester::App { tenant, user } = who else {
-            return;
+    /// A session of `who` has joined: the `call.incoming` of each call its devices were
+    /// woken for that is still offered, for that session (every device that wakes gets it;
+    /// the first to answer takes the call).
+    pub fn woken_offers(&self, who: &Requester) -> Vec<CallEvent> {
+        let Requester::App { .. } = who else {
+            return Vec::new();
         };
         let calls: Vec<Arc<Call>> = self
             .calls()
@@ -509,33 +510,18 @@ impl Calls {
             .filter(|call| call.belongs_to(who))
             .cloned()
             .collect();
-        for call in calls {
-            let sdp = {
-                let mut inner = call.inner();
-                if !inner.woken || inner.state != CallState::Offered {
-                    continue;
-                }
-                inner.woken = false;
-                inner.sent_to_app.clone()
-            };
-            let delivered = self.notify.to_app(
-                tenant,
-                user,
-                &CallEvent::Incoming {
+        calls
+            .into_iter()
+            .filter_map(|call| {
+                let inner = call.inner();
+                (inner.woken && inner.state == CallState::Offered).then(|| CallEvent::Incoming {
                     call: call.id,
                     user: None,
                     caller: call.caller.clone(),
-                    sdp,
-                },
-            );
-            tracing::info!(
-                call = call.id,
-                tenant,
-                user,
-                delivered,
-                "calls: the woken app connected; call offered to it"
-            );
-        }
+                    sdp: inner.sent_to_app.clone(),
+                })
+            })
+            .collect()
     }
 
     /// `call.create` from an app: it calls out with its SDP offer (with ICE). The

@@ -150,6 +150,34 @@ impl Hub {
             .count()
     }
 
+    /// Sends `message` to one session; false when it is gone (or its queue is full).
+    pub fn to_session(&self, id: SessionId, message: &Outbound) -> bool {
+        self.state()
+            .sessions
+            .get(&id)
+            .is_some_and(|session| session.queue.try_send(message.clone()).is_ok())
+    }
+
+    /// Sends `message` to every session of `user` but `except`; how many took it.
+    pub fn to_user_except(
+        &self,
+        tenant: &str,
+        user: &str,
+        except: SessionId,
+        message: &Outbound,
+    ) -> usize {
+        let state = self.state();
+        let Some(sessions) = state.users.get(&(tenant.to_owned(), user.to_owned())) else {
+            return 0;
+        };
+        sessions
+            .iter()
+            .filter(|id| **id != except)
+            .filter_map(|id| state.sessions.get(id))
+            .filter(|session| session.queue.try_send(message.clone()).is_ok())
+            .count()
+    }
+
     /// Sends `message` to the tenant's controller; false when it is not connected (or its
     /// queue is full).
     pub fn to_controller(&self, tenant: &str, message: &Outbound) -> bool {

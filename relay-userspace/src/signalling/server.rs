@@ -31,7 +31,7 @@ use tokio_tungstenite::{
 
 use super::{
     auth::{Tokens, same_secret, valid_name},
-    calls::{answer, fields, requester},
+    calls::{answer, event_message, fields, requester},
     config::SignallingConfig,
     hub::{Hub, Identity, SessionId},
     prefixed::Prefixed,
@@ -40,6 +40,7 @@ use super::{
 };
 use crate::{
     admission::{Admission, Admitted, Listener},
+    calls::CallEvent,
     time::unix_now,
 };
 
@@ -270,7 +271,12 @@ async fn connection(
         // After the welcome, through the session's queue like every event.
         if let Some(calls) = &context.calls {
             calls.announce_restored(&requester(&identity));
-            calls.offer_woken(&requester(&identity));
+            for incoming in calls.woken_offers(&requester(&identity)) {
+                if let CallEvent::Incoming { call, .. } = &incoming {
+                    tracing::info!(call, session, tenant = %identity.tenant, "calls: a woken app connected; call offered to it");
+                }
+                context.hub.to_session(session, &event_message(&incoming));
+            }
         }
         serve(
             &mut socket,
@@ -548,6 +554,17 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
                 return calls_disabled(id);
             };
             let result = calls.answer(&requester(identity), call, &sdp).await;
+            // The first of the user's apps to answer takes the call: the others are told.
+            if let (Ok(()), Role::Client, Some(user)) = (&result, identity.role, &identity.user) {
+                let elsewhere = Outbound::Event {
+                    event: "call.ended".to_owned(),
+                    call,
+                    fields: fields([("reason", "answered-elsewhere".into())]),
+                };
+                context
+                    .hub
+                    .to_user_except(&identity.tenant, user, session, &elsewhere);
+            }
             answer(id, result.map(|()| Map::new()))
         }
         Ok(Inbound::CallUpdate { id, call, sdp }) => {
