@@ -191,6 +191,29 @@ struct AppSide {
     restored: Value,
 }
 
+/// The signalling session ended with the old relayd: the app signs in again and hears
+/// what the new relayd says first (its `call.state restored`).
+async fn signed_in_again(app: App, fingerprint: &str, token: &str) -> Value {
+    let mut again = App::in_edge_lab(fingerprint, token).await;
+    let restored = receive_within(&mut again.signalling, Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
+    app.close().await;
+    again.close().await;
+    restored
+}
+
+/// alice's call from the PBX's offer; its id.
+async fn create_call(controller: &mut Socket) -> Value {
+    let created = request(
+        controller,
+        json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
+    )
+    .await;
+    assert_eq!(created["type"], "result", "{created}");
+    created["call"].clone()
+}
+
 /// Packets the app sends while relayd restarts (3 s at 50/s), and after it: 8 s, longer
 /// than the 5 s in which the relay stops media toward an app whose consent it lost.
 const ACROSS: u32 = 150;
@@ -227,28 +250,15 @@ fn restart_keeps_the_call(kill: bool) {
                 connected_tx.send(()).unwrap();
                 let across = talk(&media, 0, ACROSS).await.echoed;
                 let after = talk(&media, ACROSS, AFTER).await.echoed;
-                // The signalling session ended with the old relayd: a new one.
-                let mut again = App::in_edge_lab(&fingerprint, &token).await;
-                let restored = receive_within(&mut again.signalling, Duration::from_secs(5))
-                    .await
-                    .unwrap_or_default();
-                app.close().await;
-                again.close().await;
                 AppSide {
                     across,
                     after,
-                    restored,
+                    restored: signed_in_again(app, &fingerprint, &token).await,
                 }
             })
         });
         let (_, connected) = recv_async(connected).await;
-        let created = request(
-            &mut controller,
-            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
-        )
-        .await;
-        assert_eq!(created["type"], "result", "{created}");
-        let call = created["call"].clone();
+        let call = create_call(&mut controller).await;
         let (_, _connected) = recv_async(connected).await;
         let flows_before = relayd.ctl_json(&["flow", "list"])["flows"].clone();
         assert_eq!(flows_before.as_array().unwrap().len(), 2, "{}", relayd.log());
@@ -404,27 +414,15 @@ fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
                 connected_tx.send(relay_fingerprint).unwrap();
                 let across = talk_srtp(&media, &mut srtp, BRIDGED_FIRST, ACROSS).await;
                 let after = talk_srtp(&media, &mut srtp, BRIDGED_FIRST + ACROSS, AFTER).await;
-                let mut again = App::in_edge_lab(&fingerprint, &token).await;
-                let restored = receive_within(&mut again.signalling, Duration::from_secs(5))
-                    .await
-                    .unwrap_or_default();
-                app.close().await;
-                again.close().await;
                 AppSide {
                     across,
                     after,
-                    restored,
+                    restored: signed_in_again(app, &fingerprint, &token).await,
                 }
             })
         });
         let (_, connected) = recv_async(connected).await;
-        let created = request(
-            &mut controller,
-            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
-        )
-        .await;
-        assert_eq!(created["type"], "result", "{created}");
-        let call = created["call"].clone();
+        let call = create_call(&mut controller).await;
         let (relay_fingerprint, _connected) = recv_async(connected).await;
         let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
         assert_eq!(shown["bridged"]["dtls"], "connected", "{shown}");

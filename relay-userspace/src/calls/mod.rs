@@ -321,6 +321,15 @@ impl Calls {
         self.calls.lock().expect("calls poisoned")
     }
 
+    /// The calls `who` may act on, taken out of the lock.
+    fn calls_of(&self, who: &Requester) -> Vec<Arc<Call>> {
+        self.calls()
+            .values()
+            .filter(|call| call.belongs_to(who))
+            .cloned()
+            .collect()
+    }
+
     /// Ended calls by reason and setup times, for the metrics; `bridged` also counts the
     /// calls in progress.
     pub fn tally(&self) -> Tally {
@@ -504,12 +513,7 @@ impl Calls {
         let Requester::App { .. } = who else {
             return Vec::new();
         };
-        let calls: Vec<Arc<Call>> = self
-            .calls()
-            .values()
-            .filter(|call| call.belongs_to(who))
-            .cloned()
-            .collect();
+        let calls = self.calls_of(who);
         calls
             .into_iter()
             .filter_map(|call| {
@@ -866,12 +870,7 @@ impl Calls {
 
     /// The calls `who` may act on, for its `welcome`.
     pub fn resumable(&self, who: &Requester) -> Vec<Resumable> {
-        let mut calls: Vec<Arc<Call>> = self
-            .calls()
-            .values()
-            .filter(|call| call.belongs_to(who))
-            .cloned()
-            .collect();
+        let mut calls = self.calls_of(who);
         calls.sort_by_key(|call| call.id);
         calls
             .iter()

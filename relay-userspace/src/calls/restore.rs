@@ -379,12 +379,7 @@ impl Calls {
     /// A session of `who` has joined: the calls a restart took back that it has not heard
     /// of yet get `call.state restored`.
     pub fn announce_restored(&self, who: &Requester) {
-        let calls: Vec<Arc<Call>> = self
-            .calls()
-            .values()
-            .filter(|call| call.belongs_to(who))
-            .cloned()
-            .collect();
+        let calls = self.calls_of(who);
         let side = match who {
             Requester::App { .. } => 0,
             Requester::Controller { .. } => 1,

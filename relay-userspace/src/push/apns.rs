@@ -180,7 +180,7 @@ mod tests {
     use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 
     use super::*;
-    use crate::push::{Outcome, Provider, Push, config::PushConfig, fake};
+    use crate::push::{Outcome, Provider, config::PushConfig, fake};
 
     const LIVE: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
     const GONE: &str = "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
@@ -308,12 +308,7 @@ mod tests {
             },
             ..PushConfig::default()
         };
-        let mut problems = Vec::new();
-        config.problems(true, &mut |key, _, reason: &str| {
-            problems.push((key, reason.to_owned()))
-        });
-        assert_eq!(problems, []);
-        let push = Arc::new(Push::new(&config, None).unwrap());
+        let push = fake::push_from(&config);
         for device in [LIVE, GONE] {
             push.register(
                 "acme",

@@ -72,3 +72,13 @@ pub fn json(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
 }
+
+/// The push service of `config`, which must be a valid configuration.
+pub fn push_from(config: &super::PushConfig) -> Arc<super::Push> {
+    let mut problems = Vec::new();
+    config.problems(true, &mut |key, _, reason: &str| {
+        problems.push((key, reason.to_owned()))
+    });
+    assert_eq!(problems, []);
+    Arc::new(super::Push::new(config, None).unwrap())
+}

@@ -210,7 +210,7 @@ mod tests {
     use ring::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
 
     use super::*;
-    use crate::push::{Outcome, Provider, Push, config::PushConfig, fake};
+    use crate::push::{Outcome, Provider, config::PushConfig, fake};
 
     const ACCOUNT: &str = include_str!("../../../fixtures/push/fcm-test-service-account.json");
 
@@ -396,12 +396,7 @@ mod tests {
             },
             ..PushConfig::default()
         };
-        let mut problems = Vec::new();
-        config.problems(true, &mut |key, _, reason: &str| {
-            problems.push((key, reason.to_owned()))
-        });
-        assert_eq!(problems, []);
-        let push = Arc::new(Push::new(&config, None).unwrap());
+        let push = fake::push_from(&config);
         assert_eq!(
             push.register("acme", "alice", "fcm", "device-live", None, false),
             Ok(1)
