@@ -191,6 +191,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         let fingerprint = relayd.signalling_fingerprint();
         let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
+        let bob = mint_token(&mut controller, "bob", 300).await;
         let (to_app, woken) = mpsc::channel::<()>();
         let (to_test, mut from_app) = tokio::sync::mpsc::unbounded_channel::<Value>();
         let app_ns = lab.app.name.clone();
@@ -211,6 +212,17 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
                         .await;
                     to_test.send(answer).unwrap();
                 }
+                // An app registers its own user's device only.
+                let answer = app
+                    .request(json!({"type": "push.register", "id": 5, "provider": "webhook", "token": "phone-2", "user": "bob"}))
+                    .await;
+                to_test.send(answer).unwrap();
+                app.close().await;
+                let mut app = App::in_edge_lab(&fingerprint, &bob).await;
+                let answer = app
+                    .request(json!({"type": "push.register", "id": 1, "provider": "webhook", "token": "phone-1"}))
+                    .await;
+                to_test.send(answer).unwrap();
                 app.close().await;
                 // Woken: two devices connect, both are offered the call, the first takes
                 // it and the other is told.
@@ -239,8 +251,16 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert!(refused["message"].as_str().unwrap().contains("token: 5000 bytes"), "{refused}");
         assert_eq!(within(&mut from_app).await["devices"], 1);
         assert_eq!(within(&mut from_app).await["devices"], 2);
+        let refused = within(&mut from_app).await;
+        assert_eq!(refused["code"], "bad_request", "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains("unknown field `user`"), "{refused}");
+        let refused = within(&mut from_app).await;
+        assert_eq!(refused["code"], "bad_request", "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains("token: registered for another user"), "{refused}");
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 2, "user": "alice"})).await;
         assert_eq!(devices["devices"], json!({"webhook": 2}), "{devices}");
+        let devices = request(&mut controller, json!({"type": "push.devices", "id": 7, "user": "bob"})).await;
+        assert_eq!(devices["devices"], json!({}), "{devices}");
         no_app_connected(&relayd).await;
 
         let created = request(&mut controller, json!({"type": "call.create", "id": 3, "user": "alice", "sdp": relay_tests::pbx::SDP, "caller": "Reception <+49 30 1234>"})).await;

@@ -262,6 +262,19 @@ impl Push {
         }
         let count = {
             let mut devices = self.devices_mut();
+            // A device wakes one user: a token another user of the tenant holds would
+            // bring that user's calls (and callers) to this one.
+            let held_by_another = devices.iter().any(|((holder_tenant, holder), list)| {
+                holder_tenant == tenant
+                    && holder != user
+                    && list.iter().any(|record| record.token == token)
+            });
+            if held_by_another {
+                return Err(refuse(
+                    "token",
+                    "registered for another user of this tenant; that user's app unregisters it first",
+                ));
+            }
             let list = devices
                 .entry((tenant.to_owned(), user.to_owned()))
                 .or_default();
@@ -686,6 +699,30 @@ mod tests {
         assert_eq!(
             push.outcomes().get(&(Provider::Webhook, Outcome::Failed)),
             Some(&1)
+        );
+    }
+
+    #[test]
+    fn a_token_another_user_holds_is_refused() {
+        let push = push(None);
+        push.register("acme", "alice", "webhook", "shared-phone", None, false)
+            .unwrap();
+        let refused = push
+            .register("acme", "bob", "webhook", "shared-phone", None, false)
+            .unwrap_err();
+        assert_eq!(refused.field, "token");
+        assert!(refused.reason.contains("another user"), "{refused:?}");
+        assert_eq!(push.devices("acme", "bob"), BTreeMap::new());
+        // Another tenant's account on the same device is its own.
+        assert_eq!(
+            push.register("other", "bob", "webhook", "shared-phone", None, false),
+            Ok(1)
+        );
+        // Once alice's app lets it go, bob's may take it.
+        assert!(push.unregister("acme", "alice", "shared-phone"));
+        assert_eq!(
+            push.register("acme", "bob", "webhook", "shared-phone", None, false),
+            Ok(1)
         );
     }
 

@@ -230,6 +230,12 @@ mod tests {
         let (id, code, message) = parse(r#"{"type":"token.mint","id":3,"user":"a"}"#).unwrap_err();
         assert_eq!((id, code), (Some(3), ErrorCode::BadRequest));
         assert!(message.contains("ttl_secs"), "{message}");
+        // An app registers its own device: there is no user to name.
+        let (_, code, message) =
+            parse(r#"{"type":"push.register","id":4,"provider":"fcm","token":"t","user":"bob"}"#)
+                .unwrap_err();
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(message.contains("unknown field `user`"), "{message}");
         assert_eq!(
             parse(r#"{"type":"send","id":1,"to":{"role":"controller"},"body":{"x":1}}"#),
             Ok(Inbound::Send {
