@@ -1,9 +1,10 @@
-//! Waking a sleeping app with a push, in the edge lab. The operator's push gateway is a
-//! stand-in in the test: HTTPS on the relay's loopback with a certificate of its own
-//! (trusted through `push.ca_file`), checking each push's HMAC signature and answering as
-//! the test scripts (200 for a live device, 410 for a dead one).
+//! Waking a sleeping app with a push, in the edge lab. The providers are a stand-in in the
+//! test: HTTPS on the relay's loopback with a certificate of its own (trusted through
+//! `push.ca_file`) that plays the operator's webhook gateway (checking each push's HMAC
+//! signature, answering 200 for a live device and 410 for a dead one) and FCM (its token
+//! endpoint for the service account's JWT grant, and `messages:send` with that token).
 //!
-//! The app registers two devices and disconnects; the controller calls its user: the
+//! The app registers three devices (two webhook, one FCM) and disconnects; the controller calls its user: the
 //! controller hears `ringing`, the gateway gets a signed push per device without any SDP,
 //! two apps of the user connect within the ring time and both get `call.incoming`, the
 //! first answers and the media flows through XDP, the other is told `answered-elsewhere`;
@@ -42,10 +43,54 @@ const SECRET: &str = "the gateway's shared secret";
 const GATEWAY: &str = "127.0.0.1:18444";
 const RING_SECS: u64 = 3;
 
-/// A push the gateway received: its body, and whether its signature was right.
+/// The access token the FCM stand-in grants.
+const FCM_ACCESS_TOKEN: &str = "lab-access-token";
+
+/// A push the gateway received: its body (for FCM, the message's data and `device`), and
+/// whether it was authenticated (the webhook's signature; FCM's bearer token).
 struct Received {
     body: Value,
     signed: bool,
+}
+
+/// The FCM stand-in's answer to `path`: the token endpoint grants a token for a JWT bearer
+/// grant; `messages:send` takes a high-priority data message with that token.
+fn fcm_answer(path: &str, headers: &str, body: &[u8]) -> (&'static str, String, Option<Received>) {
+    if path == "/token" {
+        let form = String::from_utf8_lossy(body);
+        let granted = form
+            .contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer")
+            && form
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("assertion="))
+                .is_some_and(|jwt| jwt.split('.').count() == 3);
+        return if granted {
+            let token = json!({"access_token": FCM_ACCESS_TOKEN, "expires_in": 3600, "token_type": "Bearer"});
+            ("200 OK", token.to_string(), None)
+        } else {
+            (
+                "400 Bad Request",
+                json!({"error": "invalid_grant"}).to_string(),
+                None,
+            )
+        };
+    }
+    let message: Value = serde_json::from_slice(body).unwrap_or_default();
+    let message = &message["message"];
+    let bearer = headers
+        .lines()
+        .any(|line| line == format!("authorization: bearer {}", FCM_ACCESS_TOKEN.to_lowercase()));
+    let mut data = message["data"].clone();
+    data["device"] = message["token"].clone();
+    let received = Received {
+        body: data,
+        signed: bearer && message["android"]["priority"] == "high",
+    };
+    (
+        "200 OK",
+        json!({"name": "projects/relay-test-project/messages/1"}).to_string(),
+        Some(received),
+    )
 }
 
 /// The gateway, in the relay's namespace: one request per connection, as relayd sends.
@@ -81,6 +126,22 @@ fn start_gateway(
             let Some((headers, body)) = read_request(&mut tls) else {
                 continue;
             };
+            let path = headers.split(' ').nth(1).unwrap_or_default().to_owned();
+            if path != "/relay/push" {
+                let (status, answer, received) = fcm_answer(&path, &headers, &body);
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = tls.flush();
+                if let Some(received) = received
+                    && tx.send(received).is_err()
+                {
+                    return;
+                }
+                continue;
+            }
             let signature = headers
                 .lines()
                 .find_map(|line| line.strip_prefix("x-relay-signature: sha256="))
@@ -179,10 +240,23 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
     let ca = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca.path(), certificate.cert.pem()).unwrap();
     let mut pushes = start_gateway(lab.relay.name.clone(), certificate);
+    // The test project's service account, its token endpoint the stand-in's.
+    let mut account: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fixtures/push/fcm-test-service-account.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    account["token_uri"] = json!(format!("https://{GATEWAY}/token"));
+    let account_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(account_file.path(), account.to_string()).unwrap();
     let config = ConfigFile::new(&format!(
-        "{}\n[push]\nenabled = true\nring_secs = {RING_SECS}\nca_file = \"{}\"\n[push.webhook]\nurl = \"https://{GATEWAY}/relay/push\"\nsecret = \"{SECRET}\"\n",
+        "{}\n[push]\nenabled = true\nring_secs = {RING_SECS}\nca_file = \"{}\"\n[push.webhook]\nurl = \"https://{GATEWAY}/relay/push\"\nsecret = \"{SECRET}\"\n[push.fcm]\nservice_account = \"{}\"\nbase_url = \"https://{GATEWAY}\"\n",
         calls_config(&pins.path, "acme", API_KEY, ""),
-        ca.path().display()
+        ca.path().display(),
+        account_file.path().display()
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let echo_socket = lab.pbx.udp_socket(relay_tests::pbx::RTP.parse().unwrap());
@@ -206,6 +280,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
                     (2, "webhook", "x".repeat(5000)),
                     (3, "webhook", "phone-1".to_owned()),
                     (4, "webhook", "phone-gone".to_owned()),
+                    (5, "fcm", "phone-fcm".to_owned()),
                 ] {
                     let answer = app
                         .request(json!({"type": "push.register", "id": id, "provider": provider, "token": device, "app_id": "com.example.softphone"}))
@@ -214,7 +289,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
                 }
                 // An app registers its own user's device only.
                 let answer = app
-                    .request(json!({"type": "push.register", "id": 5, "provider": "webhook", "token": "phone-2", "user": "bob"}))
+                    .request(json!({"type": "push.register", "id": 6, "provider": "webhook", "token": "phone-2", "user": "bob"}))
                     .await;
                 to_test.send(answer).unwrap();
                 app.close().await;
@@ -251,6 +326,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert!(refused["message"].as_str().unwrap().contains("token: 5000 bytes"), "{refused}");
         assert_eq!(within(&mut from_app).await["devices"], 1);
         assert_eq!(within(&mut from_app).await["devices"], 2);
+        assert_eq!(within(&mut from_app).await["devices"], 3);
         let refused = within(&mut from_app).await;
         assert_eq!(refused["code"], "bad_request", "{refused}");
         assert!(refused["message"].as_str().unwrap().contains("unknown field `user`"), "{refused}");
@@ -258,7 +334,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert_eq!(refused["code"], "bad_request", "{refused}");
         assert!(refused["message"].as_str().unwrap().contains("token: registered for another user"), "{refused}");
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 2, "user": "alice"})).await;
-        assert_eq!(devices["devices"], json!({"webhook": 2}), "{devices}");
+        assert_eq!(devices["devices"], json!({"fcm": 1, "webhook": 2}), "{devices}");
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 7, "user": "bob"})).await;
         assert_eq!(devices["devices"], json!({}), "{devices}");
         no_app_connected(&relayd).await;
@@ -269,24 +345,25 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         let ringing = next_event(&mut controller, "call.state", &relayd).await;
         assert_eq!(
             (&ringing["state"], &ringing["via"], &ringing["devices"], &ringing["call"]),
-            (&json!("ringing"), &json!("push"), &json!(2), &call),
+            (&json!("ringing"), &json!("push"), &json!(3), &call),
             "{ringing}"
         );
         let mut received: Vec<Received> = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             received.push(within(&mut pushes).await);
         }
         received.sort_by_key(|push| push.body["device"].as_str().unwrap_or_default().to_owned());
         for push in &received {
-            assert!(push.signed, "signed with the shared secret: {}", push.body);
-            assert_eq!(push.body["call"], call, "{}", push.body);
+            assert!(push.signed, "signed with the shared secret, or FCM's bearer token: {}", push.body);
+            // FCM's data values are strings.
+            assert_eq!(push.body["call"].to_string().trim_matches('"'), call.to_string(), "{}", push.body);
             assert_eq!((&push.body["tenant"], &push.body["user"]), (&json!("acme"), &json!("alice")));
-            assert_eq!(push.body["app_id"], "com.example.softphone");
             assert_eq!(push.body["caller"], "Reception <+49 30 1234>");
             assert!(push.body.get("sdp").is_none(), "no SDP in a push: {}", push.body);
         }
-        assert_eq!(received[0].body["device"], "phone-1");
-        assert_eq!(received[1].body["device"], "phone-gone");
+        let devices: Vec<&Value> = received.iter().map(|push| &push.body["device"]).collect();
+        assert_eq!(devices, [&json!("phone-1"), &json!("phone-fcm"), &json!("phone-gone")]);
+        assert_eq!(received[0].body["app_id"], "com.example.softphone");
         to_app.send(()).unwrap();
         let incoming = within(&mut from_app).await;
         assert_eq!((&incoming["event"], &incoming["call"]), (&json!("call.incoming"), &call), "{incoming}");
@@ -322,7 +399,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
 
         // The provider said the second device is gone: its registration went.
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 5, "user": "alice"})).await;
-        assert_eq!(devices["devices"], json!({"webhook": 1}), "{devices}");
+        assert_eq!(devices["devices"], json!({"fcm": 1, "webhook": 1}), "{devices}");
 
         // Nobody takes the next call: it rings, then ends no-answer.
         no_app_connected(&relayd).await;
@@ -330,9 +407,10 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert_eq!(created["type"], "result", "{created}");
         let started = std::time::Instant::now();
         let ringing = next_event(&mut controller, "call.state", &relayd).await;
-        assert_eq!((&ringing["state"], &ringing["devices"]), (&json!("ringing"), &json!(1)), "{ringing}");
-        let push = within(&mut pushes).await;
-        assert_eq!(push.body["device"], "phone-1");
+        assert_eq!((&ringing["state"], &ringing["devices"]), (&json!("ringing"), &json!(2)), "{ringing}");
+        let mut devices = [within(&mut pushes).await.body["device"].clone(), within(&mut pushes).await.body["device"].clone()];
+        devices.sort_by_key(|device| device.to_string());
+        assert_eq!(devices, [json!("phone-1"), json!("phone-fcm")]);
         let ended = next_event(&mut controller, "call.ended", &relayd).await;
         assert_eq!((&ended["reason"], &ended["call"]), (&json!("no-answer"), &created["call"]), "{ended}");
         let waited = started.elapsed();
@@ -342,22 +420,25 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         );
         assert_eq!(relayd.ctl_json(&["flow", "list"])["flows"], json!([]));
         let stats = relayd.ctl_json(&["push", "stats"]);
-        let count = |outcome: &str| {
+        let count = |provider: &str, outcome: &str| {
             stats["pushes"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|push| push["provider"] == "webhook" && push["outcome"] == outcome)
+                .find(|push| push["provider"] == provider && push["outcome"] == outcome)
                 .map(|push| push["count"].clone())
         };
-        assert_eq!(stats["devices"], 1, "{stats}");
+        assert_eq!(stats["devices"], 2, "{stats}");
         assert_eq!(
-            (count("sent"), count("dead-token"), count("failed")),
+            (count("webhook", "sent"), count("webhook", "dead-token"), count("webhook", "failed")),
             (Some(json!(2)), Some(json!(1)), Some(json!(0))),
             "{stats}"
         );
-        // Device tokens are not logged.
-        assert!(!relayd.log().contains("phone-1"), "{}", relayd.log());
+        assert_eq!((count("fcm", "sent"), count("fcm", "failed")), (Some(json!(2)), Some(json!(0))), "{stats}");
+        // Device tokens and access tokens are not logged.
+        for secret in ["phone-1", "phone-fcm", FCM_ACCESS_TOKEN] {
+            assert!(!relayd.log().contains(secret), "{secret}:\n{}", relayd.log());
+        }
         echo.abort();
     });
 }
