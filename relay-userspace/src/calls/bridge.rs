@@ -1,8 +1,9 @@
 //! A bridged call's media: the relay terminates each leg's security and carries every
 //! packet itself. SRTP from the app is unprotected (and protected again with the PBX
-//! leg's SDES key, when it has one) and sent to the PBX; the PBX's RTP goes the other way.
-//! DTLS records on the app's transport go to the leg's handshake (RFC 7983 demultiplexing).
-//! The kernel forwards none of it: a transcrypted packet needs the keys.
+//! leg's keys, SDES or DTLS-SRTP, when it has them) and sent to the PBX; the PBX's media
+//! goes the other way. DTLS records on a leg's transport go to that leg's handshake
+//! (RFC 7983 demultiplexing). The kernel forwards none of it: a transcrypted packet needs
+//! the keys.
 
 use std::sync::{
     Arc, Mutex,
@@ -29,7 +30,7 @@ use crate::{
 /// A DTLS-SRTP leg's handshake, for `relayctl calls show`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DtlsState {
-    /// The app leg is not DTLS.
+    /// The leg is not DTLS.
     None,
     Connecting,
     Connected,
@@ -41,15 +42,19 @@ pub(super) struct Bridge {
     app: Mutex<Option<SrtpSession>>,
     /// Whether the app leg is secured: its packets wait for the keys until then.
     app_secured: bool,
+    /// The PBX leg's SRTP; None while its DTLS handshake runs, and for a plain leg.
     pbx: Mutex<Option<SrtpSession>>,
-    dtls: Mutex<DtlsState>,
+    /// Whether the PBX leg is secured: nothing goes to or comes from it without keys.
+    pbx_secured: bool,
+    /// Each leg's handshake: the app's, the PBX's.
+    dtls: Mutex<[DtlsState; 2]>,
     /// Cleared while the app does not answer consent checks (RFC 7675): nothing is sent
     /// toward it.
     toward_app: AtomicBool,
     pub(super) counters: MediaCounters,
-    /// The app's DTLS association, kept open for the call (it answers retransmitted
-    /// flights and alerts).
-    association: tokio::sync::Mutex<Option<::dtls::conn::DTLSConn>>,
+    /// The legs' DTLS associations (app, PBX), kept open for the call (they answer
+    /// retransmitted flights and alerts).
+    associations: tokio::sync::Mutex<Vec<::dtls::conn::DTLSConn>>,
     /// Told when the app leg's keys are in place.
     keyed: tokio::sync::Notify,
     /// The SRTP legs (app, PBX) as last handed to the state store.
@@ -66,21 +71,27 @@ const PACKET_ROOM: usize = 2048;
 /// client it derives the keys after the app, which may send at once); more are dropped.
 const EARLY_SRTP: usize = 32;
 
+/// Which leg: indices of `Bridge::dtls`.
+const APP: usize = 0;
+const PBX: usize = 1;
+
 impl Bridge {
+    /// `secured`: whether each leg (app, PBX) has keys to wait for when it has none yet.
     fn new(
         app: Option<SrtpSession>,
-        app_secured: bool,
         pbx: Option<SrtpSession>,
-        dtls: DtlsState,
+        secured: [bool; 2],
+        dtls: [DtlsState; 2],
     ) -> Bridge {
         Bridge {
             app: Mutex::new(app),
-            app_secured,
+            app_secured: secured[APP],
             pbx: Mutex::new(pbx),
+            pbx_secured: secured[PBX],
             dtls: Mutex::new(dtls),
             toward_app: AtomicBool::new(true),
             counters: MediaCounters::default(),
-            association: tokio::sync::Mutex::new(None),
+            associations: tokio::sync::Mutex::new(Vec::new()),
             keyed: tokio::sync::Notify::new(),
             recorded: Mutex::new(None),
         }
@@ -93,34 +104,51 @@ impl Bridge {
         plan: &MediaPlan,
         [app, pbx]: &LegRecords,
     ) -> Result<Bridge, RecordError> {
-        let MediaPlan::Bridged { app: app_leg, .. } = plan else {
-            return Ok(Bridge::new(None, false, None, DtlsState::None));
+        let MediaPlan::Bridged {
+            app: app_leg,
+            pbx: pbx_leg,
+            ..
+        } = plan
+        else {
+            return Ok(Bridge::new(None, None, [false; 2], [DtlsState::None; 2]));
         };
         let session =
             |record: &Option<SrtpRecord>| record.as_ref().map(SrtpSession::from_record).transpose();
-        let dtls = match app_leg {
-            AppLeg::Dtls { .. } => DtlsState::Connected,
-            _ => DtlsState::None,
+        let state = |dtls: bool| {
+            if dtls {
+                DtlsState::Connected
+            } else {
+                DtlsState::None
+            }
         };
         let bridge = Bridge::new(
             session(app)?,
-            !matches!(app_leg, AppLeg::Plain),
             session(pbx)?,
-            dtls,
+            [
+                !matches!(app_leg, AppLeg::Plain),
+                !matches!(pbx_leg, PbxLeg::Plain),
+            ],
+            [
+                state(matches!(app_leg, AppLeg::Dtls { .. })),
+                state(matches!(pbx_leg, PbxLeg::Dtls { .. })),
+            ],
         );
         *bridge.recorded.lock().expect("bridge records") = Some([app.clone(), pbx.clone()]);
         Ok(bridge)
     }
 
-    /// The legs' SRTP for the state store, remembered as recorded; None while the app's
+    /// The legs' SRTP for the state store, remembered as recorded; None while a leg's
     /// keys are not there yet.
     pub(super) fn records(&self) -> Option<LegRecords> {
-        let app = self.app.lock().expect("bridge app leg");
-        if self.app_secured && app.is_none() {
+        if self.waits_for_keys() || self.pbx_waits_for_keys() {
             return None;
         }
         let records = [
-            app.as_ref().map(SrtpSession::record),
+            self.app
+                .lock()
+                .expect("bridge app leg")
+                .as_ref()
+                .map(SrtpSession::record),
             self.pbx
                 .lock()
                 .expect("bridge pbx leg")
@@ -136,7 +164,7 @@ impl Bridge {
     pub(super) fn drifted(&self) -> bool {
         let recorded = self.recorded.lock().expect("bridge records");
         let Some([app_record, pbx_record]) = recorded.as_ref() else {
-            return !self.waits_for_keys();
+            return !self.waits_for_keys() && !self.pbx_waits_for_keys();
         };
         let moved = |session: &Mutex<Option<SrtpSession>>, record: &Option<SrtpRecord>| match (
             session.lock().expect("bridge leg").as_ref(),
@@ -156,13 +184,16 @@ impl Bridge {
             .expect("bridge app leg")
             .as_ref()
             .map(|srtp| srtp.suite().sdes_name());
+        let name = |state: DtlsState| match state {
+            DtlsState::None => "-",
+            DtlsState::Connecting => "connecting",
+            DtlsState::Connected => "connected",
+            DtlsState::Failed => "failed",
+        };
+        let dtls = *self.dtls.lock().expect("bridge dtls");
         super::BridgeInfo {
-            dtls: match *self.dtls.lock().expect("bridge dtls") {
-                DtlsState::None => "-",
-                DtlsState::Connecting => "connecting",
-                DtlsState::Connected => "connected",
-                DtlsState::Failed => "failed",
-            },
+            dtls: name(dtls[APP]),
+            pbx_dtls: name(dtls[PBX]),
             suite,
             totals: self.counters.read(),
         }
@@ -177,6 +208,11 @@ impl Bridge {
         self.app_secured && self.app.lock().expect("bridge app leg").is_none()
     }
 
+    /// A secured PBX leg whose keys are not there yet.
+    fn pbx_waits_for_keys(&self) -> bool {
+        self.pbx_secured && self.pbx.lock().expect("bridge pbx leg").is_none()
+    }
+
     /// The packet from the app in `buf[..len]` made what the PBX gets, where it is (`buf`
     /// has room for `MAX_OVERHEAD` more); its length, or None when it is refused (counted)
     /// or waits for keys.
@@ -188,6 +224,7 @@ impl Bridge {
         };
         match self.pbx.lock().expect("bridge pbx leg").as_mut() {
             Some(srtp) => self.counted(srtp.protect_in_place(buf, len)),
+            None if self.pbx_secured => None,
             None => Some(len),
         }
     }
@@ -199,6 +236,7 @@ impl Bridge {
         }
         let len = match self.pbx.lock().expect("bridge pbx leg").as_mut() {
             Some(srtp) => self.counted(srtp.unprotect_in_place(buf, len))?,
+            None if self.pbx_secured => return None,
             None => len,
         };
         match self.app.lock().expect("bridge app leg").as_mut() {
@@ -240,7 +278,7 @@ impl Calls {
             })
         };
         let pbx_srtp = match &pbx {
-            PbxLeg::Plain => None,
+            PbxLeg::Plain | PbxLeg::Dtls { .. } => None,
             PbxLeg::Sdes {
                 own,
                 peer: Some(peer),
@@ -260,48 +298,95 @@ impl Calls {
                 return Err(EndReason::MediaSecurityFailed);
             }
         };
-        let bridge = Arc::new(Bridge::new(
-            app_srtp,
-            !matches!(app, AppLeg::Plain),
-            pbx_srtp,
-            if dtls_peer.is_some() {
+        let pbx_dtls = match &pbx {
+            PbxLeg::Dtls { peer, .. } => Some(peer.clone()),
+            _ => None,
+        };
+        let state = |dtls: bool| {
+            if dtls {
                 DtlsState::Connecting
             } else {
                 DtlsState::None
-            },
+            }
+        };
+        let bridge = Arc::new(Bridge::new(
+            app_srtp,
+            pbx_srtp,
+            [!matches!(app, AppLeg::Plain), !matches!(pbx, PbxLeg::Plain)],
+            [state(dtls_peer.is_some()), state(pbx_dtls.is_some())],
         ));
         call.inner().bridge = Some(bridge.clone());
-        let (records, queue) = dtls::record_queue();
-        self.carry_bridged_media(call, &bridge, conn.clone(), records);
-        let Some((fingerprint, role)) = dtls_peer else {
-            return Ok(());
+        let (app_records, app_queue) = dtls::record_queue();
+        let (pbx_records, pbx_queue) = dtls::record_queue();
+        self.carry_bridged_media(call, &bridge, conn.clone(), [app_records, pbx_records]);
+        let toward_app = async {
+            match dtls_peer {
+                Some((fingerprint, role)) => {
+                    self.dtls_leg(call, &bridge, APP, conn, app_queue, role, &fingerprint)
+                        .await
+                }
+                None => Ok(()),
+            }
         };
+        let toward_pbx = async {
+            match pbx_dtls {
+                Some((fingerprint, role)) => {
+                    // Toward the PBX's address as its SDP gave it, from the call's LAN port.
+                    let conn: IceConn =
+                        Arc::new(dtls::Peer::new(call.lan_socket.clone(), call.pbx()));
+                    self.dtls_leg(call, &bridge, PBX, conn, pbx_queue, role, &fingerprint)
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(toward_app, toward_pbx).map(|_| ())
+    }
+
+    /// One leg's DTLS handshake (`leg`: APP or PBX) on `conn` with the records `queue`
+    /// gets; its keys go to the bridge. A failure ends the call.
+    #[allow(clippy::too_many_arguments)]
+    async fn dtls_leg(
+        &self,
+        call: &Call,
+        bridge: &Bridge,
+        leg: usize,
+        conn: IceConn,
+        queue: mpsc::Receiver<Vec<u8>>,
+        role: dtls::Role,
+        fingerprint: &crate::media::Fingerprint,
+    ) -> Result<(), EndReason> {
+        let side = if leg == APP { "app" } else { "PBX" };
         match dtls::handshake(
             &self.identity,
             conn,
             queue,
             role,
-            &fingerprint,
+            fingerprint,
             self.dtls_timeout,
         )
         .await
         {
-            Ok(leg) => {
+            Ok(done) => {
                 tracing::info!(
                     call = call.id,
                     ?role,
-                    suite = leg.srtp.suite().sdes_name(),
-                    "calls: DTLS-SRTP with the app established"
+                    suite = done.srtp.suite().sdes_name(),
+                    "calls: DTLS-SRTP with the {side} established"
                 );
-                *bridge.app.lock().expect("bridge app leg") = Some(leg.srtp);
-                bridge.keyed.notify_one();
-                *bridge.dtls.lock().expect("bridge dtls") = DtlsState::Connected;
-                *bridge.association.lock().await = Some(leg.conn);
+                if leg == APP {
+                    *bridge.app.lock().expect("bridge app leg") = Some(done.srtp);
+                    bridge.keyed.notify_one();
+                } else {
+                    *bridge.pbx.lock().expect("bridge pbx leg") = Some(done.srtp);
+                }
+                bridge.dtls.lock().expect("bridge dtls")[leg] = DtlsState::Connected;
+                bridge.associations.lock().await.push(done.conn);
                 Ok(())
             }
             Err(err) => {
-                *bridge.dtls.lock().expect("bridge dtls") = DtlsState::Failed;
-                tracing::info!(call = call.id, %err, "calls: DTLS with the app failed; the call ends");
+                bridge.dtls.lock().expect("bridge dtls")[leg] = DtlsState::Failed;
+                tracing::info!(call = call.id, %err, "calls: DTLS with the {side} failed; the call ends");
                 Err(match err {
                     DtlsError::Timeout(_) => EndReason::DtlsTimeout,
                     _ => EndReason::DtlsFailed,
@@ -311,13 +396,13 @@ impl Calls {
     }
 
     /// The tasks that carry a bridged call's packets both ways; DTLS records from the app
-    /// go to `records`.
+    /// and (when its leg is DTLS) from the PBX go to `records`, the app's and the PBX's.
     pub(super) fn carry_bridged_media(
         &self,
         call: &Arc<Call>,
         bridge: &Arc<Bridge>,
         conn: IceConn,
-        records: mpsc::Sender<Vec<u8>>,
+        [records, pbx_records]: [mpsc::Sender<Vec<u8>>; 2],
     ) {
         let from_app = {
             let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
@@ -361,8 +446,10 @@ impl Calls {
                 }
             })
         };
+        let pbx_dtls = bridge.dtls.lock().expect("bridge dtls")[PBX] != DtlsState::None;
         let from_pbx = |socket: Arc<tokio::net::UdpSocket>, rtcp: bool| {
             let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
+            let pbx_records = pbx_records.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; PACKET_ROOM + MAX_OVERHEAD];
                 while let Ok((n, from)) = socket.recv_from(&mut buf[..PACKET_ROOM]).await {
@@ -373,6 +460,11 @@ impl Calls {
                         Some(call.pbx())
                     };
                     if Some(from) != expected {
+                        continue;
+                    }
+                    if pbx_dtls && demux(&buf[..n]) == Demux::Dtls {
+                        // As from the app: a handshake that is not reading drops it.
+                        let _ = pbx_records.try_send(buf[..n].to_vec());
                         continue;
                     }
                     let Some(len) = bridge.pbx_to_app(&mut buf, n) else {

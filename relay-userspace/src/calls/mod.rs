@@ -87,8 +87,10 @@ pub struct CallInfo {
 /// A bridged call's media as the relay carried it.
 #[derive(Debug, Clone)]
 pub struct BridgeInfo {
-    /// new, connecting, connected, failed (toward a DTLS-SRTP app); `-` for SDES or RTP.
+    /// connecting, connected, failed (toward a DTLS-SRTP app); `-` for SDES or RTP.
     pub dtls: &'static str,
+    /// The same toward a DTLS-SRTP PBX.
+    pub pbx_dtls: &'static str,
     /// The SRTP suite toward the app, once keyed.
     pub suite: Option<&'static str>,
     pub totals: MediaTotals,
@@ -549,7 +551,12 @@ impl Calls {
         let mids = sdp::mids(app_offer)?;
         let (lan_sockets, lan) = self.bind_lan_port().await?;
         // RTCP on its own port toward the PBX: what every PBX trunk takes.
-        let pbx_offer = sdp::toward_pbx(app_offer, lan, false, plan.toward_pbx())?;
+        let pbx_offer = sdp::toward_pbx(
+            app_offer,
+            lan,
+            false,
+            plan.toward_pbx(self.identity.fingerprint()),
+        )?;
         let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(ice_busy)?;
@@ -682,7 +689,7 @@ impl Calls {
                 app_answer,
                 call.lan,
                 inner.pbx_rtcp.is_none(),
-                plan.toward_pbx(),
+                plan.toward_pbx(self.identity.fingerprint()),
             )?;
             inner.plan = plan;
             inner.sent_to_pbx = answer.clone();
@@ -772,7 +779,7 @@ impl Calls {
                         &inner.app_sdp,
                         call.lan,
                         endpoint.rtcp_mux,
-                        inner.plan.toward_pbx(),
+                        inner.plan.toward_pbx(self.identity.fingerprint()),
                     )?;
                     let old = (inner.pbx, inner.pbx_rtcp);
                     inner.set_pbx(&endpoint);

@@ -353,9 +353,10 @@ impl Calls {
         self.next.fetch_max(record.call + 1, Ordering::Relaxed);
         match &bridged {
             Some((_, bridge)) => {
-                // No handshake reads the app's DTLS records now: they are dropped.
-                let (records, _) = crate::media::dtls::record_queue();
-                self.carry_bridged_media(&call, bridge, conn, records);
+                // No handshake reads the legs' DTLS records now: they are dropped.
+                let (app_records, _) = crate::media::dtls::record_queue();
+                let (pbx_records, _) = crate::media::dtls::record_queue();
+                self.carry_bridged_media(&call, bridge, conn, [app_records, pbx_records]);
             }
             None => self.start_userspace_media(&call, conn),
         }
@@ -439,23 +440,12 @@ fn media_record(plan: &MediaPlan, [app_srtp, pbx_srtp]: LegRecords) -> Option<Me
     let app = match app {
         AppLeg::Plain => LegSecurity::Plain,
         AppLeg::Sdes { own, peer } => sdes(own, peer),
-        AppLeg::Dtls { setup, peer } => LegSecurity::Dtls {
-            setup: setup.as_str().to_owned(),
-            fingerprint: peer
-                .as_ref()
-                .map(|(fingerprint, _)| fingerprint.to_string()),
-            role: peer.as_ref().map(|(_, role)| {
-                match role {
-                    Role::Client => "client",
-                    Role::Server => "server",
-                }
-                .to_owned()
-            }),
-        },
+        AppLeg::Dtls { setup, peer } => dtls_record(*setup, peer.as_ref()),
     };
     let pbx = match pbx {
         PbxLeg::Plain => LegSecurity::Plain,
         PbxLeg::Sdes { own, peer } => sdes(own, peer),
+        PbxLeg::Dtls { setup, peer } => dtls_record(*setup, Some(peer)),
     };
     Some(MediaRecord {
         app_proto: app_proto.clone(),
@@ -469,6 +459,48 @@ fn media_record(plan: &MediaPlan, [app_srtp, pbx_srtp]: LegRecords) -> Option<Me
             srtp: pbx_srtp,
         },
     })
+}
+
+/// A DTLS leg as the store keeps it: the relay's `a=setup`, and the side's fingerprint and
+/// the relay's role once known.
+fn dtls_record(setup: Setup, peer: Option<&(Fingerprint, Role)>) -> LegSecurity {
+    LegSecurity::Dtls {
+        setup: setup.as_str().to_owned(),
+        fingerprint: peer.map(|(fingerprint, _)| fingerprint.to_string()),
+        role: peer.map(|(_, role)| {
+            match role {
+                Role::Client => "client",
+                Role::Server => "server",
+            }
+            .to_owned()
+        }),
+    }
+}
+
+/// A DTLS leg of `side` from the store; an error names what does not read back.
+fn dtls_leg(
+    side: &str,
+    setup: &str,
+    fingerprint: &Option<String>,
+    role: &Option<String>,
+) -> Result<(Setup, Option<(Fingerprint, Role)>), String> {
+    let setup =
+        Setup::parse(setup).ok_or_else(|| format!("its a=setup {setup:?} does not parse"))?;
+    let peer = match (fingerprint, role.as_deref()) {
+        (Some(fingerprint), Some(role)) => {
+            let fingerprint = Fingerprint::parse(fingerprint).ok_or_else(|| {
+                format!("the {side}'s fingerprint {fingerprint:?} does not parse")
+            })?;
+            let role = match role {
+                "client" => Role::Client,
+                "server" => Role::Server,
+                other => return Err(format!("its DTLS role {other:?} is unknown")),
+            };
+            Some((fingerprint, role))
+        }
+        _ => None,
+    };
+    Ok((setup, peer))
 }
 
 /// A bridged call's media plan and SRTP legs from the store; an error names what does not
@@ -494,22 +526,7 @@ fn media_plan(record: &MediaRecord) -> Result<(MediaPlan, LegRecords), String> {
             fingerprint,
             role,
         } => {
-            let setup = Setup::parse(setup)
-                .ok_or_else(|| format!("its a=setup {setup:?} does not parse"))?;
-            let peer = match (fingerprint, role.as_deref()) {
-                (Some(fingerprint), Some(role)) => {
-                    let fingerprint = Fingerprint::parse(fingerprint).ok_or_else(|| {
-                        format!("the app's fingerprint {fingerprint:?} does not parse")
-                    })?;
-                    let role = match role {
-                        "client" => Role::Client,
-                        "server" => Role::Server,
-                        other => return Err(format!("its DTLS role {other:?} is unknown")),
-                    };
-                    Some((fingerprint, role))
-                }
-                _ => None,
-            };
+            let (setup, peer) = dtls_leg("app", setup, fingerprint, role)?;
             AppLeg::Dtls { setup, peer }
         }
     };
@@ -519,9 +536,14 @@ fn media_plan(record: &MediaRecord) -> Result<(MediaPlan, LegRecords), String> {
             own: crypto(own)?,
             peer: peer_crypto(peer)?,
         },
-        LegSecurity::Dtls { .. } => {
-            return Err("its PBX leg is DTLS, which the relay does not bridge".into());
-        }
+        LegSecurity::Dtls {
+            setup,
+            fingerprint,
+            role,
+        } => match dtls_leg("PBX", setup, fingerprint, role)? {
+            (setup, Some(peer)) => PbxLeg::Dtls { setup, peer },
+            (_, None) => return Err("its PBX leg is DTLS without the PBX's fingerprint".into()),
+        },
     };
     let plan = MediaPlan::Bridged {
         app,
@@ -568,5 +590,65 @@ mod tests {
             assert_eq!(candidate_type(&kind.to_string()), Some(kind));
         }
         assert_eq!(candidate_type("bogus"), None);
+    }
+
+    /// Each kind of leg reads back as written, a DTLS PBX's fingerprint and role too.
+    #[test]
+    fn media_plans_read_back_as_written() {
+        let fingerprint = |seed: &[u8]| Fingerprint::sha256(seed);
+        let plans = [
+            MediaPlan::Bridged {
+                app: AppLeg::Dtls {
+                    setup: Setup::Passive,
+                    peer: Some((fingerprint(b"app"), Role::Server)),
+                },
+                pbx: PbxLeg::Dtls {
+                    setup: Setup::Active,
+                    peer: (fingerprint(b"pbx"), Role::Client),
+                },
+                app_proto: "UDP/TLS/RTP/SAVPF".into(),
+                pbx_proto: "UDP/TLS/RTP/SAVP".into(),
+            },
+            MediaPlan::Bridged {
+                app: AppLeg::Sdes {
+                    own: Crypto::generate(1, crate::media::Suite::AesCm128HmacSha1_80),
+                    peer: Some(Crypto::generate(
+                        1,
+                        crate::media::Suite::AesCm128HmacSha1_80,
+                    )),
+                },
+                pbx: PbxLeg::Plain,
+                app_proto: "RTP/SAVPF".into(),
+                pbx_proto: "RTP/AVP".into(),
+            },
+        ];
+        for plan in plans {
+            let record = media_record(&plan, [None, None]).unwrap();
+            assert_eq!(media_plan(&record).unwrap().0, plan);
+        }
+        // A DTLS PBX leg without the PBX's fingerprint cannot be bridged again.
+        let mut record = media_record(
+            &MediaPlan::Bridged {
+                app: AppLeg::Plain,
+                pbx: PbxLeg::Dtls {
+                    setup: Setup::Active,
+                    peer: (fingerprint(b"pbx"), Role::Client),
+                },
+                app_proto: "RTP/AVP".into(),
+                pbx_proto: "UDP/TLS/RTP/SAVP".into(),
+            },
+            [None, None],
+        )
+        .unwrap();
+        record.pbx.security = LegSecurity::Dtls {
+            setup: "active".into(),
+            fingerprint: None,
+            role: None,
+        };
+        assert!(
+            media_plan(&record)
+                .unwrap_err()
+                .contains("without the PBX's fingerprint")
+        );
     }
 }

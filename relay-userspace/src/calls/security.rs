@@ -47,7 +47,18 @@ pub enum AppLeg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PbxLeg {
     Plain,
-    Sdes { own: Crypto, peer: Option<Crypto> },
+    Sdes {
+        own: Crypto,
+        peer: Option<Crypto>,
+    },
+    /// A PBX that offered DTLS-SRTP: the relay answers with its own certificate, one
+    /// transport per m-line as the PBX wrote it (no BUNDLE).
+    Dtls {
+        /// The relay's role in its answer.
+        setup: Setup,
+        /// The PBX's certificate fingerprint and the relay's role.
+        peer: (Fingerprint, Role),
+    },
 }
 
 impl MediaPlan {
@@ -58,12 +69,24 @@ impl MediaPlan {
         }
         let pbx_leg = match pbx.security.clone()? {
             Security::Plain => PbxLeg::Plain,
-            Security::Sdes(keys) => answer_keys(&keys),
-            Security::Dtls { .. } => {
-                return Err(CallError::BadRequest(format!(
-                    "sdp: m=audio (m-line {}): the PBX offers {} (DTLS-SRTP); the relay bridges DTLS only toward the app: set calls.app_media = \"as-pbx\" to pass it through",
-                    pbx.line, pbx.proto
-                )));
+            Security::Sdes(keys) => {
+                let (own, peer) = answer_keys(&keys);
+                PbxLeg::Sdes {
+                    own,
+                    peer: Some(peer),
+                }
+            }
+            // RFC 5763 section 5: the answerer of actpass is active. The relay starts the
+            // handshake toward the PBX as soon as the call's media is bridged.
+            Security::Dtls { fingerprint, setup } => {
+                let (setup, role) = match setup {
+                    Setup::Active => (Setup::Passive, Role::Server),
+                    Setup::Passive | Setup::ActPass => (Setup::Active, Role::Client),
+                };
+                PbxLeg::Dtls {
+                    setup,
+                    peer: (fingerprint, role),
+                }
             }
         };
         let app = match policy {
@@ -97,10 +120,13 @@ impl MediaPlan {
         }
         let app_leg = match app.security.clone()? {
             Security::Plain => AppLeg::Plain,
-            Security::Sdes(keys) => match answer_keys(&keys) {
-                PbxLeg::Sdes { own, peer } => AppLeg::Sdes { own, peer },
-                PbxLeg::Plain => unreachable!("answer_keys gives keys"),
-            },
+            Security::Sdes(keys) => {
+                let (own, peer) = answer_keys(&keys);
+                AppLeg::Sdes {
+                    own,
+                    peer: Some(peer),
+                }
+            }
             Security::Dtls { fingerprint, setup } => {
                 // RFC 5763 section 5: the answerer of actpass should be active, but a
                 // relay behind which the app's peer sits is the server where it may be:
@@ -115,21 +141,20 @@ impl MediaPlan {
                 }
             }
         };
-        let pbx = match policy {
-            PbxMedia::Rtp => PbxLeg::Plain,
-            PbxMedia::SdesSrtp => PbxLeg::Sdes {
-                own: Crypto::generate(1, Suite::AesCm128HmacSha1_80),
-                peer: None,
-            },
+        let (pbx, pbx_proto) = match policy {
+            PbxMedia::Rtp => (PbxLeg::Plain, "RTP/AVP"),
+            PbxMedia::SdesSrtp => (
+                PbxLeg::Sdes {
+                    own: Crypto::generate(1, Suite::AesCm128HmacSha1_80),
+                    peer: None,
+                },
+                "RTP/SAVP",
+            ),
             PbxMedia::AsApp => unreachable!("returned above"),
         };
         if (&app_leg, &pbx) == (&AppLeg::Plain, &PbxLeg::Plain) {
             return Ok(MediaPlan::PassThrough);
         }
-        let pbx_proto = match pbx {
-            PbxLeg::Plain => "RTP/AVP",
-            PbxLeg::Sdes { .. } => "RTP/SAVP",
-        };
         Ok(MediaPlan::Bridged {
             app: app_leg,
             pbx,
@@ -202,13 +227,15 @@ impl MediaPlan {
                     fingerprint,
                     setup: *setup,
                     mids,
+                    bundle: true,
                 },
             },
         }
     }
 
-    /// What the relay writes toward the PBX.
-    pub fn toward_pbx(&self) -> Secure<'_> {
+    /// What the relay writes toward the PBX (`fingerprint`: the relay's certificate's,
+    /// for a DTLS PBX).
+    pub fn toward_pbx<'a>(&'a self, fingerprint: &'a Fingerprint) -> Secure<'a> {
         match self {
             MediaPlan::PassThrough => Secure::AsIs,
             MediaPlan::Bridged { pbx, pbx_proto, .. } => match pbx {
@@ -216,6 +243,13 @@ impl MediaPlan {
                 PbxLeg::Sdes { own, .. } => Secure::Sdes {
                     proto: pbx_proto,
                     crypto: own,
+                },
+                PbxLeg::Dtls { setup, .. } => Secure::Dtls {
+                    proto: pbx_proto,
+                    fingerprint,
+                    setup: *setup,
+                    mids: &[],
+                    bundle: false,
                 },
             },
         }
@@ -234,6 +268,7 @@ impl MediaPlan {
                 match pbx {
                     PbxLeg::Plain => "rtp",
                     PbxLeg::Sdes { .. } => "sdes-srtp",
+                    PbxLeg::Dtls { .. } => "dtls-srtp",
                 },
             ),
         }
@@ -242,13 +277,10 @@ impl MediaPlan {
 
 /// The relay's answer to offered SDES keys: the first one it implements (they are in the
 /// offerer's order of preference), and a fresh key of the same suite under the same tag
-/// (RFC 4568 section 7.1.2).
-fn answer_keys(offered: &[Crypto]) -> PbxLeg {
+/// (RFC 4568 section 7.1.2): the relay's, the offerer's.
+fn answer_keys(offered: &[Crypto]) -> (Crypto, Crypto) {
     let peer = offered[0].clone();
-    PbxLeg::Sdes {
-        own: Crypto::generate(peer.tag, peer.suite),
-        peer: Some(peer),
-    }
+    (Crypto::generate(peer.tag, peer.suite), peer)
 }
 
 /// The answer's key for the relay's offered one: same tag and suite.
@@ -322,6 +354,60 @@ mod tests {
     }
 
     #[test]
+    fn a_dtls_pbx_gets_the_relays_certificate_and_an_active_relay() {
+        let fingerprint = Fingerprint::sha256(b"relay");
+        // The PBX offers actpass: the relay answers active (the client), its own
+        // certificate, no BUNDLE toward the PBX; the app leg is what policy says.
+        let dtls_pbx = sdp::audio(APP_OFFER).unwrap();
+        let plan = MediaPlan::for_pbx_offer(&dtls_pbx, AppMedia::DtlsSrtp).unwrap();
+        assert_eq!(plan.names(), ("dtls-srtp", "dtls-srtp"));
+        let Secure::Dtls {
+            proto,
+            setup,
+            bundle,
+            fingerprint: written,
+            ..
+        } = plan.toward_pbx(&fingerprint)
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(
+            (proto, setup, bundle, written),
+            (dtls_pbx.proto.as_str(), Setup::Active, false, &fingerprint)
+        );
+        let MediaPlan::Bridged {
+            pbx:
+                PbxLeg::Dtls {
+                    peer: (theirs, role),
+                    ..
+                },
+            ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        let Ok(Security::Dtls {
+            fingerprint: offered,
+            ..
+        }) = dtls_pbx.security.clone()
+        else {
+            panic!("{dtls_pbx:?}")
+        };
+        assert_eq!((theirs, *role), (&offered, Role::Client));
+        // A PBX that insists on being active gets a passive relay (the server).
+        let active = sdp::audio(&APP_OFFER.replace("a=setup:actpass", "a=setup:active")).unwrap();
+        let plan = MediaPlan::for_pbx_offer(&active, AppMedia::SdesSrtp).unwrap();
+        assert_eq!(plan.names(), ("sdes-srtp", "dtls-srtp"));
+        assert!(matches!(
+            plan.toward_pbx(&fingerprint),
+            Secure::Dtls {
+                setup: Setup::Passive,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn pass_through_and_refusals() {
         let pbx = sdp::audio(PBX_OFFER).unwrap();
         assert_eq!(
@@ -332,13 +418,6 @@ mod tests {
         assert_eq!(
             MediaPlan::for_app_offer(&pbx, PbxMedia::Rtp).unwrap(),
             MediaPlan::PassThrough
-        );
-        // A DTLS PBX is not bridged to a DTLS app: the error names the setting.
-        let dtls_pbx = sdp::audio(APP_OFFER).unwrap();
-        let err = MediaPlan::for_pbx_offer(&dtls_pbx, AppMedia::DtlsSrtp).unwrap_err();
-        assert!(
-            err.to_string().contains("calls.app_media = \"as-pbx\""),
-            "{err}"
         );
         // An SDES answer must answer the relay's tag and suite.
         let mut plan = MediaPlan::for_pbx_offer(&pbx, AppMedia::SdesSrtp).unwrap();

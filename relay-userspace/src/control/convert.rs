@@ -193,6 +193,7 @@ impl From<CallInfo> for wire::CallInfo {
             pbx_security: call.pbx_security.to_owned(),
             bridged: call.bridged.map(|bridged| wire::BridgedMedia {
                 dtls: bridged.dtls.to_owned(),
+                pbx_dtls: bridged.pbx_dtls.to_owned(),
                 suite: bridged.suite.map(str::to_owned),
                 auth_failures: bridged.totals.auth_failures,
                 replays: bridged.totals.replays,

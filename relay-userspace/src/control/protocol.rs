@@ -434,10 +434,17 @@ pub struct CallInfo {
 }
 
 /// What the relay did with a bridged call's packets.
+fn not_dtls() -> String {
+    "-".to_owned()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BridgedMedia {
     /// The app's DTLS handshake: `connecting`, `connected`, `failed`, or `-` (not DTLS).
     pub dtls: String,
+    /// The PBX's, likewise (a relayd from before PBX DTLS leaves it out: `-`).
+    #[serde(default = "not_dtls")]
+    pub pbx_dtls: String,
     /// The SRTP suite toward the app, once keyed.
     pub suite: Option<String>,
     /// Dropped: SRTP whose tag did not verify, replays, packets neither RTP nor RTCP.

@@ -243,6 +243,63 @@ impl Conn for Records {
     }
 }
 
+/// Where a leg without ICE (a PBX) gets the relay's DTLS records: `peer` from a socket
+/// of the relay's. What the peer sends is read by the call's demultiplexer, which queues
+/// its DTLS records for [`Records`]: nothing reads here.
+pub struct Peer {
+    socket: Arc<tokio::net::UdpSocket>,
+    peer: SocketAddr,
+}
+
+impl Peer {
+    pub fn new(socket: Arc<tokio::net::UdpSocket>, peer: SocketAddr) -> Peer {
+        Peer { socket, peer }
+    }
+}
+
+#[async_trait]
+impl Conn for Peer {
+    async fn connect(&self, _: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other("already connected".into()))
+    }
+
+    async fn recv(&self, _: &mut [u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other(
+            "read by the call's demultiplexer".into(),
+        ))
+    }
+
+    async fn recv_from(&self, _: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        Err(webrtc_util::Error::Other(
+            "read by the call's demultiplexer".into(),
+        ))
+    }
+
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send_to(buf, self.peer).await?)
+    }
+
+    async fn send_to(&self, buf: &[u8], _: SocketAddr) -> webrtc_util::Result<usize> {
+        self.send(buf).await
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.peer)
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
 /// A new queue for a leg's DTLS records: the sender goes to the demultiplexer.
 pub fn record_queue() -> (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>) {
     mpsc::channel(RECORD_QUEUE)

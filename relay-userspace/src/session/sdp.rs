@@ -92,13 +92,15 @@ pub enum Secure<'a> {
     Plain { proto: &'a str },
     /// An SDES profile (`RTP/SAVP`, `RTP/SAVPF`) with the relay's key.
     Sdes { proto: &'a str, crypto: &'a Crypto },
-    /// A DTLS profile (`UDP/TLS/RTP/SAVPF`) with the relay's certificate and role, one
-    /// BUNDLE transport; `mids` name the m-lines in order (the offer's, when answering it).
+    /// A DTLS profile (`UDP/TLS/RTP/SAVPF`) with the relay's certificate and role. With
+    /// `bundle` (toward an app) one BUNDLE transport, `mids` naming the m-lines in order
+    /// (the offer's, when answering it); without (toward a PBX) neither group nor mids.
     Dtls {
         proto: &'a str,
         fingerprint: &'a Fingerprint,
         setup: Setup,
         mids: &'a [String],
+        bundle: bool,
     },
 }
 
@@ -392,9 +394,9 @@ fn secure_streams(description: &mut SessionDescription, secure: Secure) -> Resul
                 fingerprint,
                 setup,
                 mids,
+                bundle,
                 ..
             } => {
-                let mid = mids.get(i).cloned().unwrap_or_else(|| i.to_string());
                 if i == index {
                     media
                         .attributes
@@ -403,12 +405,18 @@ fn secure_streams(description: &mut SessionDescription, secure: Secure) -> Resul
                         .attributes
                         .push(attribute("setup", setup.as_str().to_owned()));
                 }
-                media.attributes.push(attribute("mid", mid));
+                if bundle {
+                    let mid = mids.get(i).cloned().unwrap_or_else(|| i.to_string());
+                    media.attributes.push(attribute("mid", mid));
+                }
             }
             _ => {}
         }
     }
-    if let Secure::Dtls { mids, .. } = secure {
+    if let Secure::Dtls {
+        mids, bundle: true, ..
+    } = secure
+    {
         let mid = mids
             .get(index)
             .cloned()
@@ -742,6 +750,7 @@ mod tests {
             fingerprint: &fingerprint,
             setup: Setup::ActPass,
             mids: &mids,
+            bundle: true,
         };
         let offer = toward_app(&with_video, relay, &ice(), secure).unwrap();
         assert_eq!(
@@ -804,6 +813,35 @@ mod tests {
             check_answer(&audio(&plain).unwrap(), &audio(WEBRTC_OFFER).unwrap()),
             Err(SdpError::ProfileMismatch { line: 1, .. })
         ));
+
+        // Toward a DTLS PBX: the relay's certificate and role, neither BUNDLE nor mids.
+        let dtls = toward_pbx(
+            WEBRTC_OFFER,
+            lan,
+            false,
+            Secure::Dtls {
+                proto: "UDP/TLS/RTP/SAVP",
+                fingerprint: &fingerprint,
+                setup: Setup::Active,
+                mids: &[],
+                bundle: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            lines_with(&dtls, "m="),
+            ["m=audio 40000 UDP/TLS/RTP/SAVP 111 63 9 0 8 13 110 126"]
+        );
+        assert_eq!(lines_with(&dtls, "a=setup:"), ["a=setup:active"]);
+        assert!(lines_with(&dtls, "a=group").is_empty(), "{dtls}");
+        assert!(lines_with(&dtls, "a=mid").is_empty(), "{dtls}");
+        assert_eq!(
+            audio(&dtls).unwrap().security,
+            Ok(Security::Dtls {
+                fingerprint: fingerprint.clone(),
+                setup: Setup::Active
+            })
+        );
     }
 
     fn mids_of(text: &str) -> Vec<String> {

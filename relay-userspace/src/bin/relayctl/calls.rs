@@ -90,8 +90,9 @@ pub fn run(
                 );
                 if let Some(bridged) = &info.bridged {
                     println!(
-                        "bridged     DTLS {}, SRTP {}; dropped: {} failed authentication, {} replayed, {} malformed",
+                        "bridged     DTLS app {}, pbx {}; SRTP {}; dropped: {} failed authentication, {} replayed, {} malformed",
                         bridged.dtls,
+                        bridged.pbx_dtls,
                         bridged.suite.as_deref().unwrap_or("-"),
                         bridged.auth_failures,
                         bridged.replays,
