@@ -1,6 +1,7 @@
 //! The app side of DTLS-SRTP (RFC 5763, 5764) for the tests and benchmarks that play a
 //! WebRTC app: the webrtc-rs `dtls` crate as the client on the app's ICE connection, the
-//! SRTP keys from its exporter, and the app's SDP answer naming its certificate.
+//! SRTP keys from its exporter, and the app's SDP answer naming its certificate. A PBX
+//! that speaks DTLS-SRTP is the same, as the server on its RTP socket.
 
 use std::{sync::Arc, time::Duration};
 
@@ -85,17 +86,32 @@ pub async fn handshake_both_ways(
     media: Media,
     certificate: Certificate,
 ) -> Result<DtlsSrtp, String> {
+    handshake_as(media, certificate, true).await
+}
+
+/// The same as the DTLS client (`client`) or server, and the SRTP contexts the role sends
+/// and receives with. As the server it asks for the peer's certificate, as the relay does.
+pub async fn handshake_as(
+    media: Media,
+    certificate: Certificate,
+    client: bool,
+) -> Result<DtlsSrtp, String> {
     let (records, srtp) = demultiplexed(media);
     let media: Media = Arc::new(records);
     let config = Config {
         certificates: vec![certificate],
         insecure_skip_verify: true,
+        client_auth: if client {
+            dtls::config::ClientAuthType::NoClientCert
+        } else {
+            dtls::config::ClientAuthType::RequireAnyClientCert
+        },
         srtp_protection_profiles: vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80],
         ..Default::default()
     };
     let conn = tokio::time::timeout(
         Duration::from_secs(10),
-        DTLSConn::new(media, config, true, None),
+        DTLSConn::new(media, config, client, None),
     )
     .await
     .map_err(|_| "DTLS handshake timed out".to_owned())?
@@ -116,9 +132,17 @@ pub async fn handshake_both_ways(
         )
         .map_err(|err| err.to_string())
     };
+    // client key, server key, client salt, server salt (RFC 5764 section 4.2).
+    let client_keys = context(&material[..16], &material[32..46])?;
+    let server_keys = context(&material[16..32], &material[46..60])?;
+    let (send, receive) = if client {
+        (client_keys, server_keys)
+    } else {
+        (server_keys, client_keys)
+    };
     Ok(DtlsSrtp {
-        send: context(&material[..16], &material[32..46])?,
-        receive: context(&material[16..32], &material[46..60])?,
+        send,
+        receive,
         conn,
         srtp,
     })

@@ -1,0 +1,307 @@
+//! A PBX that speaks DTLS-SRTP, in the edge lab: it offers `UDP/TLS/RTP/SAVP` with its own
+//! certificate (`a=setup:actpass`, as a WebRTC-capable PBX does toward a trunk); the app is
+//! a WebRTC app (DTLS-SRTP over its ICE agent, the webrtc-rs `dtls` crate). The relay
+//! terminates both: it answers the PBX `a=setup:active` with its own fingerprint and no
+//! BUNDLE, runs the handshake toward the PBX's RTP address as the client and the app's as
+//! the server, and transcrypts between the two sets of keys.
+//!
+//! The PBX end is the `dtls` crate as the server on its RTP socket: it checks the relay's
+//! certificate against the relay's SDP, unprotects every packet with its keys and echoes it
+//! protected again; the app counts the echoes it can unprotect.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use dtls::crypto::Certificate;
+use relay_tests::{
+    app::App,
+    config_file::ConfigFile,
+    dtls_app::{DtlsSrtp, dtls_answer, fingerprint, handshake_as, handshake_both_ways, talk_srtp},
+    lab::{EdgeLab, anchor_config},
+    netns::{PinDir, enter_by_name},
+    relayd::Relayd,
+    require_root, runtime,
+    signalling_client::{mint_token, request, until_call_state, until_message},
+};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "acme-api-key-0123456789";
+const PBX_RTP: &str = relay_tests::pbx::RTP;
+/// Packets the app sends (50 per second).
+const PACKETS: u32 = 150;
+
+/// The PBX's offer: DTLS-SRTP with its certificate, rtcp-mux, no ICE.
+fn pbx_offer(pbx_fingerprint: &str) -> String {
+    [
+        "v=0",
+        "o=pbx 1 1 IN IP4 10.30.0.2",
+        "s=pbx",
+        "c=IN IP4 10.30.0.2",
+        "t=0 0",
+        "m=audio 40000 UDP/TLS/RTP/SAVP 0 8",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        &format!("a=fingerprint:{pbx_fingerprint}"),
+        "a=setup:actpass",
+        "a=rtcp-mux",
+        "a=sendrecv",
+        "",
+    ]
+    .join("\r\n")
+}
+
+/// The value of the first `a=<name>:` line of `sdp`.
+fn attribute<'a>(sdp: &'a str, name: &str) -> Option<&'a str> {
+    sdp.split("\r\n")
+        .find_map(|line| line.strip_prefix(&format!("a={name}:")))
+}
+
+/// The relay's media address in its answer to the PBX (`c=` and `m=audio`).
+fn media_address(sdp: &str) -> std::net::SocketAddr {
+    let ip = sdp
+        .split("\r\n")
+        .find_map(|line| line.strip_prefix("c=IN IP4 "))
+        .expect("c= line");
+    let port = sdp
+        .split("\r\n")
+        .find_map(|line| line.strip_prefix("m=audio "))
+        .and_then(|rest| rest.split(' ').next())
+        .expect("m=audio line");
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+/// The WebRTC app, signed in when this returns: it answers the call it is offered with
+/// DTLS-SRTP, completes its handshake and sends `packets` (counting the echoes); it
+/// returns the relay's offer and the count. With `packets` 0 it only tries the handshake.
+async fn dtls_app(
+    lab: &EdgeLab,
+    signalling: String,
+    token: String,
+    packets: u32,
+) -> std::thread::JoinHandle<(String, u32)> {
+    let app_ns = lab.app.name.clone();
+    let (signed_in, app_there) = tokio::sync::oneshot::channel();
+    let app = std::thread::spawn(move || {
+        enter_by_name(&app_ns);
+        runtime().block_on(async move {
+            let mut app = App::in_edge_lab(&signalling, &token).await;
+            signed_in.send(()).unwrap();
+            let incoming = app.next_within(Duration::from_secs(10)).await;
+            let offer = incoming["sdp"].as_str().unwrap().to_owned();
+            let certificate = Certificate::generate_self_signed(vec!["app".to_owned()]).unwrap();
+            let own = fingerprint(certificate.certificate[0].as_ref());
+            let media = app
+                .answer_edited(&incoming, |answer| dtls_answer(answer, &own), None)
+                .await;
+            let handshake = handshake_both_ways(media.clone(), certificate).await;
+            let echoed = if packets == 0 {
+                0
+            } else {
+                let mut srtp = handshake.expect("the relay completes the app's handshake");
+                talk_srtp(&media, &mut srtp, 1, packets).await
+            };
+            app.close().await;
+            (offer, echoed)
+        })
+    });
+    app_there.await.unwrap();
+    app
+}
+
+/// The PBX calls alice with its DTLS offer naming `pbx_fingerprint`: the call, and the
+/// relay's answer once the app answered.
+async fn pbx_calls(
+    controller: &mut relay_tests::signalling_client::Socket,
+    pbx_fingerprint: &str,
+    relayd: &Relayd,
+) -> (Value, String) {
+    let created = request(
+        controller,
+        json!({"type": "call.create", "id": 2, "user": "alice", "sdp": pbx_offer(pbx_fingerprint)}),
+    )
+    .await;
+    assert_eq!(created["type"], "result", "{created}\n{}", relayd.log());
+    let answered = until_message(
+        controller,
+        Duration::from_secs(20),
+        20,
+        "call.answered",
+        |event: &Value| event["event"] == "call.answered",
+    )
+    .await;
+    (
+        created["call"].clone(),
+        answered["sdp"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn a_dtls_pbx_and_a_webrtc_app_are_bridged_each_with_its_own_keys() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let pbx_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let pbx_certificate = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
+    let pbx_fingerprint = fingerprint(pbx_certificate.certificate[0].as_ref());
+    runtime().block_on(async {
+        let signalling = relayd.signalling_fingerprint();
+        let mut controller = lab.controller(&signalling, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let app = dtls_app(&lab, signalling, token, PACKETS).await;
+        let (call, answer) = pbx_calls(&mut controller, &pbx_fingerprint, &relayd).await;
+        assert!(answer.contains(" UDP/TLS/RTP/SAVP "), "{answer}");
+        assert_eq!(attribute(&answer, "setup"), Some("active"), "{answer}");
+        assert!(
+            attribute(&answer, "group").is_none(),
+            "no BUNDLE toward the PBX: {answer}"
+        );
+        assert!(attribute(&answer, "crypto").is_none(), "{answer}");
+        let relay_fingerprint = attribute(&answer, "fingerprint")
+            .expect("the relay's fingerprint")
+            .to_owned();
+        assert_ne!(relay_fingerprint, pbx_fingerprint);
+
+        // The PBX: the DTLS server on its RTP socket, toward the relay's LAN port.
+        pbx_socket.set_nonblocking(true).unwrap();
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(pbx_socket).unwrap());
+        socket.connect(media_address(&answer)).await.unwrap();
+        let DtlsSrtp {
+            conn: association,
+            mut send,
+            mut receive,
+            srtp: mut from_relay,
+        } = handshake_as(socket.clone(), pbx_certificate, false)
+            .await
+            .unwrap_or_else(|err| {
+                panic!(
+                    "the relay's handshake toward the PBX: {err}\n{}",
+                    relayd.log()
+                )
+            });
+        let state = association.connection_state().await;
+        assert_eq!(
+            fingerprint(&state.peer_certificates[0]),
+            relay_fingerprint,
+            "the relay's certificate is the one its SDP names"
+        );
+        let at_pbx = Arc::new(AtomicU32::new(0));
+        // SRTP goes on the socket itself, beside the association (which stays open).
+        let echo = {
+            let at_pbx = at_pbx.clone();
+            tokio::spawn(async move {
+                let _association = association;
+                while let Some(packet) = from_relay.recv().await {
+                    let Ok(plain) = receive.decrypt_rtp(&packet) else {
+                        continue;
+                    };
+                    at_pbx.fetch_add(1, Ordering::Relaxed);
+                    let protected = send.encrypt_rtp(&plain).unwrap();
+                    let _ = socket.send(&protected).await;
+                }
+            })
+        };
+        let connected = until_call_state(&mut controller, "connected").await;
+        assert_eq!(
+            (&connected["app_security"], &connected["pbx_security"]),
+            (&json!("dtls-srtp"), &json!("dtls-srtp")),
+            "{connected}"
+        );
+        let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
+        assert_eq!(
+            (&shown["bridged"]["dtls"], &shown["bridged"]["pbx_dtls"]),
+            (&json!("connected"), &json!("connected")),
+            "{shown}"
+        );
+        let (offer, echoed) = tokio::task::spawn_blocking(move || app.join().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            offer.contains(" UDP/TLS/RTP/SAVPF "),
+            "DTLS toward the app: {offer}"
+        );
+        assert_eq!(
+            attribute(&offer, "fingerprint"),
+            Some(relay_fingerprint.as_str())
+        );
+        let at_pbx = at_pbx.load(Ordering::Relaxed);
+        println!("PBX unprotected {at_pbx} of {PACKETS}; the app unprotected {echoed} echoes");
+        assert!(
+            at_pbx >= PACKETS - 2,
+            "at the PBX: {at_pbx}\n{}",
+            relayd.log()
+        );
+        assert!(echoed >= PACKETS - 4, "echoed: {echoed}\n{}", relayd.log());
+        let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
+        assert_eq!(shown["bridged"]["auth_failures"], 0, "{shown}");
+        let hung_up = request(
+            &mut controller,
+            json!({"type": "call.hangup", "id": 3, "call": call}),
+        )
+        .await;
+        assert_eq!(hung_up["type"], "result", "{hung_up}");
+        echo.abort();
+    });
+}
+
+/// A PBX whose certificate is not the one its SDP names: the relay's handshake toward it
+/// fails the fingerprint check and the call ends `dtls-failed`, its flows and ports gone.
+#[test]
+fn a_dtls_pbx_with_another_certificate_ends_the_call() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let pbx_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let named = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
+    let used = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
+    runtime().block_on(async {
+        let signalling = relayd.signalling_fingerprint();
+        let mut controller = lab.controller(&signalling, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let app = dtls_app(&lab, signalling, token, 0).await;
+        let (call, answer) = pbx_calls(
+            &mut controller,
+            &fingerprint(named.certificate[0].as_ref()),
+            &relayd,
+        )
+        .await;
+        pbx_socket.set_nonblocking(true).unwrap();
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(pbx_socket).unwrap());
+        socket.connect(media_address(&answer)).await.unwrap();
+        // The handshake itself may finish on the PBX's side: the relay checks after it.
+        let pbx = tokio::spawn(handshake_as(socket, used, false));
+        let ended = until_message(
+            &mut controller,
+            Duration::from_secs(20),
+            20,
+            "call.ended",
+            |event: &Value| event["event"] == "call.ended",
+        )
+        .await;
+        assert_eq!(
+            (&ended["call"], &ended["reason"]),
+            (&call, &json!("dtls-failed")),
+            "{ended}\n{}",
+            relayd.log()
+        );
+        assert!(
+            relayd.log().contains("DTLS with the PBX failed"),
+            "{}",
+            relayd.log()
+        );
+        assert_eq!(relayd.ctl_json(&["flow", "list"])["flows"], json!([]));
+        assert_eq!(relayd.ctl_json(&["calls", "list"])["calls"], json!([]));
+        pbx.abort();
+        tokio::task::spawn_blocking(move || app.join().unwrap())
+            .await
+            .unwrap();
+    });
+}
