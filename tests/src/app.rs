@@ -150,6 +150,16 @@ impl App {
         &mut self,
         edit: impl FnOnce(String) -> String,
     ) -> (Value, Media, String) {
+        self.call_out_until(edit, Some("connected")).await
+    }
+
+    /// [`App::call_out_edited`] that returns once ICE has connected and, if `state` is
+    /// given, the relay has said it (a DTLS-SRTP app has its handshake to do first).
+    pub async fn call_out_until(
+        &mut self,
+        edit: impl FnOnce(String) -> String,
+        state: Option<&str>,
+    ) -> (Value, Media, String) {
         let (agent, ufrag, pwd, candidates, host) = self.agent().await;
         let offer = edit(offer_sdp(&ufrag, &pwd, &candidates, host));
         let created = call(
@@ -161,7 +171,7 @@ impl App {
         let answered = self.next_within(Duration::from_secs(10)).await;
         assert_eq!(answered["event"], "call.answered", "{answered}");
         let answer = answered["sdp"].as_str().expect("an answer").to_owned();
-        let media = self.run_ice(agent, &answer, true, Some("connected")).await;
+        let media = self.run_ice(agent, &answer, true, state).await;
         (created["call"].clone(), media, answer)
     }
 

@@ -5,7 +5,10 @@
 //! BUNDLE, runs the handshake toward the PBX's RTP address as the client and the app's as
 //! the server, and transcrypts between the two sets of keys.
 //!
-//! The PBX end is the `dtls` crate as the server on its RTP socket: it checks the relay's
+//! The other direction with `calls.pbx_media = "dtls-srtp"`: the app calls a PBX that takes
+//! only DTLS-SRTP; the relay offers it `actpass`, the PBX answers `active` and is the client.
+//!
+//! The PBX end is the `dtls` crate (server or client) on its RTP socket: it checks the relay's
 //! certificate against the relay's SDP, unprotects every packet with its keys and echoes it
 //! protected again; the app counts the echoes it can unprotect.
 
@@ -303,5 +306,138 @@ fn a_dtls_pbx_with_another_certificate_ends_the_call() {
         tokio::task::spawn_blocking(move || app.join().unwrap())
             .await
             .unwrap();
+    });
+}
+
+/// The app calls out with DTLS-SRTP and `pbx_media = "dtls-srtp"`: the PBX gets an offer with
+/// the relay's certificate, `a=setup:actpass` and no BUNDLE, answers `a=setup:active` and
+/// starts the handshake as the client; media is transcrypted both ways.
+#[test]
+fn an_app_calls_a_pbx_that_takes_only_dtls() {
+    require_root();
+    let lab = EdgeLab::new();
+    let pins = PinDir::new();
+    let config = ConfigFile::new(&anchor_config(
+        &pins.path,
+        "acme",
+        API_KEY,
+        "pbx_media = \"dtls-srtp\"",
+    ));
+    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
+    let pbx_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let pbx_certificate = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
+    let pbx_fingerprint = fingerprint(pbx_certificate.certificate[0].as_ref());
+    runtime().block_on(async {
+        let signalling = relayd.signalling_fingerprint();
+        let mut controller = lab.controller(&signalling, "acme", API_KEY).await;
+        let token = mint_token(&mut controller, "alice", 300).await;
+        let app_ns = lab.app.name.clone();
+        let app = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::in_edge_lab(&signalling, &token).await;
+                let certificate =
+                    Certificate::generate_self_signed(vec!["app".to_owned()]).unwrap();
+                let own = fingerprint(certificate.certificate[0].as_ref());
+                let (_, media, answer) = app
+                    .call_out_until(
+                        |offer| {
+                            offer.replace(" RTP/AVP ", " UDP/TLS/RTP/SAVPF ").replace(
+                                "a=sendrecv",
+                                &format!("a=sendrecv\r\na=fingerprint:{own}\r\na=setup:actpass"),
+                            )
+                        },
+                        None,
+                    )
+                    .await;
+                let mut srtp = handshake_both_ways(media.clone(), certificate)
+                    .await
+                    .expect("the relay completes the app's handshake");
+                let echoed = talk_srtp(&media, &mut srtp, 1, PACKETS).await;
+                app.close().await;
+                (answer, echoed)
+            })
+        });
+        let incoming = until_message(
+            &mut controller,
+            Duration::from_secs(20),
+            20,
+            "call.incoming",
+            |event: &Value| event["event"] == "call.incoming",
+        )
+        .await;
+        let offer = incoming["sdp"].as_str().unwrap().to_owned();
+        assert!(offer.contains(" UDP/TLS/RTP/SAVP "), "{offer}");
+        assert_eq!(attribute(&offer, "setup"), Some("actpass"), "{offer}");
+        assert!(
+            attribute(&offer, "group").is_none(),
+            "no BUNDLE toward the PBX: {offer}"
+        );
+        let relay_fingerprint = attribute(&offer, "fingerprint")
+            .expect("the relay's fingerprint")
+            .to_owned();
+        let pbx_answer = pbx_offer(&pbx_fingerprint)
+            .replace(" 0 8\r\n", " 0\r\n")
+            .replace("a=setup:actpass", "a=setup:active");
+        let answered = request(
+            &mut controller,
+            json!({"type": "call.answer", "id": 2, "call": incoming["call"], "sdp": pbx_answer}),
+        )
+        .await;
+        assert_eq!(answered["type"], "result", "{answered}\n{}", relayd.log());
+
+        // The PBX: the DTLS client on its RTP socket, toward the relay's LAN port.
+        pbx_socket.set_nonblocking(true).unwrap();
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(pbx_socket).unwrap());
+        socket.connect(media_address(&offer)).await.unwrap();
+        let DtlsSrtp {
+            conn: association,
+            mut send,
+            mut receive,
+            srtp: mut from_relay,
+        } = handshake_as(socket.clone(), pbx_certificate, true)
+            .await
+            .unwrap_or_else(|err| {
+                panic!(
+                    "the PBX's handshake toward the relay: {err}\n{}",
+                    relayd.log()
+                )
+            });
+        let state = association.connection_state().await;
+        assert_eq!(fingerprint(&state.peer_certificates[0]), relay_fingerprint);
+        let at_pbx = Arc::new(AtomicU32::new(0));
+        let echo = {
+            let at_pbx = at_pbx.clone();
+            tokio::spawn(async move {
+                let _association = association;
+                while let Some(packet) = from_relay.recv().await {
+                    let Ok(plain) = receive.decrypt_rtp(&packet) else {
+                        continue;
+                    };
+                    at_pbx.fetch_add(1, Ordering::Relaxed);
+                    let protected = send.encrypt_rtp(&plain).unwrap();
+                    let _ = socket.send(&protected).await;
+                }
+            })
+        };
+        let connected = until_call_state(&mut controller, "connected").await;
+        assert_eq!(
+            (&connected["app_security"], &connected["pbx_security"]),
+            (&json!("dtls-srtp"), &json!("dtls-srtp")),
+            "{connected}"
+        );
+        let (answer, echoed) = tokio::task::spawn_blocking(move || app.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(attribute(&answer, "setup"), Some("passive"), "{answer}");
+        let at_pbx = at_pbx.load(Ordering::Relaxed);
+        println!("PBX unprotected {at_pbx} of {PACKETS}; the app unprotected {echoed} echoes");
+        assert!(
+            at_pbx >= PACKETS - 2,
+            "at the PBX: {at_pbx}\n{}",
+            relayd.log()
+        );
+        assert!(echoed >= PACKETS - 4, "echoed: {echoed}\n{}", relayd.log());
+        echo.abort();
     });
 }

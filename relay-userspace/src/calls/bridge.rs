@@ -55,7 +55,7 @@ pub(super) struct Bridge {
     /// The legs' DTLS associations (app, PBX), kept open for the call (they answer
     /// retransmitted flights and alerts).
     associations: tokio::sync::Mutex<Vec<::dtls::conn::DTLSConn>>,
-    /// Told when the app leg's keys are in place.
+    /// Told when a leg's keys are in place.
     keyed: tokio::sync::Notify,
     /// The SRTP legs (app, PBX) as last handed to the state store.
     recorded: Mutex<Option<LegRecords>>,
@@ -67,8 +67,9 @@ pub(super) type LegRecords = [Option<SrtpRecord>; 2];
 /// The largest packet a bridge reads (UDP on an Ethernet path fits well within it).
 const PACKET_ROOM: usize = 2048;
 
-/// SRTP from the app held while the relay finishes its side of the DTLS handshake (as DTLS
-/// client it derives the keys after the app, which may send at once); more are dropped.
+/// SRTP from the app held while the relay finishes its side of a DTLS handshake (as DTLS
+/// client it derives the app's keys after the app, which may send at once; the PBX's
+/// handshake may end after the app's); more are dropped.
 const EARLY_SRTP: usize = 32;
 
 /// Which leg: indices of `Bridge::dtls`.
@@ -213,6 +214,11 @@ impl Bridge {
         self.pbx_secured && self.pbx.lock().expect("bridge pbx leg").is_none()
     }
 
+    /// Either leg waits for its keys: what the app sends is held.
+    fn waits_for_either(&self) -> bool {
+        self.waits_for_keys() || self.pbx_waits_for_keys()
+    }
+
     /// The packet from the app in `buf[..len]` made what the PBX gets, where it is (`buf`
     /// has room for `MAX_OVERHEAD` more); its length, or None when it is refused (counted)
     /// or waits for keys.
@@ -277,13 +283,18 @@ impl Calls {
                 EndReason::MediaSecurityFailed
             })
         };
-        let pbx_srtp = match &pbx {
-            PbxLeg::Plain | PbxLeg::Dtls { .. } => None,
+        let (pbx_srtp, pbx_dtls) = match &pbx {
+            PbxLeg::Plain => (None, None),
             PbxLeg::Sdes {
                 own,
                 peer: Some(peer),
-            } => Some(session(own, peer)?),
-            PbxLeg::Sdes { peer: None, .. } => return Err(EndReason::MediaSecurityFailed),
+            } => (Some(session(own, peer)?), None),
+            PbxLeg::Dtls {
+                peer: Some(peer), ..
+            } => (None, Some(peer.clone())),
+            PbxLeg::Sdes { peer: None, .. } | PbxLeg::Dtls { peer: None, .. } => {
+                return Err(EndReason::MediaSecurityFailed);
+            }
         };
         let (app_srtp, dtls_peer) = match &app {
             AppLeg::Plain => (None, None),
@@ -297,10 +308,6 @@ impl Calls {
             AppLeg::Sdes { peer: None, .. } | AppLeg::Dtls { peer: None, .. } => {
                 return Err(EndReason::MediaSecurityFailed);
             }
-        };
-        let pbx_dtls = match &pbx {
-            PbxLeg::Dtls { peer, .. } => Some(peer.clone()),
-            _ => None,
         };
         let state = |dtls: bool| {
             if dtls {
@@ -376,10 +383,10 @@ impl Calls {
                 );
                 if leg == APP {
                     *bridge.app.lock().expect("bridge app leg") = Some(done.srtp);
-                    bridge.keyed.notify_one();
                 } else {
                     *bridge.pbx.lock().expect("bridge pbx leg") = Some(done.srtp);
                 }
+                bridge.keyed.notify_one();
                 bridge.dtls.lock().expect("bridge dtls")[leg] = DtlsState::Connected;
                 bridge.associations.lock().await.push(done.conn);
                 Ok(())
@@ -417,6 +424,9 @@ impl Calls {
                             Err(_) => return,
                         },
                         _ = bridge.keyed.notified(), if !early.is_empty() => {
+                            if bridge.waits_for_either() {
+                                continue;
+                            }
                             for (mut packet, len) in std::mem::take(&mut early) {
                                 to_pbx(&call, &bridge, &mut packet, len).await;
                             }
@@ -429,7 +439,7 @@ impl Calls {
                             // as the network might (DTLS retransmits).
                             let _ = records.try_send(buf[..n].to_vec());
                         }
-                        Demux::Rtp if bridge.waits_for_keys() => {
+                        Demux::Rtp if bridge.waits_for_either() => {
                             if early.len() < EARLY_SRTP {
                                 early.push((buf[..n + MAX_OVERHEAD].to_vec(), n));
                             }

@@ -68,6 +68,9 @@ pub enum PbxMedia {
     Rtp,
     /// `RTP/SAVP` with SDES keys the relay generates.
     SdesSrtp,
+    /// `UDP/TLS/RTP/SAVP` with the relay's certificate (`a=setup:actpass`, no BUNDLE): a
+    /// PBX that takes only DTLS-SRTP; the PBX's answer gives its certificate and role.
+    DtlsSrtp,
     /// The app's own profile and keys: the media passes through untouched (in XDP); the
     /// PBX must speak what the app speaks (DTLS-SRTP, for a WebRTC app).
     AsApp,
@@ -97,6 +100,7 @@ impl PbxMedia {
         match self {
             PbxMedia::Rtp => "rtp",
             PbxMedia::SdesSrtp => "sdes-srtp",
+            PbxMedia::DtlsSrtp => "dtls-srtp",
             PbxMedia::AsApp => "as-app",
         }
     }

@@ -445,7 +445,7 @@ fn media_record(plan: &MediaPlan, [app_srtp, pbx_srtp]: LegRecords) -> Option<Me
     let pbx = match pbx {
         PbxLeg::Plain => LegSecurity::Plain,
         PbxLeg::Sdes { own, peer } => sdes(own, peer),
-        PbxLeg::Dtls { setup, peer } => dtls_record(*setup, Some(peer)),
+        PbxLeg::Dtls { setup, peer } => dtls_record(*setup, peer.as_ref()),
     };
     Some(MediaRecord {
         app_proto: app_proto.clone(),
@@ -540,10 +540,10 @@ fn media_plan(record: &MediaRecord) -> Result<(MediaPlan, LegRecords), String> {
             setup,
             fingerprint,
             role,
-        } => match dtls_leg("PBX", setup, fingerprint, role)? {
-            (setup, Some(peer)) => PbxLeg::Dtls { setup, peer },
-            (_, None) => return Err("its PBX leg is DTLS without the PBX's fingerprint".into()),
-        },
+        } => {
+            let (setup, peer) = dtls_leg("PBX", setup, fingerprint, role)?;
+            PbxLeg::Dtls { setup, peer }
+        }
     };
     let plan = MediaPlan::Bridged {
         app,
@@ -592,6 +592,18 @@ mod tests {
         assert_eq!(candidate_type("bogus"), None);
     }
 
+    fn plans_with_dtls_pbx() -> MediaPlan {
+        MediaPlan::Bridged {
+            app: AppLeg::Plain,
+            pbx: PbxLeg::Dtls {
+                setup: Setup::Active,
+                peer: Some((Fingerprint::sha256(b"pbx"), Role::Client)),
+            },
+            app_proto: "RTP/AVP".into(),
+            pbx_proto: "UDP/TLS/RTP/SAVP".into(),
+        }
+    }
+
     /// Each kind of leg reads back as written, a DTLS PBX's fingerprint and role too.
     #[test]
     fn media_plans_read_back_as_written() {
@@ -604,7 +616,7 @@ mod tests {
                 },
                 pbx: PbxLeg::Dtls {
                     setup: Setup::Active,
-                    peer: (fingerprint(b"pbx"), Role::Client),
+                    peer: Some((fingerprint(b"pbx"), Role::Client)),
                 },
                 app_proto: "UDP/TLS/RTP/SAVPF".into(),
                 pbx_proto: "UDP/TLS/RTP/SAVP".into(),
@@ -626,29 +638,29 @@ mod tests {
             let record = media_record(&plan, [None, None]).unwrap();
             assert_eq!(media_plan(&record).unwrap().0, plan);
         }
-        // A DTLS PBX leg without the PBX's fingerprint cannot be bridged again.
-        let mut record = media_record(
-            &MediaPlan::Bridged {
-                app: AppLeg::Plain,
-                pbx: PbxLeg::Dtls {
-                    setup: Setup::Active,
-                    peer: (fingerprint(b"pbx"), Role::Client),
-                },
-                app_proto: "RTP/AVP".into(),
-                pbx_proto: "UDP/TLS/RTP/SAVP".into(),
+        // A PBX leg offered DTLS and not answered yet reads back as such.
+        let offered = MediaPlan::Bridged {
+            app: AppLeg::Plain,
+            pbx: PbxLeg::Dtls {
+                setup: Setup::ActPass,
+                peer: None,
             },
-            [None, None],
-        )
-        .unwrap();
+            app_proto: "RTP/AVP".into(),
+            pbx_proto: "UDP/TLS/RTP/SAVP".into(),
+        };
+        let record = media_record(&offered, [None, None]).unwrap();
+        assert_eq!(media_plan(&record).unwrap().0, offered);
+        // A role the relay does not know is named.
+        let mut record = media_record(&plans_with_dtls_pbx(), [None, None]).unwrap();
         record.pbx.security = LegSecurity::Dtls {
             setup: "active".into(),
-            fingerprint: None,
-            role: None,
+            fingerprint: Some(fingerprint(b"pbx").to_string()),
+            role: Some("both".into()),
         };
         assert!(
             media_plan(&record)
                 .unwrap_err()
-                .contains("without the PBX's fingerprint")
+                .contains("DTLS role \"both\"")
         );
     }
 }

@@ -51,13 +51,13 @@ pub enum PbxLeg {
         own: Crypto,
         peer: Option<Crypto>,
     },
-    /// A PBX that offered DTLS-SRTP: the relay answers with its own certificate, one
-    /// transport per m-line as the PBX wrote it (no BUNDLE).
+    /// DTLS-SRTP toward the PBX (it offered it, or `pbx_media` offers it): the relay's
+    /// own certificate, one transport per m-line as the PBX writes it (no BUNDLE).
     Dtls {
-        /// The relay's role in its answer.
+        /// What the relay's SDP says: `actpass` in an offer, its role in an answer.
         setup: Setup,
-        /// The PBX's certificate fingerprint and the relay's role.
-        peer: (Fingerprint, Role),
+        /// The PBX's certificate fingerprint and the relay's role, once its SDP gave them.
+        peer: Option<(Fingerprint, Role)>,
     },
 }
 
@@ -85,7 +85,7 @@ impl MediaPlan {
                 };
                 PbxLeg::Dtls {
                     setup,
-                    peer: (fingerprint, role),
+                    peer: Some((fingerprint, role)),
                 }
             }
         };
@@ -150,6 +150,13 @@ impl MediaPlan {
                 },
                 "RTP/SAVP",
             ),
+            PbxMedia::DtlsSrtp => (
+                PbxLeg::Dtls {
+                    setup: Setup::ActPass,
+                    peer: None,
+                },
+                "UDP/TLS/RTP/SAVP",
+            ),
             PbxMedia::AsApp => unreachable!("returned above"),
         };
         if (&app_leg, &pbx) == (&AppLeg::Plain, &PbxLeg::Plain) {
@@ -173,37 +180,27 @@ impl MediaPlan {
                 *peer = Some(matching_key(own, &keys, answer)?);
             }
             (AppLeg::Dtls { peer, setup: own }, Security::Dtls { fingerprint, setup }) => {
-                let (role, relay_setup) = match setup {
-                    Setup::Active => (Role::Server, Setup::Passive),
-                    Setup::Passive => (Role::Client, Setup::Active),
-                    Setup::ActPass => {
-                        return Err(
-                            crate::session::sdp::SdpError::BadSetup { line: answer.line }.into(),
-                        );
-                    }
-                };
-                *peer = Some((fingerprint, role));
-                // What the relay's later answers (to the app's re-offers) say.
-                *own = relay_setup;
+                (*own, *peer) = dtls_answered(fingerprint, setup, answer)?;
             }
             _ => {}
         }
         Ok(())
     }
 
-    /// The PBX's answer to the relay's offer: its key.
+    /// The PBX's answer to the relay's offer: its key or its certificate and role.
     pub fn pbx_answered(&mut self, answer: &AudioEndpoint) -> Result<(), CallError> {
-        let MediaPlan::Bridged {
-            pbx: PbxLeg::Sdes { own, peer },
-            ..
-        } = self
-        else {
+        let MediaPlan::Bridged { pbx, .. } = self else {
             return Ok(());
         };
-        let Security::Sdes(keys) = answer.security.clone()? else {
-            return Ok(());
-        };
-        *peer = Some(matching_key(own, &keys, answer)?);
+        match (pbx, answer.security.clone()?) {
+            (PbxLeg::Sdes { own, peer }, Security::Sdes(keys)) => {
+                *peer = Some(matching_key(own, &keys, answer)?);
+            }
+            (PbxLeg::Dtls { peer, setup: own }, Security::Dtls { fingerprint, setup }) => {
+                (*own, *peer) = dtls_answered(fingerprint, setup, answer)?;
+            }
+            _ => {}
+        }
         Ok(())
     }
 
@@ -281,6 +278,23 @@ impl MediaPlan {
 fn answer_keys(offered: &[Crypto]) -> (Crypto, Crypto) {
     let peer = offered[0].clone();
     (Crypto::generate(peer.tag, peer.suite), peer)
+}
+
+/// A side's DTLS answer to the relay's `actpass`: what the relay's later answers (to the
+/// side's re-offers) say, and the side's certificate with the relay's role.
+fn dtls_answered(
+    fingerprint: Fingerprint,
+    setup: Setup,
+    answer: &AudioEndpoint,
+) -> Result<(Setup, Option<(Fingerprint, Role)>), CallError> {
+    let (role, relay_setup) = match setup {
+        Setup::Active => (Role::Server, Setup::Passive),
+        Setup::Passive => (Role::Client, Setup::Active),
+        Setup::ActPass => {
+            return Err(crate::session::sdp::SdpError::BadSetup { line: answer.line }.into());
+        }
+    };
+    Ok((relay_setup, Some((fingerprint, role))))
 }
 
 /// The answer's key for the relay's offered one: same tag and suite.
@@ -378,7 +392,7 @@ mod tests {
         let MediaPlan::Bridged {
             pbx:
                 PbxLeg::Dtls {
-                    peer: (theirs, role),
+                    peer: Some((theirs, role)),
                     ..
                 },
             ..
@@ -405,6 +419,48 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_app_calling_a_dtls_only_pbx_offers_actpass_and_follows_the_answer() {
+        let fingerprint = Fingerprint::sha256(b"relay");
+        let app = sdp::audio(APP_OFFER).unwrap();
+        let mut plan = MediaPlan::for_app_offer(&app, PbxMedia::DtlsSrtp).unwrap();
+        assert_eq!(plan.names(), ("dtls-srtp", "dtls-srtp"));
+        let pbx_setup = |plan: &MediaPlan| match plan.toward_pbx(&fingerprint) {
+            Secure::Dtls {
+                proto,
+                setup,
+                bundle: false,
+                ..
+            } => Some((proto.to_owned(), setup)),
+            _ => None,
+        };
+        assert_eq!(
+            pbx_setup(&plan),
+            Some(("UDP/TLS/RTP/SAVP".to_owned(), Setup::ActPass))
+        );
+        // The PBX answers active: the relay is its server and says passive from then on.
+        let active = sdp::audio(&APP_OFFER.replace("a=setup:actpass", "a=setup:active")).unwrap();
+        plan.pbx_answered(&active).unwrap();
+        assert_eq!(
+            pbx_setup(&plan),
+            Some(("UDP/TLS/RTP/SAVP".to_owned(), Setup::Passive))
+        );
+        assert!(matches!(
+            &plan,
+            MediaPlan::Bridged {
+                pbx: PbxLeg::Dtls {
+                    peer: Some((_, Role::Server)),
+                    ..
+                },
+                ..
+            }
+        ));
+        // An answer that leaves the choice open is refused naming the m-line.
+        let mut plan = MediaPlan::for_app_offer(&app, PbxMedia::DtlsSrtp).unwrap();
+        let err = plan.pbx_answered(&app).unwrap_err();
+        assert!(err.to_string().contains("setup"), "{err}");
     }
 
     #[test]
