@@ -39,6 +39,14 @@ fuzz_target!(|data: &[u8]| {
             fingerprint: &fingerprint,
             setup: relay::media::Setup::ActPass,
             mids: &mids,
+            bundle: true,
+        },
+        Secure::Dtls {
+            proto: "UDP/TLS/RTP/SAVP",
+            fingerprint: &fingerprint,
+            setup: relay::media::Setup::Active,
+            mids: &[],
+            bundle: false,
         },
     ];
     for secure in choices {
