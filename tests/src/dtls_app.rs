@@ -194,3 +194,36 @@ pub async fn talk_srtp(media: &Media, srtp: &mut DtlsSrtp, first: u32, count: u3
     }
     echoed.iter().filter(|echoed| **echoed).count() as u32
 }
+
+/// A PBX that speaks DTLS-SRTP, on its RTP `socket` connected to the relay's LAN port:
+/// the handshake as the `client` or the server with `certificate`, then an echo of every
+/// SRTP packet it can unprotect, protected again with its own keys and counted in
+/// `received`. Returns the relay's certificate fingerprint and the echo's task.
+pub async fn dtls_pbx_echo(
+    socket: Arc<tokio::net::UdpSocket>,
+    certificate: Certificate,
+    client: bool,
+    received: Arc<std::sync::atomic::AtomicU32>,
+) -> Result<(String, tokio::task::JoinHandle<()>), String> {
+    let DtlsSrtp {
+        conn,
+        mut send,
+        mut receive,
+        srtp: mut from_relay,
+    } = handshake_as(socket.clone(), certificate, client).await?;
+    let state = conn.connection_state().await;
+    let relay = fingerprint(state.peer_certificates.first().ok_or("no certificate")?);
+    // SRTP goes on the socket itself, beside the association (which stays open).
+    let echo = tokio::spawn(async move {
+        let _association = conn;
+        while let Some(packet) = from_relay.recv().await {
+            let Ok(plain) = receive.decrypt_rtp(&packet) else {
+                continue;
+            };
+            received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let protected = send.encrypt_rtp(&plain).expect("SRTP");
+            let _ = socket.send(&protected).await;
+        }
+    });
+    Ok((relay, echo))
+}

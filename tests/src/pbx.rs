@@ -6,6 +6,27 @@
 pub const RTP: &str = "10.30.0.2:40000";
 pub const SDP: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
 
+/// The PBX's offer when it speaks DTLS-SRTP (as Asterisk or FreeSWITCH with DTLS on a
+/// trunk): its certificate's `fingerprint`, `a=setup:actpass`, rtcp-mux, no ICE.
+pub fn dtls_sdp(fingerprint: &str) -> String {
+    [
+        "v=0",
+        "o=pbx 1 1 IN IP4 10.30.0.2",
+        "s=pbx",
+        "c=IN IP4 10.30.0.2",
+        "t=0 0",
+        "m=audio 40000 UDP/TLS/RTP/SAVP 0 8",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        &format!("a=fingerprint:{fingerprint}"),
+        "a=setup:actpass",
+        "a=rtcp-mux",
+        "a=sendrecv",
+        "",
+    ]
+    .join("\r\n")
+}
+
 /// Echoes every datagram back to its sender, until the task is aborted.
 pub async fn rtp_echo(socket: std::net::UdpSocket) {
     socket.set_nonblocking(true).expect("nonblocking");

@@ -24,7 +24,9 @@ use dtls::crypto::Certificate;
 use relay_tests::{
     app::App,
     config_file::ConfigFile,
-    dtls_app::{DtlsSrtp, dtls_answer, fingerprint, handshake_as, handshake_both_ways, talk_srtp},
+    dtls_app::{
+        dtls_answer, dtls_pbx_echo, fingerprint, handshake_as, handshake_both_ways, talk_srtp,
+    },
     lab::{EdgeLab, anchor_config},
     netns::{PinDir, enter_by_name},
     relayd::Relayd,
@@ -37,26 +39,6 @@ const API_KEY: &str = "acme-api-key-0123456789";
 const PBX_RTP: &str = relay_tests::pbx::RTP;
 /// Packets the app sends (50 per second).
 const PACKETS: u32 = 150;
-
-/// The PBX's offer: DTLS-SRTP with its certificate, rtcp-mux, no ICE.
-fn pbx_offer(pbx_fingerprint: &str) -> String {
-    [
-        "v=0",
-        "o=pbx 1 1 IN IP4 10.30.0.2",
-        "s=pbx",
-        "c=IN IP4 10.30.0.2",
-        "t=0 0",
-        "m=audio 40000 UDP/TLS/RTP/SAVP 0 8",
-        "a=rtpmap:0 PCMU/8000",
-        "a=rtpmap:8 PCMA/8000",
-        &format!("a=fingerprint:{pbx_fingerprint}"),
-        "a=setup:actpass",
-        "a=rtcp-mux",
-        "a=sendrecv",
-        "",
-    ]
-    .join("\r\n")
-}
 
 /// The value of the first `a=<name>:` line of `sdp`.
 fn attribute<'a>(sdp: &'a str, name: &str) -> Option<&'a str> {
@@ -125,7 +107,7 @@ async fn pbx_calls(
 ) -> (Value, String) {
     let created = request(
         controller,
-        json!({"type": "call.create", "id": 2, "user": "alice", "sdp": pbx_offer(pbx_fingerprint)}),
+        json!({"type": "call.create", "id": 2, "user": "alice", "sdp": relay_tests::pbx::dtls_sdp(pbx_fingerprint)}),
     )
     .await;
     assert_eq!(created["type"], "result", "{created}\n{}", relayd.log());
@@ -175,12 +157,8 @@ fn a_dtls_pbx_and_a_webrtc_app_are_bridged_each_with_its_own_keys() {
         pbx_socket.set_nonblocking(true).unwrap();
         let socket = Arc::new(tokio::net::UdpSocket::from_std(pbx_socket).unwrap());
         socket.connect(media_address(&answer)).await.unwrap();
-        let DtlsSrtp {
-            conn: association,
-            mut send,
-            mut receive,
-            srtp: mut from_relay,
-        } = handshake_as(socket.clone(), pbx_certificate, false)
+        let at_pbx = Arc::new(AtomicU32::new(0));
+        let (relay, echo) = dtls_pbx_echo(socket, pbx_certificate, false, at_pbx.clone())
             .await
             .unwrap_or_else(|err| {
                 panic!(
@@ -188,28 +166,10 @@ fn a_dtls_pbx_and_a_webrtc_app_are_bridged_each_with_its_own_keys() {
                     relayd.log()
                 )
             });
-        let state = association.connection_state().await;
         assert_eq!(
-            fingerprint(&state.peer_certificates[0]),
-            relay_fingerprint,
+            relay, relay_fingerprint,
             "the relay's certificate is the one its SDP names"
         );
-        let at_pbx = Arc::new(AtomicU32::new(0));
-        // SRTP goes on the socket itself, beside the association (which stays open).
-        let echo = {
-            let at_pbx = at_pbx.clone();
-            tokio::spawn(async move {
-                let _association = association;
-                while let Some(packet) = from_relay.recv().await {
-                    let Ok(plain) = receive.decrypt_rtp(&packet) else {
-                        continue;
-                    };
-                    at_pbx.fetch_add(1, Ordering::Relaxed);
-                    let protected = send.encrypt_rtp(&plain).unwrap();
-                    let _ = socket.send(&protected).await;
-                }
-            })
-        };
         let connected = until_call_state(&mut controller, "connected").await;
         assert_eq!(
             (&connected["app_security"], &connected["pbx_security"]),
@@ -376,7 +336,7 @@ fn an_app_calls_a_pbx_that_takes_only_dtls() {
         let relay_fingerprint = attribute(&offer, "fingerprint")
             .expect("the relay's fingerprint")
             .to_owned();
-        let pbx_answer = pbx_offer(&pbx_fingerprint)
+        let pbx_answer = relay_tests::pbx::dtls_sdp(&pbx_fingerprint)
             .replace(" 0 8\r\n", " 0\r\n")
             .replace("a=setup:actpass", "a=setup:active");
         let answered = request(
@@ -390,12 +350,8 @@ fn an_app_calls_a_pbx_that_takes_only_dtls() {
         pbx_socket.set_nonblocking(true).unwrap();
         let socket = Arc::new(tokio::net::UdpSocket::from_std(pbx_socket).unwrap());
         socket.connect(media_address(&offer)).await.unwrap();
-        let DtlsSrtp {
-            conn: association,
-            mut send,
-            mut receive,
-            srtp: mut from_relay,
-        } = handshake_as(socket.clone(), pbx_certificate, true)
+        let at_pbx = Arc::new(AtomicU32::new(0));
+        let (relay, echo) = dtls_pbx_echo(socket, pbx_certificate, true, at_pbx.clone())
             .await
             .unwrap_or_else(|err| {
                 panic!(
@@ -403,23 +359,7 @@ fn an_app_calls_a_pbx_that_takes_only_dtls() {
                     relayd.log()
                 )
             });
-        let state = association.connection_state().await;
-        assert_eq!(fingerprint(&state.peer_certificates[0]), relay_fingerprint);
-        let at_pbx = Arc::new(AtomicU32::new(0));
-        let echo = {
-            let at_pbx = at_pbx.clone();
-            tokio::spawn(async move {
-                let _association = association;
-                while let Some(packet) = from_relay.recv().await {
-                    let Ok(plain) = receive.decrypt_rtp(&packet) else {
-                        continue;
-                    };
-                    at_pbx.fetch_add(1, Ordering::Relaxed);
-                    let protected = send.encrypt_rtp(&plain).unwrap();
-                    let _ = socket.send(&protected).await;
-                }
-            })
-        };
+        assert_eq!(relay, relay_fingerprint);
         let connected = until_call_state(&mut controller, "connected").await;
         assert_eq!(
             (&connected["app_security"], &connected["pbx_security"]),

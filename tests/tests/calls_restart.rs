@@ -18,14 +18,16 @@ use dtls::crypto::Certificate;
 use relay_tests::{
     app::{App, talk},
     config_file::ConfigFile,
-    dtls_app::{dtls_answer, fingerprint as dtls_fingerprint, handshake_both_ways, talk_srtp},
+    dtls_app::{
+        dtls_answer, dtls_pbx_echo, fingerprint as dtls_fingerprint, handshake_both_ways, talk_srtp,
+    },
     lab::{EdgeLab, anchor_config, calls_config},
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     recv_async,
     relayd::{Relayd, StateFile},
     require_root, runtime,
-    signalling_client::{Socket, mint_token, receive_within, request},
+    signalling_client::{Socket, mint_token, receive_within, request, until_message},
 };
 use serde_json::{Value, json};
 
@@ -203,11 +205,11 @@ async fn signed_in_again(app: App, fingerprint: &str, token: &str) -> Value {
     restored
 }
 
-/// alice's call from the PBX's offer; its id.
-async fn create_call(controller: &mut Socket) -> Value {
+/// alice's call from the PBX's `offer`; its id.
+async fn create_call(controller: &mut Socket, offer: &str) -> Value {
     let created = request(
         controller,
-        json!({"type": "call.create", "id": 2, "user": "alice", "sdp": PBX_OFFER}),
+        json!({"type": "call.create", "id": 2, "user": "alice", "sdp": offer}),
     )
     .await;
     assert_eq!(created["type"], "result", "{created}");
@@ -258,7 +260,7 @@ fn restart_keeps_the_call(kill: bool) {
             })
         });
         let (_, connected) = recv_async(connected).await;
-        let call = create_call(&mut controller).await;
+        let call = create_call(&mut controller, PBX_OFFER).await;
         let (_, _connected) = recv_async(connected).await;
         let flows_before = relayd.ctl_json(&["flow", "list"])["flows"].clone();
         assert_eq!(flows_before.as_array().unwrap().len(), 2, "{}", relayd.log());
@@ -375,6 +377,17 @@ const BRIDGED_FIRST: u32 = 65_536 - 65;
 /// same. Packets sent while no relayd ran are lost; counted.
 #[test]
 fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
+    killed_relayd_keeps_a_bridged_call(false);
+}
+
+/// The same with a PBX that speaks DTLS-SRTP too: both legs' DTLS keys are kept, the PBX's
+/// association (with the relayd that was killed) is not needed again.
+#[test]
+fn a_killed_relayd_keeps_a_call_bridged_to_a_dtls_pbx() {
+    killed_relayd_keeps_a_bridged_call(true);
+}
+
+fn killed_relayd_keeps_a_bridged_call(dtls_pbx: bool) {
     require_root();
     let lab = EdgeLab::new();
     let pins = PinDir::new();
@@ -383,8 +396,17 @@ fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
     let mut relayd = start_with_store(&lab, &config, &state);
     let at_pbx = Arc::new(AtomicU32::new(0));
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let pbx_certificate = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
+    let pbx_offer = if dtls_pbx {
+        relay_tests::pbx::dtls_sdp(&dtls_fingerprint(pbx_certificate.certificate[0].as_ref()))
+    } else {
+        PBX_OFFER.to_owned()
+    };
     runtime().block_on(async {
-        let echo = tokio::spawn(counting_echo(echo_socket, at_pbx.clone()));
+        let mut echo_socket = Some(echo_socket);
+        let mut echo = (!dtls_pbx).then(|| {
+            tokio::spawn(counting_echo(echo_socket.take().unwrap(), at_pbx.clone()))
+        });
         let fingerprint = relayd.signalling_fingerprint();
         let mut controller = lab.controller(&fingerprint, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
@@ -422,10 +444,37 @@ fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
             })
         });
         let (_, connected) = recv_async(connected).await;
-        let call = create_call(&mut controller).await;
+        let call = create_call(&mut controller, &pbx_offer).await;
+        if let Some(socket) = echo_socket {
+            // The PBX's end of DTLS: the server toward the relay's LAN port.
+            let answered = until_message(&mut controller, Duration::from_secs(20), 20, "call.answered", |event: &Value| {
+                event["event"] == "call.answered"
+            })
+            .await;
+            let relay_lan = answered["sdp"]
+                .as_str()
+                .unwrap()
+                .split("\r\n")
+                .find_map(|line| line.strip_prefix("m=audio "))
+                .and_then(|rest| rest.split(' ').next())
+                .unwrap()
+                .to_owned();
+            socket.set_nonblocking(true).unwrap();
+            let socket = Arc::new(tokio::net::UdpSocket::from_std(socket).unwrap());
+            socket.connect(format!("10.30.0.1:{relay_lan}")).await.unwrap();
+            let (_, task) = dtls_pbx_echo(socket, pbx_certificate, false, at_pbx.clone())
+                .await
+                .unwrap_or_else(|err| panic!("the PBX's handshake: {err}\n{}", relayd.log()));
+            echo = Some(task);
+        }
         let (relay_fingerprint, _connected) = recv_async(connected).await;
         let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
-        assert_eq!(shown["bridged"]["dtls"], "connected", "{shown}");
+        let pbx_dtls = if dtls_pbx { "connected" } else { "-" };
+        assert_eq!(
+            (&shown["bridged"]["dtls"], &shown["bridged"]["pbx_dtls"]),
+            (&json!("connected"), &json!(pbx_dtls)),
+            "{shown}"
+        );
         // Written within a second of the call connecting; the rollover comes after it.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         relayd.kill();
@@ -465,7 +514,7 @@ fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
         let to_pbx = at_pbx.load(Ordering::Relaxed);
         let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
         eprintln!(
-            "bridged, killed: relayd back in {restart:?}; the PBX got {to_pbx} of {} packets, the app {} of {ACROSS} echoes across the restart and {} of {AFTER} after it; after the restart: {}",
+            "bridged (DTLS PBX: {dtls_pbx}), killed: relayd back in {restart:?}; the PBX got {to_pbx} of {} packets, the app {} of {ACROSS} echoes across the restart and {} of {AFTER} after it; after the restart: {}",
             ACROSS + AFTER,
             app.across,
             app.after,
@@ -495,6 +544,6 @@ fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
         )
         .await;
         assert_eq!(hung_up["type"], "result", "{hung_up}");
-        echo.abort();
+        echo.into_iter().for_each(|echo| echo.abort());
     });
 }
