@@ -195,16 +195,22 @@ pub async fn talk_srtp(media: &Media, srtp: &mut DtlsSrtp, first: u32, count: u3
     echoed.iter().filter(|echoed| **echoed).count() as u32
 }
 
-/// A PBX that speaks DTLS-SRTP, on its RTP `socket` connected to the relay's LAN port:
+/// A PBX that speaks DTLS-SRTP, on its RTP `socket` toward the relay's LAN port `relay`:
 /// the handshake as the `client` or the server with `certificate`, then an echo of every
 /// SRTP packet it can unprotect, protected again with its own keys and counted in
 /// `received`. Returns the relay's certificate fingerprint and the echo's task.
 pub async fn dtls_pbx_echo(
-    socket: Arc<tokio::net::UdpSocket>,
+    socket: std::net::UdpSocket,
+    relay: std::net::SocketAddr,
     certificate: Certificate,
     client: bool,
     received: Arc<std::sync::atomic::AtomicU32>,
 ) -> Result<(String, tokio::task::JoinHandle<()>), String> {
+    socket
+        .set_nonblocking(true)
+        .map_err(|err| err.to_string())?;
+    let socket = Arc::new(tokio::net::UdpSocket::from_std(socket).map_err(|err| err.to_string())?);
+    socket.connect(relay).await.map_err(|err| err.to_string())?;
     let DtlsSrtp {
         conn,
         mut send,

@@ -154,18 +154,22 @@ fn a_dtls_pbx_and_a_webrtc_app_are_bridged_each_with_its_own_keys() {
         assert_ne!(relay_fingerprint, pbx_fingerprint);
 
         // The PBX: the DTLS server on its RTP socket, toward the relay's LAN port.
-        pbx_socket.set_nonblocking(true).unwrap();
-        let socket = Arc::new(tokio::net::UdpSocket::from_std(pbx_socket).unwrap());
-        socket.connect(media_address(&answer)).await.unwrap();
         let at_pbx = Arc::new(AtomicU32::new(0));
-        let (relay, echo) = dtls_pbx_echo(socket, pbx_certificate, false, at_pbx.clone())
-            .await
-            .unwrap_or_else(|err| {
-                panic!(
-                    "the relay's handshake toward the PBX: {err}\n{}",
-                    relayd.log()
-                )
-            });
+        let relay_lan = media_address(&answer);
+        let (relay, echo) = dtls_pbx_echo(
+            pbx_socket,
+            relay_lan,
+            pbx_certificate,
+            false,
+            at_pbx.clone(),
+        )
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "the relay's handshake toward the PBX: {err}\n{}",
+                relayd.log()
+            )
+        });
         assert_eq!(
             relay, relay_fingerprint,
             "the relay's certificate is the one its SDP names"
@@ -347,18 +351,17 @@ fn an_app_calls_a_pbx_that_takes_only_dtls() {
         assert_eq!(answered["type"], "result", "{answered}\n{}", relayd.log());
 
         // The PBX: the DTLS client on its RTP socket, toward the relay's LAN port.
-        pbx_socket.set_nonblocking(true).unwrap();
-        let socket = Arc::new(tokio::net::UdpSocket::from_std(pbx_socket).unwrap());
-        socket.connect(media_address(&offer)).await.unwrap();
         let at_pbx = Arc::new(AtomicU32::new(0));
-        let (relay, echo) = dtls_pbx_echo(socket, pbx_certificate, true, at_pbx.clone())
-            .await
-            .unwrap_or_else(|err| {
-                panic!(
-                    "the PBX's handshake toward the relay: {err}\n{}",
-                    relayd.log()
-                )
-            });
+        let relay_lan = media_address(&offer);
+        let (relay, echo) =
+            dtls_pbx_echo(pbx_socket, relay_lan, pbx_certificate, true, at_pbx.clone())
+                .await
+                .unwrap_or_else(|err| {
+                    panic!(
+                        "the PBX's handshake toward the relay: {err}\n{}",
+                        relayd.log()
+                    )
+                });
         assert_eq!(relay, relay_fingerprint);
         let connected = until_call_state(&mut controller, "connected").await;
         assert_eq!(

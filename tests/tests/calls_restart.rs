@@ -459,10 +459,8 @@ fn killed_relayd_keeps_a_bridged_call(dtls_pbx: bool) {
                 .and_then(|rest| rest.split(' ').next())
                 .unwrap()
                 .to_owned();
-            socket.set_nonblocking(true).unwrap();
-            let socket = Arc::new(tokio::net::UdpSocket::from_std(socket).unwrap());
-            socket.connect(format!("10.30.0.1:{relay_lan}")).await.unwrap();
-            let (_, task) = dtls_pbx_echo(socket, pbx_certificate, false, at_pbx.clone())
+            let relay_lan = format!("10.30.0.1:{relay_lan}").parse().unwrap();
+            let (_, task) = dtls_pbx_echo(socket, relay_lan, pbx_certificate, false, at_pbx.clone())
                 .await
                 .unwrap_or_else(|err| panic!("the PBX's handshake: {err}\n{}", relayd.log()));
             echo = Some(task);
