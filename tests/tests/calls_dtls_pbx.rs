@@ -143,6 +143,7 @@ fn a_dtls_pbx_and_a_webrtc_app_are_bridged_each_with_its_own_keys() {
         let (call, answer) = pbx_calls(&mut controller, &pbx_fingerprint, &relayd).await;
         assert!(answer.contains(" UDP/TLS/RTP/SAVP "), "{answer}");
         assert_eq!(attribute(&answer, "setup"), Some("active"), "{answer}");
+        assert!(answer.contains("a=rtcp-mux\r\n"), "{answer}");
         assert!(
             attribute(&answer, "group").is_none(),
             "no BUNDLE toward the PBX: {answer}"
@@ -333,6 +334,10 @@ fn an_app_calls_a_pbx_that_takes_only_dtls() {
         let offer = incoming["sdp"].as_str().unwrap().to_owned();
         assert!(offer.contains(" UDP/TLS/RTP/SAVP "), "{offer}");
         assert_eq!(attribute(&offer, "setup"), Some("actpass"), "{offer}");
+        assert!(
+            offer.contains("a=rtcp-mux\r\n"),
+            "one handshake keys RTCP too: {offer}"
+        );
         assert!(
             attribute(&offer, "group").is_none(),
             "no BUNDLE toward the PBX: {offer}"

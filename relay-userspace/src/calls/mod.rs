@@ -550,11 +550,12 @@ impl Calls {
         let plan = MediaPlan::for_app_offer(&endpoint, self.pbx_media)?;
         let mids = sdp::mids(app_offer)?;
         let (lan_sockets, lan) = self.bind_lan_port().await?;
-        // RTCP on its own port toward the PBX: what every PBX trunk takes.
+        // RTCP on its own port toward the PBX: what every PBX trunk takes; multiplexed
+        // toward a DTLS PBX, whose one handshake then keys both (see MediaPlan::dtls_pbx).
         let pbx_offer = sdp::toward_pbx(
             app_offer,
             lan,
-            false,
+            plan.dtls_pbx(),
             plan.toward_pbx(self.identity.fingerprint()),
         )?;
         let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)

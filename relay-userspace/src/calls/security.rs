@@ -79,6 +79,7 @@ impl MediaPlan {
             // RFC 5763 section 5: the answerer of actpass is active. The relay starts the
             // handshake toward the PBX as soon as the call's media is bridged.
             Security::Dtls { fingerprint, setup } => {
+                muxed_dtls(pbx, "offers")?;
                 let (setup, role) = match setup {
                     Setup::Active => (Setup::Passive, Role::Server),
                     Setup::Passive | Setup::ActPass => (Setup::Active, Role::Client),
@@ -197,11 +198,23 @@ impl MediaPlan {
                 *peer = Some(matching_key(own, &keys, answer)?);
             }
             (PbxLeg::Dtls { peer, setup: own }, Security::Dtls { fingerprint, setup }) => {
+                muxed_dtls(answer, "answers")?;
                 (*own, *peer) = dtls_answered(fingerprint, setup, answer)?;
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether the PBX leg is DTLS-SRTP: its RTCP is multiplexed.
+    pub fn dtls_pbx(&self) -> bool {
+        matches!(
+            self,
+            MediaPlan::Bridged {
+                pbx: PbxLeg::Dtls { .. },
+                ..
+            }
+        )
     }
 
     /// What the relay writes toward the app; `mids` are the m-lines' (the app's offer's,
@@ -278,6 +291,18 @@ impl MediaPlan {
 fn answer_keys(offered: &[Crypto]) -> (Crypto, Crypto) {
     let peer = offered[0].clone();
     (Crypto::generate(peer.tag, peer.suite), peer)
+}
+
+/// The relay runs one DTLS handshake toward a PBX, on its RTP port: RTCP must share it
+/// (without rtcp-mux, RFC 5764 section 4.1 wants a second association on the RTCP port).
+fn muxed_dtls(pbx: &AudioEndpoint, says: &str) -> Result<(), CallError> {
+    if pbx.rtcp_mux {
+        return Ok(());
+    }
+    Err(CallError::BadRequest(format!(
+        "sdp: m=audio (m-line {}): the PBX {says} DTLS-SRTP without a=rtcp-mux; the relay runs DTLS on the RTP port only: enable rtcp-mux on the PBX (Asterisk: rtcp_mux = yes)",
+        pbx.line
+    )))
 }
 
 /// A side's DTLS answer to the relay's `actpass`: what the relay's later answers (to the
@@ -457,10 +482,26 @@ mod tests {
                 ..
             }
         ));
-        // An answer that leaves the choice open is refused naming the m-line.
+        // An answer that leaves the choice open is refused naming the m-line, and so is
+        // one whose RTCP would need a second handshake.
         let mut plan = MediaPlan::for_app_offer(&app, PbxMedia::DtlsSrtp).unwrap();
+        assert!(plan.dtls_pbx());
         let err = plan.pbx_answered(&app).unwrap_err();
         assert!(err.to_string().contains("setup"), "{err}");
+        let unmuxed = sdp::audio(
+            &APP_OFFER
+                .replace("a=setup:actpass", "a=setup:active")
+                .replace("a=rtcp-mux\r\n", ""),
+        )
+        .unwrap();
+        let err = plan.pbx_answered(&unmuxed).unwrap_err();
+        assert!(err.to_string().contains("without a=rtcp-mux"), "{err}");
+        let err = MediaPlan::for_pbx_offer(&unmuxed, AppMedia::DtlsSrtp).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("offers DTLS-SRTP without a=rtcp-mux"),
+            "{err}"
+        );
     }
 
     #[test]
