@@ -1,10 +1,11 @@
 //! Waking a sleeping app with a push, in the edge lab. The providers are a stand-in in the
 //! test: HTTPS on the relay's loopback with a certificate of its own (trusted through
 //! `push.ca_file`) that plays the operator's webhook gateway (checking each push's HMAC
-//! signature, answering 200 for a live device and 410 for a dead one) and FCM (its token
-//! endpoint for the service account's JWT grant, and `messages:send` with that token).
+//! signature, answering 200 for a live device and 410 for a dead one), FCM (its token
+//! endpoint for the service account's JWT grant, and `messages:send` with that token) and
+//! APNs (`/3/device/{token}` with a provider token and the VoIP headers).
 //!
-//! The app registers three devices (two webhook, one FCM) and disconnects; the controller calls its user: the
+//! The app registers four devices (two webhook, one FCM, one APNs VoIP) and disconnects; the controller calls its user: the
 //! controller hears `ringing`, the gateway gets a signed push per device without any SDP,
 //! two apps of the user connect within the ring time and both get `call.incoming`, the
 //! first answers and the media flows through XDP, the other is told `answered-elsewhere`;
@@ -51,6 +52,38 @@ const FCM_ACCESS_TOKEN: &str = "lab-access-token";
 struct Received {
     body: Value,
     signed: bool,
+}
+
+/// An APNs device token (hexadecimal).
+const APNS_DEVICE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+
+/// The APNs stand-in's answer to `/3/device/{token}`: a VoIP push for the app's bundle with
+/// a provider token (a JWT) and APNs' headers.
+fn apns_answer(path: &str, headers: &str, body: &[u8]) -> (&'static str, String, Option<Received>) {
+    let header = |name: &str| {
+        headers
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_default()
+    };
+    let jwt = header("authorization")
+        .strip_prefix("bearer ")
+        .unwrap_or_default();
+    let signed = jwt.split('.').count() == 3
+        && header("apns-topic") == "com.example.softphone.voip"
+        && header("apns-push-type") == "voip"
+        && header("apns-priority") == "10"
+        && header("apns-expiration").parse::<u64>().is_ok();
+    let mut payload: Value = serde_json::from_slice(body).unwrap_or_default();
+    payload["device"] = json!(path.trim_start_matches("/3/device/"));
+    (
+        "200 OK",
+        String::new(),
+        Some(Received {
+            body: payload,
+            signed,
+        }),
+    )
 }
 
 /// The FCM stand-in's answer to `path`: the token endpoint grants a token for a JWT bearer
@@ -128,7 +161,11 @@ fn start_gateway(
             };
             let path = headers.split(' ').nth(1).unwrap_or_default().to_owned();
             if path != "/relay/push" {
-                let (status, answer, received) = fcm_answer(&path, &headers, &body);
+                let (status, answer, received) = if path.starts_with("/3/device/") {
+                    apns_answer(&path, &headers, &body)
+                } else {
+                    fcm_answer(&path, &headers, &body)
+                };
                 let _ = write!(
                     tls,
                     "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
@@ -252,11 +289,19 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
     account["token_uri"] = json!(format!("https://{GATEWAY}/token"));
     let account_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(account_file.path(), account.to_string()).unwrap();
+    // The team's APNs signing key (a .p8 file: PKCS#8 P-256).
+    let apns_key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        apns_key.path(),
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
     let config = ConfigFile::new(&format!(
-        "{}\n[push]\nenabled = true\nring_secs = {RING_SECS}\nca_file = \"{}\"\n[push.webhook]\nurl = \"https://{GATEWAY}/relay/push\"\nsecret = \"{SECRET}\"\n[push.fcm]\nservice_account = \"{}\"\nbase_url = \"https://{GATEWAY}\"\n",
+        "{}\n[push]\nenabled = true\nring_secs = {RING_SECS}\nca_file = \"{}\"\n[push.webhook]\nurl = \"https://{GATEWAY}/relay/push\"\nsecret = \"{SECRET}\"\n[push.fcm]\nservice_account = \"{}\"\nbase_url = \"https://{GATEWAY}\"\n[push.apns]\nkey_file = \"{}\"\nkey_id = \"KEYID12345\"\nteam_id = \"TEAMID1234\"\ntopic = \"com.example.other\"\nbase_url = \"https://{GATEWAY}\"\n",
         calls_config(&pins.path, "acme", API_KEY, ""),
         ca.path().display(),
-        account_file.path().display()
+        account_file.path().display(),
+        apns_key.path().display()
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let echo_socket = lab.pbx.udp_socket(relay_tests::pbx::RTP.parse().unwrap());
@@ -281,15 +326,17 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
                     (3, "webhook", "phone-1".to_owned()),
                     (4, "webhook", "phone-gone".to_owned()),
                     (5, "fcm", "phone-fcm".to_owned()),
+                    (6, "apns", APNS_DEVICE.to_owned()),
                 ] {
+                    let voip = provider == "apns";
                     let answer = app
-                        .request(json!({"type": "push.register", "id": id, "provider": provider, "token": device, "app_id": "com.example.softphone"}))
+                        .request(json!({"type": "push.register", "id": id, "provider": provider, "token": device, "app_id": "com.example.softphone", "voip": voip}))
                         .await;
                     to_test.send(answer).unwrap();
                 }
                 // An app registers its own user's device only.
                 let answer = app
-                    .request(json!({"type": "push.register", "id": 6, "provider": "webhook", "token": "phone-2", "user": "bob"}))
+                    .request(json!({"type": "push.register", "id": 7, "provider": "webhook", "token": "phone-2", "user": "bob"}))
                     .await;
                 to_test.send(answer).unwrap();
                 app.close().await;
@@ -327,6 +374,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert_eq!(within(&mut from_app).await["devices"], 1);
         assert_eq!(within(&mut from_app).await["devices"], 2);
         assert_eq!(within(&mut from_app).await["devices"], 3);
+        assert_eq!(within(&mut from_app).await["devices"], 4);
         let refused = within(&mut from_app).await;
         assert_eq!(refused["code"], "bad_request", "{refused}");
         assert!(refused["message"].as_str().unwrap().contains("unknown field `user`"), "{refused}");
@@ -334,7 +382,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert_eq!(refused["code"], "bad_request", "{refused}");
         assert!(refused["message"].as_str().unwrap().contains("token: registered for another user"), "{refused}");
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 2, "user": "alice"})).await;
-        assert_eq!(devices["devices"], json!({"fcm": 1, "webhook": 2}), "{devices}");
+        assert_eq!(devices["devices"], json!({"apns": 1, "fcm": 1, "webhook": 2}), "{devices}");
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 7, "user": "bob"})).await;
         assert_eq!(devices["devices"], json!({}), "{devices}");
         no_app_connected(&relayd).await;
@@ -345,16 +393,16 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         let ringing = next_event(&mut controller, "call.state", &relayd).await;
         assert_eq!(
             (&ringing["state"], &ringing["via"], &ringing["devices"], &ringing["call"]),
-            (&json!("ringing"), &json!("push"), &json!(3), &call),
+            (&json!("ringing"), &json!("push"), &json!(4), &call),
             "{ringing}"
         );
         let mut received: Vec<Received> = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             received.push(within(&mut pushes).await);
         }
         received.sort_by_key(|push| push.body["device"].as_str().unwrap_or_default().to_owned());
         for push in &received {
-            assert!(push.signed, "signed with the shared secret, or FCM's bearer token: {}", push.body);
+            assert!(push.signed, "signed with the shared secret, FCM's bearer token or an APNs provider token: {}", push.body);
             // FCM's data values are strings.
             assert_eq!(push.body["call"].to_string().trim_matches('"'), call.to_string(), "{}", push.body);
             assert_eq!((&push.body["tenant"], &push.body["user"]), (&json!("acme"), &json!("alice")));
@@ -362,8 +410,9 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
             assert!(push.body.get("sdp").is_none(), "no SDP in a push: {}", push.body);
         }
         let devices: Vec<&Value> = received.iter().map(|push| &push.body["device"]).collect();
-        assert_eq!(devices, [&json!("phone-1"), &json!("phone-fcm"), &json!("phone-gone")]);
-        assert_eq!(received[0].body["app_id"], "com.example.softphone");
+        assert_eq!(devices, [&json!(APNS_DEVICE), &json!("phone-1"), &json!("phone-fcm"), &json!("phone-gone")]);
+        assert_eq!(received[1].body["app_id"], "com.example.softphone");
+        assert_eq!(received[0].body["aps"], json!({}), "a VoIP push: {}", received[0].body);
         to_app.send(()).unwrap();
         let incoming = within(&mut from_app).await;
         assert_eq!((&incoming["event"], &incoming["call"]), (&json!("call.incoming"), &call), "{incoming}");
@@ -399,7 +448,7 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
 
         // The provider said the second device is gone: its registration went.
         let devices = request(&mut controller, json!({"type": "push.devices", "id": 5, "user": "alice"})).await;
-        assert_eq!(devices["devices"], json!({"fcm": 1, "webhook": 1}), "{devices}");
+        assert_eq!(devices["devices"], json!({"apns": 1, "fcm": 1, "webhook": 1}), "{devices}");
 
         // Nobody takes the next call: it rings, then ends no-answer.
         no_app_connected(&relayd).await;
@@ -407,10 +456,13 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
         assert_eq!(created["type"], "result", "{created}");
         let started = std::time::Instant::now();
         let ringing = next_event(&mut controller, "call.state", &relayd).await;
-        assert_eq!((&ringing["state"], &ringing["devices"]), (&json!("ringing"), &json!(2)), "{ringing}");
-        let mut devices = [within(&mut pushes).await.body["device"].clone(), within(&mut pushes).await.body["device"].clone()];
+        assert_eq!((&ringing["state"], &ringing["devices"]), (&json!("ringing"), &json!(3)), "{ringing}");
+        let mut devices = Vec::new();
+        for _ in 0..3 {
+            devices.push(within(&mut pushes).await.body["device"].clone());
+        }
         devices.sort_by_key(|device| device.to_string());
-        assert_eq!(devices, [json!("phone-1"), json!("phone-fcm")]);
+        assert_eq!(devices, [json!(APNS_DEVICE), json!("phone-1"), json!("phone-fcm")]);
         let ended = next_event(&mut controller, "call.ended", &relayd).await;
         assert_eq!((&ended["reason"], &ended["call"]), (&json!("no-answer"), &created["call"]), "{ended}");
         let waited = started.elapsed();
@@ -428,15 +480,17 @@ fn a_sleeping_app_is_woken_by_a_push_and_takes_the_call() {
                 .find(|push| push["provider"] == provider && push["outcome"] == outcome)
                 .map(|push| push["count"].clone())
         };
-        assert_eq!(stats["devices"], 2, "{stats}");
+        assert_eq!(stats["devices"], 3, "{stats}");
         assert_eq!(
             (count("webhook", "sent"), count("webhook", "dead-token"), count("webhook", "failed")),
             (Some(json!(2)), Some(json!(1)), Some(json!(0))),
             "{stats}"
         );
-        assert_eq!((count("fcm", "sent"), count("fcm", "failed")), (Some(json!(2)), Some(json!(0))), "{stats}");
+        for provider in ["fcm", "apns"] {
+            assert_eq!((count(provider, "sent"), count(provider, "failed")), (Some(json!(2)), Some(json!(0))), "{provider}: {stats}");
+        }
         // Device tokens and access tokens are not logged.
-        for secret in ["phone-1", "phone-fcm", FCM_ACCESS_TOKEN] {
+        for secret in ["phone-1", "phone-fcm", APNS_DEVICE, FCM_ACCESS_TOKEN] {
             assert!(!relayd.log().contains(secret), "{secret}:\n{}", relayd.log());
         }
         echo.abort();
