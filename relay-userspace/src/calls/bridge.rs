@@ -141,7 +141,7 @@ impl Bridge {
     /// The legs' SRTP for the state store, remembered as recorded; None while a leg's
     /// keys are not there yet.
     pub(super) fn records(&self) -> Option<LegRecords> {
-        if self.waits_for_keys() || self.pbx_waits_for_keys() {
+        if self.waits_for_either() {
             return None;
         }
         let records = [
@@ -165,7 +165,7 @@ impl Bridge {
     pub(super) fn drifted(&self) -> bool {
         let recorded = self.recorded.lock().expect("bridge records");
         let Some([app_record, pbx_record]) = recorded.as_ref() else {
-            return !self.waits_for_keys() && !self.pbx_waits_for_keys();
+            return !self.waits_for_either();
         };
         let moved = |session: &Mutex<Option<SrtpSession>>, record: &Option<SrtpRecord>| match (
             session.lock().expect("bridge leg").as_ref(),
