@@ -40,6 +40,33 @@ const PBX_RTP: &str = relay_tests::pbx::RTP;
 /// Packets the app sends (50 per second).
 const PACKETS: u32 = 150;
 
+/// The edge lab with relayd on a configuration made for its pin directory (`extra` in
+/// `[calls]`), and the PBX's RTP socket. Fields drop in order: relayd stops before its pins
+/// and namespaces go.
+struct Lab {
+    relayd: Relayd,
+    pbx_socket: std::net::UdpSocket,
+    _config: ConfigFile,
+    _pins: PinDir,
+    lab: EdgeLab,
+}
+
+impl Lab {
+    fn start(extra: &str) -> Lab {
+        require_root();
+        let lab = EdgeLab::new();
+        let pins = PinDir::new();
+        let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, extra));
+        Lab {
+            relayd: Relayd::start(Some(&lab.relay), &["--config", config.path()]),
+            pbx_socket: lab.pbx.udp_socket(PBX_RTP.parse().unwrap()),
+            _config: config,
+            _pins: pins,
+            lab,
+        }
+    }
+}
+
 /// The value of the first `a=<name>:` line of `sdp`.
 fn attribute<'a>(sdp: &'a str, name: &str) -> Option<&'a str> {
     sdp.split("\r\n")
@@ -127,20 +154,21 @@ async fn pbx_calls(
 
 #[test]
 fn a_dtls_pbx_and_a_webrtc_app_are_bridged_each_with_its_own_keys() {
-    require_root();
-    let lab = EdgeLab::new();
-    let pins = PinDir::new();
-    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
-    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let pbx_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let Lab {
+        relayd,
+        pbx_socket,
+        lab,
+        ..
+    } = &Lab::start("");
+    let pbx_socket = pbx_socket.try_clone().unwrap();
     let pbx_certificate = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
     let pbx_fingerprint = fingerprint(pbx_certificate.certificate[0].as_ref());
     runtime().block_on(async {
         let signalling = relayd.signalling_fingerprint();
         let mut controller = lab.controller(&signalling, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
-        let app = dtls_app(&lab, signalling, token, PACKETS).await;
-        let (call, answer) = pbx_calls(&mut controller, &pbx_fingerprint, &relayd).await;
+        let app = dtls_app(lab, signalling, token, PACKETS).await;
+        let (call, answer) = pbx_calls(&mut controller, &pbx_fingerprint, relayd).await;
         assert!(answer.contains(" UDP/TLS/RTP/SAVP "), "{answer}");
         assert_eq!(attribute(&answer, "setup"), Some("active"), "{answer}");
         assert!(answer.contains("a=rtcp-mux\r\n"), "{answer}");
@@ -222,23 +250,24 @@ fn a_dtls_pbx_and_a_webrtc_app_are_bridged_each_with_its_own_keys() {
 /// fails the fingerprint check and the call ends `dtls-failed`, its flows and ports gone.
 #[test]
 fn a_dtls_pbx_with_another_certificate_ends_the_call() {
-    require_root();
-    let lab = EdgeLab::new();
-    let pins = PinDir::new();
-    let config = ConfigFile::new(&anchor_config(&pins.path, "acme", API_KEY, ""));
-    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let pbx_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let Lab {
+        relayd,
+        pbx_socket,
+        lab,
+        ..
+    } = &Lab::start("");
+    let pbx_socket = pbx_socket.try_clone().unwrap();
     let named = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
     let used = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
     runtime().block_on(async {
         let signalling = relayd.signalling_fingerprint();
         let mut controller = lab.controller(&signalling, "acme", API_KEY).await;
         let token = mint_token(&mut controller, "alice", 300).await;
-        let app = dtls_app(&lab, signalling, token, 0).await;
+        let app = dtls_app(lab, signalling, token, 0).await;
         let (call, answer) = pbx_calls(
             &mut controller,
             &fingerprint(named.certificate[0].as_ref()),
-            &relayd,
+            relayd,
         )
         .await;
         pbx_socket.set_nonblocking(true).unwrap();
@@ -279,17 +308,13 @@ fn a_dtls_pbx_with_another_certificate_ends_the_call() {
 /// starts the handshake as the client; media is transcrypted both ways.
 #[test]
 fn an_app_calls_a_pbx_that_takes_only_dtls() {
-    require_root();
-    let lab = EdgeLab::new();
-    let pins = PinDir::new();
-    let config = ConfigFile::new(&anchor_config(
-        &pins.path,
-        "acme",
-        API_KEY,
-        "pbx_media = \"dtls-srtp\"",
-    ));
-    let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
-    let pbx_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let Lab {
+        relayd,
+        pbx_socket,
+        lab,
+        ..
+    } = &Lab::start("pbx_media = \"dtls-srtp\"");
+    let pbx_socket = pbx_socket.try_clone().unwrap();
     let pbx_certificate = Certificate::generate_self_signed(vec!["pbx".to_owned()]).unwrap();
     let pbx_fingerprint = fingerprint(pbx_certificate.certificate[0].as_ref());
     runtime().block_on(async {
