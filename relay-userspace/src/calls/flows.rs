@@ -82,7 +82,9 @@ impl CallFlows {
                     }
                 }
             }
-            let id = table.offload(&[spec], now_ns)?[0];
+            // The call ends its flows (hangup, media timeout, consent): a call silent longer
+            // than flows.idle_timeout_secs (on hold) keeps them for when media resumes.
+            let id = table.offload_owned(&[spec], now_ns)?[0];
             *slot = Some(id);
             Ok(id)
         };

@@ -58,6 +58,8 @@ struct FlowRecord {
     /// 1 when installed, one more at each [`FlowTable::replace`].
     generation: u32,
     slow_path: SlowPath,
+    /// Its owner ends it (a call: hangup, media timeout, consent): never expired idle.
+    owned: bool,
     installed_ns: u64,
     rate: RateSample,
 }
@@ -176,13 +178,21 @@ impl FlowTable {
     /// Adds the flows in `specs` all or nothing, returning their ids in order. relayd's
     /// sockets on the flows' relay addresses take the packets the kernel passes up.
     pub fn add(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
-        self.add_served(specs, now_ns, SlowPath::Sockets)
+        self.add_served(specs, now_ns, SlowPath::Sockets, false)
     }
 
     /// Offloads flows whose relay addresses another component's sockets serve (the TURN
     /// server): only the kernel datapath is touched.
     pub fn offload(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
-        self.add_served(specs, now_ns, SlowPath::External)
+        self.add_served(specs, now_ns, SlowPath::External, false)
+    }
+
+    /// [`FlowTable::offload`] for flows whose owner ends them itself (a call, by hangup,
+    /// media timeout or consent): never expired idle, so a call silent longer than
+    /// `flows.idle_timeout_secs` (on hold) keeps its media in the kernel when it resumes,
+    /// and its media timeout reads their counters.
+    pub fn offload_owned(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
+        self.add_served(specs, now_ns, SlowPath::External, true)
     }
 
     fn add_served(
@@ -190,6 +200,7 @@ impl FlowTable {
         specs: &[FlowSpec],
         now_ns: u64,
         slow_path: SlowPath,
+        owned: bool,
     ) -> Result<Vec<u32>, FlowError> {
         let mut state = self.state();
         for (index, spec) in specs.iter().enumerate() {
@@ -221,7 +232,9 @@ impl FlowTable {
         }
         for (id, spec) in &added {
             state.by_key.insert(spec.id(), *id);
-            state.flows.insert(*id, record(*spec, 1, slow_path, now_ns));
+            let mut record = record(*spec, 1, slow_path, now_ns);
+            record.owned = owned;
+            state.flows.insert(*id, record);
         }
         Ok(added.into_iter().map(|(id, _)| id).collect())
     }
@@ -257,10 +270,12 @@ impl FlowTable {
 
     /// Flow `id`'s relay addresses are served by their owner from now on (a restored call
     /// has its ICE port and LAN sockets): relayd's own sockets for it, bound when the flow
-    /// was adopted from the pins, close; the kernel entry stays as it is.
+    /// was adopted from the pins, close; the kernel entry stays as it is. The owner ends it
+    /// too: it is not expired idle (see [`FlowTable::offload_owned`]).
     pub fn serve_externally(&self, id: u32) -> Result<(), FlowError> {
         let mut state = self.state();
         let record = state.flows.get_mut(&id).ok_or(FlowError::UnknownFlow(id))?;
+        record.owned = true;
         if record.slow_path == SlowPath::External {
             return Ok(());
         }
@@ -376,7 +391,7 @@ impl FlowTable {
             record.rate.packets = packets;
             record.rate.last_seen_ns = counters.last_seen_ns;
             let last = counters.last_seen_ns.max(record.installed_ns);
-            if now_ns.saturating_sub(last) > self.idle_timeout_ns {
+            if !record.owned && now_ns.saturating_sub(last) > self.idle_timeout_ns {
                 expired.push(info(*id, record, counters, now_ns));
             }
         }
@@ -441,6 +456,7 @@ fn record(spec: FlowSpec, generation: u32, slow_path: SlowPath, now_ns: u64) -> 
         spec,
         generation,
         slow_path,
+        owned: false,
         installed_ns: now_ns,
         rate: RateSample::default(),
     }
@@ -552,6 +568,10 @@ mod tests {
         assert_eq!(table.expired_counters(ids[1]), None);
         let busy = table.get(ids[1], 62 * SECOND).unwrap();
         assert_eq!(busy.counters.xdp_packets, 500);
+        // A flow its owner ends (a call's) stays however long it is idle.
+        let owned = table.offload_owned(&[spec(4002)], 62 * SECOND).unwrap()[0];
+        assert!(table.tick(200 * SECOND).iter().all(|flow| flow.id != owned));
+        assert!(table.contains(owned));
         // 500 packets between the two samples, 32 s apart.
         assert!(
             (busy.rate_pps - 500.0 / 32.0).abs() < 0.01,
