@@ -205,6 +205,23 @@ async fn signed_in_again(app: App, fingerprint: &str, token: &str) -> Value {
     restored
 }
 
+/// The controller comes back to the new relayd and hears first that `call` was restored.
+async fn controller_back(lab: &EdgeLab, relayd: &Relayd, call: &Value) -> Socket {
+    let mut controller = lab
+        .controller(&relayd.signalling_fingerprint(), "acme", API_KEY)
+        .await;
+    let restored = receive_within(&mut controller, Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        (&restored["event"], &restored["state"], &restored["call"]),
+        (&json!("call.state"), &json!("restored"), call),
+        "{restored}\n{}",
+        relayd.log()
+    );
+    controller
+}
+
 /// alice's call from the PBX's `offer`; its id.
 async fn create_call(controller: &mut Socket, offer: &str) -> Value {
     let created = request(
@@ -306,18 +323,7 @@ fn restart_keeps_the_call(kill: bool) {
         };
         assert_eq!(ids(&flows_after), ids(&flows_before), "{}", relayd.log());
         // The controller comes back and hears of it.
-        let mut controller = lab
-            .controller(&relayd.signalling_fingerprint(), "acme", API_KEY)
-            .await;
-        let restored = receive_within(&mut controller, Duration::from_secs(5))
-            .await
-            .unwrap_or_default();
-        assert_eq!(
-            (&restored["event"], &restored["state"], &restored["call"]),
-            (&json!("call.state"), &json!("restored"), &call),
-            "{restored}\n{}",
-            relayd.log()
-        );
+        let mut controller = controller_back(&lab, &relayd, &call).await;
         let app = tokio::task::spawn_blocking(move || app.join().unwrap())
             .await
             .unwrap();
@@ -494,18 +500,7 @@ fn killed_relayd_keeps_a_bridged_call(dtls_pbx: bool) {
         let calls = relayd.ctl_json(&["calls", "list"]);
         assert_eq!(calls["calls"][0]["call"], call, "{calls}\n{}", relayd.log());
         assert_eq!(calls["calls"][0]["state"], "connected", "{calls}");
-        let mut controller = lab
-            .controller(&relayd.signalling_fingerprint(), "acme", API_KEY)
-            .await;
-        let restored = receive_within(&mut controller, Duration::from_secs(5))
-            .await
-            .unwrap_or_default();
-        assert_eq!(
-            (&restored["event"], &restored["state"], &restored["call"]),
-            (&json!("call.state"), &json!("restored"), &call),
-            "{restored}\n{}",
-            relayd.log()
-        );
+        let mut controller = controller_back(&lab, &relayd, &call).await;
         let app = tokio::task::spawn_blocking(move || app.join().unwrap())
             .await
             .unwrap();
