@@ -18,6 +18,15 @@ fuzz_target!(|data: &[u8]| {
     let lan = "10.99.0.1:40000".parse().unwrap();
     let wan = "198.18.0.1:3479".parse().unwrap();
     let _ = sdp::mids(text);
+    // Every other stream anchored too, as for a bridged call with video.
+    let others: Vec<usize> = sdp::other_streams(text)
+        .map(|streams| streams.iter().map(|s| s.line - 1).collect())
+        .unwrap_or_default();
+    let lan_extra: Vec<(usize, std::net::SocketAddr)> = others
+        .iter()
+        .enumerate()
+        .map(|(n, i)| (*i, std::net::SocketAddr::new(lan.ip(), 40002 + 2 * n as u16)))
+        .collect();
     let _ = sdp::check_answer(&endpoint, &endpoint);
     let ice = IceLines {
         ufrag: "fuzz".into(),
@@ -51,8 +60,10 @@ fuzz_target!(|data: &[u8]| {
     ];
     for secure in choices {
         for (written, relay) in [
-            (sdp::toward_pbx(text, lan, false, secure), lan),
-            (sdp::toward_app(text, wan, &ice, secure), wan),
+            (sdp::toward_pbx(text, lan, false, secure, &[]), lan),
+            (sdp::toward_app(text, wan, &ice, secure, &[]), wan),
+            (sdp::toward_pbx(text, lan, false, secure, &lan_extra), lan),
+            (sdp::toward_app(text, wan, &ice, secure, &others), wan),
         ] {
             let Ok(written) = written else { continue };
             let again = sdp::audio(&written).expect("what the relay writes parses again");
@@ -60,6 +71,13 @@ fuzz_target!(|data: &[u8]| {
                 again.rtp, relay,
                 "the stream is anchored at the relay:\n{written}"
             );
+            for stream in sdp::other_streams(&written).expect("parses again") {
+                assert_eq!(
+                    stream.rtp.ip(),
+                    relay.ip(),
+                    "every stream is anchored at the relay:\n{written}"
+                );
+            }
             let other = endpoint.rtp.ip().to_string();
             if other != relay.ip().to_string() {
                 assert!(

@@ -69,6 +69,19 @@ pub struct CallRecord {
     /// A bridged call's media security (None: the media goes as it is).
     #[serde(default)]
     pub media: Option<MediaRecord>,
+    /// The streams anchored besides the audio (a bridged call's video).
+    #[serde(default)]
+    pub streams: Vec<StreamRecord>,
+}
+
+/// One stream of a call besides its audio: its m-line, the relay's LAN address for it (RTP;
+/// RTCP on the port above), and where the PBX wants it (None: refused).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamRecord {
+    pub index: usize,
+    pub lan: SocketAddr,
+    pub pbx: Option<SocketAddr>,
+    pub pbx_rtcp: Option<SocketAddr>,
 }
 
 /// The media security of a call whose legs the relay terminates: what each side was told
@@ -422,7 +435,13 @@ mod tests {
             app_sdp: "v=0\r\n".into(),
             sent_to_app: "v=0\r\n".into(),
             sent_to_pbx: "v=0\r\n".into(),
-            app_mids: vec!["0".into()],
+            app_mids: vec!["0".into(), "1".into()],
+            streams: vec![StreamRecord {
+                index: 1,
+                lan: "10.0.0.1:40002".parse().unwrap(),
+                pbx: Some("10.0.0.5:5006".parse().unwrap()),
+                pbx_rtcp: None,
+            }],
             ice: IceRecord {
                 local_ufrag: "relayufrag".into(),
                 local_pwd: "relaypassword0123456789".into(),

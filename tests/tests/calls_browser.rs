@@ -8,11 +8,16 @@
 //! would take its own SSRC coming back for a loop): the browser hears its own fake
 //! microphone, so its `inbound-rtp` audio counts packets and energy above zero, and its
 //! transport is DTLS `connected` with the certificate whose fingerprint the relay put in
-//! its SDP. The first call lasts past the relay's consent timeout: consent checks answered
-//! both ways with the browser's own ICE stack keep the media going. In a third call the PBX offers SDES-SRTP (`RTP/SAVP`, `a=crypto`): the echo
-//! unprotects with the relay's key and protects with its own (webrtc-srtp's contexts, keys
-//! from the SDPs), so the browser hears it only if the relay bridged DTLS-SRTP to SDES-SRTP
-//! both ways; the echo counts the packets that failed authentication.
+//! its SDP. The first two calls carry video too: the browser's audio and video share one
+//! BUNDLE transport toward the relay, and the PBX gets each on LAN ports of their own; the
+//! echo sends the fake camera's VP8 back on the video port, and the browser decodes frames
+//! of it. The first call lasts past the relay's consent timeout: consent checks answered
+//! both ways with the browser's own ICE stack keep the media going. In a third call the PBX
+//! offers SDES-SRTP (`RTP/SAVP`, `a=crypto`): the echo unprotects with the relay's key and
+//! protects with its own (webrtc-srtp's contexts, keys from the SDPs), so the browser hears
+//! it only if the relay bridged DTLS-SRTP to SDES-SRTP both ways; the echo counts the
+//! packets that failed authentication. Its video is refused (SDES toward the PBX keys the
+//! audio only).
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -46,14 +51,17 @@ const CONSENT_WINDOW: Duration = Duration::from_secs(12);
 /// The PBX end's RTP address (RTCP on the port above).
 const PBX_RTP: &str = "10.30.0.2:40000";
 
-/// The PBX's SDP: G.711 u-law only, RTCP on its own port (no rtcp-mux); with a refused
-/// video line when it answers an offer that had one.
-fn pbx_sdp(refused_video: bool) -> String {
-    pbx_sdp_with(refused_video, None)
+/// The PBX end's video RTP port (RTCP on the port above).
+const PBX_VIDEO_PORT: u16 = 40002;
+
+/// The PBX's SDP: G.711 u-law only, RTCP on its own port (no rtcp-mux), and VP8 video on
+/// PBX_VIDEO_PORT under the payload type `vp8`.
+fn pbx_sdp(vp8: u8) -> String {
+    pbx_sdp_with(vp8, None)
 }
 
 /// [`pbx_sdp`], with SDES keys when `crypto` is given (`RTP/SAVP`).
-fn pbx_sdp_with(refused_video: bool, crypto: Option<&str>) -> String {
+fn pbx_sdp_with(vp8: u8, crypto: Option<&str>) -> String {
     let profile = if crypto.is_some() {
         "RTP/SAVP"
     } else {
@@ -71,39 +79,55 @@ fn pbx_sdp_with(refused_video: bool, crypto: Option<&str>) -> String {
         "a=sendrecv".to_owned(),
     ];
     lines.extend(crypto.map(|crypto| format!("a=crypto:{crypto}")));
-    if refused_video {
-        lines.push("m=video 0 RTP/AVP 96".to_owned());
-    }
+    lines.extend([
+        format!("m=video {PBX_VIDEO_PORT} {profile} {vp8}"),
+        format!("a=rtpmap:{vp8} VP8/90000"),
+        "a=sendrecv".to_owned(),
+    ]);
     lines.join("\r\n") + "\r\n"
 }
 
-/// The PBX end: RTP back to where it came from with the SSRC changed; RTCP taken and
-/// dropped. Counts what it echoed; stops when `stop` is set (or after two minutes).
+/// The payload type of VP8 in the browser's offer (as the relay passed it on).
+fn vp8_payload_type(offer: &str) -> u8 {
+    offer
+        .split("\r\n")
+        .find_map(|line| line.strip_prefix("a=rtpmap:")?.strip_suffix(" VP8/90000"))
+        .and_then(|pt| pt.parse().ok())
+        .unwrap_or_else(|| panic!("VP8 in the browser's offer: {offer}"))
+}
+
+/// The PBX end: RTP back to where it came from with the SSRC changed, on the audio port
+/// and the video port; RTCP taken and dropped. Counts what it echoed of each; stops when
+/// `stop` is set (or after two minutes).
 struct SsrcEcho {
     echoed: Arc<AtomicU64>,
+    video_echoed: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    /// With SDES toward the PBX: (the relay's packets, the PBX's own), set once the SDPs
-    /// are known; and the packets that failed to unprotect.
+    /// With SDES toward the PBX (audio only): (the relay's packets, the PBX's own), set
+    /// once the SDPs are known; and the packets that failed to unprotect.
     srtp: Arc<std::sync::Mutex<Option<(Context, Context)>>>,
     failed: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl SsrcEcho {
     fn start(pbx: &NetNs) -> SsrcEcho {
-        let rtp = pbx.udp_socket(PBX_RTP.parse().unwrap());
-        let rtcp_address: SocketAddr = "10.30.0.2:40001".parse().unwrap();
-        let rtcp = pbx.udp_socket(rtcp_address);
-        let (echoed, stop) = (
+        let (echoed, video_echoed, stop) = (
+            Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
         let srtp: Arc<std::sync::Mutex<Option<(Context, Context)>>> = Arc::default();
         let failed = Arc::new(AtomicU64::new(0));
-        let thread = {
+        let audio: SocketAddr = PBX_RTP.parse().unwrap();
+        let video = SocketAddr::new(audio.ip(), PBX_VIDEO_PORT);
+        let mut threads = Vec::new();
+        for (address, echoed, keyed) in [(audio, &echoed, true), (video, &video_echoed, false)] {
+            let rtp = pbx.udp_socket(address);
+            let rtcp = pbx.udp_socket(SocketAddr::new(address.ip(), address.port() + 1));
             let (echoed, stop) = (echoed.clone(), stop.clone());
             let (srtp, failed) = (srtp.clone(), failed.clone());
-            std::thread::spawn(move || {
+            threads.push(std::thread::spawn(move || {
                 let _rtcp: UdpSocket = rtcp;
                 rtp.set_read_timeout(Some(Duration::from_millis(100)))
                     .unwrap();
@@ -117,7 +141,8 @@ impl SsrcEcho {
                         continue;
                     }
                     let mut keys = srtp.lock().unwrap();
-                    let mut packet = match keys.as_mut() {
+                    let keys = if keyed { keys.as_mut() } else { None };
+                    let mut packet = match keys {
                         None => buf[..n].to_vec(),
                         Some((from_relay, _)) => match from_relay.decrypt_rtp(&buf[..n]) {
                             Ok(plain) => plain.to_vec(),
@@ -130,21 +155,22 @@ impl SsrcEcho {
                     for byte in &mut packet[8..12] {
                         *byte ^= 0x5a;
                     }
-                    if let Some((_, own)) = keys.as_mut() {
+                    if let Some((_, own)) = keys {
                         packet = own.encrypt_rtp(&packet).expect("protects").to_vec();
                     }
                     if rtp.send_to(&packet, from).is_ok() {
                         echoed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-            })
-        };
+            }));
+        }
         SsrcEcho {
             echoed,
+            video_echoed,
             stop,
             srtp,
             failed,
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -157,7 +183,7 @@ impl SsrcEcho {
 impl Drop for SsrcEcho {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -251,6 +277,13 @@ fn hears(report: &Value) -> bool {
         && report["audio"]["totalAudioEnergy"].as_f64().unwrap_or(0.0) > 0.0
 }
 
+/// The browser sees the PBX end's video: its own camera's VP8 echoed back, decoded.
+fn sees(report: &Value) -> bool {
+    report["kind"] == "stats"
+        && report["video"]["packetsReceived"].as_u64().unwrap_or(0) >= 50
+        && report["video"]["framesDecoded"].as_u64().unwrap_or(0) > 0
+}
+
 async fn next_event(controller: &mut Socket, name: &str) -> Value {
     until_message(controller, Duration::from_secs(20), 20, name, |event| {
         event["event"] == name
@@ -315,12 +348,25 @@ fn assert_bridged(heard: &Value, relayd: &Relayd, call: u64) {
     );
 }
 
-/// Waits until the browser hears the PBX end, checks the call was bridged, hangs it up.
-async fn hear_then_hang_up(browser: &Chromium, controller: &mut Socket, relayd: &Relayd, id: u64) {
+/// Waits until the browser hears the PBX end (and sees it, with `video`), checks the call
+/// was bridged, hangs it up.
+async fn hear_then_hang_up(
+    browser: &Chromium,
+    controller: &mut Socket,
+    relayd: &Relayd,
+    id: u64,
+    video: bool,
+) {
     let heard = browser
         .until(Duration::from_secs(20), "audio from the PBX", hears)
         .await;
     assert_bridged(&heard, relayd, id);
+    if video {
+        let seen = browser
+            .until(Duration::from_secs(20), "video from the PBX", sees)
+            .await;
+        assert_eq!(seen["dtls"], "connected", "{seen}");
+    }
     let result = request(
         controller,
         json!({"type": "call.hangup", "id": 10 + id, "call": id}),
@@ -356,7 +402,7 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
             .await;
         let created = request(
             &mut controller,
-            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": pbx_sdp(false)}),
+            json!({"type": "call.create", "id": 2, "user": "alice", "sdp": pbx_sdp(96)}),
         )
         .await;
         assert_eq!(created["type"], "result", "{created}");
@@ -364,6 +410,10 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
         let answered = next_event(&mut controller, "call.answered").await;
         let answer = answered["sdp"].as_str().unwrap();
         assert!(answer.contains("m=audio 40000 RTP/AVP 0"), "{answer}");
+        assert!(
+            answer.contains("m=video ") && !answer.contains("m=video 0 "),
+            "the browser took the video, on a LAN port of its own: {answer}"
+        );
         assert!(
             !answer.contains("a=fingerprint"),
             "plain RTP toward the PBX: {answer}"
@@ -394,7 +444,7 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
             "media went on both ways for {CONSENT_WINDOW:?} (at least {expected} packets each): {before}\n{after}\n{}",
             relayd.log()
         );
-        hear_then_hang_up(&browser, &mut controller, &relayd, id).await;
+        hear_then_hang_up(&browser, &mut controller, &relayd, id, true).await;
         let ended = browser
             .until(Duration::from_secs(10), "call.ended", |r| {
                 r["message"]["event"] == "call.ended"
@@ -407,7 +457,7 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
         drop(browser);
 
         // The browser calls the PBX: audio and video offered, one BUNDLE transport; the
-        // PBX takes audio.
+        // PBX gets each on a port of its own and takes both.
         let browser = Chromium::open(&lab.app, &token, "call");
         let incoming = next_event(&mut controller, "call.incoming").await;
         let offer = incoming["sdp"].as_str().unwrap();
@@ -416,8 +466,8 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
             "plain RTP toward the PBX: {offer}"
         );
         assert!(
-            offer.contains("m=video 0 "),
-            "video refused toward the PBX: {offer}"
+            offer.contains("m=video ") && !offer.contains("m=video 0 "),
+            "video toward the PBX on a port of its own: {offer}"
         );
         for webrtc in [
             "a=fingerprint",
@@ -431,14 +481,15 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
         let id = incoming["call"].as_u64().unwrap();
         let answered = request(
             &mut controller,
-            json!({"type": "call.answer", "id": 4, "call": id, "sdp": pbx_sdp(true)}),
+            json!({"type": "call.answer", "id": 4, "call": id, "sdp": pbx_sdp(vp8_payload_type(offer))}),
         )
         .await;
         assert_eq!(answered["type"], "result", "{answered}");
-        hear_then_hang_up(&browser, &mut controller, &relayd, id).await;
+        hear_then_hang_up(&browser, &mut controller, &relayd, id, true).await;
         drop(browser);
 
-        // An SDES PBX calls the browser: DTLS-SRTP toward it, SDES-SRTP toward the PBX.
+        // An SDES PBX calls the browser: DTLS-SRTP toward it, SDES-SRTP toward the PBX. Its
+        // video would need keys of its own toward the PBX: refused, the audio bridged.
         let browser = Chromium::open(&lab.app, &token, "answer");
         browser
             .until(Duration::from_secs(30), "welcome", |r| {
@@ -448,7 +499,7 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
         let crypto = sdes::crypto_line(&[0x42; 30]);
         let created = request(
             &mut controller,
-            json!({"type": "call.create", "id": 6, "user": "alice", "sdp": pbx_sdp_with(false, Some(&crypto))}),
+            json!({"type": "call.create", "id": 6, "user": "alice", "sdp": pbx_sdp_with(96, Some(&crypto))}),
         )
         .await;
         assert_eq!(created["type"], "result", "{created}");
@@ -456,6 +507,7 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
         let answered = next_event(&mut controller, "call.answered").await;
         let answer = answered["sdp"].as_str().unwrap();
         assert!(answer.contains("m=audio 40000 RTP/SAVP 0"), "{answer}");
+        assert!(answer.contains("m=video 0 "), "{answer}");
         let relay_crypto = answer
             .split("\r\n")
             .find_map(|line| line.strip_prefix("a=crypto:"))
@@ -487,5 +539,9 @@ fn a_browser_calls_and_is_called_over_dtls_srtp_bridged_to_plain_rtp() {
     assert!(
         echo.echoed.load(Ordering::Relaxed) >= 200,
         "the PBX end echoed both calls"
+    );
+    assert!(
+        echo.video_echoed.load(Ordering::Relaxed) >= 100,
+        "the PBX end echoed video"
     );
 }

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::{
     Call, Calls, EndReason,
     security::{AppLeg, MediaPlan, PbxLeg},
+    streams::Routes,
 };
 use crate::{
     ice::leg::IceConn,
@@ -59,6 +60,8 @@ pub(super) struct Bridge {
     keyed: tokio::sync::Notify,
     /// The SRTP legs (app, PBX) as last handed to the state store.
     recorded: Mutex<Option<LegRecords>>,
+    /// Which of the call's streams a packet from the app goes to.
+    pub(super) routes: Routes,
 }
 
 /// Each leg's SRTP as the state store keeps it: the app's, the PBX's.
@@ -83,6 +86,7 @@ impl Bridge {
         pbx: Option<SrtpSession>,
         secured: [bool; 2],
         dtls: [DtlsState; 2],
+        routes: Routes,
     ) -> Bridge {
         Bridge {
             app: Mutex::new(app),
@@ -95,6 +99,7 @@ impl Bridge {
             associations: tokio::sync::Mutex::new(Vec::new()),
             keyed: tokio::sync::Notify::new(),
             recorded: Mutex::new(None),
+            routes,
         }
     }
 
@@ -104,6 +109,7 @@ impl Bridge {
     pub(super) fn restored(
         plan: &MediaPlan,
         [app, pbx]: &LegRecords,
+        routes: Routes,
     ) -> Result<Bridge, RecordError> {
         let MediaPlan::Bridged {
             app: app_leg,
@@ -111,7 +117,13 @@ impl Bridge {
             ..
         } = plan
         else {
-            return Ok(Bridge::new(None, None, [false; 2], [DtlsState::None; 2]));
+            return Ok(Bridge::new(
+                None,
+                None,
+                [false; 2],
+                [DtlsState::None; 2],
+                routes,
+            ));
         };
         let session =
             |record: &Option<SrtpRecord>| record.as_ref().map(SrtpSession::from_record).transpose();
@@ -133,6 +145,7 @@ impl Bridge {
                 state(matches!(app_leg, AppLeg::Dtls { .. })),
                 state(matches!(pbx_leg, PbxLeg::Dtls { .. })),
             ],
+            routes,
         );
         *bridge.recorded.lock().expect("bridge records") = Some([app.clone(), pbx.clone()]);
         Ok(bridge)
@@ -321,6 +334,7 @@ impl Calls {
             pbx_srtp,
             [!matches!(app, AppLeg::Plain), !matches!(pbx, PbxLeg::Plain)],
             [state(dtls_peer.is_some()), state(pbx_dtls.is_some())],
+            call.routes(),
         ));
         call.inner().bridge = Some(bridge.clone());
         let (app_records, app_queue) = dtls::record_queue();
@@ -457,25 +471,24 @@ impl Calls {
             })
         };
         let pbx_dtls = bridge.dtls.lock().expect("bridge dtls")[PBX] != DtlsState::None;
-        let from_pbx = |socket: Arc<tokio::net::UdpSocket>, rtcp: bool| {
+        // `stream`: 0 for the audio, k + 1 for the call's kth other stream.
+        let from_pbx = |socket: Arc<tokio::net::UdpSocket>, stream: usize, rtcp: bool| {
             let (conn, call, bridge) = (conn.clone(), call.clone(), bridge.clone());
             let pbx_records = pbx_records.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; PACKET_ROOM + MAX_OVERHEAD];
                 while let Ok((n, from)) = socket.recv_from(&mut buf[..PACKET_ROOM]).await {
-                    // Strict source: only the PBX's RTP (or RTCP) address.
-                    let expected = if rtcp {
-                        call.pbx_rtcp()
-                    } else {
-                        Some(call.pbx())
-                    };
-                    if Some(from) != expected {
+                    // Strict source: only the PBX's RTP (or RTCP) address of the stream.
+                    if Some(from) != call.pbx_address(stream, rtcp) {
                         continue;
                     }
                     if pbx_dtls && demux(&buf[..n]) == Demux::Dtls {
                         // As from the app: a handshake that is not reading drops it.
                         let _ = pbx_records.try_send(buf[..n].to_vec());
                         continue;
+                    }
+                    if !rtcp {
+                        bridge.routes.learn_pbx(&buf[..n], stream);
                     }
                     let Some(len) = bridge.pbx_to_app(&mut buf, n) else {
                         continue;
@@ -486,25 +499,45 @@ impl Calls {
                 }
             })
         };
-        let tasks = [
+        let mut tasks = vec![
             from_app,
-            from_pbx(call.lan_socket.clone(), false),
-            from_pbx(call.rtcp_socket.clone(), true),
+            from_pbx(call.lan_socket.clone(), 0, false),
+            from_pbx(call.rtcp_socket.clone(), 0, true),
         ];
+        for (k, stream) in call.streams.iter().enumerate() {
+            tasks.push(from_pbx(stream.rtp.clone(), k + 1, false));
+            tasks.push(from_pbx(stream.rtcp.clone(), k + 1, true));
+        }
         call.inner().tasks.extend(tasks);
     }
 }
 
 /// An app packet (`buf[..len]`) to the PBX, unprotected (and protected again) as the legs
-/// need, where it is; RTCP to the PBX's RTCP port when it keeps one.
+/// need, where it is, on its stream's ports; RTCP to the PBX's RTCP port when it keeps one.
 async fn to_pbx(call: &Call, bridge: &Bridge, buf: &mut [u8], len: usize) {
     let Some(len) = bridge.app_to_pbx(buf, len) else {
         return;
     };
     let out = &buf[..len];
-    let sent = match call.pbx_rtcp() {
-        Some(rtcp) if is_rtcp(out) => call.rtcp_socket.send_to(out, rtcp).await,
-        _ => call.lan_socket.send_to(out, call.pbx()).await,
+    let rtcp = is_rtcp(out);
+    // A call with other streams has plain RTP toward the PBX (MediaPlan::bundles_streams):
+    // what is read here is the packet as the app sent it.
+    let stream = bridge.routes.app_stream(out, rtcp);
+    let (rtp_socket, rtcp_socket) = match stream.checked_sub(1) {
+        None => (&call.lan_socket, &call.rtcp_socket),
+        Some(k) => match call.streams.get(k) {
+            Some(other) => (&other.rtp, &other.rtcp),
+            None => return,
+        },
+    };
+    let sent = match (
+        call.pbx_address(stream, true),
+        call.pbx_address(stream, false),
+    ) {
+        (Some(to), _) if rtcp => rtcp_socket.send_to(out, to).await,
+        (_, Some(to)) => rtp_socket.send_to(out, to).await,
+        // A stream the PBX refused: nothing to send it to.
+        (_, None) => return,
     };
     if sent.is_ok() {
         bridge.counters.to_pbx(len, monotonic_ns());

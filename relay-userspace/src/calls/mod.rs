@@ -28,6 +28,7 @@ mod flows;
 mod media;
 mod restore;
 pub mod security;
+mod streams;
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +39,7 @@ use flows::CallFlows;
 pub use flows::{Directions, Traffic};
 use media::{LanSockets, remove_flows_of_earlier_calls};
 use security::MediaPlan;
+use streams::{LanStream, MOST_STREAMS, PbxStream, pbx_streams};
 
 use crate::{
     calls::config::CallsConfig,
@@ -185,6 +187,9 @@ struct Call {
     lan: SocketAddr,
     lan_socket: Arc<UdpSocket>,
     rtcp_socket: Arc<UdpSocket>,
+    /// The streams anchored besides the audio (a bridged call's video), each on LAN ports
+    /// of its own.
+    streams: Vec<LanStream>,
     /// The PBX's offer, kept until the app answers.
     leg: tokio::sync::Mutex<IceLeg>,
     /// The leg's agent for the app's trickled candidates (the leg is locked while it
@@ -205,6 +210,8 @@ struct CallInner {
     /// call), and its RTCP when not with the RTP (no rtcp-mux).
     pbx: Option<SocketAddr>,
     pbx_rtcp: Option<SocketAddr>,
+    /// The same for each of the call's other streams (`Call::streams`).
+    pbx_streams: Vec<PbxStream>,
     /// The last SDP of each side as they sent it: what the relay answers an update from
     /// the other side with (`call.update`).
     pbx_sdp: String,
@@ -403,6 +410,8 @@ impl Calls {
             )));
         }
         let (lan_sockets, lan) = self.bind_lan_port().await?;
+        let others = self.other_streams(&plan, pbx_offer)?;
+        let streams = self.bind_streams(&others).await?;
         let (leg, local) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
             .map_err(ice_busy)?;
@@ -411,6 +420,7 @@ impl Calls {
             pbx_offer,
             local,
             plan.toward_app(self.identity.fingerprint(), &mids),
+            &streams,
         )?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut call = Call::offered(
@@ -422,9 +432,11 @@ impl Calls {
             leg,
         );
         call.caller = caller.map(str::to_owned);
+        call.streams = streams;
         {
             let mut inner = call.inner();
             inner.set_pbx(&pbx_endpoint);
+            inner.pbx_streams = pbx_streams(&call.streams, &others);
             inner.pbx_sdp = pbx_offer.to_owned();
             inner.sent_to_app = app_offer.clone();
             inner.plan = plan;
@@ -550,6 +562,8 @@ impl Calls {
         let plan = MediaPlan::for_app_offer(&endpoint, self.pbx_media)?;
         let mids = sdp::mids(app_offer)?;
         let (lan_sockets, lan) = self.bind_lan_port().await?;
+        let others = self.other_streams(&plan, app_offer)?;
+        let streams = self.bind_streams(&others).await?;
         // RTCP on its own port toward the PBX: what every PBX trunk takes; multiplexed
         // toward a DTLS PBX, whose one handshake then keys both (see MediaPlan::dtls_pbx).
         let pbx_offer = sdp::toward_pbx(
@@ -557,6 +571,7 @@ impl Calls {
             lan,
             plan.dtls_pbx(),
             plan.toward_pbx(self.identity.fingerprint()),
+            &lan_streams(&streams),
         )?;
         let (leg, _) = IceLeg::new(&self.ice, self.consent_timeout)
             .await
@@ -578,7 +593,7 @@ impl Calls {
                 "the controller of tenant {tenant} is not connected"
             )));
         }
-        let call = Call::offered(
+        let mut call = Call::offered(
             id,
             tenant.clone(),
             user.clone(),
@@ -586,8 +601,10 @@ impl Calls {
             (lan, lan_sockets),
             leg,
         );
+        call.streams = streams;
         {
             let mut inner = call.inner();
+            inner.pbx_streams = vec![None; call.streams.len()];
             inner.app_sdp = app_offer.to_owned();
             inner.app_ice = Some((ufrag, pwd));
             inner.sent_to_pbx = pbx_offer;
@@ -635,6 +652,7 @@ impl Calls {
             plan.pbx_answered(&pbx_endpoint)?;
             let (ufrag, pwd) = inner.app_ice.take().expect("checked above");
             inner.set_pbx(&pbx_endpoint);
+            inner.pbx_streams = pbx_streams(&call.streams, &sdp::other_streams(pbx_answer)?);
             inner.pbx_sdp = pbx_answer.to_owned();
             inner.plan = plan.clone();
             (ufrag, pwd, plan, inner.app_mids.clone())
@@ -647,6 +665,7 @@ impl Calls {
             pbx_answer,
             local,
             plan.toward_app(self.identity.fingerprint(), &mids),
+            &call.streams,
         )?;
         self.notify.to_app(
             &call.tenant,
@@ -691,7 +710,15 @@ impl Calls {
                 call.lan,
                 inner.pbx_rtcp.is_none(),
                 plan.toward_pbx(self.identity.fingerprint()),
+                &lan_streams(&call.streams),
             )?;
+            // A stream the app refused is refused toward the PBX too: nothing to carry.
+            let accepted = sdp::other_streams(app_answer)?;
+            for (stream, pbx) in call.streams.iter().zip(inner.pbx_streams.iter_mut()) {
+                if !accepted.iter().any(|e| e.line == stream.index + 1) {
+                    *pbx = None;
+                }
+            }
             inner.plan = plan;
             inner.sent_to_pbx = answer.clone();
             inner.app_sdp = app_answer.to_owned();
@@ -760,6 +787,7 @@ impl Calls {
                     &pbx_sdp,
                     local,
                     plan.toward_app(self.identity.fingerprint(), &mids),
+                    &call.streams,
                 )?;
                 call.inner().app_sdp = offer.to_owned();
                 self.dirty.store(true, Ordering::Relaxed);
@@ -781,11 +809,17 @@ impl Calls {
                         call.lan,
                         endpoint.rtcp_mux,
                         inner.plan.toward_pbx(self.identity.fingerprint()),
+                        &lan_streams(&call.streams),
                     )?;
-                    let old = (inner.pbx, inner.pbx_rtcp);
+                    let streams = pbx_streams(&call.streams, &sdp::other_streams(offer)?);
+                    let old = (inner.pbx, inner.pbx_rtcp, inner.pbx_streams.clone());
                     inner.set_pbx(&endpoint);
+                    inner.pbx_streams = streams;
                     inner.pbx_sdp = offer.to_owned();
-                    (answer, old != (inner.pbx, inner.pbx_rtcp))
+                    (
+                        answer,
+                        old != (inner.pbx, inner.pbx_rtcp, inner.pbx_streams.clone()),
+                    )
                 };
                 let (answer, moved) = moved;
                 self.dirty.store(true, Ordering::Relaxed);
@@ -997,14 +1031,52 @@ impl Calls {
         );
     }
 
-    /// The SDP the app gets: the PBX's, anchored at the ICE port, with the leg's ICE.
+    /// The SDP the app gets: the PBX's, anchored at the ICE port, with the leg's ICE; the
+    /// call's other `streams` on the same transport.
     fn toward_app(
         &self,
         pbx_sdp: &str,
         local: LocalIce,
         secure: Secure,
+        streams: &[LanStream],
     ) -> Result<String, CallError> {
-        sdp::toward_app(pbx_sdp, self.ice.address(), &local.into(), secure).map_err(CallError::from)
+        let extra: Vec<usize> = streams.iter().map(|stream| stream.index).collect();
+        sdp::toward_app(pbx_sdp, self.ice.address(), &local.into(), secure, &extra)
+            .map_err(CallError::from)
+    }
+
+    /// The streams of an offer the relay anchors besides its audio: with a bridged call
+    /// that bundles them toward the app (MediaPlan::bundles_streams), the first
+    /// MOST_STREAMS of its other audio and video streams; else none (they are refused).
+    fn other_streams(
+        &self,
+        plan: &MediaPlan,
+        offer: &str,
+    ) -> Result<Vec<sdp::AudioEndpoint>, CallError> {
+        if !plan.bundles_streams() {
+            return Ok(Vec::new());
+        }
+        let mut others = sdp::other_streams(offer)?;
+        others.truncate(MOST_STREAMS);
+        Ok(others)
+    }
+
+    /// LAN ports for each of `others`.
+    async fn bind_streams(
+        &self,
+        others: &[sdp::AudioEndpoint],
+    ) -> Result<Vec<LanStream>, CallError> {
+        let mut streams = Vec::with_capacity(others.len());
+        for other in others {
+            let (sockets, lan) = self.bind_lan_port().await?;
+            streams.push(LanStream {
+                index: other.line - 1,
+                lan,
+                rtp: sockets.rtp,
+                rtcp: sockets.rtcp,
+            });
+        }
+        Ok(streams)
     }
 }
 
@@ -1030,6 +1102,14 @@ fn dtls_identity(store: Option<&StateStore>) -> anyhow::Result<DtlsIdentity> {
     let pem = String::from_utf8(pem)
         .map_err(|_| anyhow::anyhow!("state store: the DTLS certificate is not PEM"))?;
     Ok(DtlsIdentity::from_pem(&pem)?)
+}
+
+/// Each of `streams`' m-line and LAN address, as the SDP toward the PBX names them.
+fn lan_streams(streams: &[LanStream]) -> Vec<(usize, SocketAddr)> {
+    streams
+        .iter()
+        .map(|stream| (stream.index, stream.lan))
+        .collect()
 }
 
 /// An SDP without the ICE credentials the relay's leg needs.
@@ -1063,6 +1143,7 @@ impl Call {
             lan,
             lan_socket: sockets.rtp,
             rtcp_socket: sockets.rtcp,
+            streams: Vec::new(),
             remote_candidates: leg.remote_candidates(),
             leg: tokio::sync::Mutex::new(leg),
             created: std::time::Instant::now(),

@@ -13,6 +13,7 @@
 //! with the same keys from the same indices on; the DTLS association that made the keys
 //! stays with the relayd that ended (nothing in a call needs it again), and the DTLS
 //! certificate is the store's, so the relay's fingerprint in later answers is the same.
+//! Its other streams (video) are recorded with their LAN ports and the PBX's addresses.
 
 use std::{
     net::SocketAddr,
@@ -28,12 +29,13 @@ use super::{
     bridge::{Bridge, LegRecords},
     media::LanSockets,
     security::{AppLeg, MediaPlan, PbxLeg},
+    streams::LanStream,
 };
 use crate::{
     datapath::{FlowSpec, table::FlowTable},
     ice::leg::{ConnectedLeg, Credentials, IceLeg, SelectedPair},
     media::{Crypto, Fingerprint, Setup, dtls::Role},
-    state::{CallRecord, IceRecord, LegRecord, LegSecurity, MediaRecord},
+    state::{CallRecord, IceRecord, LegRecord, LegSecurity, MediaRecord, StreamRecord},
     time::monotonic_ns,
 };
 
@@ -147,6 +149,17 @@ impl Calls {
             sent_to_app: inner.sent_to_app.clone(),
             sent_to_pbx: inner.sent_to_pbx.clone(),
             app_mids: inner.app_mids.clone(),
+            streams: call
+                .streams
+                .iter()
+                .zip(&inner.pbx_streams)
+                .map(|(stream, pbx)| StreamRecord {
+                    index: stream.index,
+                    lan: stream.lan,
+                    pbx: pbx.map(|(rtp, _)| rtp),
+                    pbx_rtcp: pbx.and_then(|(_, rtcp)| rtcp),
+                })
+                .collect(),
             ice: IceRecord {
                 local_ufrag: leg.credentials.local_ufrag,
                 local_pwd: leg.credentials.local_pwd,
@@ -298,12 +311,32 @@ impl Calls {
         let bridged = match &record.media {
             Some(media) => {
                 let (plan, srtp) = media_plan(media)?;
-                let bridge = Bridge::restored(&plan, &srtp).map_err(|err| err.to_string())?;
+                let indexes: Vec<usize> = record.streams.iter().map(|s| s.index).collect();
+                let routes = super::streams::routes_for(&record.app_sdp, &indexes);
+                let bridge =
+                    Bridge::restored(&plan, &srtp, routes).map_err(|err| err.to_string())?;
                 Some((plan, Arc::new(bridge)))
             }
             None => None,
         };
         let sockets = bind_lan_port_again(record.lan).await?;
+        let mut streams = Vec::with_capacity(record.streams.len());
+        for stream in &record.streams {
+            if stream.lan.ip() != self.lan_ip || !self.ports.contains(&stream.lan.port()) {
+                return Err(format!(
+                    "the LAN address {} of its m-line {} is outside calls.lan_address and calls.port_range",
+                    stream.lan,
+                    stream.index + 1
+                ));
+            }
+            let sockets = bind_lan_port_again(stream.lan).await?;
+            streams.push(LanStream {
+                index: stream.index,
+                lan: stream.lan,
+                rtp: sockets.rtp,
+                rtcp: sockets.rtcp,
+            });
+        }
         let leg = IceLeg::restored(
             &self.ice,
             self.consent_timeout,
@@ -329,6 +362,7 @@ impl Calls {
             (record.lan, sockets),
             leg,
         );
+        call.streams = streams;
         let age = Duration::from_secs(unix_now().saturating_sub(record.created));
         call.created = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         {
@@ -336,6 +370,11 @@ impl Calls {
             inner.state = CallState::Connected(pair);
             inner.pbx = Some(record.pbx);
             inner.pbx_rtcp = record.pbx_rtcp;
+            inner.pbx_streams = record
+                .streams
+                .iter()
+                .map(|stream| stream.pbx.map(|rtp| (rtp, stream.pbx_rtcp)))
+                .collect();
             inner.pbx_sdp = record.pbx_sdp.clone();
             inner.app_sdp = record.app_sdp.clone();
             inner.sent_to_app = record.sent_to_app.clone();

@@ -206,6 +206,22 @@ impl MediaPlan {
         Ok(())
     }
 
+    /// Whether the call anchors its other streams (video) besides the audio: bridged,
+    /// with one BUNDLE transport toward a DTLS-SRTP app (its keys cover every stream) and
+    /// plain RTP toward the PBX (each stream needs only its own ports there). With SDES or
+    /// DTLS toward the PBX every stream would need keys of its own: those calls carry
+    /// their audio only.
+    pub fn bundles_streams(&self) -> bool {
+        matches!(
+            self,
+            MediaPlan::Bridged {
+                app: AppLeg::Dtls { .. },
+                pbx: PbxLeg::Plain,
+                ..
+            }
+        )
+    }
+
     /// Whether the PBX leg is DTLS-SRTP: its RTCP is multiplexed.
     pub fn dtls_pbx(&self) -> bool {
         matches!(

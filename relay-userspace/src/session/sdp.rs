@@ -19,10 +19,7 @@ use std::{
 
 use sdp::{
     SessionDescription,
-    description::{
-        common::{Address, Attribute, ConnectionInformation},
-        media::MediaDescription,
-    },
+    description::common::{Address, Attribute, ConnectionInformation},
 };
 
 use crate::media::{Crypto, Fingerprint, Security, Setup};
@@ -165,17 +162,44 @@ pub fn parse(text: &str) -> Result<SessionDescription, SdpError> {
 pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
     let description = parse(text)?;
     let index = audio_index(&description)?;
-    let media = &description.media_descriptions[index];
-    if media.media_name.port.value == 0 {
+    if description.media_descriptions[index].media_name.port.value == 0 {
         return Err(SdpError::AudioRefused);
     }
+    endpoint(&description, index).map_err(|err| match err {
+        SdpError::NoStreamAddress { .. } => SdpError::NoAddress,
+        err => err,
+    })
+}
+
+/// The streams a description has besides its first audio stream that the relay can
+/// anchor: every other audio or video m-line that is not refused (port 0), in order.
+pub fn other_streams(text: &str) -> Result<Vec<AudioEndpoint>, SdpError> {
+    let description = parse(text)?;
+    let audio = audio_index(&description)?;
+    description
+        .media_descriptions
+        .iter()
+        .enumerate()
+        .filter(|(i, media)| {
+            *i != audio
+                && media.media_name.port.value != 0
+                && matches!(media.media_name.media.as_str(), "audio" | "video")
+        })
+        .map(|(i, _)| endpoint(&description, i))
+        .collect()
+}
+
+/// Where the m-line `index` wants its media, and how it secures it.
+fn endpoint(description: &SessionDescription, index: usize) -> Result<AudioEndpoint, SdpError> {
+    let media = &description.media_descriptions[index];
+    let line = index + 1;
     let address = media
         .connection_information
         .as_ref()
         .or(description.connection_information.as_ref())
         .and_then(|c| c.address.as_ref())
         .and_then(|a| a.address.parse::<IpAddr>().ok())
-        .ok_or(SdpError::NoAddress)?;
+        .ok_or(SdpError::NoStreamAddress { line })?;
     let value = |key: &str| -> Option<String> {
         media
             .attribute(key)
@@ -184,7 +208,6 @@ pub fn audio(text: &str) -> Result<AudioEndpoint, SdpError> {
             .map(str::to_owned)
     };
     let rtp = SocketAddr::new(address, media.media_name.port.value as u16);
-    let line = index + 1;
     let proto = media.media_name.protos.join("/");
     let security = match profile_security(&proto) {
         "dtls-srtp" => value("fingerprint")
@@ -311,74 +334,96 @@ fn profile_security(proto: &str) -> &'static str {
 
 /// The app's description as the PBX gets it: audio to `relay` (the relay's LAN address
 /// and the call's RTP port), no ICE. RTCP multiplexed only when `mux` (the PBX offered
-/// it); otherwise on the next port, where most PBX trunks want it.
+/// it); otherwise on the next port, where most PBX trunks want it. `extra`: the other
+/// streams the relay anchors (their m-line index, from 0, and the relay's LAN address for
+/// each), each on its own port as the PBX expects; a stream this description refuses stays
+/// refused.
 pub fn toward_pbx(
     app: &str,
     relay: SocketAddr,
     mux: bool,
     secure: Secure,
+    extra: &[(usize, SocketAddr)],
 ) -> Result<String, SdpError> {
     let mut description = parse(app)?;
-    secure_streams(&mut description, secure)?;
-    let media = anchor(&mut description, relay)?;
-    if !mux {
-        media.attributes.retain(|a| a.key != "rtcp-mux");
+    let anchored = anchor(&mut description, relay, extra)?;
+    secure_streams(&mut description, secure, &anchored)?;
+    for (index, relay) in anchored {
+        let media = &mut description.media_descriptions[index];
+        if !mux {
+            media.attributes.retain(|a| a.key != "rtcp-mux");
+        }
+        // With rtcp-mux RTCP shares the RTP port; without, it is the next one.
+        let rtcp_port = if media.has_attribute("rtcp-mux") {
+            relay.port()
+        } else {
+            relay.port() + 1
+        };
+        set_rtcp(&mut media.attributes, rtcp_port, relay.ip());
     }
-    // With rtcp-mux RTCP shares the RTP port; without, it is the next one.
-    let rtcp_port = if media.has_attribute("rtcp-mux") {
-        relay.port()
-    } else {
-        relay.port() + 1
-    };
-    set_rtcp(&mut media.attributes, rtcp_port, relay.ip());
     Ok(description.marshal())
 }
 
 /// The PBX's description as the app gets it: audio to `relay` (the relay's WAN address and
-/// ICE port), the relay's ICE credentials and candidates, RTCP multiplexed.
+/// ICE port), the relay's ICE credentials and candidates, RTCP multiplexed. `extra`: the
+/// m-line indexes (from 0) of the other streams the relay anchors, on the same transport
+/// (BUNDLE, with a DTLS app).
 pub fn toward_app(
     pbx: &str,
     relay: SocketAddr,
     ice: &IceLines,
     secure: Secure,
+    extra: &[usize],
 ) -> Result<String, SdpError> {
     let mut description = parse(pbx)?;
-    secure_streams(&mut description, secure)?;
-    let media = anchor(&mut description, relay)?;
-    set_rtcp(&mut media.attributes, relay.port(), relay.ip());
-    if !media.has_attribute("rtcp-mux") {
+    let extra: Vec<(usize, SocketAddr)> = extra.iter().map(|i| (*i, relay)).collect();
+    let anchored = anchor(&mut description, relay, &extra)?;
+    secure_streams(&mut description, secure, &anchored)?;
+    // Every bundled m-line carries the transport's attributes: the same ICE, one port.
+    for (index, _) in anchored {
+        let media = &mut description.media_descriptions[index];
+        set_rtcp(&mut media.attributes, relay.port(), relay.ip());
+        if !media.has_attribute("rtcp-mux") {
+            media
+                .attributes
+                .push(Attribute::new("rtcp-mux".into(), None));
+        }
         media
             .attributes
-            .push(Attribute::new("rtcp-mux".into(), None));
-    }
-    media
-        .attributes
-        .push(Attribute::new("ice-ufrag".into(), Some(ice.ufrag.clone())));
-    media
-        .attributes
-        .push(Attribute::new("ice-pwd".into(), Some(ice.pwd.clone())));
-    for candidate in &ice.candidates {
+            .push(Attribute::new("ice-ufrag".into(), Some(ice.ufrag.clone())));
         media
             .attributes
-            .push(Attribute::new("candidate".into(), Some(candidate.clone())));
+            .push(Attribute::new("ice-pwd".into(), Some(ice.pwd.clone())));
+        for candidate in &ice.candidates {
+            media
+                .attributes
+                .push(Attribute::new("candidate".into(), Some(candidate.clone())));
+        }
+        media
+            .attributes
+            .push(Attribute::new("end-of-candidates".into(), None));
     }
-    media
-        .attributes
-        .push(Attribute::new("end-of-candidates".into(), None));
     Ok(description.marshal())
 }
 
 /// The relay's own media security in place of the other side's: profiles, keys, and for
-/// DTLS the BUNDLE group of the audio stream (the only one anchored) and every m-line's mid.
-fn secure_streams(description: &mut SessionDescription, secure: Secure) -> Result<(), SdpError> {
-    let index = usable_audio(description)?;
+/// DTLS the certificate on every anchored stream, every m-line's mid, and with `bundle` the
+/// group of the anchored streams (`anchored`: their indexes, the audio stream first).
+fn secure_streams(
+    description: &mut SessionDescription,
+    secure: Secure,
+    anchored: &[(usize, SocketAddr)],
+) -> Result<(), SdpError> {
     let proto = match secure {
         Secure::AsIs => return Ok(()),
         Secure::Plain { proto } | Secure::Sdes { proto, .. } | Secure::Dtls { proto, .. } => proto,
     };
+    let index = anchored.first().map_or(0, |(index, _)| *index);
+    let is_anchored = |i: usize| anchored.iter().any(|(index, _)| *index == i);
     let strip = |attributes: &mut Vec<Attribute>| {
         attributes.retain(|a| !SECURITY_ATTRIBUTES.contains(&a.key.as_str()));
     };
+    let mid_of = |mids: &[String], i: usize| mids.get(i).cloned().unwrap_or_else(|| i.to_string());
     strip(&mut description.attributes);
     for (i, media) in description.media_descriptions.iter_mut().enumerate() {
         strip(&mut media.attributes);
@@ -397,7 +442,7 @@ fn secure_streams(description: &mut SessionDescription, secure: Secure) -> Resul
                 bundle,
                 ..
             } => {
-                if i == index {
+                if is_anchored(i) {
                     media
                         .attributes
                         .push(attribute("fingerprint", fingerprint.to_string()));
@@ -406,8 +451,7 @@ fn secure_streams(description: &mut SessionDescription, secure: Secure) -> Resul
                         .push(attribute("setup", setup.as_str().to_owned()));
                 }
                 if bundle {
-                    let mid = mids.get(i).cloned().unwrap_or_else(|| i.to_string());
-                    media.attributes.push(attribute("mid", mid));
+                    media.attributes.push(attribute("mid", mid_of(mids, i)));
                 }
             }
             _ => {}
@@ -417,26 +461,36 @@ fn secure_streams(description: &mut SessionDescription, secure: Secure) -> Resul
         mids, bundle: true, ..
     } = secure
     {
-        let mid = mids
-            .get(index)
-            .cloned()
-            .unwrap_or_else(|| index.to_string());
+        let group: Vec<String> = (0..description.media_descriptions.len())
+            .filter(|i| is_anchored(*i))
+            .map(|i| mid_of(mids, i))
+            .collect();
         description.attributes.push(Attribute::new(
             "group".into(),
-            Some(format!("BUNDLE {mid}")),
+            Some(format!("BUNDLE {}", group.join(" "))),
         ));
     }
     Ok(())
 }
 
 /// What both directions do: the relay's address in `o=` and `c=`, every ICE attribute
-/// removed, the first audio stream sent to `relay`, the other streams refused (port 0).
-/// Returns the audio stream, for the direction's own attributes.
+/// removed, the first audio stream sent to `relay` and each stream of `extra` that this
+/// description does not refuse to its own address, the other streams refused (port 0).
+/// Returns the anchored streams (index and the relay's address), the audio stream first.
 fn anchor(
     description: &mut SessionDescription,
     relay: SocketAddr,
-) -> Result<&mut MediaDescription, SdpError> {
+    extra: &[(usize, SocketAddr)],
+) -> Result<Vec<(usize, SocketAddr)>, SdpError> {
     let index = usable_audio(description)?;
+    let mut anchored = vec![(index, relay)];
+    anchored.extend(extra.iter().copied().filter(|(i, _)| {
+        *i != index
+            && description
+                .media_descriptions
+                .get(*i)
+                .is_some_and(|media| media.media_name.port.value != 0)
+    }));
     readdress(description, relay.ip());
     // a=rtcp is a media attribute (RFC 3605); at session level it is only the other side's
     // address.
@@ -447,18 +501,18 @@ fn anchor(
         media
             .attributes
             .retain(|a| !ICE_ATTRIBUTES.contains(&a.key.as_str()));
-        if i != index {
-            // Refused, and nothing of the other side's addresses left in it: its own c=
-            // and a=rtcp would name them (the session c= covers every m-line).
-            media.media_name.port.value = 0;
-            media.connection_information = None;
-            media.attributes.retain(|a| a.key != "rtcp");
+        media.connection_information = None;
+        match anchored.iter().find(|(index, _)| *index == i) {
+            Some((_, address)) => media.media_name.port.value = address.port() as isize,
+            None => {
+                // Refused, and nothing of the other side's addresses left in it: its own
+                // c= and a=rtcp would name them (the session c= covers every m-line).
+                media.media_name.port.value = 0;
+                media.attributes.retain(|a| a.key != "rtcp");
+            }
         }
     }
-    let media = &mut description.media_descriptions[index];
-    media.media_name.port.value = relay.port() as isize;
-    media.connection_information = None;
-    Ok(media)
+    Ok(anchored)
 }
 
 fn audio_index(description: &SessionDescription) -> Result<usize, SdpError> {
@@ -531,6 +585,8 @@ mod tests {
     const WEBRTC_OFFER: &str = include_str!("../../../fixtures/sdp/webrtc-client-offer.sdp");
     const PBX_PLAIN: &str = include_str!("../../../fixtures/sdp/pbx-plain-rtp-offer.sdp");
     const PBX_SRTP: &str = include_str!("../../../fixtures/sdp/pbx-sdes-srtp-offer.sdp");
+    const WEBRTC_AV_OFFER: &str =
+        include_str!("../../../fixtures/sdp/webrtc-audio-video-offer.sdp");
 
     fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         text.split("\r\n")
@@ -549,7 +605,7 @@ mod tests {
     #[test]
     fn the_app_offer_reaches_the_pbx_without_ice_and_with_the_relays_address() {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
-        let rewritten = toward_pbx(WEBRTC_OFFER, relay, true, Secure::AsIs).unwrap();
+        let rewritten = toward_pbx(WEBRTC_OFFER, relay, true, Secure::AsIs, &[]).unwrap();
         assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 10.30.0.1"]);
         assert_eq!(
             lines_with(&rewritten, "m="),
@@ -613,7 +669,7 @@ mod tests {
     #[test]
     fn toward_a_pbx_without_rtcp_mux_rtcp_is_on_the_next_port() {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
-        let rewritten = toward_pbx(WEBRTC_OFFER, relay, false, Secure::AsIs).unwrap();
+        let rewritten = toward_pbx(WEBRTC_OFFER, relay, false, Secure::AsIs, &[]).unwrap();
         assert!(
             lines_with(&rewritten, "a=rtcp-mux").is_empty(),
             "{rewritten}"
@@ -640,7 +696,7 @@ mod tests {
     #[test]
     fn the_pbx_offer_reaches_the_app_with_the_relays_ice() {
         let relay: SocketAddr = "198.51.100.1:3479".parse().unwrap();
-        let rewritten = toward_app(PBX_SRTP, relay, &ice(), Secure::AsIs).unwrap();
+        let rewritten = toward_app(PBX_SRTP, relay, &ice(), Secure::AsIs, &[]).unwrap();
         assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 198.51.100.1"]);
         assert_eq!(
             lines_with(&rewritten, "m="),
@@ -668,7 +724,7 @@ mod tests {
         );
 
         // Plain RTP with a session-level c=: the same.
-        let rewritten = toward_app(PBX_PLAIN, relay, &ice(), Secure::AsIs).unwrap();
+        let rewritten = toward_app(PBX_PLAIN, relay, &ice(), Secure::AsIs, &[]).unwrap();
         assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 198.51.100.1"]);
         assert_eq!(
             lines_with(&rewritten, "m="),
@@ -711,27 +767,27 @@ mod tests {
         let relay: SocketAddr = "10.30.0.1:40000".parse().unwrap();
         let video_only = PBX_PLAIN.replace("m=audio", "m=video");
         assert_eq!(
-            toward_pbx(&video_only, relay, false, Secure::AsIs),
+            toward_pbx(&video_only, relay, false, Secure::AsIs, &[]),
             Err(SdpError::NoAudio)
         );
         assert_eq!(audio(&video_only), Err(SdpError::NoAudio));
         let refused = PBX_PLAIN.replace("m=audio 16384", "m=audio 0");
         assert_eq!(
-            toward_app(&refused, relay, &ice(), Secure::AsIs),
+            toward_app(&refused, relay, &ice(), Secure::AsIs, &[]),
             Err(SdpError::AudioRefused)
         );
         assert!(matches!(
-            toward_pbx("hello", relay, false, Secure::AsIs),
+            toward_pbx("hello", relay, false, Secure::AsIs, &[]),
             Err(SdpError::Unparseable(_))
         ));
         assert!(matches!(
-            toward_pbx("", relay, false, Secure::AsIs),
+            toward_pbx("", relay, false, Secure::AsIs, &[]),
             Err(SdpError::Unparseable(_)) | Err(SdpError::NoAudio)
         ));
         // A second stream (video) is refused toward the other side, audio kept.
         let with_video =
             format!("{PBX_PLAIN}m=video 16390 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n");
-        let rewritten = toward_app(&with_video, relay, &ice(), Secure::AsIs).unwrap();
+        let rewritten = toward_app(&with_video, relay, &ice(), Secure::AsIs, &[]).unwrap();
         assert_eq!(
             lines_with(&rewritten, "m="),
             ["m=audio 40000 RTP/AVP 8 0 9 101", "m=video 0 RTP/AVP 96"]
@@ -752,7 +808,7 @@ mod tests {
             mids: &mids,
             bundle: true,
         };
-        let offer = toward_app(&with_video, relay, &ice(), secure).unwrap();
+        let offer = toward_app(&with_video, relay, &ice(), secure, &[]).unwrap();
         assert_eq!(
             lines_with(&offer, "m="),
             [
@@ -783,8 +839,14 @@ mod tests {
         // The app's WebRTC offer toward a plain-RTP PBX: no DTLS, no BUNDLE, no WebRTC
         // attributes, the codecs kept.
         let lan: SocketAddr = "10.30.0.1:40000".parse().unwrap();
-        let plain =
-            toward_pbx(WEBRTC_OFFER, lan, false, Secure::Plain { proto: "RTP/AVP" }).unwrap();
+        let plain = toward_pbx(
+            WEBRTC_OFFER,
+            lan,
+            false,
+            Secure::Plain { proto: "RTP/AVP" },
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             lines_with(&plain, "m="),
             ["m=audio 40000 RTP/AVP 111 63 9 0 8 13 110 126"]
@@ -826,6 +888,7 @@ mod tests {
                 mids: &[],
                 bundle: false,
             },
+            &[],
         )
         .unwrap();
         assert_eq!(
@@ -857,7 +920,7 @@ mod tests {
             "{PBX_PLAIN}m=video 16390 RTP/AVP 96\r\nc=IN IP4 10.20.0.6\r\na=rtcp:16391 IN IP4 10.20.0.6\r\na=rtpmap:96 H264/90000\r\n"
         );
         for secure in [Secure::AsIs, Secure::Plain { proto: "RTP/AVP" }] {
-            let rewritten = toward_app(&with_video, relay, &ice(), secure).unwrap();
+            let rewritten = toward_app(&with_video, relay, &ice(), secure, &[]).unwrap();
             assert!(!rewritten.contains("10.20.0."), "{rewritten}");
             assert_eq!(lines_with(&rewritten, "c="), ["c=IN IP4 198.51.100.1"]);
         }
@@ -868,7 +931,7 @@ mod tests {
         );
         // And one at session level, where RFC 3605 has none.
         let twice = twice.replace("t=0 0", "t=0 0\r\na=rtcp:9 IN IP4 10.20.0.8");
-        let rewritten = toward_app(&twice, relay, &ice(), Secure::AsIs).unwrap();
+        let rewritten = toward_app(&twice, relay, &ice(), Secure::AsIs, &[]).unwrap();
         assert_eq!(
             lines_with(&rewritten, "a=rtcp:"),
             ["a=rtcp:3479 IN IP4 198.51.100.1"],
@@ -888,6 +951,7 @@ mod tests {
                 proto: "RTP/SAVP",
                 crypto: &key,
             },
+            &[],
         )
         .unwrap();
         assert_eq!(
@@ -925,5 +989,87 @@ mod tests {
             check_answer(&actpass, &actpass),
             Err(SdpError::BadSetup { line: 1 })
         );
+    }
+
+    #[test]
+    fn video_is_bundled_toward_the_app_and_on_its_own_ports_toward_the_pbx() {
+        let lan: SocketAddr = "10.30.0.1:40000".parse().unwrap();
+        let lan_video: SocketAddr = "10.30.0.1:40002".parse().unwrap();
+        let others = other_streams(WEBRTC_AV_OFFER).unwrap();
+        assert_eq!(others.len(), 1);
+        assert_eq!((others[0].line, others[0].formats.len()), (2, 4));
+        let offer = toward_pbx(
+            WEBRTC_AV_OFFER,
+            lan,
+            false,
+            Secure::Plain { proto: "RTP/AVP" },
+            &[(1, lan_video)],
+        )
+        .unwrap();
+        assert_eq!(
+            lines_with(&offer, "m="),
+            [
+                "m=audio 40000 RTP/AVP 111 63 9 0 8 13 110 126",
+                "m=video 40002 RTP/AVP 96 97 102 103"
+            ]
+        );
+        assert_eq!(
+            lines_with(&offer, "a=rtcp:"),
+            [
+                "a=rtcp:40001 IN IP4 10.30.0.1",
+                "a=rtcp:40003 IN IP4 10.30.0.1"
+            ]
+        );
+        for gone in ["a=mid", "a=group", "a=fingerprint", "a=ssrc", "a=rtcp-mux"] {
+            assert!(lines_with(&offer, gone).is_empty(), "{gone} in\n{offer}");
+        }
+        let video = &other_streams(&offer).unwrap()[0];
+        assert_eq!(
+            (video.rtp, video.rtcp),
+            (lan_video, "10.30.0.1:40003".parse().unwrap())
+        );
+
+        // The PBX answers both: the app gets one transport for both, in one group.
+        let answer = format!("{PBX_PLAIN}m=video 16390 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n");
+        assert_eq!(
+            other_streams(&answer).unwrap()[0].rtp,
+            "10.20.0.5:16390".parse::<SocketAddr>().unwrap()
+        );
+        let wan: SocketAddr = "198.51.100.1:3479".parse().unwrap();
+        let fingerprint = Fingerprint::sha256(b"the relay's certificate");
+        let mids = mids(WEBRTC_AV_OFFER).unwrap();
+        let secure = Secure::Dtls {
+            proto: "UDP/TLS/RTP/SAVPF",
+            fingerprint: &fingerprint,
+            setup: Setup::Passive,
+            mids: &mids,
+            bundle: true,
+        };
+        let to_app = toward_app(&answer, wan, &ice(), secure, &[1]).unwrap();
+        assert_eq!(
+            lines_with(&to_app, "m="),
+            [
+                "m=audio 3479 UDP/TLS/RTP/SAVPF 8 0 9 101",
+                "m=video 3479 UDP/TLS/RTP/SAVPF 96"
+            ]
+        );
+        assert_eq!(lines_with(&to_app, "a=group:"), ["a=group:BUNDLE 0 1"]);
+        assert_eq!(lines_with(&to_app, "a=setup:").len(), 2, "{to_app}");
+        assert_eq!(lines_with(&to_app, "a=ice-ufrag:").len(), 2, "{to_app}");
+        assert_eq!(lines_with(&to_app, "a=rtcp-mux").len(), 2, "{to_app}");
+        assert!(!to_app.contains("10.20.0.5"), "{to_app}");
+
+        // A PBX that refuses the video: refused toward the app too, out of the group.
+        let refusing = format!("{PBX_PLAIN}m=video 0 RTP/AVP 96\r\n");
+        assert!(other_streams(&refusing).unwrap().is_empty());
+        let to_app = toward_app(&refusing, wan, &ice(), secure, &[1]).unwrap();
+        assert_eq!(
+            lines_with(&to_app, "m="),
+            [
+                "m=audio 3479 UDP/TLS/RTP/SAVPF 8 0 9 101",
+                "m=video 0 UDP/TLS/RTP/SAVPF 96"
+            ]
+        );
+        assert_eq!(lines_with(&to_app, "a=group:"), ["a=group:BUNDLE 0"]);
     }
 }
