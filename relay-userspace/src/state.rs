@@ -79,6 +79,7 @@ pub struct CallRecord {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StreamRecord {
     pub index: usize,
+    pub media: String,
     pub lan: SocketAddr,
     pub pbx: Option<SocketAddr>,
     pub pbx_rtcp: Option<SocketAddr>,
@@ -438,6 +439,7 @@ mod tests {
             app_mids: vec!["0".into(), "1".into()],
             streams: vec![StreamRecord {
                 index: 1,
+                media: "video".into(),
                 lan: "10.0.0.1:40002".parse().unwrap(),
                 pbx: Some("10.0.0.5:5006".parse().unwrap()),
                 pbx_rtcp: None,

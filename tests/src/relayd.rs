@@ -183,6 +183,24 @@ impl Relayd {
         serde_json::from_str(&self.ctl_ok(&full)).expect("relayctl --json prints JSON")
     }
 
+    /// `relayctl --json ...` until `done` holds of what it prints (relayd's bookkeeping may
+    /// trail what a peer saw by a moment), at most `within`; the last print either way.
+    pub fn ctl_json_until(
+        &self,
+        args: &[&str],
+        within: std::time::Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let printed = self.ctl_json(args);
+            if done(&printed) || std::time::Instant::now() >= deadline {
+                return printed;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the flow table is empty (a call's end removed its flows), at most
     /// `within`; panics naming `what` with the flows left and the log.
     pub fn wait_for_no_flows(&self, within: std::time::Duration, what: &str) {

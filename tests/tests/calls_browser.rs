@@ -366,6 +366,22 @@ async fn hear_then_hang_up(
             .until(Duration::from_secs(20), "video from the PBX", sees)
             .await;
         assert_eq!(seen["dtls"], "connected", "{seen}");
+        let shown = relayd.ctl_json(&["calls", "show", &id.to_string()]);
+        let stream = &shown["streams"][0];
+        assert_eq!(
+            (
+                stream["media"].as_str(),
+                stream["line"].as_u64(),
+                stream["pbx"].as_str()
+            ),
+            (Some("video"), Some(2), Some("10.30.0.2:40002")),
+            "{shown}"
+        );
+        let text = relayd.ctl_ok(&["calls", "show", &id.to_string()]);
+        assert!(
+            text.contains(&format!("<-> PBX 10.30.0.2:{PBX_VIDEO_PORT} (m-line 2")),
+            "{text}"
+        );
     }
     let result = request(
         controller,

@@ -472,8 +472,12 @@ fn killed_relayd_keeps_a_bridged_call(dtls_pbx: bool) {
             echo = Some(task);
         }
         let (relay_fingerprint, _connected) = recv_async(connected).await;
-        let shown = relayd.ctl_json(&["calls", "show", &call.to_string()]);
         let pbx_dtls = if dtls_pbx { "connected" } else { "-" };
+        let shown = relayd.ctl_json_until(
+            &["calls", "show", &call.to_string()],
+            Duration::from_secs(2),
+            |shown| shown["bridged"]["dtls"] == "connected" && shown["bridged"]["pbx_dtls"] == pbx_dtls,
+        );
         assert_eq!(
             (&shown["bridged"]["dtls"], &shown["bridged"]["pbx_dtls"]),
             (&json!("connected"), &json!(pbx_dtls)),

@@ -84,6 +84,19 @@ pub struct CallInfo {
     pub pbx_security: &'static str,
     /// What the relay carried and refused itself, for a bridged call.
     pub bridged: Option<BridgeInfo>,
+    /// The streams anchored besides the audio (a bridged call's video).
+    pub streams: Vec<StreamInfo>,
+}
+
+/// One of a call's streams besides its audio.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// Its m-line (1 is the first) and media (`video`, `audio`).
+    pub line: usize,
+    pub media: String,
+    pub lan: SocketAddr,
+    /// None: the PBX refused it, or has not answered yet.
+    pub pbx: Option<SocketAddr>,
 }
 
 /// A bridged call's media as the relay carried it.
@@ -884,6 +897,17 @@ impl Calls {
                 let flows = inner.flows.ids();
                 let (app_security, pbx_security) = inner.plan.names();
                 let bridged = inner.bridge.as_ref().map(|bridge| bridge.info());
+                let streams = call
+                    .streams
+                    .iter()
+                    .zip(&inner.pbx_streams)
+                    .map(|(stream, pbx)| StreamInfo {
+                        line: stream.index + 1,
+                        media: stream.media.clone(),
+                        lan: stream.lan,
+                        pbx: pbx.map(|(rtp, _)| rtp),
+                    })
+                    .collect();
                 CallInfo {
                     call: call.id,
                     tenant: call.tenant.clone(),
@@ -903,6 +927,7 @@ impl Calls {
                     app_security,
                     pbx_security,
                     bridged,
+                    streams,
                 }
             })
             .collect();
@@ -1071,6 +1096,7 @@ impl Calls {
             let (sockets, lan) = self.bind_lan_port().await?;
             streams.push(LanStream {
                 index: other.line - 1,
+                media: other.media.clone(),
                 lan,
                 rtp: sockets.rtp,
                 rtcp: sockets.rtcp,

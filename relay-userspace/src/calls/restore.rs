@@ -155,6 +155,7 @@ impl Calls {
                 .zip(&inner.pbx_streams)
                 .map(|(stream, pbx)| StreamRecord {
                     index: stream.index,
+                    media: stream.media.clone(),
                     lan: stream.lan,
                     pbx: pbx.map(|(rtp, _)| rtp),
                     pbx_rtcp: pbx.and_then(|(_, rtcp)| rtcp),
@@ -332,6 +333,7 @@ impl Calls {
             let sockets = bind_lan_port_again(stream.lan).await?;
             streams.push(LanStream {
                 index: stream.index,
+                media: stream.media.clone(),
                 lan: stream.lan,
                 rtp: sockets.rtp,
                 rtcp: sockets.rtcp,

@@ -21,8 +21,9 @@ pub(super) const MOST_STREAMS: usize = 3;
 
 /// One anchored stream's LAN side: its m-line and the relay's ports for it.
 pub(super) struct LanStream {
-    /// Its m-line, from 0.
+    /// Its m-line, from 0, and its media (`video`, `audio`).
     pub(super) index: usize,
+    pub(super) media: String,
     pub(super) lan: SocketAddr,
     pub(super) rtp: Arc<UdpSocket>,
     pub(super) rtcp: Arc<UdpSocket>,
@@ -218,6 +219,7 @@ mod tests {
             proto: "UDP/TLS/RTP/SAVPF".into(),
             security: Ok(crate::media::Security::Plain),
             line,
+            media: "video".into(),
             formats: formats.iter().map(|f| f.to_string()).collect(),
         }
     }

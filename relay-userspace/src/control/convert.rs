@@ -199,6 +199,16 @@ impl From<CallInfo> for wire::CallInfo {
                 replays: bridged.totals.replays,
                 malformed: bridged.totals.malformed,
             }),
+            streams: call
+                .streams
+                .into_iter()
+                .map(|stream| wire::CallStream {
+                    line: stream.line,
+                    media: stream.media,
+                    lan: stream.lan,
+                    pbx: stream.pbx,
+                })
+                .collect(),
         }
     }
 }

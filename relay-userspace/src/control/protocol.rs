@@ -431,6 +431,19 @@ pub struct CallInfo {
     /// A bridged call's media, which the relay carries itself.
     #[serde(default)]
     pub bridged: Option<BridgedMedia>,
+    /// The streams anchored besides the audio (a bridged call's video).
+    #[serde(default)]
+    pub streams: Vec<CallStream>,
+}
+
+/// One of a call's streams besides its audio: its m-line (1 is the first), its media, the
+/// relay's LAN address for it and the PBX's (None: refused, or not answered yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallStream {
+    pub line: usize,
+    pub media: String,
+    pub lan: SocketAddr,
+    pub pbx: Option<SocketAddr>,
 }
 
 /// What the relay did with a bridged call's packets.

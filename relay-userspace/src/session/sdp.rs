@@ -147,8 +147,10 @@ pub struct AudioEndpoint {
     /// The keys or the DTLS certificate it sends with, or why the relay could not use them
     /// (only an error where the relay terminates the leg's security).
     pub security: Result<Security, SdpError>,
-    /// Which m-line it is (1 is the first), for errors that name it.
+    /// Which m-line it is (1 is the first), for errors that name it, and its media
+    /// (`audio`, `video`).
     pub line: usize,
+    pub media: String,
     /// Its payload types (`m=` formats), in order of preference.
     pub formats: Vec<String>,
 }
@@ -264,6 +266,7 @@ fn endpoint(description: &SessionDescription, index: usize) -> Result<AudioEndpo
         proto,
         security,
         line,
+        media: media.media_name.media.clone(),
         formats: media.media_name.formats.clone(),
     })
 }
@@ -659,6 +662,7 @@ mod tests {
                     setup: Setup::ActPass,
                 }),
                 line: 1,
+                media: "audio".into(),
                 formats: ["111", "63", "9", "0", "8", "13", "110", "126"]
                     .map(String::from)
                     .to_vec(),
@@ -754,6 +758,7 @@ mod tests {
                 proto: "RTP/AVP".into(),
                 security: Ok(Security::Plain),
                 line: 1,
+                media: "audio".into(),
                 formats: ["8", "0", "9", "101"].map(String::from).to_vec(),
             }
         );

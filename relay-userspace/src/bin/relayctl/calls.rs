@@ -84,6 +84,15 @@ pub fn run(
                     info.lan,
                     or_dash(info.pbx)
                 );
+                for stream in &info.streams {
+                    println!(
+                        "{:<11} relay {} <-> PBX {} (m-line {}, bundled toward the app)",
+                        stream.media,
+                        stream.lan,
+                        or_dash(stream.pbx),
+                        stream.line
+                    );
+                }
                 println!(
                     "security    app {}, pbx {}",
                     info.app_security, info.pbx_security
