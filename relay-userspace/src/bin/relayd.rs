@@ -159,7 +159,13 @@ fn main() -> ExitCode {
     }
     let set_log_level = init_logging(&config.log);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %origin, "relayd starting");
+    let threads = config.runtime.threads();
+    tracing::info!(
+        worker_threads = threads,
+        "async runtime: {threads} worker thread(s) (runtime.worker_threads)"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
