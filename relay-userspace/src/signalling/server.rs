@@ -345,7 +345,7 @@ async fn serve(
             },
             outgoing = queue.recv() => match outgoing {
                 Some(message) => {
-                    if send(socket, &message).await.is_err() {
+                    if send_queued(socket, &message, queue).await.is_err() {
                         return "the peer stopped reading".to_owned();
                     }
                 }
@@ -690,8 +690,31 @@ fn calls_disabled(id: u64) -> Outbound {
 }
 
 async fn send(socket: &mut Socket, message: &Outbound) -> Result<(), tungstenite::Error> {
-    let text = serde_json::to_string(message).expect("outbound messages serialize");
-    socket.send(Message::text(text)).await
+    socket.send(frame(message)).await
+}
+
+fn frame(message: &Outbound) -> Message {
+    Message::text(serde_json::to_string(message).expect("outbound messages serialize"))
+}
+
+/// The most queued messages written with one flush.
+const MOST_BATCHED: usize = 64;
+
+/// `first` and what else is queued behind it (up to [`MOST_BATCHED`] in all), written with
+/// one flush: the stats of 1,000 calls fall due together, and a write (a TLS record, a TCP
+/// segment, a system call) per event cost relayd more than everything else its connected
+/// calls did.
+async fn send_queued(
+    socket: &mut Socket,
+    first: &Outbound,
+    queue: &mut tokio::sync::mpsc::Receiver<Outbound>,
+) -> Result<(), tungstenite::Error> {
+    socket.feed(frame(first)).await?;
+    for _ in 1..MOST_BATCHED {
+        let Ok(message) = queue.try_recv() else { break };
+        socket.feed(frame(&message)).await?;
+    }
+    socket.flush().await
 }
 
 async fn close(socket: &mut Socket, code: CloseCode, reason: &str) {
