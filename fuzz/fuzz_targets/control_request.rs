@@ -31,6 +31,7 @@ fn services() -> &'static Services {
             None,
         )),
         admission: relay::admission::Admission::new(&Default::default(), 1024),
+        cluster: None,
         started: std::time::Instant::now(),
     })
 }

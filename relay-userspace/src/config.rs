@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::{
     admission::ConnectionsConfig,
     calls::config::CallsConfig,
+    cluster::config::ClusterConfig,
     datapath::config::{DatapathConfig, FlowsConfig},
     metrics::MetricsConfig,
     ng::config::NgConfig,
@@ -34,6 +35,7 @@ pub struct Config {
     pub ng: NgConfig,
     pub push: PushConfig,
     pub state: StateConfig,
+    pub cluster: ClusterConfig,
     pub runtime: RuntimeConfig,
     pub log: LogConfig,
 }
@@ -384,6 +386,7 @@ impl Config {
         self.ng.problems(&mut problem);
         self.push.problems(self.signalling.enabled, &mut problem);
         self.connections.problems(&mut problem);
+        self.cluster.problems(&mut problem);
         self.runtime.problems(&mut problem);
         if let Err(reason) = log_filter(&self.log.level) {
             problem(

@@ -142,6 +142,33 @@ pub async fn run(
         }
         None => None,
     };
+    let cluster = if config.cluster.enabled {
+        let load: crate::cluster::LoadSource = {
+            let (table, turn, calls) = (table.clone(), turn.clone(), calls.clone());
+            let hub = signalling
+                .as_ref()
+                .map(|(listening, _)| listening.hub.clone());
+            Box::new(move || crate::cluster::Load {
+                calls: calls.as_ref().map_or(0, |calls| calls.len()),
+                allocations: turn
+                    .as_ref()
+                    .map_or(0, |turn| turn.summary().allocations as usize),
+                sessions: hub.as_ref().map_or(0, |hub| {
+                    let (controllers, clients) = hub.counts();
+                    controllers + clients
+                }),
+                flows: table.len(),
+                cpu_percent: 0.0,
+            })
+        };
+        Some(crate::cluster::Cluster::start(
+            &config.cluster,
+            load,
+            stopped.clone(),
+        )?)
+    } else {
+        None
+    };
     let metrics = match config.metrics.address() {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
@@ -180,6 +207,7 @@ pub async fn run(
             ng: ng.as_ref().map(|(calls, _, _)| calls.clone()),
             reloader: reloader.clone(),
             admission,
+            cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
             started: std::time::Instant::now(),
         },
         stopped.clone(),
@@ -204,6 +232,10 @@ pub async fn run(
     }
     if let Some(metrics) = metrics {
         let _ = metrics.await;
+    }
+    if let Some((_, task)) = cluster {
+        // It leaves the cluster as it stops.
+        let _ = task.await;
     }
     if let Some((_, _, task)) = ng {
         // It deletes its calls as it stops: their flows leave the kernel.

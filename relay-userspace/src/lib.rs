@@ -3,6 +3,7 @@
 pub mod admission;
 pub mod calls;
 pub mod cli_docs;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

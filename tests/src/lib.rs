@@ -19,6 +19,7 @@ pub mod ng;
 pub mod packet;
 pub mod pbx;
 pub mod process;
+pub mod redis;
 pub mod relayd;
 pub mod rtpengine;
 pub mod sdes;

@@ -31,6 +31,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // A clean Debian root to install the package into, and the unit's verifier.
     ("debootstrap", "debootstrap"),
     ("systemd", "systemd-analyze"),
+    // The Redis server the cluster tests' relays share.
+    ("redis-server", "redis-server"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -5,6 +5,7 @@ use super::protocol as wire;
 use crate::{
     admission::ConnectionsStatus,
     calls::{CallInfo, Traffic},
+    cluster::{ClusterStatus, Link, NodeState},
     datapath::{
         ChannelOp, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
         table::FlowInfo,
@@ -238,6 +239,74 @@ impl From<ConnectionsStatus> for wire::ConnectionsStatus {
             refused_per_source: status.refused_per_source,
             refused_total: status.refused_total,
             accept_failures: status.accept_failures,
+        }
+    }
+}
+
+impl From<&ClusterStatus> for wire::ClusterSummary {
+    fn from(status: &ClusterStatus) -> Self {
+        let (redis, since, reason) = match &status.link {
+            Link::Joining => ("joining", None, None),
+            Link::Up { since } => ("up", Some(since), None),
+            Link::Degraded { since, reason } => ("degraded", Some(since), Some(reason.clone())),
+        };
+        wire::ClusterSummary {
+            node: status.node.clone(),
+            redis_url: status.redis_url.clone(),
+            redis: redis.to_owned(),
+            since_secs: since.map_or(0, |since| since.elapsed().as_secs()),
+            reason,
+            nodes_alive: status
+                .nodes
+                .iter()
+                .filter(|node| matches!(node.state, NodeState::Alive(_)))
+                .count(),
+            nodes: status.nodes.len(),
+        }
+    }
+}
+
+impl From<&ClusterStatus> for wire::ClusterStatusResult {
+    fn from(status: &ClusterStatus) -> Self {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        let members = status
+            .nodes
+            .iter()
+            .map(|view| {
+                let (state, load, reason) = match &view.state {
+                    NodeState::Alive(record) => (
+                        "alive",
+                        Some(wire::ClusterLoad {
+                            version: record.version.clone(),
+                            uptime_secs: (now_ms / 1000).saturating_sub(record.started),
+                            record_age_ms: now_ms.saturating_sub(record.published_ms),
+                            calls: record.load.calls,
+                            allocations: record.load.allocations,
+                            sessions: record.load.sessions,
+                            flows: record.load.flows,
+                            cpu_percent: record.load.cpu_percent,
+                        }),
+                        None,
+                    ),
+                    NodeState::Down => ("down", None, None),
+                    NodeState::Unreadable(reason) => ("unreadable", None, Some(reason.clone())),
+                };
+                wire::ClusterNode {
+                    node: view.node.clone(),
+                    state: state.to_owned(),
+                    this_node: view.node == status.node,
+                    load,
+                    reason,
+                }
+            })
+            .collect();
+        wire::ClusterStatusResult {
+            summary: status.into(),
+            health_ttl_secs: status.health_ttl_secs,
+            read_secs_ago: status.read_at.map(|at| at.elapsed().as_secs()),
+            members,
         }
     }
 }

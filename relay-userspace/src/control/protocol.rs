@@ -75,6 +75,7 @@ pub mod method {
     pub const CALLS_SHOW: &str = "calls.show";
     pub const CALLS_HANGUP: &str = "calls.hangup";
     pub const PUSH_STATS: &str = "push.stats";
+    pub const CLUSTER_STATUS: &str = "cluster.status";
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +208,67 @@ pub struct StatusResult {
     /// The TCP connections held, their limits and the refusals since the start.
     #[serde(default)]
     pub connections: ConnectionsStatus,
+    /// This node in its cluster; absent when `[cluster]` is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSummary>,
+}
+
+/// This node's place in its cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSummary {
+    pub node: String,
+    /// The Redis server, without its password.
+    pub redis_url: String,
+    /// `joining` (not tried yet), `up`, or `degraded` (Redis does not answer: the node
+    /// serves its own sessions and calls only).
+    pub redis: String,
+    /// Seconds in that state.
+    pub since_secs: u64,
+    /// Why Redis is unavailable, when degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Members alive and in all, as last read.
+    pub nodes_alive: usize,
+    pub nodes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatusResult {
+    #[serde(flatten)]
+    pub summary: ClusterSummary,
+    pub health_ttl_secs: u64,
+    /// Seconds since the members were read; absent when they never were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_secs_ago: Option<u64>,
+    pub members: Vec<ClusterNode>,
+}
+
+/// One member as its last record says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub node: String,
+    /// `alive`, `down` (its record expired) or `unreadable`.
+    pub state: String,
+    /// This relayd.
+    pub this_node: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<ClusterLoad>,
+    /// Why the record could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterLoad {
+    pub version: String,
+    pub uptime_secs: u64,
+    /// Milliseconds from the record's writing to the read.
+    pub record_age_ms: u64,
+    pub calls: usize,
+    pub allocations: usize,
+    pub sessions: usize,
+    pub flows: usize,
+    pub cpu_percent: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,10 +18,11 @@ use tokio::{
 };
 
 use super::protocol::{
-    self as wire, CallIdParams, CallsListResult, CallsMedia, ConfigReloadResult, ErrorBody,
-    ErrorKind, FlowAddParams, FlowAddResult, FlowIdParams, FlowListResult, MAX_REQUEST_BYTES,
-    PROTOCOL_VERSION, PushCount, PushStatsResult, Request, Response, StatsResult, StatusResult,
-    TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult, method,
+    self as wire, CallIdParams, CallsListResult, CallsMedia, ClusterStatusResult,
+    ConfigReloadResult, ErrorBody, ErrorKind, FlowAddParams, FlowAddResult, FlowIdParams,
+    FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, PushCount, PushStatsResult, Request,
+    Response, StatsResult, StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult,
+    method,
 };
 use crate::{
     datapath::{
@@ -118,6 +119,7 @@ pub struct Services {
     pub ng: Option<Arc<crate::ng::calls::NgCalls>>,
     pub reloader: Arc<Reloader>,
     pub admission: Arc<crate::admission::Admission>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// When relayd started (its uptime in `status`).
     pub started: Instant,
 }
@@ -346,6 +348,10 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 }
             }),
             connections: services.admission.status().into(),
+            cluster: services
+                .cluster
+                .as_ref()
+                .map(|cluster| (&cluster.status()).into()),
         }),
         method::STATS => to_value(StatsResult {
             flows: table.len(),
@@ -495,6 +501,16 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             tokio::spawn(async move { calls.hangup_by_operator(params.call).await });
             tracing::info!(call = params.call, "calls: hung up by the operator");
             to_value(serde_json::json!({}))
+        }
+        method::CLUSTER_STATUS => {
+            let cluster = services.cluster.as_ref().ok_or_else(|| {
+                body(
+                    ErrorKind::NotFound,
+                    None,
+                    "this relayd is not in a cluster ([cluster] enabled = false)".to_owned(),
+                )
+            })?;
+            to_value(ClusterStatusResult::from(&cluster.status()))
         }
         method::CONFIG_RELOAD => {
             let changes = services.reloader.reload().map_err(|problems| {

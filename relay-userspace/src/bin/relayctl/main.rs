@@ -1,6 +1,7 @@
 //! relayctl: manage a running relayd through its control API. One file per subcommand.
 
 mod calls;
+mod cluster;
 mod flow;
 mod output;
 mod push;
@@ -45,6 +46,9 @@ enum Command {
     /// Pushes that wake sleeping apps
     #[command(subcommand)]
     Push(push::PushCommand),
+    /// The relays sharing this one's Redis: health and load of each
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Make relayd read its configuration again; prints what it applied and what needs a
     /// restart
     Reload,
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         Command::Reload => reload::run(&mut client, cli.json),
         Command::Calls(command) => calls::run(&mut client, command, cli.json),
         Command::Push(command) => push::run(&mut client, command, cli.json),
+        Command::Cluster(command) => cluster::run(&mut client, command, cli.json),
         Command::Generate { .. } => unreachable!("handled before connecting"),
     };
     match result {

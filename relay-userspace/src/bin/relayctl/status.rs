@@ -93,6 +93,9 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
             println!("            DTLS certificate {}", media.dtls_fingerprint);
         }
     }
+    if let Some(cluster) = &status.cluster {
+        println!("{}", crate::cluster::summary_line(cluster));
+    }
     let connections = &status.connections;
     println!(
         "connections {} TCP open, at most {} ({} per source)",

@@ -1,0 +1,165 @@
+//! The `[cluster]` section: this relayd as one node of several sharing a Redis server.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// This node's name among the cluster's (letters, digits, `.`, `_`, `-`); empty: the
+    /// host name.
+    pub node: String,
+    /// `redis://[user:password@]host[:port][/db]`, `rediss://` for TLS, or
+    /// `unix:///path/to/redis.sock`.
+    pub redis_url: String,
+    /// How long a node's health record outlives its last refresh: a node silent this long
+    /// is down. Refreshed every third of it.
+    pub health_ttl_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node: String::new(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            health_ttl_secs: 6,
+        }
+    }
+}
+
+/// The longest node name.
+pub const MOST_NODE_NAME: usize = 64;
+
+impl ClusterConfig {
+    pub fn problems(&self, problem: &mut impl FnMut(&'static str, String, &str)) {
+        if !self.enabled {
+            return;
+        }
+        if let Err(reason) = check_node_name(&self.node) {
+            problem("cluster.node", format!("{:?}", self.node), &reason);
+        }
+        if let Err(err) = redis::Client::open(self.redis_url.as_str()) {
+            problem(
+                "cluster.redis_url",
+                format!("{:?}", redacted(&self.redis_url)),
+                &format!("not a Redis URL (redis://, rediss:// or unix://): {err}"),
+            );
+        }
+        if !(3..=300).contains(&self.health_ttl_secs) {
+            problem(
+                "cluster.health_ttl_secs",
+                self.health_ttl_secs.to_string(),
+                "must be 3 to 300",
+            );
+        }
+    }
+
+    /// The node's name: `node`, or the host name when empty.
+    pub fn node_name(&self) -> String {
+        if !self.node.is_empty() {
+            return self.node.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .ok()
+            .filter(|name| check_node_name(name).is_ok())
+            .unwrap_or_else(|| "relay".to_owned())
+    }
+}
+
+/// An empty name stands for the host name; anything else must be a key part Redis and a
+/// terminal show as it is.
+fn check_node_name(name: &str) -> Result<(), String> {
+    if name.len() > MOST_NODE_NAME {
+        return Err(format!("longer than {MOST_NODE_NAME} characters"));
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(bad) => Err(format!(
+            "{bad:?} is not allowed: letters, digits, '.', '_' and '-' only (empty: the host name)"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The URL without its password, for logs and status.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
+            None => format!("{scheme}://***@{}", &rest[at + 1..]),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(config: &ClusterConfig) -> Vec<(&'static str, String)> {
+        let mut found = Vec::new();
+        config.problems(&mut |key, _value, reason: &str| found.push((key, reason.to_owned())));
+        found
+    }
+
+    #[test]
+    fn off_by_default_and_each_bad_value_names_its_key() {
+        let off = ClusterConfig {
+            node: "bad name".to_owned(),
+            ..ClusterConfig::default()
+        };
+        assert!(
+            problems(&off).is_empty(),
+            "an unused section is not checked"
+        );
+        let good = ClusterConfig {
+            enabled: true,
+            node: "edge-a.dc1".to_owned(),
+            ..ClusterConfig::default()
+        };
+        assert!(problems(&good).is_empty());
+        let bad = ClusterConfig {
+            enabled: true,
+            node: "edge a".to_owned(),
+            redis_url: "http://127.0.0.1:6379".to_owned(),
+            health_ttl_secs: 1,
+        };
+        let found = problems(&bad);
+        let keys: Vec<&str> = found.iter().map(|(key, _)| *key).collect();
+        assert_eq!(
+            keys,
+            [
+                "cluster.node",
+                "cluster.redis_url",
+                "cluster.health_ttl_secs"
+            ],
+            "{found:?}"
+        );
+        assert!(found[0].1.contains("' ' is not allowed"), "{found:?}");
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(
+            redacted("redis://user:secret@10.0.0.5:6379/2"),
+            "redis://user:***@10.0.0.5:6379/2"
+        );
+        assert_eq!(
+            redacted("redis://:secret@redis.lan"),
+            "redis://:***@redis.lan"
+        );
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redacted("unix:///run/redis/redis.sock"),
+            "unix:///run/redis/redis.sock"
+        );
+    }
+}

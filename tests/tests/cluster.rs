@@ -1,0 +1,210 @@
+//! Relays sharing a real redis-server (`[cluster]`): each node's health record has a TTL and
+//! every member sees the others; a node killed without a goodbye is down once its record
+//! expires; a node goes on serving without Redis (degraded, said in `relayctl status` and
+//! the log) and rejoins when Redis is back; a node started while Redis is unreachable
+//! starts and says so; a clean stop leaves the cluster.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use relay_tests::{
+    config_file::ConfigFile,
+    netns::NetNs,
+    redis::RedisServer,
+    relayd::{Relayd, binary},
+    require_root,
+};
+use serde_json::Value;
+
+const TTL_SECS: u64 = 3;
+
+fn node_config(node: &str, redis_url: &str) -> ConfigFile {
+    ConfigFile::new(&format!(
+        r#"
+[datapath]
+mode = "userspace"
+[metrics]
+listen = ""
+[cluster]
+enabled = true
+node = "{node}"
+redis_url = "{redis_url}"
+health_ttl_secs = {TTL_SECS}
+"#
+    ))
+}
+
+fn member<'a>(status: &'a Value, node: &str) -> Option<&'a Value> {
+    status["members"]
+        .as_array()?
+        .iter()
+        .find(|member| member["node"] == node)
+}
+
+fn state_of(status: &Value, node: &str) -> Option<String> {
+    member(status, node).map(|member| member["state"].as_str().unwrap_or("").to_owned())
+}
+
+#[test]
+fn nodes_share_health_through_redis_and_serve_without_it() {
+    require_root();
+    let ns = NetNs::new("clu");
+    let redis = RedisServer::start(&ns, 6379);
+
+    // A bad node name is refused by name before anything starts.
+    let bad = node_config("edge a", &redis.url());
+    let checked = Command::new(binary("relayd"))
+        .args(["--check", "--config", bad.path()])
+        .output()
+        .expect("relayd --check");
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cluster.node") && stderr.contains("' ' is not allowed"),
+        "{stderr}"
+    );
+
+    let (config_a, config_b) = (
+        node_config("edge-a", &redis.url()),
+        node_config("edge-b", &redis.url()),
+    );
+    let mut a = Relayd::start(Some(&ns), &["--config", config_a.path()]);
+    let mut b = Relayd::start(Some(&ns), &["--config", config_b.path()]);
+
+    // Each sees both alive, with the other's load and version.
+    let both_alive = |status: &Value| {
+        state_of(status, "edge-a").as_deref() == Some("alive")
+            && state_of(status, "edge-b").as_deref() == Some("alive")
+    };
+    for (relayd, this) in [(&a, "edge-a"), (&b, "edge-b")] {
+        let status =
+            relayd.ctl_json_until(&["cluster", "status"], Duration::from_secs(10), both_alive);
+        assert!(both_alive(&status), "{this}: {status:#}\n{}", relayd.log());
+        assert_eq!(status["node"], this, "{status:#}");
+        assert_eq!(status["redis"], "up", "{status:#}");
+        assert_eq!(status["nodes_alive"], 2, "{status:#}");
+        let me = member(&status, this).unwrap();
+        assert_eq!(me["this_node"], true, "{status:#}");
+        assert_eq!(
+            me["load"]["version"],
+            env!("CARGO_PKG_VERSION"),
+            "{status:#}"
+        );
+        assert_eq!(me["load"]["calls"], 0, "{status:#}");
+        assert!(
+            me["load"]["record_age_ms"].as_u64().unwrap() <= TTL_SECS * 1000,
+            "{status:#}"
+        );
+    }
+    assert!(a.log().contains("cluster: joined"), "{}", a.log());
+    // In Redis itself: the records with their TTL, both in the member set.
+    let ttl: u64 = redis.cli(&["TTL", "relay:node:edge-b"]).parse().unwrap();
+    assert!((1..=TTL_SECS).contains(&ttl), "TTL {ttl}");
+    let members = redis.cli(&["SMEMBERS", "relay:nodes"]);
+    assert!(
+        members.contains("edge-a") && members.contains("edge-b"),
+        "{members}"
+    );
+    let record: Value = serde_json::from_str(&redis.cli(&["GET", "relay:node:edge-a"])).unwrap();
+    assert_eq!(record["node"], "edge-a", "{record:#}");
+    // The operator's table.
+    let table = a.ctl_ok(&["cluster", "status"]);
+    println!("relayctl cluster status:\n{table}");
+    for expected in [
+        "node edge-a, Redis redis://127.0.0.1:6379 up for",
+        "members     2 alive of 2",
+        "edge-a (this)",
+        "edge-b",
+        "alive",
+    ] {
+        assert!(table.contains(expected), "{expected:?} not in:\n{table}");
+    }
+    assert!(
+        a.ctl_ok(&["status"])
+            .contains("Redis redis://127.0.0.1:6379 up")
+    );
+
+    // A node killed (no goodbye): down once its record expires, within the TTL and a refresh.
+    b.kill();
+    let killed = Instant::now();
+    let status = a.ctl_json_until(
+        &["cluster", "status"],
+        Duration::from_secs(3 * TTL_SECS),
+        |s| state_of(s, "edge-b").as_deref() == Some("down"),
+    );
+    assert_eq!(
+        state_of(&status, "edge-b").as_deref(),
+        Some("down"),
+        "{status:#}"
+    );
+    let noticed = killed.elapsed();
+    assert!(
+        noticed <= Duration::from_secs(TTL_SECS + TTL_SECS / 3 + 2),
+        "edge-b seen down after {noticed:?}"
+    );
+    println!("a killed node was seen down after {noticed:?} (TTL {TTL_SECS} s)");
+    assert!(a.ctl_ok(&["cluster", "status"]).contains("down"));
+
+    // Redis gone: the node says so and goes on answering.
+    drop(redis);
+    let status = a.ctl_json_until(&["status"], Duration::from_secs(3 * TTL_SECS), |s| {
+        s["cluster"]["redis"] == "degraded"
+    });
+    assert_eq!(
+        status["cluster"]["redis"],
+        "degraded",
+        "{status:#}\n{}",
+        a.log()
+    );
+    assert!(
+        !status["cluster"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty(),
+        "{status:#}"
+    );
+    let text = a.ctl_ok(&["status"]);
+    assert!(
+        text.contains("UNAVAILABLE")
+            && text.contains("serving this node's own sessions and calls only"),
+        "{text}"
+    );
+    assert!(
+        a.log().contains("cluster: Redis unavailable"),
+        "{}",
+        a.log()
+    );
+
+    // Back (empty, as after a Redis restart without persistence): the node rejoins and
+    // writes its record again.
+    let redis = RedisServer::start(&ns, 6379);
+    let status = a.ctl_json_until(
+        &["cluster", "status"],
+        Duration::from_secs(3 * TTL_SECS),
+        |s| s["redis"] == "up" && state_of(s, "edge-a").as_deref() == Some("alive"),
+    );
+    assert_eq!(status["redis"], "up", "{status:#}\n{}", a.log());
+    assert_eq!(redis.cli(&["EXISTS", "relay:node:edge-a"]), "1");
+    assert!(a.log().contains("rejoined"), "{}", a.log());
+
+    // A node whose Redis does not answer at its start starts anyway, degraded.
+    let config_c = node_config("edge-c", "redis://127.0.0.1:6390");
+    let c = Relayd::start(Some(&ns), &["--config", config_c.path()]);
+    let status = c.ctl_json_until(&["status"], Duration::from_secs(3 * TTL_SECS), |s| {
+        s["cluster"]["redis"] == "degraded"
+    });
+    assert_eq!(
+        status["cluster"]["redis"],
+        "degraded",
+        "{status:#}\n{}",
+        c.log()
+    );
+    assert_eq!(redis.cli(&["SISMEMBER", "relay:nodes", "edge-c"]), "0");
+
+    // A clean stop leaves: no record, no membership.
+    assert!(a.stop(), "relayd stopped uncleanly:\n{}", a.log());
+    assert_eq!(redis.cli(&["EXISTS", "relay:node:edge-a"]), "0");
+    assert_eq!(redis.cli(&["SISMEMBER", "relay:nodes", "edge-a"]), "0");
+}
