@@ -143,11 +143,12 @@ pub async fn run(
         None => None,
     };
     let cluster = if config.cluster.enabled {
-        let load: crate::cluster::LoadSource = {
-            let (table, turn, calls) = (table.clone(), turn.clone(), calls.clone());
-            let hub = signalling
-                .as_ref()
-                .map(|(listening, _)| listening.hub.clone());
+        let hub = signalling
+            .as_ref()
+            .map(|(listening, _)| listening.hub.clone());
+        let load = {
+            let (table, turn, calls, hub) =
+                (table.clone(), turn.clone(), calls.clone(), hub.clone());
             Box::new(move || crate::cluster::Load {
                 calls: calls.as_ref().map_or(0, |calls| calls.len()),
                 allocations: turn
@@ -159,11 +160,50 @@ pub async fn run(
                 }),
                 flows: table.len(),
                 cpu_percent: 0.0,
-            })
+            }) as Box<dyn Fn() -> crate::cluster::Load + Send + Sync>
+        };
+        let sessions = hub.map(|hub| {
+            Box::new(move || {
+                hub.identities()
+                    .into_iter()
+                    .map(|identity| crate::cluster::SessionRecord {
+                        tenant: identity.tenant,
+                        role: match identity.role {
+                            crate::signalling::protocol::Role::Controller => "controller",
+                            crate::signalling::protocol::Role::Client => "client",
+                        }
+                        .to_owned(),
+                        user: identity.user,
+                    })
+                    .collect()
+            }) as Box<dyn Fn() -> Vec<crate::cluster::SessionRecord> + Send + Sync>
+        });
+        let calls_source = calls.clone().map(|calls| {
+            let counted = calls.clone();
+            crate::cluster::CallsSource {
+                generation: Box::new(move || counted.generation()),
+                records: Box::new(move || {
+                    let (records, complete) = calls.records();
+                    let records = records
+                        .iter()
+                        .map(|record| {
+                            let json =
+                                serde_json::to_string(record).expect("call records serialize");
+                            (record.call, json)
+                        })
+                        .collect();
+                    crate::cluster::CallRecords { records, complete }
+                }),
+            }
+        });
+        let sources = crate::cluster::Sources {
+            load,
+            sessions,
+            calls: calls_source,
         };
         Some(crate::cluster::Cluster::start(
             &config.cluster,
-            load,
+            sources,
             stopped.clone(),
         )?)
     } else {

@@ -15,6 +15,7 @@ use relay_tests::{
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     recv_async,
+    redis::RedisServer,
     relayd::Relayd,
     require_root, runtime,
     signalling_client::{Socket, call, mint_token, receive, receive_within, request},
@@ -123,11 +124,14 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
     require_root();
     let lab = EdgeLab::new();
     let pins = PinDir::new();
+    // The relay as a cluster node: its sessions and the call recorded in a real Redis.
+    let redis = RedisServer::start(&lab.relay, 6379);
     let config = ConfigFile::new(&calls_config(
         &pins.path,
         "acme",
         API_KEY,
-        "port_range = \"41000-41010\"\nstats_interval_secs = 1\n[metrics]\nlisten = \"10.30.0.1:9477\"",
+        "port_range = \"41000-41010\"\nstats_interval_secs = 1\n[metrics]\nlisten = \"10.30.0.1:9477\"\n\
+         [cluster]\nenabled = true\nnode = \"edge-a\"\nhealth_ttl_secs = 3",
     ));
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
@@ -324,6 +328,30 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             "{stats}"
         );
         assert_eq!(relayd.ctl_json(&["status"])["calls"], 1);
+        // In Redis: the call's record under the node's name with the health TTL, the
+        // node's sessions (the controller and alice's app), its load.
+        let call_key = format!("relay:call:edge-a:{call_id}");
+        let record = redis_until(&redis, &["GET", &call_key], |got| !got.is_empty());
+        let record: Value = serde_json::from_str(&record).expect("a call record");
+        assert_eq!(
+            (&record["tenant"], &record["user"], &record["pbx"]),
+            (&json!("acme"), &json!("alice"), &json!(PBX_RTP)),
+            "{record:#}"
+        );
+        let ttl: u64 = redis.cli(&["TTL", &call_key]).parse().unwrap();
+        assert!((1..=3).contains(&ttl), "TTL {ttl}");
+        let sessions: Value =
+            serde_json::from_str(&redis.cli(&["GET", "relay:sessions:edge-a"])).unwrap();
+        let sessions = sessions.as_array().unwrap();
+        assert!(
+            sessions.contains(&json!({"tenant": "acme", "role": "client", "user": "alice"}))
+                && sessions.contains(&json!({"tenant": "acme", "role": "controller"})),
+            "{sessions:?}"
+        );
+        let cluster = relayd.ctl_json_until(&["cluster", "status"], Duration::from_secs(3), |s| {
+            s["members"][0]["load"]["calls"] == 1
+        });
+        assert_eq!(cluster["members"][0]["load"]["calls"], 1, "{cluster:#}");
         let metrics = relay_tests::relayd::http_get(&lab.relay, "10.30.0.1:9477", "/metrics");
         assert_eq!(
             relay_tests::relayd::metric(&metrics, "relay_calls"),
@@ -421,6 +449,10 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             relayd.ctl_json(&["calls", "list"])["calls"][0]["pbx"],
             PBX_RTP_MOVED
         );
+        // The changed call is written again.
+        redis_until(&redis, &["GET", &call_key], |got| {
+            got.contains(PBX_RTP_MOVED)
+        });
 
         let result = request(
             &mut controller,
@@ -440,6 +472,8 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         let flows = relayd.ctl_json(&["flow", "list"]);
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
         assert_eq!(relayd.ctl_ok(&["calls", "list"]), "no calls\n");
+        // An ended call's record goes at the next refresh, not at its TTL.
+        redis_until(&redis, &["EXISTS", &call_key], |got| got == "0");
         let metrics = relay_tests::relayd::http_get(&lab.relay, "10.30.0.1:9477", "/metrics");
         for (series, value) in [
             (r#"relay_calls_ended_total{reason="hangup"}"#, 1),
@@ -465,6 +499,23 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         moved_echo.abort();
         rtcp_echo.abort();
     });
+}
+
+/// `redis-cli args` until `done` holds of its output (a refresh is a second here), at most
+/// 3 s; the output.
+fn redis_until(redis: &RedisServer, args: &[&str], done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let got = redis.cli(args);
+        if done(&got) {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-cli {args:?}: {got:?} after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The PBX's answer to an app's call: plain RTP from its LAN address.

@@ -149,6 +149,8 @@ pub struct Calls {
     /// changed since the last write.
     store: Option<Arc<StateStore>>,
     dirty: AtomicBool,
+    /// Counts the changes to the calls' records (the cluster's copy in Redis follows it).
+    generation: AtomicU64,
     /// relayd is stopping and the store holds the calls kept for the next relayd: the
     /// calls leaving or ending now must not overwrite it.
     handed_over: AtomicBool,
@@ -334,6 +336,7 @@ impl Calls {
             pbx_media: settings.pbx_media,
             store,
             dirty: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             handed_over: AtomicBool::new(false),
             stored: Mutex::new(stored),
         })
@@ -803,7 +806,7 @@ impl Calls {
                     &call.streams,
                 )?;
                 call.inner().app_sdp = offer.to_owned();
-                self.dirty.store(true, Ordering::Relaxed);
+                self.changed();
                 tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
                 self.notify.to_controller(
                     &call.tenant,
@@ -835,7 +838,7 @@ impl Calls {
                     )
                 };
                 let (answer, moved) = moved;
-                self.dirty.store(true, Ordering::Relaxed);
+                self.changed();
                 if moved {
                     tracing::info!(call = id, to = %endpoint.rtp, "calls: the PBX's media moved; flows replaced");
                     self.install(&call, pair);
@@ -1010,7 +1013,7 @@ impl Calls {
         if self.calls().remove(&call.id).is_none() {
             return;
         }
-        self.dirty.store(true, Ordering::Relaxed);
+        self.changed();
         *self
             .tally
             .lock()

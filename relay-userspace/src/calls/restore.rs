@@ -197,14 +197,9 @@ impl Calls {
         {
             return Some(Vec::new());
         }
-        let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
-        let mut records = Vec::new();
-        for call in &calls {
-            match self.record(call) {
-                Ok(record) => records.push(record),
-                Err(NotRecorded::Busy) => self.dirty.store(true, Ordering::Relaxed),
-                Err(NotRecorded::Never) => {}
-            }
+        let (records, complete) = self.records();
+        if !complete {
+            self.dirty.store(true, Ordering::Relaxed);
         }
         match store.save_calls(&records) {
             Ok(()) => Some(records.iter().map(|record| record.call).collect()),
@@ -214,6 +209,33 @@ impl Calls {
                 None
             }
         }
+    }
+
+    /// The records of the calls that have any (connected ones), and whether every such
+    /// call's was at hand (false: one was busy changing; ask again).
+    pub fn records(&self) -> (Vec<CallRecord>, bool) {
+        let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
+        let mut records = Vec::new();
+        let mut complete = true;
+        for call in &calls {
+            match self.record(call) {
+                Ok(record) => records.push(record),
+                Err(NotRecorded::Busy) => complete = false,
+                Err(NotRecorded::Never) => {}
+            }
+        }
+        (records, complete)
+    }
+
+    /// A record changed: the state store writes the calls again, the cluster too.
+    pub(super) fn changed(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times the calls' records changed since relayd started.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Keeps the state store's calls up to date (once a second, when they changed) until
@@ -228,7 +250,7 @@ impl Calls {
             tokio::select! {
                 _ = interval.tick() => {
                     if self.srtp_drifted() {
-                        self.dirty.store(true, Ordering::Relaxed);
+                        self.changed();
                     }
                     self.save(false);
                 }

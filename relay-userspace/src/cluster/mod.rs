@@ -1,13 +1,19 @@
-//! This relayd as one node of a cluster sharing a Redis server. Each node refreshes its
-//! health record (`relay:node:<name>`: version, start, load) with a TTL of
-//! `cluster.health_ttl_secs`, every third of it, and belongs to the set `relay:nodes`; a
-//! member whose record has expired is down. The same round trip reads every member's
-//! record, so the node's view of the cluster is at most a refresh old.
+//! This relayd as one node of a cluster sharing a Redis server. Each node refreshes, every
+//! third of `cluster.health_ttl_secs` and with that TTL:
 //!
-//! Redis is not needed to serve: when it does not answer (at start or later) the node goes
-//! on with its own sessions and calls, says so in the log and `relayctl status`, and
-//! rejoins at the first refresh that gets through. A clean stop removes the node's record
-//! and membership; a node that dies stays listed, down, once its record expires.
+//! - its health record, `relay:node:<name>` (version, start, load), and its membership of
+//!   the set `relay:nodes`; a member whose record has expired is down;
+//! - its signalling sessions, `relay:sessions:<name>` (tenant, role, user of each);
+//! - one key per connected call, `relay:call:<name>:<id>`: the record the state store
+//!   keeps (SDPs, ICE credentials, selected pair, a bridged call's SRTP keys), rewritten when
+//!   the calls changed and otherwise only given a new TTL; an ended call's key is deleted.
+//!
+//! The same round trip reads every member's health record, so the node's view of the
+//! cluster is at most a refresh old. Redis is not needed to serve: when it does not answer
+//! (at start or later) the node goes on with its own sessions and calls, says so in the log
+//! and `relayctl status`, and rejoins at the first refresh that gets through, writing all
+//! its keys again. A clean stop deletes the node's keys and membership; a node that dies
+//! stays listed, down, once its record expires, and its keys expire with it.
 
 pub mod config;
 
@@ -29,6 +35,55 @@ pub const NODES_KEY: &str = "relay:nodes";
 /// A node's health record key.
 pub fn node_key(node: &str) -> String {
     format!("relay:node:{node}")
+}
+
+/// The key of a node's signalling sessions.
+pub fn sessions_key(node: &str) -> String {
+    format!("relay:sessions:{node}")
+}
+
+/// The key of one of a node's calls.
+pub fn call_key(node: &str, call: u64) -> String {
+    format!("relay:call:{node}:{call}")
+}
+
+/// One signalling session as the cluster records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub tenant: String,
+    /// `controller` or `client`.
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// What the daemon gives the cluster to publish.
+pub struct Sources {
+    /// All but the CPU, which the cluster measures.
+    pub load: Box<dyn Fn() -> Load + Send + Sync>,
+    pub sessions: Option<Box<dyn Fn() -> Vec<SessionRecord> + Send + Sync>>,
+    pub calls: Option<CallsSource>,
+}
+
+pub struct CallsSource {
+    /// Counts the changes to the calls' records.
+    pub generation: Box<dyn Fn() -> u64 + Send + Sync>,
+    pub records: Box<dyn Fn() -> CallRecords + Send + Sync>,
+}
+
+/// The connected calls' records as JSON by call id, and whether every one was at hand
+/// (false: one was busy changing; asked again at the next refresh).
+pub struct CallRecords {
+    pub records: Vec<(u64, String)>,
+    pub complete: bool,
+}
+
+/// The call keys this node last wrote, and the calls' generation they were written at
+/// (None: write them all at the next refresh).
+#[derive(Default)]
+struct Written {
+    calls: Vec<u64>,
+    generation: Option<u64>,
 }
 
 /// What a node publishes about itself.
@@ -54,9 +109,6 @@ pub struct Load {
     /// relayd's CPU since the previous record, in percent of one core.
     pub cpu_percent: f64,
 }
-
-/// What the daemon counts for the record (all but the CPU, which the cluster measures).
-pub type LoadSource = Box<dyn Fn() -> Load + Send + Sync>;
 
 /// One member of the cluster as this node last read it.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,7 +173,7 @@ impl Cluster {
     /// node's record fresh until `stopped`, then leaves.
     pub fn start(
         config: &ClusterConfig,
-        load: LoadSource,
+        sources: Sources,
         stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<(Arc<Cluster>, tokio::task::JoinHandle<()>)> {
         let client = redis::Client::open(config.redis_url.as_str())?;
@@ -138,7 +190,7 @@ impl Cluster {
             }),
         });
         tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, "cluster: joining");
-        let task = tokio::spawn(cluster.clone().keep_fresh(load, stopped));
+        let task = tokio::spawn(cluster.clone().keep_fresh(sources, stopped));
         Ok((cluster, task))
     }
 
@@ -164,11 +216,12 @@ impl Cluster {
 
     /// Refreshes the record every third of the TTL; on a failure drops the connection and
     /// tries a new one at the next refresh.
-    async fn keep_fresh(self: Arc<Self>, load: LoadSource, mut stopped: watch::Receiver<bool>) {
+    async fn keep_fresh(self: Arc<Self>, sources: Sources, mut stopped: watch::Receiver<bool>) {
         let every = (self.ttl / 3).max(Duration::from_secs(1));
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connection: Option<redis::aio::MultiplexedConnection> = None;
+        let mut written = Written::default();
         // relayd's CPU between two records (the first says 0: no interval yet).
         let mut cpu: Option<(Instant, u64)> = None;
         loop {
@@ -189,27 +242,35 @@ impl Cluster {
                 published_ms: unix_now_ms(),
                 load: Load {
                     cpu_percent,
-                    ..load()
+                    ..(sources.load)()
                 },
             };
-            let refreshed = tokio::time::timeout(every, self.refresh(&mut connection, &record))
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {every:?}")));
+            let refreshed = tokio::time::timeout(
+                every,
+                self.refresh(&mut connection, &record, &sources, &mut written),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {every:?}")));
             match refreshed {
                 Ok(nodes) => self.joined(nodes),
                 Err(reason) => {
                     connection = None;
+                    // Redis may have lost them: all written again once it answers.
+                    written.generation = None;
                     self.degraded(reason);
                 }
             }
         }
         if let Some(mut connection) = connection {
             let leave = async {
-                redis::pipe()
-                    .del(node_key(&self.node))
-                    .srem(NODES_KEY, &self.node)
-                    .query_async::<()>(&mut connection)
-                    .await
+                let mut pipe = redis::pipe();
+                pipe.del(node_key(&self.node))
+                    .del(sessions_key(&self.node))
+                    .srem(NODES_KEY, &self.node);
+                for &call in &written.calls {
+                    pipe.del(call_key(&self.node, call));
+                }
+                pipe.query_async::<()>(&mut connection).await
             };
             match tokio::time::timeout(Duration::from_secs(1), leave).await {
                 Ok(Ok(())) => tracing::info!(node = %self.node, "cluster: left"),
@@ -220,11 +281,14 @@ impl Cluster {
         }
     }
 
-    /// One refresh: this node's record and membership written, every member's read.
+    /// One refresh: this node's keys written (or given a new TTL), every member's health
+    /// record read.
     async fn refresh(
         &self,
         connection: &mut Option<redis::aio::MultiplexedConnection>,
         record: &NodeRecord,
+        sources: &Sources,
+        written: &mut Written,
     ) -> Result<Vec<NodeView>, String> {
         if connection.is_none() {
             let config = redis::AsyncConnectionConfig::new()
@@ -238,16 +302,45 @@ impl Cluster {
             );
         }
         let connection = connection.as_mut().expect("connected above");
+        let ttl = self.ttl.as_secs();
         let json = serde_json::to_string(record).expect("node records serialize");
-        let (members,): (Vec<String>,) = redis::pipe()
-            .set_ex(node_key(&self.node), json, self.ttl.as_secs())
+        let mut pipe = redis::pipe();
+        pipe.set_ex(node_key(&self.node), json, ttl)
             .ignore()
             .sadd(NODES_KEY, &self.node)
-            .ignore()
+            .ignore();
+        if let Some(sessions) = &sources.sessions {
+            let json = serde_json::to_string(&sessions()).expect("sessions serialize");
+            pipe.set_ex(sessions_key(&self.node), json, ttl).ignore();
+        }
+        // The calls: all written when they changed, else each given a new TTL.
+        let mut now_written = None;
+        if let Some(calls) = &sources.calls {
+            let generation = (calls.generation)();
+            if written.generation == Some(generation) {
+                for &call in &written.calls {
+                    pipe.expire(call_key(&self.node, call), ttl as i64).ignore();
+                }
+            } else {
+                let CallRecords { records, complete } = (calls.records)();
+                let ids: Vec<u64> = records.iter().map(|(call, _)| *call).collect();
+                for (call, json) in records {
+                    pipe.set_ex(call_key(&self.node, call), json, ttl).ignore();
+                }
+                for call in written.calls.iter().filter(|call| !ids.contains(call)) {
+                    pipe.del(call_key(&self.node, *call)).ignore();
+                }
+                now_written = Some((ids, complete.then_some(generation)));
+            }
+        }
+        let (members,): (Vec<String>,) = pipe
             .smembers(NODES_KEY)
             .query_async(connection)
             .await
             .map_err(|err| err.to_string())?;
+        if let Some((calls, generation)) = now_written {
+            *written = Written { calls, generation };
+        }
         let mut members = members;
         members.sort();
         let keys: Vec<String> = members.iter().map(|node| node_key(node)).collect();

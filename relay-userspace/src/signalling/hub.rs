@@ -131,6 +131,15 @@ impl Hub {
     }
 
     /// Sessions connected now: (controllers, clients).
+    /// Who is connected: one identity per session.
+    pub fn identities(&self) -> Vec<Identity> {
+        self.state()
+            .sessions
+            .values()
+            .map(|session| session.identity.clone())
+            .collect()
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let state = self.state();
         let controllers = state.controllers.len();
