@@ -15,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(endpoint) = sdp::audio(text) else {
         return;
     };
-    let lan = "10.99.0.1:40000".parse().unwrap();
-    let wan = "198.18.0.1:3479".parse().unwrap();
+    let lan: std::net::SocketAddr = "10.99.0.1:40000".parse().unwrap();
+    let wan: std::net::SocketAddr = "198.18.0.1:3479".parse().unwrap();
     let _ = sdp::mids(text);
     // Every other stream anchored too, as for a bridged call with video.
     let others: Vec<usize> = sdp::other_streams(text)
