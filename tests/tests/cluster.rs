@@ -21,6 +21,10 @@ use serde_json::Value;
 const TTL_SECS: u64 = 3;
 
 fn node_config(node: &str, redis_url: &str) -> ConfigFile {
+    node_config_with(node, redis_url, "")
+}
+
+fn node_config_with(node: &str, redis_url: &str, extra: &str) -> ConfigFile {
     ConfigFile::new(&format!(
         r#"
 [datapath]
@@ -32,6 +36,7 @@ enabled = true
 node = "{node}"
 redis_url = "{redis_url}"
 health_ttl_secs = {TTL_SECS}
+{extra}
 "#
     ))
 }
@@ -207,4 +212,40 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
     assert!(a.stop(), "relayd stopped uncleanly:\n{}", a.log());
     assert_eq!(redis.cli(&["EXISTS", "relay:node:edge-a"]), "0");
     assert_eq!(redis.cli(&["SISMEMBER", "relay:nodes", "edge-a"]), "0");
+}
+
+/// `rediss://` to a Redis whose certificate a private CA signed: with the CA in
+/// `cluster.ca_file` the node joins over TLS; without it (the system's trust store) the
+/// certificate is refused and the node says so, degraded.
+#[test]
+fn a_node_reaches_redis_over_tls_with_a_private_ca() {
+    require_root();
+    let ns = NetNs::new("clt");
+    let redis = RedisServer::start_tls(&ns, 6380);
+    let ca = redis.ca_file().unwrap();
+    let trusted = node_config_with("edge-t", &redis.url(), &format!("ca_file = \"{ca}\""));
+    let node = Relayd::start(Some(&ns), &["--config", trusted.path()]);
+    let status = node.ctl_json_until(&["cluster", "status"], Duration::from_secs(10), |s| {
+        s["redis"] == "up"
+    });
+    assert_eq!(status["redis"], "up", "{status:#}\n{}", node.log());
+    assert_eq!(status["redis_url"], "rediss://127.0.0.1:6380", "{status:#}");
+    let record: Value = serde_json::from_str(&redis.cli(&["GET", "relay:node:edge-t"])).unwrap();
+    assert_eq!(record["node"], "edge-t", "{record:#}");
+
+    let untrusted = node_config("edge-u", &redis.url());
+    let refused = Relayd::start(Some(&ns), &["--config", untrusted.path()]);
+    let status = refused.ctl_json_until(&["status"], Duration::from_secs(10), |s| {
+        s["cluster"]["redis"] == "degraded"
+    });
+    assert_eq!(
+        status["cluster"]["redis"],
+        "degraded",
+        "{status:#}\n{}",
+        refused.log()
+    );
+    let reason = status["cluster"]["reason"].as_str().unwrap().to_lowercase();
+    println!("Redis's certificate without cluster.ca_file: {reason}");
+    assert!(reason.contains("certificate"), "{reason}");
+    assert_eq!(redis.cli(&["EXISTS", "relay:node:edge-u"]), "0");
 }

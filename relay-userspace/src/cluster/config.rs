@@ -12,6 +12,9 @@ pub struct ClusterConfig {
     /// `redis://[user:password@]host[:port][/db]`, `rediss://` for TLS, or
     /// `unix:///path/to/redis.sock`.
     pub redis_url: String,
+    /// For `rediss://`: a PEM file of the certificates that may sign Redis's (a private
+    /// CA); empty: the system's trust store.
+    pub ca_file: String,
     /// How long a node's health record outlives its last refresh: a node silent this long
     /// is down. Refreshed every third of it.
     pub health_ttl_secs: u64,
@@ -23,6 +26,7 @@ impl Default for ClusterConfig {
             enabled: false,
             node: String::new(),
             redis_url: "redis://127.0.0.1:6379".to_owned(),
+            ca_file: String::new(),
             health_ttl_secs: 6,
         }
     }
@@ -46,6 +50,21 @@ impl ClusterConfig {
                 &format!("not a Redis URL (redis://, rediss:// or unix://): {err}"),
             );
         }
+        if !self.ca_file.is_empty() {
+            if !self.redis_url.starts_with("rediss://") {
+                problem(
+                    "cluster.ca_file",
+                    format!("{:?}", self.ca_file),
+                    "only for a rediss:// (TLS) redis_url",
+                );
+            } else if let Err(err) = std::fs::read(&self.ca_file) {
+                problem(
+                    "cluster.ca_file",
+                    format!("{:?}", self.ca_file),
+                    &format!("cannot be read: {err}"),
+                );
+            }
+        }
         if !(3..=300).contains(&self.health_ttl_secs) {
             problem(
                 "cluster.health_ttl_secs",
@@ -53,6 +72,22 @@ impl ClusterConfig {
                 "must be 3 to 300",
             );
         }
+    }
+
+    /// The Redis client the URL and `ca_file` say.
+    pub fn client(&self) -> anyhow::Result<redis::Client> {
+        if self.ca_file.is_empty() {
+            return Ok(redis::Client::open(self.redis_url.as_str())?);
+        }
+        let root_cert = std::fs::read(&self.ca_file)
+            .map_err(|err| anyhow::anyhow!("cluster.ca_file: {}: {err}", self.ca_file))?;
+        Ok(redis::Client::build_with_tls(
+            self.redis_url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        )?)
     }
 
     /// The node's name: `node`, or the host name when empty.
@@ -130,6 +165,7 @@ mod tests {
             enabled: true,
             node: "edge a".to_owned(),
             redis_url: "http://127.0.0.1:6379".to_owned(),
+            ca_file: "/nonexistent/ca.pem".to_owned(),
             health_ttl_secs: 1,
         };
         let found = problems(&bad);
@@ -139,11 +175,24 @@ mod tests {
             [
                 "cluster.node",
                 "cluster.redis_url",
+                "cluster.ca_file",
                 "cluster.health_ttl_secs"
             ],
             "{found:?}"
         );
         assert!(found[0].1.contains("' ' is not allowed"), "{found:?}");
+        assert!(found[2].1.contains("only for a rediss://"), "{found:?}");
+        let unreadable = ClusterConfig {
+            enabled: true,
+            redis_url: "rediss://redis.lan:6380".to_owned(),
+            ca_file: "/nonexistent/ca.pem".to_owned(),
+            ..ClusterConfig::default()
+        };
+        let found = problems(&unreadable);
+        assert!(
+            found.len() == 1 && found[0].1.starts_with("cannot be read"),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -176,7 +176,7 @@ impl Cluster {
         sources: Sources,
         stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<(Arc<Cluster>, tokio::task::JoinHandle<()>)> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
+        let client = config.client()?;
         let cluster = Arc::new(Cluster {
             node: config.node_name(),
             url: redacted(&config.redis_url),
