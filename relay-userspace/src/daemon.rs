@@ -228,6 +228,7 @@ pub async fn run(
                     ng: ng
                         .as_ref()
                         .map(|(calls, stats, _)| (calls.clone(), stats.clone())),
+                    cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
                 },
                 stopped.clone(),
             )))

@@ -73,6 +73,7 @@ pub struct Sources {
     pub calls: Option<Arc<Calls>>,
     /// ng calls and the ng commands served.
     pub ng: Option<(Arc<NgCalls>, Arc<NgStats>)>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl fmt::Debug for Sources {
@@ -436,6 +437,48 @@ impl Collector for Sources {
                 "relay_push_devices",
                 "Devices registered for pushes.",
                 gauge(push.registered() as u64),
+            )?;
+        }
+        if let Some(cluster) = &self.cluster {
+            use crate::cluster::{Link, NodeState};
+            let status = cluster.status();
+            single(
+                &mut encoder,
+                "relay_cluster_redis_up",
+                "1 when the last refresh of this node's keys in Redis got through, else 0 (the node serves its own sessions and calls only).",
+                gauge(u64::from(matches!(status.link, Link::Up { .. }))),
+            )?;
+            single(
+                &mut encoder,
+                "relay_cluster_redis_unavailable",
+                "Times Redis stopped answering this node (joining without it counts once).",
+                ConstCounter::new(cluster.degraded_total()),
+            )?;
+            let count = |wanted: fn(&NodeState) -> bool| {
+                gauge(
+                    status
+                        .nodes
+                        .iter()
+                        .filter(|node| wanted(&node.state))
+                        .count() as u64,
+                )
+            };
+            family(
+                &mut encoder,
+                "relay_cluster_members",
+                "The cluster's members as this node last read them, by state (down: its health record expired).",
+                MetricType::Gauge,
+                [
+                    (
+                        [("state", "alive")],
+                        count(|s| matches!(s, NodeState::Alive(_))),
+                    ),
+                    ([("state", "down")], count(|s| matches!(s, NodeState::Down))),
+                    (
+                        [("state", "unreadable")],
+                        count(|s| matches!(s, NodeState::Unreadable(_))),
+                    ),
+                ],
             )?;
         }
         if let Some(hub) = &self.signalling {

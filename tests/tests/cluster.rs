@@ -13,24 +13,27 @@ use relay_tests::{
     config_file::ConfigFile,
     netns::NetNs,
     redis::RedisServer,
-    relayd::{Relayd, binary},
+    relayd::{Relayd, binary, http_get, metric},
     require_root,
 };
 use serde_json::Value;
 
 const TTL_SECS: u64 = 3;
 
+const METRICS: &str = "127.0.0.1:9479";
+
 fn node_config(node: &str, redis_url: &str) -> ConfigFile {
-    node_config_with(node, redis_url, "")
+    node_config_with(node, redis_url, "", "")
 }
 
-fn node_config_with(node: &str, redis_url: &str, extra: &str) -> ConfigFile {
+/// A node's configuration: `extra` in its `[cluster]`, metrics on `metrics` (empty: off).
+fn node_config_with(node: &str, redis_url: &str, extra: &str, metrics: &str) -> ConfigFile {
     ConfigFile::new(&format!(
         r#"
 [datapath]
 mode = "userspace"
 [metrics]
-listen = ""
+listen = "{metrics}"
 [cluster]
 enabled = true
 node = "{node}"
@@ -72,7 +75,7 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
     );
 
     let (config_a, config_b) = (
-        node_config("edge-a", &redis.url()),
+        node_config_with("edge-a", &redis.url(), "", METRICS),
         node_config("edge-b", &redis.url()),
     );
     let mut a = Relayd::start(Some(&ns), &["--config", config_a.path()]);
@@ -130,6 +133,15 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
         a.ctl_ok(&["status"])
             .contains("Redis redis://127.0.0.1:6379 up")
     );
+    let metrics = http_get(&ns, METRICS, "/metrics");
+    for (series, value) in [
+        ("relay_cluster_redis_up", 1),
+        ("relay_cluster_redis_unavailable_total", 0),
+        (r#"relay_cluster_members{state="alive"}"#, 2),
+        (r#"relay_cluster_members{state="down"}"#, 0),
+    ] {
+        assert_eq!(metric(&metrics, series), Some(value), "{series}\n{metrics}");
+    }
 
     // A node killed (no goodbye): down once its record expires, within the TTL and a refresh.
     b.kill();
@@ -181,6 +193,14 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
         "{}",
         a.log()
     );
+    let metrics = http_get(&ns, METRICS, "/metrics");
+    for (series, value) in [
+        ("relay_cluster_redis_up", 0),
+        ("relay_cluster_redis_unavailable_total", 1),
+        (r#"relay_cluster_members{state="down"}"#, 1),
+    ] {
+        assert_eq!(metric(&metrics, series), Some(value), "{series}\n{metrics}");
+    }
 
     // Back (empty, as after a Redis restart without persistence): the node rejoins and
     // writes its record again.
@@ -223,7 +243,7 @@ fn a_node_reaches_redis_over_tls_with_a_private_ca() {
     let ns = NetNs::new("clt");
     let redis = RedisServer::start_tls(&ns, 6380);
     let ca = redis.ca_file().unwrap();
-    let trusted = node_config_with("edge-t", &redis.url(), &format!("ca_file = \"{ca}\""));
+    let trusted = node_config_with("edge-t", &redis.url(), &format!("ca_file = \"{ca}\""), "");
     let node = Relayd::start(Some(&ns), &["--config", trusted.path()]);
     let status = node.ctl_json_until(&["cluster", "status"], Duration::from_secs(10), |s| {
         s["redis"] == "up"

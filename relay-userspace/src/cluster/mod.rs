@@ -160,6 +160,8 @@ pub struct Cluster {
     client: redis::Client,
     started: u64,
     view: Mutex<View>,
+    /// Times Redis stopped answering (joining without it counts once).
+    degraded_total: std::sync::atomic::AtomicU64,
 }
 
 struct View {
@@ -188,6 +190,7 @@ impl Cluster {
                 nodes: Vec::new(),
                 read_at: None,
             }),
+            degraded_total: std::sync::atomic::AtomicU64::new(0),
         });
         tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, "cluster: joining");
         let task = tokio::spawn(cluster.clone().keep_fresh(sources, stopped));
@@ -200,6 +203,12 @@ impl Cluster {
 
     fn view(&self) -> MutexGuard<'_, View> {
         self.view.lock().expect("cluster view")
+    }
+
+    /// Times Redis stopped answering since relayd started.
+    pub fn degraded_total(&self) -> u64 {
+        self.degraded_total
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -400,6 +409,8 @@ impl Cluster {
                 };
             }
             _ => {
+                self.degraded_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(node = %self.node, redis = %self.url, %reason, "cluster: Redis unavailable; this node serves its own sessions and calls only (degraded) and rejoins when Redis answers");
                 view.link = Link::Degraded {
                     since: Instant::now(),
