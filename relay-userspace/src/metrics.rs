@@ -593,6 +593,7 @@ mod tests {
             signalling: None,
             calls: None,
             ng: None,
+            cluster: None,
         };
         let serving = tokio::spawn(serve(listener, sources, stopped));
         let response = get(address, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
