@@ -2,7 +2,8 @@
 //! every member sees the others; a node killed without a goodbye is down once its record
 //! expires; a node goes on serving without Redis (degraded, said in `relayctl status` and
 //! the log) and rejoins when Redis is back; a node started while Redis is unreachable
-//! starts and says so; a clean stop leaves the cluster.
+//! starts and says so; a clean stop leaves the cluster; the operator forgets a node that is
+//! down for good, and only such a node.
 
 use std::{
     process::Command,
@@ -143,6 +144,17 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
         assert_eq!(metric(&metrics, series), Some(value), "{series}\n{metrics}");
     }
 
+    // Only a member that is down can be forgotten.
+    let refused = |args: &[&str], expected: &str| {
+        let output = a.ctl(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    refused(&["cluster", "forget", "edge-b"], "edge-b is alive");
+    refused(&["cluster", "forget", "edge-a"], "edge-a is this node");
+    refused(&["cluster", "forget", "edge-z"], "edge-z is not a member");
+
     // A node killed (no goodbye): down once its record expires, within the TTL and a refresh.
     b.kill();
     let killed = Instant::now();
@@ -163,6 +175,24 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
     );
     println!("a killed node was seen down after {noticed:?} (TTL {TTL_SECS} s)");
     assert!(a.ctl_ok(&["cluster", "status"]).contains("down"));
+    let metrics = http_get(&ns, METRICS, "/metrics");
+    assert_eq!(
+        metric(&metrics, r#"relay_cluster_members{state="down"}"#),
+        Some(1),
+        "{metrics}"
+    );
+    // Decommissioned for good: the operator removes it from the list.
+    assert_eq!(
+        a.ctl_ok(&["cluster", "forget", "edge-b"]),
+        "edge-b forgotten: no longer a member\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while redis.cli(&["SISMEMBER", "relay:nodes", "edge-b"]) != "0" {
+        assert!(Instant::now() < deadline, "edge-b still in relay:nodes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = a.ctl_json(&["cluster", "status"]);
+    assert!(member(&status, "edge-b").is_none(), "{status:#}");
 
     // Redis gone: the node says so and goes on answering.
     drop(redis);
@@ -197,7 +227,7 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
     for (series, value) in [
         ("relay_cluster_redis_up", 0),
         ("relay_cluster_redis_unavailable_total", 1),
-        (r#"relay_cluster_members{state="down"}"#, 1),
+        (r#"relay_cluster_members{state="alive"}"#, 1),
     ] {
         assert_eq!(metric(&metrics, series), Some(value), "{series}\n{metrics}");
     }

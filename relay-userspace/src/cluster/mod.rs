@@ -162,6 +162,21 @@ pub struct Cluster {
     view: Mutex<View>,
     /// Times Redis stopped answering (joining without it counts once).
     degraded_total: std::sync::atomic::AtomicU64,
+    /// Down members the operator removed, for the refresh task to delete from Redis.
+    forget: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+/// Why a member cannot be forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForgetRefusal {
+    #[error("{0} is not a member of the cluster")]
+    NotMember(String),
+    #[error("{0} is alive: only a member that is down can be forgotten")]
+    Alive(String),
+    #[error("{0} is this node")]
+    ThisNode(String),
+    #[error("Redis is unavailable: nothing can be removed from it now")]
+    Degraded,
 }
 
 struct View {
@@ -179,6 +194,7 @@ impl Cluster {
         stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<(Arc<Cluster>, tokio::task::JoinHandle<()>)> {
         let client = config.client()?;
+        let (forget, forgotten) = tokio::sync::mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             node: config.node_name(),
             url: redacted(&config.redis_url),
@@ -191,9 +207,10 @@ impl Cluster {
                 read_at: None,
             }),
             degraded_total: std::sync::atomic::AtomicU64::new(0),
+            forget,
         });
         tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, "cluster: joining");
-        let task = tokio::spawn(cluster.clone().keep_fresh(sources, stopped));
+        let task = tokio::spawn(cluster.clone().keep_fresh(sources, forgotten, stopped));
         Ok((cluster, task))
     }
 
@@ -225,7 +242,12 @@ impl Cluster {
 
     /// Refreshes the record every third of the TTL; on a failure drops the connection and
     /// tries a new one at the next refresh.
-    async fn keep_fresh(self: Arc<Self>, sources: Sources, mut stopped: watch::Receiver<bool>) {
+    async fn keep_fresh(
+        self: Arc<Self>,
+        sources: Sources,
+        mut forgotten: tokio::sync::mpsc::UnboundedReceiver<String>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
         let every = (self.ttl / 3).max(Duration::from_secs(1));
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -236,6 +258,12 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
+                Some(node) = forgotten.recv() => {
+                    if let Some(connection) = connection.as_mut() {
+                        self.remove_member(connection, &node).await;
+                    }
+                    continue;
+                }
                 _ = stopped.changed() => break,
             }
             let (now, cpu_ns) = (Instant::now(), process_cpu_ns());
@@ -287,6 +315,39 @@ impl Cluster {
                     tracing::info!(node = %self.node, "cluster: stopped without leaving; the others see this node down when its record expires")
                 }
             }
+        }
+    }
+
+    /// Removes a down member the operator gave up on (`relayctl cluster forget`): out of
+    /// the member set, its session list gone (its call records have expired with it).
+    pub fn forget(&self, node: &str) -> Result<(), ForgetRefusal> {
+        let mut view = self.view();
+        if node == self.node {
+            return Err(ForgetRefusal::ThisNode(node.to_owned()));
+        }
+        if !matches!(view.link, Link::Up { .. }) {
+            return Err(ForgetRefusal::Degraded);
+        }
+        let Some(index) = view.nodes.iter().position(|member| member.node == node) else {
+            return Err(ForgetRefusal::NotMember(node.to_owned()));
+        };
+        if matches!(view.nodes[index].state, NodeState::Alive(_)) {
+            return Err(ForgetRefusal::Alive(node.to_owned()));
+        }
+        view.nodes.remove(index);
+        let _ = self.forget.send(node.to_owned());
+        tracing::info!(node, "cluster: a down member forgotten by the operator");
+        Ok(())
+    }
+
+    async fn remove_member(&self, connection: &mut redis::aio::MultiplexedConnection, node: &str) {
+        let removed = redis::pipe()
+            .srem(NODES_KEY, node)
+            .del(sessions_key(node))
+            .query_async::<()>(connection)
+            .await;
+        if let Err(err) = removed {
+            tracing::warn!(node, %err, "cluster: the forgotten member could not be removed from Redis; forget it again");
         }
     }
 

@@ -76,6 +76,7 @@ pub mod method {
     pub const CALLS_HANGUP: &str = "calls.hangup";
     pub const PUSH_STATS: &str = "push.stats";
     pub const CLUSTER_STATUS: &str = "cluster.status";
+    pub const CLUSTER_FORGET: &str = "cluster.forget";
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +163,12 @@ pub struct NgCallListed {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallIdParams {
     pub call: u64,
+}
+
+/// `cluster.forget`: a member by its name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterNodeParams {
+    pub node: String,
 }
 
 /// What a reload changed: keys applied live, keys that wait for a restart.

@@ -18,13 +18,14 @@ use tokio::{
 };
 
 use super::protocol::{
-    self as wire, CallIdParams, CallsListResult, CallsMedia, ClusterStatusResult,
-    ConfigReloadResult, ErrorBody, ErrorKind, FlowAddParams, FlowAddResult, FlowIdParams,
-    FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, PushCount, PushStatsResult, Request,
-    Response, StatsResult, StatusResult, TurnAllocationsResult, TurnRevokeParams, TurnRevokeResult,
-    method,
+    self as wire, CallIdParams, CallsListResult, CallsMedia, ClusterNodeParams,
+    ClusterStatusResult, ConfigReloadResult, ErrorBody, ErrorKind, FlowAddParams, FlowAddResult,
+    FlowIdParams, FlowListResult, MAX_REQUEST_BYTES, PROTOCOL_VERSION, PushCount, PushStatsResult,
+    Request, Response, StatsResult, StatusResult, TurnAllocationsResult, TurnRevokeParams,
+    TurnRevokeResult, method,
 };
 use crate::{
+    cluster::ForgetRefusal,
     datapath::{
         FlowSpec,
         table::{FlowError, FlowTable},
@@ -502,15 +503,17 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
             tracing::info!(call = params.call, "calls: hung up by the operator");
             to_value(serde_json::json!({}))
         }
-        method::CLUSTER_STATUS => {
-            let cluster = services.cluster.as_ref().ok_or_else(|| {
-                body(
-                    ErrorKind::NotFound,
-                    None,
-                    "this relayd is not in a cluster ([cluster] enabled = false)".to_owned(),
-                )
+        method::CLUSTER_STATUS => to_value(ClusterStatusResult::from(&cluster(services)?.status())),
+        method::CLUSTER_FORGET => {
+            let params: ClusterNodeParams = params(request)?;
+            cluster(services)?.forget(&params.node).map_err(|refusal| {
+                let code = match refusal {
+                    ForgetRefusal::NotMember(_) => ErrorKind::NotFound,
+                    _ => ErrorKind::InvalidArgument,
+                };
+                body(code, Some("node"), format!("node: {refusal}"))
             })?;
-            to_value(ClusterStatusResult::from(&cluster.status()))
+            to_value(serde_json::json!({}))
         }
         method::CONFIG_RELOAD => {
             let changes = services.reloader.reload().map_err(|problems| {
@@ -534,6 +537,16 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
         }
     };
     Ok(result)
+}
+
+fn cluster(services: &Services) -> Result<&Arc<crate::cluster::Cluster>, ErrorBody> {
+    services.cluster.as_ref().ok_or_else(|| {
+        body(
+            ErrorKind::NotFound,
+            None,
+            "this relayd is not in a cluster ([cluster] enabled = false)".to_owned(),
+        )
+    })
 }
 
 fn calls_service(services: &Services) -> Result<&Arc<crate::calls::Calls>, ErrorBody> {

@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use relay::control::{
     client::{ClientError, ControlClient},
-    protocol::{ClusterStatusResult, ClusterSummary, method},
+    protocol::{ClusterNodeParams, ClusterStatusResult, ClusterSummary, method},
 };
 use serde_json::Value;
 
@@ -13,6 +13,11 @@ use crate::output;
 pub enum ClusterCommand {
     /// This node's link to Redis and every member's health and load, as last read
     Status,
+    /// Remove a member that is down for good (decommissioned) from the cluster's list
+    Forget {
+        /// The member's node name, as `cluster status` shows it
+        node: String,
+    },
 }
 
 pub fn run(
@@ -21,6 +26,18 @@ pub fn run(
     json: bool,
 ) -> Result<(), ClientError> {
     match command {
+        ClusterCommand::Forget { node } => {
+            let result: Value = client.call_as(
+                method::CLUSTER_FORGET,
+                serde_json::to_value(ClusterNodeParams { node: node.clone() })
+                    .expect("params serialize"),
+            )?;
+            if json {
+                output::json(&result);
+            } else {
+                println!("{node} forgotten: no longer a member");
+            }
+        }
         ClusterCommand::Status => {
             let result: ClusterStatusResult =
                 client.call_as(method::CLUSTER_STATUS, Value::Null)?;
