@@ -77,6 +77,7 @@ pub async fn run(
         None
     };
     let mut calls = None;
+    let cluster;
     let signalling = if config.signalling.enabled {
         let push = if config.push.enabled {
             Some(Arc::new(crate::push::Push::new(
@@ -110,18 +111,23 @@ pub async fn run(
             tokio::spawn(kept.clone().keep_recorded(stopped.clone()));
             calls = Some(kept);
         }
+        cluster = start_cluster(&config, &table, &turn, &calls, Some(&hub), &stopped)?;
         let (listening, task) = crate::signalling::server::start(
             &config.signalling,
             state_dir,
-            hub.clone(),
-            calls.clone(),
-            turn.clone().filter(|_| config.turn.tcp),
+            crate::signalling::server::Backends {
+                hub: hub.clone(),
+                calls: calls.clone(),
+                cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
+                turn: turn.clone().filter(|_| config.turn.tcp),
+            },
             admission.clone(),
             stopped.clone(),
         )
         .await?;
         Some((Arc::new(listening), task))
     } else {
+        cluster = start_cluster(&config, &table, &turn, &calls, None, &stopped)?;
         None
     };
     let ng = match config.ng.address() {
@@ -141,73 +147,6 @@ pub async fn run(
             Some((calls, stats, task))
         }
         None => None,
-    };
-    let cluster = if config.cluster.enabled {
-        let hub = signalling
-            .as_ref()
-            .map(|(listening, _)| listening.hub.clone());
-        let load = {
-            let (table, turn, calls, hub) =
-                (table.clone(), turn.clone(), calls.clone(), hub.clone());
-            Box::new(move || crate::cluster::Load {
-                calls: calls.as_ref().map_or(0, |calls| calls.len()),
-                allocations: turn
-                    .as_ref()
-                    .map_or(0, |turn| turn.summary().allocations as usize),
-                sessions: hub.as_ref().map_or(0, |hub| {
-                    let (controllers, clients) = hub.counts();
-                    controllers + clients
-                }),
-                flows: table.len(),
-                cpu_percent: 0.0,
-            }) as Box<dyn Fn() -> crate::cluster::Load + Send + Sync>
-        };
-        let sessions = hub.map(|hub| {
-            Box::new(move || {
-                hub.identities()
-                    .into_iter()
-                    .map(|identity| crate::cluster::SessionRecord {
-                        tenant: identity.tenant,
-                        role: match identity.role {
-                            crate::signalling::protocol::Role::Controller => "controller",
-                            crate::signalling::protocol::Role::Client => "client",
-                        }
-                        .to_owned(),
-                        user: identity.user,
-                    })
-                    .collect()
-            }) as Box<dyn Fn() -> Vec<crate::cluster::SessionRecord> + Send + Sync>
-        });
-        let calls_source = calls.clone().map(|calls| {
-            let counted = calls.clone();
-            crate::cluster::CallsSource {
-                generation: Box::new(move || counted.generation()),
-                records: Box::new(move || {
-                    let (records, complete) = calls.records();
-                    let records = records
-                        .iter()
-                        .map(|record| {
-                            let json =
-                                serde_json::to_string(record).expect("call records serialize");
-                            (record.call, json)
-                        })
-                        .collect();
-                    crate::cluster::CallRecords { records, complete }
-                }),
-            }
-        });
-        let sources = crate::cluster::Sources {
-            load,
-            sessions,
-            calls: calls_source,
-        };
-        Some(crate::cluster::Cluster::start(
-            &config.cluster,
-            sources,
-            stopped.clone(),
-        )?)
-    } else {
-        None
     };
     let metrics = match config.metrics.address() {
         Some(address) => {
@@ -329,4 +268,97 @@ async fn expire_idle_flows(table: Arc<FlowTable>, mut stopped: watch::Receiver<b
             );
         }
     }
+}
+
+type ClusterTask = (Arc<crate::cluster::Cluster>, tokio::task::JoinHandle<()>);
+
+/// This node's part in its cluster, when `[cluster]` is on: what it publishes (load,
+/// sessions, calls) and how messages from other nodes reach its sessions.
+fn start_cluster(
+    config: &Config,
+    table: &Arc<FlowTable>,
+    turn: &Option<Arc<crate::turn::driver::TurnService>>,
+    calls: &Option<Arc<crate::calls::Calls>>,
+    hub: Option<&Arc<crate::signalling::hub::Hub>>,
+    stopped: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<ClusterTask>> {
+    if !config.cluster.enabled {
+        return Ok(None);
+    }
+    let hub = hub.cloned();
+    let load = {
+        let (table, turn, calls, hub) = (table.clone(), turn.clone(), calls.clone(), hub.clone());
+        Box::new(move || crate::cluster::Load {
+            calls: calls.as_ref().map_or(0, |calls| calls.len()),
+            allocations: turn
+                .as_ref()
+                .map_or(0, |turn| turn.summary().allocations as usize),
+            sessions: hub.as_ref().map_or(0, |hub| {
+                let (controllers, clients) = hub.counts();
+                controllers + clients
+            }),
+            flows: table.len(),
+            cpu_percent: 0.0,
+        }) as Box<dyn Fn() -> crate::cluster::Load + Send + Sync>
+    };
+    let deliver = hub.clone().map(|hub| {
+        Box::new(
+            move |tenant: &str, to: &crate::cluster::Recipient, message: serde_json::Value| {
+                let Ok(message) =
+                    serde_json::from_value::<crate::signalling::protocol::Outbound>(message)
+                else {
+                    return (0, 0);
+                };
+                let user = match to {
+                    crate::cluster::Recipient::Controller => None,
+                    crate::cluster::Recipient::User(user) => Some(user.as_str()),
+                };
+                hub.deliver(tenant, user, &message)
+            },
+        ) as crate::cluster::Deliver
+    });
+    let sessions = hub.map(|hub| {
+        Box::new(move || {
+            hub.identities()
+                .into_iter()
+                .map(|identity| crate::cluster::SessionRecord {
+                    tenant: identity.tenant,
+                    role: match identity.role {
+                        crate::signalling::protocol::Role::Controller => "controller",
+                        crate::signalling::protocol::Role::Client => "client",
+                    }
+                    .to_owned(),
+                    user: identity.user,
+                })
+                .collect()
+        }) as Box<dyn Fn() -> Vec<crate::cluster::SessionRecord> + Send + Sync>
+    });
+    let calls_source = calls.clone().map(|calls| {
+        let counted = calls.clone();
+        crate::cluster::CallsSource {
+            generation: Box::new(move || counted.generation()),
+            records: Box::new(move || {
+                let (records, complete) = calls.records();
+                let records = records
+                    .iter()
+                    .map(|record| {
+                        let json = serde_json::to_string(record).expect("call records serialize");
+                        (record.call, json)
+                    })
+                    .collect();
+                crate::cluster::CallRecords { records, complete }
+            }),
+        }
+    });
+    let sources = crate::cluster::Sources {
+        load,
+        sessions,
+        calls: calls_source,
+        deliver,
+    };
+    Ok(Some(crate::cluster::Cluster::start(
+        &config.cluster,
+        sources,
+        stopped.clone(),
+    )?))
 }

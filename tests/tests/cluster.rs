@@ -299,3 +299,131 @@ fn a_node_reaches_redis_over_tls_with_a_private_ca() {
     assert!(reason.contains("certificate"), "{reason}");
     assert_eq!(redis.cli(&["EXISTS", "relay:node:edge-u"]), "0");
 }
+
+/// Signalling across nodes: the controller on one node, the app on another, both sharing
+/// Redis. Messages go both ways through the nodes' channels with the same answers as on one
+/// node (`delivered`, or `offline` when the user is connected nowhere).
+#[test]
+fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
+    use relay_tests::signalling_client::{call, connect, controller, receive_within};
+    use serde_json::json;
+    require_root();
+    let ns = NetNs::new("cls");
+    let redis = RedisServer::start(&ns, 6379);
+    let signalling = |listen: &str| {
+        format!(
+            "[signalling]\nenabled = true\nlisten = \"{listen}\"\n\
+             token_secret = \"a token secret of enough length\"\n\
+             tenants = [{{ name = \"acme\", api_key = \"acme-api-key-0123456789\" }}]\n"
+        )
+    };
+    let config = |node: &str, listen: &str| {
+        ConfigFile::new(&format!(
+            "[datapath]\nmode = \"userspace\"\n[metrics]\nlisten = \"\"\n{}\
+             [cluster]\nenabled = true\nnode = \"{node}\"\nredis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\n",
+            signalling(listen),
+            redis.url()
+        ))
+    };
+    let (config_a, config_b) = (
+        config("edge-a", "127.0.0.1:4431"),
+        config("edge-b", "127.0.0.1:4432"),
+    );
+    let a = Relayd::start(Some(&ns), &["--config", config_a.path()]);
+    let b = Relayd::start(Some(&ns), &["--config", config_b.path()]);
+    let (fingerprint_a, fingerprint_b) = (a.signalling_fingerprint(), b.signalling_fingerprint());
+    let runtime = relay_tests::runtime();
+    runtime.block_on(async {
+        let (address_a, address_b) = ("127.0.0.1:4431".parse().unwrap(), "127.0.0.1:4432".parse().unwrap());
+        let mut acme = controller(&ns, address_a, &fingerprint_a, "acme", "acme-api-key-0123456789").await;
+        let minted = call(
+            &mut acme,
+            json!({"type": "token.mint", "id": 1, "user": "alice", "ttl_secs": 60}),
+        )
+        .await;
+        let token = minted["token"].as_str().unwrap().to_owned();
+        // The app connects to the other node (the same secret signs tokens on both).
+        let mut alice = connect(&ns, address_b, &fingerprint_b).await;
+        let welcome = call(
+            &mut alice,
+            json!({"type": "hello", "v": 1, "role": "client", "token": token}),
+        )
+        .await;
+        assert_eq!(welcome["user"], "alice", "{welcome}");
+        let alice_session = welcome["session"].clone();
+
+        // Controller -> app across nodes, once node A has read where alice is (a refresh).
+        let started = Instant::now();
+        let answer = loop {
+            let answer = call(
+                &mut acme,
+                json!({"type": "send", "id": 2, "to": {"user": "alice"}, "body": "ring"}),
+            )
+            .await;
+            if answer["type"] == "result" || started.elapsed() > Duration::from_secs(2 * TTL_SECS) {
+                break answer;
+            }
+            assert_eq!(answer["code"], "offline", "{answer}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!((&answer["type"], &answer["delivered"]), (&json!("result"), &json!(1)), "{answer}\n{}", a.log());
+        println!("alice, connected to edge-b, reachable from edge-a after {:?}", started.elapsed());
+        let message = receive_within(&mut alice, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(
+            (&message["type"], &message["from"]["role"], &message["body"]),
+            (&json!("message"), &json!("controller"), &json!("ring")),
+            "{message}"
+        );
+
+        // App -> controller across nodes.
+        let started = Instant::now();
+        let answer = loop {
+            let answer = call(
+                &mut alice,
+                json!({"type": "send", "id": 3, "to": {"role": "controller"}, "body": {"answer": true}}),
+            )
+            .await;
+            if answer["type"] == "result" || started.elapsed() > Duration::from_secs(2 * TTL_SECS) {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(answer["delivered"], 1, "{answer}\n{}", b.log());
+        let message = receive_within(&mut acme, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(
+            message,
+            json!({"type": "message", "from": {"role": "client", "user": "alice", "session": alice_session}, "body": {"answer": true}})
+        );
+
+        // Nobody anywhere: offline at once, saying so.
+        let started = Instant::now();
+        let answer = call(
+            &mut acme,
+            json!({"type": "send", "id": 4, "to": {"user": "bob"}, "body": "ring"}),
+        )
+        .await;
+        assert_eq!(answer["code"], "offline", "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("on any relay of the cluster"),
+            "{answer}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+
+        // Alice leaves: once node A has read it, offline again.
+        drop(alice);
+        let started = Instant::now();
+        loop {
+            let answer = call(
+                &mut acme,
+                json!({"type": "send", "id": 5, "to": {"user": "alice"}, "body": "ring"}),
+            )
+            .await;
+            if answer["code"] == "offline" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(3 * TTL_SECS), "{answer}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    drop(redis);
+}

@@ -9,7 +9,12 @@
 //!   the calls changed and otherwise only given a new TTL; an ended call's key is deleted.
 //!
 //! The same round trip reads every member's health record, so the node's view of the
-//! cluster is at most a refresh old. Redis is not needed to serve: when it does not answer
+//! cluster is at most a refresh old.
+//!
+//! Signalling across nodes: a message whose recipient has no session on this node is
+//! published on every other alive node's channel (`relay:inbox:<name>`); each hands it to
+//! its sessions and answers on the sender's channel how many took it, so the sender gets
+//! `delivered`, `busy` or `offline` as on one node. Redis is not needed to serve: when it does not answer
 //! (at start or later) the node goes on with its own sessions and calls, says so in the log
 //! and `relayctl status`, and rejoins at the first refresh that gets through, writing all
 //! its keys again. A clean stop deletes the node's keys and membership; a node that dies
@@ -57,13 +62,63 @@ pub struct SessionRecord {
     pub user: Option<String>,
 }
 
-/// What the daemon gives the cluster to publish.
+/// What the daemon gives the cluster to publish, and where messages from other nodes go.
 pub struct Sources {
     /// All but the CPU, which the cluster measures.
     pub load: Box<dyn Fn() -> Load + Send + Sync>,
     pub sessions: Option<Box<dyn Fn() -> Vec<SessionRecord> + Send + Sync>>,
     pub calls: Option<CallsSource>,
+    pub deliver: Option<Deliver>,
 }
+
+/// Who a message routed between nodes is for, within its tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recipient {
+    Controller,
+    User(String),
+}
+
+/// Hands a message from another node to this node's sessions: (delivered, queues full).
+pub type Deliver = Box<dyn Fn(&str, &Recipient, serde_json::Value) -> (usize, usize) + Send + Sync>;
+
+/// What became of a message sent to other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Sessions on other nodes took it.
+    Delivered(usize),
+    /// The recipient's sessions elsewhere have full queues.
+    Busy,
+    /// No other node has the recipient (or none answered within a second, or Redis does
+    /// not answer).
+    Nowhere,
+}
+
+/// Messages between nodes, on each node's channel `relay:inbox:<name>`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum InboxMessage {
+    Deliver {
+        id: u64,
+        reply_to: String,
+        tenant: String,
+        to: Recipient,
+        message: serde_json::Value,
+    },
+    Delivered {
+        id: u64,
+        delivered: usize,
+        busy: usize,
+    },
+}
+
+/// A node's channel.
+pub fn inbox_channel(node: &str) -> String {
+    format!("relay:inbox:{node}")
+}
+
+/// How long a message routed to another node waits for its answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct CallsSource {
     /// Counts the changes to the calls' records.
@@ -164,6 +219,13 @@ pub struct Cluster {
     degraded_total: std::sync::atomic::AtomicU64,
     /// Down members the operator removed, for the refresh task to delete from Redis.
     forget: tokio::sync::mpsc::UnboundedSender<String>,
+    /// The refresh task's connection, for messages to other nodes (None: Redis does not
+    /// answer).
+    connection: Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// Messages sent to other nodes that wait for their answer, by id.
+    pending: Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<(usize, usize)>>>,
+    next_message: std::sync::atomic::AtomicU64,
+    deliver: Option<Deliver>,
 }
 
 /// Why a member cannot be forgotten.
@@ -190,10 +252,11 @@ impl Cluster {
     /// node's record fresh until `stopped`, then leaves.
     pub fn start(
         config: &ClusterConfig,
-        sources: Sources,
+        mut sources: Sources,
         stopped: watch::Receiver<bool>,
     ) -> anyhow::Result<(Arc<Cluster>, tokio::task::JoinHandle<()>)> {
         let client = config.client()?;
+        let deliver = sources.deliver.take();
         let (forget, forgotten) = tokio::sync::mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             node: config.node_name(),
@@ -208,9 +271,23 @@ impl Cluster {
             }),
             degraded_total: std::sync::atomic::AtomicU64::new(0),
             forget,
+            connection: Mutex::new(None),
+            pending: Mutex::new(std::collections::HashMap::new()),
+            next_message: std::sync::atomic::AtomicU64::new(1),
+            deliver,
         });
         tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, "cluster: joining");
+        let inbox = cluster
+            .deliver
+            .is_some()
+            .then(|| tokio::spawn(cluster.clone().read_inbox(stopped.clone())));
         let task = tokio::spawn(cluster.clone().keep_fresh(sources, forgotten, stopped));
+        let task = tokio::spawn(async move {
+            let _ = task.await;
+            if let Some(inbox) = inbox {
+                let _ = inbox.await;
+            }
+        });
         Ok((cluster, task))
     }
 
@@ -288,10 +365,12 @@ impl Cluster {
             )
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {every:?}")));
+            *self.connection.lock().expect("cluster connection") = connection.clone();
             match refreshed {
                 Ok(nodes) => self.joined(nodes),
                 Err(reason) => {
                     connection = None;
+                    *self.connection.lock().expect("cluster connection") = None;
                     // Redis may have lost them: all written again once it answers.
                     written.generation = None;
                     self.degraded(reason);
@@ -314,6 +393,152 @@ impl Cluster {
                 _ => {
                     tracing::info!(node = %self.node, "cluster: stopped without leaving; the others see this node down when its record expires")
                 }
+            }
+        }
+    }
+
+    /// Sends `message` (a signalling message, as its JSON) to `to` of `tenant` on every
+    /// other node alive, as this node last read the cluster, and waits for their answers
+    /// (at most a second): each says how many of its sessions took it. Asking them all
+    /// costs a round trip through Redis per message for a recipient not connected here,
+    /// and knows at once where a session that just connected is.
+    pub async fn forward(
+        &self,
+        tenant: &str,
+        to: &Recipient,
+        message: serde_json::Value,
+    ) -> Forwarded {
+        let nodes: Vec<String> = self
+            .view()
+            .nodes
+            .iter()
+            .filter(|member| member.node != self.node)
+            .filter(|member| matches!(member.state, NodeState::Alive(_)))
+            .map(|member| member.node.clone())
+            .collect();
+        let connection = self.connection.lock().expect("cluster connection").clone();
+        let (Some(mut connection), false) = (connection, nodes.is_empty()) else {
+            return Forwarded::Nowhere;
+        };
+        let mut answers = Vec::new();
+        for node in nodes {
+            let id = self
+                .next_message
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            self.pending().insert(id, answer);
+            let sent = InboxMessage::Deliver {
+                id,
+                reply_to: self.node.clone(),
+                tenant: tenant.to_owned(),
+                to: to.clone(),
+                message: message.clone(),
+            };
+            let json = serde_json::to_string(&sent).expect("inbox messages serialize");
+            let published: redis::RedisResult<usize> =
+                connection.publish(inbox_channel(&node), json).await;
+            match published {
+                Ok(listeners) if listeners > 0 => answers.push((id, answered)),
+                _ => {
+                    self.pending().remove(&id);
+                }
+            }
+        }
+        let (mut delivered, mut busy) = (0, 0);
+        for (id, answered) in answers {
+            match tokio::time::timeout(FORWARD_TIMEOUT, answered).await {
+                Ok(Ok((took, full))) => {
+                    delivered += took;
+                    busy += full;
+                }
+                _ => {
+                    self.pending().remove(&id);
+                }
+            }
+        }
+        match (delivered, busy) {
+            (0, 0) => Forwarded::Nowhere,
+            (0, _) => Forwarded::Busy,
+            (delivered, _) => Forwarded::Delivered(delivered),
+        }
+    }
+
+    fn pending(
+        &self,
+    ) -> MutexGuard<'_, std::collections::HashMap<u64, tokio::sync::oneshot::Sender<(usize, usize)>>>
+    {
+        self.pending.lock().expect("cluster pending messages")
+    }
+
+    /// Reads this node's channel until `stopped`: messages for its sessions, and the
+    /// answers to what it sent. Subscribes again a second after Redis went away.
+    async fn read_inbox(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        use futures_util::StreamExt;
+        let channel = inbox_channel(&self.node);
+        loop {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub.into_on_message())
+            };
+            if let Ok(Ok(mut messages)) = tokio::time::timeout(self.ttl / 3, subscribed).await {
+                loop {
+                    tokio::select! {
+                        message = messages.next() => match message {
+                            Some(message) => {
+                                if let Ok(text) = message.get_payload::<String>() {
+                                    self.inbox(&text).await;
+                                }
+                            }
+                            None => break,
+                        },
+                        _ = stopped.changed() => return,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopped.changed() => return,
+            }
+        }
+    }
+
+    async fn inbox(&self, text: &str) {
+        match serde_json::from_str::<InboxMessage>(text) {
+            Ok(InboxMessage::Deliver {
+                id,
+                reply_to,
+                tenant,
+                to,
+                message,
+            }) => {
+                let (delivered, busy) = match &self.deliver {
+                    Some(deliver) => deliver(&tenant, &to, message),
+                    None => (0, 0),
+                };
+                let answer = InboxMessage::Delivered {
+                    id,
+                    delivered,
+                    busy,
+                };
+                let json = serde_json::to_string(&answer).expect("inbox messages serialize");
+                let connection = self.connection.lock().expect("cluster connection").clone();
+                if let Some(mut connection) = connection {
+                    let _: redis::RedisResult<usize> =
+                        connection.publish(inbox_channel(&reply_to), json).await;
+                }
+            }
+            Ok(InboxMessage::Delivered {
+                id,
+                delivered,
+                busy,
+            }) => {
+                if let Some(waiting) = self.pending().remove(&id) {
+                    let _ = waiting.send((delivered, busy));
+                }
+            }
+            Err(err) => {
+                tracing::debug!(%err, "cluster: a message on this node's channel that is not one of ours");
             }
         }
     }
@@ -422,7 +647,7 @@ impl Cluster {
                 .await
                 .map_err(|err| err.to_string())?
         };
-        Ok(members
+        let nodes = members
             .into_iter()
             .zip(records)
             .map(|(node, record)| {
@@ -435,7 +660,8 @@ impl Cluster {
                 };
                 NodeView { node, state }
             })
-            .collect())
+            .collect();
+        Ok(nodes)
     }
 
     fn joined(&self, nodes: Vec<NodeView>) {

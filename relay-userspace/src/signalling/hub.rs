@@ -198,6 +198,29 @@ impl Hub {
             .is_some_and(|session| session.queue.try_send(message.clone()).is_ok())
     }
 
+    /// Delivers a message another node routed here to the tenant's controller (`user`
+    /// None) or to every session of `user`: how many took it, and how many were full.
+    pub fn deliver(&self, tenant: &str, user: Option<&str>, message: &Outbound) -> (usize, usize) {
+        let state = self.state();
+        let recipients: Vec<SessionId> = match user {
+            None => state.controllers.get(tenant).copied().into_iter().collect(),
+            Some(user) => state
+                .users
+                .get(&(tenant.to_owned(), user.to_owned()))
+                .cloned()
+                .unwrap_or_default(),
+        };
+        let (mut delivered, mut busy) = (0, 0);
+        for session in recipients.iter().filter_map(|id| state.sessions.get(id)) {
+            match session.queue.try_send(message.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => busy += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        (delivered, busy)
+    }
+
     /// Whether `user` of `tenant` has a session connected.
     pub fn is_online(&self, tenant: &str, user: &str) -> bool {
         self.state()

@@ -33,14 +33,15 @@ use super::{
     auth::{Tokens, same_secret, valid_name},
     calls::{answer, event_message, fields, requester},
     config::SignallingConfig,
-    hub::{Hub, Identity, SessionId},
+    hub::{Hub, Identity, RouteError, SessionId},
     prefixed::Prefixed,
-    protocol::{ErrorCode, Inbound, Outbound, PROTOCOL_VERSION, Role, parse},
+    protocol::{ErrorCode, Inbound, Outbound, PROTOCOL_VERSION, Role, Sender, Target, parse},
     tls,
 };
 use crate::{
     admission::{Admission, Admitted, Listener},
     calls::CallEvent,
+    cluster::{Forwarded, Recipient},
     time::unix_now,
 };
 
@@ -61,6 +62,7 @@ struct Shared {
     hub: Arc<Hub>,
     /// Calls, when enabled.
     calls: Option<Arc<crate::calls::Calls>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     tokens: Tokens,
     settings: SignallingConfig,
     /// The TURN server, when it takes TURN over TLS on this port (`turn.tcp`), and this
@@ -109,15 +111,30 @@ impl Listening {
     }
 }
 
+/// What the rendezvous serves its sessions with, besides the hub.
+pub struct Backends {
+    pub hub: Arc<Hub>,
+    /// Calls, when enabled.
+    pub calls: Option<Arc<crate::calls::Calls>>,
+    /// The cluster, when this node is in one: messages for sessions on other nodes.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The TURN server, when it takes TURN over TLS on this port (`turn.tcp`).
+    pub turn: Option<Arc<crate::turn::driver::TurnService>>,
+}
+
 pub async fn start(
     settings: &SignallingConfig,
     state_dir: Option<&Path>,
-    hub: Arc<Hub>,
-    calls: Option<Arc<crate::calls::Calls>>,
-    turn: Option<Arc<crate::turn::driver::TurnService>>,
+    backends: Backends,
     admission: Arc<Admission>,
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<(Listening, JoinHandle<()>)> {
+    let Backends {
+        hub,
+        calls,
+        cluster,
+        turn,
+    } = backends;
     let certificate = tls::certificate(settings, state_dir)?;
     let address: SocketAddr = settings.listen.parse().context("signalling.listen")?;
     let listener = TcpListener::bind(address)
@@ -141,6 +158,7 @@ pub async fn start(
     let context = Arc::new(Shared {
         hub,
         calls,
+        cluster,
         tokens: Tokens::new(&settings.token_secret),
         settings: settings.clone(),
         turn,
@@ -504,14 +522,22 @@ async fn handle(context: &Shared, session: SessionId, identity: &Identity, text:
             fields.insert("expires".into(), expires.into());
             Outbound::Result { id, fields }
         }
-        Ok(Inbound::Send { id, to, body }) => match context.hub.route(session, &to, body) {
-            Ok(delivered) => {
-                let mut fields = serde_json::Map::new();
-                fields.insert("delivered".into(), delivered.into());
-                Outbound::Result { id, fields }
+        Ok(Inbound::Send { id, to, body }) => {
+            let routed = match context.hub.route(session, &to, body.clone()) {
+                Err(err) if err.code == ErrorCode::Offline => {
+                    forward(context, session, identity, &to, body, err).await
+                }
+                routed => routed,
+            };
+            match routed {
+                Ok(delivered) => {
+                    let mut fields = serde_json::Map::new();
+                    fields.insert("delivered".into(), delivered.into());
+                    Outbound::Result { id, fields }
+                }
+                Err(err) => error(Some(id), err.code, err.message),
             }
-            Err(err) => error(Some(id), err.code, err.message),
-        },
+        }
         Ok(Inbound::CallCreate {
             id,
             user,
@@ -695,6 +721,51 @@ async fn send(socket: &mut Socket, message: &Outbound) -> Result<(), tungstenite
 
 fn frame(message: &Outbound) -> Message {
     Message::text(serde_json::to_string(message).expect("outbound messages serialize"))
+}
+
+/// A message whose recipient is not connected here, to the other nodes of the cluster
+/// that have it; `offline` (as here) when none has.
+async fn forward(
+    context: &Shared,
+    session: SessionId,
+    identity: &Identity,
+    to: &Target,
+    body: serde_json::Value,
+    offline: RouteError,
+) -> Result<usize, RouteError> {
+    let Some(cluster) = &context.cluster else {
+        return Err(offline);
+    };
+    let recipient = match (identity.role, to) {
+        (
+            Role::Client,
+            Target::Role {
+                role: Role::Controller,
+            },
+        ) => Recipient::Controller,
+        (Role::Controller, Target::User { user }) => Recipient::User(user.clone()),
+        _ => return Err(offline),
+    };
+    let message = Outbound::Message {
+        from: Sender {
+            role: identity.role,
+            user: identity.user.clone(),
+            session,
+        },
+        body,
+    };
+    let message = serde_json::to_value(&message).expect("outbound messages serialize");
+    match cluster.forward(&identity.tenant, &recipient, message).await {
+        Forwarded::Delivered(delivered) => Ok(delivered),
+        Forwarded::Busy => Err(RouteError {
+            code: ErrorCode::Busy,
+            message: "the recipient's queues on another relay are full; try again".to_owned(),
+        }),
+        Forwarded::Nowhere => Err(RouteError {
+            message: format!("{} (on any relay of the cluster)", offline.message),
+            ..offline
+        }),
+    }
 }
 
 /// The most queued messages written with one flush.
