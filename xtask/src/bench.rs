@@ -19,6 +19,8 @@ pub enum Suite {
     /// The relay under Kamailio over ng: call setup rate through Kamailio, concurrent calls
     /// at 50 pps each way, side by side with rtpengine in userspace
     Ng,
+    /// Two relays sharing Redis: what a cross-relay hop adds to signalling
+    Cluster,
 }
 
 pub fn run(suite: Suite, parts: &[String]) -> anyhow::Result<()> {
@@ -28,6 +30,7 @@ pub fn run(suite: Suite, parts: &[String]) -> anyhow::Result<()> {
         Suite::Calls => "bench-calls",
         Suite::Anchor => "bench-anchor",
         Suite::Ng => "bench-ng",
+        Suite::Cluster => "bench-cluster",
     };
     match (suite, parts) {
         (Suite::Fastpath, _) | (_, []) => {}

@@ -43,7 +43,8 @@ enum Command {
     /// Measure: `fastpath` (XDP program cost, end-to-end packets per second XDP vs userspace),
     /// `turn` (TURN relaying: offload, userspace, coturn), `calls` (setup, concurrent calls,
     /// XDP vs userspace), `anchor` (bridged calls: relayd vs rtpengine, DTLS setup), `ng`
-    /// (under Kamailio over ng: setup rate, concurrent calls, relayd vs rtpengine)
+    /// (under Kamailio over ng: setup rate, concurrent calls, relayd vs rtpengine),
+    /// `cluster` (two relays sharing Redis: signalling across them)
     Bench {
         #[arg(value_enum, default_value = "fastpath")]
         suite: bench::Suite,
