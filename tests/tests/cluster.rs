@@ -309,7 +309,8 @@ fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
     use serde_json::json;
     require_root();
     let ns = NetNs::new("cls");
-    let redis = RedisServer::start(&ns, 6379);
+    let mut redis = Some(RedisServer::start(&ns, 6379));
+    let url = redis.as_ref().unwrap().url();
     let signalling = |listen: &str| {
         format!(
             "[signalling]\nenabled = true\nlisten = \"{listen}\"\n\
@@ -322,7 +323,7 @@ fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
             "[datapath]\nmode = \"userspace\"\n[metrics]\nlisten = \"\"\n{}\
              [cluster]\nenabled = true\nnode = \"{node}\"\nredis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\n",
             signalling(listen),
-            redis.url()
+            url
         ))
     };
     let (config_a, config_b) = (
@@ -424,6 +425,23 @@ fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
             assert!(started.elapsed() < Duration::from_secs(3 * TTL_SECS), "{answer}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+
+        // Redis gone: only this relay's sessions, and the answer says why.
+        drop(redis.take());
+        let deadline = Instant::now() + Duration::from_secs(3 * TTL_SECS);
+        while a.ctl_json(&["status"])["cluster"]["redis"] != "degraded" {
+            assert!(Instant::now() < deadline, "{}", a.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let answer = call(
+            &mut acme,
+            json!({"type": "send", "id": 6, "to": {"user": "alice"}, "body": "ring"}),
+        )
+        .await;
+        assert_eq!(answer["code"], "offline", "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("cannot be reached now"),
+            "{answer}"
+        );
     });
-    drop(redis);
 }

@@ -89,9 +89,10 @@ pub enum Forwarded {
     Delivered(usize),
     /// The recipient's sessions elsewhere have full queues.
     Busy,
-    /// No other node has the recipient (or none answered within a second, or Redis does
-    /// not answer).
+    /// No other node has the recipient (or none answered within a second).
     Nowhere,
+    /// Redis does not answer: the other nodes cannot be asked.
+    Unreachable,
 }
 
 /// Messages between nodes, on each node's channel `relay:inbox:<name>`.
@@ -417,9 +418,12 @@ impl Cluster {
             .map(|member| member.node.clone())
             .collect();
         let connection = self.connection.lock().expect("cluster connection").clone();
-        let (Some(mut connection), false) = (connection, nodes.is_empty()) else {
-            return Forwarded::Nowhere;
+        let Some(mut connection) = connection else {
+            return Forwarded::Unreachable;
         };
+        if nodes.is_empty() {
+            return Forwarded::Nowhere;
+        }
         let mut answers = Vec::new();
         for node in nodes {
             let id = self

@@ -765,6 +765,13 @@ async fn forward(
             message: format!("{} (on any relay of the cluster)", offline.message),
             ..offline
         }),
+        Forwarded::Unreachable => Err(RouteError {
+            message: format!(
+                "{} (on this relay; the cluster's other relays cannot be reached now)",
+                offline.message
+            ),
+            ..offline
+        }),
     }
 }
 
