@@ -23,13 +23,17 @@
 pub mod config;
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::time::{process_cpu_ns, unix_now};
 use config::{ClusterConfig, redacted};
@@ -217,15 +221,15 @@ pub struct Cluster {
     started: u64,
     view: Mutex<View>,
     /// Times Redis stopped answering (joining without it counts once).
-    degraded_total: std::sync::atomic::AtomicU64,
+    degraded_total: AtomicU64,
     /// Down members the operator removed, for the refresh task to delete from Redis.
-    forget: tokio::sync::mpsc::UnboundedSender<String>,
+    forget: mpsc::UnboundedSender<String>,
     /// The refresh task's connection, for messages to other nodes (None: Redis does not
     /// answer).
     connection: Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// Messages sent to other nodes that wait for their answer, by id.
-    pending: Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<(usize, usize)>>>,
-    next_message: std::sync::atomic::AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<(usize, usize)>>>,
+    next_message: AtomicU64,
     deliver: Option<Deliver>,
 }
 
@@ -258,7 +262,7 @@ impl Cluster {
     ) -> anyhow::Result<(Arc<Cluster>, tokio::task::JoinHandle<()>)> {
         let client = config.client()?;
         let deliver = sources.deliver.take();
-        let (forget, forgotten) = tokio::sync::mpsc::unbounded_channel();
+        let (forget, forgotten) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             node: config.node_name(),
             url: redacted(&config.redis_url),
@@ -270,11 +274,11 @@ impl Cluster {
                 nodes: Vec::new(),
                 read_at: None,
             }),
-            degraded_total: std::sync::atomic::AtomicU64::new(0),
+            degraded_total: AtomicU64::new(0),
             forget,
             connection: Mutex::new(None),
-            pending: Mutex::new(std::collections::HashMap::new()),
-            next_message: std::sync::atomic::AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            next_message: AtomicU64::new(1),
             deliver,
         });
         tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, "cluster: joining");
@@ -302,8 +306,7 @@ impl Cluster {
 
     /// Times Redis stopped answering since relayd started.
     pub fn degraded_total(&self) -> u64 {
-        self.degraded_total
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.degraded_total.load(Ordering::Relaxed)
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -323,7 +326,7 @@ impl Cluster {
     async fn keep_fresh(
         self: Arc<Self>,
         sources: Sources,
-        mut forgotten: tokio::sync::mpsc::UnboundedReceiver<String>,
+        mut forgotten: mpsc::UnboundedReceiver<String>,
         mut stopped: watch::Receiver<bool>,
     ) {
         let every = (self.ttl / 3).max(Duration::from_secs(1));
@@ -426,10 +429,8 @@ impl Cluster {
         }
         let mut answers = Vec::new();
         for node in nodes {
-            let id = self
-                .next_message
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (answer, answered) = tokio::sync::oneshot::channel();
+            let id = self.next_message.fetch_add(1, Ordering::Relaxed);
+            let (answer, answered) = oneshot::channel();
             self.pending().insert(id, answer);
             let sent = InboxMessage::Deliver {
                 id,
@@ -467,10 +468,7 @@ impl Cluster {
         }
     }
 
-    fn pending(
-        &self,
-    ) -> MutexGuard<'_, std::collections::HashMap<u64, tokio::sync::oneshot::Sender<(usize, usize)>>>
-    {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<(usize, usize)>>> {
         self.pending.lock().expect("cluster pending messages")
     }
 
@@ -700,8 +698,7 @@ impl Cluster {
                 };
             }
             _ => {
-                self.degraded_total
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.degraded_total.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(node = %self.node, redis = %self.url, %reason, "cluster: Redis unavailable; this node serves its own sessions and calls only (degraded) and rejoins when Redis answers");
                 view.link = Link::Degraded {
                     since: Instant::now(),
