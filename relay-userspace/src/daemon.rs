@@ -337,16 +337,22 @@ fn start_cluster(
         let counted = calls.clone();
         crate::cluster::CallsSource {
             generation: Box::new(move || counted.generation()),
-            records: Box::new(move || {
-                let (records, complete) = calls.records();
-                let records = records
+            records: Box::new(move |since| {
+                let changed = calls.records_since(since);
+                let records = changed
+                    .records
                     .iter()
                     .map(|record| {
                         let json = serde_json::to_string(record).expect("call records serialize");
                         (record.call, json)
                     })
                     .collect();
-                crate::cluster::CallRecords { records, complete }
+                crate::cluster::CallRecords {
+                    records,
+                    unrecorded: changed.unrecorded,
+                    calls: changed.calls,
+                    complete: changed.complete,
+                }
             }),
         }
     });

@@ -340,6 +340,20 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         );
         let ttl: u64 = redis.cli(&["TTL", &call_key]).parse().unwrap();
         assert!((1..=3).contains(&ttl), "TTL {ttl}");
+        // While it does not change, the record is only given a new TTL at each refresh
+        // (every second here), not written again.
+        let expires = || {
+            let stats = redis.cli(&["INFO", "commandstats"]);
+            stats
+                .lines()
+                .find_map(|line| line.strip_prefix("cmdstat_expire:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |calls| calls.parse::<u64>().unwrap())
+        };
+        let before = expires();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let renewed = expires() - before;
+        assert!(renewed >= 2, "{renewed} EXPIREs in 2.5 s");
         let sessions: Value =
             serde_json::from_str(&redis.cli(&["GET", "relay:sessions:edge-a"])).unwrap();
         let sessions = sessions.as_array().unwrap();

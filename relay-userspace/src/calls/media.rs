@@ -128,7 +128,7 @@ impl Calls {
     /// A bridged call has no flows: the relay carries its media (the ICE connection sends
     /// on the selected pair), and media toward the app resumes.
     pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
-        self.changed();
+        self.changed(call);
         let mut inner = call.inner();
         inner.state = CallState::Connected(pair);
         if let Some(bridge) = &inner.bridge {

@@ -38,6 +38,7 @@ pub use events::{
 use flows::CallFlows;
 pub use flows::{Directions, Traffic};
 use media::{LanSockets, remove_flows_of_earlier_calls};
+pub use restore::ChangedRecords;
 use security::MediaPlan;
 use streams::{LanStream, MOST_STREAMS, PbxStream, pbx_streams};
 
@@ -215,6 +216,8 @@ struct Call {
     caller: Option<String>,
     /// Everything that changes during the call.
     inner: Mutex<CallInner>,
+    /// The calls' generation at the call's last change to its record.
+    changed_at: AtomicU64,
 }
 
 /// What changes during a call, under one lock (never held across an `.await`).
@@ -806,7 +809,7 @@ impl Calls {
                     &call.streams,
                 )?;
                 call.inner().app_sdp = offer.to_owned();
-                self.changed();
+                self.changed(&call);
                 tracing::info!(call = id, from = %pair.remote, "calls: the app restarts ICE");
                 self.notify.to_controller(
                     &call.tenant,
@@ -838,7 +841,7 @@ impl Calls {
                     )
                 };
                 let (answer, moved) = moved;
-                self.changed();
+                self.changed(&call);
                 if moved {
                     tracing::info!(call = id, to = %endpoint.rtp, "calls: the PBX's media moved; flows replaced");
                     self.install(&call, pair);
@@ -1013,7 +1016,7 @@ impl Calls {
         if self.calls().remove(&call.id).is_none() {
             return;
         }
-        self.changed();
+        self.changed(call);
         *self
             .tally
             .lock()
@@ -1178,6 +1181,7 @@ impl Call {
             created: std::time::Instant::now(),
             caller: None,
             inner: Mutex::new(CallInner::default()),
+            changed_at: AtomicU64::new(0),
         }
     }
 

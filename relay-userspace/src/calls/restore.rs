@@ -178,14 +178,18 @@ impl Calls {
         })
     }
 
-    /// Whether a bridged call's SRTP moved on since the store last got it.
-    fn srtp_drifted(&self) -> bool {
-        let bridges: Vec<Arc<Bridge>> = self
+    /// The bridged calls whose SRTP moved on since the store last got it.
+    fn srtp_drifted(&self) -> Vec<Arc<Call>> {
+        let bridged: Vec<(Arc<Call>, Arc<Bridge>)> = self
             .calls()
             .values()
-            .filter_map(|call| call.inner().bridge.clone())
+            .filter_map(|call| Some((call.clone(), call.inner().bridge.clone()?)))
             .collect();
-        bridges.iter().any(|bridge| bridge.drifted())
+        bridged
+            .into_iter()
+            .filter(|(_, bridge)| bridge.drifted())
+            .map(|(call, _)| call)
+            .collect()
     }
 
     /// Writes the recordable calls to the state store when they changed (or `always`);
@@ -214,23 +218,39 @@ impl Calls {
     /// The records of the calls that have any (connected ones), and whether every such
     /// call's was at hand (false: one was busy changing; ask again).
     pub fn records(&self) -> (Vec<CallRecord>, bool) {
-        let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
-        let mut records = Vec::new();
-        let mut complete = true;
-        for call in &calls {
-            match self.record(call) {
-                Ok(record) => records.push(record),
-                Err(NotRecorded::Busy) => complete = false,
-                Err(NotRecorded::Never) => {}
-            }
-        }
-        (records, complete)
+        let changed = self.records_since(0);
+        (changed.records, changed.complete)
     }
 
-    /// A record changed: the state store writes the calls again, the cluster too.
-    pub(super) fn changed(&self) {
+    /// The records of the calls changed after generation `since` (0: of every call), and
+    /// which calls there are: what a copy written at `since` needs to be brought up to date.
+    pub fn records_since(&self, since: u64) -> ChangedRecords {
+        let calls: Vec<Arc<Call>> = self.calls().values().cloned().collect();
+        let mut changed = ChangedRecords {
+            records: Vec::new(),
+            unrecorded: Vec::new(),
+            calls: calls.iter().map(|call| call.id).collect(),
+            complete: true,
+        };
+        for call in calls
+            .iter()
+            .filter(|call| since == 0 || call.changed_at.load(Ordering::Relaxed) > since)
+        {
+            match self.record(call) {
+                Ok(record) => changed.records.push(record),
+                Err(NotRecorded::Busy) => changed.complete = false,
+                Err(NotRecorded::Never) => changed.unrecorded.push(call.id),
+            }
+        }
+        changed
+    }
+
+    /// `call`'s record changed (or it ended): the state store writes the calls again, the
+    /// cluster that call.
+    pub(super) fn changed(&self, call: &Call) {
         self.dirty.store(true, Ordering::Relaxed);
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        call.changed_at.store(generation, Ordering::Relaxed);
     }
 
     /// How many times the calls' records changed since relayd started.
@@ -249,8 +269,8 @@ impl Calls {
         loop {
             tokio::select! {
                 _ = interval.tick() => {
-                    if self.srtp_drifted() {
-                        self.changed();
+                    for call in self.srtp_drifted() {
+                        self.changed(&call);
                     }
                     self.save(false);
                 }
@@ -726,4 +746,16 @@ mod tests {
                 .contains("DTLS role \"both\"")
         );
     }
+}
+
+/// What changed in the calls since a generation: the records of the calls changed since
+/// (connected ones), the changed calls that have no record (not connected, or no longer),
+/// every call's id, and whether every changed call's record was at hand (false: one was
+/// busy changing; ask again).
+#[derive(Debug)]
+pub struct ChangedRecords {
+    pub records: Vec<CallRecord>,
+    pub unrecorded: Vec<u64>,
+    pub calls: Vec<u64>,
+    pub complete: bool,
 }

@@ -128,13 +128,17 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct CallsSource {
     /// Counts the changes to the calls' records.
     pub generation: Box<dyn Fn() -> u64 + Send + Sync>,
-    pub records: Box<dyn Fn() -> CallRecords + Send + Sync>,
+    /// What changed after a generation (0: everything).
+    pub records: Box<dyn Fn(u64) -> CallRecords + Send + Sync>,
 }
 
-/// The connected calls' records as JSON by call id, and whether every one was at hand
-/// (false: one was busy changing; asked again at the next refresh).
+/// The calls changed after a generation: their records as JSON by call id, those of them
+/// without a record (not connected), every call's id, and whether every changed call's
+/// record was at hand (false: one was busy changing; asked again at the next refresh).
 pub struct CallRecords {
     pub records: Vec<(u64, String)>,
+    pub unrecorded: Vec<u64>,
+    pub calls: Vec<u64>,
     pub complete: bool,
 }
 
@@ -610,7 +614,8 @@ impl Cluster {
             let json = serde_json::to_string(&sessions()).expect("sessions serialize");
             pipe.set_ex(sessions_key(&self.node), json, ttl).ignore();
         }
-        // The calls: all written when they changed, else each given a new TTL.
+        // The calls: those changed since the last write written again, the others given a
+        // new TTL, the ended ones deleted.
         let mut now_written = None;
         if let Some(calls) = &sources.calls {
             let generation = (calls.generation)();
@@ -619,15 +624,29 @@ impl Cluster {
                     pipe.expire(call_key(&self.node, call), ttl as i64).ignore();
                 }
             } else {
-                let CallRecords { records, complete } = (calls.records)();
-                let ids: Vec<u64> = records.iter().map(|(call, _)| *call).collect();
+                let CallRecords {
+                    records,
+                    unrecorded,
+                    calls,
+                    complete,
+                } = (calls.records)(written.generation.unwrap_or(0));
+                let mut now = Vec::new();
                 for (call, json) in records {
                     pipe.set_ex(call_key(&self.node, call), json, ttl).ignore();
+                    now.push(call);
                 }
-                for call in written.calls.iter().filter(|call| !ids.contains(call)) {
-                    pipe.del(call_key(&self.node, *call)).ignore();
+                for &call in &written.calls {
+                    if now.contains(&call) {
+                        continue;
+                    }
+                    if calls.contains(&call) && !unrecorded.contains(&call) {
+                        pipe.expire(call_key(&self.node, call), ttl as i64).ignore();
+                        now.push(call);
+                    } else {
+                        pipe.del(call_key(&self.node, call)).ignore();
+                    }
                 }
-                now_written = Some((ids, complete.then_some(generation)));
+                now_written = Some((now, complete.then_some(generation)));
             }
         }
         let (members,): (Vec<String>,) = pipe
