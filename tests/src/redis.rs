@@ -203,6 +203,27 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("redis-cli {args:?} failed (redis-server {})", self.pid()))
     }
 
+    /// `redis-cli args` until `done` holds of its output, at most `within`; the output.
+    pub fn cli_until(
+        &self,
+        args: &[&str],
+        within: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.cli(args);
+            if done(&got) {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-cli {args:?}: {got:?} after {within:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }

@@ -331,7 +331,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         // In Redis: the call's record under the node's name with the health TTL, the
         // node's sessions (the controller and alice's app), its load.
         let call_key = format!("relay:call:edge-a:{call_id}");
-        let record = redis_until(&redis, &["GET", &call_key], |got| !got.is_empty());
+        let record = redis.cli_until(&["GET", &call_key], REFRESHES, |got| !got.is_empty());
         let record: Value = serde_json::from_str(&record).expect("a call record");
         assert_eq!(
             (&record["tenant"], &record["user"], &record["pbx"]),
@@ -464,7 +464,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
             PBX_RTP_MOVED
         );
         // The changed call is written again.
-        redis_until(&redis, &["GET", &call_key], |got| {
+        redis.cli_until(&["GET", &call_key], REFRESHES, |got| {
             got.contains(PBX_RTP_MOVED)
         });
 
@@ -487,7 +487,7 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
         assert_eq!(flows["flows"].as_array().unwrap().len(), 0, "{flows}");
         assert_eq!(relayd.ctl_ok(&["calls", "list"]), "no calls\n");
         // An ended call's record goes at the next refresh, not at its TTL.
-        redis_until(&redis, &["EXISTS", &call_key], |got| got == "0");
+        redis.cli_until(&["EXISTS", &call_key], REFRESHES, |got| got == "0");
         let metrics = relay_tests::relayd::http_get(&lab.relay, "10.30.0.1:9477", "/metrics");
         for (series, value) in [
             (r#"relay_calls_ended_total{reason="hangup"}"#, 1),
@@ -515,22 +515,8 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
     });
 }
 
-/// `redis-cli args` until `done` holds of its output (a refresh is a second here), at most
-/// 3 s; the output.
-fn redis_until(redis: &RedisServer, args: &[&str], done: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let got = redis.cli(args);
-        if done(&got) {
-            return got;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-cli {args:?}: {got:?} after 3 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// A few of the cluster's refreshes (a second apart in the first test).
+const REFRESHES: Duration = Duration::from_secs(3);
 
 /// The PBX's answer to an app's call: plain RTP from its LAN address.
 const PBX_ANSWER: &str = "v=0\r\no=PBX 2 2 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";

@@ -186,11 +186,11 @@ fn nodes_share_health_through_redis_and_serve_without_it() {
         a.ctl_ok(&["cluster", "forget", "edge-b"]),
         "edge-b forgotten: no longer a member\n"
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while redis.cli(&["SISMEMBER", "relay:nodes", "edge-b"]) != "0" {
-        assert!(Instant::now() < deadline, "edge-b still in relay:nodes");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    redis.cli_until(
+        &["SISMEMBER", "relay:nodes", "edge-b"],
+        Duration::from_secs(2),
+        |got| got == "0",
+    );
     let status = a.ctl_json(&["cluster", "status"]);
     assert!(member(&status, "edge-b").is_none(), "{status:#}");
 
@@ -353,20 +353,16 @@ fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
         assert_eq!(welcome["user"], "alice", "{welcome}");
         let alice_session = welcome["session"].clone();
 
-        // Controller -> app across nodes, once node A has read where alice is (a refresh).
+        // Controller -> app across nodes, once edge-a has read that edge-b is alive.
         let started = Instant::now();
-        let answer = loop {
-            let answer = call(
-                &mut acme,
-                json!({"type": "send", "id": 2, "to": {"user": "alice"}, "body": "ring"}),
-            )
-            .await;
-            if answer["type"] == "result" || started.elapsed() > Duration::from_secs(2 * TTL_SECS) {
-                break answer;
-            }
-            assert_eq!(answer["code"], "offline", "{answer}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let answer = send_until(
+            &mut acme,
+            json!({"type": "send", "id": 2, "to": {"user": "alice"}, "body": "ring"}),
+            Duration::from_secs(2 * TTL_SECS),
+            |answer| answer["type"] == "result",
+            |answer| answer["code"] == "offline",
+        )
+        .await;
         assert_eq!((&answer["type"], &answer["delivered"]), (&json!("result"), &json!(1)), "{answer}\n{}", a.log());
         println!("alice, connected to edge-b, reachable from edge-a after {:?}", started.elapsed());
         let message = receive_within(&mut alice, Duration::from_secs(2)).await.unwrap();
@@ -377,18 +373,14 @@ fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
         );
 
         // App -> controller across nodes.
-        let started = Instant::now();
-        let answer = loop {
-            let answer = call(
-                &mut alice,
-                json!({"type": "send", "id": 3, "to": {"role": "controller"}, "body": {"answer": true}}),
-            )
-            .await;
-            if answer["type"] == "result" || started.elapsed() > Duration::from_secs(2 * TTL_SECS) {
-                break answer;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let answer = send_until(
+            &mut alice,
+            json!({"type": "send", "id": 3, "to": {"role": "controller"}, "body": {"answer": true}}),
+            Duration::from_secs(2 * TTL_SECS),
+            |answer| answer["type"] == "result",
+            |_| true,
+        )
+        .await;
         assert_eq!(answer["delivered"], 1, "{answer}\n{}", b.log());
         let message = receive_within(&mut acme, Duration::from_secs(2)).await.unwrap();
         assert_eq!(
@@ -410,21 +402,16 @@ fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
         );
         assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
 
-        // Alice leaves: once node A has read it, offline again.
+        // Alice leaves: once edge-b has seen her session close, offline again.
         drop(alice);
-        let started = Instant::now();
-        loop {
-            let answer = call(
-                &mut acme,
-                json!({"type": "send", "id": 5, "to": {"user": "alice"}, "body": "ring"}),
-            )
-            .await;
-            if answer["code"] == "offline" {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(3 * TTL_SECS), "{answer}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        send_until(
+            &mut acme,
+            json!({"type": "send", "id": 5, "to": {"user": "alice"}, "body": "ring"}),
+            Duration::from_secs(3 * TTL_SECS),
+            |answer| answer["code"] == "offline",
+            |_| true,
+        )
+        .await;
 
         // Redis gone: only this relay's sessions, and the answer says why.
         drop(redis.take());
@@ -444,4 +431,28 @@ fn a_controller_and_an_app_on_different_nodes_reach_each_other() {
             "{answer}"
         );
     });
+}
+
+/// `message` sent again (100 ms apart) until its answer is `done`, at most `within`; every
+/// answer before must be `meanwhile`. The answer.
+async fn send_until(
+    socket: &mut relay_tests::signalling_client::Socket,
+    message: Value,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+    meanwhile: impl Fn(&Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let answer = relay_tests::signalling_client::call(socket, message.clone()).await;
+        if done(&answer) {
+            return answer;
+        }
+        assert!(meanwhile(&answer), "{answer}");
+        assert!(
+            started.elapsed() < within,
+            "{message} -> {answer} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

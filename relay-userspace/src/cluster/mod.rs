@@ -35,7 +35,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::time::{process_cpu_ns, unix_now};
+use crate::time::{process_cpu_ns, unix_now, unix_now_ms};
 use config::{ClusterConfig, redacted};
 
 /// The set of the cluster's nodes.
@@ -726,10 +726,4 @@ impl Cluster {
             }
         }
     }
-}
-
-fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }

@@ -268,9 +268,7 @@ impl From<&ClusterStatus> for wire::ClusterSummary {
 
 impl From<&ClusterStatus> for wire::ClusterStatusResult {
     fn from(status: &ClusterStatus) -> Self {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        let now_ms = crate::time::unix_now_ms();
         let members = status
             .nodes
             .iter()
