@@ -23,7 +23,7 @@
 pub mod config;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -630,13 +630,17 @@ impl Cluster {
                     calls,
                     complete,
                 } = (calls.records)(written.generation.unwrap_or(0));
-                let mut now = Vec::new();
+                // Sets: a thousand calls each looked up in lists of a thousand would be
+                // a million comparisons a refresh.
+                let calls: HashSet<u64> = calls.into_iter().collect();
+                let unrecorded: HashSet<u64> = unrecorded.into_iter().collect();
+                let rewritten: HashSet<u64> = records.iter().map(|(call, _)| *call).collect();
+                let mut now: Vec<u64> = rewritten.iter().copied().collect();
                 for (call, json) in records {
                     pipe.set_ex(call_key(&self.node, call), json, ttl).ignore();
-                    now.push(call);
                 }
                 for &call in &written.calls {
-                    if now.contains(&call) {
+                    if rewritten.contains(&call) {
                         continue;
                     }
                     if calls.contains(&call) && !unrecorded.contains(&call) {
