@@ -107,11 +107,18 @@ pub async fn run(
                 )
                 .await?,
             );
+            if config.cluster.enabled {
+                // Ids unique across the cluster, naming the node that anchors the call.
+                kept.number_from(crate::cluster::call_id_base(&config.cluster.node_name()));
+            }
             kept.restore().await;
             tokio::spawn(kept.clone().keep_recorded(stopped.clone()));
             calls = Some(kept);
         }
         cluster = start_cluster(&config, &table, &turn, &calls, Some(&hub), &stopped)?;
+        if let Some((cluster, _)) = &cluster {
+            hub.join_cluster(cluster.clone());
+        }
         let (listening, task) = crate::signalling::server::start(
             &config.signalling,
             state_dir,
@@ -298,7 +305,7 @@ fn start_cluster(
                 controllers + clients
             }),
             flows: table.len(),
-            cpu_percent: 0.0,
+            ..crate::cluster::Load::default()
         }) as Box<dyn Fn() -> crate::cluster::Load + Send + Sync>
     };
     let deliver = hub.clone().map(|hub| {
@@ -316,6 +323,10 @@ fn start_cluster(
                 hub.deliver(tenant, user, &message)
             },
         ) as crate::cluster::Deliver
+    });
+    let present = hub.clone().map(|hub| {
+        Box::new(move |tenant: &str, to: &crate::cluster::Recipient| hub.present(tenant, to))
+            as crate::cluster::Present
     });
     let sessions = hub.map(|hub| {
         Box::new(move || {
@@ -361,6 +372,7 @@ fn start_cluster(
         sessions,
         calls: calls_source,
         deliver,
+        present,
     };
     Ok(Some(crate::cluster::Cluster::start(
         &config.cluster,

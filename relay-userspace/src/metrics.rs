@@ -454,6 +454,12 @@ impl Collector for Sources {
                 "Times Redis stopped answering this node (joining without it counts once).",
                 ConstCounter::new(cluster.degraded_total()),
             )?;
+            single(
+                &mut encoder,
+                "relay_cluster_events_dropped",
+                "Call events for sessions on other relays dropped because Redis took them slower than they came.",
+                ConstCounter::new(cluster.events_dropped()),
+            )?;
             let count = |wanted: fn(&NodeState) -> bool| {
                 gauge(
                     status

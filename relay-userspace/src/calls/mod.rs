@@ -406,6 +406,36 @@ impl Calls {
         pbx_offer: &str,
         caller: Option<&str>,
     ) -> Result<u64, CallError> {
+        self.create_call(controller, user, pbx_offer, caller, false)
+            .await
+    }
+
+    /// [`Calls::create`] for an app connected to another relay of the cluster, which
+    /// placed the call here: its events reach the app through the cluster.
+    pub async fn create_placed(
+        self: &Arc<Self>,
+        controller: &Requester,
+        user: &str,
+        pbx_offer: &str,
+        caller: Option<&str>,
+    ) -> Result<u64, CallError> {
+        self.create_call(controller, user, pbx_offer, caller, true)
+            .await
+    }
+
+    /// Numbers the calls from `base` on: a cluster node's own ids.
+    pub fn number_from(&self, base: u64) {
+        self.next.fetch_max(base.max(1), Ordering::Relaxed);
+    }
+
+    async fn create_call(
+        self: &Arc<Self>,
+        controller: &Requester,
+        user: &str,
+        pbx_offer: &str,
+        caller: Option<&str>,
+        app_elsewhere: bool,
+    ) -> Result<u64, CallError> {
         let Requester::Controller { tenant } = controller else {
             return Err(CallError::Forbidden("only controllers create calls".into()));
         };
@@ -421,7 +451,7 @@ impl Calls {
         let pbx_endpoint = sdp::audio(pbx_offer)?;
         let pbx = pbx_endpoint.rtp;
         let plan = MediaPlan::for_pbx_offer(&pbx_endpoint, self.app_media)?;
-        let online = self.notify.is_online(tenant, user);
+        let online = app_elsewhere || self.notify.is_online(tenant, user);
         let ring_time = self.notify.ring_time();
         if !online && ring_time.is_none() {
             return Err(CallError::Offline(format!(

@@ -18,6 +18,9 @@ pub struct ClusterConfig {
     /// How long a node's health record outlives its last refresh: a node silent this long
     /// is down. Refreshed every third of it.
     pub health_ttl_secs: u64,
+    /// The most calls this node anchors before new calls for apps connected to it are
+    /// placed on the least loaded other node that has room; 0: no limit.
+    pub max_calls: usize,
 }
 
 impl Default for ClusterConfig {
@@ -28,6 +31,7 @@ impl Default for ClusterConfig {
             redis_url: "redis://127.0.0.1:6379".to_owned(),
             ca_file: String::new(),
             health_ttl_secs: 6,
+            max_calls: 0,
         }
     }
 }

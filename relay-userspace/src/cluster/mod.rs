@@ -14,7 +14,17 @@
 //! Signalling across nodes: a message whose recipient has no session on this node is
 //! published on every other alive node's channel (`relay:inbox:<name>`); each hands it to
 //! its sessions and answers on the sender's channel how many took it, so the sender gets
-//! `delivered`, `busy` or `offline` as on one node. Redis is not needed to serve: when it does not answer
+//! `delivered`, `busy` or `offline` as on one node.
+//!
+//! Calls across nodes: call ids are unique in the cluster (each node numbers its calls from
+//! a base of its own, [`call_id_base`]), so a request for a call anchored elsewhere goes to
+//! the one node whose ids it has, and its reply comes back the same way. A new call is
+//! anchored where its app is connected (the node asks the others where that is), unless
+//! that node anchors `cluster.max_calls` already: then on the least loaded node with room.
+//! A call's events for a session on another node (the controller, or the app of a call
+//! placed away from it) are published to the other nodes in order, without an answer.
+//!
+//! Redis is not needed to serve: when it does not answer
 //! (at start or later) the node goes on with its own sessions and calls, says so in the log
 //! and `relayctl status`, and rejoins at the first refresh that gets through, writing all
 //! its keys again. A clean stop deletes the node's keys and membership; a node that dies
@@ -25,12 +35,13 @@ pub mod config;
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use futures_util::future::BoxFuture;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -56,6 +67,22 @@ pub fn call_key(node: &str, call: u64) -> String {
     format!("relay:call:{node}:{call}")
 }
 
+/// The first call id of `node` in a cluster: each node numbers its calls from a base of its
+/// own, a 20-bit hash of its name (never 0, the base of a relay alone) above the low 32
+/// bits, so that ids are unique across the cluster, name the node that anchors the call,
+/// and stay below 2^53 (JavaScript reads them exactly).
+pub fn call_id_base(node: &str) -> u64 {
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % ((1 << 20) - 1) + 1) << 32
+}
+
+/// The base of the node that numbered `call`.
+fn base_of(call: u64) -> u64 {
+    call & !0xffff_ffff
+}
+
 /// One signalling session as the cluster records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -73,6 +100,7 @@ pub struct Sources {
     pub sessions: Option<Box<dyn Fn() -> Vec<SessionRecord> + Send + Sync>>,
     pub calls: Option<CallsSource>,
     pub deliver: Option<Deliver>,
+    pub present: Option<Present>,
 }
 
 /// Who a message routed between nodes is for, within its tenant.
@@ -85,6 +113,14 @@ pub enum Recipient {
 
 /// Hands a message from another node to this node's sessions: (delivered, queues full).
 pub type Deliver = Box<dyn Fn(&str, &Recipient, serde_json::Value) -> (usize, usize) + Send + Sync>;
+
+/// How many sessions of a recipient this node has.
+pub type Present = Box<dyn Fn(&str, &Recipient) -> usize + Send + Sync>;
+
+/// Answers a signalling request a session on another node sent (its identity, the request's
+/// text) with the reply, as JSON.
+pub type Serve =
+    Box<dyn Fn(SessionRecord, String) -> BoxFuture<'static, serde_json::Value> + Send + Sync>;
 
 /// What became of a message sent to other nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +151,37 @@ enum InboxMessage {
         delivered: usize,
         busy: usize,
     },
+    /// How many sessions of `to` the node has (answered with `Delivered`, nothing sent).
+    Ask {
+        id: u64,
+        reply_to: String,
+        tenant: String,
+        to: Recipient,
+    },
+    /// A signalling request of a session on the sender's node, for a call this node
+    /// anchors or is to anchor.
+    Request {
+        id: u64,
+        reply_to: String,
+        from: SessionRecord,
+        text: String,
+    },
+    Replied {
+        id: u64,
+        reply: serde_json::Value,
+    },
+    /// A call event for sessions on this node; not answered.
+    Event {
+        tenant: String,
+        to: Recipient,
+        message: serde_json::Value,
+    },
+}
+
+/// An answer to a message that waits for one.
+enum Answer {
+    Counts(usize, usize),
+    Reply(serde_json::Value),
 }
 
 /// A node's channel.
@@ -124,6 +191,12 @@ pub fn inbox_channel(node: &str) -> String {
 
 /// How long a message routed to another node waits for its answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a call request sent to another node waits for its reply (a new call binds its
+/// ports and starts its ICE agent there).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Call events waiting to be published to the other nodes; beyond, they are dropped (and
+/// counted), as a full session queue drops them on one node.
+const EVENTS_QUEUED: usize = 4096;
 
 pub struct CallsSource {
     /// Counts the changes to the calls' records.
@@ -172,6 +245,16 @@ pub struct Load {
     pub flows: usize,
     /// relayd's CPU since the previous record, in percent of one core.
     pub cpu_percent: f64,
+    /// `cluster.max_calls` of the node (0: no limit).
+    #[serde(default)]
+    pub max_calls: usize,
+}
+
+impl Load {
+    /// Whether the node takes one more call.
+    pub fn has_room(&self) -> bool {
+        self.max_calls == 0 || self.calls < self.max_calls
+    }
 }
 
 /// One member of the cluster as this node last read it.
@@ -232,9 +315,16 @@ pub struct Cluster {
     /// answer).
     connection: Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// Messages sent to other nodes that wait for their answer, by id.
-    pending: Mutex<HashMap<u64, oneshot::Sender<(usize, usize)>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     next_message: AtomicU64,
     deliver: Option<Deliver>,
+    present: Option<Present>,
+    /// Set once the signalling serves: requests from sessions on other nodes.
+    serve: OnceLock<Serve>,
+    /// Call events for sessions on other nodes, published in order by one task.
+    events: mpsc::Sender<(String, Recipient, serde_json::Value)>,
+    events_dropped: AtomicU64,
+    max_calls: usize,
 }
 
 /// Why a member cannot be forgotten.
@@ -266,7 +356,9 @@ impl Cluster {
     ) -> anyhow::Result<(Arc<Cluster>, tokio::task::JoinHandle<()>)> {
         let client = config.client()?;
         let deliver = sources.deliver.take();
+        let present = sources.present.take();
         let (forget, forgotten) = mpsc::unbounded_channel();
+        let (events, queued) = mpsc::channel(EVENTS_QUEUED);
         let cluster = Arc::new(Cluster {
             node: config.node_name(),
             url: redacted(&config.redis_url),
@@ -284,15 +376,22 @@ impl Cluster {
             pending: Mutex::new(HashMap::new()),
             next_message: AtomicU64::new(1),
             deliver,
+            present,
+            serve: OnceLock::new(),
+            events,
+            events_dropped: AtomicU64::new(0),
+            max_calls: config.max_calls,
         });
         tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, "cluster: joining");
         let inbox = cluster
             .deliver
             .is_some()
             .then(|| tokio::spawn(cluster.clone().read_inbox(stopped.clone())));
+        let publishing = tokio::spawn(cluster.clone().publish_events(queued, stopped.clone()));
         let task = tokio::spawn(cluster.clone().keep_fresh(sources, forgotten, stopped));
         let task = tokio::spawn(async move {
             let _ = task.await;
+            let _ = publishing.await;
             if let Some(inbox) = inbox {
                 let _ = inbox.await;
             }
@@ -302,6 +401,52 @@ impl Cluster {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// How the signalling answers requests from sessions on other nodes (set once).
+    pub fn serve_requests(&self, serve: Serve) {
+        let _ = self.serve.set(serve);
+    }
+
+    /// Whether this node anchors no more calls (`cluster.max_calls`) with `calls` now.
+    pub fn is_full(&self, calls: usize) -> bool {
+        !Load {
+            calls,
+            max_calls: self.max_calls,
+            ..Load::default()
+        }
+        .has_room()
+    }
+
+    /// Every other member alive as last read, with its load.
+    pub fn others_alive(&self) -> Vec<(String, Load)> {
+        self.view()
+            .nodes
+            .iter()
+            .filter(|member| member.node != self.node)
+            .filter_map(|member| match &member.state {
+                NodeState::Alive(record) => Some((member.node.clone(), record.load)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The other alive member whose calls are numbered from `call`'s base: the node that
+    /// anchors it (None: this node's, or no alive member's).
+    pub fn owner_of(&self, call: u64) -> Option<String> {
+        let base = base_of(call);
+        if base == 0 {
+            return None;
+        }
+        self.others_alive()
+            .into_iter()
+            .map(|(node, _)| node)
+            .find(|node| call_id_base(node) == base)
+    }
+
+    /// Call events dropped because the queue toward the other nodes was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped.load(Ordering::Relaxed)
     }
 
     fn view(&self) -> MutexGuard<'_, View> {
@@ -364,6 +509,7 @@ impl Cluster {
                 published_ms: unix_now_ms(),
                 load: Load {
                     cpu_percent,
+                    max_calls: self.max_calls,
                     ..(sources.load)()
                 },
             };
@@ -416,54 +562,22 @@ impl Cluster {
         to: &Recipient,
         message: serde_json::Value,
     ) -> Forwarded {
-        let nodes: Vec<String> = self
-            .view()
-            .nodes
-            .iter()
-            .filter(|member| member.node != self.node)
-            .filter(|member| matches!(member.state, NodeState::Alive(_)))
-            .map(|member| member.node.clone())
-            .collect();
-        let connection = self.connection.lock().expect("cluster connection").clone();
-        let Some(mut connection) = connection else {
-            return Forwarded::Unreachable;
-        };
-        if nodes.is_empty() {
-            return Forwarded::Nowhere;
-        }
-        let mut answers = Vec::new();
-        for node in nodes {
-            let id = self.next_message.fetch_add(1, Ordering::Relaxed);
-            let (answer, answered) = oneshot::channel();
-            self.pending().insert(id, answer);
-            let sent = InboxMessage::Deliver {
+        let Some(answers) = self
+            .ask_others(|id, reply_to| InboxMessage::Deliver {
                 id,
-                reply_to: self.node.clone(),
+                reply_to,
                 tenant: tenant.to_owned(),
                 to: to.clone(),
                 message: message.clone(),
-            };
-            let json = serde_json::to_string(&sent).expect("inbox messages serialize");
-            let published: redis::RedisResult<usize> =
-                connection.publish(inbox_channel(&node), json).await;
-            match published {
-                Ok(listeners) if listeners > 0 => answers.push((id, answered)),
-                _ => {
-                    self.pending().remove(&id);
-                }
-            }
-        }
+            })
+            .await
+        else {
+            return Forwarded::Unreachable;
+        };
         let (mut delivered, mut busy) = (0, 0);
-        for (id, answered) in answers {
-            match tokio::time::timeout(FORWARD_TIMEOUT, answered).await {
-                Ok(Ok((took, full))) => {
-                    delivered += took;
-                    busy += full;
-                }
-                _ => {
-                    self.pending().remove(&id);
-                }
-            }
+        for (_, took, full) in answers {
+            delivered += took;
+            busy += full;
         }
         match (delivered, busy) {
             (0, 0) => Forwarded::Nowhere,
@@ -472,7 +586,169 @@ impl Cluster {
         }
     }
 
-    fn pending(&self) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<(usize, usize)>>> {
+    /// The other nodes that have sessions of `to` (and how many each), asked now; None:
+    /// Redis does not answer.
+    pub async fn locate(&self, tenant: &str, to: &Recipient) -> Option<Vec<(String, usize)>> {
+        let answers = self
+            .ask_others(|id, reply_to| InboxMessage::Ask {
+                id,
+                reply_to,
+                tenant: tenant.to_owned(),
+                to: to.clone(),
+            })
+            .await?;
+        Some(
+            answers
+                .into_iter()
+                .filter(|(_, sessions, _)| *sessions > 0)
+                .map(|(node, sessions, _)| (node, sessions))
+                .collect(),
+        )
+    }
+
+    /// Sends what `message` makes (from its id and this node's name) to every other node
+    /// alive, as this node last read the cluster, and waits for their answers (at most
+    /// a second each): (node, delivered, busy) of those that answered. None: Redis does not
+    /// answer.
+    async fn ask_others(
+        &self,
+        message: impl Fn(u64, String) -> InboxMessage,
+    ) -> Option<Vec<(String, usize, usize)>> {
+        let nodes = self.others_alive();
+        let mut connection = self.connection.lock().expect("cluster connection").clone()?;
+        let mut waiting = Vec::new();
+        for (node, _) in nodes {
+            let (id, answered) = self.expect_answer();
+            let json = serde_json::to_string(&message(id, self.node.clone()))
+                .expect("inbox messages serialize");
+            let published: redis::RedisResult<usize> =
+                connection.publish(inbox_channel(&node), json).await;
+            match published {
+                Ok(listeners) if listeners > 0 => waiting.push((node, id, answered)),
+                _ => {
+                    self.pending().remove(&id);
+                }
+            }
+        }
+        let mut answers = Vec::new();
+        for (node, id, answered) in waiting {
+            match tokio::time::timeout(FORWARD_TIMEOUT, answered).await {
+                Ok(Ok(Answer::Counts(delivered, busy))) => answers.push((node, delivered, busy)),
+                _ => {
+                    self.pending().remove(&id);
+                }
+            }
+        }
+        Some(answers)
+    }
+
+    /// A message id, and where its answer will arrive.
+    fn expect_answer(&self) -> (u64, oneshot::Receiver<Answer>) {
+        let id = self.next_message.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        self.pending().insert(id, answer);
+        (id, answered)
+    }
+
+    /// Sends a signalling request of a session here (`from`, the request's `text`) to
+    /// `node` and waits for its reply (at most [`REQUEST_TIMEOUT`]). Err: why there is none.
+    pub async fn request(
+        &self,
+        node: &str,
+        from: SessionRecord,
+        text: String,
+    ) -> Result<serde_json::Value, String> {
+        let connection = self.connection.lock().expect("cluster connection").clone();
+        let Some(mut connection) = connection else {
+            return Err("Redis does not answer".to_owned());
+        };
+        let (id, answered) = self.expect_answer();
+        let message = InboxMessage::Request {
+            id,
+            reply_to: self.node.clone(),
+            from,
+            text,
+        };
+        let json = serde_json::to_string(&message).expect("inbox messages serialize");
+        let published: redis::RedisResult<usize> =
+            connection.publish(inbox_channel(node), json).await;
+        match published {
+            Ok(listeners) if listeners > 0 => {}
+            Ok(_) => {
+                self.pending().remove(&id);
+                return Err(format!("relay {node} is not listening"));
+            }
+            Err(err) => {
+                self.pending().remove(&id);
+                return Err(err.to_string());
+            }
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, answered).await {
+            Ok(Ok(Answer::Reply(reply))) => Ok(reply),
+            _ => {
+                self.pending().remove(&id);
+                Err(format!(
+                    "relay {node} did not answer within {REQUEST_TIMEOUT:?}"
+                ))
+            }
+        }
+    }
+
+    /// Hands a call event to `to` on every other node alive, in order and without waiting
+    /// for an answer. False: it cannot go anywhere (Redis does not answer, no other node is
+    /// alive, or the queue toward them is full).
+    pub fn publish(&self, tenant: &str, to: &Recipient, message: serde_json::Value) -> bool {
+        if self.connection.lock().expect("cluster connection").is_none()
+            || self.others_alive().is_empty()
+        {
+            return false;
+        }
+        match self
+            .events
+            .try_send((tenant.to_owned(), to.clone(), message))
+        {
+            Ok(()) => true,
+            Err(_) => {
+                if self.events_dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(queued = EVENTS_QUEUED, "cluster: call events for other relays dropped: Redis takes them slower than they come");
+                }
+                false
+            }
+        }
+    }
+
+    /// Publishes the queued call events, one at a time so that they arrive in order.
+    async fn publish_events(
+        self: Arc<Self>,
+        mut queued: mpsc::Receiver<(String, Recipient, serde_json::Value)>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        loop {
+            let (tenant, to, message) = tokio::select! {
+                Some(event) = queued.recv() => event,
+                _ = stopped.changed() => return,
+            };
+            let connection = self.connection.lock().expect("cluster connection").clone();
+            let Some(mut connection) = connection else {
+                continue;
+            };
+            let json = serde_json::to_string(&InboxMessage::Event {
+                tenant,
+                to,
+                message,
+            })
+            .expect("inbox messages serialize");
+            for (node, _) in self.others_alive() {
+                let published: redis::RedisResult<usize> =
+                    connection.publish(inbox_channel(&node), &json).await;
+                if let Err(err) = published {
+                    tracing::debug!(%err, node, "cluster: a call event for another relay not published");
+                }
+            }
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<Answer>>> {
         self.pending.lock().expect("cluster pending messages")
     }
 
@@ -509,15 +785,22 @@ impl Cluster {
         }
     }
 
-    async fn inbox(&self, text: &str) {
-        match serde_json::from_str::<InboxMessage>(text) {
-            Ok(InboxMessage::Deliver {
+    async fn inbox(self: &Arc<Self>, text: &str) {
+        let message = match serde_json::from_str::<InboxMessage>(text) {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::debug!(%err, "cluster: a message on this node's channel that is not one of ours");
+                return;
+            }
+        };
+        match message {
+            InboxMessage::Deliver {
                 id,
                 reply_to,
                 tenant,
                 to,
                 message,
-            }) => {
+            } => {
                 let (delivered, busy) = match &self.deliver {
                     Some(deliver) => deliver(&tenant, &to, message),
                     None => (0, 0),
@@ -527,25 +810,74 @@ impl Cluster {
                     delivered,
                     busy,
                 };
-                let json = serde_json::to_string(&answer).expect("inbox messages serialize");
-                let connection = self.connection.lock().expect("cluster connection").clone();
-                if let Some(mut connection) = connection {
-                    let _: redis::RedisResult<usize> =
-                        connection.publish(inbox_channel(&reply_to), json).await;
+                self.answer(&reply_to, &answer).await;
+            }
+            InboxMessage::Ask {
+                id,
+                reply_to,
+                tenant,
+                to,
+            } => {
+                let sessions = self.present.as_ref().map_or(0, |present| present(&tenant, &to));
+                let answer = InboxMessage::Delivered {
+                    id,
+                    delivered: sessions,
+                    busy: 0,
+                };
+                self.answer(&reply_to, &answer).await;
+            }
+            InboxMessage::Request {
+                id,
+                reply_to,
+                from,
+                text,
+            } => {
+                // Its own task: a call's setup takes a moment, and the channel carries the
+                // answers to this node's own requests meanwhile.
+                let cluster = self.clone();
+                tokio::spawn(async move {
+                    let reply = match cluster.serve.get() {
+                        Some(serve) => serve(from, text).await,
+                        None => serde_json::json!({"type": "error", "id": null, "code": "forbidden",
+                            "message": format!("relay {} does not serve signalling", cluster.node)}),
+                    };
+                    cluster
+                        .answer(&reply_to, &InboxMessage::Replied { id, reply })
+                        .await;
+                });
+            }
+            InboxMessage::Event {
+                tenant,
+                to,
+                message,
+            } => {
+                if let Some(deliver) = &self.deliver {
+                    deliver(&tenant, &to, message);
                 }
             }
-            Ok(InboxMessage::Delivered {
+            InboxMessage::Delivered {
                 id,
                 delivered,
                 busy,
-            }) => {
+            } => {
                 if let Some(waiting) = self.pending().remove(&id) {
-                    let _ = waiting.send((delivered, busy));
+                    let _ = waiting.send(Answer::Counts(delivered, busy));
                 }
             }
-            Err(err) => {
-                tracing::debug!(%err, "cluster: a message on this node's channel that is not one of ours");
+            InboxMessage::Replied { id, reply } => {
+                if let Some(waiting) = self.pending().remove(&id) {
+                    let _ = waiting.send(Answer::Reply(reply));
+                }
             }
+        }
+    }
+
+    /// Publishes an answer on the asking node's channel.
+    async fn answer(&self, node: &str, answer: &InboxMessage) {
+        let json = serde_json::to_string(answer).expect("inbox messages serialize");
+        let connection = self.connection.lock().expect("cluster connection").clone();
+        if let Some(mut connection) = connection {
+            let _: redis::RedisResult<usize> = connection.publish(inbox_channel(node), json).await;
         }
     }
 
@@ -691,6 +1023,15 @@ impl Cluster {
 
     fn joined(&self, nodes: Vec<NodeView>) {
         let mut view = self.view();
+        let newcomer = |member: &&NodeView| !view.nodes.iter().any(|seen| seen.node == member.node);
+        let base = call_id_base(&self.node);
+        if let Some(twin) = nodes
+            .iter()
+            .filter(newcomer)
+            .find(|member| member.node != self.node && call_id_base(&member.node) == base)
+        {
+            tracing::error!(node = %self.node, other = %twin.node, "cluster: two nodes whose names give the same call ids: requests for their calls may reach the wrong one; rename one of them");
+        }
         match &view.link {
             Link::Up { .. } => {}
             Link::Joining => {

@@ -8,7 +8,10 @@ use super::{
     hub::{Hub, Identity},
     protocol::{ErrorCode, Outbound, Role},
 };
-use crate::calls::{CallError, CallEvent, Notify, Requester, StateChange, Woken};
+use crate::{
+    calls::{CallError, CallEvent, Notify, Requester, StateChange, Woken},
+    cluster::Recipient,
+};
 
 /// Who a session is, as calls see it.
 pub fn requester(identity: &Identity) -> Requester {
@@ -143,17 +146,37 @@ pub fn event_message(event: &CallEvent) -> Outbound {
     }
 }
 
+/// A call's event for sessions on the cluster's other nodes, when this node is in one: the
+/// controller connected to another relay, or the app of a call placed away from its relay.
+fn elsewhere(hub: &Hub, tenant: &str, to: Recipient, message: &Outbound) -> bool {
+    hub.cluster().is_some_and(|cluster| {
+        let json = serde_json::to_value(message).expect("outbound messages serialize");
+        cluster.publish(tenant, &to, json)
+    })
+}
+
 impl Notify for Hub {
     fn is_online(&self, tenant: &str, user: &str) -> bool {
         Hub::is_online(self, tenant, user)
     }
 
+    /// The sessions here that took it; none here: published to the other nodes (0).
     fn to_app(&self, tenant: &str, user: &str, event: &CallEvent) -> usize {
-        self.to_user(tenant, user, &event_message(event))
+        let message = event_message(event);
+        let delivered = self.to_user(tenant, user, &message);
+        if delivered == 0 && !Hub::is_online(self, tenant, user) {
+            elsewhere(self, tenant, Recipient::User(user.to_owned()), &message);
+        }
+        delivered
     }
 
+    /// Whether the controller here took it, or it went to the other nodes.
     fn to_controller(&self, tenant: &str, event: &CallEvent) -> bool {
-        Hub::to_controller(self, tenant, &event_message(event))
+        let message = event_message(event);
+        if self.present(tenant, &Recipient::Controller) > 0 {
+            return Hub::to_controller(self, tenant, &message);
+        }
+        elsewhere(self, tenant, Recipient::Controller, &message)
     }
 
     fn wake(&self, tenant: &str, user: &str, call: u64, caller: Option<&str>) -> Option<Woken> {

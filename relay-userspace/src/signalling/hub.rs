@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -15,7 +15,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::protocol::{ErrorCode, Outbound, Role, Sender, Target};
-use crate::push::Push;
+use crate::{
+    cluster::{Cluster, Recipient},
+    push::Push,
+};
 
 pub type SessionId = u64;
 
@@ -48,6 +51,8 @@ pub struct Hub {
     /// The push registrations and providers, when `[push]` is enabled: a call for a user
     /// with no session wakes their devices.
     push: Option<Arc<Push>>,
+    /// The cluster, when this node is in one: call events for sessions on other nodes.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 /// Why a message could not be routed.
@@ -68,7 +73,17 @@ impl Hub {
             next: AtomicU64::new(1),
             queue_length,
             push,
+            cluster: OnceLock::new(),
         }
+    }
+
+    /// Call events for a session not connected here go to the cluster's other nodes.
+    pub fn join_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     pub fn push(&self) -> Option<&Arc<Push>> {
@@ -219,6 +234,18 @@ impl Hub {
             }
         }
         (delivered, busy)
+    }
+
+    /// How many sessions of `to` in `tenant` are connected here.
+    pub fn present(&self, tenant: &str, to: &Recipient) -> usize {
+        let state = self.state();
+        match to {
+            Recipient::Controller => usize::from(state.controllers.contains_key(tenant)),
+            Recipient::User(user) => state
+                .users
+                .get(&(tenant.to_owned(), user.clone()))
+                .map_or(0, Vec::len),
+        }
     }
 
     /// Whether `user` of `tenant` has a session connected.
