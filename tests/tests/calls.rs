@@ -302,13 +302,23 @@ fn the_pbx_calls_an_app_behind_nat_and_the_media_flows_in_xdp() {
                 "{listed}"
             );
         }
-        let shown = relayd.ctl_ok(&["calls", "show", "1"]);
+        // A cluster node numbers its calls from a base its name gives.
+        assert_eq!(
+            call_id.as_u64().unwrap() & !0xffff_ffff,
+            relay::cluster::call_id_base("edge-a"),
+            "{created}"
+        );
+        let shown_id = call_id.to_string();
+        let shown = relayd.ctl_ok(&["calls", "show", &shown_id]);
         assert!(
             shown.contains("(prflx) <-> relay ICE 198.51.100.1:3479")
                 && shown.contains("pbx leg     relay 10.30.0.1:41000 <-> PBX 10.30.0.2:40000"),
             "{shown}"
         );
-        assert_eq!(relayd.ctl_json(&["calls", "show", "1"])["user"], "alice");
+        assert_eq!(
+            relayd.ctl_json(&["calls", "show", &shown_id])["user"],
+            "alice"
+        );
         let unknown = relayd.ctl(&["calls", "show", "99"]);
         assert_eq!(unknown.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&unknown.stderr).contains("call: 99: no such call"));

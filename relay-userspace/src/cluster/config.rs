@@ -171,6 +171,7 @@ mod tests {
             redis_url: "http://127.0.0.1:6379".to_owned(),
             ca_file: "/nonexistent/ca.pem".to_owned(),
             health_ttl_secs: 1,
+            max_calls: 0,
         };
         let found = problems(&bad);
         let keys: Vec<&str> = found.iter().map(|(key, _)| *key).collect();

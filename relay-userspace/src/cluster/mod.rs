@@ -615,7 +615,11 @@ impl Cluster {
         message: impl Fn(u64, String) -> InboxMessage,
     ) -> Option<Vec<(String, usize, usize)>> {
         let nodes = self.others_alive();
-        let mut connection = self.connection.lock().expect("cluster connection").clone()?;
+        let mut connection = self
+            .connection
+            .lock()
+            .expect("cluster connection")
+            .clone()?;
         let mut waiting = Vec::new();
         for (node, _) in nodes {
             let (id, answered) = self.expect_answer();
@@ -698,7 +702,11 @@ impl Cluster {
     /// for an answer. False: it cannot go anywhere (Redis does not answer, no other node is
     /// alive, or the queue toward them is full).
     pub fn publish(&self, tenant: &str, to: &Recipient, message: serde_json::Value) -> bool {
-        if self.connection.lock().expect("cluster connection").is_none()
+        if self
+            .connection
+            .lock()
+            .expect("cluster connection")
+            .is_none()
             || self.others_alive().is_empty()
         {
             return false;
@@ -710,7 +718,10 @@ impl Cluster {
             Ok(()) => true,
             Err(_) => {
                 if self.events_dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(queued = EVENTS_QUEUED, "cluster: call events for other relays dropped: Redis takes them slower than they come");
+                    tracing::warn!(
+                        queued = EVENTS_QUEUED,
+                        "cluster: call events for other relays dropped: Redis takes them slower than they come"
+                    );
                 }
                 false
             }
@@ -818,7 +829,10 @@ impl Cluster {
                 tenant,
                 to,
             } => {
-                let sessions = self.present.as_ref().map_or(0, |present| present(&tenant, &to));
+                let sessions = self
+                    .present
+                    .as_ref()
+                    .map_or(0, |present| present(&tenant, &to));
                 let answer = InboxMessage::Delivered {
                     id,
                     delivered: sessions,
@@ -838,8 +852,10 @@ impl Cluster {
                 tokio::spawn(async move {
                     let reply = match cluster.serve.get() {
                         Some(serve) => serve(from, text).await,
-                        None => serde_json::json!({"type": "error", "id": null, "code": "forbidden",
-                            "message": format!("relay {} does not serve signalling", cluster.node)}),
+                        None => {
+                            serde_json::json!({"type": "error", "id": null, "code": "forbidden",
+                            "message": format!("relay {} does not serve signalling", cluster.node)})
+                        }
                     };
                     cluster
                         .answer(&reply_to, &InboxMessage::Replied { id, reply })
@@ -1070,5 +1086,36 @@ impl Cluster {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_ids_name_their_node_and_stay_exact_in_javascript() {
+        let (a, b) = (call_id_base("edge-a"), call_id_base("edge-b"));
+        assert_ne!(a, b);
+        assert_eq!(a, call_id_base("edge-a"), "the same name, the same base");
+        for base in [a, b, call_id_base(""), call_id_base(&"z".repeat(64))] {
+            assert_ne!(base, 0, "0 is a lone relay's");
+            assert_eq!(base & 0xffff_ffff, 0);
+            assert!(base + 0xffff_ffff < 1 << 53, "{base}");
+        }
+        assert_eq!(base_of(a + 41), a);
+        assert_eq!(base_of(41), 0);
+    }
+
+    #[test]
+    fn a_node_at_its_max_calls_has_no_room() {
+        let load = |calls, max_calls| Load {
+            calls,
+            max_calls,
+            ..Load::default()
+        };
+        assert!(load(1000, 0).has_room(), "0: no limit");
+        assert!(load(1, 2).has_room());
+        assert!(!load(2, 2).has_room());
     }
 }

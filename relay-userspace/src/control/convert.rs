@@ -285,6 +285,7 @@ impl From<&ClusterStatus> for wire::ClusterStatusResult {
                             sessions: record.load.sessions,
                             flows: record.load.flows,
                             cpu_percent: record.load.cpu_percent,
+                            max_calls: record.load.max_calls,
                         }),
                         None,
                     ),

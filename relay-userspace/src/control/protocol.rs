@@ -276,6 +276,9 @@ pub struct ClusterLoad {
     pub sessions: usize,
     pub flows: usize,
     pub cpu_percent: f64,
+    /// Its `cluster.max_calls` (0: no limit).
+    #[serde(default)]
+    pub max_calls: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

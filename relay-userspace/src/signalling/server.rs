@@ -864,7 +864,12 @@ async fn serve_remote(context: &Shared, from: SessionRecord, text: &str) -> Outb
             );
         }
     };
-    if !context.settings.tenants.iter().any(|t| t.name == from.tenant) {
+    if !context
+        .settings
+        .tenants
+        .iter()
+        .any(|t| t.name == from.tenant)
+    {
         return refuse(
             None,
             ErrorCode::Forbidden,

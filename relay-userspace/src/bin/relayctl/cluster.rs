@@ -72,7 +72,14 @@ pub fn run(
                     Some(load) => vec![
                         name,
                         member.state.clone(),
-                        output::count(load.calls as u64),
+                        match load.max_calls {
+                            0 => output::count(load.calls as u64),
+                            max => format!(
+                                "{}/{}",
+                                output::count(load.calls as u64),
+                                output::count(max as u64)
+                            ),
+                        },
                         output::count(load.allocations as u64),
                         output::count(load.sessions as u64),
                         output::count(load.flows as u64),
