@@ -367,12 +367,31 @@ fn start_cluster(
             }),
         }
     });
+    let take_over = calls.clone().map(|calls| {
+        Box::new(move |from: String, records: Vec<String>| {
+            let calls = calls.clone();
+            Box::pin(async move {
+                let records = records
+                    .iter()
+                    .filter_map(|json| match serde_json::from_str(json) {
+                        Ok(record) => Some(record),
+                        Err(err) => {
+                            tracing::warn!(%err, from, "cluster: a call record in Redis that this relayd cannot read; that call is lost");
+                            None
+                        }
+                    })
+                    .collect();
+                calls.take_over(&from, records).await
+            }) as futures_util::future::BoxFuture<'static, usize>
+        }) as crate::cluster::TakeOver
+    });
     let sources = crate::cluster::Sources {
         load,
         sessions,
         calls: calls_source,
         deliver,
         present,
+        take_over,
     };
     Ok(Some(crate::cluster::Cluster::start(
         &config.cluster,

@@ -14,6 +14,8 @@ use crate::{netns::NetNs, process::Background};
 pub struct RedisServer {
     process: Background,
     ns: String,
+    /// The address it listens on.
+    host: String,
     pub port: u16,
     tls: Option<Certificates>,
 }
@@ -110,20 +112,25 @@ impl Drop for Certificates {
 impl RedisServer {
     /// Starts redis-server on 127.0.0.1:`port` inside `ns` and waits until it answers PING.
     pub fn start(ns: &NetNs, port: u16) -> RedisServer {
-        RedisServer::launch(ns, port, None)
+        RedisServer::launch(ns, "127.0.0.1", port, None)
+    }
+
+    /// Starts redis-server on `host`:`port` inside `ns` (an address of `ns` others reach).
+    pub fn start_on(ns: &NetNs, host: &str, port: u16) -> RedisServer {
+        RedisServer::launch(ns, host, port, None)
     }
 
     /// The same speaking TLS only, with a certificate of a private CA ([`Self::ca_file`]).
     pub fn start_tls(ns: &NetNs, port: u16) -> RedisServer {
-        RedisServer::launch(ns, port, Some(Certificates::new()))
+        RedisServer::launch(ns, "127.0.0.1", port, Some(Certificates::new()))
     }
 
-    fn launch(ns: &NetNs, port: u16, tls: Option<Certificates>) -> RedisServer {
+    fn launch(ns: &NetNs, host: &str, port: u16, tls: Option<Certificates>) -> RedisServer {
         let port_text = port.to_string();
         let mut args: Vec<String> = [
             "redis-server",
             "--bind",
-            "127.0.0.1",
+            host,
             "--save",
             "",
             "--appendonly",
@@ -155,6 +162,7 @@ impl RedisServer {
         let server = RedisServer {
             process,
             ns: ns.name.clone(),
+            host: host.to_owned(),
             port,
             tls,
         };
@@ -171,8 +179,8 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         match self.tls {
-            None => format!("redis://127.0.0.1:{}", self.port),
-            Some(_) => format!("rediss://127.0.0.1:{}", self.port),
+            None => format!("redis://{}:{}", self.host, self.port),
+            Some(_) => format!("rediss://{}:{}", self.host, self.port),
         }
     }
 
@@ -185,7 +193,7 @@ impl RedisServer {
 
     fn try_cli(&self, args: &[&str]) -> Option<String> {
         let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.ns, "redis-cli", "-p"]);
+        command.args(["netns", "exec", &self.ns, "redis-cli", "-h", &self.host, "-p"]);
         command.arg(self.port.to_string());
         if let Some(ca) = self.ca_file() {
             command.args(["--tls", "--cacert", &ca]);

@@ -160,6 +160,13 @@ pub enum StateChange {
         remote: SocketAddr,
         remote_type: CandidateType,
     },
+    /// This relay took the call over from `from`, a relay of the cluster that is down
+    /// (it shares that relay's addresses): the media goes on on this route.
+    Moved {
+        remote: SocketAddr,
+        remote_type: CandidateType,
+        from: String,
+    },
     /// No app of the user was connected: a push went to each of their `devices`, and the
     /// call waits for one to connect (to the controller).
     Ringing { devices: usize },
@@ -174,6 +181,7 @@ impl StateChange {
             StateChange::IceRestart => "ice-restart",
             StateChange::ConsentLost => "consent-lost",
             StateChange::Restored { .. } => "restored",
+            StateChange::Moved { .. } => "moved",
             StateChange::Ringing { .. } => "ringing",
         }
     }

@@ -140,6 +140,8 @@ pub struct Calls {
     turn: Option<Arc<TurnService>>,
     calls: Mutex<HashMap<u64, Arc<Call>>>,
     next: AtomicU64,
+    /// The first id of this relay's calls (0 alone; a cluster node's own base).
+    id_base: AtomicU64,
     /// For the metrics: calls ended by reason, and the setup times of connected calls.
     tally: Mutex<Tally>,
     /// The certificate of every DTLS-SRTP leg toward an app.
@@ -255,6 +257,9 @@ struct CallInner {
     /// A call a restarted relayd took back: whether the app's session (0) and the
     /// controller's (1) still have to hear `call.state restored`.
     unannounced: [bool; 2],
+    /// A call taken over from this relay of the cluster, which is down: what the
+    /// announcement says (`moved` rather than `restored`).
+    moved_from: Option<String>,
     /// Offered while no app of the user was connected: their devices were woken (a push),
     /// and each app session that joins while it is offered gets `call.incoming`.
     woken: bool,
@@ -333,6 +338,7 @@ impl Calls {
             turn,
             calls: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            id_base: AtomicU64::new(0),
             tally: Mutex::new(Tally::default()),
             identity: Arc::new(identity),
             app_media: settings.app_media,
@@ -425,6 +431,7 @@ impl Calls {
 
     /// Numbers the calls from `base` on: a cluster node's own ids.
     pub fn number_from(&self, base: u64) {
+        self.id_base.store(base, Ordering::Relaxed);
         self.next.fetch_max(base.max(1), Ordering::Relaxed);
     }
 

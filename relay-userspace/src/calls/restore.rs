@@ -290,7 +290,7 @@ impl Calls {
         let mut restored = 0;
         for stored in stored {
             let id = stored.record.call;
-            match self.restore_one(&stored).await {
+            match self.restore_one(&stored, None).await {
                 Ok(()) => restored += 1,
                 Err(reason) => {
                     tracing::warn!(
@@ -321,7 +321,52 @@ impl Calls {
         );
     }
 
-    async fn restore_one(self: &Arc<Self>, stored: &Stored) -> Result<(), String> {
+    /// Takes over the calls of `from`, a relay of the cluster that is down, from the records
+    /// it kept in Redis: this relay is its standby and shares its addresses, so each call
+    /// goes on where it was (the same ICE credentials and selected pair, the same LAN
+    /// port), its flows in this relay's table; the sessions connected anywhere in the
+    /// cluster hear `call.state moved`, and those that connect later too. Returns how many
+    /// calls it took; a call that cannot be taken ends (`restore-failed`).
+    pub async fn take_over(self: &Arc<Self>, from: &str, records: Vec<CallRecord>) -> usize {
+        let mut taken = Vec::new();
+        for record in records {
+            let id = record.call;
+            let stored = Stored {
+                record,
+                flows: [None, None],
+            };
+            match self.restore_one(&stored, Some(from)).await {
+                Ok(()) => taken.push(stored.record),
+                Err(reason) => {
+                    tracing::warn!(call = id, from, reason, "calls: a call of the relay that is down cannot be taken over; it ends");
+                    *self
+                        .tally
+                        .lock()
+                        .expect("calls tally")
+                        .ended
+                        .entry(EndReason::RestoreFailed)
+                        .or_default() += 1;
+                }
+            }
+        }
+        self.save(true);
+        for record in &taken {
+            self.announce_restored(&Requester::Controller {
+                tenant: record.tenant.clone(),
+            });
+            self.announce_restored(&Requester::App {
+                tenant: record.tenant.clone(),
+                user: record.user.clone(),
+            });
+        }
+        taken.len()
+    }
+
+    async fn restore_one(
+        self: &Arc<Self>,
+        stored: &Stored,
+        moved_from: Option<&str>,
+    ) -> Result<(), String> {
         let record = &stored.record;
         if self.calls().contains_key(&record.call) {
             return Err("a call with its id exists".into());
@@ -430,10 +475,14 @@ impl Calls {
             inner.bridge = bridged.as_ref().map(|(_, bridge)| bridge.clone());
             inner.flows.adopt(stored.flows);
             inner.unannounced = [true, true];
+            inner.moved_from = moved_from.map(str::to_owned);
         }
         let call = Arc::new(call);
         self.calls().insert(record.call, call.clone());
-        self.next.fetch_max(record.call + 1, Ordering::Relaxed);
+        // A call taken over keeps the id its relay gave it; this relay numbers its own.
+        if record.call & !0xffff_ffff == self.id_base.load(Ordering::Relaxed) {
+            self.next.fetch_max(record.call + 1, Ordering::Relaxed);
+        }
         match &bridged {
             Some((_, bridge)) => {
                 // No handshake reads the legs' DTLS records now: they are dropped.
@@ -469,20 +518,28 @@ impl Calls {
             Requester::Controller { .. } => 1,
         };
         for call in calls {
-            let pair = {
+            let (pair, moved_from) = {
                 let inner = call.inner();
                 if !inner.unannounced[side] {
                     continue;
                 }
-                inner.state.pair()
+                (inner.state.pair(), inner.moved_from.clone())
             };
             let Some(pair) = pair else { continue };
-            let event = CallEvent::State {
-                call: call.id,
-                change: StateChange::Restored {
+            let change = match moved_from {
+                Some(from) => StateChange::Moved {
+                    remote: pair.remote,
+                    remote_type: pair.remote_type,
+                    from,
+                },
+                None => StateChange::Restored {
                     remote: pair.remote,
                     remote_type: pair.remote_type,
                 },
+            };
+            let event = CallEvent::State {
+                call: call.id,
+                change,
             };
             let delivered = match who {
                 Requester::App { .. } => self.notify.to_app(&call.tenant, &call.user, &event) > 0,

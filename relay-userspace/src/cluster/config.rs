@@ -21,6 +21,11 @@ pub struct ClusterConfig {
     /// The most calls this node anchors before new calls for apps connected to it are
     /// placed on the least loaded other node that has room; 0: no limit.
     pub max_calls: usize,
+    /// The node this one stands by for (empty: none). A standby shares the active node's
+    /// floating addresses (`signalling.listen`, `calls.ice_listen`, `calls.lan_address`,
+    /// `calls.port_range`: keepalived moves them) and anchors no calls until the active
+    /// node's health record expires; then it takes the active node's calls over from Redis.
+    pub standby_for: String,
 }
 
 impl Default for ClusterConfig {
@@ -32,6 +37,7 @@ impl Default for ClusterConfig {
             ca_file: String::new(),
             health_ttl_secs: 6,
             max_calls: 0,
+            standby_for: String::new(),
         }
     }
 }
@@ -66,6 +72,17 @@ impl ClusterConfig {
                     "cluster.ca_file",
                     format!("{:?}", self.ca_file),
                     &format!("cannot be read: {err}"),
+                );
+            }
+        }
+        if !self.standby_for.is_empty() {
+            if let Err(reason) = check_node_name(&self.standby_for) {
+                problem("cluster.standby_for", format!("{:?}", self.standby_for), &reason);
+            } else if self.standby_for == self.node_name() {
+                problem(
+                    "cluster.standby_for",
+                    format!("{:?}", self.standby_for),
+                    "is this node's own name: a standby names the node it takes over from",
                 );
             }
         }
@@ -172,6 +189,7 @@ mod tests {
             ca_file: "/nonexistent/ca.pem".to_owned(),
             health_ttl_secs: 1,
             max_calls: 0,
+            standby_for: "edge a".to_owned(),
         };
         let found = problems(&bad);
         let keys: Vec<&str> = found.iter().map(|(key, _)| *key).collect();
@@ -181,6 +199,7 @@ mod tests {
                 "cluster.node",
                 "cluster.redis_url",
                 "cluster.ca_file",
+                "cluster.standby_for",
                 "cluster.health_ttl_secs"
             ],
             "{found:?}"

@@ -24,6 +24,12 @@
 //! A call's events for a session on another node (the controller, or the app of a call
 //! placed away from it) are published to the other nodes in order, without an answer.
 //!
+//! Takeover: a standby (`cluster.standby_for`) shares its active node's floating addresses
+//! and anchors nothing while that node is alive. Once the active node's health record has
+//! expired, the standby reads the node's call records (kept four health TTLs, so that they
+//! outlive its health) and takes the calls over: the same addresses, ICE credentials and
+//! selected pairs, the flows in its own XDP program; their sessions hear `call.state moved`.
+//!
 //! Redis is not needed to serve: when it does not answer
 //! (at start or later) the node goes on with its own sessions and calls, says so in the log
 //! and `relayctl status`, and rejoins at the first refresh that gets through, writing all
@@ -36,7 +42,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, MutexGuard, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -101,7 +107,12 @@ pub struct Sources {
     pub calls: Option<CallsSource>,
     pub deliver: Option<Deliver>,
     pub present: Option<Present>,
+    pub take_over: Option<TakeOver>,
 }
+
+/// Takes over the calls of a node that is down (its name, their records as JSON); returns
+/// how many it took.
+pub type TakeOver = Box<dyn Fn(String, Vec<String>) -> BoxFuture<'static, usize> + Send + Sync>;
 
 /// Who a message routed between nodes is for, within its tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,14 +259,21 @@ pub struct Load {
     /// `cluster.max_calls` of the node (0: no limit).
     #[serde(default)]
     pub max_calls: usize,
+    /// A standby that has not taken over: it anchors no calls.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 impl Load {
     /// Whether the node takes one more call.
     pub fn has_room(&self) -> bool {
-        self.max_calls == 0 || self.calls < self.max_calls
+        !self.standby && (self.max_calls == 0 || self.calls < self.max_calls)
     }
 }
+
+/// How many health TTLs a node's call records outlive its last refresh: long enough for a
+/// standby to see the node down and read them.
+const CALL_TTLS: u64 = 4;
 
 /// One member of the cluster as this node last read it.
 #[derive(Debug, Clone, PartialEq)]
@@ -325,6 +343,10 @@ pub struct Cluster {
     events: mpsc::Sender<(String, Recipient, serde_json::Value)>,
     events_dropped: AtomicU64,
     max_calls: usize,
+    /// The active node this one stands by for, and whether it still stands by (false once
+    /// it took that node's calls over).
+    standby_for: Option<String>,
+    standing_by: AtomicBool,
 }
 
 /// Why a member cannot be forgotten.
@@ -381,8 +403,10 @@ impl Cluster {
             events,
             events_dropped: AtomicU64::new(0),
             max_calls: config.max_calls,
+            standby_for: (!config.standby_for.is_empty()).then(|| config.standby_for.clone()),
+            standing_by: AtomicBool::new(!config.standby_for.is_empty()),
         });
-        tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, "cluster: joining");
+        tracing::info!(node = %cluster.node, redis = %cluster.url, ttl_secs = config.health_ttl_secs, standby_for = config.standby_for, "cluster: joining");
         let inbox = cluster
             .deliver
             .is_some()
@@ -408,14 +432,21 @@ impl Cluster {
         let _ = self.serve.set(serve);
     }
 
-    /// Whether this node anchors no more calls (`cluster.max_calls`) with `calls` now.
+    /// Whether this node anchors no more calls (`cluster.max_calls`) with `calls` now, or
+    /// none at all (a standby).
     pub fn is_full(&self, calls: usize) -> bool {
         !Load {
             calls,
             max_calls: self.max_calls,
+            standby: self.standing_by(),
             ..Load::default()
         }
         .has_room()
+    }
+
+    /// A standby that has not taken over yet.
+    pub fn standing_by(&self) -> bool {
+        self.standing_by.load(Ordering::Relaxed)
     }
 
     /// Every other member alive as last read, with its load.
@@ -510,6 +541,7 @@ impl Cluster {
                 load: Load {
                     cpu_percent,
                     max_calls: self.max_calls,
+                    standby: self.standing_by(),
                     ..(sources.load)()
                 },
             };
@@ -521,7 +553,25 @@ impl Cluster {
             .unwrap_or_else(|_| Err(format!("no answer within {every:?}")));
             *self.connection.lock().expect("cluster connection") = connection.clone();
             match refreshed {
-                Ok(nodes) => self.joined(nodes),
+                Ok(nodes) => {
+                    let active_down = self.standby_for.as_ref().filter(|active| {
+                        self.standing_by()
+                            && nodes.iter().any(|member| {
+                                member.node == **active && member.state == NodeState::Down
+                            })
+                    });
+                    if let (Some(active), Some(take_over), Some(connection)) =
+                        (active_down, &sources.take_over, connection.as_mut())
+                    {
+                        match self.take_over(connection, active, take_over).await {
+                            Ok(()) => self.standing_by.store(false, Ordering::Relaxed),
+                            Err(err) => {
+                                tracing::warn!(node = %self.node, active, %err, "cluster: the calls of the node this one stands by for cannot be read from Redis; trying again at the next refresh")
+                            }
+                        }
+                    }
+                    self.joined(nodes)
+                }
                 Err(reason) => {
                     connection = None;
                     *self.connection.lock().expect("cluster connection") = None;
@@ -897,6 +947,43 @@ impl Cluster {
         }
     }
 
+    /// The active node is down: its calls' records are read from Redis and handed to the
+    /// calls here, then deleted there (they are this node's now, written under its name).
+    async fn take_over(
+        &self,
+        connection: &mut redis::aio::MultiplexedConnection,
+        active: &str,
+        take_over: &TakeOver,
+    ) -> Result<(), redis::RedisError> {
+        let started = Instant::now();
+        // Node names have no glob characters (cluster.node).
+        let pattern = format!("relay:call:{active}:*");
+        let mut keys: Vec<String> = Vec::new();
+        {
+            let mut scan = connection.scan_match::<_, String>(&pattern).await?;
+            while let Some(key) = futures_util::StreamExt::next(&mut scan).await {
+                keys.push(key?);
+            }
+        }
+        let records: Vec<String> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            let found: Vec<Option<String>> = connection.mget(&keys).await?;
+            found.into_iter().flatten().collect()
+        };
+        let found = records.len();
+        tracing::warn!(node = %self.node, active, calls = found, "cluster: the node this one stands by for is down (its health record expired); taking its calls over");
+        let taken = take_over(active.to_owned(), records).await;
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.del(key).ignore();
+        }
+        pipe.del(sessions_key(active)).ignore();
+        pipe.query_async::<()>(connection).await?;
+        tracing::info!(node = %self.node, active, taken, lost = found - taken, ms = started.elapsed().as_millis() as u64, "cluster: took over the calls of the node that is down; this node is the active one now");
+        Ok(())
+    }
+
     /// Removes a down member the operator gave up on (`relayctl cluster forget`): out of
     /// the member set, its session list gone (its call records have expired with it).
     pub fn forget(&self, node: &str) -> Result<(), ForgetRefusal> {
@@ -952,6 +1039,7 @@ impl Cluster {
         }
         let connection = connection.as_mut().expect("connected above");
         let ttl = self.ttl.as_secs();
+        let call_ttl = ttl * CALL_TTLS;
         let json = serde_json::to_string(record).expect("node records serialize");
         let mut pipe = redis::pipe();
         pipe.set_ex(node_key(&self.node), json, ttl)
@@ -969,7 +1057,8 @@ impl Cluster {
             let generation = (calls.generation)();
             if written.generation == Some(generation) {
                 for &call in &written.calls {
-                    pipe.expire(call_key(&self.node, call), ttl as i64).ignore();
+                    pipe.expire(call_key(&self.node, call), call_ttl as i64)
+                        .ignore();
                 }
             } else {
                 let CallRecords {
@@ -985,14 +1074,16 @@ impl Cluster {
                 let rewritten: HashSet<u64> = records.iter().map(|(call, _)| *call).collect();
                 let mut now: Vec<u64> = rewritten.iter().copied().collect();
                 for (call, json) in records {
-                    pipe.set_ex(call_key(&self.node, call), json, ttl).ignore();
+                    pipe.set_ex(call_key(&self.node, call), json, call_ttl)
+                        .ignore();
                 }
                 for &call in &written.calls {
                     if rewritten.contains(&call) {
                         continue;
                     }
                     if calls.contains(&call) && !unrecorded.contains(&call) {
-                        pipe.expire(call_key(&self.node, call), ttl as i64).ignore();
+                        pipe.expire(call_key(&self.node, call), call_ttl as i64)
+                            .ignore();
                         now.push(call);
                     } else {
                         pipe.del(call_key(&self.node, call)).ignore();

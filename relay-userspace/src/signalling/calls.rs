@@ -109,6 +109,15 @@ pub fn event_message(event: &CallEvent) -> Outbound {
                     map.insert("remote".into(), remote.to_string().into());
                     map.insert("remote_type".into(), remote_type.to_string().into());
                 }
+                StateChange::Moved {
+                    remote,
+                    remote_type,
+                    from,
+                } => {
+                    map.insert("remote".into(), remote.to_string().into());
+                    map.insert("remote_type".into(), remote_type.to_string().into());
+                    map.insert("from".into(), from.clone().into());
+                }
                 StateChange::Ringing { devices } => {
                     map.insert("via".into(), "push".into());
                     map.insert("devices".into(), (*devices).into());
