@@ -345,3 +345,149 @@ interfaces = {{ wan = "10.10.1.1", lan = "10.10.2.1" }}
         pin_dir.display()
     )
 }
+
+/// Two relays behind floating addresses, as keepalived runs an active node and its standby:
+/// the edge lab's app, NAT and PBX, with a switch between them and both relays. The active
+/// relay holds the floating WAN and LAN addresses (EdgeLab's relay addresses, on top of its
+/// own); [`FailoverLab::fail_over`] moves them to the standby, as keepalived would. Redis
+/// listens on the LAN switch's own address. Both relays may bind the floating addresses
+/// before they hold them (`net.ipv4.ip_nonlocal_bind`, as keepalived setups do).
+///
+/// ```text
+/// app ns        nat ns                 switch ns                    relay ns (x2)
+///  a0 10.20.0.2 - n0 / n1 198.51.100.2 - sn  [br-wan] sw0, sw1 ----- w0 198.51.100.11, .12
+///                                           [br-lan] sl0, sl1 ----- l0 10.30.0.11, .12
+///                                                    sp 10.30.0.100 (Redis)
+///                                                     |
+///                                              pbx ns p0 10.30.0.2
+/// ```
+pub struct FailoverLab {
+    pub app: NetNs,
+    pub nat: NetNs,
+    pub switch: NetNs,
+    /// The active relay's namespace, then the standby's.
+    pub relays: [NetNs; 2],
+    pub pbx: NetNs,
+}
+
+impl FailoverLab {
+    /// Where Redis listens: the LAN switch's address.
+    pub const REDIS: &str = "10.30.0.100";
+    /// Each relay's own WAN and LAN addresses (the floating ones are EdgeLab's).
+    pub const OWN_WAN: [&str; 2] = ["198.51.100.11", "198.51.100.12"];
+    pub const OWN_LAN: [&str; 2] = ["10.30.0.11", "10.30.0.12"];
+
+    pub fn new() -> FailoverLab {
+        let lab = FailoverLab {
+            app: NetNs::new("fapp"),
+            nat: NetNs::new("fnat"),
+            switch: NetNs::new("fsw"),
+            relays: [NetNs::new("frel0"), NetNs::new("frel1")],
+            pbx: NetNs::new("fpbx"),
+        };
+        veth(&lab.app, "a0", &lab.nat, "n0");
+        veth(&lab.nat, "n1", &lab.switch, "sn");
+        veth(&lab.relays[0], "w0", &lab.switch, "sw0");
+        veth(&lab.relays[1], "w0", &lab.switch, "sw1");
+        veth(&lab.relays[0], "l0", &lab.switch, "sl0");
+        veth(&lab.relays[1], "l0", &lab.switch, "sl1");
+        veth(&lab.pbx, "p0", &lab.switch, "sp");
+        for (bridge, ports) in [
+            ("br-wan", ["sn", "sw0", "sw1"]),
+            ("br-lan", ["sl0", "sl1", "sp"]),
+        ] {
+            lab.switch
+                .exec(&["ip", "link", "add", bridge, "type", "bridge"]);
+            for port in ports {
+                lab.switch
+                    .exec(&["ip", "link", "set", port, "master", bridge]);
+            }
+            lab.switch.exec(&["ip", "link", "set", bridge, "up"]);
+        }
+        lab.switch.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", FailoverLab::REDIS),
+            "dev",
+            "br-lan",
+        ]);
+        for (ns, dev, address) in [
+            (&lab.app, "a0", "10.20.0.2/24"),
+            (&lab.nat, "n0", "10.20.0.1/24"),
+            (&lab.nat, "n1", "198.51.100.2/24"),
+            (&lab.pbx, "p0", "10.30.0.2/24"),
+        ] {
+            ns.exec(&["ip", "addr", "add", address, "dev", dev]);
+        }
+        for (relay, (wan, lan)) in lab
+            .relays
+            .iter()
+            .zip(FailoverLab::OWN_WAN.iter().zip(FailoverLab::OWN_LAN))
+        {
+            relay.exec(&["ip", "addr", "add", &format!("{wan}/24"), "dev", "w0"]);
+            relay.exec(&["ip", "addr", "add", &format!("{lan}/24"), "dev", "l0"]);
+            relay.exec(&["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"]);
+        }
+        lab.hold_floating(0);
+        lab.app
+            .exec(&["ip", "route", "add", "default", "via", "10.20.0.1"]);
+        lab.pbx
+            .exec(&["ip", "route", "add", "default", "via", EdgeLab::RELAY_LAN]);
+        lab.nat.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        lab.nat.exec(&[
+            "nft",
+            "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname n1 masquerade",
+        ]);
+        // As in EdgeLab: no partial checksums from the senders, GRO where XDP's redirects
+        // arrive (XDP-FACTS.md).
+        for (ns, dev) in [(&lab.app, "a0"), (&lab.nat, "n1"), (&lab.pbx, "p0")] {
+            ns.exec(&["ethtool", "-K", dev, "tx", "off", "gro", "on"]);
+        }
+        for dev in ["sw0", "sw1", "sl0", "sl1"] {
+            lab.switch
+                .exec(&["ethtool", "-K", dev, "tx", "off", "gro", "on"]);
+        }
+        lab
+    }
+
+    /// Relay `index` takes the floating addresses (secondary to its own).
+    fn hold_floating(&self, index: usize) {
+        let relay = &self.relays[index];
+        relay.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", EdgeLab::RELAY_WAN),
+            "dev",
+            "w0",
+        ]);
+        relay.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", EdgeLab::RELAY_LAN),
+            "dev",
+            "l0",
+        ]);
+    }
+
+    /// The active relay's box is gone (its links down: nothing in or out, its XDP program
+    /// included) and the standby holds the floating addresses; the NAT and the PBX learn
+    /// where they are now (keepalived's gratuitous ARP).
+    pub fn fail_over(&self) {
+        for dev in ["w0", "l0"] {
+            self.relays[0].exec(&["ip", "link", "set", dev, "down"]);
+        }
+        self.hold_floating(1);
+        for (ns, dev) in [(&self.nat, "n1"), (&self.pbx, "p0")] {
+            ns.exec(&["ip", "neigh", "flush", "dev", dev]);
+        }
+    }
+}
+
+impl Default for FailoverLab {
+    fn default() -> Self {
+        FailoverLab::new()
+    }
+}

@@ -109,15 +109,24 @@ impl Drop for Certificates {
     }
 }
 
+/// The password of a redis-server that listens beyond loopback.
+const PASSWORD: &str = "a-redis-password-of-the-lab";
+
 impl RedisServer {
     /// Starts redis-server on 127.0.0.1:`port` inside `ns` and waits until it answers PING.
     pub fn start(ns: &NetNs, port: u16) -> RedisServer {
         RedisServer::launch(ns, "127.0.0.1", port, None)
     }
 
-    /// Starts redis-server on `host`:`port` inside `ns` (an address of `ns` others reach).
+    /// Starts redis-server on `host`:`port` inside `ns` (an address of `ns` others reach),
+    /// with a password ([`Self::url`] carries it): clients from elsewhere must give one.
     pub fn start_on(ns: &NetNs, host: &str, port: u16) -> RedisServer {
         RedisServer::launch(ns, host, port, None)
+    }
+
+    /// The password of a server others reach.
+    fn password(&self) -> Option<&str> {
+        (self.host != "127.0.0.1").then_some(PASSWORD)
     }
 
     /// The same speaking TLS only, with a certificate of a private CA ([`Self::ca_file`]).
@@ -157,6 +166,9 @@ impl RedisServer {
                 "no".to_owned(),
             ]),
         }
+        if host != "127.0.0.1" {
+            args.extend(["--requirepass".to_owned(), PASSWORD.to_owned()]);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let process = Background::spawn(ns, &args);
         let server = RedisServer {
@@ -179,7 +191,10 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         match self.tls {
-            None => format!("redis://{}:{}", self.host, self.port),
+            None => match self.password() {
+                Some(password) => format!("redis://:{password}@{}:{}", self.host, self.port),
+                None => format!("redis://{}:{}", self.host, self.port),
+            },
             Some(_) => format!("rediss://{}:{}", self.host, self.port),
         }
     }
@@ -193,8 +208,19 @@ impl RedisServer {
 
     fn try_cli(&self, args: &[&str]) -> Option<String> {
         let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.ns, "redis-cli", "-h", &self.host, "-p"]);
+        command.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "redis-cli",
+            "-h",
+            &self.host,
+            "-p",
+        ]);
         command.arg(self.port.to_string());
+        if let Some(password) = self.password() {
+            command.args(["-a", password, "--no-auth-warning"]);
+        }
         if let Some(ca) = self.ca_file() {
             command.args(["--tls", "--cacert", &ca]);
         }

@@ -338,7 +338,12 @@ impl Calls {
             match self.restore_one(&stored, Some(from)).await {
                 Ok(()) => taken.push(stored.record),
                 Err(reason) => {
-                    tracing::warn!(call = id, from, reason, "calls: a call of the relay that is down cannot be taken over; it ends");
+                    tracing::warn!(
+                        call = id,
+                        from,
+                        reason,
+                        "calls: a call of the relay that is down cannot be taken over; it ends"
+                    );
                     *self
                         .tally
                         .lock()

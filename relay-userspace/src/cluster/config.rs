@@ -16,7 +16,7 @@ pub struct ClusterConfig {
     /// CA); empty: the system's trust store.
     pub ca_file: String,
     /// How long a node's health record outlives its last refresh: a node silent this long
-    /// is down. Refreshed every third of it.
+    /// is down (and its standby takes over). Refreshed every third of it.
     pub health_ttl_secs: u64,
     /// The most calls this node anchors before new calls for apps connected to it are
     /// placed on the least loaded other node that has room; 0: no limit.
@@ -77,7 +77,11 @@ impl ClusterConfig {
         }
         if !self.standby_for.is_empty() {
             if let Err(reason) = check_node_name(&self.standby_for) {
-                problem("cluster.standby_for", format!("{:?}", self.standby_for), &reason);
+                problem(
+                    "cluster.standby_for",
+                    format!("{:?}", self.standby_for),
+                    &reason,
+                );
             } else if self.standby_for == self.node_name() {
                 problem(
                     "cluster.standby_for",
@@ -86,11 +90,11 @@ impl ClusterConfig {
                 );
             }
         }
-        if !(3..=300).contains(&self.health_ttl_secs) {
+        if !(1..=300).contains(&self.health_ttl_secs) {
             problem(
                 "cluster.health_ttl_secs",
                 self.health_ttl_secs.to_string(),
-                "must be 3 to 300",
+                "must be 1 to 300",
             );
         }
     }
@@ -187,7 +191,7 @@ mod tests {
             node: "edge a".to_owned(),
             redis_url: "http://127.0.0.1:6379".to_owned(),
             ca_file: "/nonexistent/ca.pem".to_owned(),
-            health_ttl_secs: 1,
+            health_ttl_secs: 0,
             max_calls: 0,
             standby_for: "edge a".to_owned(),
         };

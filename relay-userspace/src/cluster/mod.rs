@@ -509,7 +509,7 @@ impl Cluster {
         mut forgotten: mpsc::UnboundedReceiver<String>,
         mut stopped: watch::Receiver<bool>,
     ) {
-        let every = (self.ttl / 3).max(Duration::from_secs(1));
+        let every = self.ttl / 3;
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connection: Option<redis::aio::MultiplexedConnection> = None;
@@ -554,23 +554,25 @@ impl Cluster {
             *self.connection.lock().expect("cluster connection") = connection.clone();
             match refreshed {
                 Ok(nodes) => {
-                    let active_down = self.standby_for.as_ref().filter(|active| {
+                    let active_down = self.standby_for.clone().filter(|active| {
                         self.standing_by()
                             && nodes.iter().any(|member| {
-                                member.node == **active && member.state == NodeState::Down
+                                member.node == *active && member.state == NodeState::Down
                             })
                     });
+                    // The view first: the calls taken over tell their sessions where they
+                    // are, and the down node is nowhere to tell.
+                    self.joined(nodes);
                     if let (Some(active), Some(take_over), Some(connection)) =
                         (active_down, &sources.take_over, connection.as_mut())
                     {
-                        match self.take_over(connection, active, take_over).await {
+                        match self.take_over(connection, &active, take_over).await {
                             Ok(()) => self.standing_by.store(false, Ordering::Relaxed),
                             Err(err) => {
                                 tracing::warn!(node = %self.node, active, %err, "cluster: the calls of the node this one stands by for cannot be read from Redis; trying again at the next refresh")
                             }
                         }
                     }
-                    self.joined(nodes)
                 }
                 Err(reason) => {
                     connection = None;

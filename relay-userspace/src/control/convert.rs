@@ -286,6 +286,7 @@ impl From<&ClusterStatus> for wire::ClusterStatusResult {
                             flows: record.load.flows,
                             cpu_percent: record.load.cpu_percent,
                             max_calls: record.load.max_calls,
+                            standby: record.load.standby,
                         }),
                         None,
                     ),

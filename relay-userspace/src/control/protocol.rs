@@ -279,6 +279,9 @@ pub struct ClusterLoad {
     /// Its `cluster.max_calls` (0: no limit).
     #[serde(default)]
     pub max_calls: usize,
+    /// A standby that has not taken over (it anchors no calls).
+    #[serde(default)]
+    pub standby: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -71,7 +71,11 @@ pub fn run(
                 let row = match &member.load {
                     Some(load) => vec![
                         name,
-                        member.state.clone(),
+                        if load.standby {
+                            "standby".to_owned()
+                        } else {
+                            member.state.clone()
+                        },
                         match load.max_calls {
                             0 => output::count(load.calls as u64),
                             max => format!(

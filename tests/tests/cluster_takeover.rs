@@ -1,0 +1,281 @@
+//! An active relay and its standby behind floating addresses (FailoverLab), sharing a real
+//! redis-server: a call connected through the active relay, its media in that relay's XDP
+//! program; the active relay is killed (kill -9, its links down: the box is gone) and
+//! keepalived's part, the floating addresses, moves to the standby. The standby sees the
+//! active relay's health expire, takes the call over from Redis (same id, ICE credentials,
+//! selected pair, LAN port; the flows in its own XDP program) and the media goes on; the
+//! controller and the app, connecting again, hear `call.state moved`. The media gap and the
+//! packets lost are printed (the aim is under 2 s; the health TTL bounds it from below).
+
+use std::{
+    collections::BTreeMap,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use relay_tests::{
+    app::{App, Media},
+    config_file::ConfigFile,
+    lab::{EdgeLab, FailoverLab, calls_config},
+    netns::{PinDir, enter_by_name},
+    pbx::rtp_echo,
+    recv_async,
+    redis::RedisServer,
+    relayd::Relayd,
+    require_root, runtime,
+    signalling_client::{controller, mint_token, request, until_call_state, until_message},
+    traffic::{numbered, sequence_of},
+};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "acme-api-key-0123456789";
+const PBX_RTP: &str = "10.30.0.2:40000";
+const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+/// 16 s of a voice call's packets (50 a second): the failover happens 3 s in.
+const PACKETS: u32 = 800;
+const TTL_SECS: u64 = 1;
+
+fn relay_config(pins: &PinDir, redis: &RedisServer, node: &str, standby_for: &str) -> ConfigFile {
+    ConfigFile::new(&calls_config(
+        &pins.path,
+        "acme",
+        API_KEY,
+        &format!(
+            "port_range = \"41000-41010\"\n[cluster]\nenabled = true\nnode = \"{node}\"\n\
+             redis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\nstandby_for = \"{standby_for}\"\n",
+            redis.url()
+        ),
+    ))
+}
+
+/// What came back of a stream of numbered packets: when each echo arrived, by sequence.
+struct Streamed {
+    arrived: BTreeMap<u32, Instant>,
+}
+
+impl Streamed {
+    /// The longest stretch without an echo, between the first and the last.
+    fn gap(&self) -> Duration {
+        let mut times: Vec<Instant> = self.arrived.values().copied().collect();
+        times.sort();
+        times
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// Sends `count` numbered RTP packets at 50 a second, one every 20 ms, and notes when each
+/// one's echo arrives (within a second after the last send).
+async fn stream(media: &Media, count: u32) -> Streamed {
+    let mut streamed = Streamed {
+        arrived: BTreeMap::new(),
+    };
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    let mut buf = vec![0u8; 2048];
+    let mut next = 0;
+    let mut grace = None;
+    loop {
+        let grace_over = async {
+            match grace {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = pace.tick(), if next < count => {
+                let _ = media.send(&numbered(next)).await;
+                next += 1;
+                if next == count {
+                    grace = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+            received = media.recv(&mut buf) => {
+                if let Ok(n) = received
+                    && let Some(sequence) = sequence_of(&buf[..n])
+                {
+                    streamed.arrived.entry(sequence).or_insert_with(Instant::now);
+                }
+            }
+            _ = grace_over => return streamed,
+        }
+    }
+}
+
+#[test]
+fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
+    require_root();
+    let lab = FailoverLab::new();
+    let redis = RedisServer::start_on(&lab.switch, FailoverLab::REDIS, 6379);
+    let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
+    let (config_a, config_b) = (
+        relay_config(&pins_a, &redis, "edge-a", ""),
+        relay_config(&pins_b, &redis, "edge-b", "edge-a"),
+    );
+    let mut edge_a = Relayd::start(Some(&lab.relays[0]), &["--config", config_a.path()]);
+    let edge_b = Relayd::start(Some(&lab.relays[1]), &["--config", config_b.path()]);
+    let standing_by = |status: &Value| {
+        status["nodes_alive"] == 2
+            && status["members"].as_array().is_some_and(|members| {
+                members
+                    .iter()
+                    .any(|m| m["node"] == "edge-b" && m["load"]["standby"] == true)
+            })
+    };
+    let status =
+        edge_a.ctl_json_until(&["cluster", "status"], Duration::from_secs(10), standing_by);
+    assert!(standing_by(&status), "{status:#}\n{}", edge_b.log());
+    let (fingerprint_a, fingerprint_b) = (
+        edge_a.signalling_fingerprint(),
+        edge_b.signalling_fingerprint(),
+    );
+    let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let signalling = EdgeLab::SIGNALLING.parse().unwrap();
+    runtime().block_on(async {
+        let pbx_echo = tokio::spawn(rtp_echo(echo_socket));
+        let mut controller_a =
+            controller(&lab.pbx, signalling, &fingerprint_a, "acme", API_KEY).await;
+        let token = mint_token(&mut controller_a, "alice", 300).await;
+        let (done_tx, done) = mpsc::channel();
+        let app_ns = lab.app.name.clone();
+        let app_thread = {
+            let (token, fingerprint_b) = (token.clone(), fingerprint_b.clone());
+            std::thread::spawn(move || {
+                enter_by_name(&app_ns);
+                runtime().block_on(async move {
+                    let mut app = App::in_edge_lab(&fingerprint_a, &token).await;
+                    done_tx.send(json!("connected")).unwrap();
+                    let incoming = app.next_within(Duration::from_secs(10)).await;
+                    let media = app.answer(&incoming).await;
+                    done_tx.send(json!("talking")).unwrap();
+                    let streamed = stream(&media, PACKETS).await;
+                    // The signalling to the dead relay is gone: the app connects again,
+                    // to the floating address, and hears where its call went.
+                    let welcome = app
+                        .reconnect(EdgeLab::SIGNALLING.parse().unwrap(), &fingerprint_b, &token)
+                        .await;
+                    let moved = app.next_within(Duration::from_secs(5)).await;
+                    done_tx
+                        .send(json!({
+                            "echoed": streamed.arrived.len(),
+                            "gap_ms": streamed.gap().as_millis() as u64,
+                            "last_100": streamed.arrived.range(PACKETS - 100..).count(),
+                            "welcome": welcome,
+                            "moved": moved,
+                        }))
+                        .unwrap();
+                    let ended = app.next_within(Duration::from_secs(10)).await;
+                    app.close().await;
+                    ended
+                })
+            })
+        };
+        let (_, done) = recv_async(done).await;
+        let created = request(
+            &mut controller_a,
+            json!({"type": "call.create", "id": 1, "user": "alice", "sdp": PBX_OFFER}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let call_id = created["call"].clone();
+        until_call_state(&mut controller_a, "connected").await;
+        let (_, done) = recv_async(done).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let flows = edge_a.ctl_json(&["flow", "list"]);
+        assert_eq!(flows["flows"].as_array().unwrap().len(), 2, "{flows}");
+
+        // The active relay's box dies; keepalived moves the floating addresses.
+        let failed = Instant::now();
+        edge_a.kill();
+        lab.fail_over();
+        drop(controller_a);
+        let took = edge_b.ctl_json_until(&["calls", "list"], Duration::from_secs(15), |list| {
+            list["calls"][0]["call"] == call_id
+        });
+        let taken_after = failed.elapsed();
+        assert_eq!(
+            (&took["calls"][0]["state"], &took["calls"][0]["user"]),
+            (&json!("connected"), &json!("alice")),
+            "{took:#}\n{}",
+            edge_b.log()
+        );
+        let log = edge_b.log();
+        assert!(
+            log.contains("took over the calls of the node that is down") && log.contains("taken=1"),
+            "{log}"
+        );
+        // The controller connects again, to the floating address: the call is listed and
+        // it hears that the call moved.
+        let mut controller_b =
+            controller(&lab.pbx, signalling, &fingerprint_b, "acme", API_KEY).await;
+        let moved = until_message(&mut controller_b, Duration::from_secs(5), 5, "moved", |m| {
+            m["event"] == "call.state" && m["state"] == "moved"
+        })
+        .await;
+        assert_eq!(
+            (&moved["call"], &moved["from"]),
+            (&call_id, &json!("edge-a")),
+            "{moved}"
+        );
+        let (report, _) = recv_async(done).await;
+        let gap_ms = report["gap_ms"].as_u64().unwrap();
+        let lost = u64::from(PACKETS) - report["echoed"].as_u64().unwrap();
+        println!(
+            "takeover: the standby had the call {:.2} s after the failure; media gap {gap_ms} ms, {lost} of {PACKETS} packets lost",
+            taken_after.as_secs_f64()
+        );
+        assert_eq!(report["last_100"], 100, "the media goes on: {report:#}\n{}", edge_b.log());
+        assert!(gap_ms < 4000, "{report:#}");
+        assert_eq!(report["welcome"]["calls"][0]["call"], call_id, "{report:#}");
+        assert_eq!(
+            (&report["moved"]["state"], &report["moved"]["call"]),
+            (&json!("moved"), &call_id),
+            "{report:#}"
+        );
+        // The media is in the standby's XDP program now.
+        let flows = edge_b.ctl_json(&["flow", "list"]);
+        let flows = flows["flows"].as_array().unwrap();
+        assert_eq!(flows.len(), 2, "{flows:?}");
+        for flow in flows {
+            assert!(
+                flow["counters"]["xdp_packets"].as_u64().unwrap() >= 100,
+                "{flow}"
+            );
+        }
+        let status = edge_b.ctl_json(&["cluster", "status"]);
+        let state = |node: &str| {
+            status["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["node"] == node)
+                .map(|m| m["state"].clone())
+        };
+        assert_eq!(state("edge-a"), Some(json!("down")), "{status:#}");
+        assert_eq!(state("edge-b"), Some(json!("alive")), "{status:#}");
+        // Its record is the standby's now.
+        assert_eq!(
+            redis.cli(&["EXISTS", &format!("relay:call:edge-a:{call_id}")]),
+            "0"
+        );
+        redis.cli_until(&["EXISTS", &format!("relay:call:edge-b:{call_id}")], Duration::from_secs(3), |got| got == "1");
+        // The controller hangs up on the standby: the app is told, the flows go.
+        let hangup = request(
+            &mut controller_b,
+            json!({"type": "call.hangup", "id": 2, "call": call_id}),
+        )
+        .await;
+        assert_eq!(hangup["type"], "result", "{hangup}");
+        let ended = tokio::task::spawn_blocking(move || app_thread.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            (&ended["event"], &ended["reason"]),
+            (&json!("call.ended"), &json!("hangup")),
+            "{ended}"
+        );
+        edge_b.wait_for_no_flows(Duration::from_secs(5), "after the hangup");
+        pbx_echo.abort();
+    });
+}
