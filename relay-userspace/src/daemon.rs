@@ -367,9 +367,11 @@ fn start_cluster(
             }),
         }
     });
-    let take_over = calls.clone().map(|calls| {
-        Box::new(move |from: String, records: Vec<String>| {
-            let calls = calls.clone();
+    // A standby takes over what the node it stands by for had: calls and allocations.
+    let take_over = (!config.cluster.standby_for.is_empty()).then(|| {
+        let (calls, turn) = (calls.clone(), turn.clone());
+        Box::new(move |from: String, records: Vec<String>, allocations: Option<String>| {
+            let (calls, turn) = (calls.clone(), turn.clone());
             Box::pin(async move {
                 let records = records
                     .iter()
@@ -381,9 +383,28 @@ fn start_cluster(
                         }
                     })
                     .collect();
-                calls.take_over(&from, records).await
-            }) as futures_util::future::BoxFuture<'static, usize>
+                let calls = match &calls {
+                    Some(calls) => calls.take_over(&from, records).await,
+                    None => 0,
+                };
+                let allocations = match (&turn, allocations) {
+                    (Some(turn), Some(json)) => match serde_json::from_str(&json) {
+                        Ok(records) => turn.take_over(&from, records),
+                        Err(err) => {
+                            tracing::warn!(%err, from, "cluster: TURN allocations in Redis that this relayd cannot read; they are lost");
+                            0
+                        }
+                    },
+                    _ => 0,
+                };
+                (calls, allocations)
+            }) as futures_util::future::BoxFuture<'static, (usize, usize)>
         }) as crate::cluster::TakeOver
+    });
+    let allocations = turn.clone().map(|turn| {
+        Box::new(move || {
+            serde_json::to_string(&turn.records()).expect("allocation records serialize")
+        }) as Box<dyn Fn() -> String + Send + Sync>
     });
     let sources = crate::cluster::Sources {
         load,
@@ -392,6 +413,7 @@ fn start_cluster(
         deliver,
         present,
         take_over,
+        allocations,
     };
     Ok(Some(crate::cluster::Cluster::start(
         &config.cluster,

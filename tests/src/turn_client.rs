@@ -22,6 +22,34 @@ pub struct BoundChannel {
     _socket: std::net::UdpSocket,
 }
 
+impl BoundChannel {
+    /// Sends `payload` as ChannelData on the bound channel to `server` from the client's
+    /// port; whether the peer's echo of it comes back on the channel within `within`
+    /// (other data arriving meanwhile, earlier echoes, is skipped).
+    pub fn echoes(&self, server: SocketAddr, payload: &[u8], within: Duration) -> bool {
+        let mut data = Vec::with_capacity(4 + payload.len());
+        data.extend_from_slice(&self.channel.to_be_bytes());
+        data.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        data.extend_from_slice(payload);
+        let _ = self._socket.send_to(&data, server);
+        let deadline = std::time::Instant::now() + within;
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < deadline {
+            match self._socket.recv_from(&mut buf) {
+                Ok((n, _)) if n >= 4 && buf[..2] == self.channel.to_be_bytes() => {
+                    let length = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+                    if buf[4..(4 + length).min(n)] == *payload {
+                        return true;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        false
+    }
+}
+
 /// A client of `server` on `socket` with long-term credentials, listening (reading its
 /// socket); the realm is taken from the server's 401.
 pub async fn listening(

@@ -6,10 +6,12 @@
 //! selected pair, LAN port; the flows in its own XDP program) and the media goes on; the
 //! controller and the app, connecting again, hear `call.state moved`. The media gap and the
 //! packets lost are printed (the aim is under 2 s; the health TTL bounds it from below).
+//! A TURN allocation with a bound channel moves the same way: its ChannelData echoed by a
+//! peer through the active relay before, through the standby after.
 
 use std::{
     collections::BTreeMap,
-    sync::mpsc,
+    sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
 
@@ -25,6 +27,7 @@ use relay_tests::{
     require_root, runtime,
     signalling_client::{controller, mint_token, request, until_call_state, until_message},
     traffic::{numbered, sequence_of},
+    turn_client::{BoundChannel, bind_channel},
 };
 use serde_json::{Value, json};
 
@@ -34,6 +37,9 @@ const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 
 /// 16 s of a voice call's packets (50 a second): the failover happens 3 s in.
 const PACKETS: u32 = 800;
 const TTL_SECS: u64 = 1;
+/// TURN on the floating WAN address, and the peer its allocation's channel is bound to.
+const TURN: &str = "198.51.100.1:3478";
+const TURN_PEER: &str = "10.30.0.2:40004";
 
 fn relay_config(pins: &PinDir, redis: &RedisServer, node: &str, standby_for: &str) -> ConfigFile {
     ConfigFile::new(&calls_config(
@@ -42,8 +48,11 @@ fn relay_config(pins: &PinDir, redis: &RedisServer, node: &str, standby_for: &st
         API_KEY,
         &format!(
             "port_range = \"41000-41010\"\n[cluster]\nenabled = true\nnode = \"{node}\"\n\
-             redis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\nstandby_for = \"{standby_for}\"\n",
-            redis.url()
+             redis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\nstandby_for = \"{standby_for}\"\n\
+             [turn]\nenabled = true\nlisten = [\"{TURN}\"]\nrelay_addresses = [\"{}\"]\n\
+             users = [{{ name = \"app\", password = \"app-secret\" }}]\nallowed_peers = [\"10.30.0.2\"]\n",
+            redis.url(),
+            EdgeLab::RELAY_WAN,
         ),
     ))
 }
@@ -131,9 +140,38 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
         edge_b.signalling_fingerprint(),
     );
     let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    let peer_socket = lab.pbx.udp_socket(TURN_PEER.parse().unwrap());
     let signalling = EdgeLab::SIGNALLING.parse().unwrap();
+    // An app's TURN allocation on the active relay, its channel bound to the peer.
+    let channel = Arc::new(
+        bind_channel(
+            &lab.app,
+            "10.20.0.2:0".parse().unwrap(),
+            TURN.parse().unwrap(),
+            "app",
+            "app-secret",
+            TURN_PEER.parse().unwrap(),
+        )
+        .expect("an allocation with a channel"),
+    );
     runtime().block_on(async {
         let pbx_echo = tokio::spawn(rtp_echo(echo_socket));
+        let peer_echo = tokio::spawn(rtp_echo(peer_socket));
+        // The channel's ChannelData, echoed by the peer (off the runtime's thread, which
+        // runs the peer).
+        let turn_echo = |channel: Arc<BoundChannel>| async move {
+            tokio::task::spawn_blocking(move || {
+                channel.echoes(TURN.parse().unwrap(), b"over the channel", Duration::from_secs(1))
+            })
+            .await
+            .unwrap()
+        };
+        assert!(
+            turn_echo(channel.clone()).await,
+            "through the active relay\n{}\n{}",
+            edge_a.ctl_ok(&["flow", "list"]),
+            edge_a.ctl_ok(&["stats"])
+        );
         let mut controller_a =
             controller(&lab.pbx, signalling, &fingerprint_a, "acme", API_KEY).await;
         let token = mint_token(&mut controller_a, "alice", 300).await;
@@ -183,7 +221,7 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
         let (_, done) = recv_async(done).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let flows = edge_a.ctl_json(&["flow", "list"]);
-        assert_eq!(flows["flows"].as_array().unwrap().len(), 2, "{flows}");
+        assert_eq!(flows["flows"].as_array().unwrap().len(), 4, "{flows}");
 
         // The active relay's box dies; keepalived moves the floating addresses.
         let failed = Instant::now();
@@ -233,11 +271,19 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
             (&json!("moved"), &call_id),
             "{report:#}"
         );
+        // The allocation moved too: its channel goes on through the standby.
+        assert!(
+            turn_echo(channel.clone()).await,
+            "through the standby\n{}",
+            edge_b.log()
+        );
+        assert!(edge_b.log().contains("allocations=1"), "{}", edge_b.log());
         // The media is in the standby's XDP program now.
         let flows = edge_b.ctl_json(&["flow", "list"]);
         let flows = flows["flows"].as_array().unwrap();
-        assert_eq!(flows.len(), 2, "{flows:?}");
-        for flow in flows {
+        // The call's two and the channel's two.
+        assert_eq!(flows.len(), 4, "{flows:?}");
+        for flow in flows.iter().filter(|flow| flow["channel"].is_null()) {
             assert!(
                 flow["counters"]["xdp_packets"].as_u64().unwrap() >= 100,
                 "{flow}"
@@ -275,7 +321,7 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
             (&json!("call.ended"), &json!("hangup")),
             "{ended}"
         );
-        edge_b.wait_for_no_flows(Duration::from_secs(5), "after the hangup");
         pbx_echo.abort();
+        peer_echo.abort();
     });
 }

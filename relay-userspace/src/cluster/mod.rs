@@ -6,7 +6,9 @@
 //! - its signalling sessions, `relay:sessions:<name>` (tenant, role, user of each);
 //! - one key per connected call, `relay:call:<name>:<id>`: the record the state store
 //!   keeps (SDPs, ICE credentials, selected pair, a bridged call's SRTP keys), rewritten when
-//!   the calls changed and otherwise only given a new TTL; an ended call's key is deleted.
+//!   the calls changed and otherwise only given a new TTL; an ended call's key is deleted;
+//! - its UDP TURN allocations, `relay:allocations:<name>` (one JSON array), written when
+//!   they changed.
 //!
 //! The same round trip reads every member's health record, so the node's view of the
 //! cluster is at most a refresh old.
@@ -29,6 +31,7 @@
 //! expired, the standby reads the node's call records (kept four health TTLs, so that they
 //! outlive its health) and takes the calls over: the same addresses, ICE credentials and
 //! selected pairs, the flows in its own XDP program; their sessions hear `call.state moved`.
+//! Its TURN allocations likewise (relay sockets, permissions, channels and their flows).
 //!
 //! Redis is not needed to serve: when it does not answer
 //! (at start or later) the node goes on with its own sessions and calls, says so in the log
@@ -66,6 +69,11 @@ pub fn node_key(node: &str) -> String {
 /// The key of a node's signalling sessions.
 pub fn sessions_key(node: &str) -> String {
     format!("relay:sessions:{node}")
+}
+
+/// The key of a node's TURN allocations (one JSON array).
+pub fn allocations_key(node: &str) -> String {
+    format!("relay:allocations:{node}")
 }
 
 /// The key of one of a node's calls.
@@ -108,11 +116,15 @@ pub struct Sources {
     pub deliver: Option<Deliver>,
     pub present: Option<Present>,
     pub take_over: Option<TakeOver>,
+    /// The TURN allocations a standby could take over, as one JSON array.
+    pub allocations: Option<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
-/// Takes over the calls of a node that is down (its name, their records as JSON); returns
-/// how many it took.
-pub type TakeOver = Box<dyn Fn(String, Vec<String>) -> BoxFuture<'static, usize> + Send + Sync>;
+/// Takes over the calls and TURN allocations of a node that is down (its name, its calls'
+/// records as JSON, its allocations' JSON array); returns how many of each it took.
+pub type TakeOver = Box<
+    dyn Fn(String, Vec<String>, Option<String>) -> BoxFuture<'static, (usize, usize)> + Send + Sync,
+>;
 
 /// Who a message routed between nodes is for, within its tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +244,8 @@ pub struct CallRecords {
 struct Written {
     calls: Vec<u64>,
     generation: Option<u64>,
+    /// The allocations' JSON last written (None: write it at the next refresh).
+    allocations: Option<String>,
 }
 
 /// What a node publishes about itself.
@@ -579,6 +593,7 @@ impl Cluster {
                     *self.connection.lock().expect("cluster connection") = None;
                     // Redis may have lost them: all written again once it answers.
                     written.generation = None;
+                    written.allocations = None;
                     self.degraded(reason);
                 }
             }
@@ -588,6 +603,7 @@ impl Cluster {
                 let mut pipe = redis::pipe();
                 pipe.del(node_key(&self.node))
                     .del(sessions_key(&self.node))
+                    .del(allocations_key(&self.node))
                     .srem(NODES_KEY, &self.node);
                 for &call in &written.calls {
                     pipe.del(call_key(&self.node, call));
@@ -973,16 +989,20 @@ impl Cluster {
             let found: Vec<Option<String>> = connection.mget(&keys).await?;
             found.into_iter().flatten().collect()
         };
+        let allocations: Option<String> = connection.get(allocations_key(active)).await?;
         let found = records.len();
         tracing::warn!(node = %self.node, active, calls = found, "cluster: the node this one stands by for is down (its health record expired); taking its calls over");
-        let taken = take_over(active.to_owned(), records).await;
+        let (taken, allocations) = take_over(active.to_owned(), records, allocations).await;
         let mut pipe = redis::pipe();
         for key in &keys {
             pipe.del(key).ignore();
         }
-        pipe.del(sessions_key(active)).ignore();
+        pipe.del(sessions_key(active))
+            .ignore()
+            .del(allocations_key(active))
+            .ignore();
         pipe.query_async::<()>(connection).await?;
-        tracing::info!(node = %self.node, active, taken, lost = found - taken, ms = started.elapsed().as_millis() as u64, "cluster: took over the calls of the node that is down; this node is the active one now");
+        tracing::info!(node = %self.node, active, taken, lost = found - taken, allocations, ms = started.elapsed().as_millis() as u64, "cluster: took over the calls of the node that is down; this node is the active one now");
         Ok(())
     }
 
@@ -1094,13 +1114,30 @@ impl Cluster {
                 now_written = Some((now, complete.then_some(generation)));
             }
         }
+        // The allocations: written when they changed, else given a new TTL.
+        let mut allocations_written = None;
+        if let Some(allocations) = &sources.allocations {
+            let json = allocations();
+            if written.allocations.as_ref() == Some(&json) {
+                pipe.expire(allocations_key(&self.node), call_ttl as i64)
+                    .ignore();
+            } else {
+                pipe.set_ex(allocations_key(&self.node), &json, call_ttl)
+                    .ignore();
+                allocations_written = Some(json);
+            }
+        }
         let (members,): (Vec<String>,) = pipe
             .smembers(NODES_KEY)
             .query_async(connection)
             .await
             .map_err(|err| err.to_string())?;
         if let Some((calls, generation)) = now_written {
-            *written = Written { calls, generation };
+            written.calls = calls;
+            written.generation = generation;
+        }
+        if allocations_written.is_some() {
+            written.allocations = allocations_written;
         }
         let mut members = members;
         members.sort();

@@ -239,6 +239,38 @@ impl TurnService {
         );
     }
 
+    /// The allocations a restart or a standby could take back: all but those over TCP,
+    /// which end with their connection.
+    pub fn records(&self) -> Vec<crate::state::AllocationRecord> {
+        let mut snapshot = self.server().snapshot();
+        snapshot.retain(|allocation| !self.over_tcp(allocation.client, allocation.server));
+        snapshot
+    }
+
+    /// Takes over the allocations of a relay of the cluster that is down, from the records
+    /// it kept in Redis: this relay is its standby and serves the same relayed addresses,
+    /// so each allocation goes on (its relay sockets, permissions, channels and their
+    /// flows); the clients' next request gets a new nonce (438), as after any restart
+    /// without the nonce key. Returns how many it took.
+    pub fn take_over(
+        self: &Arc<Self>,
+        from: &str,
+        records: Vec<crate::state::AllocationRecord>,
+    ) -> usize {
+        let found = records.len();
+        let (actions, taken) = self.server().restore(records, unix_now());
+        self.carry_out(actions);
+        self.dirty.store(true, Ordering::Relaxed);
+        self.save(true);
+        tracing::info!(
+            from,
+            taken,
+            found,
+            "turn: allocations taken over from a relay of the cluster that is down"
+        );
+        taken
+    }
+
     /// Writes the allocations to the state store when they changed (or `always`).
     fn save(&self, always: bool) {
         let Some(store) = &self.store else {
@@ -247,9 +279,8 @@ impl TurnService {
         if !self.dirty.swap(false, Ordering::Relaxed) && !always {
             return;
         }
-        let mut snapshot = self.server().snapshot();
         // An allocation over TCP ends with its connection, which a restart closes.
-        snapshot.retain(|allocation| !self.over_tcp(allocation.client, allocation.server));
+        let snapshot = self.records();
         if let Err(err) = store.save_allocations(&snapshot) {
             // Tried again at the next change; said once per failure.
             tracing::error!(%err, "turn: cannot save allocations; a restart now would lose them");
