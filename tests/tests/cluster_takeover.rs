@@ -135,6 +135,11 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
     let status =
         edge_a.ctl_json_until(&["cluster", "status"], Duration::from_secs(10), standing_by);
     assert!(standing_by(&status), "{status:#}\n{}", edge_b.log());
+    let table = edge_b.ctl_ok(&["cluster", "status"]);
+    assert!(
+        table.contains("node edge-b (standby of edge-a)") && table.contains("standby"),
+        "{table}"
+    );
     let (fingerprint_a, fingerprint_b) = (
         edge_a.signalling_fingerprint(),
         edge_b.signalling_fingerprint(),
@@ -299,6 +304,9 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
                 .map(|m| m["state"].clone())
         };
         assert_eq!(state("edge-a"), Some(json!("down")), "{status:#}");
+        assert_eq!(status["standing_by"], false, "{status:#}");
+        let table = edge_b.ctl_ok(&["cluster", "status"]);
+        assert!(table.contains("node edge-b (took over from edge-a)"), "{table}");
         assert_eq!(state("edge-b"), Some(json!("alive")), "{status:#}");
         // Its record is the standby's now.
         assert_eq!(

@@ -330,6 +330,10 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeView>,
     /// When `nodes` was read (None: never).
     pub read_at: Option<Instant>,
+    /// The node this one stands by for, and whether it still stands by (false: it took
+    /// that node's calls over).
+    pub standby_for: Option<String>,
+    pub standing_by: bool,
 }
 
 pub struct Cluster {
@@ -512,6 +516,8 @@ impl Cluster {
             link: view.link.clone(),
             nodes: view.nodes.clone(),
             read_at: view.read_at,
+            standby_for: self.standby_for.clone(),
+            standing_by: self.standing_by(),
         }
     }
 

@@ -262,6 +262,8 @@ impl From<&ClusterStatus> for wire::ClusterSummary {
                 .filter(|node| matches!(node.state, NodeState::Alive(_)))
                 .count(),
             nodes: status.nodes.len(),
+            standby_for: status.standby_for.clone(),
+            standing_by: status.standing_by,
         }
     }
 }

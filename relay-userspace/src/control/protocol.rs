@@ -237,6 +237,12 @@ pub struct ClusterSummary {
     /// Members alive and in all, as last read.
     pub nodes_alive: usize,
     pub nodes: usize,
+    /// The node this one is the standby of (`cluster.standby_for`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_for: Option<String>,
+    /// True while it stands by; false once it took that node's calls over.
+    #[serde(default)]
+    pub standing_by: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

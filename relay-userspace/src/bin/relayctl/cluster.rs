@@ -121,8 +121,13 @@ pub fn summary_line(summary: &ClusterSummary) -> String {
         ),
         other => other.to_owned(),
     };
+    let role = match (&summary.standby_for, summary.standing_by) {
+        (Some(active), true) => format!(" (standby of {active})"),
+        (Some(active), false) => format!(" (took over from {active})"),
+        (None, _) => String::new(),
+    };
     format!(
-        "cluster     node {}, Redis {} {state}",
+        "cluster     node {}{role}, Redis {} {state}",
         summary.node, summary.redis_url
     )
 }
