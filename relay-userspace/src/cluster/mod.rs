@@ -258,6 +258,10 @@ pub struct NodeRecord {
     /// Unix milliseconds of this record.
     pub published_ms: u64,
     pub load: Load,
+    /// The node it stands by for (`cluster.standby_for`): once that node is down and this
+    /// one took over, requests for that node's calls come here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_for: Option<String>,
 }
 
 /// A node's load as it published it.
@@ -480,17 +484,37 @@ impl Cluster {
             .collect()
     }
 
-    /// The other alive member whose calls are numbered from `call`'s base: the node that
-    /// anchors it (None: this node's, or no alive member's).
+    /// The other member that anchors `call`: the one whose calls are numbered from its
+    /// base when alive, else its standby that took its calls over (None: this node's, or
+    /// nobody alive has it).
     pub fn owner_of(&self, call: u64) -> Option<String> {
         let base = base_of(call);
         if base == 0 {
             return None;
         }
-        self.others_alive()
-            .into_iter()
-            .map(|(node, _)| node)
-            .find(|node| call_id_base(node) == base)
+        let view = self.view();
+        let numbered = view
+            .nodes
+            .iter()
+            .find(|member| call_id_base(&member.node) == base)?;
+        if numbered.node == self.node {
+            return None;
+        }
+        if matches!(numbered.state, NodeState::Alive(_)) {
+            return Some(numbered.node.clone());
+        }
+        view.nodes
+            .iter()
+            .filter(|member| member.node != self.node)
+            .find_map(|member| match &member.state {
+                NodeState::Alive(record)
+                    if record.standby_for.as_deref() == Some(numbered.node.as_str())
+                        && !record.load.standby =>
+                {
+                    Some(member.node.clone())
+                }
+                _ => None,
+            })
     }
 
     /// Call events dropped because the queue toward the other nodes was full.
@@ -564,6 +588,7 @@ impl Cluster {
                     standby: self.standing_by(),
                     ..(sources.load)()
                 },
+                standby_for: self.standby_for.clone(),
             };
             let refreshed = tokio::time::timeout(
                 every,
@@ -1241,6 +1266,85 @@ mod tests {
         }
         assert_eq!(base_of(a + 41), a);
         assert_eq!(base_of(41), 0);
+    }
+
+    /// A cluster view as `node` read it, without Redis.
+    fn viewing(node: &str, nodes: Vec<NodeView>) -> Cluster {
+        Cluster {
+            node: node.to_owned(),
+            url: String::new(),
+            ttl: Duration::from_secs(3),
+            client: redis::Client::open("redis://127.0.0.1:1").unwrap(),
+            started: 0,
+            view: Mutex::new(View {
+                link: Link::Up {
+                    since: Instant::now(),
+                },
+                nodes,
+                read_at: None,
+            }),
+            degraded_total: AtomicU64::new(0),
+            forget: mpsc::unbounded_channel().0,
+            connection: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            next_message: AtomicU64::new(1),
+            deliver: None,
+            present: None,
+            serve: OnceLock::new(),
+            events: mpsc::channel(1).0,
+            events_dropped: AtomicU64::new(0),
+            max_calls: 0,
+            standby_for: None,
+            standing_by: AtomicBool::new(false),
+        }
+    }
+
+    fn alive(node: &str, standby_for: Option<&str>, standby: bool) -> NodeView {
+        NodeView {
+            node: node.to_owned(),
+            state: NodeState::Alive(NodeRecord {
+                node: node.to_owned(),
+                version: String::new(),
+                started: 0,
+                published_ms: 0,
+                load: Load {
+                    standby,
+                    ..Load::default()
+                },
+                standby_for: standby_for.map(str::to_owned),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_call_is_asked_of_its_node_or_of_the_standby_that_took_it_over() {
+        let down = NodeView {
+            node: "edge-a".to_owned(),
+            state: NodeState::Down,
+        };
+        let call = |node: &str, n: u64| call_id_base(node) + n;
+        let cluster = viewing(
+            "edge-c",
+            vec![
+                down.clone(),
+                alive("edge-b", Some("edge-a"), false),
+                alive("edge-c", None, false),
+            ],
+        );
+        assert_eq!(
+            cluster.owner_of(call("edge-a", 5)).as_deref(),
+            Some("edge-b")
+        );
+        assert_eq!(
+            cluster.owner_of(call("edge-b", 1)).as_deref(),
+            Some("edge-b")
+        );
+        assert_eq!(cluster.owner_of(call("edge-c", 1)), None, "this node's");
+        assert_eq!(cluster.owner_of(7), None, "a lone relay's id");
+        assert_eq!(cluster.owner_of(call("edge-z", 1)), None, "nobody's");
+        // A standby that has not taken over does not have the down node's calls.
+        let waiting = viewing("edge-c", vec![down, alive("edge-b", Some("edge-a"), true)]);
+        assert_eq!(waiting.owner_of(call("edge-a", 5)), None);
     }
 
     #[test]
