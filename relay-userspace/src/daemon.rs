@@ -112,7 +112,10 @@ pub async fn run(
                 kept.number_from(crate::cluster::call_id_base(&config.cluster.node_name()));
             }
             kept.restore().await;
-            tokio::spawn(kept.clone().keep_recorded(stopped.clone()));
+            tokio::spawn(
+                kept.clone()
+                    .keep_recorded(config.cluster.enabled, stopped.clone()),
+            );
             calls = Some(kept);
         }
         cluster = start_cluster(&config, &table, &turn, &calls, Some(&hub), &stopped)?;

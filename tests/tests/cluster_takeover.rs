@@ -7,7 +7,8 @@
 //! controller and the app, connecting again, hear `call.state moved`. The media gap and the
 //! packets lost are printed (the aim is under 2 s; the health TTL bounds it from below).
 //! A TURN allocation with a bound channel moves the same way: its ChannelData echoed by a
-//! peer through the active relay before, through the standby after.
+//! peer through the active relay before, through the standby after. A bridged call (the
+//! app's DTLS-SRTP, the PBX's plain RTP) moves with its SRTP keys and packet indices.
 
 use std::{
     collections::BTreeMap,
@@ -15,10 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use dtls::crypto::Certificate;
 use relay_tests::{
     app::{App, Media},
     config_file::ConfigFile,
-    lab::{EdgeLab, FailoverLab, calls_config},
+    dtls_app::{dtls_answer, fingerprint, handshake_both_ways, talk_srtp},
+    lab::{EdgeLab, FailoverLab, anchor_config, calls_config},
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     recv_async,
@@ -331,5 +334,130 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
         );
         pbx_echo.abort();
         peer_echo.abort();
+    });
+}
+
+/// The active relay's and the standby's configuration for bridged calls: the relay's own
+/// media security (DTLS-SRTP toward the app, plain RTP toward the PBX).
+fn bridging_config(
+    pins: &PinDir,
+    redis: &RedisServer,
+    node: &str,
+    standby_for: &str,
+) -> ConfigFile {
+    ConfigFile::new(&anchor_config(
+        &pins.path,
+        "acme",
+        API_KEY,
+        &format!(
+            "port_range = \"41000-41010\"\n[cluster]\nenabled = true\nnode = \"{node}\"\n\
+             redis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\nstandby_for = \"{standby_for}\"\n",
+            redis.url(),
+        ),
+    ))
+}
+
+/// SRTP packets at 50 a second across the failover, and after it.
+const BRIDGED_ACROSS: u32 = 600;
+const BRIDGED_AFTER: u32 = 100;
+
+#[test]
+fn the_standby_takes_a_bridged_call_over_with_its_keys() {
+    require_root();
+    let lab = FailoverLab::new();
+    let redis = RedisServer::start_on(&lab.switch, FailoverLab::REDIS, 6379);
+    let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
+    let (config_a, config_b) = (
+        bridging_config(&pins_a, &redis, "edge-a", ""),
+        bridging_config(&pins_b, &redis, "edge-b", "edge-a"),
+    );
+    let mut edge_a = Relayd::start(Some(&lab.relays[0]), &["--config", config_a.path()]);
+    let edge_b = Relayd::start(Some(&lab.relays[1]), &["--config", config_b.path()]);
+    let status = edge_a.ctl_json_until(&["cluster", "status"], Duration::from_secs(10), |s| {
+        s["nodes_alive"] == 2
+    });
+    assert_eq!(status["nodes_alive"], 2, "{status:#}");
+    let fingerprint_a = edge_a.signalling_fingerprint();
+    let echo_socket = lab.pbx.udp_socket(PBX_RTP.parse().unwrap());
+    runtime().block_on(async {
+        let pbx_echo = tokio::spawn(rtp_echo(echo_socket));
+        let mut controller_a = controller(
+            &lab.pbx,
+            EdgeLab::SIGNALLING.parse().unwrap(),
+            &fingerprint_a,
+            "acme",
+            API_KEY,
+        )
+        .await;
+        let token = mint_token(&mut controller_a, "alice", 300).await;
+        let (done_tx, done) = mpsc::channel();
+        let app_ns = lab.app.name.clone();
+        let app_thread = std::thread::spawn(move || {
+            enter_by_name(&app_ns);
+            runtime().block_on(async move {
+                let mut app = App::in_edge_lab(&fingerprint_a, &token).await;
+                done_tx.send(json!("connected")).unwrap();
+                let incoming = app.next_within(Duration::from_secs(10)).await;
+                let certificate =
+                    Certificate::generate_self_signed(vec!["app".to_owned()]).unwrap();
+                let own = fingerprint(certificate.certificate[0].as_ref());
+                let media = app
+                    .answer_edited(&incoming, |answer| dtls_answer(answer, &own), None)
+                    .await;
+                let mut srtp = handshake_both_ways(media.clone(), certificate)
+                    .await
+                    .expect("the relay completes the handshake");
+                done_tx.send(json!("talking")).unwrap();
+                let across = talk_srtp(&media, &mut srtp, 0, BRIDGED_ACROSS).await;
+                let after = talk_srtp(&media, &mut srtp, BRIDGED_ACROSS, BRIDGED_AFTER).await;
+                done_tx
+                    .send(json!({"across": across, "after": after}))
+                    .unwrap();
+                app.close().await;
+            })
+        });
+        let (_, done) = recv_async(done).await;
+        let created = request(
+            &mut controller_a,
+            json!({"type": "call.create", "id": 1, "user": "alice", "sdp": PBX_OFFER}),
+        )
+        .await;
+        assert_eq!(created["type"], "result", "{created}");
+        let call_id = created["call"].clone();
+        let connected = until_call_state(&mut controller_a, "connected").await;
+        assert_eq!(connected["app_security"], "dtls-srtp", "{connected}");
+        let (_, done) = recv_async(done).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        let failed = Instant::now();
+        edge_a.kill();
+        lab.fail_over();
+        drop(controller_a);
+        let took = edge_b.ctl_json_until(&["calls", "list"], Duration::from_secs(15), |list| {
+            list["calls"][0]["call"] == call_id
+        });
+        let taken_after = failed.elapsed();
+        assert_eq!(took["calls"][0]["app_security"], "dtls-srtp", "{took:#}");
+        let (report, _) = recv_async(done).await;
+        let lost = BRIDGED_ACROSS - report["across"].as_u64().unwrap() as u32;
+        println!(
+            "bridged takeover: the standby had the call {:.2} s after the failure; {lost} of {BRIDGED_ACROSS} SRTP packets lost across it",
+            taken_after.as_secs_f64()
+        );
+        assert_eq!(
+            report["after"], BRIDGED_AFTER,
+            "the standby carries the bridged media with the call's keys: {report}\n{}",
+            edge_b.log()
+        );
+        assert!(lost < 200, "{report}");
+        let shown = edge_b.ctl_json(&["calls", "show", &call_id.to_string()]);
+        assert_eq!(
+            shown["bridged"]["auth_failures"], 0,
+            "{shown:#}"
+        );
+        tokio::task::spawn_blocking(move || app_thread.join().unwrap())
+            .await
+            .unwrap();
+        pbx_echo.abort();
     });
 }

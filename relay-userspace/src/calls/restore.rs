@@ -259,9 +259,15 @@ impl Calls {
     }
 
     /// Keeps the state store's calls up to date (once a second, when they changed) until
-    /// relayd stops; `stop` writes them a last time.
-    pub async fn keep_recorded(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
-        if self.store.is_none() {
+    /// relayd stops; `stop` writes them a last time. A bridged call whose SRTP moved on is
+    /// marked changed, for the store and, `in_cluster`, for the cluster's copy (which a
+    /// standby takes over from).
+    pub async fn keep_recorded(
+        self: Arc<Self>,
+        in_cluster: bool,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        if self.store.is_none() && !in_cluster {
             return;
         }
         let mut interval = tokio::time::interval(Duration::from_secs(1));
