@@ -5,12 +5,14 @@
 //!
 //! `protocol` (the JSON messages, documented in docs/signalling.md), `config` (the
 //! `[signalling]` section), `auth` (API keys and tokens), `calls` (call requests, events and
-//! errors on the wire), `hub` (who is connected, routing with bounded queues), `tls` (certificate from
-//! the configuration or self-signed), `server` (the accept loop and one task per
-//! connection; TURN over TLS on the same port goes to the TURN server), `prefixed` (the
-//! first bytes read to tell them apart, given back).
+//! errors on the wire), `call_requests` (where a call request is served: here, or on the
+//! cluster's relay that anchors the call), `hub` (who is connected, routing with bounded
+//! queues), `tls` (certificate from the configuration or self-signed), `server` (the accept
+//! loop and one task per connection; TURN over TLS on the same port goes to the TURN
+//! server), `prefixed` (the first bytes read to tell them apart, given back).
 
 pub mod auth;
+mod call_requests;
 pub mod calls;
 pub mod config;
 pub mod hub;
