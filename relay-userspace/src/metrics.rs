@@ -486,6 +486,34 @@ impl Collector for Sources {
                     ),
                 ],
             )?;
+            let (answered, unanswered) = cluster.requests();
+            family(
+                &mut encoder,
+                "relay_cluster_call_requests",
+                "Call requests of sessions here sent to the relay that anchors the call, by outcome (unanswered: that relay did not reply within 3 s).",
+                MetricType::Counter,
+                [
+                    ([("outcome", "answered")], ConstCounter::new(answered)),
+                    ([("outcome", "unanswered")], ConstCounter::new(unanswered)),
+                ],
+            )?;
+            let (takeovers, calls, allocations) = cluster.taken_over();
+            single(
+                &mut encoder,
+                "relay_cluster_takeovers",
+                "Times this standby took over the node it stands by for.",
+                ConstCounter::new(takeovers),
+            )?;
+            family(
+                &mut encoder,
+                "relay_cluster_taken_over",
+                "Calls and TURN allocations this standby took over.",
+                MetricType::Counter,
+                [
+                    ([("what", "calls")], ConstCounter::new(calls)),
+                    ([("what", "allocations")], ConstCounter::new(allocations)),
+                ],
+            )?;
         }
         if let Some(hub) = &self.signalling {
             let (controllers, clients) = hub.counts();

@@ -23,7 +23,7 @@ use relay_tests::{
     pbx::rtp_echo,
     recv_async,
     redis::RedisServer,
-    relayd::Relayd,
+    relayd::{Relayd, http_get, metric},
     require_root, runtime,
     signalling_client::{
         Socket, call, controller, mint_token, request, until_call_state, until_message,
@@ -37,6 +37,8 @@ const PBX_RTP: &str = "10.30.0.2:40000";
 const SIGNALLING_A: &str = "198.51.100.1:8443";
 const ICE_A: &str = "198.51.100.1:3480";
 const PACKETS: u32 = 100;
+/// edge-a's metrics.
+const METRICS_A: &str = "127.0.0.1:9478";
 
 /// The PBX's offer and answer: plain RTP from its LAN address.
 const PBX_OFFER: &str = "v=0\r\no=PBX 1 1 IN IP4 10.30.0.2\r\ns=PBX\r\nc=IN IP4 10.30.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
@@ -51,6 +53,8 @@ fn edge_a_config() -> String {
         r#"
 [datapath]
 mode = "userspace"
+[metrics]
+listen = "{METRICS_A}"
 [signalling]
 enabled = true
 listen = "{SIGNALLING_A}"
@@ -303,6 +307,25 @@ fn a_call_is_anchored_where_its_app_is_and_placed_elsewhere_when_that_relay_is_f
                 "{refused}"
             );
         }
+        // edge-a counted the requests it sent to edge-b (the first call's create and the
+        // hangup of an id of edge-b's), every one answered.
+        let metrics = http_get(&lab.relay, METRICS_A, "/metrics");
+        assert!(
+            metric(
+                &metrics,
+                r#"relay_cluster_call_requests_total{outcome="answered"}"#
+            )
+            .is_some_and(|answered| answered >= 2),
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(
+                &metrics,
+                r#"relay_cluster_call_requests_total{outcome="unanswered"}"#
+            ),
+            Some(0),
+            "{metrics}"
+        );
         // The controller hangs up the first call on edge-b.
         let hangup = request(
             &mut controller,

@@ -26,7 +26,7 @@ use relay_tests::{
     pbx::rtp_echo,
     recv_async,
     redis::RedisServer,
-    relayd::Relayd,
+    relayd::{Relayd, http_get, metric},
     require_root, runtime,
     signalling_client::{controller, mint_token, request, until_call_state, until_message},
     traffic::{numbered, sequence_of},
@@ -43,6 +43,8 @@ const TTL_SECS: u64 = 1;
 /// TURN on the floating WAN address, and the peer its allocation's channel is bound to.
 const TURN: &str = "198.51.100.1:3478";
 const TURN_PEER: &str = "10.30.0.2:40004";
+/// Each relay's metrics, in its own namespace.
+const METRICS: &str = "127.0.0.1:9479";
 
 fn relay_config(pins: &PinDir, redis: &RedisServer, node: &str, standby_for: &str) -> ConfigFile {
     ConfigFile::new(&calls_config(
@@ -52,6 +54,7 @@ fn relay_config(pins: &PinDir, redis: &RedisServer, node: &str, standby_for: &st
         &format!(
             "port_range = \"41000-41010\"\n[cluster]\nenabled = true\nnode = \"{node}\"\n\
              redis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\nstandby_for = \"{standby_for}\"\n\
+             [metrics]\nlisten = \"{METRICS}\"\n\
              [turn]\nenabled = true\nlisten = [\"{TURN}\"]\nrelay_addresses = [\"{}\"]\n\
              users = [{{ name = \"app\", password = \"app-secret\" }}]\nallowed_peers = [\"10.30.0.2\"]\n",
             redis.url(),
@@ -286,6 +289,14 @@ fn the_standby_takes_a_call_over_when_the_active_relay_dies() {
             edge_b.log()
         );
         assert!(edge_b.log().contains("allocations=1"), "{}", edge_b.log());
+        let metrics = http_get(&lab.relays[1], METRICS, "/metrics");
+        for (series, value) in [
+            ("relay_cluster_takeovers_total", 1),
+            (r#"relay_cluster_taken_over_total{what="calls"}"#, 1),
+            (r#"relay_cluster_taken_over_total{what="allocations"}"#, 1),
+        ] {
+            assert_eq!(metric(&metrics, series), Some(value), "{series}\n{metrics}");
+        }
         // The media is in the standby's XDP program now.
         let flows = edge_b.ctl_json(&["flow", "list"]);
         let flows = flows["flows"].as_array().unwrap();

@@ -364,6 +364,13 @@ pub struct Cluster {
     /// Call events for sessions on other nodes, published in order by one task.
     events: mpsc::Sender<(String, Recipient, serde_json::Value)>,
     events_dropped: AtomicU64,
+    /// Call requests sent to other nodes: answered, and not answered in time.
+    requests_answered: AtomicU64,
+    requests_unanswered: AtomicU64,
+    /// Takeovers of the active node, and the calls and allocations they took.
+    takeovers: AtomicU64,
+    taken_calls: AtomicU64,
+    taken_allocations: AtomicU64,
     max_calls: usize,
     /// The active node this one stands by for, and whether it still stands by (false once
     /// it took that node's calls over).
@@ -424,6 +431,11 @@ impl Cluster {
             serve: OnceLock::new(),
             events,
             events_dropped: AtomicU64::new(0),
+            requests_answered: AtomicU64::new(0),
+            requests_unanswered: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
+            taken_calls: AtomicU64::new(0),
+            taken_allocations: AtomicU64::new(0),
             max_calls: config.max_calls,
             standby_for: (!config.standby_for.is_empty()).then(|| config.standby_for.clone()),
             standing_by: AtomicBool::new(!config.standby_for.is_empty()),
@@ -520,6 +532,23 @@ impl Cluster {
     /// Call events dropped because the queue toward the other nodes was full.
     pub fn events_dropped(&self) -> u64 {
         self.events_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Call requests sent to other nodes: (answered, not answered in time or not sent).
+    pub fn requests(&self) -> (u64, u64) {
+        (
+            self.requests_answered.load(Ordering::Relaxed),
+            self.requests_unanswered.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Takeovers this node did, and the calls and allocations they took.
+    pub fn taken_over(&self) -> (u64, u64, u64) {
+        (
+            self.takeovers.load(Ordering::Relaxed),
+            self.taken_calls.load(Ordering::Relaxed),
+            self.taken_allocations.load(Ordering::Relaxed),
+        )
     }
 
     fn view(&self) -> MutexGuard<'_, View> {
@@ -756,6 +785,21 @@ impl Cluster {
     /// Sends a signalling request of a session here (`from`, the request's `text`) to
     /// `node` and waits for its reply (at most [`REQUEST_TIMEOUT`]). Err: why there is none.
     pub async fn request(
+        &self,
+        node: &str,
+        from: SessionRecord,
+        text: String,
+    ) -> Result<serde_json::Value, String> {
+        let reply = self.ask(node, from, text).await;
+        let counter = match reply {
+            Ok(_) => &self.requests_answered,
+            Err(_) => &self.requests_unanswered,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        reply
+    }
+
+    async fn ask(
         &self,
         node: &str,
         from: SessionRecord,
@@ -1024,6 +1068,10 @@ impl Cluster {
         let found = records.len();
         tracing::warn!(node = %self.node, active, calls = found, "cluster: the node this one stands by for is down (its health record expired); taking its calls over");
         let (taken, allocations) = take_over(active.to_owned(), records, allocations).await;
+        self.takeovers.fetch_add(1, Ordering::Relaxed);
+        self.taken_calls.fetch_add(taken as u64, Ordering::Relaxed);
+        self.taken_allocations
+            .fetch_add(allocations as u64, Ordering::Relaxed);
         let mut pipe = redis::pipe();
         for key in &keys {
             pipe.del(key).ignore();
@@ -1293,6 +1341,11 @@ mod tests {
             serve: OnceLock::new(),
             events: mpsc::channel(1).0,
             events_dropped: AtomicU64::new(0),
+            requests_answered: AtomicU64::new(0),
+            requests_unanswered: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
+            taken_calls: AtomicU64::new(0),
+            taken_allocations: AtomicU64::new(0),
             max_calls: 0,
             standby_for: None,
             standing_by: AtomicBool::new(false),
