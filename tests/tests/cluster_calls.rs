@@ -7,8 +7,10 @@
 //! - edge-b anchors `cluster.max_calls` (1) already: the next call for the same app is
 //!   placed on edge-a, the least loaded relay with room; the app gets edge-a's ICE address,
 //!   its answer and hangup (sent to edge-b) reach edge-a, and the media flows there.
-//! - The app calls the PBX: anchored on edge-b; the controller on edge-a gets the
-//!   `call.incoming` and its answer reaches edge-b.
+//! - The app calls the PBX while edge-b is full: placed on edge-a (the app gets edge-a's ICE
+//!   address in the answer, its events come through edge-b's signalling); once edge-b has
+//!   room again, anchored on edge-b, the controller on edge-a getting the `call.incoming`
+//!   and its answer reaching edge-b.
 //! - A request for a call no relay has is `bad_request`; a user connected nowhere is
 //!   `offline`.
 
@@ -106,6 +108,18 @@ async fn app(
         .await;
     assert_eq!(hangup["type"], "result", "{hangup}");
     done.send(json!({"call": incoming["call"], "echoed": talked}))
+        .unwrap();
+    // The app calls out while edge-b is still full: placed on edge-a, whose ICE address
+    // the relay's answer names.
+    let (_, go) = recv_async(go).await;
+    let (placed, media, answer) = app.call_out_edited(|offer| offer).await;
+    assert!(answer.contains(" 198.51.100.1 3480 typ host"), "{answer}");
+    let talked = talk(&media, 0, PACKETS).await.echoed;
+    let hangup = app
+        .request(json!({"type": "call.hangup", "id": 9, "call": placed}))
+        .await;
+    assert_eq!(hangup["type"], "result", "{hangup}");
+    done.send(json!({"call": placed, "echoed": talked}))
         .unwrap();
     // The controller hangs up the first call.
     let ended = app.next_within(Duration::from_secs(10)).await;
@@ -290,6 +304,38 @@ fn a_call_is_anchored_where_its_app_is_and_placed_elsewhere_when_that_relay_is_f
         .await;
         assert_eq!(ended["reason"], "hangup", "{ended}");
         assert_eq!(edge_a.ctl_json(&["calls", "list"])["calls"], json!([]));
+
+        // The app calls out while edge-b is still full: placed on edge-a, where the
+        // controller is; its answer and the app's media go there.
+        go.send(()).unwrap();
+        let incoming = until_message(
+            &mut controller,
+            Duration::from_secs(10),
+            10,
+            "call.incoming",
+            |m| m["event"] == "call.incoming",
+        )
+        .await;
+        let placed = incoming["call"].clone();
+        assert_eq!(base_of(&placed), call_id_base("edge-a"), "{incoming}");
+        let answered = request(
+            &mut controller,
+            json!({"type": "call.answer", "id": 7, "call": placed, "sdp": PBX_ANSWER}),
+        )
+        .await;
+        assert_eq!(answered["type"], "result", "{answered}");
+        let (report, done) = recv_async(done).await;
+        assert_eq!(report["call"], placed, "{report}");
+        assert_eq!(report["echoed"], PACKETS, "{report}\n{}", edge_a.log());
+        let ended = until_message(
+            &mut controller,
+            Duration::from_secs(10),
+            20,
+            "call.ended",
+            |m| m["event"] == "call.ended" && m["call"] == placed,
+        )
+        .await;
+        assert_eq!(ended["reason"], "hangup", "{ended}");
 
         // Requests for calls nobody has.
         for call_id in [call_id_base("edge-b") + 999, 12345] {
