@@ -256,9 +256,24 @@ pub(super) async fn serve_remote(context: &Shared, from: SessionRecord, text: &s
             | Inbound::CallUpdate { .. }
             | Inbound::CallCandidate { .. }
             | Inbound::CallHangup { .. }),
-        ) => match &context.calls {
-            Some(calls) => serve_call(calls, &identity, request, true).await,
-            None => calls_disabled(request_id(&request)),
+        ) => match (&context.calls, &context.cluster) {
+            // The sender placed it by a load up to a refresh old: a new call is refused
+            // once this relay has no room after all.
+            (Some(calls), Some(cluster))
+                if matches!(request, Inbound::CallCreate { .. })
+                    && cluster.is_full(calls.len()) =>
+            {
+                refuse(
+                    Some(request_id(&request)),
+                    ErrorCode::Busy,
+                    format!(
+                        "relay {} anchors its cluster.max_calls calls; try again",
+                        cluster.node()
+                    ),
+                )
+            }
+            (Some(calls), _) => serve_call(calls, &identity, request, true).await,
+            (None, _) => calls_disabled(request_id(&request)),
         },
         Ok(_) => refuse(
             None,
