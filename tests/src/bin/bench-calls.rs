@@ -95,7 +95,12 @@ struct Step {
 fn main() {
     require_root();
     let mut results = Vec::new();
-    for path in [Path::Xdp, Path::Userspace] {
+    // `bench-calls N xdp`: the XDP path only (what relayd's own cost is measured on).
+    let paths: &[Path] = match std::env::args().nth(2).as_deref() {
+        Some("xdp") => &[Path::Xdp],
+        _ => &[Path::Xdp, Path::Userspace],
+    };
+    for &path in paths {
         eprintln!("bench calls: media in {}", path.name());
         results.push((path, run(path)));
     }
