@@ -14,7 +14,7 @@ use super::{
     protocol::{ErrorCode, Inbound, Outbound, Role, parse},
     server::Shared,
 };
-use crate::cluster::{Cluster, Recipient, SessionRecord};
+use crate::cluster::{Cluster, Load, Recipient, SessionRecord};
 
 /// Where a call request is served.
 enum Place {
@@ -91,19 +91,17 @@ async fn place(
         message: "every relay of the cluster anchors its cluster.max_calls calls; try again"
             .to_owned(),
     };
-    // The least loaded of `nodes` with room (this one as ""), by calls.
-    let least_loaded = |nodes: &[String]| -> Option<String> {
-        let others = cluster.others_alive();
-        let mut with_room: Vec<(usize, String)> = others
+    // Of the relays `wanted` names (this one as ""), the least loaded with room, by calls.
+    let least_loaded = |others: &[(String, Load)], wanted: &dyn Fn(&str) -> bool| {
+        let mut with_room: Vec<(usize, &str)> = others
             .iter()
-            .filter(|(node, load)| nodes.contains(node) && load.has_room())
-            .map(|(node, load)| (load.calls, node.clone()))
+            .filter(|(node, load)| wanted(node) && load.has_room())
+            .map(|(node, load)| (load.calls, node.as_str()))
             .collect();
-        if here_has_room && nodes.iter().any(String::is_empty) {
-            with_room.push((calls.len(), String::new()));
+        if here_has_room && wanted("") {
+            with_room.push((calls.len(), ""));
         }
-        with_room.sort();
-        with_room.into_iter().next().map(|(_, node)| node)
+        with_room.into_iter().min().map(|(_, node)| node.to_owned())
     };
     let to_place = |node: String, app_here: bool| {
         if node.is_empty() {
@@ -130,14 +128,9 @@ async fn place(
             if app_here {
                 app_nodes.push(String::new());
             }
-            let mut everyone: Vec<String> = cluster
-                .others_alive()
-                .into_iter()
-                .map(|(node, _)| node)
-                .collect();
-            everyone.push(String::new());
-            let node = least_loaded(&app_nodes)
-                .or_else(|| least_loaded(&everyone))
+            let others = cluster.others_alive();
+            let node = least_loaded(&others, &|node| app_nodes.iter().any(|app| app == node))
+                .or_else(|| least_loaded(&others, &|_| true))
                 .ok_or_else(no_room)?;
             if !app_nodes.contains(&node) {
                 tracing::info!(%tenant, %user, on = if node.is_empty() { cluster.node() } else { node.as_str() }, "signalling: the app's relay is at cluster.max_calls; the call is placed on the least loaded relay");
@@ -162,12 +155,11 @@ async fn place(
             if here_has_room {
                 return Ok(Place::Here { placed: false });
             }
-            let everyone: Vec<String> = cluster
-                .others_alive()
-                .into_iter()
-                .map(|(node, _)| node)
-                .collect();
-            Ok(to_place(least_loaded(&everyone).ok_or_else(no_room)?, true))
+            let others = cluster.others_alive();
+            Ok(to_place(
+                least_loaded(&others, &|_| true).ok_or_else(no_room)?,
+                true,
+            ))
         }
         Inbound::CallAnswer { call, .. }
         | Inbound::CallUpdate { call, .. }
