@@ -486,6 +486,16 @@ impl FailoverLab {
     }
 }
 
+/// The `[cluster]` section of one relay of an active/standby pair sharing Redis at
+/// `redis_url`: node `node`, the standby of `standby_for` when that is not empty, its health
+/// record living `ttl_secs`.
+pub fn pair_cluster(node: &str, redis_url: &str, standby_for: &str, ttl_secs: u64) -> String {
+    format!(
+        "[cluster]\nenabled = true\nnode = \"{node}\"\nredis_url = \"{redis_url}\"\n\
+         health_ttl_secs = {ttl_secs}\nstandby_for = \"{standby_for}\"\n"
+    )
+}
+
 impl Default for FailoverLab {
     fn default() -> Self {
         FailoverLab::new()

@@ -21,7 +21,7 @@ use relay_tests::{
     app::{App, Media},
     config_file::ConfigFile,
     dtls_app::{dtls_answer, fingerprint, handshake_both_ways, talk_srtp},
-    lab::{EdgeLab, FailoverLab, anchor_config, calls_config},
+    lab::{EdgeLab, FailoverLab, anchor_config, calls_config, pair_cluster},
     netns::{PinDir, enter_by_name},
     pbx::rtp_echo,
     recv_async,
@@ -52,12 +52,11 @@ fn relay_config(pins: &PinDir, redis: &RedisServer, node: &str, standby_for: &st
         "acme",
         API_KEY,
         &format!(
-            "port_range = \"41000-41010\"\n[cluster]\nenabled = true\nnode = \"{node}\"\n\
-             redis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\nstandby_for = \"{standby_for}\"\n\
+            "port_range = \"41000-41010\"\n{}\
              [metrics]\nlisten = \"{METRICS}\"\n\
              [turn]\nenabled = true\nlisten = [\"{TURN}\"]\nrelay_addresses = [\"{}\"]\n\
              users = [{{ name = \"app\", password = \"app-secret\" }}]\nallowed_peers = [\"10.30.0.2\"]\n",
-            redis.url(),
+            pair_cluster(node, &redis.url(), standby_for, TTL_SECS),
             EdgeLab::RELAY_WAN,
         ),
     ))
@@ -361,9 +360,8 @@ fn bridging_config(
         "acme",
         API_KEY,
         &format!(
-            "port_range = \"41000-41010\"\n[cluster]\nenabled = true\nnode = \"{node}\"\n\
-             redis_url = \"{}\"\nhealth_ttl_secs = {TTL_SECS}\nstandby_for = \"{standby_for}\"\n",
-            redis.url(),
+            "port_range = \"41000-41010\"\n{}",
+            pair_cluster(node, &redis.url(), standby_for, TTL_SECS)
         ),
     ))
 }

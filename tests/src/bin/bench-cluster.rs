@@ -31,7 +31,7 @@ use relay_tests::{
     app::App,
     bench::percentile,
     config_file::ConfigFile,
-    lab::{EdgeLab, FailoverLab, calls_config},
+    lab::{EdgeLab, FailoverLab, calls_config, pair_cluster},
     measure::process_cpu_ns,
     netns::{NetNs, PinDir, enter_by_name},
     redis::RedisServer,
@@ -208,9 +208,8 @@ fn takeover() -> (f64, String) {
             "acme",
             API_KEY,
             &format!(
-                "port_range = \"41000-41999\"\n[cluster]\nenabled = true\nnode = \"{node}\"\n\
-                 redis_url = \"{}\"\nhealth_ttl_secs = {TAKEOVER_TTL_SECS}\nstandby_for = \"{standby_for}\"\n",
-                redis.url()
+                "port_range = \"41000-41999\"\n{}",
+                pair_cluster(node, &redis.url(), standby_for, TAKEOVER_TTL_SECS)
             ),
         ))
     };
