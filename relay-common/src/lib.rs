@@ -27,6 +27,14 @@ pub const EGRESS_CAPACITY: u32 = 64;
 /// VLAN devices: ifindex of the VLAN device -> [`VlanDevice`] (its parent and VLAN id).
 pub const VLANS_MAP: &str = "RELAY_VLANS";
 pub const VLANS_CAPACITY: u32 = 256;
+/// AF_XDP sockets of the transcryption workers (XSKMAP), indexed by an interface's first
+/// index (in [`XSK_INDEX_MAP`]) plus the receive queue.
+pub const XSKS_MAP: &str = "RELAY_XSKS";
+/// Receive queues per interface that can have a worker socket.
+pub const XSK_QUEUES_PER_INTERFACE: u32 = 16;
+pub const XSKS_CAPACITY: u32 = EGRESS_CAPACITY * XSK_QUEUES_PER_INTERFACE;
+/// ifindex -> the interface's first index in [`XSKS_MAP`] (u32, host byte order).
+pub const XSK_INDEX_MAP: &str = "RELAY_XSK_INDEX";
 
 /// Address family of a flow key (same numbers as `AF_INET` / `AF_INET6`).
 pub const FAMILY_IPV4: u16 = 2;
@@ -56,6 +64,12 @@ pub const FLOW_FLAG_RTCP_TO_USERSPACE: u8 = 1;
 /// payload that starts like STUN or DTLS (RFC 7983) goes to userspace, where the relay's
 /// own ICE agent and DTLS endpoint are.
 pub const FLOW_FLAG_OPAQUE_PAYLOAD: u8 = 2;
+/// [`FlowAction::flags`]: the flow's media is transcrypted (SRTP <-> RTP, or between two
+/// sets of keys): the program resolves the next hop, puts a [`WorkerMeta`] before the
+/// packet and redirects it, unchanged, to the AF_XDP socket of its interface and receive
+/// queue, where a userspace worker rewrites it. With no socket there the packet goes up to
+/// the kernel as it came, for the relay's sockets.
+pub const FLOW_FLAG_TO_WORKER: u8 = 4;
 
 /// One direction of one leg, as seen on the wire: a UDP packet from `src` to `dst`.
 ///
@@ -146,6 +160,20 @@ pub struct FlowValue {
     pub next_hop: NextHopCache,
 }
 
+/// What the program tells a worker about a packet it redirects to an AF_XDP socket: the XDP
+/// metadata right before the packet (`bpf_xdp_adjust_meta`). Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerMeta {
+    /// [`FlowAction::flow_id`] of the flow the packet matched.
+    pub flow_id: u32,
+    /// Interface to send the result on (untagged: VLAN next hops stay on the socket path).
+    pub ifindex: u32,
+    /// MAC addresses of that next hop, as the fib lookup gave them.
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
 /// A VLAN device the fib lookup may return as egress: XDP sends on `parent_ifindex` with the
 /// tag rewritten to `vlan_id`. Host byte order.
 #[repr(C)]
@@ -209,13 +237,20 @@ pub enum Verdict {
     PassNoHeadroom,
     /// RTCP on a flow whose peer wants it on its own port (`FLOW_FLAG_RTCP_TO_USERSPACE`).
     PassRtcp,
+    /// Redirected to a transcryption worker's AF_XDP socket (`FLOW_FLAG_TO_WORKER`).
+    ToWorker,
+    /// A `FLOW_FLAG_TO_WORKER` flow's packet that no worker can take here (no socket on
+    /// this interface and queue, a VLAN on either side, no metadata room): up to the
+    /// kernel unchanged, where the relay's sockets transcrypt it.
+    PassNoWorker,
     /// XDP_ABORTED: a check the verifier needs failed where it cannot (a broken invariant in
-    /// the program); the packet is dropped. Last, so the other indices never move.
+    /// the program); the packet is dropped. Last: relayd renews the stats map when the
+    /// number of verdicts changes.
     Aborted,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 22;
 
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::Tx,
@@ -237,6 +272,8 @@ impl Verdict {
         Verdict::PassChannelLength,
         Verdict::PassNoHeadroom,
         Verdict::PassRtcp,
+        Verdict::ToWorker,
+        Verdict::PassNoWorker,
         Verdict::Aborted,
     ];
 
@@ -262,6 +299,8 @@ impl Verdict {
             Verdict::PassChannelLength => "pass_channel_length",
             Verdict::PassNoHeadroom => "pass_no_headroom",
             Verdict::PassRtcp => "pass_rtcp",
+            Verdict::ToWorker => "to_worker",
+            Verdict::PassNoWorker => "pass_no_worker",
             Verdict::Aborted => "aborted",
         }
     }
@@ -315,6 +354,8 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 48 + 24 + 32);
         assert_eq!(size_of::<VlanDevice>(), 8);
         assert_eq!(size_of::<StatCounter>(), 16);
+        // bpf_xdp_adjust_meta takes multiples of 4, at most 32.
+        assert_eq!(size_of::<WorkerMeta>(), 20);
     }
 
     #[test]

@@ -22,15 +22,16 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_xdp_adjust_meta,
     macros::{map, xdp},
-    maps::{DevMapHash, HashMap, PerCpuArray},
+    maps::{DevMapHash, HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use channel_data::Edit;
 use relay_common::{
     CHANNEL_OP_ADD, CHANNEL_OP_STRIP, EGRESS_CAPACITY, FLOW_FLAG_OPAQUE_PAYLOAD,
-    FLOW_FLAG_RTCP_TO_USERSPACE, FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue, StatCounter,
-    VLANS_CAPACITY, Verdict, VlanDevice,
+    FLOW_FLAG_RTCP_TO_USERSPACE, FLOW_FLAG_TO_WORKER, FLOWS_DEFAULT_CAPACITY, FlowKey, FlowValue,
+    StatCounter, VLANS_CAPACITY, Verdict, VlanDevice, WorkerMeta, XSKS_CAPACITY,
 };
 
 /// The flow table. Pinned by name so flows survive a restart of relayd.
@@ -48,6 +49,15 @@ static EGRESS: DevMapHash = DevMapHash::pinned(EGRESS_CAPACITY, 0);
 /// VLAN devices a fib lookup may return, mapped to their parent and VLAN id.
 #[map(name = "RELAY_VLANS")]
 static VLANS: HashMap<u32, VlanDevice> = HashMap::pinned(VLANS_CAPACITY, 0);
+
+/// The transcryption workers' AF_XDP sockets; relayd fills it when its workers start. Not
+/// pinned: a socket lives as long as the relayd that opened it.
+#[map(name = "RELAY_XSKS")]
+static XSKS: XskMap = XskMap::with_max_entries(XSKS_CAPACITY, 0);
+
+/// Interfaces with worker sockets: ifindex -> the interface's first index in `XSKS`.
+#[map(name = "RELAY_XSK_INDEX")]
+static XSK_INDEX: HashMap<u32, u32> = HashMap::with_max_entries(EGRESS_CAPACITY, 0);
 
 #[xdp]
 pub fn relay_xdp(ctx: XdpContext) -> u32 {
@@ -120,6 +130,9 @@ fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
     if packet.stun_dtls && (!opaque || action.channel_op == CHANNEL_OP_STRIP) {
         return Err(Verdict::PassStunDtls.into());
     }
+    if action.flags & FLOW_FLAG_TO_WORKER != 0 {
+        return to_worker(ctx, &packet, action, value);
+    }
     if action.flags & FLOW_FLAG_RTCP_TO_USERSPACE != 0 && parse::is_rtcp(ctx, &packet) {
         return Err(Verdict::PassRtcp.into());
     }
@@ -134,10 +147,7 @@ fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
         ),
         _ => (Edit::None, packet.ip_len),
     };
-    // CLOCK_MONOTONIC as of the last timer tick: the clock userspace compares last-seen
-    // times with, a few milliseconds coarse, without reading the TSC for every packet.
-    // SAFETY: no preconditions.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    let now = coarse_now();
     let next_hop = nexthop::of_flow(
         ctx,
         packet.family(),
@@ -167,18 +177,94 @@ fn forward(ctx: &XdpContext) -> Result<(u32, Verdict), Fail> {
     };
     // SAFETY: the packet's pointers were checked by parse (or reload, after the resize).
     unsafe { rewrite::rewrite(&packet, action, &next_hop, edit) };
-    // SAFETY: as above; the counters are updated atomically because several CPUs may forward
-    // packets of the same flow at once.
+    count_flow(value, packet.ip_len, now);
+    Ok(nexthop::send(ctx, next_hop.ifindex)?)
+}
+
+/// CLOCK_MONOTONIC as of the last timer tick: the clock userspace compares last-seen times
+/// with, a few milliseconds coarse, without reading the TSC for every packet.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
+}
+
+/// Counts a packet of `ip_len` bytes on the flow whose value `value` points to.
+#[inline(always)]
+fn count_flow(value: *mut FlowValue, ip_len: u16, now: u64) {
+    // SAFETY: a pointer into the flow table's value, valid while this program runs; the
+    // counters are updated atomically because several CPUs may see packets of the same
+    // flow at once.
     unsafe {
         let counters = &raw mut (*value).counters;
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*counters).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
             &raw mut (*counters).bytes,
-            u64::from(packet.ip_len),
+            u64::from(ip_len),
         );
         (*counters).last_seen_ns = now;
     }
-    Ok(nexthop::send(ctx, next_hop.ifindex)?)
+}
+
+/// Bytes a worker may add to a packet (an SRTP authentication tag, at most 16 bytes):
+/// what the egress MTU must have room for.
+const WORKER_GROWTH: u16 = 16;
+
+/// Hands a transcrypted flow's packet, unchanged, to the worker socket of its interface and
+/// receive queue, with the flow and its next hop in the metadata before it.
+#[inline(always)]
+fn to_worker(
+    ctx: &XdpContext,
+    packet: &parse::UdpPacket,
+    action: &relay_common::FlowAction,
+    value: *mut FlowValue,
+) -> Result<(u32, Verdict), Fail> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: a pointer into the map value, valid while the program runs.
+    let first = unsafe { *XSK_INDEX.get(&ingress).ok_or(Verdict::PassNoWorker)? };
+    let index = first + ctx.rx_queue_index();
+    if packet.vlan.is_some() || XSKS.get(index).is_none() {
+        return Err(Verdict::PassNoWorker.into());
+    }
+    let now = coarse_now();
+    let next_hop = nexthop::of_flow(
+        ctx,
+        packet.family(),
+        action,
+        packet.ip_len.saturating_add(WORKER_GROWTH),
+        // SAFETY: as for `action`.
+        unsafe { &raw mut (*value).next_hop },
+        now,
+    )?;
+    if next_hop.vlan_id.is_some() {
+        return Err(Verdict::PassNoWorker.into());
+    }
+    let meta_len = core::mem::size_of::<WorkerMeta>();
+    // SAFETY: ctx is the program's context; the helper checks the room itself.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(meta_len as i32)) } != 0 {
+        return Err(Verdict::PassNoWorker.into());
+    }
+    // Re-read after the adjustment; the check is for the verifier.
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + meta_len > data {
+        return Err(Fail::Abort);
+    }
+    // SAFETY: [meta, meta + meta_len) was checked to lie before the packet data.
+    unsafe {
+        (meta as *mut WorkerMeta).write_unaligned(WorkerMeta {
+            flow_id: action.flow_id,
+            ifindex: next_hop.ifindex,
+            smac: next_hop.smac,
+            dmac: next_hop.dmac,
+        });
+    }
+    count_flow(value, packet.ip_len, now);
+    // The socket was there a moment ago; if it went since, the kernel gets the packet (the
+    // metadata is invisible to it).
+    match XSKS.redirect(index, u64::from(xdp_action::XDP_PASS)) {
+        Ok(action) => Ok((action, Verdict::ToWorker)),
+        Err(action) => Ok((action, Verdict::PassNoWorker)),
+    }
 }
 
 #[inline(always)]

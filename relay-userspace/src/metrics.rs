@@ -610,6 +610,7 @@ mod tests {
             channel: None,
             rtcp_to_userspace: false,
             opaque_payload: false,
+            to_worker: false,
         };
         table.add(&[spec, spec.reverse()], monotonic_ns()).unwrap();
         let admission = Admission::new(&Default::default(), 1024);

@@ -528,5 +528,30 @@ fn an_sdes_app_calling_a_plain_pbx_is_bridged() {
             echoed >= u32::from(PACKETS) - 2,
             "the app unprotected the echoes: {echoed}"
         );
+        // Both directions took the AF_XDP workers (veth: copy mode), not the sockets.
+        let status = relayd.ctl_json(&["status"]);
+        let transcrypt = &status["datapath"]["transcrypt"];
+        assert_eq!(transcrypt["path"], "af_xdp", "{status}");
+        assert_eq!(transcrypt["sockets"][0]["mode"], "copy", "{status}");
+        let counters = &transcrypt["counters"];
+        let count = |name: &str| counters[name].as_u64().unwrap();
+        assert!(
+            count("sent") >= 2 * u64::from(PACKETS) - 4,
+            "the workers carried both directions: {status}\n{}",
+            relayd.log()
+        );
+        assert_eq!(
+            count("refused") + count("malformed") + count("not_sent"),
+            0,
+            "{status}"
+        );
+        let stats = relayd.ctl_json(&["stats"]);
+        let to_worker = stats["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["verdict"] == "to_worker")
+            .map_or(0, |v| v["packets"].as_u64().unwrap());
+        assert!(to_worker >= 2 * u64::from(PACKETS) - 4, "{stats}");
     });
 }

@@ -40,6 +40,7 @@ fn flow(src: &str, dst: &str, new_src: &str, new_dst: &str) -> FlowSpec {
         channel: None,
         rtcp_to_userspace: false,
         opaque_payload: false,
+        to_worker: false,
     }
 }
 
@@ -267,6 +268,7 @@ fn lab_flows() -> [FlowSpec; 17] {
     let channel = FlowSpec {
         channel: Some(ChannelOp::Strip(0x4005)),
         opaque_payload: true,
+        to_worker: false,
         ..flow(
             "198.51.100.21:50000",
             "10.1.0.1:3478",

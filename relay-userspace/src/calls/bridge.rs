@@ -228,14 +228,14 @@ impl Bridge {
     }
 
     /// Either leg waits for its keys: what the app sends is held.
-    fn waits_for_either(&self) -> bool {
+    pub(super) fn waits_for_either(&self) -> bool {
         self.waits_for_keys() || self.pbx_waits_for_keys()
     }
 
     /// The packet from the app in `buf[..len]` made what the PBX gets, where it is (`buf`
     /// has room for `MAX_OVERHEAD` more); its length, or None when it is refused (counted)
     /// or waits for keys.
-    fn app_to_pbx(&self, buf: &mut [u8], len: usize) -> Option<usize> {
+    pub(super) fn app_to_pbx(&self, buf: &mut [u8], len: usize) -> Option<usize> {
         let len = match self.app.lock().expect("bridge app leg").as_mut() {
             Some(srtp) => self.counted(srtp.unprotect_in_place(buf, len))?,
             None if self.app_secured => return None,
@@ -249,7 +249,7 @@ impl Bridge {
     }
 
     /// The packet from the PBX in `buf[..len]` made what the app gets, where it is.
-    fn pbx_to_app(&self, buf: &mut [u8], len: usize) -> Option<usize> {
+    pub(super) fn pbx_to_app(&self, buf: &mut [u8], len: usize) -> Option<usize> {
         if !self.toward_app.load(Ordering::Relaxed) {
             return None;
         }

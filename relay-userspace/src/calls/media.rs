@@ -125,14 +125,16 @@ impl Calls {
     /// instead: ChannelData from the app is stripped and sent on to the PBX, and the PBX's
     /// RTP gets the header and goes to the app from the TURN port, one flow pair in XDP.
     ///
-    /// A bridged call has no flows: the relay carries its media (the ICE connection sends
-    /// on the selected pair), and media toward the app resumes.
+    /// A bridged call's media is the relay's to transcrypt: on the AF_XDP workers where it
+    /// can be steered to them, else on the call's sockets (the ICE connection sends on the
+    /// selected pair); media toward the app resumes.
     pub(super) fn install(&self, call: &Call, pair: SelectedPair) {
         self.changed(call);
         let mut inner = call.inner();
         inner.state = CallState::Connected(pair);
         if let Some(bridge) = &inner.bridge {
             bridge.set_toward_app(true);
+            self.steer(call, &mut inner, pair);
             return;
         }
         let previous = inner.local_channel.take();
@@ -159,6 +161,7 @@ impl Calls {
                 channel: Some(ChannelOp::Strip(channel.number)),
                 rtcp_to_userspace: rtcp_apart,
                 opaque_payload: false,
+                to_worker: false,
             },
             None => FlowSpec {
                 src: pair.remote,
@@ -168,6 +171,7 @@ impl Calls {
                 channel: None,
                 rtcp_to_userspace: rtcp_apart,
                 opaque_payload: false,
+                to_worker: false,
             },
         };
         // The ICE and LAN sockets are the call's own: the kernel-only kind of flow.

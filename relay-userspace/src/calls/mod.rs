@@ -28,6 +28,7 @@ mod flows;
 mod media;
 mod restore;
 pub mod security;
+mod steer;
 mod streams;
 #[cfg(test)]
 mod tests;
@@ -249,6 +250,8 @@ struct CallInner {
     bridge: Option<Arc<bridge::Bridge>>,
     /// Installed flow ids, and what replaced ones carried.
     flows: CallFlows,
+    /// A bridged call's flows toward the AF_XDP workers.
+    steered: steer::SteeredFlows,
     /// A TURN-only app: the channel of its allocation on this relay that its media comes
     /// in on, which the call's flows carry.
     local_channel: Option<LocalChannel>,
@@ -1028,10 +1031,15 @@ impl Calls {
         }
     }
 
-    /// A kept call leaves this relayd: its tasks stop, its flows stay.
+    /// A kept call leaves this relayd: its tasks stop, its flows stay (but for those to
+    /// its workers, which stop with it: the next relayd steers the call again).
     async fn leave(&self, call: &Call) {
         self.calls().remove(&call.id);
-        let tasks = std::mem::take(&mut call.inner().tasks);
+        let tasks = {
+            let mut inner = call.inner();
+            self.unsteer(&mut inner);
+            std::mem::take(&mut inner.tasks)
+        };
         for task in tasks {
             task.abort();
         }
@@ -1064,6 +1072,7 @@ impl Calls {
         let (channel, tasks) = {
             let mut inner = call.inner();
             inner.flows.remove_all(&self.table, monotonic_ns());
+            self.unsteer(&mut inner);
             if let Some(bridge) = inner.bridge.take() {
                 let mut tally = self.tally.lock().expect("calls tally");
                 tally.bridged.add(&bridge.counters.read());

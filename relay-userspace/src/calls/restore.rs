@@ -70,6 +70,7 @@ fn flow_specs(record: &CallRecord) -> [FlowSpec; 2] {
         channel: None,
         rtcp_to_userspace: record.pbx_rtcp.is_some(),
         opaque_payload: false,
+        to_worker: false,
     };
     [to_pbx, to_pbx.reverse()]
 }

@@ -8,7 +8,7 @@ use crate::{
     cluster::{ClusterStatus, Link, NodeState},
     datapath::{
         ChannelOp, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
-        table::FlowInfo,
+        table::FlowInfo, worker::WorkerCounters,
     },
     signalling::server::SignallingStatus,
     turn::driver::{AllocationReport, TurnStatus},
@@ -51,6 +51,48 @@ impl From<DatapathStatus> for wire::DatapathStatus {
             capacity: status.capacity,
             fallback_reason: status.fallback_reason,
             pin_dir: status.pin_dir,
+            transcrypt: match status.workers {
+                Some(workers) => wire::TranscryptStatus {
+                    path: "af_xdp".into(),
+                    reason: None,
+                    threads: workers.threads,
+                    sockets: workers
+                        .sockets
+                        .into_iter()
+                        .map(|socket| wire::WorkerSocket {
+                            interface: socket.interface,
+                            queue: socket.queue,
+                            mode: if socket.zero_copy {
+                                "zero-copy"
+                            } else {
+                                "copy"
+                            }
+                            .into(),
+                        })
+                        .collect(),
+                    counters: workers.counters.into(),
+                },
+                None => wire::TranscryptStatus {
+                    path: "sockets".into(),
+                    reason: status.workers_reason,
+                    ..wire::TranscryptStatus::default()
+                },
+            },
+        }
+    }
+}
+
+impl From<WorkerCounters> for wire::WorkerCounters {
+    fn from(counters: WorkerCounters) -> Self {
+        wire::WorkerCounters {
+            received: counters.received,
+            sent: counters.sent,
+            sent_bytes: counters.sent_bytes,
+            unknown_flow: counters.unknown_flow,
+            refused: counters.refused,
+            malformed: counters.malformed,
+            not_sent: counters.not_sent,
+            kernel_dropped: counters.kernel_dropped,
         }
     }
 }
@@ -90,6 +132,7 @@ impl From<FlowSpec> for wire::FlowSpec {
             channel: spec.channel.map(Into::into),
             rtcp_to_userspace: spec.rtcp_to_userspace,
             opaque_payload: spec.opaque_payload,
+            to_worker: spec.to_worker,
         }
     }
 }

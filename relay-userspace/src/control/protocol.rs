@@ -356,6 +356,47 @@ pub struct DatapathStatus {
     /// Why "auto" fell back to userspace, when it did.
     pub fallback_reason: Option<String>,
     pub pin_dir: Option<String>,
+    /// Where bridged calls' transcrypted media goes.
+    #[serde(default)]
+    pub transcrypt: TranscryptStatus,
+}
+
+/// The path of transcrypted media: AF_XDP workers, or the relay's sockets (with why, when
+/// the workers were wanted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscryptStatus {
+    /// "af_xdp" or "sockets".
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default)]
+    pub sockets: Vec<WorkerSocket>,
+    #[serde(default)]
+    pub counters: WorkerCounters,
+}
+
+/// One AF_XDP socket of the workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSocket {
+    pub interface: String,
+    pub queue: u32,
+    /// "zero-copy" or "copy".
+    pub mode: String,
+}
+
+/// What the AF_XDP workers counted since relayd started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounters {
+    pub received: u64,
+    pub sent: u64,
+    pub sent_bytes: u64,
+    pub unknown_flow: u64,
+    pub refused: u64,
+    pub malformed: u64,
+    pub not_sent: u64,
+    pub kernel_dropped: u64,
 }
 
 /// Packets and bytes the XDP program counted for one verdict, summed over CPUs.
@@ -399,6 +440,9 @@ pub struct FlowSpec {
     /// The payload is someone's data (a TURN channel's), forwarded whatever its first byte.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub opaque_payload: bool,
+    /// A transcryption worker rewrites the packets (a bridged call's media).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub to_worker: bool,
 }
 
 /// Packets forwarded by the XDP program and by the userspace path.

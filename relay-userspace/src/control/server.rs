@@ -369,6 +369,7 @@ fn dispatch(request: &Request, services: &Services) -> Result<Value, ErrorBody> 
                 channel: params.channel.map(Into::into),
                 rtcp_to_userspace: false,
                 opaque_payload: false,
+                to_worker: false,
             };
             let specs = if params.reverse {
                 vec![spec, spec.reverse()]

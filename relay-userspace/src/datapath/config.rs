@@ -42,6 +42,18 @@ impl XdpModeChoice {
     }
 }
 
+/// Where a bridged call's transcrypted media goes: AF_XDP workers (the XDP program steers
+/// the packets to them) or the relay's sockets.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TranscryptPath {
+    /// AF_XDP workers with the XDP datapath when their sockets open; sockets otherwise.
+    Auto,
+    /// AF_XDP workers, or relayd does not start.
+    AfXdp,
+    Sockets,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatapathConfig {
@@ -50,6 +62,7 @@ pub struct DatapathConfig {
     pub xdp_mode: XdpModeChoice,
     pub pin_dir: PathBuf,
     pub capacity: u32,
+    pub transcrypt: TranscryptPath,
 }
 
 impl Default for DatapathConfig {
@@ -60,6 +73,7 @@ impl Default for DatapathConfig {
             xdp_mode: XdpModeChoice::Auto,
             pin_dir: PathBuf::from(paths::PIN_DIR),
             capacity: relay_common::FLOWS_DEFAULT_CAPACITY,
+            transcrypt: TranscryptPath::Auto,
         }
     }
 }
@@ -109,6 +123,13 @@ impl DatapathConfig {
                 "datapath.interfaces",
                 "[]".to_owned(),
                 "mode \"xdp\" needs at least one interface to attach to",
+            );
+        }
+        if self.transcrypt == TranscryptPath::AfXdp && self.mode == DatapathMode::Userspace {
+            problem(
+                "datapath.transcrypt",
+                "\"af_xdp\"".to_owned(),
+                "AF_XDP workers need the XDP datapath (mode \"xdp\" or \"auto\")",
             );
         }
         if !self.pin_dir.is_absolute() {

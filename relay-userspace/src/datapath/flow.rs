@@ -4,8 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use relay_common::{
     CHANNEL_MAX, CHANNEL_MIN, CHANNEL_OP_ADD, CHANNEL_OP_NONE, CHANNEL_OP_STRIP, FAMILY_IPV4,
-    FAMILY_IPV6, FLOW_FLAG_OPAQUE_PAYLOAD, FLOW_FLAG_RTCP_TO_USERSPACE, FlowAction, FlowKey,
-    address_octets, address_words,
+    FAMILY_IPV6, FLOW_FLAG_OPAQUE_PAYLOAD, FLOW_FLAG_RTCP_TO_USERSPACE, FLOW_FLAG_TO_WORKER,
+    FlowAction, FlowKey, address_octets, address_words,
 };
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,10 @@ pub struct FlowSpec {
     /// the kernel with the rest.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub opaque_payload: bool,
+    /// The packets are transcrypted by a worker (AF_XDP): the kernel steers them to the
+    /// worker socket of their queue, unchanged, and the worker rewrites and sends them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub to_worker: bool,
 }
 
 /// What a flow does with TURN ChannelData framing (RFC 8656 section 12).
@@ -78,6 +82,7 @@ impl FlowSpec {
             }),
             rtcp_to_userspace: false,
             opaque_payload: self.opaque_payload,
+            to_worker: self.to_worker,
         }
     }
 
@@ -184,6 +189,10 @@ impl FlowSpec {
                 FLOW_FLAG_OPAQUE_PAYLOAD
             } else {
                 0
+            } | if self.to_worker {
+                FLOW_FLAG_TO_WORKER
+            } else {
+                0
             },
         }
     }
@@ -211,6 +220,7 @@ impl FlowSpec {
             },
             rtcp_to_userspace: action.flags & FLOW_FLAG_RTCP_TO_USERSPACE != 0,
             opaque_payload: action.flags & FLOW_FLAG_OPAQUE_PAYLOAD != 0,
+            to_worker: action.flags & FLOW_FLAG_TO_WORKER != 0,
         }
     }
 }
@@ -247,6 +257,7 @@ mod tests {
             channel: None,
             rtcp_to_userspace: false,
             opaque_payload: false,
+            to_worker: false,
         }
     }
 

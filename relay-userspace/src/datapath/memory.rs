@@ -32,6 +32,8 @@ impl Datapath for Arc<Memory> {
             capacity: self.capacity.unwrap_or(4),
             fallback_reason: None,
             pin_dir: None,
+            workers: None,
+            workers_reason: None,
         }
     }
 

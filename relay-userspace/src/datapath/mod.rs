@@ -9,7 +9,9 @@ pub mod flow;
 pub mod memory;
 pub mod table;
 pub mod userspace;
+pub mod worker;
 pub mod xdp;
+mod xsk;
 
 use std::{io, net::SocketAddr};
 
@@ -40,6 +42,10 @@ pub struct DatapathStatus {
     /// Why "auto" fell back to userspace, when it did.
     pub fallback_reason: Option<String>,
     pub pin_dir: Option<String>,
+    /// The AF_XDP workers, when bridged media takes them; else the sockets carry it.
+    pub workers: Option<worker::WorkersStatus>,
+    /// Why `transcrypt = "auto"` left bridged media on the sockets with the XDP datapath.
+    pub workers_reason: Option<String>,
 }
 
 /// Counters of one flow: packets forwarded by the XDP program and by the userspace path.
@@ -160,6 +166,10 @@ pub trait Datapath: Send + Sync {
     fn stats(&self) -> DatapathStats;
     /// Flows found in the datapath at start-up (pinned kernel maps): `(id, generation, spec)`.
     fn installed(&self) -> Vec<(u32, u32, FlowSpec)>;
+    /// The AF_XDP transcryption workers, when this datapath has them.
+    fn workers(&self) -> Option<&worker::Workers> {
+        None
+    }
 }
 
 /// The userspace datapath.
@@ -177,6 +187,8 @@ impl Datapath for UserspaceDatapath {
             capacity: self.capacity,
             fallback_reason: self.fallback_reason.clone(),
             pin_dir: None,
+            workers: None,
+            workers_reason: None,
         }
     }
 

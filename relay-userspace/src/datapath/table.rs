@@ -159,6 +159,11 @@ impl FlowTable {
         self.datapath.stats()
     }
 
+    /// The AF_XDP transcryption workers, when the datapath has them.
+    pub fn workers(&self) -> Option<&super::worker::Workers> {
+        self.datapath.workers()
+    }
+
     pub fn len(&self) -> usize {
         self.state().flows.len()
     }
@@ -480,6 +485,7 @@ mod tests {
             channel: None,
             rtcp_to_userspace: false,
             opaque_payload: false,
+            to_worker: false,
         }
     }
 

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, XskMap},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -24,15 +24,17 @@ use aya::{
 use relay_common::{
     EGRESS_MAP, FLOWS_MAP, FlowCounters as KernelCounters, FlowKey, FlowValue, NextHopCache,
     STATS_MAP, StatCounter, VLANS_MAP, Verdict, VlanDevice, XDP_PASS_PROGRAM, XDP_RELAY_PROGRAM,
+    XSK_INDEX_MAP, XSK_QUEUES_PER_INTERFACE, XSKS_MAP,
 };
 use tokio::runtime::Handle;
 
 use super::{
     Datapath, DatapathError, DatapathKind, DatapathStats, DatapathStatus, FlowCounters, FlowSpec,
     InterfaceStatus, SlowPath, VerdictCount, batch::BatchReader, userspace::SocketForwarder,
+    worker::Workers,
 };
 use crate::{
-    datapath::config::{DatapathConfig, XdpModeChoice},
+    datapath::config::{DatapathConfig, TranscryptPath, XdpModeChoice},
     paths,
     time::monotonic_ns,
 };
@@ -69,6 +71,8 @@ pub struct KernelProgram {
     stats: PerCpuArray<MapData, StatCounter>,
     egress: DevMapHash<MapData>,
     vlans: HashMap<MapData, u32, VlanDevice>,
+    xsks: XskMap<MapData>,
+    xsk_index: HashMap<MapData, u32, u32>,
     capacity: u32,
     pin_dir: PathBuf,
 }
@@ -115,6 +119,8 @@ impl KernelProgram {
             .with_context(|| mismatch(EGRESS_MAP))?;
         let vlans = HashMap::try_from(take_map(&mut ebpf, VLANS_MAP)?)
             .with_context(|| mismatch(VLANS_MAP))?;
+        let xsks = XskMap::try_from(take_map(&mut ebpf, XSKS_MAP)?)?;
+        let xsk_index = HashMap::try_from(take_map(&mut ebpf, XSK_INDEX_MAP)?)?;
         if pinned_capacity != capacity {
             tracing::warn!(
                 pinned_capacity,
@@ -132,6 +138,8 @@ impl KernelProgram {
             stats,
             egress,
             vlans,
+            xsks,
+            xsk_index,
             capacity: pinned_capacity,
             pin_dir: pin_dir.to_owned(),
         })
@@ -165,6 +173,26 @@ impl KernelProgram {
             }
         }
         Ok(())
+    }
+
+    /// Starts the transcryption workers on `interfaces` (name, ifindex) and lets the
+    /// program steer to their sockets.
+    pub fn start_workers(&mut self, interfaces: &[(String, u32)]) -> anyhow::Result<Workers> {
+        let mut listed = Vec::new();
+        for (slot, (name, ifindex)) in interfaces.iter().enumerate() {
+            let first = slot as u32 * XSK_QUEUES_PER_INTERFACE;
+            listed.push((name.clone(), *ifindex, first));
+        }
+        let xsks = &mut self.xsks;
+        let workers = Workers::start(&listed, |(index, fd)| {
+            xsks.set(index, fd, 0).map_err(io::Error::other)
+        })?;
+        for (name, ifindex, first) in &listed {
+            self.xsk_index
+                .insert(ifindex, first, 0)
+                .with_context(|| format!("registering {name}'s worker sockets"))?;
+        }
+        Ok(workers)
     }
 
     /// Tells the program that a fib lookup answering `ifindex` means "send on
@@ -287,6 +315,9 @@ impl KernelProgram {
 }
 
 pub struct XdpDatapath {
+    /// Dropped first: the workers' sockets leave the program's map as they close.
+    workers: Option<Workers>,
+    workers_reason: Option<String>,
     kernel: Mutex<KernelProgram>,
     interfaces: Vec<InterfaceStatus>,
     slow_path: SocketForwarder,
@@ -307,7 +338,7 @@ impl XdpDatapath {
         detach_stale_links(&config.pin_dir, &interfaces)?;
         let mut attached = Vec::new();
         let program = kernel.program_mut(XDP_RELAY_PROGRAM)?;
-        for (name, ifindex) in interfaces {
+        for (name, ifindex) in interfaces.clone() {
             let link_pin = config.pin_dir.join(format!("{LINK_PIN_PREFIX}{name}"));
             let mode = if link_pin.exists() {
                 let mode = take_over_link(program, &name, &link_pin)?;
@@ -327,7 +358,32 @@ impl XdpDatapath {
                 xdp_mode: mode,
             });
         }
+        let (workers, workers_reason) = match config.transcrypt {
+            TranscryptPath::Sockets => (None, None),
+            choice => match kernel.start_workers(&interfaces) {
+                Ok(workers) => {
+                    let status = workers.status();
+                    tracing::info!(
+                        threads = status.threads,
+                        sockets = status.sockets.len(),
+                        zero_copy = status.sockets.iter().all(|socket| socket.zero_copy),
+                        "XDP: AF_XDP workers carry bridged media"
+                    );
+                    (Some(workers), None)
+                }
+                Err(err) if choice == TranscryptPath::Auto => {
+                    let reason = format!("{err:#}");
+                    tracing::warn!(
+                        "XDP: bridged media stays on the relay's sockets: AF_XDP workers could not start: {reason}"
+                    );
+                    (None, Some(reason))
+                }
+                Err(err) => return Err(err.context("datapath.transcrypt = \"af_xdp\"")),
+            },
+        };
         Ok(XdpDatapath {
+            workers,
+            workers_reason,
             kernel: Mutex::new(kernel),
             interfaces: attached,
             slow_path: SocketForwarder::new(runtime),
@@ -348,6 +404,8 @@ impl Datapath for XdpDatapath {
             capacity: kernel.capacity,
             fallback_reason: None,
             pin_dir: Some(kernel.pin_dir.display().to_string()),
+            workers: self.workers.as_ref().map(Workers::status),
+            workers_reason: self.workers_reason.clone(),
         }
     }
 
@@ -428,6 +486,10 @@ impl Datapath for XdpDatapath {
 
     fn installed(&self) -> Vec<(u32, u32, FlowSpec)> {
         self.kernel().installed()
+    }
+
+    fn workers(&self) -> Option<&Workers> {
+        self.workers.as_ref()
     }
 }
 

@@ -605,6 +605,7 @@ impl StreamMedia {
                     channel: None,
                     rtcp_to_userspace: from.rtcp_mux && !to.rtcp_mux,
                     opaque_payload: false,
+                    to_worker: false,
                 },
             ));
             if !from.rtcp_mux {
@@ -623,6 +624,7 @@ impl StreamMedia {
                         channel: None,
                         rtcp_to_userspace: false,
                         opaque_payload: false,
+                        to_worker: false,
                     },
                 ));
             }

@@ -1053,6 +1053,7 @@ pub(crate) fn channel_flows(
         // The client's data both ways, whatever its first byte: the relay is no ICE or
         // DTLS endpoint of a channel (a call that borrows one installs its own flows).
         opaque_payload: true,
+        to_worker: false,
     };
     [to_peer, to_peer.reverse()]
 }

@@ -36,6 +36,37 @@ pub fn run(client: &mut ControlClient, json: bool) -> Result<(), ClientError> {
     if let Some(dir) = &datapath.pin_dir {
         println!("pinned in   {dir}");
     }
+    let transcrypt = &datapath.transcrypt;
+    if transcrypt.path == "af_xdp" {
+        let sockets: Vec<String> = transcrypt
+            .sockets
+            .iter()
+            .map(|s| format!("{} queue {} ({})", s.interface, s.queue, s.mode))
+            .collect();
+        let counters = &transcrypt.counters;
+        println!(
+            "transcrypt  AF_XDP workers: {} thread(s) on {}",
+            transcrypt.threads,
+            sockets.join(", ")
+        );
+        println!(
+            "            {} packets in, {} out; dropped: {} refused (SRTP), {} unknown flow, {} malformed, {} not sent, {} by the kernel",
+            counters.received,
+            counters.sent,
+            counters.refused,
+            counters.unknown_flow,
+            counters.malformed,
+            counters.not_sent,
+            counters.kernel_dropped
+        );
+    } else if !transcrypt.path.is_empty() {
+        match &transcrypt.reason {
+            Some(reason) => {
+                println!("transcrypt  relay's sockets (AF_XDP workers could not start: {reason})")
+            }
+            None => println!("transcrypt  relay's sockets"),
+        }
+    }
     let percent = status.flows as f64 * 100.0 / f64::from(datapath.capacity.max(1));
     println!(
         "flows       {} of {} ({percent:.1}%), idle timeout {}",

@@ -739,6 +739,7 @@ fn channel_bind_offloads_and_relays_channel_data() {
         channel: Some(ChannelOp::Strip(0x4001)),
         rtcp_to_userspace: false,
         opaque_payload: true,
+        to_worker: false,
     };
     assert_eq!(actions, [Action::Offload([to_peer, to_peer.reverse()])]);
     // Refreshing the binding offloads nothing new.
@@ -1279,6 +1280,7 @@ fn a_snapshot_restores_into_a_new_server() {
         channel: Some(ChannelOp::Strip(0x4001)),
         rtcp_to_userspace: false,
         opaque_payload: true,
+        to_worker: false,
     };
     assert_eq!(
         actions,

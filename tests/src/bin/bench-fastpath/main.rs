@@ -115,6 +115,7 @@ fn program_cost() {
             channel: None,
             rtcp_to_userspace: false,
             opaque_payload: false,
+            to_worker: false,
         };
         kernel.install(1, 1, &bench).unwrap();
         let hit = Frame {
@@ -144,6 +145,7 @@ fn program_cost() {
             channel: Some(ChannelOp::Strip(0x4001)),
             rtcp_to_userspace: false,
             opaque_payload: false,
+            to_worker: false,
         };
         kernel.install(2, 1, &turn).unwrap();
         // Its answers, sent back to a neighbour so that the bench needs no route.
@@ -179,6 +181,7 @@ fn program_cost() {
                 channel: None,
                 rtcp_to_userspace: false,
                 opaque_payload: false,
+                to_worker: false,
             };
             kernel.install(i + 4, 1, &spec).unwrap();
             if i % 100_000 == 99_999 {
