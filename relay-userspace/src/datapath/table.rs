@@ -131,6 +131,13 @@ impl FlowTable {
                 self.datapath.remove(&spec);
                 continue;
             }
+            // A flow to the workers of the relayd that installed it: their handlers went
+            // with it. Its call, once restored, is steered again.
+            if spec.to_worker {
+                tracing::info!(id, src = %spec.src, dst = %spec.dst, "pinned flow of an earlier relayd's transcryption workers removed");
+                self.datapath.remove(&spec);
+                continue;
+            }
             // ChannelData flows are the TURN server's: its sockets serve their relay addresses.
             let slow_path = if spec.channel.is_some() {
                 SlowPath::External

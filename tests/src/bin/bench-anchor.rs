@@ -1,7 +1,9 @@
 //! `cargo xtask bench anchor`: bridged calls in the edge lab (apps behind the NAT, the relay
 //! with WAN and LAN, an RTP echo on the PBX), the relay terminating each leg's security:
 //! SDES-SRTP (AES_CM_128_HMAC_SHA1_80) toward the app, plain RTP toward the PBX, every
-//! packet transcrypted. Side by side in the same run, rtpengine 10.5 in userspace mode
+//! packet transcrypted: by relayd's AF_XDP workers (the XDP program steers the calls' media
+//! to them), by relayd on the calls' sockets (`datapath.transcrypt = "sockets"`), and,
+//! side by side in the same run, by rtpengine 10.5 in userspace mode
 //! (`--table=-1`, Debian `rtpengine-daemon`) bridges the same calls, driven over its ng
 //! protocol as Kamailio drives it (`transport-protocol=RTP/SAVP`, SDES toward the app).
 //!
@@ -20,7 +22,8 @@
 //!    unprotects it for the PBX, the PBX echoes, the relay protects the echo for the app:
 //!    50 packets/s each way per call. Counted by nftables at the NAT (toward the relay,
 //!    back to the app) and at the PBX; the echo toward the app is dropped (counted) when it
-//!    reaches the app's host, so no app reads it. Loss each way, the relay's CPU, and its
+//!    reaches the app's host, so no app reads it. Loss each way, the relay's CPU (its
+//!    process, workers included, plus the XDP program's run time from bpf_stats), and its
 //!    CPU per bridged packet (both directions).
 
 use std::{
@@ -40,7 +43,7 @@ use relay_tests::{
     dtls_app::{dtls_answer, fingerprint, handshake},
     generator::paced_udp_each,
     lab::{APPS_BEHIND_ONE_NAT, EdgeLab, anchor_config},
-    measure::{host_busy_ns, process_cpu_ns},
+    measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, xdp_run_stats},
     netns::{PinDir, enter_by_name},
     ng::NgClient,
     relayd::Relayd,
@@ -79,14 +82,18 @@ const NAT_PUBLIC: &str = "198.51.100.2";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Relay {
-    Ours,
+    /// relayd with its AF_XDP workers (`datapath.transcrypt = "af_xdp"`).
+    Workers,
+    /// relayd transcrypting on the calls' sockets (`datapath.transcrypt = "sockets"`).
+    Sockets,
     Rtpengine,
 }
 
 impl Relay {
     fn name(self) -> &'static str {
         match self {
-            Relay::Ours => "relayd",
+            Relay::Workers => "relayd/af_xdp",
+            Relay::Sockets => "relayd/sockets",
             Relay::Rtpengine => "rtpengine",
         }
     }
@@ -105,9 +112,13 @@ struct Step {
     offered_pps: f64,
     loss_to_pbx: f64,
     loss_to_app: f64,
+    /// relayd's or rtpengine's process CPU (workers included), plus the XDP program's run
+    /// time (bpf_stats).
     relay_cpu_percent: f64,
     /// The relay's CPU time per packet it bridged (toward the PBX and toward the app).
     relay_us_per_packet: f64,
+    /// The XDP program's run time per packet it saw (bpf_stats), part of the above.
+    xdp_ns_per_packet: f64,
     host_cpu_percent: f64,
 }
 
@@ -141,7 +152,7 @@ fn main() {
     }
     require_root();
     let mut results = Vec::new();
-    for relay in [Relay::Ours, Relay::Rtpengine] {
+    for relay in [Relay::Workers, Relay::Sockets, Relay::Rtpengine] {
         eprintln!("bench anchor: {}", relay.name());
         results.push((relay, run(relay)));
     }
@@ -287,14 +298,15 @@ fn run(relay: Relay) -> Run {
         ),
     ]);
     match relay {
-        Relay::Ours => run_ours(&lab),
+        Relay::Workers => run_ours(&lab, "af_xdp"),
+        Relay::Sockets => run_ours(&lab, "sockets"),
         Relay::Rtpengine => run_rtpengine(&lab),
     }
 }
 
 /// relayd's configuration for the edge lab with LAN ports for 2,000 calls, no stats events,
-/// and `extra` lines in `[calls]`.
-fn bench_config(pins: &PinDir, extra: &str) -> ConfigFile {
+/// and `extra` lines in `[calls]`; transcrypted media on `transcrypt` (`datapath.transcrypt`).
+fn bench_config(pins: &PinDir, extra: &str, transcrypt: &str) -> ConfigFile {
     let config = anchor_config(
         &pins.path,
         "acme",
@@ -304,15 +316,23 @@ fn bench_config(pins: &PinDir, extra: &str) -> ConfigFile {
         ),
     )
     // Waves of calls send the controller bursts of results and events.
-    .replace("[signalling]\n", "[signalling]\nqueue_length = 4096\n");
+    .replace("[signalling]\n", "[signalling]\nqueue_length = 4096\n")
+    .replace(
+        "[datapath]\n",
+        &format!("[datapath]\ntranscrypt = \"{transcrypt}\"\n"),
+    );
     ConfigFile::new(&config)
 }
 
 /// relayd with `calls.app_media = "sdes-srtp"`: the PBX's plain offer reaches each app as
 /// RTP/SAVPF with a key of the relay's; the app answers with its own.
-fn run_ours(lab: &EdgeLab) -> Run {
+fn run_ours(lab: &EdgeLab, transcrypt: &str) -> Run {
     let pins = PinDir::new();
-    let config = bench_config(&pins, "app_media = \"sdes-srtp\"\nmedia_timeout_secs = 600");
+    let config = bench_config(
+        &pins,
+        "app_media = \"sdes-srtp\"\nmedia_timeout_secs = 600",
+        transcrypt,
+    );
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
 
@@ -542,7 +562,7 @@ fn run_dtls_setup() -> DtlsSetup {
     let lab = EdgeLab::new();
     let _echo = PbxEcho::start(&lab.pbx);
     let pins = PinDir::new();
-    let config = bench_config(&pins, "");
+    let config = bench_config(&pins, "", "af_xdp");
     let relayd = Relayd::start(Some(&lab.relay), &["--config", config.path()]);
     let fingerprint = relayd.signalling_fingerprint();
     let users = DTLS_SEQUENTIAL + DTLS_WAVE;
@@ -739,6 +759,7 @@ fn load_steps(lab: &EdgeLab, relay_pid: u32, calls: &[BridgedCall]) -> Vec<Step>
     // The generator's thread protects each packet; the streams go on from step to step.
     let streams = Arc::new(Mutex::new(streams));
     let mut steps = Vec::new();
+    sysctl_bpf_stats(true);
     for n in STEPS.into_iter().filter(|n| *n <= calls.len()) {
         let flows: Vec<(SocketAddrV4, SocketAddrV4)> = calls[..n]
             .iter()
@@ -752,6 +773,7 @@ fn load_steps(lab: &EdgeLab, relay_pid: u32, calls: &[BridgedCall]) -> Vec<Step>
             counter(&lab.nat, "to_app"),
         );
         let cpu_before = process_cpu_ns(relay_pid);
+        let xdp_before = xdp_run_stats().unwrap_or_default();
         let host_before = host_busy_ns();
         let sent = {
             let streams = streams.clone();
@@ -765,7 +787,9 @@ fn load_steps(lab: &EdgeLab, relay_pid: u32, calls: &[BridgedCall]) -> Vec<Step>
         };
         thread::sleep(Duration::from_millis(500));
         let elapsed = sent.elapsed_secs;
-        let cpu = process_cpu_ns(relay_pid) - cpu_before;
+        let xdp_after = xdp_run_stats().unwrap_or_default();
+        let (xdp_ns, xdp_runs) = (xdp_after.0 - xdp_before.0, xdp_after.1 - xdp_before.1);
+        let cpu = process_cpu_ns(relay_pid) - cpu_before + xdp_ns;
         let host = host_busy_ns() - host_before;
         let to_relay = counter(&lab.nat, "to_relay") - before.0;
         let at_pbx = counter(&lab.pbx, "at_pbx") - before.1;
@@ -777,9 +801,11 @@ fn load_steps(lab: &EdgeLab, relay_pid: u32, calls: &[BridgedCall]) -> Vec<Step>
             loss_to_app: loss(at_pbx, to_app),
             relay_cpu_percent: cpu as f64 / (elapsed * 1e9) * 100.0,
             relay_us_per_packet: cpu as f64 / 1e3 / (at_pbx + to_app).max(1) as f64,
+            xdp_ns_per_packet: xdp_ns as f64 / xdp_runs.max(1) as f64,
             host_cpu_percent: host as f64 / (elapsed * 1e9 * 2.0) * 100.0,
         });
     }
+    sysctl_bpf_stats(false);
     steps
 }
 
@@ -796,7 +822,7 @@ fn print_tables(results: &[(Relay, Run)]) {
         );
     }
     println!(
-        "{:<10} {:>6} {:>12} {:>12} {:>12} {:>10} {:>15} {:>9}",
+        "{:<15} {:>6} {:>12} {:>12} {:>12} {:>10} {:>15} {:>11} {:>9}",
         "relay",
         "calls",
         "offered pps",
@@ -804,12 +830,13 @@ fn print_tables(results: &[(Relay, Run)]) {
         "loss to app",
         "relay CPU",
         "us/bridged pkt",
+        "XDP ns/pkt",
         "host CPU"
     );
     for (relay, run) in results {
         for step in &run.steps {
             println!(
-                "{:<10} {:>6} {:>12.0} {:>11.3}% {:>11.3}% {:>9.1}% {:>15.2} {:>8.1}%",
+                "{:<15} {:>6} {:>12.0} {:>11.3}% {:>11.3}% {:>9.1}% {:>15.2} {:>11.0} {:>8.1}%",
                 relay.name(),
                 step.calls,
                 step.offered_pps,
@@ -817,6 +844,7 @@ fn print_tables(results: &[(Relay, Run)]) {
                 step.loss_to_app * 100.0,
                 step.relay_cpu_percent,
                 step.relay_us_per_packet,
+                step.xdp_ns_per_packet,
                 step.host_cpu_percent,
             );
         }
