@@ -301,6 +301,25 @@ impl Collector for Sources {
             ]
             .map(|(reason, count)| ([("reason", reason)], ConstCounter::new(count))),
         )?;
+        if let Some(workers) = &status.workers {
+            let counters = workers.counters;
+            family(
+                &mut encoder,
+                "relay_transcrypt_packets",
+                "Packets of bridged calls the AF_XDP workers took (received), sent, or dropped, by reason (refused: SRTP authentication, replay or no keys; unknown_flow; malformed; not_sent: no socket, frame or ring room on the egress; kernel: before a worker saw them).",
+                MetricType::Counter,
+                [
+                    ("received", counters.received),
+                    ("sent", counters.sent),
+                    ("refused", counters.refused),
+                    ("unknown_flow", counters.unknown_flow),
+                    ("malformed", counters.malformed),
+                    ("not_sent", counters.not_sent),
+                    ("kernel", counters.kernel_dropped),
+                ]
+                .map(|(outcome, count)| ([("outcome", outcome)], ConstCounter::new(count))),
+            )?;
+        }
         if let Some(calls) = &self.calls {
             let tally = calls.tally();
             single(

@@ -17,7 +17,8 @@
 //! protects with its own (webrtc-srtp's contexts, keys from the SDPs), so the browser hears
 //! it only if the relay bridged DTLS-SRTP to SDES-SRTP both ways; the echo counts the
 //! packets that failed authentication. Its video is refused (SDES toward the PBX keys the
-//! audio only).
+//! audio only). The relay's AF_XDP workers carry the transcrypted media (the XDP program
+//! steers it to them; copy mode on veth).
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -344,7 +345,14 @@ fn assert_bridged(heard: &Value, relayd: &Relayd, call: u64) {
     assert_eq!(shown["bridged"]["auth_failures"], 0, "{shown}");
     assert!(
         shown["flows"].as_array().unwrap().is_empty(),
-        "a bridged call has no kernel flows: {shown}"
+        "a bridged call has no forwarding flows: {shown}"
+    );
+    // Its media is steered to the AF_XDP workers (veth: copy mode), which transcrypt it.
+    let workers = &status["datapath"]["transcrypt"];
+    assert_eq!(workers["path"], "af_xdp", "{status}");
+    assert!(
+        workers["counters"]["sent"].as_u64().unwrap() >= 200,
+        "the workers carried the call: {status}"
     );
 }
 

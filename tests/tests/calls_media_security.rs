@@ -6,8 +6,9 @@
 //!   `dtls-failed`;
 //! - a handshake that never starts: the call ends `dtls-timeout` after
 //!   `calls.dtls_timeout_secs`;
-//! - SRTP with a damaged tag and replayed SRTP: counted (`relayctl calls show`, `/metrics`)
-//!   and dropped, the good packets reach the PBX as plain RTP, byte for byte;
+//! - SRTP with a damaged tag, replayed and truncated SRTP: counted (`relayctl calls show`,
+//!   the AF_XDP workers' counters in `relayctl status`, `/metrics`) and dropped, the good
+//!   packets reach the PBX as plain RTP, byte for byte;
 //! - an answer with no codec of the offer's: `bad_request` naming the m-line, the call
 //!   still offered.
 
@@ -194,6 +195,9 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
                                 }
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                             }
+                            // Truncated: an RTP header and less than a tag.
+                            let last = srtp.encrypt_rtp(&rtp(61)).unwrap().to_vec();
+                            media.send(&last[..14]).await.unwrap();
                             to_test.send(json!(sent)).unwrap();
                         }
                     }
@@ -250,7 +254,23 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
         assert_eq!(shown["bridged"]["auth_failures"], 10, "{shown}");
         assert_eq!(shown["bridged"]["replays"], 10, "{shown}");
         assert_eq!(shown["to_pbx"]["packets"], 50, "{shown}");
+        // The AF_XDP workers carried the call (veth: copy mode) and refused the damaged,
+        // replayed and truncated packets. What the app sent before the relay's side of the
+        // handshake had ended and the call was steered went through the call's sockets.
+        let status = relayd.ctl_json(&["status"]);
+        let workers = &status["datapath"]["transcrypt"]["counters"];
+        let (sent, refused) = (
+            workers["sent"].as_u64().unwrap(),
+            workers["refused"].as_u64().unwrap(),
+        );
+        assert!((45..=50).contains(&sent), "{status}");
+        assert!((19..=21).contains(&refused), "{status}");
         let metrics = http_get(&lab.relay, METRICS, "/metrics");
+        assert_eq!(
+            metric(&metrics, r#"relay_transcrypt_packets_total{outcome="refused"}"#),
+            Some(refused),
+            "{metrics}"
+        );
         assert_eq!(
             metric(&metrics, r#"relay_calls_bridged_dropped_packets_total{reason="authentication"}"#),
             Some(10),
@@ -400,9 +420,25 @@ fn sdes_keys_both_sides_share_stay_in_the_kernel() {
 /// The PBX end echoes; the app unprotects the echo with the relay's key from the answer.
 #[test]
 fn an_sdes_app_calling_a_plain_pbx_is_bridged() {
+    sdes_app_to_plain_pbx("af_xdp");
+}
+
+/// The same on the calls' sockets (`datapath.transcrypt = "sockets"`): what relayd falls
+/// back to where AF_XDP cannot be had.
+#[test]
+fn an_sdes_app_calling_a_plain_pbx_is_bridged_on_the_sockets() {
+    sdes_app_to_plain_pbx("sockets");
+}
+
+fn sdes_app_to_plain_pbx(transcrypt: &'static str) {
     require_root();
     let started = Lab::start(
-        |pins| anchor_config(pins, "acme", API_KEY, ""),
+        |pins| {
+            anchor_config(pins, "acme", API_KEY, "").replace(
+                "[datapath]\n",
+                &format!("[datapath]\ntranscrypt = \"{transcrypt}\"\n"),
+            )
+        },
         &[],
         Duration::from_secs(2),
     );
@@ -528,12 +564,24 @@ fn an_sdes_app_calling_a_plain_pbx_is_bridged() {
             echoed >= u32::from(PACKETS) - 2,
             "the app unprotected the echoes: {echoed}"
         );
-        // Both directions took the AF_XDP workers (veth: copy mode), not the sockets.
+        // Both directions took the path asked for: the AF_XDP workers (veth: copy mode),
+        // or the sockets with nothing steered.
         let status = relayd.ctl_json(&["status"]);
-        let transcrypt = &status["datapath"]["transcrypt"];
-        assert_eq!(transcrypt["path"], "af_xdp", "{status}");
-        assert_eq!(transcrypt["sockets"][0]["mode"], "copy", "{status}");
-        let counters = &transcrypt["counters"];
+        let path = &status["datapath"]["transcrypt"];
+        assert_eq!(path["path"], transcrypt, "{status}");
+        let stats = relayd.ctl_json(&["stats"]);
+        let to_worker = stats["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["verdict"] == "to_worker")
+            .map_or(0, |v| v["packets"].as_u64().unwrap());
+        if transcrypt == "sockets" {
+            assert_eq!(to_worker, 0, "{stats}");
+            return;
+        }
+        assert_eq!(path["sockets"][0]["mode"], "copy", "{status}");
+        let counters = &path["counters"];
         let count = |name: &str| counters[name].as_u64().unwrap();
         assert!(
             count("sent") >= 2 * u64::from(PACKETS) - 4,
@@ -545,13 +593,6 @@ fn an_sdes_app_calling_a_plain_pbx_is_bridged() {
             0,
             "{status}"
         );
-        let stats = relayd.ctl_json(&["stats"]);
-        let to_worker = stats["verdicts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["verdict"] == "to_worker")
-            .map_or(0, |v| v["packets"].as_u64().unwrap());
         assert!(to_worker >= 2 * u64::from(PACKETS) - 4, "{stats}");
     });
 }

@@ -380,7 +380,9 @@ const BRIDGED_FIRST: u32 = 65_536 - 65;
 /// its packets went, the next relayd unprotects the app's SRTP and protects the PBX's
 /// echoes with the same keys from there on, across a rollover of the sequence numbers
 /// the store did not see; the DTLS certificate (the fingerprint the app checked) is the
-/// same. Packets sent while no relayd ran are lost; counted.
+/// same. Packets sent while no relayd ran are lost; counted. Both relayds carry the media
+/// on their AF_XDP workers: the workers' restart with relayd loses only what came while
+/// none ran.
 #[test]
 fn a_killed_relayd_keeps_a_bridged_call_and_its_keys() {
     killed_relayd_keeps_a_bridged_call(false);
@@ -531,6 +533,16 @@ fn killed_relayd_keeps_a_bridged_call(dtls_pbx: bool) {
         assert!(app.after >= AFTER * 98 / 100, "{}", relayd.log());
         assert!(to_pbx >= app.across + app.after, "{}", relayd.log());
         assert_eq!(shown["bridged"]["auth_failures"], 0, "{shown}");
+        // The new relayd's AF_XDP workers carried what came after (both directions): the
+        // flows steered to the old one's went at start, the restored call was steered anew.
+        let status = relayd.ctl_json(&["status"]);
+        let workers = &status["datapath"]["transcrypt"]["counters"];
+        assert!(
+            workers["sent"].as_u64().unwrap() >= 2 * u64::from(app.after),
+            "{status}\n{}",
+            relayd.log()
+        );
+        assert_eq!(workers["refused"], 0, "{status}");
         // Keys are in the store, never in the log.
         let store = std::fs::read(&state.0).unwrap();
         assert!(!store.is_empty());

@@ -59,7 +59,9 @@ use webrtc_srtp::context::Context;
 const API_KEY: &str = "bench-api-key-0123456789";
 const PBX_OFFER: &str = relay_tests::pbx::SDP;
 const CALLS: usize = 1000;
-/// `bench-anchor N`: at most N calls (a quick look); default CALLS.
+/// `bench-anchor N`: at most N calls (a quick look); default CALLS. A second argument
+/// runs only the relays whose name has it (`af_xdp`, `sockets`, `rtpengine`), without the
+/// DTLS setup part.
 fn max_calls() -> usize {
     std::env::args()
         .nth(1)
@@ -152,14 +154,20 @@ fn main() {
     }
     require_root();
     let mut results = Vec::new();
-    for relay in [Relay::Workers, Relay::Sockets, Relay::Rtpengine] {
+    // `bench-anchor N NAME`: only the relays whose name contains NAME (e.g. af_xdp).
+    let only = std::env::args().nth(2).unwrap_or_default();
+    for relay in [Relay::Workers, Relay::Sockets, Relay::Rtpengine]
+        .into_iter()
+        .filter(|relay| relay.name().contains(&only))
+    {
         eprintln!("bench anchor: {}", relay.name());
         results.push((relay, run(relay)));
     }
-    eprintln!("bench anchor: DTLS-SRTP setup with relayd");
-    let dtls = run_dtls_setup();
     print_tables(&results);
-    print_dtls(&dtls);
+    if only.is_empty() {
+        eprintln!("bench anchor: DTLS-SRTP setup with relayd");
+        print_dtls(&run_dtls_setup());
+    }
 }
 
 /// The SRTP transforms alone, on one core, no I/O: 172-byte RTP packets (20 ms of PCMU)
