@@ -108,6 +108,18 @@ pub fn process_cpu_ns(pid: u32) -> u64 {
     if read {
         return now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
     }
+    let (user, system) = user_and_system_ticks(pid);
+    (user + system) * 1_000_000_000 / clock_ticks()
+}
+
+/// The CPU time a process spent in user mode, all threads, in ns (clock-tick precision):
+/// its own work, without the system calls (and what the kernel runs inside them).
+pub fn process_user_ns(pid: u32) -> u64 {
+    user_and_system_ticks(pid).0 * 1_000_000_000 / clock_ticks()
+}
+
+/// utime and stime from /proc/PID/stat, in clock ticks.
+fn user_and_system_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -115,7 +127,7 @@ pub fn process_cpu_ns(pid: u32) -> u64 {
         .split_whitespace()
         .map(|f| f.parse().unwrap_or(0))
         .collect();
-    (fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0)) * 1_000_000_000 / clock_ticks()
+    (*fields.get(11).unwrap_or(&0), *fields.get(12).unwrap_or(&0))
 }
 
 fn clock_ticks() -> u64 {

@@ -321,8 +321,12 @@ impl WorkerState {
                 busy |= self.serve(index);
             }
             for socket in &mut self.sockets {
-                if let Err(err) = socket.flush() {
-                    tracing::warn!(ifindex = socket.ifindex, queue = socket.queue, %err, "worker: transmitting failed");
+                match socket.flush() {
+                    // Packets left in the TX ring: no sleeping until they are out.
+                    Ok(left) => busy |= left,
+                    Err(err) => {
+                        tracing::warn!(ifindex = socket.ifindex, queue = socket.queue, %err, "worker: transmitting failed");
+                    }
                 }
                 socket.reap();
                 socket.refill();

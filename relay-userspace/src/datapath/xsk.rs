@@ -151,6 +151,11 @@ impl<T: Copy> Ring<T> {
         unsafe { (*self.consumer).store(self.local, Ordering::Release) };
     }
 
+    /// Producer side: entries committed that the kernel has not taken yet.
+    fn unconsumed(&self) -> u32 {
+        self.local.wrapping_sub(self.shared(self.consumer))
+    }
+
     fn needs_wakeup(&self) -> bool {
         self.shared(self.flags) & libc::XDP_RING_NEED_WAKEUP != 0
     }
@@ -390,37 +395,44 @@ impl XskSocket {
         true
     }
 
-    /// Hands the queued packets to the kernel and wakes it when it sleeps (in copy mode
-    /// the transmission runs in this call).
-    pub fn flush(&mut self) -> io::Result<()> {
+    /// Hands the queued packets to the kernel and wakes it when it sleeps. In copy mode the
+    /// transmission runs in the kick, at most 32 packets each (the kernel's TX batch), so it
+    /// kicks until the ring is drained or the device pushes back. Whether packets are left
+    /// in the ring (the next flush goes on with them).
+    pub fn flush(&mut self) -> io::Result<bool> {
         if !self.unsent {
-            return Ok(());
+            return Ok(false);
         }
-        self.unsent = false;
         self.tx.commit();
-        if !self.tx.needs_wakeup() {
-            return Ok(());
+        for _ in 0..RING_SIZE / 32 + 1 {
+            if self.tx.unconsumed() == 0 || !self.tx.needs_wakeup() {
+                break;
+            }
+            // SAFETY: a send of nothing on our own socket: the kernel's TX kick.
+            let rc = unsafe {
+                libc::sendto(
+                    self.raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+            if rc >= 0 {
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // A full batch sent, more to go.
+                Some(libc::EAGAIN) => continue,
+                // The device pushes back: the entries stay for the next flush.
+                Some(libc::EBUSY | libc::ENOBUFS | libc::ENETDOWN) => break,
+                _ => return Err(err),
+            }
         }
-        // SAFETY: a send of nothing on our own socket: the kernel's TX kick.
-        let rc = unsafe {
-            libc::sendto(
-                self.raw_fd(),
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
-        if rc >= 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        // Busy or out of buffers: the entries stay in the ring for the next kick.
-        match err.raw_os_error() {
-            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::ENETDOWN) => Ok(()),
-            _ => Err(err),
-        }
+        self.unsent = self.tx.unconsumed() > 0;
+        Ok(self.unsent)
     }
 
     pub fn counters(&self) -> SocketCounters {

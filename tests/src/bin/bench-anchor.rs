@@ -43,7 +43,7 @@ use relay_tests::{
     dtls_app::{dtls_answer, fingerprint, handshake},
     generator::paced_udp_each,
     lab::{APPS_BEHIND_ONE_NAT, EdgeLab, anchor_config},
-    measure::{host_busy_ns, process_cpu_ns, sysctl_bpf_stats, xdp_run_stats},
+    measure::{host_busy_ns, process_cpu_ns, process_user_ns, sysctl_bpf_stats, xdp_run_stats},
     netns::{PinDir, enter_by_name},
     ng::NgClient,
     relayd::Relayd,
@@ -121,6 +121,10 @@ struct Step {
     relay_us_per_packet: f64,
     /// The XDP program's run time per packet it saw (bpf_stats), part of the above.
     xdp_ns_per_packet: f64,
+    /// The relay's user-mode CPU per bridged packet: its own work (crypto, rewriting,
+    /// polling rings), without the system calls and what the kernel runs inside them (on
+    /// veth, the receiving namespace's stack runs in the sender's system call).
+    user_us_per_packet: f64,
     host_cpu_percent: f64,
 }
 
@@ -781,6 +785,7 @@ fn load_steps(lab: &EdgeLab, relay_pid: u32, calls: &[BridgedCall]) -> Vec<Step>
             counter(&lab.nat, "to_app"),
         );
         let cpu_before = process_cpu_ns(relay_pid);
+        let user_before = process_user_ns(relay_pid);
         let xdp_before = xdp_run_stats().unwrap_or_default();
         let host_before = host_busy_ns();
         let sent = {
@@ -798,6 +803,7 @@ fn load_steps(lab: &EdgeLab, relay_pid: u32, calls: &[BridgedCall]) -> Vec<Step>
         let xdp_after = xdp_run_stats().unwrap_or_default();
         let (xdp_ns, xdp_runs) = (xdp_after.0 - xdp_before.0, xdp_after.1 - xdp_before.1);
         let cpu = process_cpu_ns(relay_pid) - cpu_before + xdp_ns;
+        let user = process_user_ns(relay_pid) - user_before;
         let host = host_busy_ns() - host_before;
         let to_relay = counter(&lab.nat, "to_relay") - before.0;
         let at_pbx = counter(&lab.pbx, "at_pbx") - before.1;
@@ -810,6 +816,7 @@ fn load_steps(lab: &EdgeLab, relay_pid: u32, calls: &[BridgedCall]) -> Vec<Step>
             relay_cpu_percent: cpu as f64 / (elapsed * 1e9) * 100.0,
             relay_us_per_packet: cpu as f64 / 1e3 / (at_pbx + to_app).max(1) as f64,
             xdp_ns_per_packet: xdp_ns as f64 / xdp_runs.max(1) as f64,
+            user_us_per_packet: user as f64 / 1e3 / (at_pbx + to_app).max(1) as f64,
             host_cpu_percent: host as f64 / (elapsed * 1e9 * 2.0) * 100.0,
         });
     }
@@ -830,7 +837,7 @@ fn print_tables(results: &[(Relay, Run)]) {
         );
     }
     println!(
-        "{:<15} {:>6} {:>12} {:>12} {:>12} {:>10} {:>15} {:>11} {:>9}",
+        "{:<15} {:>6} {:>12} {:>12} {:>12} {:>10} {:>15} {:>11} {:>12} {:>9}",
         "relay",
         "calls",
         "offered pps",
@@ -839,12 +846,13 @@ fn print_tables(results: &[(Relay, Run)]) {
         "relay CPU",
         "us/bridged pkt",
         "XDP ns/pkt",
+        "user us/pkt",
         "host CPU"
     );
     for (relay, run) in results {
         for step in &run.steps {
             println!(
-                "{:<15} {:>6} {:>12.0} {:>11.3}% {:>11.3}% {:>9.1}% {:>15.2} {:>11.0} {:>8.1}%",
+                "{:<15} {:>6} {:>12.0} {:>11.3}% {:>11.3}% {:>9.1}% {:>15.2} {:>11.0} {:>12.2} {:>8.1}%",
                 relay.name(),
                 step.calls,
                 step.offered_pps,
@@ -853,6 +861,7 @@ fn print_tables(results: &[(Relay, Run)]) {
                 step.relay_cpu_percent,
                 step.relay_us_per_packet,
                 step.xdp_ns_per_packet,
+                step.user_us_per_packet,
                 step.host_cpu_percent,
             );
         }

@@ -160,6 +160,11 @@ pub fn run(
                 println!("match       {} -> {}", flow.spec.src, flow.spec.dst);
                 println!("send        {} -> {}", flow.spec.new_src, flow.spec.new_dst);
                 println!("channel     {}", channel(&flow.spec.channel));
+                if flow.spec.to_worker {
+                    println!(
+                        "transcrypt  AF_XDP workers (a bridged call's media; xdp counts what the program steered to them)"
+                    );
+                }
                 println!(
                     "xdp         {} packets, {}",
                     c.xdp_packets,
