@@ -1,8 +1,9 @@
 //! relayd as the packaged unit runs it: not root, but a system user with exactly the
 //! ambient capabilities packaging/relayd.service grants (read from the unit), bpffs
 //! mounted root-only (mode 0700) as systemd mounts it, and the pin directory made for it by
-//! root, as the unit's `ExecStartPre=+` does. It must attach XDP, forward a flow in the
-//! kernel, and after a restart adopt that flow from its pins.
+//! root, as the unit's `ExecStartPre=+` does, with the unit's LimitMEMLOCK. It must attach
+//! XDP, open the transcryption workers' AF_XDP sockets, forward a flow in the kernel, and
+//! after a restart adopt that flow from its pins.
 //!
 //! The root-only bpffs lives in a mount namespace of the test's own, kept by a file, so the
 //! host's bpffs is untouched and both relayd runs see the same pins.
@@ -120,6 +121,10 @@ fn start_unprivileged(lab: &ThreeHosts, bpffs: &PrivateBpffs, relayd: &PublicBin
         .arg(format!("--net=/run/netns/{}", lab.relay.name))
         .args([
             "--",
+            // The unit's LimitMEMLOCK (the maps and the AF_XDP sockets' UMEM).
+            "prlimit",
+            "--memlock=unlimited",
+            "--",
             "setpriv",
             "--reuid",
             UID,
@@ -183,6 +188,12 @@ fn relayd_runs_unprivileged_with_the_units_capabilities() {
 
     let mut relayd = start_unprivileged(&lab, &bpffs, &binary);
     let status = relayd.ctl_json(&["status"]);
+    assert_eq!(
+        status["datapath"]["transcrypt"]["path"],
+        "af_xdp",
+        "the unit's capabilities open the workers' AF_XDP sockets: {status}\n{}",
+        relayd.log()
+    );
     assert_eq!(
         status["datapath"]["kind"],
         "xdp",

@@ -19,9 +19,9 @@ use libc::{c_void, xdp_desc};
 /// Bytes per UMEM frame: a whole Ethernet frame with the kernel's headroom and room to grow.
 pub const FRAME_SIZE: u32 = 2048;
 /// Frames per UMEM: half in the fill ring, half kept for copies and transmission.
-const FRAMES: u32 = 4096;
+const FRAMES: u32 = 8192;
 /// Entries of each ring (a power of two).
-const RING_SIZE: u32 = 2048;
+const RING_SIZE: u32 = 4096;
 /// Frames kept out of the fill ring for packets copied in from another socket.
 const COPY_RESERVE: usize = 512;
 

@@ -410,6 +410,11 @@ fn run_ours(lab: &EdgeLab, transcrypt: &str) -> Run {
         calls.len()
     );
     let steps = load_steps(lab, relayd.pid(), &calls);
+    let transcrypt = &relayd.ctl_json(&["status"])["datapath"]["transcrypt"];
+    eprintln!(
+        "bench anchor: transcrypted on {}: {}",
+        transcrypt["path"], transcrypt["counters"]
+    );
     done.store(true, Ordering::Relaxed);
     let _ = apps.join();
     drop(controller);
