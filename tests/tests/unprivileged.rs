@@ -1,9 +1,9 @@
 //! relayd as the packaged unit runs it: not root, but a system user with exactly the
 //! ambient capabilities packaging/relayd.service grants (read from the unit), bpffs
 //! mounted root-only (mode 0700) as systemd mounts it, and the pin directory made for it by
-//! root, as the unit's `ExecStartPre=+` does, with the unit's LimitMEMLOCK. It must attach
-//! XDP, open the transcryption workers' AF_XDP sockets, forward a flow in the kernel, and
-//! after a restart adopt that flow from its pins.
+//! root, as the unit's `ExecStartPre=+` does. It must attach XDP, open the transcryption
+//! workers' AF_XDP sockets, forward a flow in the kernel, and after a restart adopt that
+//! flow from its pins.
 //!
 //! The root-only bpffs lives in a mount namespace of the test's own, kept by a file, so the
 //! host's bpffs is untouched and both relayd runs see the same pins.
@@ -120,10 +120,6 @@ fn start_unprivileged(lab: &ThreeHosts, bpffs: &PrivateBpffs, relayd: &PublicBin
         .arg(bpffs.mount_ns())
         .arg(format!("--net=/run/netns/{}", lab.relay.name))
         .args([
-            "--",
-            // The unit's LimitMEMLOCK (the maps and the AF_XDP sockets' UMEM).
-            "prlimit",
-            "--memlock=unlimited",
             "--",
             "setpriv",
             "--reuid",
