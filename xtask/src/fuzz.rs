@@ -28,6 +28,7 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("ng_request", &["fuzz/seeds/ng_request"]),
     ("control_request", &["fuzz/seeds/control_request"]),
     ("srtp_unprotect", &["fuzz/seeds/srtp_unprotect"]),
+    ("worker_frame", &["fuzz/seeds/worker_frame"]),
 ];
 
 struct Outcome {

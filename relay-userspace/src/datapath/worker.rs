@@ -470,6 +470,21 @@ impl WorkerState {
     }
 }
 
+/// What a worker does with a frame around its flow's handler, for the fuzz target: parse
+/// what the kernel handed over (metadata before `offset`, the packet in
+/// `frame[offset..offset + len]`), then write headers for `egress` before the payload.
+/// Where the headers start, or None where a worker would drop the packet.
+#[cfg(fuzzing)]
+pub fn rewrite_frame(
+    frame: &mut [u8],
+    offset: usize,
+    len: usize,
+    egress: Egress,
+) -> Option<usize> {
+    let (meta, payload, _) = parse(frame, offset, len)?;
+    write_headers(frame, payload, &meta, &egress)
+}
+
 /// Two distinct elements of `items`, mutably.
 fn pair_mut<T>(items: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
     assert_ne!(a, b);
