@@ -347,7 +347,12 @@ fn assert_bridged(heard: &Value, relayd: &Relayd, call: u64) {
         shown["flows"].as_array().unwrap().is_empty(),
         "a bridged call has no forwarding flows: {shown}"
     );
-    // Its media is steered to the AF_XDP workers (veth: copy mode), which transcrypt it.
+    // Its media is steered to the AF_XDP workers (veth: copy mode), which transcrypt it:
+    // from the browser, and from each PBX port that sends (RTP and RTCP apart, video too).
+    assert!(
+        shown["bridged"]["steered_flows"].as_array().unwrap().len() >= 3,
+        "{shown}"
+    );
     let workers = &status["datapath"]["transcrypt"];
     assert_eq!(workers["path"], "af_xdp", "{status}");
     assert!(

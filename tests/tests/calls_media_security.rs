@@ -254,6 +254,12 @@ fn bad_dtls_and_srtp_from_the_app_are_refused_with_a_reason() {
         assert_eq!(shown["bridged"]["auth_failures"], 10, "{shown}");
         assert_eq!(shown["bridged"]["replays"], 10, "{shown}");
         assert_eq!(shown["to_pbx"]["packets"], 50, "{shown}");
+        // Steered: from the app, and from the PBX's RTP and RTCP ports (no rtcp-mux).
+        assert_eq!(
+            shown["bridged"]["steered_flows"].as_array().map(Vec::len),
+            Some(3),
+            "{shown}"
+        );
         // The AF_XDP workers carried the call (veth: copy mode) and refused the damaged,
         // replayed and truncated packets. What the app sent before the relay's side of the
         // handshake had ended and the call was steered went through the call's sockets.

@@ -210,6 +210,7 @@ impl Bridge {
             pbx_dtls: name(dtls[PBX]),
             suite,
             totals: self.counters.read(),
+            steered: Vec::new(),
         }
     }
 

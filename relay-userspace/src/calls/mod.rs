@@ -111,6 +111,9 @@ pub struct BridgeInfo {
     /// The SRTP suite toward the app, once keyed.
     pub suite: Option<&'static str>,
     pub totals: MediaTotals,
+    /// The flows that steer its media to the AF_XDP workers; none: the call's sockets
+    /// carry it.
+    pub steered: Vec<u32>,
 }
 
 /// A call a (re)connected session may act on, for its `welcome`.
@@ -942,7 +945,10 @@ impl Calls {
                 let pair = inner.state.pair();
                 let flows = inner.flows.ids();
                 let (app_security, pbx_security) = inner.plan.names();
-                let bridged = inner.bridge.as_ref().map(|bridge| bridge.info());
+                let bridged = inner.bridge.as_ref().map(|bridge| BridgeInfo {
+                    steered: inner.steered.ids(),
+                    ..bridge.info()
+                });
                 let streams = call
                     .streams
                     .iter()

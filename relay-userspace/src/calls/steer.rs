@@ -86,6 +86,12 @@ pub(super) struct SteeredFlows {
     ids: Vec<u32>,
 }
 
+impl SteeredFlows {
+    pub(super) fn ids(&self) -> Vec<u32> {
+        self.ids.clone()
+    }
+}
+
 impl Calls {
     /// Puts a bridged call's media on the workers for `pair`, in place of the flows of an
     /// earlier pair or PBX address. Nothing is steered (the sockets carry it all) without

@@ -242,6 +242,7 @@ impl From<CallInfo> for wire::CallInfo {
                 auth_failures: bridged.totals.auth_failures,
                 replays: bridged.totals.replays,
                 malformed: bridged.totals.malformed,
+                steered_flows: bridged.steered,
             }),
             streams: call
                 .streams

@@ -589,4 +589,8 @@ pub struct BridgedMedia {
     pub auth_failures: u64,
     pub replays: u64,
     pub malformed: u64,
+    /// The flows that steer its media to the AF_XDP workers; empty: the call's sockets
+    /// carry it.
+    #[serde(default)]
+    pub steered_flows: Vec<u32>,
 }

@@ -475,12 +475,7 @@ impl WorkerState {
 /// `frame[offset..offset + len]`), then write headers for `egress` before the payload.
 /// Where the headers start, or None where a worker would drop the packet.
 #[cfg(fuzzing)]
-pub fn rewrite_frame(
-    frame: &mut [u8],
-    offset: usize,
-    len: usize,
-    egress: Egress,
-) -> Option<usize> {
+pub fn rewrite_frame(frame: &mut [u8], offset: usize, len: usize, egress: Egress) -> Option<usize> {
     let (meta, payload, _) = parse(frame, offset, len)?;
     write_headers(frame, payload, &meta, &egress)
 }

@@ -107,6 +107,16 @@ pub fn run(
                         bridged.replays,
                         bridged.malformed
                     );
+                    if bridged.steered_flows.is_empty() {
+                        println!("            transcrypted on the call's sockets");
+                    } else {
+                        let flows: Vec<String> =
+                            bridged.steered_flows.iter().map(u32::to_string).collect();
+                        println!(
+                            "            transcrypted on the AF_XDP workers (flows {})",
+                            flows.join(", ")
+                        );
+                    }
                 }
                 println!(
                     "to pbx      {} packets, {}",
