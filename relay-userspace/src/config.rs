@@ -535,6 +535,27 @@ mod tests {
     }
 
     #[test]
+    fn af_xdp_workers_need_the_xdp_datapath() {
+        let parse = |text: &str| Config::parse(text, "test").unwrap();
+        let refused = parse("[datapath]\nmode = \"userspace\"\ntranscrypt = \"af_xdp\"\n");
+        let messages: Vec<String> = refused.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                "datapath.transcrypt: \"af_xdp\": AF_XDP workers need the XDP datapath (mode \"xdp\" or \"auto\")"
+            ]
+        );
+        for text in [
+            "[datapath]\nmode = \"userspace\"\ntranscrypt = \"sockets\"\n",
+            "[datapath]\ntranscrypt = \"af_xdp\"\n",
+            "[datapath]\ntranscrypt = \"auto\"\n",
+        ] {
+            assert!(parse(text).problems().is_empty(), "{text}");
+        }
+        assert!(Config::parse("[datapath]\ntranscrypt = \"dpdk\"\n", "test").is_err());
+    }
+
+    #[test]
     fn turn_problems_are_named() {
         let config = Config::parse(
             r#"
