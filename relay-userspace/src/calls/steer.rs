@@ -110,15 +110,19 @@ impl Calls {
         };
         let now = monotonic_ns();
         for (spec, flow) in specs {
-            // The table gives the id; a packet steered before the workers have the handler
-            // (microseconds) is dropped and counted as of an unknown flow.
             let handler: Arc<dyn Transcrypt> = Arc::new(flow);
-            match self.table.offload_owned(&[spec], now) {
-                Ok(ids) => {
-                    workers.install(ids[0], handler);
-                    inner.steered.ids.push(ids[0]);
-                }
+            // The workers have the handler before the program steers a packet to them.
+            let mut given = None;
+            let installed = self.table.offload_owned_prepared(spec, now, |id| {
+                workers.install(id, handler.clone());
+                given = Some(id);
+            });
+            match installed {
+                Ok(id) => inner.steered.ids.push(id),
                 Err(err) => {
+                    if let Some(id) = given {
+                        workers.remove(id);
+                    }
                     tracing::warn!(call = call.id, %err, "calls: bridged media stays on the relay's sockets");
                     return self.unsteer(inner);
                 }

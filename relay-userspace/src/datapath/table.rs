@@ -190,13 +190,13 @@ impl FlowTable {
     /// Adds the flows in `specs` all or nothing, returning their ids in order. relayd's
     /// sockets on the flows' relay addresses take the packets the kernel passes up.
     pub fn add(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
-        self.add_served(specs, now_ns, SlowPath::Sockets, false)
+        self.add_served(specs, now_ns, SlowPath::Sockets, false, |_| {})
     }
 
     /// Offloads flows whose relay addresses another component's sockets serve (the TURN
     /// server): only the kernel datapath is touched.
     pub fn offload(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
-        self.add_served(specs, now_ns, SlowPath::External, false)
+        self.add_served(specs, now_ns, SlowPath::External, false, |_| {})
     }
 
     /// [`FlowTable::offload`] for flows whose owner ends them itself (a call, by hangup,
@@ -204,7 +204,19 @@ impl FlowTable {
     /// `flows.idle_timeout_secs` (on hold) keeps its media in the kernel when it resumes,
     /// and its media timeout reads their counters.
     pub fn offload_owned(&self, specs: &[FlowSpec], now_ns: u64) -> Result<Vec<u32>, FlowError> {
-        self.add_served(specs, now_ns, SlowPath::External, true)
+        self.add_served(specs, now_ns, SlowPath::External, true, |_| {})
+    }
+
+    /// [`FlowTable::offload_owned`] for one flow, with `prepare` told its id before the
+    /// datapath sees the flow (the transcryption workers get the flow's handler before the
+    /// program steers a packet of it to them).
+    pub fn offload_owned_prepared(
+        &self,
+        spec: FlowSpec,
+        now_ns: u64,
+        prepare: impl FnMut(u32),
+    ) -> Result<u32, FlowError> {
+        Ok(self.add_served(&[spec], now_ns, SlowPath::External, true, prepare)?[0])
     }
 
     fn add_served(
@@ -213,6 +225,7 @@ impl FlowTable {
         now_ns: u64,
         slow_path: SlowPath,
         owned: bool,
+        mut prepare: impl FnMut(u32),
     ) -> Result<Vec<u32>, FlowError> {
         let mut state = self.state();
         for (index, spec) in specs.iter().enumerate() {
@@ -233,6 +246,7 @@ impl FlowTable {
         let mut added: Vec<(u32, FlowSpec)> = Vec::new();
         for spec in specs {
             let id = state.next_id;
+            prepare(id);
             if let Err(err) = self.datapath.install(id, 1, spec, slow_path) {
                 for (_, spec) in &added {
                     self.datapath.remove(spec);

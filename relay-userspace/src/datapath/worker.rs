@@ -202,6 +202,7 @@ impl Workers {
             let state = WorkerState {
                 sockets: owned,
                 flows: HashMap::new(),
+                stopping: false,
                 inbox,
                 wake: wake.clone(),
                 counters: counters.clone(),
@@ -304,6 +305,8 @@ fn pin_to_cpu(cpu: usize) {
 struct WorkerState {
     sockets: Vec<XskSocket>,
     flows: HashMap<u32, Arc<dyn Transcrypt>>,
+    /// Told to stop.
+    stopping: bool,
     inbox: mpsc::Receiver<Control>,
     wake: Arc<OwnedFd>,
     counters: Arc<Counters>,
@@ -313,7 +316,8 @@ impl WorkerState {
     fn run(mut self) {
         let mut dropped_before = 0;
         loop {
-            if !self.take_messages() {
+            self.take_messages();
+            if self.stopping {
                 return;
             }
             let mut busy = false;
@@ -347,8 +351,8 @@ impl WorkerState {
         }
     }
 
-    /// Applies the control messages; false to stop.
-    fn take_messages(&mut self) -> bool {
+    /// Applies the control messages (a stop sets `stopping`).
+    fn take_messages(&mut self) {
         while let Ok(message) = self.inbox.try_recv() {
             match message {
                 Control::Install(id, handler) => {
@@ -357,10 +361,9 @@ impl WorkerState {
                 Control::Remove(id) => {
                     self.flows.remove(&id);
                 }
-                Control::Stop => return false,
+                Control::Stop => self.stopping = true,
             }
         }
-        true
     }
 
     /// Waits for packets or a control message.
@@ -395,6 +398,11 @@ impl WorkerState {
     /// Handles a batch from socket `index`; whether there was any.
     fn serve(&mut self, index: usize) -> bool {
         let ready = self.sockets[index].received(BATCH);
+        if ready > 0 {
+            // A flow's handler is sent before its first packet can be steered: taken now,
+            // with the packets seen, it is here for each of them.
+            self.take_messages();
+        }
         for _ in 0..ready {
             let (address, len) = self.sockets[index].next_received();
             self.handle(index, address, len);
