@@ -584,9 +584,24 @@ fn sdes_app_to_plain_pbx(transcrypt: &'static str) {
             .map_or(0, |v| v["packets"].as_u64().unwrap());
         if transcrypt == "sockets" {
             assert_eq!(to_worker, 0, "{stats}");
+            assert!(
+                relayd
+                    .ctl_ok(&["status"])
+                    .contains("transcrypt  relay's sockets\n"),
+                "{}",
+                relayd.ctl_ok(&["status"])
+            );
             return;
         }
         assert_eq!(path["sockets"][0]["mode"], "copy", "{status}");
+        // As many threads and queues as veth has here; each socket in copy mode.
+        let text = relayd.ctl_ok(&["status"]);
+        assert!(
+            text.contains("transcrypt  AF_XDP workers: ")
+                && text.contains("w0 queue 0 (copy)")
+                && text.contains("l0 queue 0 (copy)"),
+            "{text}"
+        );
         let counters = &path["counters"];
         let count = |name: &str| counters[name].as_u64().unwrap();
         assert!(
