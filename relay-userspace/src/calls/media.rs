@@ -239,7 +239,7 @@ impl Calls {
     pub(super) async fn bind_lan_port(&self) -> Result<(LanSockets, SocketAddr), CallError> {
         for port in self.ports.clone().filter(|port| port.is_multiple_of(2)) {
             let address = SocketAddr::new(self.lan_ip, port);
-            let rtcp = SocketAddr::new(self.lan_ip, port.saturating_add(1));
+            let rtcp = rtcp_above(address);
             if let (Ok(rtp), Ok(rtcp)) =
                 (UdpSocket::bind(address).await, UdpSocket::bind(rtcp).await)
             {
@@ -291,6 +291,11 @@ pub(super) fn remove_flows_of_earlier_calls(
         let _ = table.remove(id, now);
     }
     removed
+}
+
+/// The address of the RTCP port above a LAN RTP port (RFC 3550: RTP even, RTCP the next).
+pub(super) fn rtcp_above(rtp: SocketAddr) -> SocketAddr {
+    SocketAddr::new(rtp.ip(), rtp.port().saturating_add(1))
 }
 
 /// A call's LAN side: its RTP port (even) and the RTCP port above it, for PBXs that keep

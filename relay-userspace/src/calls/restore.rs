@@ -709,7 +709,7 @@ fn media_plan(record: &MediaRecord) -> Result<(MediaPlan, LegRecords), String> {
 /// The call's LAN ports (RTP and the RTCP port above) bound again, waiting a moment for
 /// the adopted flow's socket on them to close.
 async fn bind_lan_port_again(lan: SocketAddr) -> Result<LanSockets, String> {
-    let rtcp = SocketAddr::new(lan.ip(), lan.port().saturating_add(1));
+    let rtcp = super::media::rtcp_above(lan);
     let deadline = Instant::now() + LAN_PORT_WAIT;
     loop {
         match (UdpSocket::bind(lan).await, UdpSocket::bind(rtcp).await) {

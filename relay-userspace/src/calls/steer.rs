@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use super::{Call, CallInner, Calls, bridge::Bridge};
+use super::{Call, CallInner, Calls, bridge::Bridge, media::rtcp_above};
 use crate::{
     datapath::{
         FlowSpec,
@@ -160,14 +160,13 @@ fn steered_flows(
     let pbx = inner.pbx?;
     // The flow toward the PBX resolves one next hop, for its audio's RTP address.
     let reachable = |address: SocketAddr| address.ip() == pbx.ip();
-    let rtcp_port = |lan: SocketAddr| SocketAddr::new(lan.ip(), lan.port() + 1);
     let mut routes = vec![Some(PbxRoute {
         rtp: (call.lan, pbx),
-        rtcp: inner.pbx_rtcp.map(|rtcp| (rtcp_port(call.lan), rtcp)),
+        rtcp: inner.pbx_rtcp.map(|rtcp| (rtcp_above(call.lan), rtcp)),
     })];
     let mut from_pbx = vec![(0, false, pbx, call.lan)];
     if let Some(rtcp) = inner.pbx_rtcp {
-        from_pbx.push((0, true, rtcp, rtcp_port(call.lan)));
+        from_pbx.push((0, true, rtcp, rtcp_above(call.lan)));
     }
     for (k, stream) in call.streams.iter().enumerate() {
         let Some((rtp, rtcp)) = inner.pbx_streams.get(k).copied().flatten() else {
@@ -176,11 +175,11 @@ fn steered_flows(
         };
         routes.push(Some(PbxRoute {
             rtp: (stream.lan, rtp),
-            rtcp: rtcp.map(|rtcp| (rtcp_port(stream.lan), rtcp)),
+            rtcp: rtcp.map(|rtcp| (rtcp_above(stream.lan), rtcp)),
         }));
         from_pbx.push((k + 1, false, rtp, stream.lan));
         if let Some(rtcp) = rtcp {
-            from_pbx.push((k + 1, true, rtcp, rtcp_port(stream.lan)));
+            from_pbx.push((k + 1, true, rtcp, rtcp_above(stream.lan)));
         }
     }
     if !from_pbx

@@ -160,7 +160,7 @@ impl Workers {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut per_worker: Vec<Vec<XskSocket>> = Vec::new();
         let mut sockets = Vec::new();
-        for (name, ifindex, _) in interfaces {
+        for (name, ifindex, first) in interfaces {
             let queues = receive_queues(name).min(relay_common::XSK_QUEUES_PER_INTERFACE);
             for queue in 0..queues {
                 let socket = XskSocket::open(*ifindex, queue).map_err(|err| {
@@ -169,6 +169,7 @@ impl Workers {
                         format!("opening an AF_XDP socket on {name} queue {queue}: {err}"),
                     )
                 })?;
+                register((first + queue, socket.raw_fd()))?;
                 sockets.push(WorkerSocket {
                     interface: name.clone(),
                     queue,
@@ -184,13 +185,6 @@ impl Workers {
         let counters = Arc::new(Counters::default());
         let mut workers = Vec::new();
         for (cpu, owned) in per_worker.into_iter().enumerate() {
-            for socket in &owned {
-                let (_, _, first) = interfaces
-                    .iter()
-                    .find(|(_, ifindex, _)| *ifindex == socket.ifindex)
-                    .expect("a socket of a listed interface");
-                register((first + socket.queue, socket.raw_fd()))?;
-            }
             // SAFETY: plain eventfd creation; the descriptor is owned at once.
             let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
             if raw < 0 {
@@ -469,7 +463,11 @@ impl WorkerState {
             return false;
         };
         let len = range.len();
-        let (source, target_socket) = pair_mut(&mut self.sockets, from, to);
+        // Distinct: the egress is another interface than the one `from` serves.
+        let Ok([source, target_socket]) = self.sockets.get_disjoint_mut([from, to]) else {
+            self.sockets[from].recycle(address);
+            return false;
+        };
         let (frame, _) = source.frame_mut(address);
         let (out, _) = target_socket.frame_mut(target);
         out[COPY_OFFSET..COPY_OFFSET + len].copy_from_slice(&frame[range]);
@@ -486,18 +484,6 @@ impl WorkerState {
 pub fn rewrite_frame(frame: &mut [u8], offset: usize, len: usize, egress: Egress) -> Option<usize> {
     let (meta, payload, _) = parse(frame, offset, len)?;
     write_headers(frame, payload, &meta, &egress)
-}
-
-/// Two distinct elements of `items`, mutably.
-fn pair_mut<T>(items: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
-    assert_ne!(a, b);
-    if a < b {
-        let (left, right) = items.split_at_mut(b);
-        (&mut left[a], &mut right[0])
-    } else {
-        let (left, right) = items.split_at_mut(a);
-        (&mut right[0], &mut left[b])
-    }
 }
 
 /// The metadata before the packet at `frame[offset..offset + len]`, and where its UDP

@@ -73,7 +73,8 @@ impl Drop for Mapping {
 /// entries. This side produces into the fill and TX rings and consumes the RX and
 /// completion rings.
 struct Ring<T> {
-    map: Mapping,
+    /// The shared memory the pointers below point into, unmapped with the ring.
+    _map: Mapping,
     producer: *const AtomicU32,
     consumer: *const AtomicU32,
     flags: *const AtomicU32,
@@ -94,7 +95,7 @@ impl<T: Copy> Ring<T> {
             at(offsets.desc).cast::<T>(),
         );
         Ok(Ring {
-            map,
+            _map: map,
             producer,
             consumer,
             flags,
@@ -109,7 +110,6 @@ impl<T: Copy> Ring<T> {
     }
 
     fn entry(&self, position: u32) -> *mut T {
-        let _ = &self.map;
         self.entries
             .wrapping_add((position & (RING_SIZE - 1)) as usize)
     }
